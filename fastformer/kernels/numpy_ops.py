@@ -1,0 +1,292 @@
+"""The NumPy reference kernels: the specification of every fastformer kernel, and the fallback.
+
+Every hot-path operation of the models is a method of `NumpyOps`, written as a forward/backward
+pair: `X_forward(...) -> (out, cache)` and `X_backward(dout, cache) -> grads` in the order of the
+forward's inputs. Faster backends subclass `NumpyOps` and override only what they speed up, so
+this file is also the documentation of what each kernel must compute. Nothing here knows about
+models: arrays in, arrays out.
+
+Shape letters: B batch, H heads, T query length, S key length, hs head size, C channels, V vocab.
+"""
+
+import math
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+GELU_FORMS = ("tanh", "none")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_erf = np.frompyfunc(math.erf, 1, 1)  # exact erf, element by element (NumPy has no erf ufunc)
+
+
+def as_float_array(x, name, dtype=None):
+    """Return `x` as a C-contiguous float32/float64 array, or raise one clear ValueError."""
+    x = np.asarray(x)
+    if dtype is None:
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+        dtype = x.dtype
+    elif x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {np.dtype(dtype)} like the other inputs, got {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
+def as_int_array(x, name):
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def attention_allowed(T, S, causal, key_padding_mask):
+    """Boolean mask of the keys each query may attend to, broadcastable to (B, H, T, S), or None.
+
+    Causal attention with T queries and S >= T keys aligns the queries with the last T keys
+    (query i sits at position S - T + i), which is what decoding with a key/value cache needs.
+    `key_padding_mask` is (B, S) bool, True where the key is padding and must be ignored.
+    """
+    allowed = None
+    if causal:
+        allowed = np.tril(np.ones((T, S), dtype=bool), k=S - T)[None, None]  # (1, 1, T, S)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        allowed = keep if allowed is None else (allowed & keep)
+    return allowed
+
+
+class NumpyOps:
+    """Reference implementation of the kernel interface (pure NumPy)."""
+
+    name = "numpy"
+
+    # ------------------------------------------------------------------ softmax
+    def softmax_forward(self, x):
+        """Softmax over the last axis. Entries equal to -inf get exactly 0; a row that is all
+        -inf gives all zeros (not NaN). Returns (y, cache)."""
+        x = as_float_array(x, "x")
+        m = x.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0).astype(x.dtype)
+        e = np.exp(x - m)
+        s = e.sum(axis=-1, keepdims=True)
+        y = e / np.where(s > 0, s, 1.0).astype(x.dtype)
+        return y, y
+
+    def softmax_backward(self, dy, cache):
+        # forward: y = exp(x - max) / sum(exp(x - max))
+        y = cache
+        dy = as_float_array(dy, "dy", y.dtype)
+        return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+
+    # ---------------------------------------------------------------- layernorm
+    def layernorm_forward(self, x, weight, bias, eps=1e-5):
+        """LayerNorm over the last axis C. Returns (y, cache) with cache = (x, weight, mean, rstd)."""
+        x = as_float_array(x, "x")
+        weight = as_float_array(weight, "weight", x.dtype)
+        bias = as_float_array(bias, "bias", x.dtype)
+        mean = x.mean(axis=-1, keepdims=True)
+        xc = x - mean
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+        y = xc * rstd * weight + bias
+        return y, (x, weight, mean[..., 0], rstd[..., 0])
+
+    def layernorm_backward(self, dy, cache):
+        """Returns (dx, dweight, dbias)."""
+        # forward: y = (x - mean) * rstd * weight + bias
+        x, weight, mean, rstd = cache
+        dy = as_float_array(dy, "dy", x.dtype)
+        C = x.shape[-1]
+        xhat = (x - mean[..., None]) * rstd[..., None]
+        dbias = dy.reshape(-1, C).sum(axis=0)
+        dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
+        dxhat = dy * weight
+        dx = (dxhat - dxhat.mean(axis=-1, keepdims=True)
+              - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) * rstd[..., None]
+        return dx, dweight, dbias
+
+    def residual_layernorm_forward(self, x, branch, weight, bias, eps=1e-5):
+        """The pre-LN step `s = x + branch; y = layernorm(s)`. Returns ((s, y), cache)."""
+        x = as_float_array(x, "x")
+        s = x + as_float_array(branch, "branch", x.dtype)
+        y, cache = self.layernorm_forward(s, weight, bias, eps)
+        return (s, y), cache
+
+    def residual_layernorm_backward(self, dy, ds, cache):
+        """`dy` is the gradient of y, `ds` (or None) the gradient reaching s along the residual
+        stream. Returns (dsum, dweight, dbias); dsum is the gradient of both x and branch."""
+        # forward: s = x + branch; y = layernorm(s)
+        dsum, dweight, dbias = self.layernorm_backward(dy, cache)
+        if ds is not None:
+            dsum += ds
+        return dsum, dweight, dbias
+
+    # ---------------------------------------------------------------- attention
+    def attention_forward(self, q, k, v, causal=False, key_padding_mask=None, scale=None):
+        """Multi-head scaled dot-product attention.
+
+        q (B, H, T, hs), k and v (B, H, S, hs); `key_padding_mask` (B, S) bool, True = padding.
+        A query with no key left to attend to gets a zero output and lse = -inf.
+        Returns (out (B, H, T, hs), cache); the cache keeps the inputs, the output and the row
+        log-sum-exp (B, H, T) only -- the backward recomputes the probabilities.
+        """
+        q = as_float_array(q, "q")
+        k = as_float_array(k, "k", q.dtype)
+        v = as_float_array(v, "v", q.dtype)
+        if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+            raise ValueError(f"attention expects q (B, H, T, hs) and k, v (B, H, S, hs), "
+                             f"got q {q.shape}, k {k.shape}, v {v.shape}")
+        B, H, T, hs = q.shape
+        S = k.shape[2]
+        if causal and S < T:
+            raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
+        if key_padding_mask is not None:
+            key_padding_mask = np.asarray(key_padding_mask, dtype=bool)
+            if key_padding_mask.shape != (B, S):
+                raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got {key_padding_mask.shape}")
+        scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
+        p, lse = self._attention_probs(q, k, causal, key_padding_mask, scale, lse=None)
+        out = p @ v  # (B, H, T, hs)
+        return out, (q, k, v, out, lse, causal, key_padding_mask, scale)
+
+    def _attention_probs(self, q, k, causal, key_padding_mask, scale, lse):
+        """Probabilities (B, H, T, S) and the row log-sum-exp; recomputed from `lse` if given."""
+        T, S = q.shape[2], k.shape[2]
+        s = (q @ k.transpose(0, 1, 3, 2)) * q.dtype.type(scale)  # (B, H, T, S)
+        allowed = attention_allowed(T, S, causal, key_padding_mask)
+        if allowed is not None:
+            s = np.where(allowed, s, -np.inf)
+        if lse is None:
+            m = s.max(axis=-1)
+            m = np.where(np.isfinite(m), m, 0.0).astype(q.dtype)
+            total = np.exp(s - m[..., None]).sum(axis=-1)
+            with np.errstate(divide="ignore"):
+                lse = (m + np.log(total)).astype(q.dtype)  # -inf where every key is masked
+        lse_safe = np.where(np.isfinite(lse), lse, 0.0).astype(q.dtype)
+        return np.exp(s - lse_safe[..., None]), lse
+
+    def attention_backward(self, dout, cache):
+        """Returns (dq, dk, dv)."""
+        # forward: p = softmax(q @ k^T * scale + mask); out = p @ v
+        q, k, v, out, lse, causal, key_padding_mask, scale = cache
+        dout = as_float_array(dout, "dout", q.dtype)
+        p, _ = self._attention_probs(q, k, causal, key_padding_mask, scale, lse=lse)
+        dv = p.transpose(0, 1, 3, 2) @ dout
+        dp = dout @ v.transpose(0, 1, 3, 2)
+        D = (dout * out).sum(axis=-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
+        ds = p * (dp - D) * q.dtype.type(scale)
+        dq = ds @ k
+        dk = ds.transpose(0, 1, 3, 2) @ q
+        return dq, dk, dv
+
+    # ------------------------------------------------------------ cross-entropy
+    def cross_entropy_forward(self, logits, targets, ignore_index=-100):
+        """Mean cross-entropy of softmax(logits) against integer targets, over the tokens whose
+        target is not `ignore_index`. logits (..., V), targets (...). If every target is ignored
+        the loss is 0.0 and the gradient is zero. Returns (loss: float, cache)."""
+        logits = as_float_array(logits, "logits")
+        V = logits.shape[-1]
+        targets = as_int_array(targets, "targets")
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without the last axis), "
+                             f"got {targets.shape}")
+        x = logits.reshape(-1, V)
+        t = targets.reshape(-1)
+        counted = t != ignore_index
+        bad = counted & ((t < 0) | (t >= V))
+        if bad.any():
+            raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, "
+                             f"got {t[bad][0]}")
+        m = x.max(axis=-1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))  # (N,)
+        n = int(counted.sum())
+        tc = np.where(counted, t, 0)
+        nll = np.where(counted, lse - x[np.arange(len(t)), tc], 0.0)
+        loss = float(nll.sum() / n) if n else 0.0
+        return loss, (logits, t, counted, lse, n)
+
+    def cross_entropy_backward(self, dloss, cache):
+        """Returns dlogits, shaped like logits."""
+        # forward: loss = sum_counted (lse - x[target]) / n
+        logits, t, counted, lse, n = cache
+        V = logits.shape[-1]
+        x = logits.reshape(-1, V)
+        dx = np.exp(x - lse[:, None])
+        dx[np.arange(len(t)), np.where(counted, t, 0)] -= 1.0
+        dx *= (counted * (float(dloss) / max(n, 1)))[:, None].astype(x.dtype)
+        return dx.reshape(logits.shape)
+
+    # --------------------------------------------------------------------- GELU
+    def gelu_forward(self, x, bias=None, approximate="tanh"):
+        """y = gelu(x + bias). `approximate` is "tanh" (GPT-2) or "none" (exact erf, as
+        torch.nn.functional.gelu). Returns (y, cache)."""
+        if approximate not in GELU_FORMS:
+            raise ValueError(f"approximate must be one of {GELU_FORMS}, got {approximate!r}")
+        u = as_float_array(x, "x")
+        if bias is not None:
+            u = u + as_float_array(bias, "bias", u.dtype)
+        if approximate == "tanh":
+            y = 0.5 * u * (1.0 + np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3)))
+        else:
+            y = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)).astype(u.dtype))
+        return y.astype(u.dtype), (u, approximate, bias is not None)
+
+    def gelu_backward(self, dy, cache):
+        """Returns (dx, dbias); dbias is None when the forward had no bias."""
+        u, approximate, has_bias = cache
+        dy = as_float_array(dy, "dy", u.dtype)
+        if approximate == "tanh":
+            # forward: y = 0.5 * u * (1 + tanh(a * (u + 0.044715 u^3)))
+            th = np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3))
+            dth = (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * u * u)
+            dydu = 0.5 * (1.0 + th) + 0.5 * u * dth
+        else:
+            # forward: y = 0.5 * u * (1 + erf(u / sqrt(2)))
+            cdf = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)).astype(u.dtype))
+            dydu = cdf + u * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+        dx = (dy * dydu).astype(u.dtype)
+        dbias = dx.reshape(-1, u.shape[-1]).sum(axis=0) if has_bias else None
+        return dx, dbias
+
+    # ---------------------------------------------------------------- embedding
+    def embedding_forward(self, weight, ids):
+        """Gather rows: out[..., :] = weight[ids[...], :]. Returns (out, cache)."""
+        weight = as_float_array(weight, "weight")
+        ids = as_int_array(ids, "ids")
+        V = weight.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            bad = ids[(ids < 0) | (ids >= V)][0]
+            raise ValueError(f"ids must lie in [0, {V}), got {bad}")
+        return weight[ids], (ids, weight.shape, weight.dtype)
+
+    def embedding_backward(self, dout, cache, dweight=None):
+        """Scatter-add of `dout` into the rows named by the forward's ids. When `dweight` is
+        given the gradient is added into it in place (for tied weights); returns dweight."""
+        # forward: out = weight[ids]
+        ids, shape, dtype = cache
+        dout = as_float_array(dout, "dout", dtype)
+        if dweight is None:
+            dweight = np.zeros(shape, dtype=dtype)
+        np.add.at(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+        return dweight
+
+    # -------------------------------------------------------------------- AdamW
+    def adamw_update(self, param, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.0, step=1):
+        """One AdamW step in place on `param`, `m` and `v` (same shape and dtype as `grad`).
+
+        As torch.optim.AdamW: p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). `step` t counts from 1.
+        """
+        if not (param.shape == grad.shape == m.shape == v.shape):
+            raise ValueError(f"adamw_update needs param, grad, m, v of one shape, got "
+                             f"{param.shape}, {grad.shape}, {m.shape}, {v.shape}")
+        if step < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        bc1 = 1.0 - beta1 ** step
+        bc2 = 1.0 - beta2 ** step
+        param *= param.dtype.type(1.0 - lr * weight_decay)
+        m *= beta1
+        m += (1.0 - beta1) * grad
+        v *= beta2
+        v += (1.0 - beta2) * (grad * grad)
+        param -= (lr / bc1) * m / (np.sqrt(v / bc2) + eps)

@@ -1,0 +1,276 @@
+"""The decoder-only language model: GPT-2's architecture and parameter names, forward and
+hand-written backward on the kernel interface.
+
+    x = wte[ids] + wpe[:T]                      # (B, T, C)
+    for each block:  x = x + proj(attn(ln_1(x)))  ;  x = x + mlp(ln_2(x))
+    logits = ln_f(x) @ wte.T                    # (B, T, V)  (lm_head.weight when untied)
+
+Each residual add is fused with the layernorm that reads it (`residual_layernorm_forward`), so a
+block's activations are: LN output, QKV, attention output, MLP hidden, in the order llm.c keeps.
+Weights are stored (in, out) as in Hugging Face's GPT-2 (Conv1D), so state dicts interchange.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels import get_ops
+from .layers import (dropout_backward, dropout_forward, linear_backward, linear_forward,
+                     merge_heads, split_heads)
+from .params import FlatParams
+
+
+def check_config_dict(cls, d, what):
+    """Build the dataclass `cls` from a dict, refusing unknown keys with the list of valid ones."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a mapping of field names to values, got {type(d).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}: valid fields are {valid}")
+    return cls(**d)
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 259  # 256 bytes + <pad>, <bos>, <eos> (the byte tokenizer)
+    max_seq_len: int = 128  # context window: rows of the position embedding
+    d_model: int = 64  # C, the width of the residual stream
+    n_heads: int = 2  # H; d_model must be divisible by it
+    d_ff: int = 256  # hidden width of the MLP (GPT-2 uses 4 * d_model)
+    n_layers: int = 2  # L, number of transformer blocks
+    tie_embeddings: bool = True  # LM head shares the token embedding (GPT-2)
+    dropout: float = 0.0  # on embeddings, attention output and MLP output, in training only
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff", "n_layers"):
+            _check_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+
+    @classmethod
+    def from_dict(cls, d):
+        return check_config_dict(cls, d, "LMConfig")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+class TransformerLM:
+    """GPT-2-architecture language model on NumPy arrays.
+
+    Args:
+        config: an LMConfig.
+        seed: seeds the weight initialisation and the dropout generator (`self.rng`).
+        dtype: np.float32 (default) or np.float64 (for gradient checks).
+
+    Parameters are views into one flat buffer (`self.flat.data`); gradients are views into
+    another (`self.flat.grad`), overwritten by every `loss_and_grads` call.
+    """
+
+    def __init__(self, config, seed=0, dtype=np.float32):
+        if not isinstance(config, LMConfig):
+            raise ValueError(f"config must be an LMConfig, got {type(config).__name__}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.config = config
+        shapes = self._param_shapes()
+        decay = {n for n, s in shapes.items() if len(s) == 2 and n != "transformer.wpe.weight"}
+        self.flat = FlatParams(shapes, decay, dtype)
+        self.params = self.flat.params
+        self.grads = self.flat.grads
+        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        self.rng = np.random.default_rng(dropout_seq)  # dropout masks; saved with checkpoints
+        self._init_weights(np.random.default_rng(init_seq))
+
+    # ------------------------------------------------------------ parameters
+    def _param_shapes(self):
+        c = self.config
+        C, F = c.d_model, c.d_ff
+        shapes = {"transformer.wte.weight": (c.vocab_size, C),
+                  "transformer.wpe.weight": (c.max_seq_len, C)}
+        for i in range(c.n_layers):
+            p = f"transformer.h.{i}."
+            shapes.update({
+                p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+                p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
+                p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+                p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+                p + "mlp.c_fc.weight": (C, F), p + "mlp.c_fc.bias": (F,),
+                p + "mlp.c_proj.weight": (F, C), p + "mlp.c_proj.bias": (C,),
+            })
+        shapes.update({"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)})
+        if not c.tie_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, C)
+        return shapes
+
+    def _init_weights(self, rng):
+        # GPT-2: normal(0, 0.02) weights, zero biases, unit LN gains; the projections that write
+        # into the residual stream are scaled by 1/sqrt(2 L) so its variance does not grow with depth.
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.params.items():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "transformer.ln_f.weight":
+                p[...] = 1.0
+            elif p.ndim == 1:
+                p[...] = 0.0
+            else:
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                p[...] = rng.normal(0.0, std, size=p.shape)
+
+    def state_dict(self):
+        """{name: array} with Hugging Face GPT-2 names and shapes (views of the live weights)."""
+        return dict(self.params)
+
+    def load_state_dict(self, state):
+        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
+        self.flat.load(state)
+
+    def num_parameters(self):
+        return self.flat.size
+
+    @property
+    def head_name(self):
+        return "transformer.wte.weight" if self.config.tie_embeddings else "lm_head.weight"
+
+    # ---------------------------------------------------------------- checks
+    def _check_inputs(self, ids, attention_mask):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be an integer array, got dtype {ids.dtype}")
+        if ids.ndim not in (1, 2):
+            raise ValueError(f"ids must have shape (B, T) or (T,), got {ids.shape}")
+        ids2 = ids.reshape(-1, ids.shape[-1]) if ids.ndim == 1 else ids
+        B, T = ids2.shape
+        V, Tmax = self.config.vocab_size, self.config.max_seq_len
+        if T < 1 or T > Tmax:
+            raise ValueError(f"sequence length T={T} is not allowed: ids need 1 <= T <= max_seq_len={Tmax}")
+        if ids2.size and (ids2.min() < 0 or ids2.max() >= V):
+            bad = ids2[(ids2 < 0) | (ids2 >= V)][0]
+            raise ValueError(f"ids must lie in [0, vocab_size={V}), got {bad}")
+        kpm = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask must have the shape of ids {ids.shape}, got {mask.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+            kpm = mask.reshape(B, T) == 0  # (B, T) True at padding
+        return ids2.astype(np.int64, copy=False), kpm
+
+    # --------------------------------------------------------------- forward
+    def _forward(self, ids, kpm, train):
+        """Logits (B, T, V) and the caches the backward needs."""
+        ops, P, cfg = get_ops(), self.params, self.config
+        B, T = ids.shape
+        drop = cfg.dropout if train else 0.0
+        tok, emb_cache = ops.embedding_forward(P["transformer.wte.weight"], ids)  # (B, T, C)
+        x, emb_mask = dropout_forward(tok + P["transformer.wpe.weight"][:T], drop, self.rng)
+        h, ln_cache = ops.layernorm_forward(x, P["transformer.h.0.ln_1.weight"], P["transformer.h.0.ln_1.bias"])
+        blocks = []
+        for i in range(cfg.n_layers):
+            p = f"transformer.h.{i}."
+            nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layers else "transformer.ln_f"
+            # attention: LN -> fused QKV -> causal multi-head attention -> projection -> residual
+            qkv, qkv_c = linear_forward(h, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])  # (B, T, 3C)
+            q, k, v = split_heads(qkv, 3, cfg.n_heads)  # each (B, H, T, hs)
+            a, att_c = ops.attention_forward(q, k, v, causal=True, key_padding_mask=kpm)
+            o, proj_c = linear_forward(merge_heads(a), P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
+            o, o_mask = dropout_forward(o, drop, self.rng)
+            (x, h), ln2_c = ops.residual_layernorm_forward(x, o, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
+            # MLP: LN -> Linear (bias fused into GELU) -> GELU(tanh) -> Linear -> residual
+            f, fc_c = linear_forward(h, P[p + "mlp.c_fc.weight"])  # (B, T, F)
+            g, gelu_c = ops.gelu_forward(f, P[p + "mlp.c_fc.bias"], approximate="tanh")
+            m, mproj_c = linear_forward(g, P[p + "mlp.c_proj.weight"], P[p + "mlp.c_proj.bias"])
+            m, m_mask = dropout_forward(m, drop, self.rng)
+            (x, h), lnn_c = ops.residual_layernorm_forward(x, m, P[nxt + ".weight"], P[nxt + ".bias"])
+            blocks.append((qkv_c, att_c, proj_c, o_mask, ln2_c, fc_c, gelu_c, mproj_c, m_mask, lnn_c, nxt))
+        logits, head_c = linear_forward(h, P[self.head_name].T)  # (B, T, V)
+        return logits, (emb_cache, emb_mask, ln_cache, blocks, head_c)
+
+    def forward(self, ids, attention_mask=None):
+        """Logits (B, T, V) for integer ids (B, T) -- or (T, V) for ids (T,) -- in inference
+        mode (no dropout). `attention_mask` (like ids) is 1 for tokens and 0 for padding;
+        padding keys are never attended to."""
+        ids2, kpm = self._check_inputs(ids, attention_mask)
+        logits, _ = self._forward(ids2, kpm, train=False)
+        return logits if np.ndim(ids) == 2 else logits[0]
+
+    __call__ = forward
+
+    def loss(self, ids, targets, attention_mask=None):
+        """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
+        ids2, kpm = self._check_inputs(ids, attention_mask)
+        logits, _ = self._forward(ids2, kpm, train=False)
+        loss, _ = get_ops().cross_entropy_forward(logits, self._check_targets(targets, ids2.shape))
+        return loss
+
+    def _check_targets(self, targets, shape):
+        targets = np.asarray(targets)
+        if targets.dtype.kind not in "iu":
+            raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
+        if targets.size != int(np.prod(shape)):
+            raise ValueError(f"targets must have the shape of ids {shape}, got {targets.shape}")
+        return targets.reshape(shape)
+
+    # -------------------------------------------------------------- backward
+    def loss_and_grads(self, ids, targets, attention_mask=None):
+        """Training step math: mean cross-entropy of next-token `targets` (like ids; -100 is
+        ignored) and the gradient of every parameter. Dropout is on when config.dropout > 0.
+
+        Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
+        shaped like `state_dict()`, and are overwritten by the next call.
+        """
+        ops, P, G, cfg = get_ops(), self.params, self.grads, self.config
+        ids2, kpm = self._check_inputs(ids, attention_mask)
+        targets = self._check_targets(targets, ids2.shape)
+        B, T = ids2.shape
+        logits, (emb_cache, emb_mask, ln_cache, blocks, head_c) = self._forward(ids2, kpm, train=True)
+        loss, ce_cache = ops.cross_entropy_forward(logits, targets)
+
+        dlogits = ops.cross_entropy_backward(1.0, ce_cache)  # (B, T, V)
+        # logits = h @ W_head.T  ->  dW_head = dlogits^T @ h, dh = dlogits @ W_head
+        h2, head_t = head_c
+        d2 = dlogits.reshape(-1, cfg.vocab_size)  # (B*T, V)
+        np.matmul(d2.T, h2, out=G[self.head_name])
+        dh = (d2 @ head_t.T).reshape(B, T, cfg.d_model)
+        ds = None  # gradient flowing along the residual stream
+        for i in reversed(range(cfg.n_layers)):
+            p = f"transformer.h.{i}."
+            qkv_c, att_c, proj_c, o_mask, ln2_c, fc_c, gelu_c, mproj_c, m_mask, lnn_c, nxt = blocks[i]
+            # (x, h) = residual_layernorm(x, m) with the next block's ln_1 (or ln_f)
+            ds, G[nxt + ".weight"][...], G[nxt + ".bias"][...] = ops.residual_layernorm_backward(dh, ds, lnn_c)
+            dg = linear_backward(dropout_backward(ds, m_mask), mproj_c,
+                                 G[p + "mlp.c_proj.weight"], G[p + "mlp.c_proj.bias"])
+            df, G[p + "mlp.c_fc.bias"][...] = ops.gelu_backward(dg, gelu_c)
+            dh = linear_backward(df, fc_c, G[p + "mlp.c_fc.weight"])
+            # (x, h) = residual_layernorm(x, o) with ln_2
+            ds, G[p + "ln_2.weight"][...], G[p + "ln_2.bias"][...] = ops.residual_layernorm_backward(dh, ds, ln2_c)
+            da = linear_backward(dropout_backward(ds, o_mask), proj_c,
+                                 G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
+            dq, dk, dv = ops.attention_backward(split_heads(da, 1, cfg.n_heads)[0], att_c)
+            dh = linear_backward(merge_heads(np.stack((dq, dk, dv))), qkv_c,
+                                 G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
+        dx, G["transformer.h.0.ln_1.weight"][...], G["transformer.h.0.ln_1.bias"][...] = \
+            ops.layernorm_backward(dh, ln_cache)
+        dx = dropout_backward(dx + ds, emb_mask)  # (B, T, C)
+        G["transformer.wpe.weight"][...] = 0.0
+        dx.sum(axis=0, out=G["transformer.wpe.weight"][:T])
+        if not cfg.tie_embeddings:
+            G["transformer.wte.weight"][...] = 0.0
+        ops.embedding_backward(dx, emb_cache, dweight=G["transformer.wte.weight"])
+        return loss, self.grads

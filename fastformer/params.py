@@ -1,0 +1,58 @@
+"""Parameters and gradients kept in two flat buffers, with one named view per tensor.
+
+A model's weights live in `FlatParams.data` and its gradients in `FlatParams.grad`, both 1-D and
+of one layout; `params[name]` and `grads[name]` are views into them. The optimizer updates the
+whole buffer with one kernel call, and data-parallel training reduces one buffer instead of a
+tensor per parameter. Tensors that take weight decay are laid out first, so the decayed part is
+the slice `data[:n_decay]`.
+"""
+
+import numpy as np
+
+
+class FlatParams:
+    """Named views into one flat parameter buffer and one flat gradient buffer.
+
+    Args:
+        shapes: {name: shape} in the order to lay them out (decayed tensors are moved first,
+            keeping the given order within each group).
+        decay: names of the tensors that take weight decay.
+        dtype: float32 or float64.
+    """
+
+    def __init__(self, shapes, decay, dtype=np.float32):
+        names = [n for n in shapes if n in decay] + [n for n in shapes if n not in decay]
+        self.shapes = {n: tuple(shapes[n]) for n in names}
+        self.dtype = np.dtype(dtype)
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        self.offsets = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
+        self.n_decay = sum(sz for n, sz in zip(names, sizes) if n in decay)
+        self.data = np.zeros(sum(sizes), dtype=self.dtype)
+        self.grad = np.zeros(sum(sizes), dtype=self.dtype)
+        self.params = self._views(self.data)
+        self.grads = self._views(self.grad)
+
+    def _views(self, flat):
+        return {n: flat[o:o + int(np.prod(s))].reshape(s)
+                for (n, s), o in zip(self.shapes.items(), self.offsets.values())}
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def load(self, state):
+        """Copy `state` ({name: array}) into the parameters: every name once, shapes exact."""
+        missing = [n for n in self.shapes if n not in state]
+        extra = [n for n in state if n not in self.shapes]
+        if missing or extra:
+            raise ValueError(f"state dict does not match the model: missing keys {missing}, "
+                             f"unexpected keys {extra}")
+        for n, arr in state.items():
+            arr = np.asarray(arr)
+            if arr.shape != self.shapes[n]:
+                raise ValueError(f"state dict entry {n!r} has shape {arr.shape}, the model "
+                                 f"expects {self.shapes[n]}")
+            if arr.dtype.kind != "f":
+                raise ValueError(f"state dict entry {n!r} must be a float array, got dtype {arr.dtype}")
+        for n, arr in state.items():
+            self.params[n][...] = arr

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+import fastformer
+from fastformer.kernels import _resolve
+
+
+def _available_backends():
+    names = ["numpy"]
+    try:
+        import numba  # noqa: F401
+        names.append("numba")
+    except ImportError:
+        pass
+    return names
+
+
+BACKENDS = _available_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test once per available backend, with that backend selected."""
+    with fastformer.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def ops(backend):
+    return fastformer.get_ops()
+
+
+@pytest.fixture
+def ref():
+    """The NumPy reference kernels, whatever backend is selected."""
+    return _resolve("numpy")
+
+
+def numerical_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar f() with respect to every entry of x (float64)."""
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
