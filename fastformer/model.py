@@ -274,3 +274,11 @@ class TransformerLM:
             G["transformer.wte.weight"][...] = 0.0
         ops.embedding_backward(dx, emb_cache, dweight=G["transformer.wte.weight"])
         return loss, self.grads
+
+    # ------------------------------------------------------------ interchange
+    @classmethod
+    def from_pretrained(cls, path, seed=0, dtype=np.float32):
+        """Load a local Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+        from .hf import load_hf
+
+        return load_hf(path, seed=seed, dtype=dtype)
