@@ -1,0 +1,96 @@
+"""Byte-level BPE tokenizer, trained and run offline with Hugging Face `tokenizers`.
+
+The same scheme as GPT-2: text is split with GPT-2's pre-tokenizer regex, every byte is mapped to
+a printable character, and merges learnt from the corpus join frequent byte pairs. All 256 bytes
+are in the initial alphabet, so any text encodes without an unknown token. The tokenizer is saved
+as a standard `tokenizer.json` that `tokenizers.Tokenizer.from_file` and
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)` read; nothing is ever downloaded.
+"""
+
+import os
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("the BPE tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE with <pad>, <bos>, <eos>; the interface of every fastformer tokenizer."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self._tk = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        if None in ids:
+            missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
+            raise ValueError(f"BPE tokenizer lacks the special tokens {missing}; fastformer needs {list(SPECIAL_TOKENS)}")
+        self.pad_id, self.bos_id, self.eos_id = ids
+        self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, files, vocab_size, min_frequency=2, show_progress=False):
+        """Learn merges from text files until the vocabulary holds `vocab_size` tokens."""
+        tk = _tokenizers()
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        files = [os.fspath(f) for f in files]
+        for f in files:
+            if not os.path.isfile(f):
+                raise ValueError(f"no such text file to train the tokenizer on: {f}")
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if not isinstance(vocab_size, int) or vocab_size < minimum:
+            raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + specials), got {vocab_size!r}")
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                         special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train(files, trainer)
+        return cls(tokenizer)
+
+    def encode(self, text, bos=False, eos=False):
+        """ids (int64, 1-D) of `text`, optionally framed by <bos>/<eos>."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return np.array([self.bos_id] * bos + ids + [self.eos_id] * eos, dtype=np.int64)
+
+    def encode_batch(self, texts):
+        """A list of id arrays, encoded in parallel by the Rust library."""
+        return [np.array(e.ids, dtype=np.int64) for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, errors="replace"):
+        """Text of `ids` with special tokens dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the BPE vocabulary [0, {self.vocab_size})")
+        return self._tk.decode(ids.tolist(), skip_special_tokens=True)
+
+    def save(self, directory, filename="tokenizer.json"):
+        """Write the standard `tokenizer.json` (atomically: temp file then rename)."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, filename)
+        self._tk.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def from_file(cls, path):
+        tk = _tokenizers()
+        try:
+            return cls(tk.Tokenizer.from_file(os.fspath(path)))
+        except Exception as e:  # the Rust library raises its own exception type
+            if isinstance(e, ValueError) and "special tokens" in str(e):
+                raise
+            raise ValueError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
