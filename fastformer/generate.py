@@ -60,11 +60,12 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int64)
     probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-    # inverse-CDF sampling: one uniform draw per row
+    # inverse-CDF sampling, one uniform draw per row; `<=` steps over zero-probability ids
     u = rng.random(probs.shape[0])[:, None]  # (B, 1)
-    cdf = np.cumsum(probs, axis=-1)
-    idx = (cdf < u * cdf[:, -1:]).sum(axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1).astype(np.int64)
+    cdf = np.cumsum(probs, axis=-1)  # (B, V)
+    idx = (cdf <= u * cdf[:, -1:]).sum(axis=-1)
+    last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # last id with mass
+    return np.minimum(idx, last).astype(np.int64)
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
