@@ -51,7 +51,7 @@ def default_out_dir(args):
 def cmd_train(args):
     import time
 
-    from . import set_backend
+    from . import get_backend, set_backend
     from .trainer import Trainer
 
     if args.out is None:
@@ -64,7 +64,7 @@ def cmd_train(args):
     trainer = Trainer(config, args.out, resume=args.resume)
     print(f"training {trainer.model.num_parameters():,} parameters on {len(trainer.train_ids):,} tokens "
           f"({config.data.path or 'embedded stdlib-documentation corpus'}); backend "
-          f"{__import__('fastformer').get_backend()}; run directory {args.out}; "
+          f"{get_backend()}; run directory {args.out}; "
           f"step {trainer.step} of {config.train.max_steps}", flush=True)
     start = time.perf_counter()
     losses = trainer.train()
@@ -188,6 +188,10 @@ def main(argv=None):
     except NonFiniteLossError as e:
         print(f"fastformer {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nfastformer {args.command}: interrupted; a training run continues from its newest "
+              f"checkpoint with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
