@@ -43,7 +43,8 @@ def test_train_resume_generate(files, capsys):
     # resume to a longer run; the saved config (seed, data path) is reused
     assert main(["train", "--resume", "--out", run, "--max-steps", "6", "--set", "train.eval_interval=3"]) == 0
     assert "done: step 6" in capsys.readouterr().out
-    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert main(["train", "--resume", "--out", run, "--preset", "small"]) == 2
     assert "drop --preset" in capsys.readouterr().err
