@@ -1,30 +1,197 @@
-"""The `fastformer` command line."""
+"""The `fastformer` command line: train, generate, info, plot.
+
+    fastformer train --preset tiny --out runs/tiny          # embedded default corpus
+    fastformer generate --checkpoint runs/tiny --prompt "def "
+    fastformer info --preset small
+    fastformer plot runs/tiny runs/small --out loss.png
+
+Every subcommand is one `cmd_<name>(args)` function; `build_parser()` wires them up. A ValueError
+(bad config key, missing file, corrupt checkpoint, ...) is printed as one line and exits with 2.
+"""
 
 import argparse
+import os
 import platform
 import sys
 
 import numpy as np
 
 
+# ----------------------------------------------------------------------------- train
+def resolve_train_config(args):
+    """The RunConfig a `train` command asks for, validated before any work."""
+    from .checkpoint import latest_checkpoint
+    from .config import apply_overrides, load_config, preset
+
+    if args.resume:
+        if args.preset or args.config or args.seed is not None:
+            raise ValueError("--resume continues with the run's saved config: drop --preset/--config/--seed "
+                             "(change settings with --set or --max-steps)")
+        config = load_config(os.path.join(latest_checkpoint(args.out), "config.yaml"))
+    else:
+        config = preset(args.preset or "tiny")
+        if args.config:
+            config = load_config(args.config, base=config)
+    flags = []
+    if args.data is not None:
+        flags.append(f"data.path={args.data}")
+    if args.seed is not None:
+        flags.append(f"train.seed={args.seed}")
+    if args.max_steps is not None:
+        flags.append(f"train.max_steps={args.max_steps}")
+    return apply_overrides(config, flags + list(args.set))
+
+
+def default_out_dir(args):
+    if args.config:
+        return os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    return os.path.join("runs", args.preset or "tiny")
+
+
+def cmd_train(args):
+    import time
+
+    from . import get_backend, set_backend
+    from .trainer import Trainer
+
+    if args.out is None:
+        if args.resume:
+            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+        args.out = default_out_dir(args)
+    config = resolve_train_config(args)
+    if args.backend:
+        set_backend(args.backend)
+    trainer = Trainer(config, args.out, resume=args.resume)
+    print(f"training {trainer.model.num_parameters():,} parameters on {len(trainer.train_ids):,} tokens "
+          f"({config.data.path or 'embedded stdlib-documentation corpus'}); backend "
+          f"{get_backend()}; run directory {args.out}; "
+          f"step {trainer.step} of {config.train.max_steps}", flush=True)
+    start = time.perf_counter()
+    losses = trainer.train()
+    if losses:
+        print(f"done: step {trainer.step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+              f"{time.perf_counter() - start:.1f} s; checkpoint in {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------- generate
+def cmd_generate(args):
+    from . import set_backend
+    from .checkpoint import load_model
+
+    if args.backend:
+        set_backend(args.backend)
+    model, tokenizer, _ = load_model(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt)
+    if prompt.size == 0:
+        raise ValueError("--prompt is empty: give at least one character to continue")
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+    sys.stdout.write(tokenizer.decode(out) + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------ info
 def cmd_info(args):
-    from . import __version__, get_backend
+    from . import TransformerLM, __version__, get_backend
 
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
-    print(f"backend: {get_backend()}")
+    print(f"backend: {get_backend()}  (FASTFORMER_BACKEND={os.environ.get('FASTFORMER_BACKEND', 'unset')})")
+    try:
+        import numba
+
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # known only after a parallel kernel has run
+            layer = f"{numba.config.THREADING_LAYER} (configured)"
+        print(f"numba {numba.__version__}  threading layer: {layer}  threads: {numba.get_num_threads()}")
+    except ImportError:
+        print("numba: not installed")
+    print(f"cpus: {os.cpu_count()}")
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        print(f"{lib['user_api']}: {lib.get('internal_api')} {lib.get('version') or ''}  "
+              f"threads: {lib['num_threads']}  {lib.get('threading_layer', '')}".rstrip())
+    if args.preset or args.config:
+        from .config import load_config, preset
+
+        config = preset(args.preset or "tiny")
+        if args.config:
+            config = load_config(args.config, base=config)
+        n = TransformerLM(config.model).num_parameters()
+        m = config.model
+        print(f"config {args.config or args.preset}: d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, "
+              f"layers {m.n_layers}, context {m.max_seq_len}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
+    return 0
 
 
+# ------------------------------------------------------------------------------ plot
+def cmd_plot(args):
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastformer", description="Small Transformers on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="show the backend, versions and threads")
+
+    p = sub.add_parser("train", help="train a language model")
+    p.add_argument("--config", help="YAML run config (sections model/data/train)")
+    p.add_argument("--preset", help="tiny, small or medium (default tiny; --config is applied on top)")
+    p.add_argument("--data", help="UTF-8 text file (default: the embedded stdlib-documentation corpus)")
+    p.add_argument("--out", help="run directory (default runs/<preset or config name>)")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps (train.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator")
+    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="show the backend, versions, threads and a config's size")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="tiny, small or medium")
+    g.add_argument("--config", help="YAML run config")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="plot train and validation loss of runs against step")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
 def main(argv=None):
+    from .trainer import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"fastformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"fastformer {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nfastformer {args.command}: interrupted; a training run continues from its newest "
+              f"checkpoint with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -282,3 +282,13 @@ class TransformerLM:
         from .hf import load_hf
 
         return load_hf(path, seed=seed, dtype=dtype)
+
+    # ------------------------------------------------------------ generation
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+                 eos_id=None):
+        """Prompt plus up to max_new_tokens sampled ids: (T0,) -> (T0 + n,) or (B, T0) -> (B, T0 + n).
+        temperature 0 is greedy; see fastformer.generate for top_k, top_p, seed and eos_id."""
+        from .generate import generate
+
+        return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, eos_id=eos_id)

@@ -1,0 +1,140 @@
+"""Training text: the embedded default corpus, text files to token ids, the train/validation
+split and the random windows a training step reads.
+
+The default corpus is the documentation of Python's standard library as it is installed on the
+machine: for a fixed list of modules, the module docstring and then, for each public class and
+function in name order, a `name(signature)` line followed by its docstring -- roughly what
+`help(module)` shows. It is real English technical prose, needs no download and no file from the
+user, and is rebuilt in memory on every run (nothing is copied into the repository). Its exact
+bytes depend on the Python version, so its SHA-256 is saved with each checkpoint.
+
+Batches are contiguous windows at uniformly random offsets, drawn from an explicit
+`np.random.Generator` whose state the trainer saves, so the data order resumes exactly.
+"""
+
+import hashlib
+import importlib
+import inspect
+import io
+import os
+import warnings
+
+import numpy as np
+
+# Modules whose documentation makes the default corpus: pure-Python, importable everywhere,
+# free of import-time side effects, and documented at length.
+CORPUS_MODULES = (
+    "argparse", "ast", "asyncio", "base64", "bisect", "builtins", "calendar", "cmd", "codecs",
+    "collections", "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "doctest", "email.message", "email.utils", "enum",
+    "filecmp", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob",
+    "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookies",
+    "http.server", "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale",
+    "logging", "logging.handlers", "mailbox", "math", "mimetypes", "numbers", "operator",
+    "optparse", "os", "os.path", "pathlib", "pdb", "pprint", "queue", "random", "re", "reprlib",
+    "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver",
+    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "tokenize", "traceback", "types", "typing", "unittest",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
+    "xml.etree.ElementTree", "zipfile",
+)
+
+
+def _signature(obj):
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _document(name, obj, out, indent=""):
+    doc = inspect.getdoc(obj)
+    if not doc:
+        return
+    out.write(f"{indent}{name}{_signature(obj)}\n")
+    for line in doc.splitlines():
+        out.write(f"{indent}    {line}\n" if line else "\n")
+    out.write("\n")
+
+
+def default_corpus():
+    """The embedded default corpus as one str (see the module docstring); about 0.9 MB of text."""
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated modules warn when imported or inspected
+        for modname in CORPUS_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue  # a trimmed Python may lack a module; the rest still makes a corpus
+            out.write(f"Help on module {modname}:\n\n")
+            doc = inspect.getdoc(mod)
+            if doc:
+                out.write(doc + "\n\n")
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                if inspect.isclass(obj):
+                    _document(f"class {name}", obj, out)
+                    for mname, meth in sorted(vars(obj).items()):
+                        if not mname.startswith("_") and callable(meth):
+                            _document(mname, meth, out, indent="    ")
+                elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+                    _document(name, obj, out)
+    return out.getvalue()
+
+
+def load_text(path):
+    """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist (pass a UTF-8 text file with --data)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path!r} is not UTF-8 text ({e})") from None
+    if not text:
+        raise ValueError(f"data file {path!r} is empty")
+    return text
+
+
+def ids_sha256(ids):
+    """Fingerprint of a token stream, saved with checkpoints to detect a changed corpus."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def split_ids(ids, val_fraction, seq_len):
+    """Split a 1-D token stream into (train, val): the last `val_fraction` is validation.
+
+    Both parts must hold at least one window of seq_len + 1 tokens (input plus shifted target).
+    """
+    n_val = int(round(len(ids) * val_fraction))
+    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    for part, what in ((train, "training"), (val, "validation")):
+        if len(part) < seq_len + 1:
+            raise ValueError(f"the {what} split has {len(part)} tokens, fewer than seq_len + 1 = "
+                             f"{seq_len + 1}: use more text, a shorter train.seq_len or another "
+                             f"data.val_fraction (now {val_fraction})")
+    return train, val
+
+
+def get_batch(ids, batch_size, seq_len, rng):
+    """B windows of T + 1 contiguous tokens at random offsets drawn from `rng`.
+
+    Returns (x, y), each (B, T) int64, with y the next token of x at every position.
+    """
+    starts = rng.integers(0, len(ids) - seq_len, size=batch_size)  # (B,)
+    win = ids[starts[:, None] + np.arange(seq_len + 1)]  # (B, T + 1)
+    return win[:, :-1], win[:, 1:]
+
+
+def eval_batches(ids, batch_size, seq_len, n_batches):
+    """Up to n_batches batches of non-overlapping windows evenly spread over `ids`: the same
+    windows at every evaluation, with no generator involved. Yields (x, y) of (b, T)."""
+    n_windows = (len(ids) - 1) // seq_len
+    n = min(n_windows, batch_size * n_batches)
+    starts = (np.arange(n) * (n_windows // n)) * seq_len  # (n,)
+    for i in range(0, n, batch_size):
+        win = ids[starts[i:i + batch_size, None] + np.arange(seq_len + 1)]
+        yield win[:, :-1], win[:, 1:]
