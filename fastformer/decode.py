@@ -143,3 +143,28 @@ def beam_decode(model, src_ids, src_mask=None, beam_size=4, length_penalty=1.0, 
     _check_search_args(bos_id, eos_id, 1, beam_size)
     step, max_len = model_step_fn(model, src_ids, src_mask, beam_size, max_len)
     return beam_search(step, np.shape(src_ids)[0], beam_size, bos_id, eos_id, max_len, length_penalty)
+
+
+def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_penalty=1.0, truncate=False,
+              max_len=None):
+    """Decode a list of source strings to target strings (greedy when beam_size is 1). A source
+    with more than max_src_len tokens is refused with a ValueError, or cut when `truncate`."""
+    S = model.config.max_src_len
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = src_tokenizer.encode(text)
+        if len(ids) > S and not truncate:
+            raise ValueError(f"source {i} has {len(ids)} tokens, more than the model's max_src_len={S}; "
+                             f"shorten it or ask for truncation")
+        seqs.append(ids[:S] or [src_tokenizer.unk_id])  # an empty source still needs one position
+    B, L = len(seqs), max(map(len, seqs))
+    src = np.full((B, L), src_tokenizer.pad_id, dtype=np.int64)
+    mask = np.zeros((B, L), dtype=np.int64)
+    for b, s in enumerate(seqs):
+        src[b, :len(s)], mask[b, :len(s)] = s, 1
+    bos, eos = tgt_tokenizer.bos_id, tgt_tokenizer.eos_id
+    if beam_size == 1:
+        out, _ = greedy_decode(model, src, mask, bos, eos, max_len)
+    else:
+        out, _ = beam_decode(model, src, mask, beam_size, length_penalty, bos, eos, max_len)
+    return [tgt_tokenizer.decode(o) for o in out]

@@ -142,3 +142,22 @@ def test_search_argument_errors():
         beam_search(tree_step({}), 1, 0, BOS, EOS, 3)
     with pytest.raises(ValueError, match="max_len must be an integer >= 1"):
         greedy_search(tree_step({}), 1, BOS, EOS, 0)
+
+
+def test_translate_texts_and_long_sources():
+    from fastformer.decode import translate
+    from fastformer.word_tokenizer import WordTokenizer
+
+    tok = WordTokenizer.build(["a b c d e f g h i"])  # 13 ids, like the model's source vocabulary
+    model = small_model()
+    src, mask = sources()
+    src = np.maximum(src, 4)  # ids 4..12 are the words a..i
+    texts = [" ".join(tok.itos[i] for i in row[m == 1]) for row, m in zip(src, mask)]
+    expected, _ = greedy_decode(model, src, mask, BOS, EOS)
+    out_tok = WordTokenizer([f"w{i}" for i in range(7)])  # 11 ids, the target vocabulary
+    assert translate(model, texts, tok, out_tok) == [out_tok.decode(e) for e in expected]
+    long = "a b c d e f g"  # 7 tokens > max_src_len=6
+    with pytest.raises(ValueError, match="source 0 has 7 tokens, more than the model's max_src_len=6"):
+        translate(model, [long], tok, out_tok)
+    assert translate(model, [long], tok, out_tok, truncate=True) == translate(model, ["a b c d e f"], tok, out_tok)
+    assert len(translate(model, texts, tok, out_tok, beam_size=3)) == len(texts)
