@@ -7,5 +7,5 @@ from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 __version__ = "0.1.0"
 
-__all__ = ["LMConfig", "TransformerLM", "Seq2SeqConfig", "Seq2SeqTransformer", "get_backend", "get_ops", "set_backend", "use_backend",
-           "__version__"]
+__all__ = ["LMConfig", "TransformerLM", "Seq2SeqConfig", "Seq2SeqTransformer", "get_backend", "get_ops",
+           "set_backend", "use_backend", "__version__"]

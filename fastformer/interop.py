@@ -49,15 +49,16 @@ def seq2seq_from_torch_state_dict(model, state):
     for name, t in state.items():
         if model.config.tie_embeddings and name == "lm_head.weight":
             continue
-        ours = name[len(TORCH_PREFIX):] if name.startswith(TORCH_PREFIX) else name
+        ours = name.removeprefix(TORCH_PREFIX)
         arrays[ours] = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
     model.load_state_dict(arrays)
 
 
 def torch_seq2seq_module(config):
     """A torch.nn.Module computing what Seq2SeqTransformer(config) computes when dropout is 0
-    (torch applies dropout in more places), with the state-dict names of this module's docstring. forward(src_ids, src_mask, tgt_in,
-    tgt_mask) takes int64 tensors (masks 1 = token, 0 = padding, or None) and returns logits."""
+    (torch applies dropout in more places), with the state-dict names of this module's docstring.
+    forward(src_ids, src_mask, tgt_in, tgt_mask) takes int64 tensors (masks 1 = token,
+    0 = padding, or None) and returns logits."""
     import torch
     from torch import nn
 

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import get_ops
-from .layers import (dropout_backward, dropout_forward, linear_backward, linear_forward,
-                     merge_heads, split_heads)
+from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward, merge_heads, split_heads
 from .model import _check_int, check_config_dict
 from .params import FlatParams
 

@@ -75,7 +75,7 @@ def split_pairs(pairs, val_fraction=0.1, seed=0):
     round(val_fraction * n) items to validation, each part in file order."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
-    n_val = int(round(val_fraction * len(pairs)))
+    n_val = round(val_fraction * len(pairs))
     perm = np.random.default_rng(seed).permutation(len(pairs))
     val_idx = set(perm[len(pairs) - n_val:].tolist())
     return ([p for i, p in enumerate(pairs) if i not in val_idx],

@@ -75,11 +75,13 @@ def main():
         # update: linear warmup, cosine decay to 10%
         frac = min(step / args.warmup, 1.0) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         lr = args.lr * frac
-        ops.adamw_update(flat.data[:nd], flat.grad[:nd], m[:nd], v[:nd], lr=lr, beta2=0.98, weight_decay=0.01, step=step)
+        ops.adamw_update(flat.data[:nd], flat.grad[:nd], m[:nd], v[:nd], lr=lr, beta2=0.98, weight_decay=0.01,
+                         step=step)
         ops.adamw_update(flat.data[nd:], flat.grad[nd:], m[nd:], v[nd:], lr=lr, beta2=0.98, step=step)
         # log / evaluate
         if step % 100 == 0:
-            print(f"step {step:5d}  loss {loss:.4f}  |g| {norm:.2f}  lr {lr:.2e}  {time.perf_counter() - t0:6.1f}s", flush=True)
+            elapsed = time.perf_counter() - t0
+            print(f"step {step:5d}  loss {loss:.4f}  |g| {norm:.2f}  lr {lr:.2e}  {elapsed:6.1f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             em, ta = exact_match(model, task, heldout)
             print(f"step {step:5d}  held-out exact match {em:.3f}  char accuracy {ta:.3f}  "

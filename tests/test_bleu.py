@@ -36,7 +36,7 @@ def test_against_sacrebleu():
     sacrebleu = pytest.importorskip("sacrebleu")
     hyps = HYPS + ["il est là .", "je suis très content de te voir ."]
     refs = REFS + ["il est ici .", "je suis content de te voir ."]
-    score, which = corpus_bleu(hyps, refs)
+    _, which = corpus_bleu(hyps, refs)
     assert which == "sacrebleu"
     assert own_corpus_bleu(hyps, refs) == pytest.approx(
         sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score, rel=1e-9)
