@@ -57,17 +57,17 @@ def read_pairs(path, lowercase=False):
 
 def encode_pairs(pairs, src_tok, tgt_tok, max_src_len, max_tgt_len):
     """Token ids of each pair, keeping the pairs that fit: at most max_src_len source tokens
-    and at most max_tgt_len - 1 target tokens (the decoder reads <bos> + target).
-    Returns (src_seqs, tgt_seqs, n_too_long)."""
-    src_seqs, tgt_seqs, too_long = [], [], 0
+    and at most max_tgt_len - 1 target tokens (the decoder reads <bos> + target), and at least
+    one token on each side. Returns (src_seqs, tgt_seqs, n_skipped)."""
+    src_seqs, tgt_seqs, skipped = [], [], 0
     for s, t in pairs:
         si, ti = src_tok.encode(s), tgt_tok.encode(t)
         if 1 <= len(si) <= max_src_len and 1 <= len(ti) <= max_tgt_len - 1:
             src_seqs.append(si)
             tgt_seqs.append(ti)
         else:
-            too_long += 1
-    return src_seqs, tgt_seqs, too_long
+            skipped += 1
+    return src_seqs, tgt_seqs, skipped
 
 
 def split_pairs(pairs, val_fraction=0.1, seed=0):
