@@ -12,6 +12,16 @@ def cmd_info(args):
 
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
     print(f"backend: {get_backend()}")
+    from .threads import thread_info
+
+    for key, value in thread_info().items():
+        print(f"{key}: {value}")
+
+
+def cmd_bench(args):
+    from .bench import main
+
+    main(args)
 
 
 def build_parser():
@@ -19,6 +29,12 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="show the backend, versions and threads")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="time full training steps of a preset model")
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "medium"])
+    p.add_argument("--backend", choices=["auto", "numpy", "numba"], default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -6,15 +6,11 @@ both get `num_threads()` threads, which is the number of cores this process may 
 FASTFORMER_NUM_THREADS when set. The Numba threading layer is "workqueue" unless
 NUMBA_THREADING_LAYER says otherwise: the OpenMP layer's worker threads keep spinning after a
 parallel loop and steal the cores from the GEMM that follows it.
-
-This module also picks OpenBLAS's CPU kernel before NumPy loads it (see `select_blas_kernel`);
-it imports neither NumPy nor Numba at module level for that reason.
 """
 
 import os
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
-_AVX512_FLAGS = {"avx512f", "avx512dq", "avx512bw", "avx512vl"}
 _configured = None  # the thread count applied by configure_threads, once it ran
 
 
@@ -34,29 +30,6 @@ def num_threads():
             raise ValueError(f"{ENV_VAR} must be a positive integer, got {value!r}")
         return int(value)
     return available_cores()
-
-
-def select_blas_kernel():
-    """Choose OpenBLAS's AVX-512 GEMM kernels on CPUs that have AVX-512 but that OpenBLAS's
-    detection does not recognise (it then falls back to its Haswell AVX2 kernels, at half the
-    speed on this project's AMD EPYC machine: 105 against 195 GFLOP/s for a float32 GEMM).
-
-    Only effective before NumPy is first imported, and only when OPENBLAS_CORETYPE is unset
-    (set it yourself to choose another kernel). Does nothing off Linux.
-    """
-    import sys
-
-    if "numpy" in sys.modules or "OPENBLAS_CORETYPE" in os.environ:
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    if _AVX512_FLAGS <= set(line.split()):
-                        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
-                    return
-    except OSError:
-        return
 
 
 def configure_threads(n=None):

@@ -15,9 +15,11 @@ from collections import namedtuple
 import numpy as np
 
 from ..threads import configure_threads
-from . import numba_kernels as K
 from .numpy_ops import (GELU_FORMS, NumpyOps, as_float_array, as_int_array, check_attention_inputs,
                         check_qkv)
+
+configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
+from . import numba_kernels as K  # noqa: E402
 
 ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at the end
 
@@ -46,9 +48,6 @@ class NumbaOps(NumpyOps):
     """Jitted, fused and parallel kernels; same signatures and results as NumpyOps."""
 
     name = "numba"
-
-    def __init__(self):
-        configure_threads()
 
     # ------------------------------------------------------------------ softmax
     def softmax_forward(self, x):
