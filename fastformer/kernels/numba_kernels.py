@@ -44,7 +44,8 @@ _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 # ------------------------------------------------------------------ vector math
 # libm's expf and tanhf are scalar calls that stop LLVM from vectorising a loop (tanhf costs
 # 14 ns an element here). For float32 the kernels use the polynomial below (Cephes' expf,
-# within 1 ulp), which vectorises; float64 keeps math.exp / math.tanh.
+# within 1 ulp, 0.4 ns an element), which vectorises, and build tanh from it; float64 keeps
+# math.exp.
 
 @intrinsic
 def _int32_bits_as_float32(typingctx, i):
@@ -72,30 +73,14 @@ def _exp_f32(x):
     return y * np.float32(x >= np.float32(-87.3))  # a select, not a branch: keeps loops vectorised
 
 
-def _tanh_f32(x):
-    # tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: absolute error ~1e-7
-    e = _exp(np.float32(-2.0) * abs(x))
-    t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
-    return math.copysign(t, x)
-
-
 def _exp(x):
     """exp(x); with NUMBA_DISABLE_JIT this plain function runs, jitted code uses the overload."""
     return math.exp(x)
 
 
-def _tanh(x):
-    return math.tanh(x)
-
-
 @overload(_exp, inline="always")
 def _exp_overload(x):
     return _exp_f32 if x == types.float32 else (lambda x: math.exp(x))
-
-
-@overload(_tanh, inline="always")
-def _tanh_overload(x):
-    return _tanh_f32 if x == types.float32 else (lambda x: math.tanh(x))
 
 
 # --------------------------------------------------------------------- softmax
@@ -186,6 +171,7 @@ def _layernorm_bwd(dy, x, w, mean, rstd, ds, add_ds, dx, dw_part, db_part):
             for c in range(C):
                 xhat = (x[n, c] - mu) * rs
                 g = dy[n, c] * w[c]
+                dx[n, c] = g  # dxhat, kept so both loops use the same rounded value
                 g_mean += g
                 gx_mean += g * xhat
                 dw_part[p, c] += dy[n, c] * xhat
@@ -194,7 +180,7 @@ def _layernorm_bwd(dy, x, w, mean, rstd, ds, add_ds, dx, dw_part, db_part):
             gx_mean /= F(C)
             for c in range(C):
                 xhat = (x[n, c] - mu) * rs
-                d = (dy[n, c] * w[c] - g_mean - xhat * gx_mean) * rs
+                d = (dx[n, c] - g_mean - xhat * gx_mean) * rs
                 dx[n, c] = d + ds[n, c] if add_ds else d
 
 
@@ -374,12 +360,23 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @_inline
+def _half_one_plus_tanh(z):
+    """(1 + tanh z) / 2 = sigmoid(2 z), from e = exp(-2|z|) <= 1: no cancellation when
+    tanh z is near -1 (where 1 + tanh z in float32 loses every digit), no overflow."""
+    F = type(z)
+    e = _exp(F(-2.0) * abs(z))
+    r = F(1.0) / (F(1.0) + e)
+    pos = F(z >= F(0.0))  # a select, so the loop still vectorises
+    return r * (pos + (F(1.0) - pos) * e)
+
+
+@_inline
 def _gelu(u, exact):
     F = type(u)
     if exact:  # 0.5 u (1 + erf(u / sqrt 2))
         return F(0.5) * u * (F(1.0) + math.erf(u * F(_INV_SQRT_2)))
-    th = _tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
-    return F(0.5) * u * (F(1.0) + th)
+    # 0.5 u (1 + tanh(a (u + 0.044715 u^3)))
+    return u * _half_one_plus_tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
 
 
 @_inline
@@ -388,10 +385,11 @@ def _gelu_grad(u, exact):
     if exact:  # forward: y = 0.5 u (1 + erf(u / sqrt 2))
         cdf = F(0.5) * (F(1.0) + math.erf(u * F(_INV_SQRT_2)))
         return cdf + u * math.exp(F(-0.5) * u * u) * F(_INV_SQRT_2PI)
-    # forward: y = 0.5 u (1 + tanh(a (u + 0.044715 u^3)))
-    th = _tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
-    dth = (F(1.0) - th * th) * F(_SQRT_2_OVER_PI) * (F(1.0) + F(3.0 * 0.044715) * u * u)
-    return F(0.5) * (F(1.0) + th) + F(0.5) * u * dth
+    # forward: y = u s with s = (1 + tanh z) / 2, z = a (u + 0.044715 u^3)
+    #   dy/du = s + u ds/dz dz/du,  ds/dz = (1 - tanh^2 z) / 2 = 2 s (1 - s)
+    s = _half_one_plus_tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
+    dz = F(_SQRT_2_OVER_PI) * (F(1.0) + F(3.0 * 0.044715) * u * u)
+    return s + u * F(2.0) * s * (F(1.0) - s) * dz
 
 
 @_kernel("void(F[:, ::1], F[::1], boolean, F[:, ::1])")

@@ -15,8 +15,8 @@ from collections import namedtuple
 import numpy as np
 
 from ..threads import configure_threads
-from .numpy_ops import (GELU_FORMS, NumpyOps, as_float_array, as_int_array, check_attention_inputs,
-                        check_qkv)
+from .numpy_ops import (GELU_FORMS, NumpyOps, as_float_array, as_int_array, as_vector,
+                        check_attention_inputs, check_qkv)
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
 from . import numba_kernels as K  # noqa: E402
@@ -31,13 +31,6 @@ GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
 def _rows(x):
     """2-D (rows, last axis) view of a contiguous array."""
     return x.reshape(-1, x.shape[-1])
-
-
-def _check_vector(a, name, C, dtype):
-    a = as_float_array(a, name, dtype)
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},) to match the last axis of x, got {a.shape}")
-    return a
 
 
 def _is_inplace_ok(a, dtype):
@@ -73,8 +66,8 @@ class NumbaOps(NumpyOps):
         if x.ndim == 0 or x.size == 0:
             return super().layernorm_forward(x, weight, bias, eps)
         C = x.shape[-1]
-        weight = _check_vector(weight, "weight", C, x.dtype)
-        bias = _check_vector(bias, "bias", C, x.dtype)
+        weight = as_vector(weight, "weight", C, x.dtype)
+        bias = as_vector(bias, "bias", C, x.dtype)
         y = np.empty_like(x)
         mean = np.empty(x.shape[:-1], x.dtype)
         rstd = np.empty(x.shape[:-1], x.dtype)
@@ -92,8 +85,8 @@ class NumbaOps(NumpyOps):
         if x.ndim == 0 or x.size == 0:
             return super().residual_layernorm_forward(x, branch, weight, bias, eps)
         C = x.shape[-1]
-        weight = _check_vector(weight, "weight", C, x.dtype)
-        bias = _check_vector(bias, "bias", C, x.dtype)
+        weight = as_vector(weight, "weight", C, x.dtype)
+        bias = as_vector(bias, "bias", C, x.dtype)
         s, y = np.empty_like(x), np.empty_like(x)
         mean = np.empty(x.shape[:-1], x.dtype)
         rstd = np.empty(x.shape[:-1], x.dtype)
@@ -236,7 +229,7 @@ class NumbaOps(NumpyOps):
         if x.ndim == 0 or x.size == 0:
             return super().gelu_forward(x, bias, approximate)
         C = x.shape[-1]
-        b = np.zeros(C, x.dtype) if bias is None else _check_vector(bias, "bias", C, x.dtype)
+        b = np.zeros(C, x.dtype) if bias is None else as_vector(bias, "bias", C, x.dtype)
         y = np.empty_like(x)
         K._gelu_fwd(_rows(x), b, approximate == "none", _rows(y))
         return y, GeluCache(x, b, approximate, bias is not None)

@@ -31,6 +31,14 @@ def as_float_array(x, name, dtype=None):
     return np.ascontiguousarray(x)
 
 
+def as_vector(x, name, C, dtype):
+    """A (C,) float array of `dtype` (a per-channel weight or bias), or one clear ValueError."""
+    x = as_float_array(x, name, dtype)
+    if x.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the last axis of x, got {x.shape}")
+    return x
+
+
 def as_int_array(x, name):
     x = np.asarray(x)
     if x.dtype.kind not in "iu":
@@ -108,8 +116,8 @@ class NumpyOps:
     def layernorm_forward(self, x, weight, bias, eps=1e-5):
         """LayerNorm over the last axis C. Returns (y, cache) with cache = (x, weight, mean, rstd)."""
         x = as_float_array(x, "x")
-        weight = as_float_array(weight, "weight", x.dtype)
-        bias = as_float_array(bias, "bias", x.dtype)
+        weight = as_vector(weight, "weight", x.shape[-1], x.dtype)
+        bias = as_vector(bias, "bias", x.shape[-1], x.dtype)
         mean = x.mean(axis=-1, keepdims=True)
         xc = x - mean
         var = (xc * xc).mean(axis=-1, keepdims=True)
@@ -260,7 +268,7 @@ class NumpyOps:
             raise ValueError(f"approximate must be one of {GELU_FORMS}, got {approximate!r}")
         u = as_float_array(x, "x")
         if bias is not None:
-            u = u + as_float_array(bias, "bias", u.dtype)
+            u = u + as_vector(bias, "bias", u.shape[-1], u.dtype)
         if approximate == "tanh":
             y = 0.5 * u * (1.0 + np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3)))
         else:
