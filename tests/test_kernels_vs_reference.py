@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 TOL64 = dict(rtol=1e-10, atol=1e-12)
 TOL32 = {  # (rtol, atol) per kernel for float32
     "softmax": dict(rtol=1e-5, atol=1e-7),
-    "layernorm": dict(rtol=1e-4, atol=2e-5),
+    "layernorm": dict(rtol=1e-4, atol=1e-4),  # rows offset by 30: float32 spacing there is 2e-6, times rstd
     "attention": dict(rtol=1e-4, atol=2e-5),
     "cross_entropy": dict(rtol=1e-5, atol=1e-7),
     "gelu": dict(rtol=1e-5, atol=1e-5),  # float32 gelu' differs by a few ulp (another tanh formula), summed in dbias
@@ -27,7 +27,7 @@ TOL32 = {  # (rtol, atol) per kernel for float32
     "adamw": dict(rtol=1e-5, atol=1e-7),
 }
 DTYPES = [np.float64, np.float32]
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def close(actual, expected, kernel, dtype):
