@@ -97,22 +97,10 @@ def cmd_info(args):
 
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
     print(f"backend: {get_backend()}  (FASTFORMER_BACKEND={os.environ.get('FASTFORMER_BACKEND', 'unset')})")
-    try:
-        import numba
+    from .threads import thread_info
 
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # known only after a parallel kernel has run
-            layer = f"{numba.config.THREADING_LAYER} (configured)"
-        print(f"numba {numba.__version__}  threading layer: {layer}  threads: {numba.get_num_threads()}")
-    except ImportError:
-        print("numba: not installed")
-    print(f"cpus: {os.cpu_count()}")
-    from threadpoolctl import threadpool_info
-
-    for lib in threadpool_info():
-        print(f"{lib['user_api']}: {lib.get('internal_api')} {lib.get('version') or ''}  "
-              f"threads: {lib['num_threads']}  {lib.get('threading_layer', '')}".rstrip())
+    for key, value in thread_info().items():
+        print(f"{key}: {value}")
     if args.preset or args.config:
         from .config import load_config, preset
 
@@ -124,6 +112,13 @@ def cmd_info(args):
         print(f"config {args.config or args.preset}: d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, "
               f"layers {m.n_layers}, context {m.max_seq_len}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
     return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args):
+    from .bench import main
+
+    return main(args)
 
 
 # ------------------------------------------------------------------------------ plot
@@ -173,6 +168,13 @@ def build_parser():
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="time full training steps of a preset model")
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "medium"])
+    p.add_argument("--backend", choices=["auto", "numpy", "numba"], default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

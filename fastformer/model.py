@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import get_ops
-from .layers import (dropout_backward, dropout_forward, linear_backward, linear_forward,
-                     merge_heads, split_heads)
+from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
 from .params import FlatParams
 
 
@@ -187,9 +186,8 @@ class TransformerLM:
             nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layers else "transformer.ln_f"
             # attention: LN -> fused QKV -> causal multi-head attention -> projection -> residual
             qkv, qkv_c = linear_forward(h, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])  # (B, T, 3C)
-            q, k, v = split_heads(qkv, 3, cfg.n_heads)  # each (B, H, T, hs)
-            a, att_c = ops.attention_forward(q, k, v, causal=True, key_padding_mask=kpm)
-            o, proj_c = linear_forward(merge_heads(a), P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
+            a, att_c = ops.attention_qkv_forward(qkv, cfg.n_heads, causal=True, key_padding_mask=kpm)  # (B, T, C)
+            o, proj_c = linear_forward(a, P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
             o, o_mask = dropout_forward(o, drop, self.rng)
             (x, h), ln2_c = ops.residual_layernorm_forward(x, o, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
             # MLP: LN -> Linear (bias fused into GELU) -> GELU(tanh) -> Linear -> residual
@@ -262,9 +260,8 @@ class TransformerLM:
             ds, G[p + "ln_2.weight"][...], G[p + "ln_2.bias"][...] = ops.residual_layernorm_backward(dh, ds, ln2_c)
             da = linear_backward(dropout_backward(ds, o_mask), proj_c,
                                  G[p + "attn.c_proj.weight"], G[p + "attn.c_proj.bias"])
-            dq, dk, dv = ops.attention_backward(split_heads(da, 1, cfg.n_heads)[0], att_c)
-            dh = linear_backward(merge_heads(np.stack((dq, dk, dv))), qkv_c,
-                                 G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
+            dqkv = ops.attention_qkv_backward(da, att_c)  # (B, T, 3C)
+            dh = linear_backward(dqkv, qkv_c, G[p + "attn.c_attn.weight"], G[p + "attn.c_attn.bias"])
         dx, G["transformer.h.0.ln_1.weight"][...], G["transformer.h.0.ln_1.bias"][...] = \
             ops.layernorm_backward(dh, ln_cache)
         dx = dropout_backward(dx + ds, emb_mask)  # (B, T, C)

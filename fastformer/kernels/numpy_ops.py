@@ -31,6 +31,14 @@ def as_float_array(x, name, dtype=None):
     return np.ascontiguousarray(x)
 
 
+def as_vector(x, name, C, dtype):
+    """A (C,) float array of `dtype` (a per-channel weight or bias), or one clear ValueError."""
+    x = as_float_array(x, name, dtype)
+    if x.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the last axis of x, got {x.shape}")
+    return x
+
+
 def as_int_array(x, name):
     x = np.asarray(x)
     if x.dtype.kind not in "iu":
@@ -52,6 +60,33 @@ def attention_allowed(T, S, causal, key_padding_mask):
         keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         allowed = keep if allowed is None else (allowed & keep)
     return allowed
+
+
+def check_attention_inputs(q, k, v, causal, key_padding_mask, scale):
+    """Validate the shapes of an attention call; returns (key_padding_mask as bool or None, scale)."""
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention expects q (B, H, T, hs) and k, v (B, H, S, hs), "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    if causal and S < T:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
+    if key_padding_mask is not None:
+        key_padding_mask = np.asarray(key_padding_mask, dtype=bool)
+        if key_padding_mask.shape != (B, S):
+            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got {key_padding_mask.shape}")
+    scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
+    return key_padding_mask, scale
+
+
+def check_qkv(qkv, n_heads):
+    """Validate a fused projection (B, T, 3C) for `n_heads` heads; returns (B, T, C, hs)."""
+    if qkv.ndim != 3 or qkv.shape[2] % 3 or isinstance(n_heads, bool) or not isinstance(n_heads, (int, np.integer)) \
+            or n_heads < 1 or (qkv.shape[2] // 3) % n_heads:
+        raise ValueError(f"qkv must have shape (B, T, 3C) with C divisible by n_heads, got qkv {qkv.shape} "
+                         f"and n_heads={n_heads!r}")
+    B, T, C3 = qkv.shape
+    return B, T, C3 // 3, C3 // (3 * n_heads)
 
 
 class NumpyOps:
@@ -81,8 +116,8 @@ class NumpyOps:
     def layernorm_forward(self, x, weight, bias, eps=1e-5):
         """LayerNorm over the last axis C. Returns (y, cache) with cache = (x, weight, mean, rstd)."""
         x = as_float_array(x, "x")
-        weight = as_float_array(weight, "weight", x.dtype)
-        bias = as_float_array(bias, "bias", x.dtype)
+        weight = as_vector(weight, "weight", x.shape[-1], x.dtype)
+        bias = as_vector(bias, "bias", x.shape[-1], x.dtype)
         mean = x.mean(axis=-1, keepdims=True)
         xc = x - mean
         var = (xc * xc).mean(axis=-1, keepdims=True)
@@ -132,18 +167,7 @@ class NumpyOps:
         q = as_float_array(q, "q")
         k = as_float_array(k, "k", q.dtype)
         v = as_float_array(v, "v", q.dtype)
-        if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-            raise ValueError(f"attention expects q (B, H, T, hs) and k, v (B, H, S, hs), "
-                             f"got q {q.shape}, k {k.shape}, v {v.shape}")
-        B, H, T, hs = q.shape
-        S = k.shape[2]
-        if causal and S < T:
-            raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
-        if key_padding_mask is not None:
-            key_padding_mask = np.asarray(key_padding_mask, dtype=bool)
-            if key_padding_mask.shape != (B, S):
-                raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got {key_padding_mask.shape}")
-        scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
+        key_padding_mask, scale = check_attention_inputs(q, k, v, causal, key_padding_mask, scale)
         p, lse = self._attention_probs(q, k, causal, key_padding_mask, scale, lse=None)
         out = p @ v  # (B, H, T, hs)
         return out, (q, k, v, out, lse, causal, key_padding_mask, scale)
@@ -177,6 +201,27 @@ class NumpyOps:
         dq = ds @ k
         dk = ds.transpose(0, 1, 3, 2) @ q
         return dq, dk, dv
+
+    def attention_qkv_forward(self, qkv, n_heads, causal=True, key_padding_mask=None, scale=None):
+        """Self-attention straight from a fused projection, as GPT-2's c_attn makes it.
+
+        qkv (B, T, 3C) holds [q | k | v] along the last axis, head h at columns h*hs:(h+1)*hs of
+        each part. Returns (out (B, T, C) with the heads merged back, cache). Same masks and
+        lse convention as `attention_forward`, which it is defined by.
+        """
+        qkv = as_float_array(qkv, "qkv")
+        B, T, C, hs = check_qkv(qkv, n_heads)
+        q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
+        out, cache = self.attention_forward(q, k, v, causal, key_padding_mask, scale)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
+
+    def attention_qkv_backward(self, dout, cache):
+        """Returns dqkv (B, T, 3C), the gradient of the fused projection."""
+        # forward: q, k, v = split(qkv); out = merge(attention(q, k, v))
+        B, H, T, hs = cache[0].shape
+        dout = as_float_array(dout, "dout", cache[0].dtype).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+        dq, dk, dv = self.attention_backward(dout, cache)
+        return np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
 
     # ------------------------------------------------------------ cross-entropy
     def cross_entropy_forward(self, logits, targets, ignore_index=-100):
@@ -223,7 +268,7 @@ class NumpyOps:
             raise ValueError(f"approximate must be one of {GELU_FORMS}, got {approximate!r}")
         u = as_float_array(x, "x")
         if bias is not None:
-            u = u + as_float_array(bias, "bias", u.dtype)
+            u = u + as_vector(bias, "bias", u.shape[-1], u.dtype)
         if approximate == "tanh":
             y = 0.5 * u * (1.0 + np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3)))
         else:

@@ -1,0 +1,70 @@
+"""Where a training step's time goes, by kernel: wraps every kernel method of the selected
+backend and the linear layers with timers, runs a few steps of a bench preset, and prints
+milliseconds per step for each, with the remainder (Python, reshapes, NumPy glue) last.
+
+    python benchmarks/profile_step.py --preset tiny --backend numba
+"""
+
+import argparse
+import collections
+import time
+
+import numpy as np
+
+import fastformer
+from fastformer import bench, layers, model as model_mod
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=list(bench.PRESETS))
+    ap.add_argument("--backend", default="numba", choices=["numpy", "numba"])
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+
+    fastformer.set_backend(args.backend)
+    ops = fastformer.get_ops()
+    spent = collections.defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    for name in dir(ops):
+        if name.endswith(("_forward", "_backward", "_update")) and not name.startswith("_"):
+            setattr(ops, name, timed(name, getattr(ops, name)))
+    for name in ("linear_forward", "linear_backward"):
+        setattr(model_mod, name, timed(name, getattr(layers, name)))
+    matmul = np.matmul
+    model_mod.np = type("np_proxy", (), {"__getattr__": staticmethod(lambda a: getattr(np, a)),
+                                         "matmul": staticmethod(timed("lm_head matmul (dW)", matmul))})()
+
+    cfg = bench.preset_config(args.preset)
+    lm = fastformer.TransformerLM(cfg)
+    opt = bench.AdamW(lm)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (bench.BATCH, bench.SEQ_LEN + 1))
+
+    def step():
+        lm.loss_and_grads(ids[:, :-1], ids[:, 1:])
+        opt.step()
+
+    step()
+    spent.clear()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    total = (time.perf_counter() - t) / args.steps
+    print(f"{args.preset} / {args.backend}: {total * 1e3:.1f} ms per step")
+    for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {s / args.steps * 1e3:8.1f} ms  {100 * s / args.steps / total:5.1f}%")
+    rest = total - sum(spent.values()) / args.steps
+    print(f"  {'other (incl. LM-head dh)':28s} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

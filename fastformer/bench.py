@@ -1,0 +1,140 @@
+"""`fastformer bench`: the speed of full training steps of a preset language model.
+
+One step is what training does: forward, backward, and AdamW over the flat parameter buffer,
+on a fixed synthetic batch of 32 sequences of 128 token ids from a 4096-token vocabulary. After
+warm-up steps (the first one also loads or compiles the Numba kernels) the timed steps give
+steps/s and tokens/s (from the median step time), the model FLOPs of a step, the GFLOP/s that
+makes, and its fraction of this machine's float32 GEMM peak, measured in the same process with a
+large `np.matmul`.
+
+Model FLOPs count the matmuls only, 2 per multiply-add, backward = 2 x forward: per token and
+layer 2 (C 3C + C C + C F + F C) for the weights plus 2 (2 T C) for q k^T and p v (the full
+T x T scores, as usually counted, although causal attention needs only half), plus 2 C V for
+the LM head.
+"""
+
+import json
+import resource
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from .kernels import get_ops, set_backend
+from .model import LMConfig, TransformerLM
+
+BATCH, SEQ_LEN, VOCAB = 32, 128, 4096
+PRESETS = {  # the LM presets (d_model, heads, d_ff, layers); max_seq_len 128
+    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_layers=2),
+    "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
+    "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
+}
+
+
+def preset_config(name, vocab_size=VOCAB):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
+    return LMConfig(vocab_size=vocab_size, max_seq_len=SEQ_LEN, **PRESETS[name])
+
+
+def model_flops_per_step(cfg, B, T):
+    """Matmul FLOPs of one training step (forward + backward) on a (B, T) batch."""
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    per_token = cfg.n_layers * 2 * (C * 3 * C + C * C + C * F + F * C + 2 * T * C) + 2 * C * V
+    return 3 * per_token * B * T
+
+
+def gemm_peak_gflops(n=2048, repeats=5):
+    """Best float32 GFLOP/s of an (n, n) @ (n, n) np.matmul in this process."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = a @ b
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+class AdamW:
+    """Minimal AdamW over a model's flat buffer: decayed tensors first, then the rest."""
+
+    def __init__(self, model, lr=1e-3, weight_decay=0.1):
+        self.flat, self.lr, self.weight_decay = model.flat, lr, weight_decay
+        self.m = np.zeros_like(self.flat.data)
+        self.v = np.zeros_like(self.flat.data)
+        self.step_count = 0
+
+    def step(self):
+        ops, f, nd = get_ops(), self.flat, self.flat.n_decay
+        self.step_count += 1
+        for sl, wd in ((slice(0, nd), self.weight_decay), (slice(nd, None), 0.0)):
+            ops.adamw_update(f.data[sl], f.grad[sl], self.m[sl], self.v[sl], lr=self.lr,
+                             weight_decay=wd, step=self.step_count)
+
+
+def run(preset, backend=None, steps=10, warmup=2, seed=0):
+    """Time `steps` training steps of `preset`; returns a dict of the figures."""
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got steps={steps}, warmup={warmup}")
+    t_start = time.perf_counter()
+    if backend is not None:
+        set_backend(backend)
+    ops = get_ops()
+    cfg = preset_config(preset)
+    model = TransformerLM(cfg, seed=seed)
+    opt = AdamW(model)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        loss, _ = model.loss_and_grads(x, y)
+        opt.step()
+        return loss
+
+    step()
+    first_step_s = time.perf_counter() - t_start  # backend load (or compile) + model + one step
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    flops = model_flops_per_step(cfg, BATCH, SEQ_LEN)
+    peak = gemm_peak_gflops()
+    from .threads import thread_info
+
+    return {
+        "preset": preset, "backend": ops.name, "config": asdict(cfg), "batch": BATCH, "seq_len": SEQ_LEN,
+        "steps": steps, "step_s_median": step_s, "step_s_min": float(min(times)),
+        "steps_per_s": 1.0 / step_s, "tokens_per_s": BATCH * SEQ_LEN / step_s,
+        "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
+        "gemm_peak_gflops_per_s": peak, "fraction_of_gemm_peak": flops / step_s / 1e9 / peak,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_step_s": first_step_s, "final_loss": float(loss), "threads": thread_info(),
+    }
+
+
+def format_report(r):
+    return "\n".join([
+        f"fastformer bench: preset {r['preset']} ({r['config']['d_model']}d, {r['config']['n_heads']} heads, "
+        f"d_ff {r['config']['d_ff']}, {r['config']['n_layers']} layers, vocab {r['config']['vocab_size']}), "
+        f"batch {r['batch']} x seq {r['seq_len']}, backend {r['backend']}",
+        f"  steps/s           {r['steps_per_s']:.2f}   (median of {r['steps']} steps: {r['step_s_median'] * 1e3:.1f} ms)",
+        f"  tokens/s          {r['tokens_per_s']:,.0f}",
+        f"  model FLOPs/step  {r['model_flops_per_step'] / 1e9:.2f} GFLOP",
+        f"  achieved          {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm_peak']:.1f}% of the "
+        f"measured float32 GEMM peak ({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
+        f"  peak RSS          {r['peak_rss_mb']:.0f} MB",
+        f"  first step        {r['first_step_s']:.2f} s after start (backend load/compile + model + step)",
+    ])
+
+
+def main(args):
+    r = run(args.preset, backend=args.backend, steps=args.steps)
+    print(json.dumps(r) if args.json else format_report(r))

@@ -1,0 +1,457 @@
+"""The jitted kernels of the Numba backend: private functions that fill preallocated arrays.
+
+Nothing here validates anything: the wrappers in numba_ops.py check dtypes, shapes and
+contiguity, allocate the outputs and call these. Each kernel is compiled for exactly two
+signatures, float32 and float64 (`_sigs`), with the flags set once in `_kernel`; compiled code is
+cached on disk, so only the first process on a machine pays for the compilation.
+
+Parallel kernels split rows (or (batch, head) pairs) over threads with `prange`; a reduction over
+rows (a weight or bias gradient) is summed per chunk of rows into `part[chunk]` and the few
+chunks are added by the wrapper, so no two threads write one location and the result does not
+depend on the thread count. No kernel calls BLAS.
+
+Shape letters: N rows, C channels, B batch, H heads, T query length, S key length, hs head size.
+"""
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+# Fast-math without "nnan" and "ninf": LLVM may reassociate sums (so reductions vectorise) and
+# fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+FLOAT_TYPES = ("float32", "float64")
+
+
+def _sigs(template):
+    """The float32 and the float64 signature of a kernel: `template` with F replaced."""
+    return [template.replace("F", f) for f in FLOAT_TYPES]
+
+
+def _kernel(template, parallel=True):
+    """Compile for float32 and float64 now (loaded from the disk cache when possible)."""
+    return numba.njit(_sigs(template), parallel=parallel, cache=True, fastmath=FASTMATH,
+                      error_model="numpy", nogil=True)
+
+
+_inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+
+
+# ------------------------------------------------------------------ vector math
+# libm's expf and tanhf are scalar calls that stop LLVM from vectorising a loop (tanhf costs
+# 14 ns an element here). For float32 the kernels use the polynomial below (Cephes' expf,
+# within 1 ulp, 0.4 ns an element), which vectorises, and build tanh from it; float64 keeps
+# math.exp.
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, i):
+    """Reinterpret the 32 bits of an int32 as a float32 (builds 2**k from its exponent bits)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _exp_f32(x):
+    # exp(x) = 2**k * exp(r) with k = round(x / ln 2), |r| <= ln(2) / 2. Exact 0 below -87.3
+    # (so exp(-inf) = 0); the kernels only ever pass x <= 0.
+    xc = min(max(x, np.float32(-87.3)), np.float32(88.3))
+    k = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    y = p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << 23)
+    return y * np.float32(x >= np.float32(-87.3))  # a select, not a branch: keeps loops vectorised
+
+
+def _exp(x):
+    """exp(x); with NUMBA_DISABLE_JIT this plain function runs, jitted code uses the overload."""
+    return math.exp(x)
+
+
+@overload(_exp, inline="always")
+def _exp_overload(x):
+    return _exp_f32 if x == types.float32 else (lambda x: math.exp(x))
+
+
+# --------------------------------------------------------------------- softmax
+@_kernel("void(F[:, ::1], F[:, ::1])")
+def _softmax_fwd(x, y):
+    N, C = x.shape
+    F = x.dtype.type
+    for n in prange(N):
+        m = x[n, 0]
+        for c in range(1, C):
+            m = max(m, x[n, c])
+        if not math.isfinite(m):  # an all -inf row: every exp below is exactly 0
+            m = F(0.0)
+        s = F(0.0)
+        for c in range(C):
+            e = _exp(x[n, c] - m)
+            y[n, c] = e
+            s += e
+        inv = F(1.0) / s if s > F(0.0) else F(1.0)
+        for c in range(C):
+            y[n, c] *= inv
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[:, ::1])")
+def _softmax_bwd(dy, y, dx):
+    # forward: y = exp(x - max) / sum(exp(x - max))  ->  dx = y * (dy - sum(dy * y))
+    N, C = y.shape
+    F = y.dtype.type
+    for n in prange(N):
+        dot = F(0.0)
+        for c in range(C):
+            dot += dy[n, c] * y[n, c]
+        for c in range(C):
+            dx[n, c] = y[n, c] * (dy[n, c] - dot)
+
+
+# ------------------------------------------------------------------- layernorm
+@_inline
+def _normalize_row(s, w, b, eps, y):
+    """y = (s - mean) * rstd * w + b for one row s (C,) that sits in cache; returns (mean, rstd)."""
+    C = s.shape[0]
+    F = s.dtype.type
+    total = F(0.0)
+    for c in range(C):
+        total += s[c]
+    mean = total / F(C)
+    var = F(0.0)
+    for c in range(C):
+        d = s[c] - mean
+        var += d * d
+    rstd = F(1.0) / math.sqrt(var / F(C) + eps)
+    for c in range(C):
+        y[c] = (s[c] - mean) * rstd * w[c] + b[c]
+    return mean, rstd
+
+
+@_kernel("void(F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[::1], F[::1])")
+def _layernorm_fwd(x, w, b, eps, y, mean, rstd):
+    for n in prange(x.shape[0]):
+        mean[n], rstd[n] = _normalize_row(x[n], w, b, eps, y[n])
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[:, ::1], F[::1], F[::1])")
+def _residual_layernorm_fwd(x, branch, w, b, eps, s, y, mean, rstd):
+    N, C = x.shape
+    for n in prange(N):
+        for c in range(C):
+            s[n, c] = x[n, c] + branch[n, c]
+        mean[n], rstd[n] = _normalize_row(s[n], w, b, eps, y[n])
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F[::1], F[:, ::1], boolean, "
+         "F[:, ::1], F[:, ::1], F[:, ::1])")
+def _layernorm_bwd(dy, x, w, mean, rstd, ds, add_ds, dx, dw_part, db_part):
+    # forward: y = xhat * w + b with xhat = (x - mean) * rstd
+    #   dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) * rstd  (+ ds, the residual)
+    N, C = x.shape
+    P = dw_part.shape[0]
+    F = x.dtype.type
+    for p in prange(P):
+        for c in range(C):
+            dw_part[p, c] = F(0.0)
+            db_part[p, c] = F(0.0)
+        for n in range(p * N // P, (p + 1) * N // P):
+            mu, rs = mean[n], rstd[n]
+            g_mean = F(0.0)
+            gx_mean = F(0.0)
+            for c in range(C):
+                xhat = (x[n, c] - mu) * rs
+                g = dy[n, c] * w[c]
+                dx[n, c] = g  # dxhat, kept so both loops use the same rounded value
+                g_mean += g
+                gx_mean += g * xhat
+                dw_part[p, c] += dy[n, c] * xhat
+                db_part[p, c] += dy[n, c]
+            g_mean /= F(C)
+            gx_mean /= F(C)
+            for c in range(C):
+                xhat = (x[n, c] - mu) * rs
+                d = (dx[n, c] - g_mean - xhat * gx_mean) * rs
+                dx[n, c] = d + ds[n, c] if add_ds else d
+
+
+# ------------------------------------------------------------------- attention
+# One task per (batch, head). Its keys and values are first copied transposed, (hs, S), so that
+# every inner loop runs over keys with unit stride and vectorises: scores are axpys over keys,
+# the exponentials a loop over keys, and p @ v a dot product over keys per output channel.
+# Per-task memory is O(S hs); no (T, S) array exists.
+
+@_inline
+def _load_transposed(x, b, h, xt):
+    """xt (hs, S) = x[b, h].T for a strided x (B, H, S, hs)."""
+    S, hs = x.shape[2], x.shape[3]
+    for j in range(S):
+        for d in range(hs):
+            xt[d, j] = x[b, h, j, d]
+
+
+@_inline
+def _scores(qi, kt, n, sc):
+    """sc[:n] = qi @ kt[:, :n], looping over keys innermost."""
+    F = sc.dtype.type
+    for j in range(n):
+        sc[j] = F(0.0)
+    for d in range(qi.shape[0]):
+        qd = qi[d]
+        for j in range(n):
+            sc[j] += qd * kt[d, j]
+
+
+@_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
+         "F[:, :, :, :], F[:, :, ::1])")
+def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
+    """Per query row: scores against the keys it may see, their max, p = exp(s - max) and
+    out = p @ v / sum(p), lse = max + log(sum(p)). q (B, H, T, hs), k and v (B, H, S, hs), any
+    strides; writes out (B, H, T, hs) and lse (B, H, T).
+
+    This is the flash-attention forward with a single key block per row: one row of S scores is
+    the only (S,)-sized scratch. An online softmax over smaller key blocks (running max and
+    rescaled sums) computed the same values but ran 3.4x slower here: LLVM stopped
+    vectorising the loops inside the block loop.
+    """
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    F = q.dtype.type
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        kt = np.empty((hs, S), q.dtype)
+        vt = np.empty((hs, S), q.dtype)
+        _load_transposed(k, b, h, kt)
+        _load_transposed(v, b, h, vt)
+        qi = np.empty(hs, q.dtype)
+        sc = np.empty(S, q.dtype)  # scores, then p
+        for i in range(T):
+            last = S - T + i + 1 if causal else S  # query i sees keys j < last
+            for d in range(hs):
+                qi[d] = q[b, h, i, d] * scale
+            _scores(qi, kt, last, sc)
+            if has_mask:
+                for j in range(last):
+                    if kpm[b, j]:
+                        sc[j] = F(-np.inf)
+            m = F(-np.inf)
+            for j in range(last):
+                m = max(m, sc[j])
+            if m == F(-np.inf):  # no key to attend to
+                for d in range(hs):
+                    out[b, h, i, d] = F(0.0)
+                lse[b, h, i] = F(-np.inf)
+                continue
+            total = F(0.0)
+            for j in range(last):
+                p = _exp(sc[j] - m)
+                sc[j] = p
+                total += p
+            inv = F(1.0) / total
+            for d in range(hs):
+                pv = F(0.0)
+                for j in range(last):
+                    pv += sc[j] * vt[d, j]
+                out[b, h, i, d] = pv * inv
+            lse[b, h, i] = m + math.log(total)
+
+
+@_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], "
+         "F[:, :, ::1], boolean[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])")
+def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
+    """Gradients of one (batch, head) per task, a query row at a time, from probabilities
+    recomputed as p = exp(s - lse); dk and dv accumulate (transposed) in buffers the task owns."""
+    # forward: p = softmax(q k^T * scale + mask); out = p v
+    #   dv = p^T dout;  dp = dout v^T;  ds = p * (dp - D) * scale with D = rowsum(dout * out)
+    #   dq = ds k;  dk = ds^T q
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    F = q.dtype.type
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        kt = np.empty((hs, S), q.dtype)
+        vt = np.empty((hs, S), q.dtype)
+        _load_transposed(k, b, h, kt)
+        _load_transposed(v, b, h, vt)
+        dkt = np.zeros((hs, S), q.dtype)
+        dvt = np.zeros((hs, S), q.dtype)
+        qi = np.empty(hs, q.dtype)
+        gi = np.empty(hs, q.dtype)
+        sc = np.empty(S, q.dtype)  # scores, then p
+        dp = np.empty(S, q.dtype)  # dout_i . v_j, then ds
+        for i in range(T):
+            L = lse[b, h, i]
+            if L == F(-np.inf):  # the query attended to nothing: its output was a constant 0
+                for d in range(hs):
+                    dq[b, h, i, d] = F(0.0)
+                continue
+            last = S - T + i + 1 if causal else S
+            D = F(0.0)
+            for d in range(hs):
+                qi[d] = q[b, h, i, d] * scale
+                gi[d] = dout[b, h, i, d]
+                D += gi[d] * out[b, h, i, d]
+            _scores(qi, kt, last, sc)
+            _scores(gi, vt, last, dp)
+            if has_mask:
+                for j in range(last):
+                    if kpm[b, j]:
+                        sc[j] = F(-np.inf)  # p = 0 below, and so ds = 0
+            for j in range(last):
+                p = _exp(sc[j] - L)
+                sc[j] = p
+                dp[j] = p * (dp[j] - D) * scale
+            for d in range(hs):
+                qd, gd = q[b, h, i, d], gi[d]
+                dqd = F(0.0)
+                for j in range(last):
+                    dvt[d, j] += sc[j] * gd
+                    dkt[d, j] += dp[j] * qd
+                    dqd += dp[j] * kt[d, j]
+                dq[b, h, i, d] = dqd
+        for j in range(S):
+            for d in range(hs):
+                dk[b, h, j, d] = dkt[d, j]
+                dv[b, h, j, d] = dvt[d, j]
+
+
+# --------------------------------------------------------------- cross-entropy
+@_kernel("void(F[:, ::1], int64[::1], int64, F, F[:, ::1], float64[::1])")
+def _cross_entropy_fwd(x, t, ignore_index, inv_n, dx, nll):
+    """Per row: nll = logsumexp(x) - x[t] and, in the same pass, the gradient of the mean loss
+    dx = (softmax(x) - onehot(t)) / n; ignored rows give nll 0 and a zero gradient row."""
+    N, V = x.shape
+    F = x.dtype.type
+    for n in prange(N):
+        tn = t[n]
+        if tn == ignore_index:
+            nll[n] = 0.0
+            for c in range(V):
+                dx[n, c] = F(0.0)
+            continue
+        m = x[n, 0]
+        for c in range(1, V):
+            m = max(m, x[n, c])
+        total = F(0.0)
+        for c in range(V):
+            e = _exp(x[n, c] - m)
+            dx[n, c] = e
+            total += e
+        nll[n] = m + math.log(total) - x[n, tn]
+        g = inv_n / total
+        for c in range(V):
+            dx[n, c] *= g
+        dx[n, tn] -= inv_n
+
+
+# ------------------------------------------------------------------------ GELU
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@_inline
+def _half_one_plus_tanh(z):
+    """(1 + tanh z) / 2 = sigmoid(2 z), from e = exp(-2|z|) <= 1: no cancellation when
+    tanh z is near -1 (where 1 + tanh z in float32 loses every digit), no overflow."""
+    F = type(z)
+    e = _exp(F(-2.0) * abs(z))
+    r = F(1.0) / (F(1.0) + e)
+    pos = F(z >= F(0.0))  # a select, so the loop still vectorises
+    return r * (pos + (F(1.0) - pos) * e)
+
+
+@_inline
+def _gelu(u, exact):
+    F = type(u)
+    if exact:  # 0.5 u (1 + erf(u / sqrt 2))
+        return F(0.5) * u * (F(1.0) + math.erf(u * F(_INV_SQRT_2)))
+    # 0.5 u (1 + tanh(a (u + 0.044715 u^3)))
+    return u * _half_one_plus_tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
+
+
+@_inline
+def _gelu_grad(u, exact):
+    F = type(u)
+    if exact:  # forward: y = 0.5 u (1 + erf(u / sqrt 2))
+        cdf = F(0.5) * (F(1.0) + math.erf(u * F(_INV_SQRT_2)))
+        return cdf + u * math.exp(F(-0.5) * u * u) * F(_INV_SQRT_2PI)
+    # forward: y = u s with s = (1 + tanh z) / 2, z = a (u + 0.044715 u^3)
+    #   dy/du = s + u ds/dz dz/du,  ds/dz = (1 - tanh^2 z) / 2 = 2 s (1 - s)
+    s = _half_one_plus_tanh(F(_SQRT_2_OVER_PI) * (u + F(0.044715) * u * u * u))
+    dz = F(_SQRT_2_OVER_PI) * (F(1.0) + F(3.0 * 0.044715) * u * u)
+    return s + u * F(2.0) * s * (F(1.0) - s) * dz
+
+
+@_kernel("void(F[:, ::1], F[::1], boolean, F[:, ::1])")
+def _gelu_fwd(x, bias, exact, y):
+    N, C = x.shape
+    for n in prange(N):
+        for c in range(C):
+            y[n, c] = _gelu(x[n, c] + bias[c], exact)
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[::1], boolean, F[:, ::1], F[:, ::1])")
+def _gelu_bwd(dy, x, bias, exact, dx, db_part):
+    # forward: y = gelu(u) with u = x + bias  ->  dx = dy * gelu'(u), dbias = sum over rows of dx
+    N, C = x.shape
+    P = db_part.shape[0]
+    F = x.dtype.type
+    for p in prange(P):
+        for c in range(C):
+            db_part[p, c] = F(0.0)
+        for n in range(p * N // P, (p + 1) * N // P):
+            for c in range(C):
+                g = dy[n, c] * _gelu_grad(x[n, c] + bias[c], exact)
+                dx[n, c] = g
+                db_part[p, c] += g
+
+
+# ------------------------------------------------------------------- embedding
+@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])")
+def _embedding_fwd(w, ids, out):
+    N, C = out.shape
+    for n in prange(N):
+        row = ids[n]
+        for c in range(C):
+            out[n, c] = w[row, c]
+
+
+COLUMN_BLOCK = 16  # columns per task in the scatter-add: one 64-byte cache line of float32
+
+
+@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])")
+def _embedding_bwd(dout, ids, dw):
+    # forward: out[n] = w[ids[n]]  ->  dw[ids[n]] += dout[n]. Each task owns a block of columns
+    # and walks every row in order, so repeated ids never race and the sum order is fixed.
+    N, C = dout.shape
+    for blk in prange((C + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+        c0 = blk * COLUMN_BLOCK
+        c1 = min(C, c0 + COLUMN_BLOCK)
+        for n in range(N):
+            row = ids[n]
+            for c in range(c0, c1):
+                dw[row, c] += dout[n, c]
+
+
+# ----------------------------------------------------------------------- AdamW
+@_kernel("void(F[::1], F[::1], F[::1], F[::1], F, F, F, F, F, F, F, F)")
+def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2):
+    # p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2
+    # p -= lr / bc1 * m / (sqrt(v / bc2) + eps)
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = beta1 * m[i] + one_minus_beta1 * gi
+        vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi / bc2) + eps)

@@ -1,0 +1,98 @@
+"""The one place that decides how many threads fastformer's kernels and BLAS use.
+
+Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at the same time
+(no BLAS call sits inside a `prange`), so each may use every core without the two competing:
+both get `num_threads()` threads, which is the number of cores this process may run on, or
+FASTFORMER_NUM_THREADS when set. The Numba threading layer is "workqueue" unless
+NUMBA_THREADING_LAYER says otherwise: the OpenMP layer's worker threads keep spinning after a
+parallel loop and steal the cores from the GEMM that follows it.
+
+It also sets the one allocator policy a step needs (`keep_freed_memory`): glibc gives every
+large freed block back to the OS, so each training step's fresh activations and gradients
+page-fault again (a third of a `small` step here); told to keep them, it reuses the memory.
+"""
+
+import os
+
+ENV_VAR = "FASTFORMER_NUM_THREADS"
+_configured = None  # the thread count applied by configure_threads, once it ran
+
+
+def available_cores():
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def num_threads():
+    """Threads for Numba and BLAS: FASTFORMER_NUM_THREADS, else the cores we may run on."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{ENV_VAR} must be a positive integer, got {value!r}")
+        return int(value)
+    return available_cores()
+
+
+def keep_freed_memory():
+    """Make glibc serve large arrays from its heap and keep freed memory for reuse instead of
+    unmapping it (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB). Linux/glibc only; skipped when
+    FASTFORMER_KEEP_MEMORY=0. Returns True when applied."""
+    if os.environ.get("FASTFORMER_KEEP_MEMORY", "1").strip() == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def configure_threads(n=None):
+    """Apply `n` threads (default `num_threads()`) to Numba and to BLAS, and the allocator
+    policy; returns n.
+
+    Called by the Numba backend when it is created; call it again to change the count.
+    """
+    global _configured
+    n = num_threads() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"the thread count must be a positive integer, got {n}")
+    import numba
+    import threadpoolctl
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"  # takes effect at the first parallel launch
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    threadpoolctl.threadpool_limits(n, user_api="blas")
+    keep_freed_memory()
+    _configured = n
+    return n
+
+
+def thread_info():
+    """{name: value} describing the threads and libraries in use, for `fastformer info`."""
+    info = {"cores_available": available_cores(), ENV_VAR: os.environ.get(ENV_VAR),
+            "threads_configured": _configured}
+    try:
+        import numba
+
+        info["numba_version"] = numba.__version__
+        info["numba_threads"] = numba.get_num_threads()
+        try:
+            info["numba_threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet, so no layer is loaded
+            info["numba_threading_layer"] = f"{numba.config.THREADING_LAYER} (not loaded yet)"
+    except ImportError:
+        info["numba_version"] = None
+    import threadpoolctl
+
+    blas = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+    info["blas"] = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')} kernels), "
+                    f"{d.get('num_threads')} threads" for d in blas]
+    info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
+    return info
