@@ -75,9 +75,33 @@ def cmd_train(args):
 
 
 # -------------------------------------------------------------------------- generate
+def stream_text(tokenizer, id_steps, out, stop=()):
+    """Write the text of ids arriving one step at a time to `out` as it forms; returns the whole
+    text. Stops at the first stop string (not written). Characters that may still change -- an
+    incomplete UTF-8 sequence, or the start of a stop string -- are held back until settled."""
+    hold = max((len(s) for s in stop), default=1) - 1
+    ids, written, text = [], 0, ""
+    for nxt in id_steps:
+        ids.append(int(nxt))
+        text = tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        settled = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+        if settled > written:
+            out.write(text[written:settled])
+            out.flush()
+            written = settled
+    out.write(text[written:])
+    out.flush()
+    return text
+
+
 def cmd_generate(args):
     from . import set_backend
     from .checkpoint import load_model
+    from .generate import generate_tokens
 
     if args.backend:
         set_backend(args.backend)
@@ -85,9 +109,12 @@ def cmd_generate(args):
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
         raise ValueError("--prompt is empty: give at least one character to continue")
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
-    sys.stdout.write(tokenizer.decode(out) + "\n")
+    steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
+                            repetition_penalty=args.repetition_penalty)
+    sys.stdout.write(args.prompt)
+    stream_text(tokenizer, (nxt[0] for nxt in steps), sys.stdout, stop=args.stop or ())
+    sys.stdout.write("\n")
     return 0
 
 
@@ -155,6 +182,8 @@ def build_parser():
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
     p.add_argument("--seed", type=int, help="seed of the sampling generator")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable); <eos> always stops")
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.set_defaults(func=cmd_generate)
 
