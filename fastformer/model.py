@@ -18,7 +18,7 @@ import numpy as np
 
 from .kernels import get_ops
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
-from .params import FlatParams
+from .params import FlatModel, FlatParams
 
 
 def check_config_dict(cls, d, what):
@@ -87,7 +87,7 @@ class KVCache:
         self.length = 0
 
 
-class TransformerLM:
+class TransformerLM(FlatModel):
     """GPT-2-architecture language model on NumPy arrays.
 
     Args:
@@ -147,17 +147,6 @@ class TransformerLM:
             else:
                 std = proj_std if name.endswith("c_proj.weight") else 0.02
                 p[...] = rng.normal(0.0, std, size=p.shape)
-
-    def state_dict(self):
-        """{name: array} with Hugging Face GPT-2 names and shapes (views of the live weights)."""
-        return dict(self.params)
-
-    def load_state_dict(self, state):
-        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
-        self.flat.load(state)
-
-    def num_parameters(self):
-        return self.flat.size
 
     @property
     def head_name(self):
