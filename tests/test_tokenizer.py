@@ -50,7 +50,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer at"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "bpe9"}')
-    with pytest.raises(ValueError, match=r"kind 'bpe9'; known kinds are \['byte'\]"):
+    with pytest.raises(ValueError, match=r"kind 'bpe9'; known kinds are \['bpe', 'byte', 'char'\]"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "by')
     with pytest.raises(ValueError, match="corrupt or truncated"):
