@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--out", default=os.path.join("runs", "tinystories"))
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--max-steps", type=int, default=800)
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds of training before it is stopped")
     ap.add_argument("--new-tokens", type=int, default=120)
     args = ap.parse_args()
