@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--out", default=os.path.join("runs", "tinystories"))
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--max-steps", type=int, default=800)
+    ap.add_argument("--max-steps", type=int, default=600)
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds of training before it is stopped")
     ap.add_argument("--new-tokens", type=int, default=120)
     args = ap.parse_args()
@@ -86,7 +86,8 @@ def main():
 
     start = time.perf_counter()
     status, _ = fastformer("train", "--preset", "small", "--data", data, "--out", run, "--backend", args.backend,
-                           "--max-steps", args.max_steps, timeout=args.time_limit)
+                           "--max-steps", args.max_steps, "--set", "train.checkpoint_interval=100",
+                           timeout=args.time_limit)
     train_seconds = time.perf_counter() - start
     if status is None:
         print(f"training stopped by the {args.time_limit:.0f} s limit; evaluating the newest checkpoint")
