@@ -6,8 +6,10 @@ Three kinds, one small interface -- `encode(text, bos=False, eos=False)`, `decod
     byte   every UTF-8 byte is its own id (0..255), then 256 <pad>, 257 <bos>, 258 <eos>; any
            text round-trips and nothing is learnt.
     char   one id per character seen in a corpus: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then the
-           characters in code-point order. A character outside the vocabulary encodes as <unk>
-           (and decodes as U+FFFD), so text unseen in training still encodes.
+           characters (in code-point order when learnt from text). A character outside the
+           vocabulary encodes as <unk> (and decodes as U+FFFD), so unseen text still encodes.
+           Its file ({"kind": "char", "specials": [...], "vocab": [...]}) is the one the
+           seq2seq character tokenizer (fastformer.word_tokenizer) writes, so each reads the other's.
     bpe    byte-level BPE trained with Hugging Face `tokenizers` (fastformer.bpe).
 
 `save(dir)` writes `dir/tokenizer.json`. The byte and char files carry a "kind" field; a BPE
@@ -78,9 +80,10 @@ class CharTokenizer:
     special_tokens = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
 
     def __init__(self, chars):
-        chars = sorted(set(chars))
-        if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
-            raise ValueError(f"a char tokenizer needs a non-empty list of single characters, got {chars[:5]!r}")
+        chars = list(chars)
+        if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) < len(chars):
+            raise ValueError(f"a char tokenizer needs a non-empty list of distinct single characters, "
+                             f"got {chars[:5]!r}...")
         self.chars = chars
         self.vocab_size = len(self.special_tokens) + len(chars)
         self._id = {c: i + len(self.special_tokens) for i, c in enumerate(chars)}
@@ -93,7 +96,7 @@ class CharTokenizer:
     @classmethod
     def from_text(cls, text):
         """The tokenizer whose vocabulary is every character of `text`."""
-        return cls(set(text))
+        return cls(sorted(set(text)))
 
     @classmethod
     def train(cls, files, chunk_chars=1 << 20):
@@ -110,7 +113,7 @@ class CharTokenizer:
                 raise ValueError(f"text file {path} is not UTF-8 ({e})") from None
         if not chars:
             raise ValueError(f"the files {list(files)} hold no text to take characters from")
-        return cls(chars)
+        return cls(sorted(chars))
 
     def encode(self, text, bos=False, eos=False):
         """ids (int64, 1-D) of the characters of `text` (<unk> for unseen ones), optionally framed
@@ -140,8 +143,8 @@ class CharTokenizer:
         return np.array([0, 0, 0, 1] + [len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
 
     def to_dict(self):
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
-                "chars": "".join(self.chars)}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "specials": list(self.special_tokens),
+                "lowercase": False, "vocab": self.chars}
 
     def save(self, directory):
         """Write `directory/tokenizer.json` (atomically: temp file then rename)."""
@@ -149,11 +152,15 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        chars = d.get("chars")
-        if not isinstance(chars, str) or not chars:
-            raise ValueError("char tokenizer file has no \"chars\" string: it is corrupt")
-        tok = cls(list(chars))
-        if d.get("vocab_size") != tok.vocab_size:
+        chars = d.get("vocab")
+        if d.get("specials") != list(cls.special_tokens) or not isinstance(chars, list) or not chars:
+            raise ValueError(f"a char tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
+                             f"non-empty \"vocab\" list")
+        if d.get("lowercase"):
+            raise ValueError("this char tokenizer lower-cases its input (a seq2seq one): the LM char tokenizer "
+                             "does not, load it with fastformer.word_tokenizer")
+        tok = cls(chars)
+        if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise ValueError(f"char tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
                              f"characters make {tok.vocab_size}")
         return tok

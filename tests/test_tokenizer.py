@@ -99,6 +99,16 @@ def test_char_save_and_load_by_kind(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+def test_char_reads_the_seq2seq_char_format(tmp_path):
+    # the file fastformer.word_tokenizer.CharTokenizer writes: specials, then the alphabet in its order
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"kind": "char", "lowercase": False, "specials": ["<pad>", "<bos>", "<eos>", "<unk>"], "vocab": ["z", "a"]}))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("az?").tolist() == [5, 4, 3] and tok.vocab_size == 6
+    tok.save(str(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "tokenizer.json").read_text())["vocab"] == ["z", "a"]
+
+
 def test_make_tokenizer(tmp_path):
     assert isinstance(make_tokenizer("byte"), ByteTokenizer)
     assert make_tokenizer("char", "aab").chars == ["a", "b"]
