@@ -125,3 +125,18 @@ def test_unknown_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('[1, 2]')
     with pytest.raises(ValueError, match="holds a list, not a JSON object"):
         load_tokenizer(str(tmp_path))
+
+
+def test_cli_tokenizer_train(tmp_path, capsys):
+    from fastformer.cli import main
+
+    (tmp_path / "a.txt").write_text("abc cab\n", encoding="utf-8")
+    assert main(["tokenizer", "train", "--kind", "char", "--data", str(tmp_path / "a.txt"), "--out",
+                 str(tmp_path / "char")]) == 0
+    assert "char tokenizer with 9 ids" in capsys.readouterr().out  # 4 specials + newline, space, a, b, c
+    assert load_tokenizer(str(tmp_path / "char")).chars == ["\n", " ", "a", "b", "c"]
+    assert main(["tokenizer", "train", "--kind", "char", "--vocab-size", "10", "--data", str(tmp_path / "a.txt"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--vocab-size does not apply to --kind char" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "needs --vocab-size N" in capsys.readouterr().err
