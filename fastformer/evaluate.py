@@ -13,8 +13,6 @@ works on memory-mapped token files.
 
 import math
 
-import numpy as np
-
 from .data import eval_batches
 from .kernels import get_ops
 

@@ -148,7 +148,7 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
     writers = {s: _SplitWriter(out_dir, s, dtype) for s in SPLITS}
     jobs = [(f, "train") for f in files] + [(f, "val") for f in val_files]
     total = sum(os.path.getsize(f) for f, _ in jobs)
-    val_start = None if val_files else total - int(round(total * val_fraction))  # byte mark of the val split
+    val_start = None if val_files else total - round(total * val_fraction)  # byte mark of the val split
     sources, done = [], 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()))
@@ -159,7 +159,7 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
                 sizes = [len(p.encode("utf-8")) for p in pieces]
                 if val_start is not None and split == "train" and done + sum(sizes) > val_start:
                     # this block holds the mark: the pieces from the one that crosses it go to val
-                    k = int(np.searchsorted(np.cumsum(sizes) + done, val_start, side="right"))
+                    k = np.searchsorted(np.cumsum(sizes) + done, val_start, side="right").item()
                     if k:
                         writers["train"].write(_encode(tokenizer, pieces[:k]), sum(sizes[:k]))
                     done += sum(sizes[:k])

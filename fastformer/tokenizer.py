@@ -107,7 +107,7 @@ class CharTokenizer:
                 raise ValueError(f"no such text file to train the tokenizer on: {path}")
             try:
                 with open(path, encoding="utf-8") as f:
-                    for chunk in iter(lambda: f.read(chunk_chars), ""):
+                    while chunk := f.read(chunk_chars):
                         chars.update(chunk)
             except UnicodeDecodeError as e:
                 raise ValueError(f"text file {path} is not UTF-8 ({e})") from None

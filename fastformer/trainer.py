@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import match_tokenizer, save_config
-from .data import eval_batches, get_batch, load_training_data
+from .data import get_batch, load_training_data
 from .evaluate import evaluate_lm
 from .model import TransformerLM
 from .optim import clip_grad_norm, learning_rate, make_optimizer

@@ -108,7 +108,7 @@ def test_export_hf_loads_in_transformers(runs, tmp_path, kind, capsys):
     model, tokenizer, _ = load_model(runs[kind])
     _hf_check(out, model, tokenizer, "Once upon a time, ünïcödé ✓\n\nthe END.")
     # fastformer reads the exported directory back, tokenizer included
-    model2, tokenizer2, _ = load_model(out)
+    _, tokenizer2, _ = load_model(out)
     np.testing.assert_array_equal(tokenizer2.encode("a cat ✓"), tokenizer.encode("a cat ✓"))
     assert main(["generate", "--checkpoint", out, "--prompt", "Once", "--temperature", "0",
                  "--max-new-tokens", "5"]) == 0

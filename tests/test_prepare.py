@@ -13,7 +13,7 @@ from fastformer.tokenizer import ByteTokenizer, CharTokenizer
 from fastformer.trainer import Trainer
 
 pytest.importorskip("tokenizers")
-from fastformer.bpe import BPETokenizer  # noqa: E402
+from fastformer.bpe import BPETokenizer
 
 # lines with trailing spaces, indented lines, blank lines, CRLF and non-ASCII: the places where
 # cutting the text could change how the pre-tokenizer splits it
