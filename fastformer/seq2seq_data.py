@@ -19,7 +19,7 @@ import string
 
 import numpy as np
 
-from .word_tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer
 
 IGNORE_INDEX = -100
 ALPHABETS = {"lower": string.ascii_lowercase, "upper": string.ascii_uppercase,
