@@ -117,7 +117,7 @@ def test_cli_train_translate_eval(tmp_path, capsys):
 
 def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
     lines = ["I am here.\tJe suis là.", "", "no tab on this line", "You are here.\tTu es là.",
-             "one two three four five six seven eight nine ten\tun", "We run.\tNous courons.", "\t",
+             "one two three four five six seven eight nine ten\tun", "We run.\tNous courons.", "Hello.\t",
              "He is here.\tIl est là."]
     data = tmp_path / "pairs.txt"
     data.write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
