@@ -41,7 +41,9 @@ class DataConfig:
     max_len: int = 16  # copy/reverse/sort: longest string
     alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: see seq2seq_data.parse_alphabet
     lowercase: bool = False  # pairs: lower-case both sides
-    max_pairs: typing.Optional[int] = None  # pairs: use only the first N pairs of the file
+    unique_sources: bool = False  # pairs: keep only the first pair of each source sentence (a source
+    #                               with several translations cannot be reproduced exactly)
+    max_pairs: typing.Optional[int] = None  # pairs: use only the first N pairs of the file (after the above)
     min_freq: int = 1  # pairs, word tokenizer: keep words seen at least this often in training
 
     def __post_init__(self):

@@ -95,6 +95,11 @@ class Seq2SeqTask:
         if d.task == "pairs":
             pairs, read_skips = read_pairs(d.path, lowercase=d.lowercase)
             self.skipped = {k: v for k, v in read_skips.items() if v}
+            if d.unique_sources:
+                first = {}  # source -> its first target, in file order
+                for src, tgt in pairs:
+                    first.setdefault(src, tgt)
+                pairs = list(first.items())
             pairs = pairs[:d.max_pairs]
             if not pairs:
                 raise ValueError(f"pairs file {d.path} holds no source<TAB>target pair (skipped: {read_skips})")

@@ -198,3 +198,15 @@ def test_every_tokenizer_kind_loads_through_one_registry(tmp_path):
         ids = again.encode("the cat")
         assert ids.dtype == np.int64 and again.decode(ids).replace(" ", "") == "thecat"
         assert again.byte_lengths().shape == (again.vocab_size,)
+
+
+def test_unique_sources_keeps_the_first_translation_and_max_pairs_counts_after(tmp_path):
+    from fastformer.tasks import Seq2SeqTask
+
+    data = tmp_path / "p.txt"
+    data.write_text("Run!\tCours !\nRun!\tCourez !\nWho?\tQui ?\nWow!\tÇa alors !\nFire!\tAu feu !\n", encoding="utf-8")
+    config = apply_overrides(RunConfig(), ["data.task=pairs", f"data.path={data}", "data.val_fraction=0",
+                                           "data.unique_sources=true", "data.max_pairs=3"])
+    task = Seq2SeqTask(config)
+    assert task.val_pairs == [("Run!", "Cours !"), ("Who?", "Qui ?"), ("Wow!", "Ça alors !")]  # val = train
+    assert task.n_train == 3
