@@ -148,7 +148,8 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.task=translate"], r"data\.task 'translate' is not known: valid values are text, copy, reverse, sort, pairs"),
+    (["data.task=translate"],
+     r"data\.task 'translate' is not known: valid values are text, copy, reverse, sort, pairs"),
     (["data.task=pairs"], r"data\.task=pairs needs data\.path"),
     (["data.task=reverse", "data.min_len=5", "data.max_len=3"], r"need 1 <= min_len <= max_len, got 5 and 3"),
     (["data.task=reverse", "data.max_len=80"], r"data\.max_len=80 needs seq2seq\.max_src_len >= 80"),
@@ -168,7 +169,8 @@ def test_config_validation_of_the_seq2seq_keys(overrides, message):
 
 
 def test_seq2seq_configs_round_trip_and_cli_refuses_presets(tmp_path, capsys):
-    c = apply_overrides(RunConfig(), ["data.task=pairs", "data.path=p.txt", "data.val_fraction=0", "seq2seq.d_model=32"])
+    c = apply_overrides(RunConfig(), ["data.task=pairs", "data.path=p.txt", "data.val_fraction=0",
+                                      "seq2seq.d_model=32"])
     assert c.kind == "seq2seq" and c.model_config().d_model == 32
     assert list(c.to_dict()) == ["seq2seq", "data", "train"]  # only the model section in use
     assert list(RunConfig().to_dict()) == ["model", "data", "train"]
