@@ -155,13 +155,12 @@ def cmd_translate(args):
     if args.backend:
         set_backend(args.backend)
     model, ckpt = load_seq2seq(args.checkpoint)
+    texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
     try:
-        outputs = translate(model, args.text, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
+        outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
                             length_penalty=args.length_penalty, truncate=args.truncate)
     except ValueError as e:
-        if "max_src_len" in str(e):
-            raise ValueError(f"--text {str(e).replace('source', 'text', 1)}") from None
-        raise
+        raise ValueError(f"--text: {e}") from None
     for out in outputs:
         print(out)
     return 0

@@ -137,7 +137,9 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
     assert isinstance(src, WordTokenizer) and isinstance(tgt, WordTokenizer) and "là" in tgt.words
 
     assert main(["translate", "--checkpoint", run, "--text", "I am zebra."]) == 0  # unknown word -> <unk>
-    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["translate", "--checkpoint", run, "--text", "i am zebra."]) == 0  # the run lower-cased its data
+    upper, lower = capsys.readouterr().out.splitlines()
+    assert upper == lower
     assert main(["eval", "--checkpoint", run, "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "12 examples from" in out and "skipped 3 too long, 3 empty line, 3 no tab, 3 empty side" in out
