@@ -23,7 +23,7 @@ TOL32 = {  # (rtol, atol) per kernel for float32
     "attention": dict(rtol=1e-4, atol=2e-5),
     "cross_entropy": dict(rtol=1e-5, atol=1e-7),
     "gelu": dict(rtol=1e-5, atol=1e-5),  # float32 gelu' differs by a few ulp (another tanh formula), summed in dbias
-    "relu": dict(rtol=1e-5, atol=1e-5),  # dbias: float32 sums in another order
+    "relu": dict(rtol=1e-5, atol=1e-4),  # dbias: up to 300 float32 rows summed in another order
     "embedding": dict(rtol=1e-6, atol=1e-7),
     "adamw": dict(rtol=1e-5, atol=1e-7),
 }
