@@ -9,9 +9,9 @@ What is learnt comes from the run's task (fastformer.tasks): a language model on
 asks the task for batches, evaluations and its data position.
 
 Everything random comes from explicit generators saved with each checkpoint -- the weight
-initialisation and dropout (`model.rng`) and the data order (the task's generator) -- so a run stopped and
-resumed produces bit-for-bit the losses and weights of the same run uninterrupted. Gradients
-live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
+initialisation and dropout (`model.rng`) and the data order (the task's generator) -- so a run
+stopped and resumed produces bit-for-bit the losses and weights of the same run uninterrupted.
+Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
 and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
 multi-process run would guard to rank 0.
 """
