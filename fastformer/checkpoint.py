@@ -6,10 +6,12 @@ checkpoint, newest last:
     RUN/ckpt-000500/
         model.safetensors      weights, Hugging Face GPT-2 names
         optimizer.safetensors  optimizer state as flat arrays (the layout of the flat buffer)
-        config.yaml            the resolved RunConfig
-        tokenizer.json         the tokenizer (see fastformer.tokenizer)
-        state.json             step, the bit-generator state of every RNG, the data fingerprint,
-                               and the SHA-256 of each file above
+        config.yaml            the resolved RunConfig (its data.task tells the model kind)
+        tokenizer.json         a language model's tokenizer (see fastformer.tokenizer), or
+        src_tokenizer/tokenizer.json, tgt_tokenizer/tokenizer.json   an encoder-decoder's two
+        state.json             step, model kind, the bit-generator state of every RNG (the data's:
+                               its task's position), the data fingerprint, and the SHA-256 of
+                               each file above
 
 A checkpoint is written into `ckpt-000500.tmp/` (every file fsynced) and then renamed into place,
 so a run killed at any moment leaves the previous checkpoint whole; `state.json` is written last
@@ -29,11 +31,14 @@ from safetensors.numpy import load_file, save_file
 
 from .config import load_config, save_config
 from .model import TransformerLM
-from .tokenizer import load_tokenizer
+from .seq2seq import Seq2SeqTransformer
+from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+# the tokenizers of each model kind: name -> directory inside the checkpoint
+TOKENIZER_DIRS = {"lm": {"tokenizer": "."}, "seq2seq": {"src": "src_tokenizer", "tgt": "tgt_tokenizer"}}
 
 
 def _fsync_file(path):
@@ -95,11 +100,12 @@ def resolve_checkpoint(path):
     return latest_checkpoint(path)
 
 
-def save_checkpoint(run_dir, step, model, optimizer, config, tokenizer, rng_states, extra=None,
+def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_states, extra=None,
                     keep=2):
     """Write RUN/ckpt-<step> atomically and delete all but the newest `keep` checkpoints.
 
     Args:
+        tokenizers: {name: tokenizer} with the names of TOKENIZER_DIRS[config.kind].
         rng_states: {name: bit_generator.state dict} of every generator the run uses.
         extra: more JSON-able fields for state.json (e.g. the data fingerprint).
     Returns the checkpoint directory.
@@ -113,13 +119,16 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizer, rng_stat
     save_file({n: np.ascontiguousarray(a) for n, a in optimizer.state_dict().items()},
               os.path.join(tmp, "optimizer.safetensors"), metadata={"optimizer": type(optimizer).__name__})
     save_config(config, os.path.join(tmp, "config.yaml"))
-    tokenizer.save(tmp)
+    names = ["model.safetensors", "optimizer.safetensors", "config.yaml"]
+    for name, sub in TOKENIZER_DIRS[config.kind].items():
+        tokenizers[name].save(os.path.join(tmp, sub))
+        names.append(os.path.normpath(os.path.join(sub, TOKENIZER_FILE)))
     files = {}
-    for name in ("model.safetensors", "optimizer.safetensors", "config.yaml", "tokenizer.json"):
+    for name in names:
         _fsync_file(os.path.join(tmp, name))
         files[name] = _sha256(os.path.join(tmp, name))
-    state = {"format_version": FORMAT_VERSION, "step": step, "rng": rng_states, "files": files,
-             **(extra or {})}
+    state = {"format_version": FORMAT_VERSION, "step": step, "model_kind": config.kind, "rng": rng_states,
+             "files": files, **(extra or {})}
     write_json_atomic(state, os.path.join(tmp, STATE_FILE))
     _fsync_dir(tmp)
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
@@ -132,16 +141,30 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizer, rng_stat
 
 
 class Checkpoint:
-    """A loaded checkpoint: `config` (RunConfig), `tokenizer`, `weights` and `optimizer_state`
-    ({name: array}), `state` (the state.json dict) and `path`."""
+    """A loaded checkpoint: `config` (RunConfig), `tokenizers` ({name: tokenizer}, see
+    TOKENIZER_DIRS), `weights` and `optimizer_state` ({name: array}), `state` (the state.json
+    dict) and `path`."""
 
-    def __init__(self, path, config, tokenizer, weights, optimizer_state, state):
-        self.path, self.config, self.tokenizer = path, config, tokenizer
+    def __init__(self, path, config, tokenizers, weights, optimizer_state, state):
+        self.path, self.config, self.tokenizers = path, config, tokenizers
         self.weights, self.optimizer_state, self.state = weights, optimizer_state, state
 
     @property
     def step(self):
         return self.state["step"]
+
+    @property
+    def tokenizer(self):
+        """A language model's tokenizer."""
+        return self.tokenizers["tokenizer"]
+
+    def new_model(self):
+        """The checkpoint's model (TransformerLM or Seq2SeqTransformer) with its weights."""
+        c = self.config
+        model = (TransformerLM(c.model, seed=c.train.seed) if c.kind == "lm"
+                 else Seq2SeqTransformer(c.seq2seq, seed=c.train.seed))
+        model.load_state_dict(self.weights)
+        return model
 
 
 def load_checkpoint(path):
@@ -174,8 +197,11 @@ def load_checkpoint(path):
     except (SafetensorError, OSError) as e:
         raise ValueError(f"checkpoint {path!r} holds an unreadable safetensors file: {e}") from None
     config = load_config(os.path.join(path, "config.yaml"))
-    tokenizer = load_tokenizer(path)
-    return Checkpoint(path, config, tokenizer, weights, optimizer_state, state)
+    if state.get("model_kind", "lm") != config.kind:
+        raise ValueError(f"checkpoint {path!r} is corrupt: state.json says model kind {state.get('model_kind')!r} "
+                         f"but its config trains a {config.kind} (data.task={config.data.task})")
+    tokenizers = {name: load_tokenizer(os.path.join(path, sub)) for name, sub in TOKENIZER_DIRS[config.kind].items()}
+    return Checkpoint(path, config, tokenizers, weights, optimizer_state, state)
 
 
 def load_model(path):
@@ -194,7 +220,8 @@ def load_model(path):
         seq_len = min(TrainConfig.seq_len, model.config.max_seq_len)
         return model, tokenizer, RunConfig(model=model.config, train=TrainConfig(seq_len=seq_len))
     ckpt = load_checkpoint(path)
-    model = TransformerLM(ckpt.config.model, seed=ckpt.config.train.seed)
-    model.load_state_dict(ckpt.weights)
-    return model, ckpt.tokenizer, ckpt.config
+    if ckpt.config.kind != "lm":
+        raise ValueError(f"{ckpt.path} holds an encoder-decoder (data.task={ckpt.config.data.task}), not a "
+                         f"language model: use fastformer translate or eval with it")
+    return ckpt.new_model(), ckpt.tokenizer, ckpt.config
 

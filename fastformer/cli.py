@@ -1,4 +1,5 @@
-"""The `fastformer` command line: train, generate, eval, tokenizer, prepare, export, info, plot.
+"""The `fastformer` command line: train, generate, translate, eval, tokenizer, prepare, export,
+info, plot.
 
     fastformer train --preset tiny --out runs/tiny          # embedded default corpus
     fastformer generate --checkpoint runs/tiny --prompt "def "
@@ -7,6 +8,9 @@
     fastformer train --preset small --data data/corpus --out runs/small
     fastformer eval --checkpoint runs/small --data data/corpus
     fastformer export --checkpoint runs/small --format hf --out hf/small
+    fastformer train --task reverse --config experiments/configs/tiny_reverse.yaml --out runs/reverse
+    fastformer translate --checkpoint runs/reverse --text "hello123" --beam 4
+    fastformer eval --checkpoint runs/reverse                # held-out strings; --data FILE for pairs
     fastformer info --preset small
     fastformer plot runs/tiny runs/small --out loss.png
 
@@ -26,18 +30,26 @@ import numpy as np
 def resolve_train_config(args):
     """The RunConfig a `train` command asks for, validated before any work."""
     from .checkpoint import latest_checkpoint
-    from .config import apply_overrides, load_config, preset
+    from .config import RunConfig, apply_overrides, load_config, preset
 
     if args.resume:
-        if args.preset or args.config or args.seed is not None:
-            raise ValueError("--resume continues with the run's saved config: drop --preset/--config/--seed "
+        if args.preset or args.config or args.seed is not None or args.task:
+            raise ValueError("--resume continues with the run's saved config: drop --preset/--config/--seed/--task "
                              "(change settings with --set or --max-steps)")
         config = load_config(os.path.join(latest_checkpoint(args.out), "config.yaml"))
     else:
-        config = preset(args.preset or "tiny")
+        # the presets size language models; an encoder-decoder task starts from the defaults
+        task = args.task or (load_config(args.config).data.task if args.config else "text")
+        if task == "text":
+            config = preset(args.preset or "tiny")
+        elif args.preset:
+            raise ValueError(f"--preset sizes language models, not the {task} task: size an encoder-decoder "
+                             f"with --config (e.g. experiments/configs/tiny_reverse.yaml) or --set seq2seq.KEY=VALUE")
+        else:
+            config = RunConfig()
         if args.config:
             config = load_config(args.config, base=config)
-    flags = []
+    flags = [f"data.task={args.task}"] if args.task else []
     if args.data is not None:
         flags.append(f"data.path={args.data}")
     if args.tokenizer is not None:
@@ -52,7 +64,7 @@ def resolve_train_config(args):
 def default_out_dir(args):
     if args.config:
         return os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    return os.path.join("runs", args.preset or "tiny")
+    return os.path.join("runs", args.preset or args.task or "tiny")
 
 
 def cmd_train(args):
@@ -69,10 +81,8 @@ def cmd_train(args):
     if args.backend:
         set_backend(args.backend)
     trainer = Trainer(config, args.out, resume=args.resume)
-    print(f"training {trainer.model.num_parameters():,} parameters on {len(trainer.train_ids):,} tokens "
-          f"({config.data.path or 'embedded stdlib-documentation corpus'}; {trainer.tokenizer.kind} tokenizer, "
-          f"{trainer.tokenizer.vocab_size} ids); backend "
-          f"{get_backend()}; run directory {args.out}; "
+    print(f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
+          f"{trainer.task.describe()}; backend {get_backend()}; run directory {args.out}; "
           f"step {trainer.step} of {config.train.max_steps}", flush=True)
     start = time.perf_counter()
     losses = trainer.train()
@@ -123,6 +133,36 @@ def cmd_generate(args):
     sys.stdout.write(args.prompt)
     stream_text(tokenizer, (nxt[0] for nxt in steps), sys.stdout, stop=args.stop or ())
     sys.stdout.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------- translate
+def load_seq2seq(path):
+    """(Seq2SeqTransformer, Checkpoint) from an encoder-decoder checkpoint or run directory."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.config.kind != "seq2seq":
+        raise ValueError(f"{ckpt.path} holds a language model (data.task=text), not an encoder-decoder: "
+                         f"use fastformer generate with it")
+    return ckpt.new_model(), ckpt
+
+
+def cmd_translate(args):
+    from . import set_backend
+    from .decode import translate
+
+    if args.backend:
+        set_backend(args.backend)
+    model, ckpt = load_seq2seq(args.checkpoint)
+    texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
+    try:
+        outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
+                            length_penalty=args.length_penalty, truncate=args.truncate)
+    except ValueError as e:
+        raise ValueError(f"--text: {e}") from None
+    for out in outputs:
+        print(out)
     return 0
 
 
@@ -184,7 +224,10 @@ def cmd_eval(args):
 
     if args.backend:
         set_backend(args.backend)
-    # a language-model checkpoint; other model kinds dispatch here on their config
+    if is_seq2seq_checkpoint(args.checkpoint):
+        return eval_seq2seq(args)
+    if args.data is None:
+        raise ValueError("eval of a language model needs --data: a UTF-8 text file or prepared directory")
     model, tokenizer, config = load_model(args.checkpoint)
     if is_prepared_dir(args.data):
         prepared = load_prepared(args.data)
@@ -207,6 +250,57 @@ def cmd_eval(args):
     return 0
 
 
+def is_seq2seq_checkpoint(path):
+    """Whether `path` is an encoder-decoder checkpoint (or run) directory, from its config alone."""
+    from .checkpoint import STATE_FILE, resolve_checkpoint
+    from .config import load_config
+
+    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+        return False  # a Hugging Face directory
+    return load_config(os.path.join(resolve_checkpoint(path), "config.yaml")).kind == "seq2seq"
+
+
+def eval_seq2seq(args):
+    """Loss, token accuracy, exact match and BLEU of an encoder-decoder checkpoint on --data pairs,
+    or on the run's own validation data (held-out strings for the synthetic tasks)."""
+    import json
+
+    from .evaluate import evaluate_seq2seq
+    from .seq2seq_data import fit_pairs, read_pairs
+    from .tasks import Seq2SeqTask
+
+    model, ckpt = load_seq2seq(args.checkpoint)
+    config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
+    skipped = {}
+    if args.data:
+        pairs, read_skips = read_pairs(args.data, lowercase=config.data.lowercase)
+        pairs = pairs[:args.examples]
+        pairs, skipped["too long"] = fit_pairs(pairs, src_tok, tgt_tok, model.config.max_src_len,
+                                               model.config.max_tgt_len)
+        skipped.update(read_skips)
+        what = args.data
+    else:
+        task = Seq2SeqTask(config, ckpt.tokenizers)
+        if config.data.task == "pairs":
+            pairs, what = task.val_pairs[:args.examples], f"the validation pairs of {config.data.path}"
+        else:
+            pairs, what = task.heldout(args.examples or 1000), f"held-out {config.data.task} strings"
+    skipped = {k: v for k, v in skipped.items() if v}
+    if not pairs:
+        raise ValueError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
+    m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
+                         beam_size=args.beam, length_penalty=args.length_penalty)
+    decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
+    m.update(data=what, checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
+              f"({decoding}) | BLEU {m['bleu']:.2f} ({m['bleu_impl']}) | {m['examples']:,} examples from {what}"
+              + (f"; skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())}" if skipped else ""))
+    return 0
+
+
 # ----------------------------------------------------------------------------- export
 EXPORT_FORMATS = ("hf",)
 
@@ -225,7 +319,7 @@ def cmd_export(args):
 
 # ------------------------------------------------------------------------------ info
 def cmd_info(args):
-    from . import TransformerLM, __version__, get_backend
+    from . import Seq2SeqTransformer, TransformerLM, __version__, get_backend
 
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
     print(f"backend: {get_backend()}  (FASTFORMER_BACKEND={os.environ.get('FASTFORMER_BACKEND', 'unset')})")
@@ -239,10 +333,16 @@ def cmd_info(args):
         config = preset(args.preset or "tiny")
         if args.config:
             config = load_config(args.config, base=config)
-        n = TransformerLM(config.model).num_parameters()
-        m = config.model
-        print(f"config {args.config or args.preset}: d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, "
-              f"layers {m.n_layers}, context {m.max_seq_len}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
+        m = config.model_config()
+        if config.kind == "lm":
+            n = TransformerLM(m).num_parameters()
+            shape = f"layers {m.n_layers}, context {m.max_seq_len}"
+        else:
+            n = Seq2SeqTransformer(m).num_parameters()
+            shape = (f"{m.n_encoder_layers} encoder + {m.n_decoder_layers} decoder layers, source/target "
+                     f"lengths {m.max_src_len}/{m.max_tgt_len}, vocabularies {m.src_vocab_size}/{m.tgt_vocab_size}")
+        print(f"config {args.config or args.preset} ({config.kind}): d_model {m.d_model}, heads {m.n_heads}, "
+              f"d_ff {m.d_ff}, {shape}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
     return 0
 
 
@@ -263,14 +363,19 @@ def cmd_plot(args):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser():
+    from .config import TASKS
+
     parser = argparse.ArgumentParser(prog="fastformer", description="Small Transformers on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a language model")
-    p.add_argument("--config", help="YAML run config (sections model/data/train)")
-    p.add_argument("--preset", help="tiny, small or medium (default tiny; --config is applied on top)")
-    p.add_argument("--data", help="UTF-8 text file or directory from fastformer prepare "
-                                  "(default: the embedded stdlib-documentation corpus)")
+    p = sub.add_parser("train", help="train a language model or an encoder-decoder")
+    p.add_argument("--config", help="YAML run config (sections model or seq2seq, data, train)")
+    p.add_argument("--preset", help="language models: tiny, small or medium (default tiny; --config is "
+                                    "applied on top)")
+    p.add_argument("--task", choices=TASKS, help="data.task: text (a language model, the default) or an "
+                                                 "encoder-decoder on copy/reverse/sort strings or pairs (--data)")
+    p.add_argument("--data", help="UTF-8 text file or directory from fastformer prepare (default: the embedded "
+                                  "stdlib-documentation corpus); --task pairs: a source<TAB>target file")
     p.add_argument("--tokenizer", help="byte, char or a tokenizer directory (data.tokenizer; a prepared "
                                        "directory brings its own)")
     p.add_argument("--out", help="run directory (default runs/<preset or config name>)")
@@ -295,6 +400,17 @@ def build_parser():
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("translate", help="decode source texts with an encoder-decoder checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--text", required=True, action="append", help="source text (repeatable: one output line each)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search ranks hypotheses by score / length ** A (default 1.0)")
+    p.add_argument("--truncate", action="store_true", help="cut a source longer than the model's max_src_len "
+                                                           "instead of refusing it")
+    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.set_defaults(func=cmd_translate)
+
     p = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     p = tsub.add_parser("train", help="learn a BPE or char vocabulary from text files")
@@ -315,9 +431,16 @@ def build_parser():
     p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json, tokenizer.json")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="language model: loss, perplexity, bits per byte, accuracy; encoder-decoder: "
+                                    "loss, token accuracy, exact match, BLEU")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--data", required=True, help="UTF-8 text file or prepared directory")
+    p.add_argument("--data", help="language model: UTF-8 text file or prepared directory (required); "
+                                  "encoder-decoder: a source<TAB>target file (default: the run's validation "
+                                  "pairs, or held-out strings of a synthetic task)")
+    p.add_argument("--beam", type=int, default=1, help="encoder-decoder: beam size (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
+    p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task (default "
+                                                "1000), or at most this many pairs")
     p.add_argument("--split", choices=("val", "train"), default="val", help="split of a prepared directory")
     p.add_argument("--max-batches", type=int, help="at most this many batches (default: all the text)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: the run's train.batch_size)")

@@ -1,8 +1,11 @@
 """Run configuration: the model, data and training dataclasses, presets, YAML files and
 `--set section.key=value` overrides.
 
-A RunConfig has three sections -- `model` (LMConfig), `data`, `train` -- and is written as YAML
-with one mapping per section. Loading a file, applying an override or building a preset checks
+A RunConfig has four sections -- `model` (LMConfig), `seq2seq` (Seq2SeqConfig), `data`, `train` --
+and is written as YAML with one mapping per section. `data.task` picks the kind of model: "text"
+trains the language model of `model`; "copy", "reverse", "sort" (synthetic strings) and "pairs"
+(a file of translation pairs) train the encoder-decoder of `seq2seq`. Only the section of the
+model in use is written out. Loading a file, applying an override or building a preset checks
 every key and type up front, so a typo fails before any work with a message listing the valid
 keys. Fields left out of a file keep their defaults.
 """
@@ -16,22 +19,60 @@ import yaml
 
 from .model import LMConfig
 from .optim import OPTIMIZERS, SCHEDULES
+from .seq2seq import Seq2SeqConfig
+from .seq2seq_data import TASKS as SYNTHETIC_TASKS
+from .seq2seq_data import parse_alphabet
 
 ModelConfig = LMConfig
+TASKS = ("text", *SYNTHETIC_TASKS, "pairs")  # "text": language model; the others: encoder-decoder
+PAIR_TOKENIZERS = ("word", "char")
 
 
 @dataclass
 class DataConfig:
-    path: typing.Optional[str] = None  # UTF-8 text file or prepared directory; None: the embedded corpus
-    val_fraction: float = 0.1  # the last fraction of the tokens is the validation split (text only)
-    tokenizer: typing.Optional[str] = None  # byte | char | a tokenizer directory; None: byte, or a
-    #                                         prepared directory's own tokenizer
+    task: str = "text"  # text | copy | reverse | sort | pairs
+    path: typing.Optional[str] = None  # text: UTF-8 text file or prepared directory, None: the embedded
+    #                                    corpus; pairs: the source<TAB>target (or .csv) file
+    val_fraction: float = 0.1  # text: the last fraction of the tokens; pairs: a seeded random fraction
+    #                            of the pairs (0: evaluate on the training pairs)
+    tokenizer: typing.Optional[str] = None  # text: byte | char | a tokenizer directory (None: byte, or a
+    #                                         prepared directory's own); pairs: word (None) | char
+    min_len: int = 1  # copy/reverse/sort: shortest string
+    max_len: int = 16  # copy/reverse/sort: longest string
+    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: see seq2seq_data.parse_alphabet
+    lowercase: bool = False  # pairs: lower-case both sides
+    unique_sources: bool = False  # pairs: keep only the first pair of each source sentence (a source
+    #                               with several translations cannot be reproduced exactly)
+    max_pairs: typing.Optional[int] = None  # pairs: use only the first N pairs of the file (after the above)
+    min_freq: int = 1  # pairs, word tokenizer: keep words seen at least this often in training
 
     def __post_init__(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.task not in TASKS:
+            raise ValueError(f"data.task {self.task!r} is not known: valid values are {', '.join(TASKS)}")
+        vf = self.val_fraction  # only pairs may evaluate on the training data (memorisation)
+        if not (0.0 <= vf < 1.0 if self.task == "pairs" else 0.0 < vf < 1.0):
+            raise ValueError(f"data.val_fraction must lie in {'[0, 1)' if self.task == 'pairs' else '(0, 1)'} "
+                             f"for data.task={self.task}, got {self.val_fraction}")
         if self.tokenizer == "":  # a directory is checked when the tokenizer is loaded
             raise ValueError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
+        if self.task in SYNTHETIC_TASKS:
+            if not 1 <= self.min_len <= self.max_len:
+                raise ValueError(f"data.min_len and data.max_len need 1 <= min_len <= max_len, got "
+                                 f"{self.min_len} and {self.max_len}")
+            parse_alphabet(self.alphabet)
+            if self.tokenizer is not None:
+                raise ValueError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
+                                 f"its strings are tokenized per character of data.alphabet; leave it unset")
+        if self.task == "pairs":
+            if not self.path:
+                raise ValueError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
+            if self.tokenizer not in (None, *PAIR_TOKENIZERS):
+                raise ValueError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
+                                 f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"data.max_pairs must be >= 1 or null, got {self.max_pairs}")
+        if self.min_freq < 1:
+            raise ValueError(f"data.min_freq must be >= 1, got {self.min_freq}")
 
 
 @dataclass
@@ -74,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"train.schedule {self.schedule!r} is not known: valid values are {', '.join(SCHEDULES)}")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "seq2seq": Seq2SeqConfig}
 
 
 @dataclass
@@ -82,14 +123,35 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
 
     def __post_init__(self):
-        if self.train.seq_len > self.model.max_seq_len:
+        if self.kind == "lm" and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}: the model has no positions beyond it")
+        d, s = self.data, self.seq2seq
+        if d.task in SYNTHETIC_TASKS and (d.max_len > s.max_src_len or d.max_len + 1 > s.max_tgt_len):
+            raise ValueError(f"data.max_len={d.max_len} needs seq2seq.max_src_len >= {d.max_len} and "
+                             f"seq2seq.max_tgt_len >= {d.max_len + 1} (<bos> + target), got {s.max_src_len} "
+                             f"and {s.max_tgt_len}")
+
+    @property
+    def kind(self):
+        """The model the run trains: "lm" (data.task text) or "seq2seq"."""
+        return "lm" if self.data.task == "text" else "seq2seq"
+
+    @property
+    def model_section(self):
+        """The name of the section configuring the model in use: "model" or "seq2seq"."""
+        return "model" if self.kind == "lm" else "seq2seq"
+
+    def model_config(self):
+        """The LMConfig or Seq2SeqConfig of the model in use."""
+        return getattr(self, self.model_section)
 
     def to_dict(self):
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """{section: {key: value}} of the model section in use, data and train."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in (self.model_section, "data", "train")}
 
     @classmethod
     def from_dict(cls, d, base=None):
@@ -100,7 +162,8 @@ class RunConfig:
         unknown = [k for k in d if k not in SECTIONS]
         if unknown:
             raise ValueError(f"unknown config section(s) {unknown}: valid sections are {list(SECTIONS)}")
-        merged = (base or cls()).to_dict()
+        base = base or cls()
+        merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
         for section, values in d.items():
             if values is None:
                 continue
@@ -198,20 +261,23 @@ def preset(name):
                      train=TrainConfig(batch_size=32, seq_len=128, **train))
 
 
-def match_tokenizer(config, tokenizer):
-    """The config with model.vocab_size equal to the tokenizer's. The default vocab_size (259,
-    the byte tokenizer's) follows the tokenizer; any other value that differs is an error."""
-    v = config.model.vocab_size
+def match_tokenizer(config, tokenizer, field="vocab_size"):
+    """The config with the model's `field` (vocab_size; src_vocab_size or tgt_vocab_size for
+    seq2seq) equal to the tokenizer's vocab_size. The default (259, the byte tokenizer's) follows
+    the tokenizer; any other value that differs is an error."""
+    section = config.model_section
+    model = getattr(config, section)
+    v = getattr(model, field)
     if v == tokenizer.vocab_size:
         return config
-    if v == ModelConfig.vocab_size:
-        return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
-    raise ValueError(f"model.vocab_size={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
-                     f"drop model.vocab_size (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
+    if v == getattr(type(model), field):
+        return dataclasses.replace(config, **{section: dataclasses.replace(model, **{field: tokenizer.vocab_size})})
+    raise ValueError(f"{section}.{field}={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
+                     f"drop {section}.{field} (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
 
 
 def load_config(path, base=None):
-    """A RunConfig from a YAML file (sections model/data/train; missing keys from `base`)."""
+    """A RunConfig from a YAML file (sections model or seq2seq, data, train; missing keys from `base`)."""
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:

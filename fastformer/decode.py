@@ -155,8 +155,8 @@ def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_pe
         ids = src_tokenizer.encode(text)
         if len(ids) > S and not truncate:
             raise ValueError(f"source {i} has {len(ids)} tokens, more than the model's max_src_len={S}; "
-                             f"shorten it or ask for truncation")
-        seqs.append(ids[:S] or [src_tokenizer.unk_id])  # an empty source still needs one position
+                             f"shorten it or ask for truncation (truncate=True, --truncate)")
+        seqs.append(ids[:S] if len(ids) else [src_tokenizer.unk_id])  # an empty source still needs one position
     B, L = len(seqs), max(map(len, seqs))
     src = np.full((B, L), src_tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros((B, L), dtype=np.int64)

@@ -1,5 +1,8 @@
-"""Language-model evaluation: loss, perplexity, bits per byte and next-token accuracy over fixed
-windows of a token stream -- the same numbers for the trainer's validation and `fastformer eval`.
+"""Evaluation, the same numbers for the trainer's validation and `fastformer eval`.
+
+Language model: loss, perplexity, bits per byte and next-token accuracy over fixed windows of a
+token stream. Encoder-decoder: teacher-forced loss and token accuracy, and exact match and corpus
+BLEU of the decoded (greedy or beam) outputs, over a list of (source, target) text pairs.
 
 Bits per byte divides the total loss by the UTF-8 bytes of the predicted tokens,
 
@@ -13,8 +16,13 @@ works on memory-mapped token files.
 
 import math
 
+import numpy as np
+
+from .bleu import corpus_bleu
 from .data import eval_batches
+from .decode import beam_decode, greedy_decode
 from .kernels import get_ops
+from .seq2seq_data import IGNORE_INDEX, make_batch
 
 
 def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=None):
@@ -51,3 +59,43 @@ def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=
         out["bytes"] = n_bytes
         out["bits_per_byte"] = total_loss / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return out
+
+
+def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0):
+    """Metrics of a Seq2SeqTransformer on (source, target) text pairs, each short enough for the
+    model (see seq2seq_data.fit_pairs).
+
+    Returns {"loss", "token_acc"} (teacher forcing: mean cross-entropy and argmax accuracy over
+    the target tokens and <eos>), {"exact_match"} (the fraction of decoded outputs whose ids
+    equal the target's), {"bleu", "bleu_impl"} (corpus BLEU of the decoded text against the
+    targets as the tokenizer writes them; "sacrebleu" or "fastformer") and {"examples"}.
+    Decoding is greedy when beam_size is 1. Deterministic: no random generator.
+    """
+    if not pairs:
+        raise ValueError("no (source, target) pairs to evaluate on")
+    ops = get_ops()
+    bos, eos = tgt_tok.bos_id, tgt_tok.eos_id
+    normalize = getattr(tgt_tok, "normalize", lambda text: text)  # words: the spacing decode writes
+    total_loss, correct, n_tokens, exact = 0.0, 0, 0, 0
+    hyps, refs = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        tgt_seqs = [tgt_tok.encode(t) for _, t in chunk]
+        b = make_batch([src_tok.encode(s) for s, _ in chunk], tgt_seqs, tgt_tok.pad_id, bos, eos)
+        logits = model.forward(b["src_ids"], b["src_mask"], b["tgt_in"], b["tgt_mask"])  # (B, T, V)
+        loss, _ = ops.cross_entropy_forward(logits, b["targets"])
+        counted = b["targets"] != IGNORE_INDEX  # (B, T)
+        total_loss += loss * int(counted.sum())
+        correct += int(((logits.argmax(axis=-1) == b["targets"]) & counted).sum())
+        n_tokens += int(counted.sum())
+        if beam_size == 1:
+            out, _ = greedy_decode(model, b["src_ids"], b["src_mask"], bos, eos)
+        else:
+            out, _ = beam_decode(model, b["src_ids"], b["src_mask"], beam_size, length_penalty, bos, eos)
+        for o, t_ids, (_, t_text) in zip(out, tgt_seqs, chunk):
+            exact += np.array_equal(o, t_ids)
+            hyps.append(tgt_tok.decode(o))
+            refs.append(normalize(t_text))
+    bleu, impl = corpus_bleu(hyps, refs)
+    return {"loss": total_loss / n_tokens, "token_acc": correct / n_tokens, "exact_match": exact / len(pairs),
+            "bleu": bleu, "bleu_impl": impl, "examples": len(pairs)}

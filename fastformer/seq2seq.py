@@ -90,22 +90,6 @@ def sinusoidal_table(n_positions, C, dtype=np.float32):
     return pe.astype(dtype)
 
 
-def relu_forward(x, bias=None):
-    """y = max(x + bias, 0); the signature of `gelu_forward` so the two swap. Returns (y, cache).
-    (NumPy here until the kernel interface has a ReLU.)"""
-    u = x if bias is None else x + bias
-    keep = u > 0
-    return u * keep, (keep, bias is not None)
-
-
-def relu_backward(dy, cache):
-    """Returns (dx, dbias); dbias is None when the forward had no bias."""
-    # forward: y = max(x + bias, 0)
-    keep, has_bias = cache
-    dx = dy * keep
-    return dx, (dx.reshape(-1, dx.shape[-1]).sum(axis=0) if has_bias else None)
-
-
 class DecoderState:
     """What incremental decoding keeps between steps: per decoder layer the self-attention keys
     and values of the tokens fed so far (buffers (N, H, max_len, hs), filled up to `pos`), the
@@ -350,7 +334,7 @@ class Seq2SeqTransformer(FlatModel):
         if self.config.activation == "gelu":
             g, act_c = ops.gelu_forward(f, P[p + "linear1.bias"], approximate="none")
         else:
-            g, act_c = relu_forward(f, P[p + "linear1.bias"])
+            g, act_c = ops.relu_forward(f, P[p + "linear1.bias"])
         m, m_c = linear_forward(g, P[p + "linear2.weight"].T, P[p + "linear2.bias"])  # (B, T, C)
         return m, (fc_c, act_c, m_c)
 
@@ -360,7 +344,8 @@ class Seq2SeqTransformer(FlatModel):
         # m = g @ W2.T + b2
         dg = linear_backward(dm, m_c, G[p + "linear2.weight"].T, G[p + "linear2.bias"])
         # g = act(f + b1)
-        act_backward = get_ops().gelu_backward if self.config.activation == "gelu" else relu_backward
+        ops = get_ops()
+        act_backward = ops.gelu_backward if self.config.activation == "gelu" else ops.relu_backward
         df, G[p + "linear1.bias"][...] = act_backward(dg, act_c)
         # f = h @ W1.T
         return linear_backward(df, fc_c, G[p + "linear1.weight"].T)

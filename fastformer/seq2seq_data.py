@@ -19,7 +19,7 @@ import string
 
 import numpy as np
 
-from .word_tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer
 
 IGNORE_INDEX = -100
 ALPHABETS = {"lower": string.ascii_lowercase, "upper": string.ascii_uppercase,
@@ -62,12 +62,22 @@ def encode_pairs(pairs, src_tok, tgt_tok, max_src_len, max_tgt_len):
     src_seqs, tgt_seqs, skipped = [], [], 0
     for s, t in pairs:
         si, ti = src_tok.encode(s), tgt_tok.encode(t)
-        if 1 <= len(si) <= max_src_len and 1 <= len(ti) <= max_tgt_len - 1:
+        if _fits(si, ti, max_src_len, max_tgt_len):
             src_seqs.append(si)
             tgt_seqs.append(ti)
         else:
             skipped += 1
     return src_seqs, tgt_seqs, skipped
+
+
+def fit_pairs(pairs, src_tok, tgt_tok, max_src_len, max_tgt_len):
+    """The text pairs that `encode_pairs` keeps, and how many it skips: (pairs, n_skipped)."""
+    kept = [(s, t) for s, t in pairs if _fits(src_tok.encode(s), tgt_tok.encode(t), max_src_len, max_tgt_len)]
+    return kept, len(pairs) - len(kept)
+
+
+def _fits(src_ids, tgt_ids, max_src_len, max_tgt_len):
+    return 1 <= len(src_ids) <= max_src_len and 1 <= len(tgt_ids) <= max_tgt_len - 1
 
 
 def split_pairs(pairs, val_fraction=0.1, seed=0):

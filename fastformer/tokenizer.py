@@ -1,6 +1,6 @@
 """Tokenizers: text <-> integer ids, saved to and loaded from a directory as JSON.
 
-Three kinds, one small interface -- `encode(text, bos=False, eos=False)`, `decode(ids)`,
+Four kinds, one small interface -- `encode(text, bos=False, eos=False)`, `decode(ids)`,
 `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `byte_lengths()`, `save(dir)`:
 
     byte   every UTF-8 byte is its own id (0..255), then 256 <pad>, 257 <bos>, 258 <eos>; any
@@ -8,18 +8,21 @@ Three kinds, one small interface -- `encode(text, bos=False, eos=False)`, `decod
     char   one id per character seen in a corpus: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then the
            characters (in code-point order when learnt from text). A character outside the
            vocabulary encodes as <unk> (and decodes as U+FFFD), so unseen text still encodes.
-           Its file ({"kind": "char", "specials": [...], "vocab": [...]}) is the one the
-           seq2seq character tokenizer (fastformer.word_tokenizer) writes, so each reads the other's.
+           The synthetic seq2seq tasks use it over their fixed alphabet.
+    word   words and punctuation marks for the encoder-decoder's translation pairs: 0 <pad>,
+           1 <bos>, 2 <eos>, 3 <unk>, then the words seen at least `min_freq` times, most
+           frequent first; an unseen word encodes as <unk>.
     bpe    byte-level BPE trained with Hugging Face `tokenizers` (fastformer.bpe).
 
 `save(dir)` writes `dir/tokenizer.json`. The byte and char files carry a "kind" field; a BPE
 tokenizer is saved as a standard Hugging Face tokenizer.json (no "kind", a "model" object), which
-`load_tokenizer` recognises as well. The seq2seq word-level tokenizer adds its "word" kind to
-TOKENIZER_KINDS below.
+`load_tokenizer` recognises as well.
 """
 
 import json
 import os
+import re
+from collections import Counter
 
 import numpy as np
 
@@ -157,8 +160,8 @@ class CharTokenizer:
             raise ValueError(f"a char tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
                              f"non-empty \"vocab\" list")
         if d.get("lowercase"):
-            raise ValueError("this char tokenizer lower-cases its input (a seq2seq one): the LM char tokenizer "
-                             "does not, load it with fastformer.word_tokenizer")
+            raise ValueError("\"lowercase\": true is not supported by char tokenizers (lower-case the text "
+                             "itself, e.g. data.lowercase for translation pairs)")
         tok = cls(chars)
         if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise ValueError(f"char tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
@@ -177,10 +180,101 @@ def _write_json(d, directory):
     os.replace(tmp, path)
 
 
-# kind -> class with from_dict(d); a new tokenizer kind adds one entry here
-# (the seq2seq branch's word-level tokenizer: "word": WordTokenizer).
+class WordTokenizer:
+    """Word-level tokenizer with a fixed vocabulary; unknown words map to <unk>.
+
+    Words are runs of letters/digits/underscore, and every other non-space character is a token
+    of its own ("l'eau !" -> l ' eau !). `decode` joins tokens with single spaces, so decoded
+    text is tokenized text (`normalize` gives a reference the same shape, for BLEU).
+
+    Args:
+        words: the vocabulary without the specials (ids 4, 5, ... in this order).
+        lowercase: lower-case text before splitting.
+    """
+
+    kind = "word"
+    pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+    special_tokens = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    _split = re.compile(r"\w+|[^\w\s]").findall
+
+    def __init__(self, words, lowercase=False):
+        words = list(words)
+        dup = [w for w, n in Counter(words).items() if n > 1 or w in self.special_tokens]
+        if dup or any(not isinstance(w, str) or not w for w in words):
+            raise ValueError(f"a word tokenizer's vocabulary must hold distinct non-empty strings and no specials, "
+                             f"got {dup[:5] or words[:5]!r}")
+        self.words, self.lowercase = words, bool(lowercase)
+        self.vocab_size = len(self.special_tokens) + len(words)
+        self._id = {w: i + len(self.special_tokens) for i, w in enumerate(words)}
+
+    @classmethod
+    def build(cls, texts, min_freq=1, lowercase=False, max_size=None):
+        """The vocabulary of the tokens seen at least `min_freq` times in `texts`, most frequent
+        first (ties alphabetical), at most `max_size` of them."""
+        if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
+            raise ValueError(f"min_freq must be an integer >= 1, got {min_freq!r}")
+        counts = Counter()
+        for text in texts:
+            counts.update(cls._split(text.lower() if lowercase else text))
+        vocab = sorted((w for w, n in counts.items() if n >= min_freq and w not in cls.special_tokens),
+                       key=lambda w: (-counts[w], w))
+        return cls(vocab[:max_size], lowercase=lowercase)
+
+    def tokenize(self, text):
+        """The token strings of `text` (before mapping to ids)."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        return self._split(text.lower() if self.lowercase else text)
+
+    def normalize(self, text):
+        """`text` as `decode` would write it: tokens joined by single spaces (unknown words kept)."""
+        return " ".join(self.tokenize(text))
+
+    def encode(self, text, bos=False, eos=False):
+        """ids (int64, 1-D) of the tokens of `text` (<unk> for unseen ones), optionally framed by
+        <bos>/<eos>."""
+        ids = [self.bos_id] * bos + [self._id.get(w, self.unk_id) for w in self.tokenize(text)] + [self.eos_id] * eos
+        return np.array(ids, dtype=np.int64)
+
+    def decode(self, ids, errors="replace"):
+        """Text of `ids`, tokens joined by spaces; <pad>, <bos>, <eos> and <unk> are skipped."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the word vocabulary [0, {self.vocab_size})")
+        n = len(self.special_tokens)
+        return " ".join(self.words[i - n] for i in ids.tolist() if i >= n)
+
+    def byte_lengths(self):
+        """(V,) int64: UTF-8 bytes per id, a word counting one more for the space before it;
+        0 for the specials (so bits per byte over text with <unk> is approximate)."""
+        return np.array([0] * len(self.special_tokens) + [len(w.encode("utf-8")) + 1 for w in self.words],
+                        dtype=np.int64)
+
+    def to_dict(self):
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "specials": list(self.special_tokens),
+                "lowercase": self.lowercase, "vocab": self.words}
+
+    def save(self, directory):
+        """Write `directory/tokenizer.json` (atomically: temp file then rename)."""
+        _write_json(self.to_dict(), directory)
+
+    @classmethod
+    def from_dict(cls, d):
+        words = d.get("vocab")
+        if d.get("specials") != list(cls.special_tokens) or not isinstance(words, list):
+            raise ValueError(f"a word tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
+                             f"\"vocab\" list")
+        tok = cls(words, lowercase=d.get("lowercase", False))
+        if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+            raise ValueError(f"word tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
+                             f"words make {tok.vocab_size}")
+        return tok
+
+
+# kind -> class with from_dict(d); a new tokenizer kind adds one entry here.
 # "bpe" is the kind of a standard Hugging Face tokenizer.json, which has no "kind" field.
-TOKENIZER_KINDS = {"byte": ByteTokenizer, "char": CharTokenizer, "bpe": BPETokenizer}
+TOKENIZER_KINDS = {"byte": ByteTokenizer, "char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
 
 
 def load_tokenizer(directory):

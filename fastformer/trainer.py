@@ -1,13 +1,17 @@
 """The training loop: data, forward/backward, clipping, update, evaluation, logging and
-checkpoints, for the CLI and for Python.
+checkpoints, for the CLI and for Python, for both kinds of model.
 
     trainer = Trainer(preset("tiny"), "runs/tiny")   # or Trainer(None, "runs/tiny", resume=True)
     losses = trainer.train()                          # one training loss per step
 
+What is learnt comes from the run's task (fastformer.tasks): a language model on text
+(data.task text) or an encoder-decoder on synthetic strings or translation pairs. The loop only
+asks the task for batches, evaluations and its data position.
+
 Everything random comes from explicit generators saved with each checkpoint -- the weight
-initialisation and dropout (`model.rng`) and the data order (`data_rng`) -- so a run stopped and
-resumed produces bit-for-bit the losses and weights of the same run uninterrupted. Gradients
-live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
+initialisation and dropout (`model.rng`) and the data order (the task's generator) -- so a run
+stopped and resumed produces bit-for-bit the losses and weights of the same run uninterrupted.
+Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
 and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
 multi-process run would guard to rank 0.
 """
@@ -19,15 +23,12 @@ import sys
 import time
 import warnings
 
-import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from .config import match_tokenizer, save_config
-from .data import get_batch, load_training_data
-from .evaluate import evaluate_lm
-from .model import TransformerLM
+from .config import save_config
 from .optim import clip_grad_norm, learning_rate, make_optimizer
+from .tasks import make_task
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,14 +38,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """Trains a TransformerLM on a text corpus, writing metrics and checkpoints to `out_dir`.
+    """Trains the model of a RunConfig on its task, writing metrics and checkpoints to `out_dir`.
 
     Args:
         config: a RunConfig; with resume=True it may be None (the checkpoint's config is used).
         out_dir: the run directory (created if needed).
         resume: continue from the newest checkpoint in out_dir.
-        text: train on this str instead of config.data.path / the embedded default corpus.
-    The data is a text file or a directory written by `fastformer prepare` (config.data.path).
+        text: language models: train on this str instead of config.data.path (a text file or a
+            directory written by `fastformer prepare`) or the embedded default corpus.
         verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
     """
 
@@ -54,9 +55,9 @@ class Trainer:
         if resume:
             ckpt = load_checkpoint(out_dir)
             config = config or ckpt.config
-            if config.model != ckpt.config.model:
-                raise ValueError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model} differs "
-                                 f"from the requested {config.model}")
+            if config.model_config() != ckpt.config.model_config():
+                raise ValueError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
+                                 f"differs from the requested {config.model_config()}")
         elif checkpoint_dirs(out_dir):
             raise ValueError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
                              f"or choose another output directory")
@@ -64,16 +65,13 @@ class Trainer:
             raise ValueError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
         t = config.train
 
-        # data: the tokenizer and the train/validation token streams (text is encoded once;
-        # a prepared directory is memory-mapped); model.vocab_size follows the tokenizer
-        self.tokenizer, self.train_ids, self.val_ids, self.data_sha256 = load_training_data(
-            config.data, t.seq_len, text=text, tokenizer=ckpt.tokenizer if ckpt else None)
-        self.config = cfg = match_tokenizer(config, self.tokenizer)
-        self.byte_lengths = self.tokenizer.byte_lengths()  # (V,) for bits per byte
-        self.data_rng = np.random.default_rng(np.random.SeedSequence(t.seed).spawn(3)[2])
+        # data: the task's tokenizers (a resumed run's own), its batches and validation data;
+        # the model's vocabulary sizes follow the tokenizers
+        self.task = make_task(config, text=text, tokenizers=ckpt.tokenizers if ckpt else None)
+        self.config = cfg = self.task.config
 
         # model and optimizer (the model seeds its own init and dropout generators from t.seed)
-        self.model = TransformerLM(cfg.model, seed=t.seed)
+        self.model = self.task.new_model(t.seed)
         self.optimizer = make_optimizer(self.model.flat, t)
         self.step = 0
         if ckpt is not None:
@@ -86,16 +84,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _rng_states(self):
-        return {"dropout": self.model.rng.bit_generator.state, "data": self.data_rng.bit_generator.state}
+        return {"dropout": self.model.rng.bit_generator.state, "data": self.task.state_dict()}
 
     def _restore(self, ckpt):
         self.model.load_state_dict(ckpt.weights)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         self.model.rng.bit_generator.state = ckpt.state["rng"]["dropout"]
-        self.data_rng.bit_generator.state = ckpt.state["rng"]["data"]
+        self.task.load_state_dict(ckpt.state["rng"]["data"])
         self.step = ckpt.step
-        if ckpt.state.get("data_sha256") != self.data_sha256:
-            warnings.warn(f"the training text differs from the one checkpoint {ckpt.path} was trained on; "
+        if ckpt.state.get("data_sha256") != self.task.fingerprint:
+            warnings.warn(f"the training data differs from the one checkpoint {ckpt.path} was trained on; "
                           f"the resumed run will not repeat the original data order", stacklevel=3)
 
     def _trim_metrics(self):
@@ -118,10 +116,8 @@ class Trainer:
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self):
-        """Validation loss, perplexity, next-token accuracy and bits per byte over fixed windows."""
-        t = self.config.train
-        m = evaluate_lm(self.model, self.val_ids, t.batch_size, t.seq_len, t.eval_batches, self.byte_lengths)
-        return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_acc": m["acc"], "val_bpb": m["bits_per_byte"]}
+        """The task's validation metrics, {"val_loss": ..., ...} (see fastformer.tasks)."""
+        return self.task.evaluate(self.model)
 
     # ---------------------------------------------------------------- train
     def train(self, steps=None):
@@ -139,10 +135,10 @@ class Trainer:
             while self.step < end:
                 lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
                                    max_steps=t.max_steps, min_lr=t.min_lr)
-                # data: B random windows from the training split
-                x, y = get_batch(self.train_ids, t.batch_size, t.seq_len, self.data_rng)
+                # data: the next batch of the task (LM windows, or padded source/target pairs)
+                batch = self.task.next_batch()
                 # forward and backward: loss and gradients into the flat buffer
-                loss, _ = model.loss_and_grads(x, y)
+                loss, _ = model.loss_and_grads(**batch)
                 # clip the global gradient norm; a non-finite loss or norm stops before the update
                 grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -155,7 +151,7 @@ class Trainer:
                 self.optimizer.step(lr)
                 self.step += 1
                 losses.append(loss)
-                tokens += x.size
+                tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
                 bar.update(1)
                 # log, evaluate, checkpoint
                 record = None
@@ -183,8 +179,8 @@ class Trainer:
         with open(os.path.join(self.out_dir, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.verbose and "val_loss" in record:
-            tqdm.write(f"step {record['step']:>6} | loss {record['loss']:.4f} | val_loss {record['val_loss']:.4f} "
-                       f"| val_ppl {record['val_ppl']:.2f} | val_bpb {record['val_bpb']:.3f} | val_acc {record['val_acc']:.3f} "
+            val = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+            tqdm.write(f"step {record['step']:>6} | loss {record['loss']:.4f} | {val} "
                        f"| lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s")
 
     def _checkpoint(self):
@@ -192,5 +188,5 @@ class Trainer:
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.config,
-                               self.tokenizer, self._rng_states(), extra={"data_sha256": self.data_sha256},
+                               self.task.tokenizers, self._rng_states(), extra={"data_sha256": self.task.fingerprint},
                                keep=self.config.train.keep_checkpoints)

@@ -146,13 +146,13 @@ def test_search_argument_errors():
 
 def test_translate_texts_and_long_sources():
     from fastformer.decode import translate
-    from fastformer.word_tokenizer import WordTokenizer
+    from fastformer.tokenizer import WordTokenizer
 
     tok = WordTokenizer.build(["a b c d e f g h i"])  # 13 ids, like the model's source vocabulary
     model = small_model()
     src, mask = sources()
     src = np.maximum(src, 4)  # ids 4..12 are the words a..i
-    texts = [" ".join(tok.itos[i] for i in row[m == 1]) for row, m in zip(src, mask)]
+    texts = [" ".join(tok.words[i - 4] for i in row[m == 1]) for row, m in zip(src, mask)]
     expected, _ = greedy_decode(model, src, mask, BOS, EOS)
     out_tok = WordTokenizer([f"w{i}" for i in range(7)])  # 11 ids, the target vocabulary
     assert translate(model, texts, tok, out_tok) == [out_tok.decode(e) for e in expected]

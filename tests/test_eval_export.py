@@ -141,7 +141,7 @@ def test_bad_input_errors(runs, tmp_path, capsys):
     assert main(["prepare", "--data", str(d / "train.txt"), "--tokenizer", str(tmp_path / "tok"), "--out",
                  str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "kind 'sentencepiece'; known kinds are ['bpe', 'byte', 'char']" in err
+    assert err.count("\n") == 1 and "kind 'sentencepiece'; known kinds are ['bpe', 'byte', 'char', 'word']" in err
     assert main(["prepare", "--data", str(d / "train.txt"), "--tokenizer", "wordpiece", "--out",
                  str(tmp_path / "p")]) == 2
     assert "--tokenizer 'wordpiece' is neither 'byte' nor a directory" in capsys.readouterr().err

@@ -107,6 +107,24 @@ def test_gelu_backward(ops, approximate, with_bias):
         assert db is None
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_relu_backward(ops, with_bias):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 2, 5)) * 2
+    x[np.abs(x) < 1e-3] = 0.5  # keep finite differences away from the kink at 0
+    b = rng.normal(size=5) if with_bias else None
+    dy = rng.normal(size=x.shape)
+    f = lambda: float((ops.relu_forward(x, b)[0] * dy).sum())  # noqa: E731
+    y, cache = ops.relu_forward(x, b)
+    np.testing.assert_array_equal(y, np.maximum(x + (0 if b is None else b), 0))
+    dx, db = ops.relu_backward(dy, cache)
+    check(dx, numerical_grad(f, x))
+    if with_bias:
+        check(db, numerical_grad(f, b))
+    else:
+        assert db is None
+
+
 def test_embedding_backward(ops):
     rng = np.random.default_rng(6)
     w = rng.normal(size=(7, 3))

@@ -23,6 +23,7 @@ TOL32 = {  # (rtol, atol) per kernel for float32
     "attention": dict(rtol=1e-4, atol=2e-5),
     "cross_entropy": dict(rtol=1e-5, atol=1e-7),
     "gelu": dict(rtol=1e-5, atol=1e-5),  # float32 gelu' differs by a few ulp (another tanh formula), summed in dbias
+    "relu": dict(rtol=1e-5, atol=1e-4),  # dbias: up to 300 float32 rows summed in another order
     "embedding": dict(rtol=1e-6, atol=1e-7),
     "adamw": dict(rtol=1e-5, atol=1e-7),
 }
@@ -220,6 +221,28 @@ def test_gelu(ops, ref, shape, approximate, with_bias, scale, seed, dtype):
     close(dx, dx_ref, "gelu", dtype)
     if with_bias:
         close(db, db_ref, "gelu", dtype)
+    else:
+        assert db is None
+
+
+# ------------------------------------------------------------------- ReLU
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (3, 5), (2, 3, 17), (4, 64), (300, 70)]), with_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_relu(ops, ref, shape, with_bias, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, shape, dtype)
+    x.reshape(-1)[::7] = 0.0  # exact zeros: the gradient there is 0, as in torch
+    b = normal(rng, shape[-1:], dtype) if with_bias else None
+    dy = normal(rng, shape, dtype)
+    y, cache = ops.relu_forward(x, b)
+    y_ref, cache_ref = ref.relu_forward(x, b)
+    np.testing.assert_array_equal(y, y_ref)  # one add and a max: exact on both backends
+    dx, db = ops.relu_backward(dy, cache)
+    dx_ref, db_ref = ref.relu_backward(dy, cache_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    if with_bias:
+        close(db, db_ref, "relu", dtype)
     else:
         assert db is None
 

@@ -22,10 +22,11 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
     def run():
         return [ops.layernorm_forward(x, w, b)[0], ops.residual_layernorm_forward(x, x, w, b)[0][1],
                 ops.gelu_forward(x, b)[0], ops.gelu_forward(x, b, approximate="none")[0],
-                ops.attention_forward(q, q, q, True, kpm)[0], ops.embedding_forward(emb, ids)[0]]
+                ops.attention_forward(q, q, q, True, kpm)[0], ops.embedding_forward(emb, ids)[0],
+                ops.relu_forward(x, b)[0]]
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
-                              "_attention_fwd"}
+                              "_attention_fwd", "_relu_fwd"}
     serial = run()
     monkeypatch.setattr(K, "SMALL_WORK", 0)  # every call takes the parallel kernel
     parallel = run()

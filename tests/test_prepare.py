@@ -114,14 +114,14 @@ def test_training_on_a_prepared_directory_resumes_exactly(tmp_path, text_file, b
     config = tiny(str(tmp_path / "data"))
     full = Trainer(config, str(tmp_path / "full"), verbose=False)
     assert full.config.model.vocab_size == bpe.vocab_size  # the default vocab_size follows the tokenizer
-    assert isinstance(full.train_ids, np.memmap)
+    assert isinstance(full.task.train_ids, np.memmap)
     losses = full.train()
     part = Trainer(config, str(tmp_path / "part"), verbose=False)
     first = part.train(steps=2)
     resumed = Trainer(None, str(tmp_path / "part"), resume=True, verbose=False)
     assert first + resumed.train() == losses
     assert np.array_equal(resumed.model.flat.data, full.model.flat.data)
-    assert resumed.tokenizer.vocab_size == bpe.vocab_size
+    assert resumed.task.tokenizers["tokenizer"].vocab_size == bpe.vocab_size
 
 
 def test_prepared_directory_config_errors(tmp_path, text_file):
@@ -138,7 +138,8 @@ def test_prepared_directory_config_errors(tmp_path, text_file):
 
 def test_char_tokenizer_run(tmp_path, text_file):
     trainer = Trainer(tiny(text_file, tokenizer="char"), str(tmp_path / "run"), verbose=False)
-    assert trainer.tokenizer.kind == "char" and trainer.config.model.vocab_size == trainer.tokenizer.vocab_size
+    tok = trainer.task.tokenizers["tokenizer"]
+    assert tok.kind == "char" and trainer.config.model.vocab_size == tok.vocab_size
     trainer.train(steps=2)
     resumed = Trainer(None, str(tmp_path / "run"), resume=True, verbose=False)
-    assert resumed.tokenizer.chars == trainer.tokenizer.chars and resumed.step == 2
+    assert resumed.task.tokenizers["tokenizer"].chars == tok.chars and resumed.step == 2

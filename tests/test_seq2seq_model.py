@@ -4,7 +4,7 @@ effects of the masks, configuration and input errors, state dicts."""
 import numpy as np
 import pytest
 
-from fastformer.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, relu_backward, relu_forward
+from fastformer.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 TINY = dict(src_vocab_size=9, tgt_vocab_size=7, max_src_len=6, max_tgt_len=5, d_model=8, n_heads=2,
             d_ff=12, n_encoder_layers=2, n_decoder_layers=2)
@@ -56,16 +56,6 @@ def test_gradients_match_finite_differences(variant):
             flat[i] = old
             num = (lp - lm) / (2 * eps)
             assert abs(num - g[i]) <= 1e-6 + 1e-5 * abs(num), (name, i, num, g[i])
-
-
-def test_relu_forward_backward():
-    rng = np.random.default_rng(0)
-    x, b, dy = rng.normal(size=(2, 3, 5)), rng.normal(size=5), rng.normal(size=(2, 3, 5))
-    y, cache = relu_forward(x, b)
-    np.testing.assert_array_equal(y, np.maximum(x + b, 0))
-    dx, db = relu_backward(dy, cache)
-    np.testing.assert_allclose(dx, dy * (x + b > 0))
-    np.testing.assert_allclose(db, (dy * (x + b > 0)).sum(axis=(0, 1)))
 
 
 @pytest.fixture

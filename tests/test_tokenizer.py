@@ -50,7 +50,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer at"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "bpe9"}')
-    with pytest.raises(ValueError, match=r"kind 'bpe9'; known kinds are \['bpe', 'byte', 'char'\]"):
+    with pytest.raises(ValueError, match=r"kind 'bpe9'; known kinds are \['bpe', 'byte', 'char', 'word'\]"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "by')
     with pytest.raises(ValueError, match="corrupt or truncated"):
@@ -100,7 +100,7 @@ def test_char_save_and_load_by_kind(tmp_path):
 
 
 def test_char_reads_the_seq2seq_char_format(tmp_path):
-    # the file fastformer.word_tokenizer.CharTokenizer writes: specials, then the alphabet in its order
+    # the file the synthetic tasks' char tokenizers were first saved in: specials, then the alphabet in its order
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"kind": "char", "lowercase": False, "specials": ["<pad>", "<bos>", "<eos>", "<unk>"], "vocab": ["z", "a"]}))
     tok = load_tokenizer(str(tmp_path))

@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     trainer.train(steps=2)
     good = trainer.model.flat.data.copy()
     real = trainer.model.loss_and_grads
-    monkeypatch.setattr(trainer.model, "loss_and_grads", lambda x, y: (float("nan"), real(x, y)[1]))
+    monkeypatch.setattr(trainer.model, "loss_and_grads", lambda **batch: (float("nan"), real(**batch)[1]))
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan.*last good checkpoint is .*ckpt-000002"):
         trainer.train()
     assert np.array_equal(trainer.model.flat.data, good)  # the bad step did not update the weights

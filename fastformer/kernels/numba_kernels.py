@@ -439,6 +439,32 @@ def _gelu_bwd(dy, x, bias, exact, dx, db_part):
                 db_part[p, c] += g
 
 
+# ------------------------------------------------------------------------ ReLU
+@_kernel("void(F[:, ::1], F[::1], F[:, ::1])", serial_twin=True)
+def _relu_fwd(x, bias, y):
+    N, C = x.shape
+    F = x.dtype.type
+    for n in prange(N):
+        for c in range(C):
+            y[n, c] = max(x[n, c] + bias[c], F(0.0))
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1])")
+def _relu_bwd(dy, y, dx, db_part):
+    # forward: y = max(u, 0) with u = x + bias  ->  dx = dy where y > 0, dbias = sum over rows of dx
+    N, C = y.shape
+    P = db_part.shape[0]
+    F = y.dtype.type
+    for p in prange(P):
+        for c in range(C):
+            db_part[p, c] = F(0.0)
+        for n in range(p * N // P, (p + 1) * N // P):
+            for c in range(C):
+                g = dy[n, c] if y[n, c] > F(0.0) else F(0.0)
+                dx[n, c] = g
+                db_part[p, c] += g
+
+
 # ------------------------------------------------------------------- embedding
 @_kernel("void(F[:, ::1], int64[::1], F[:, ::1])", serial_twin=True)
 def _embedding_fwd(w, ids, out):

@@ -26,6 +26,7 @@ ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at t
 # GELU keeps x and the bias rather than u = x + bias (one array fewer written; the backward
 # recomputes u), so its cache differs from the reference's (u, approximate, has_bias).
 GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
+ReluCache = namedtuple("ReluCache", "y has_bias")
 
 
 def _rows(x):
@@ -257,6 +258,30 @@ class NumbaOps(NumpyOps):
         dx = np.empty_like(x)
         db_part = np.empty((min(N, ROW_CHUNKS), C), x.dtype)
         K._gelu_bwd(_rows(dy), _rows(x), b, approximate == "none", _rows(dx), db_part)
+        return dx, (db_part.sum(axis=0) if has_bias else None)
+
+    # --------------------------------------------------------------------- ReLU
+    def relu_forward(self, x, bias=None):
+        x = as_float_array(x, "x")
+        if x.ndim == 0 or x.size == 0:
+            return super().relu_forward(x, bias)
+        C = x.shape[-1]
+        b = np.zeros(C, x.dtype) if bias is None else as_vector(bias, "bias", C, x.dtype)
+        y = np.empty_like(x)
+        K.sized(K._relu_fwd, x.size)(_rows(x), b, _rows(y))
+        return y, ReluCache(y, bias is not None)  # y > 0 exactly where x + bias > 0
+
+    def relu_backward(self, dy, cache):
+        if not isinstance(cache, ReluCache):  # a reference forward's cache
+            return super().relu_backward(dy, cache)
+        y, has_bias = cache
+        dy = as_float_array(dy, "dy", y.dtype)
+        if dy.shape != y.shape:
+            raise ValueError(f"dy must have the shape of the forward's x {y.shape}, got {dy.shape}")
+        N, C = y.size // y.shape[-1], y.shape[-1]
+        dx = np.empty_like(y)
+        db_part = np.empty((min(N, ROW_CHUNKS), C), y.dtype)
+        K._relu_bwd(_rows(dy), _rows(y), _rows(dx), db_part)
         return dx, (db_part.sum(axis=0) if has_bias else None)
 
     # ---------------------------------------------------------------- embedding

@@ -326,6 +326,24 @@ class NumpyOps:
         dbias = dx.reshape(-1, u.shape[-1]).sum(axis=0) if has_bias else None
         return dx, dbias
 
+    # --------------------------------------------------------------------- ReLU
+    def relu_forward(self, x, bias=None):
+        """y = max(x + bias, 0), the signature of `gelu_forward` without its form. Returns (y, cache)."""
+        u = as_float_array(x, "x")
+        if bias is not None:
+            u = u + as_vector(bias, "bias", u.shape[-1], u.dtype)
+        return np.maximum(u, 0).astype(u.dtype), (u > 0, u.dtype, bias is not None)
+
+    def relu_backward(self, dy, cache):
+        """Returns (dx, dbias); dbias is None when the forward had no bias."""
+        keep, dtype, has_bias = cache
+        dy = as_float_array(dy, "dy", dtype)
+        if dy.shape != keep.shape:
+            raise ValueError(f"dy must have the shape of the forward's x {keep.shape}, got {dy.shape}")
+        # forward: y = max(u, 0) with u = x + bias  ->  dx = dy where u > 0, dbias = sum over rows of dx
+        dx = np.where(keep, dy, 0).astype(dy.dtype)
+        return dx, (dx.reshape(-1, dx.shape[-1]).sum(axis=0) if has_bias else None)
+
     # ---------------------------------------------------------------- embedding
     def embedding_forward(self, weight, ids):
         """Gather rows: out[..., :] = weight[ids[...], :]. Returns (out, cache)."""
