@@ -32,7 +32,7 @@ def check_config_dict(cls, d, what):
     return cls(**d)
 
 
-def _check_int(name, value, minimum=1):
+def check_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
@@ -52,7 +52,7 @@ class LMConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff", "n_layers"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not isinstance(self.tie_embeddings, bool):

@@ -27,7 +27,7 @@ import numpy as np
 
 from .kernels import get_ops
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward, merge_heads, split_heads
-from .model import _check_int, check_config_dict
+from .model import check_config_dict, check_int
 from .params import FlatModel, FlatParams
 
 ACTIVATIONS = ("gelu", "relu")
@@ -54,7 +54,7 @@ class Seq2SeqConfig:
     def __post_init__(self):
         for name in ("src_vocab_size", "tgt_vocab_size", "max_src_len", "max_tgt_len", "d_model",
                      "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.activation not in ACTIVATIONS:
