@@ -48,7 +48,8 @@ class BPETokenizer:
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if None in ids:
             missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
-            raise ValueError(f"BPE tokenizer lacks the special tokens {missing}; fastformer needs {list(SPECIAL_TOKENS)}")
+            raise ValueError(f"BPE tokenizer lacks the special tokens {missing}; "
+                             f"fastformer needs {list(SPECIAL_TOKENS)}")
         self.pad_id, self.bos_id, self.eos_id = ids
         self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
         self.vocab_size = tokenizer.get_vocab_size()

@@ -110,7 +110,8 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer {self.optimizer!r} is not known: valid values are {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"train.optimizer {self.optimizer!r} is not known: "
+                             f"valid values are {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule {self.schedule!r} is not known: valid values are {', '.join(SCHEDULES)}")
 
@@ -248,7 +249,8 @@ PRESETS = {
     "small": (dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
               dict(max_steps=3000, lr=2e-3, min_lr=2e-4, warmup_steps=100, eval_interval=250, checkpoint_interval=250)),
     "medium": (dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
-               dict(max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=250, checkpoint_interval=500)),
+               dict(max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=250,
+                    checkpoint_interval=500)),
 }
 
 

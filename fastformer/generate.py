@@ -92,7 +92,8 @@ def _prompt_batch(prompt_ids, attention_mask):
         rows = [np.asarray(p) for p in prompt_ids]
         for r in rows:
             if r.ndim != 1 or r.dtype.kind not in "iu" or r.size == 0:
-                raise ValueError(f"each prompt in a list must be a non-empty 1-D integer sequence, got {r.dtype} {r.shape}")
+                raise ValueError(f"each prompt in a list must be a non-empty 1-D integer sequence, "
+                                 f"got {r.dtype} {r.shape}")
         T0 = max(r.size for r in rows)
         ids = np.zeros((len(rows), T0), np.int64)
         mask = np.zeros((len(rows), T0), np.int64)

@@ -281,7 +281,7 @@ class TransformerLM(FlatModel):
         Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
         shaped like `state_dict()`, and are overwritten by the next call.
         """
-        ops, P, G, cfg = get_ops(), self.params, self.grads, self.config
+        ops, G, cfg = get_ops(), self.grads, self.config
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = self._check_targets(targets, ids2.shape)
         B, T = ids2.shape

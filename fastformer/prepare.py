@@ -65,7 +65,8 @@ def _text_pieces(path, block_bytes, sha):
             try:
                 text = carry + head.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"data file {path!r} is not UTF-8 text (byte {offset + e.start}: {e.reason})") from None
+                raise ValueError(f"data file {path!r} is not UTF-8 text "
+                                 f"(byte {offset + e.start}: {e.reason})") from None
             offset += len(head)
             if not block:
                 if text:

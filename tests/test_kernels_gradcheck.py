@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import numerical_grad
 
 RTOL, ATOL = 1e-6, 1e-8

@@ -28,7 +28,8 @@ TOL32 = {  # (rtol, atol) per kernel for float32
     "adamw": dict(rtol=1e-5, atol=1e-7),
 }
 DTYPES = [np.float64, np.float32]
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def close(actual, expected, kernel, dtype):

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import numerical_grad
 
 import fastformer
-from conftest import numerical_grad
 from fastformer import LMConfig, TransformerLM
 
 TINY = dict(vocab_size=11, max_seq_len=8, d_model=8, n_heads=2, d_ff=12, n_layers=2)

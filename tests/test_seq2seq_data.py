@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from fastformer.seq2seq_data import (PairBatches, SyntheticTask, encode_pairs, make_batch, parse_alphabet,
-                                     read_pairs, split_pairs)
+from fastformer.seq2seq_data import (
+    PairBatches,
+    SyntheticTask,
+    encode_pairs,
+    make_batch,
+    parse_alphabet,
+    read_pairs,
+    split_pairs,
+)
 from fastformer.tokenizer import WordTokenizer
 
 

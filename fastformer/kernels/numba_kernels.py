@@ -14,7 +14,6 @@ Shape letters: N rows, C channels, B batch, H heads, T query length, S key lengt
 """
 
 import math
-
 import types as types_
 
 import numba

@@ -15,8 +15,16 @@ from collections import namedtuple
 import numpy as np
 
 from ..threads import configure_threads
-from .numpy_ops import (GELU_FORMS, NumpyOps, as_float_array, as_int_array, as_vector,
-                        check_attention_inputs, check_qkv, write_kv_cache)
+from .numpy_ops import (
+    GELU_FORMS,
+    NumpyOps,
+    as_float_array,
+    as_int_array,
+    as_vector,
+    check_attention_inputs,
+    check_qkv,
+    write_kv_cache,
+)
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
 from . import numba_kernels as K  # noqa: E402
