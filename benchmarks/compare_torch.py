@@ -22,7 +22,6 @@ timed calls. Only the benchmarks import torch and transformers.
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -105,7 +104,7 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile):
     for name, fn in list(steps_fns.items()):  # warm-up (compiles), and the check
         try:
             first[name] = fn()
-        except Exception as e:  # noqa: BLE001 -- a compiler error of any kind goes in the table
+        except Exception as e:  # a compiler error of any kind goes in the table
             if name != "torch.compile":
                 raise
             failed[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

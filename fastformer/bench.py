@@ -144,7 +144,7 @@ def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
 def kernel_shapes(preset):
     """Shape letters of a preset's training step: B, T, C, H, F, V."""
     cfg = preset_config(preset)
-    return dict(B=BATCH, T=SEQ_LEN, C=cfg.d_model, H=cfg.n_heads, F=cfg.d_ff, V=cfg.vocab_size)
+    return {"B": BATCH, "T": SEQ_LEN, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
 
 
 KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
@@ -176,7 +176,7 @@ def make_kernel_call(op, preset, backend=None, seed=0):
         def randn(*shape):
             return rng.standard_normal(shape, dtype=np.float32)
 
-        kind = op.rsplit("_", 1)[0]
+        kind = op.removesuffix("_forward").removesuffix("_backward")
         if kind == "softmax":
             scores = np.where(np.tri(T, dtype=bool), randn(B, H, T, T), -np.inf)  # (B, H, T, T), causal
             y, cache = ops.softmax_forward(scores)
@@ -189,16 +189,16 @@ def make_kernel_call(op, preset, backend=None, seed=0):
                      "layernorm_backward": lambda: ops.layernorm_backward(y, cache)}
         elif kind == "attention":
             qkv = randn(B, T, 3 * C)  # (B, T, 3C)
-            out, cache = ops.attention_qkv_forward(qkv, H, causal=True)  # (B, T, C)
+            _, cache = ops.attention_qkv_forward(qkv, H, causal=True)
             dout = randn(B, T, C)
             calls = {"attention_forward": lambda: ops.attention_qkv_forward(qkv, H, causal=True),
                      "attention_backward": lambda: ops.attention_qkv_backward(dout, cache)}
-        elif kind == "cross":
+        elif kind == "cross_entropy":
             logits = randn(B, T, V)  # (B, T, V)
             targets = rng.integers(0, V, size=(B, T))
 
             def cross_entropy():
-                loss, cache = ops.cross_entropy_forward(logits, targets)
+                _, cache = ops.cross_entropy_forward(logits, targets)
                 return ops.cross_entropy_backward(1.0, cache)
 
             calls = {"cross_entropy": cross_entropy}

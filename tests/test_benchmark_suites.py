@@ -20,7 +20,7 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/pytest_bench", "--benchmark-only", "-k", "tiny",
                            "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["benchmarks"]
     names = {b["name"] for b in results}

@@ -7,7 +7,7 @@ from fastformer import bench
 
 def test_generate(benchmark, backend, preset):
     benchmark.group = f"generate {preset}"
-    _, prompt, gen = bench.make_generate(preset, backend)
+    _, _, gen = bench.make_generate(preset, backend)
     median_s = run(benchmark, gen, backend, preset)
     assert gen().shape == (1, bench.GEN_PROMPT + bench.GEN_NEW)
     benchmark.extra_info["tokens_per_s"] = bench.GEN_NEW / median_s
