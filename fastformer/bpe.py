@@ -7,11 +7,27 @@ as a standard `tokenizer.json` that `tokenizers.Tokenizer.from_file` and
 `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` read; nothing is ever downloaded.
 """
 
+import json
 import os
 
 import numpy as np
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
+
+
+def byte_level_chars():
+    """The 256 printable characters byte-level BPE writes bytes as, indexed by byte (GPT-2's
+    scheme): printable Latin-1 bytes stand for themselves, the other 68 bytes take the code
+    points 256, 257, ... in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 def _tokenizers():
@@ -78,12 +94,34 @@ class BPETokenizer:
             raise ValueError(f"token id {bad} is outside the BPE vocabulary [0, {self.vocab_size})")
         return self._tk.decode(ids.tolist(), skip_special_tokens=True)
 
+    def byte_lengths(self):
+        """(V,) int64: the bytes each id stands for (one per byte-level character; 0 for specials)."""
+        special = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        special.update(self.special_tokens.values())
+        vocab = self._tk.get_vocab(with_added_tokens=True)  # token string -> id
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in vocab.items():
+            if i not in special:
+                out[i] = len(token)
+        return out
+
     def save(self, directory, filename="tokenizer.json"):
         """Write the standard `tokenizer.json` (atomically: temp file then rename)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, filename)
         self._tk.save(path + ".tmp")
         os.replace(path + ".tmp", path)
+
+    @classmethod
+    def from_dict(cls, d):
+        """From the parsed JSON of a Hugging Face tokenizer.json."""
+        tk = _tokenizers()
+        try:
+            return cls(tk.Tokenizer.from_str(json.dumps(d)))
+        except Exception as e:  # the Rust library raises its own exception type
+            if isinstance(e, ValueError) and "special tokens" in str(e):
+                raise
+            raise ValueError(f"not a readable Hugging Face tokenizer.json: {e}") from None
 
     @classmethod
     def from_file(cls, path):

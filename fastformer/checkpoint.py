@@ -179,7 +179,20 @@ def load_checkpoint(path):
 
 
 def load_model(path):
-    """(TransformerLM, tokenizer, RunConfig) from a checkpoint or run directory, for inference."""
+    """(TransformerLM, tokenizer, RunConfig) for inference, from a checkpoint or run directory or
+    a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json; e.g. one
+    written by `fastformer export`). A directory of another architecture is refused by name."""
+    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+        from .config import RunConfig, TrainConfig
+        from .hf import load_hf
+
+        model = load_hf(path)
+        tokenizer = load_tokenizer(path)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                             f"{model.config.vocab_size}")
+        seq_len = min(TrainConfig.seq_len, model.config.max_seq_len)
+        return model, tokenizer, RunConfig(model=model.config, train=TrainConfig(seq_len=seq_len))
     ckpt = load_checkpoint(path)
     model = TransformerLM(ckpt.config.model, seed=ckpt.config.train.seed)
     model.load_state_dict(ckpt.weights)

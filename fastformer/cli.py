@@ -1,7 +1,12 @@
-"""The `fastformer` command line: train, generate, info, plot.
+"""The `fastformer` command line: train, generate, eval, tokenizer, prepare, export, info, plot.
 
     fastformer train --preset tiny --out runs/tiny          # embedded default corpus
     fastformer generate --checkpoint runs/tiny --prompt "def "
+    fastformer tokenizer train --data corpus.txt --vocab-size 4096 --out tok
+    fastformer prepare --data corpus.txt --tokenizer tok --out data/corpus
+    fastformer train --preset small --data data/corpus --out runs/small
+    fastformer eval --checkpoint runs/small --data data/corpus
+    fastformer export --checkpoint runs/small --format hf --out hf/small
     fastformer info --preset small
     fastformer plot runs/tiny runs/small --out loss.png
 
@@ -35,6 +40,8 @@ def resolve_train_config(args):
     flags = []
     if args.data is not None:
         flags.append(f"data.path={args.data}")
+    if args.tokenizer is not None:
+        flags.append(f"data.tokenizer={args.tokenizer}")
     if args.seed is not None:
         flags.append(f"train.seed={args.seed}")
     if args.max_steps is not None:
@@ -63,7 +70,8 @@ def cmd_train(args):
         set_backend(args.backend)
     trainer = Trainer(config, args.out, resume=args.resume)
     print(f"training {trainer.model.num_parameters():,} parameters on {len(trainer.train_ids):,} tokens "
-          f"({config.data.path or 'embedded stdlib-documentation corpus'}); backend "
+          f"({config.data.path or 'embedded stdlib-documentation corpus'}; {trainer.tokenizer.kind} tokenizer, "
+          f"{trainer.tokenizer.vocab_size} ids); backend "
           f"{get_backend()}; run directory {args.out}; "
           f"step {trainer.step} of {config.train.max_steps}", flush=True)
     start = time.perf_counter()
@@ -75,9 +83,33 @@ def cmd_train(args):
 
 
 # -------------------------------------------------------------------------- generate
+def stream_text(tokenizer, id_steps, out, stop=()):
+    """Write the text of ids arriving one step at a time to `out` as it forms; returns the whole
+    text. Stops at the first stop string (not written). Characters that may still change -- an
+    incomplete UTF-8 sequence, or the start of a stop string -- are held back until settled."""
+    hold = max((len(s) for s in stop), default=1) - 1
+    ids, written, text = [], 0, ""
+    for nxt in id_steps:
+        ids.append(int(nxt))
+        text = tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        settled = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
+        if settled > written:
+            out.write(text[written:settled])
+            out.flush()
+            written = settled
+    out.write(text[written:])
+    out.flush()
+    return text
+
+
 def cmd_generate(args):
     from . import set_backend
     from .checkpoint import load_model
+    from .generate import generate_tokens
 
     if args.backend:
         set_backend(args.backend)
@@ -85,9 +117,109 @@ def cmd_generate(args):
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
         raise ValueError("--prompt is empty: give at least one character to continue")
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
-    sys.stdout.write(tokenizer.decode(out) + "\n")
+    steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
+                            repetition_penalty=args.repetition_penalty)
+    sys.stdout.write(args.prompt)
+    stream_text(tokenizer, (nxt[0] for nxt in steps), sys.stdout, stop=args.stop or ())
+    sys.stdout.write("\n")
+    return 0
+
+
+# -------------------------------------------------------------------------- tokenizer
+def cmd_tokenizer_train(args):
+    from .bpe import BPETokenizer
+    from .tokenizer import CharTokenizer
+
+    if args.kind == "bpe":
+        if args.vocab_size is None:
+            raise ValueError("tokenizer train --kind bpe needs --vocab-size N (e.g. 4096)")
+        tok = BPETokenizer.train(args.data, args.vocab_size, show_progress=sys.stderr.isatty())
+    else:
+        if args.vocab_size is not None:
+            raise ValueError("--vocab-size does not apply to --kind char: its vocabulary is every character "
+                             "of the data")
+        tok = CharTokenizer.train(args.data)
+    tok.save(args.out)
+    print(f"wrote a {tok.kind} tokenizer with {tok.vocab_size} ids to {os.path.join(args.out, 'tokenizer.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- prepare
+def cmd_prepare(args):
+    from .datasets import fetch_dataset
+    from .prepare import prepare
+    from .tokenizer import ByteTokenizer, load_tokenizer
+
+    if (args.data is None) == (args.dataset is None):
+        raise ValueError("prepare needs either --data FILE... or --dataset NAME")
+    files, val_files = args.data, args.val_data
+    if args.dataset:
+        if val_files:
+            raise ValueError("--val-data does not apply to --dataset, which brings its own split")
+        files, val_files = fetch_dataset(args.dataset, args.cache_dir)
+    if args.tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif os.path.isdir(args.tokenizer):
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        raise ValueError(f"--tokenizer {args.tokenizer!r} is neither 'byte' nor a directory holding a tokenizer.json "
+                         f"(make one with fastformer tokenizer train)")
+    meta = prepare(files, tok, args.out, val_fraction=args.val_fraction, val_files=val_files)
+    s = meta["splits"]
+    print(f"wrote {s['train']['tokens']:,} training and {s['val']['tokens']:,} validation tokens "
+          f"({meta['dtype']}, {tok.kind} tokenizer, {tok.vocab_size} ids) to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- eval
+def cmd_eval(args):
+    import json
+
+    from . import set_backend
+    from .checkpoint import load_model
+    from .data import load_text
+    from .evaluate import evaluate_lm
+    from .prepare import is_prepared_dir, load_prepared
+
+    if args.backend:
+        set_backend(args.backend)
+    # a language-model checkpoint; other model kinds dispatch here on their config
+    model, tokenizer, config = load_model(args.checkpoint)
+    if is_prepared_dir(args.data):
+        prepared = load_prepared(args.data)
+        if prepared.tokenizer.vocab_size != tokenizer.vocab_size or prepared.tokenizer.kind != tokenizer.kind:
+            raise ValueError(f"{args.data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
+                             f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} with "
+                             f"{tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
+        ids = getattr(prepared, args.split)
+    else:
+        ids = tokenizer.encode(load_text(args.data))
+    batch_size = args.batch_size or config.train.batch_size
+    seq_len = min(args.seq_len or config.train.seq_len, model.config.max_seq_len)
+    m = evaluate_lm(model, ids, batch_size, seq_len, args.max_batches, tokenizer.byte_lengths())
+    m.update(data=args.data, checkpoint=args.checkpoint, seq_len=seq_len)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"loss {m['loss']:.4f} | ppl {m['ppl']:.3f} | bits/byte {m['bits_per_byte']:.4f} | "
+              f"acc {m['acc']:.4f} | {m['tokens']:,} tokens, {m['bytes']:,} bytes, seq_len {seq_len}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+EXPORT_FORMATS = ("hf",)
+
+
+def cmd_export(args):
+    from .checkpoint import load_model
+    from .hf import export_hf
+
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {args.format!r}: valid formats are {', '.join(EXPORT_FORMATS)}")
+    model, tokenizer, _ = load_model(args.checkpoint)
+    wrote = export_hf(model, tokenizer, args.out)
+    print(f"wrote {', '.join(wrote)} to {args.out}")
     return 0
 
 
@@ -137,7 +269,10 @@ def build_parser():
     p = sub.add_parser("train", help="train a language model")
     p.add_argument("--config", help="YAML run config (sections model/data/train)")
     p.add_argument("--preset", help="tiny, small or medium (default tiny; --config is applied on top)")
-    p.add_argument("--data", help="UTF-8 text file (default: the embedded stdlib-documentation corpus)")
+    p.add_argument("--data", help="UTF-8 text file or directory from fastformer prepare "
+                                  "(default: the embedded stdlib-documentation corpus)")
+    p.add_argument("--tokenizer", help="byte, char or a tokenizer directory (data.tokenizer; a prepared "
+                                       "directory brings its own)")
     p.add_argument("--out", help="run directory (default runs/<preset or config name>)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -155,8 +290,47 @@ def build_parser():
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
     p.add_argument("--seed", type=int, help="seed of the sampling generator")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable); <eos> always stops")
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tsub.add_parser("train", help="learn a BPE or char vocabulary from text files")
+    p.add_argument("--data", nargs="+", required=True, help="UTF-8 text files")
+    p.add_argument("--kind", choices=("bpe", "char"), default="bpe")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size including 3 specials (e.g. 4096)")
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="encode text once into memory-mapped token files")
+    p.add_argument("--data", nargs="+", help="UTF-8 text files, in order")
+    p.add_argument("--dataset", help="download a public corpus instead: tinyshakespeare or tinystories")
+    p.add_argument("--val-data", nargs="+", help="text files for the validation split (default: the last "
+                                                 "--val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--tokenizer", default="byte", help="byte or a tokenizer directory (default byte)")
+    p.add_argument("--cache-dir", help="where --dataset downloads go (default ~/.cache/fastformer/datasets)")
+    p.add_argument("--out", required=True, help="directory for train.bin, val.bin, meta.json, tokenizer.json")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--data", required=True, help="UTF-8 text file or prepared directory")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="split of a prepared directory")
+    p.add_argument("--max-batches", type=int, help="at most this many batches (default: all the text)")
+    p.add_argument("--batch-size", type=int, help="windows per batch (default: the run's train.batch_size)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the run's train.seq_len)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint in another format")
+    p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--format", required=True, help=f"one of: {', '.join(EXPORT_FORMATS)}")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="show the backend, versions, threads and a config's size")
     g = p.add_mutually_exclusive_group()

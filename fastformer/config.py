@@ -22,15 +22,16 @@ ModelConfig = LMConfig
 
 @dataclass
 class DataConfig:
-    path: typing.Optional[str] = None  # UTF-8 text file; None: the embedded stdlib-documentation corpus
-    val_fraction: float = 0.1  # the last fraction of the tokens is the validation split
-    tokenizer: str = "byte"  # the only kind so far
+    path: typing.Optional[str] = None  # UTF-8 text file or prepared directory; None: the embedded corpus
+    val_fraction: float = 0.1  # the last fraction of the tokens is the validation split (text only)
+    tokenizer: typing.Optional[str] = None  # byte | char | a tokenizer directory; None: byte, or a
+    #                                         prepared directory's own tokenizer
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
-        if self.tokenizer != "byte":
-            raise ValueError(f"data.tokenizer {self.tokenizer!r} is not known: valid values are byte")
+        if self.tokenizer == "":  # a directory is checked when the tokenizer is loaded
+            raise ValueError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
 
 
 @dataclass
@@ -195,6 +196,18 @@ def preset(name):
     model, train = PRESETS[name]
     return RunConfig(model=ModelConfig(max_seq_len=128, **model),
                      train=TrainConfig(batch_size=32, seq_len=128, **train))
+
+
+def match_tokenizer(config, tokenizer):
+    """The config with model.vocab_size equal to the tokenizer's. The default vocab_size (259,
+    the byte tokenizer's) follows the tokenizer; any other value that differs is an error."""
+    v = config.model.vocab_size
+    if v == tokenizer.vocab_size:
+        return config
+    if v == ModelConfig.vocab_size:
+        return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    raise ValueError(f"model.vocab_size={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
+                     f"drop model.vocab_size (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
 
 
 def load_config(path, base=None):

@@ -8,8 +8,11 @@ function in name order, a `name(signature)` line followed by its docstring -- ro
 user, and is rebuilt in memory on every run (nothing is copied into the repository). Its exact
 bytes depend on the Python version, so its SHA-256 is saved with each checkpoint.
 
-Batches are contiguous windows at uniformly random offsets, drawn from an explicit
-`np.random.Generator` whose state the trainer saves, so the data order resumes exactly.
+A run's data is either text (a file or the default corpus), encoded at start with the tokenizer
+`data.tokenizer` names, or a directory made by `fastformer prepare`, whose token files are
+memory-mapped (fastformer.prepare). Batches are contiguous windows at uniformly random offsets,
+drawn from an explicit `np.random.Generator` whose state the trainer saves, so the data order
+resumes exactly; windows are copied out as int64 whatever the stored dtype.
 """
 
 import hashlib
@@ -20,6 +23,9 @@ import os
 import warnings
 
 import numpy as np
+
+from .prepare import is_prepared_dir, load_prepared
+from .tokenizer import make_tokenizer
 
 # Modules whose documentation makes the default corpus: pure-Python, importable everywhere,
 # free of import-time side effects, and documented at length.
@@ -125,7 +131,7 @@ def get_batch(ids, batch_size, seq_len, rng):
     Returns (x, y), each (B, T) int64, with y the next token of x at every position.
     """
     starts = rng.integers(0, len(ids) - seq_len, size=batch_size)  # (B,)
-    win = ids[starts[:, None] + np.arange(seq_len + 1)]  # (B, T + 1)
+    win = ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)  # (B, T + 1)
     return win[:, :-1], win[:, 1:]
 
 
@@ -136,5 +142,39 @@ def eval_batches(ids, batch_size, seq_len, n_batches):
     n = min(n_windows, batch_size * n_batches)
     starts = (np.arange(n) * (n_windows // n)) * seq_len  # (n,)
     for i in range(0, n, batch_size):
-        win = ids[starts[i:i + batch_size, None] + np.arange(seq_len + 1)]
+        win = ids[starts[i:i + batch_size, None] + np.arange(seq_len + 1)].astype(np.int64)
         yield win[:, :-1], win[:, 1:]
+
+
+def load_training_data(data, seq_len, text=None, tokenizer=None):
+    """The token streams of a run: (tokenizer, train_ids, val_ids, fingerprint).
+
+    Args:
+        data: the run's DataConfig. `data.path` is a text file, a prepared directory (its own
+            tokenizer and splits are used; data.tokenizer must then be unset) or None (the
+            default corpus).
+        text: use this str instead of data.path.
+        tokenizer: use this tokenizer (a resumed run's) instead of building data.tokenizer.
+    """
+    if text is None and is_prepared_dir(data.path):
+        prepared = load_prepared(data.path)
+        tok = prepared.tokenizer
+        if data.tokenizer is not None:
+            raise ValueError(f"data.tokenizer={data.tokenizer!r} but data.path {data.path!r} is a prepared "
+                             f"directory, whose tokens were made by its own {tok.kind} tokenizer "
+                             f"({tok.vocab_size} ids): leave data.tokenizer unset")
+        if tokenizer is not None and tokenizer.vocab_size != tok.vocab_size:
+            raise ValueError(f"the prepared directory {data.path!r} has a {tok.kind} tokenizer of "
+                             f"{tok.vocab_size} ids, but the run's tokenizer has {tokenizer.vocab_size}")
+        for name, ids in (("train", prepared.train), ("val", prepared.val)):
+            if len(ids) < seq_len + 1:
+                raise ValueError(f"the {name} split of {data.path!r} has {len(ids)} tokens, fewer than "
+                                 f"seq_len + 1 = {seq_len + 1}: prepare more text or use a shorter train.seq_len")
+        return tok, prepared.train, prepared.val, prepared.fingerprint
+    if text is None:
+        text = load_text(data.path) if data.path else default_corpus()
+    if tokenizer is None:
+        tokenizer = make_tokenizer(data.tokenizer or "byte", text)
+    ids = tokenizer.encode(text)
+    train, val = split_ids(ids, data.val_fraction, seq_len)
+    return tokenizer, train, val, ids_sha256(ids)

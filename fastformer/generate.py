@@ -1,7 +1,11 @@
 """Autoregressive sampling from a language model: greedy, temperature, top-k and top-p.
 
-Each new token runs the model on the last `max_seq_len` tokens (no key/value cache yet), takes
-the logits of the last position and picks the next id:
+The prompt runs through the model once, filling a per-layer key/value cache; after that each
+new token costs one O(T) attention per layer (`TransformerLM.decode`). Once a sequence outgrows
+the context window every step is a full forward over its last `max_seq_len` tokens, as nanoGPT
+crops. Prompts of different lengths are left-padded and positions count real tokens only, so a
+row generates the same tokens alone or in a batch. Each step takes the last position's logits,
+applies the repetition penalty, and picks the next id:
 
     temperature == 0   greedy: the argmax (lowest id among equal maxima)
     temperature > 0    sample from softmax(logits / temperature), after
@@ -68,40 +72,125 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
     return np.minimum(idx, last).astype(np.int64)
 
 
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             eos_id=None):
-    """Continue prompts with up to max_new_tokens sampled tokens.
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's repetition penalty on logits (B, V) for the ids marked in `seen` (B, V): a positive
+    logit is divided by `penalty`, a negative one multiplied by it."""
+    return np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
 
-    Args:
-        model: anything with `forward(ids (B, T)) -> logits (B, T, V)` and `config.max_seq_len`.
-        prompt_ids: (T0,) one prompt or (B, T0) a batch of equal-length prompts; T0 >= 1.
-        temperature, top_k, top_p: see the module docstring.
-        seed: seeds the sampling generator (ignored when greedy).
-        eos_id: stop a row once it has produced this id; finished rows are padded with it.
-    Returns prompt plus new tokens, int64, (T0 + n,) or (B, T0 + n), n <= max_new_tokens.
-    """
+
+def _positions(mask):
+    """Position ids that count real tokens only: (B, T) from a left-padded 0/1 mask."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _prompt_batch(prompt_ids, attention_mask):
+    """(ids (B, T0) int64, mask (B, T0) int64, how to return the result)."""
+    ragged = isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0 and not np.isscalar(prompt_ids[0])
+    if ragged:
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for a 2-D prompt array; a list of prompts is padded here")
+        rows = [np.asarray(p) for p in prompt_ids]
+        for r in rows:
+            if r.ndim != 1 or r.dtype.kind not in "iu" or r.size == 0:
+                raise ValueError(f"each prompt in a list must be a non-empty 1-D integer sequence, got {r.dtype} {r.shape}")
+        T0 = max(r.size for r in rows)
+        ids = np.zeros((len(rows), T0), np.int64)
+        mask = np.zeros((len(rows), T0), np.int64)
+        for b, r in enumerate(rows):  # left padding: the newest tokens line up on the right
+            ids[b, T0 - r.size:] = r
+            mask[b, T0 - r.size:] = 1
+        return ids, mask, "list"
     prompt = np.asarray(prompt_ids)
     if prompt.dtype.kind not in "iu" or prompt.ndim not in (1, 2):
-        raise ValueError(f"prompt_ids must be a 1-D or 2-D integer array, got {prompt.dtype} {prompt.shape}")
+        raise ValueError(f"prompt_ids must be a 1-D or 2-D integer array (or a list of prompts), got "
+                         f"{prompt.dtype} {prompt.shape}")
     if prompt.shape[-1] == 0:
         raise ValueError("prompt_ids is empty: give at least one token (e.g. <bos>)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    ids = np.atleast_2d(prompt).astype(np.int64)
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = np.asarray(attention_mask).astype(np.int64).reshape(ids.shape)
+        if not (mask[:, -1] == 1).all() or (np.diff(mask, axis=1) < 0).any():
+            raise ValueError("attention_mask must be left padding: 0s then 1s in each row, ending with a token")
+    return ids, mask, "2d" if prompt.ndim == 2 else "1d"
+
+
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+                    eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True):
+    """Yield the next ids (B,) of every row, step by step (see `generate` for the arguments).
+    Rows that have produced `eos_id` keep yielding it; the generator stops when all have."""
+    ids, mask, _ = _prompt_batch(prompt_ids, attention_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be None or lie in (0, 1], got {top_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be None or > 0, got {repetition_penalty}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     rng = np.random.default_rng(seed)
-    ids = np.atleast_2d(prompt).astype(np.int64)  # (B, T)
-    done = np.zeros(ids.shape[0], dtype=bool)  # (B,)
-    Tmax = model.config.max_seq_len
+    B, V, Tmax = ids.shape[0], model.config.vocab_size, model.config.max_seq_len
+    ids, mask = ids[:, -Tmax:], mask[:, -Tmax:]  # a prompt longer than the context is cropped
+    seen = np.zeros((B, V), dtype=bool)  # ids present in each row, for the repetition penalty
+    if repetition_penalty is not None:
+        real = mask.astype(bool)
+        seen[np.nonzero(real)[0], ids[real]] = True
+    cache = model.new_cache(B) if use_cache else None
+    pending = ids  # tokens the cache has not seen yet
+    done = np.zeros(B, dtype=bool)
     for _ in range(max_new_tokens):
-        logits = model.forward(ids[:, -Tmax:])[:, -1, :]  # (B, V), prompt cropped to the context
+        if cache is not None and cache.length + pending.shape[1] <= Tmax:
+            n = pending.shape[1]
+            logits = model.decode(pending, cache, attention_mask=mask[:, -n:],
+                                  position_ids=_positions(mask)[:, -n:])[:, -1]  # (B, V)
+        else:  # no cache, or the context is full: a full forward over the last Tmax tokens
+            cache = None
+            w_ids, w_mask = ids[:, -Tmax:], mask[:, -Tmax:]
+            logits = model.forward(w_ids, attention_mask=w_mask, position_ids=_positions(w_mask))[:, -1]
+        if repetition_penalty is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, rng)  # (B,)
         if eos_id is not None:
             nxt[done] = eos_id
             done |= nxt == eos_id
+        seen[np.arange(B), nxt] = True
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        pending = nxt[:, None]
+        yield nxt
         if done.all():
-            break
-    return ids if prompt.ndim == 2 else ids[0]
+            return
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
+             eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True):
+    """Continue prompts with up to max_new_tokens sampled tokens.
+
+    Args:
+        model: a TransformerLM (anything with `forward`, `decode`, `new_cache` and `config`).
+        prompt_ids: (T0,) one prompt, (B, T0) a batch (left-padded if `attention_mask` is given),
+            or a list of 1-D prompts of different lengths.
+        temperature, top_k, top_p: see the module docstring.
+        seed: seeds the sampling generator (ignored when greedy).
+        eos_id: stop a row once it has produced this id; finished rows are padded with it.
+        repetition_penalty: > 1 discourages ids already in the row (None or 1.0: off).
+        use_cache: False runs a full forward per token (slower; the same tokens).
+    Returns prompt plus new tokens, int64: (T0 + n,) or (B, T0 + n), n <= max_new_tokens; for a
+    list of prompts, a list of 1-D arrays, each cut after its first eos_id.
+    """
+    ids, _, kind = _prompt_batch(prompt_ids, attention_mask)
+    steps = list(generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                                 repetition_penalty, attention_mask, use_cache))
+    new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
+    if kind == "list":
+        out = []
+        for p, row in zip(prompt_ids, new):
+            if eos_id is not None and (row == eos_id).any():
+                row = row[:int(np.argmax(row == eos_id)) + 1]
+            out.append(np.concatenate([np.asarray(p, dtype=np.int64), row]))
+        return out
+    full = np.concatenate([ids, new], axis=1)
+    return full if kind == "2d" else full[0]

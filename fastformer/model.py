@@ -18,7 +18,7 @@ import numpy as np
 
 from .kernels import get_ops
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
-from .params import FlatParams
+from .params import FlatModel, FlatParams
 
 
 def check_config_dict(cls, d, what):
@@ -70,7 +70,24 @@ class LMConfig:
         return dataclasses.asdict(self)
 
 
-class TransformerLM:
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far, so that each new token costs
+    one O(T) attention per layer instead of a forward over the whole sequence.
+
+    k, v: (L, B, H, Tmax, hs); padding: (B, Tmax) True at padded prompt positions; length: the
+    number of positions filled.
+    """
+
+    def __init__(self, config, batch_size, dtype=np.float32):
+        L, H, Tmax = config.n_layers, config.n_heads, config.max_seq_len
+        shape = (L, batch_size, H, Tmax, config.d_model // H)
+        self.k = np.zeros(shape, dtype)
+        self.v = np.zeros(shape, dtype)
+        self.padding = np.zeros((batch_size, Tmax), dtype=bool)
+        self.length = 0
+
+
+class TransformerLM(FlatModel):
     """GPT-2-architecture language model on NumPy arrays.
 
     Args:
@@ -131,17 +148,6 @@ class TransformerLM:
                 std = proj_std if name.endswith("c_proj.weight") else 0.02
                 p[...] = rng.normal(0.0, std, size=p.shape)
 
-    def state_dict(self):
-        """{name: array} with Hugging Face GPT-2 names and shapes (views of the live weights)."""
-        return dict(self.params)
-
-    def load_state_dict(self, state):
-        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
-        self.flat.load(state)
-
-    def num_parameters(self):
-        return self.flat.size
-
     @property
     def head_name(self):
         return "transformer.wte.weight" if self.config.tie_embeddings else "lm_head.weight"
@@ -172,13 +178,17 @@ class TransformerLM:
         return ids2.astype(np.int64, copy=False), kpm
 
     # --------------------------------------------------------------- forward
-    def _forward(self, ids, kpm, train):
-        """Logits (B, T, V) and the caches the backward needs."""
+    def _forward(self, ids, kpm, train, positions=None, kv=None):
+        """Logits (B, T, V) and the caches the backward needs. `positions` (B, T) default to
+        0..T-1; with a KVCache `kv` the tokens extend the cached sequence (inference only)."""
         ops, P, cfg = get_ops(), self.params, self.config
         B, T = ids.shape
         drop = cfg.dropout if train else 0.0
+        wpe = P["transformer.wpe.weight"]
         tok, emb_cache = ops.embedding_forward(P["transformer.wte.weight"], ids)  # (B, T, C)
-        x, emb_mask = dropout_forward(tok + P["transformer.wpe.weight"][:T], drop, self.rng)
+        x, emb_mask = dropout_forward(tok + (wpe[:T] if positions is None else wpe[positions]), drop, self.rng)
+        if kv is not None:
+            kv.padding[:, kv.length:kv.length + T] = False if kpm is None else kpm
         h, ln_cache = ops.layernorm_forward(x, P["transformer.h.0.ln_1.weight"], P["transformer.h.0.ln_1.bias"])
         blocks = []
         for i in range(cfg.n_layers):
@@ -186,7 +196,10 @@ class TransformerLM:
             nxt = f"transformer.h.{i + 1}.ln_1" if i + 1 < cfg.n_layers else "transformer.ln_f"
             # attention: LN -> fused QKV -> causal multi-head attention -> projection -> residual
             qkv, qkv_c = linear_forward(h, P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])  # (B, T, 3C)
-            a, att_c = ops.attention_qkv_forward(qkv, cfg.n_heads, causal=True, key_padding_mask=kpm)  # (B, T, C)
+            if kv is None:
+                a, att_c = ops.attention_qkv_forward(qkv, cfg.n_heads, causal=True, key_padding_mask=kpm)  # (B, T, C)
+            else:
+                a, att_c = ops.attention_cached(qkv, kv.k[i], kv.v[i], kv.length, cfg.n_heads, kv.padding), None
             o, proj_c = linear_forward(a, P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
             o, o_mask = dropout_forward(o, drop, self.rng)
             (x, h), ln2_c = ops.residual_layernorm_forward(x, o, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
@@ -198,15 +211,50 @@ class TransformerLM:
             (x, h), lnn_c = ops.residual_layernorm_forward(x, m, P[nxt + ".weight"], P[nxt + ".bias"])
             blocks.append((qkv_c, att_c, proj_c, o_mask, ln2_c, fc_c, gelu_c, mproj_c, m_mask, lnn_c, nxt))
         logits, head_c = linear_forward(h, P[self.head_name].T)  # (B, T, V)
+        if kv is not None:
+            kv.length += T
         return logits, (emb_cache, emb_mask, ln_cache, blocks, head_c)
 
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, position_ids=None):
         """Logits (B, T, V) for integer ids (B, T) -- or (T, V) for ids (T,) -- in inference
         mode (no dropout). `attention_mask` (like ids) is 1 for tokens and 0 for padding;
-        padding keys are never attended to."""
+        padding keys are never attended to. `position_ids` (like ids) default to 0..T-1."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
-        logits, _ = self._forward(ids2, kpm, train=False)
+        logits, _ = self._forward(ids2, kpm, train=False, positions=self._check_positions(position_ids, ids2.shape))
         return logits if np.ndim(ids) == 2 else logits[0]
+
+    def new_cache(self, batch_size):
+        """An empty KVCache for decoding `batch_size` sequences with `decode`."""
+        return KVCache(self.config, batch_size, self.flat.dtype)
+
+    def decode(self, ids, cache, attention_mask=None, position_ids=None):
+        """Logits (B, T, V) of new tokens ids (B, T) that continue the sequences held in `cache`
+        (a `new_cache(B)`), whose keys and values are appended to it. The first call passes the
+        prompt, each later call the tokens just chosen. position_ids default to the cache's next
+        positions."""
+        ids2, kpm = self._check_inputs(ids, attention_mask)
+        B, T = ids2.shape
+        if cache.k.shape[1] != B:
+            raise ValueError(f"ids have batch size {B} but the cache was made for {cache.k.shape[1]}")
+        if cache.length + T > self.config.max_seq_len:
+            raise ValueError(f"the cache holds {cache.length} positions; {T} more exceed max_seq_len="
+                             f"{self.config.max_seq_len}")
+        positions = self._check_positions(position_ids, (B, T))
+        if positions is None:
+            positions = np.broadcast_to(np.arange(cache.length, cache.length + T), (B, T))
+        logits, _ = self._forward(ids2, kpm, train=False, positions=positions, kv=cache)
+        return logits
+
+    def _check_positions(self, position_ids, shape):
+        if position_ids is None:
+            return None
+        pos = np.asarray(position_ids)
+        Tmax = self.config.max_seq_len
+        if pos.dtype.kind not in "iu" or pos.size != int(np.prod(shape)):
+            raise ValueError(f"position_ids must be an integer array like ids {shape}, got {pos.dtype} {pos.shape}")
+        if pos.size and (pos.min() < 0 or pos.max() >= Tmax):
+            raise ValueError(f"position_ids must lie in [0, max_seq_len={Tmax}), got {pos.min()}..{pos.max()}")
+        return pos.reshape(shape)
 
     __call__ = forward
 
@@ -282,10 +330,12 @@ class TransformerLM:
 
     # ------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                 eos_id=None):
-        """Prompt plus up to max_new_tokens sampled ids: (T0,) -> (T0 + n,) or (B, T0) -> (B, T0 + n).
-        temperature 0 is greedy; see fastformer.generate for top_k, top_p, seed and eos_id."""
+                 eos_id=None, **kwargs):
+        """Prompt plus up to max_new_tokens sampled ids: (T0,) -> (T0 + n,) or (B, T0) -> (B, T0 + n),
+        with a key/value cache. temperature 0 is greedy; see fastformer.generate.generate for
+        top_k, top_p, seed, eos_id and the other options (repetition_penalty, attention_mask,
+        prompts of different lengths, use_cache)."""
         from .generate import generate
 
         return generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, eos_id=eos_id)
+                        top_p=top_p, seed=seed, eos_id=eos_id, **kwargs)

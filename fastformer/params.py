@@ -56,3 +56,18 @@ class FlatParams:
                 raise ValueError(f"state dict entry {n!r} must be a float array, got dtype {arr.dtype}")
         for n, arr in state.items():
             self.params[n][...] = arr
+
+
+class FlatModel:
+    """What every fastformer model shares through its `self.flat` (a FlatParams)."""
+
+    def state_dict(self):
+        """{name: array} of every parameter (views of the live weights)."""
+        return dict(self.flat.params)
+
+    def load_state_dict(self, state):
+        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
+        self.flat.load(state)
+
+    def num_parameters(self):
+        return self.flat.size

@@ -28,7 +28,7 @@ import numpy as np
 from .kernels import get_ops
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward, merge_heads, split_heads
 from .model import _check_int, check_config_dict
-from .params import FlatParams
+from .params import FlatModel, FlatParams
 
 ACTIVATIONS = ("gelu", "relu")
 POSITIONALS = ("learned", "sinusoidal")
@@ -127,7 +127,7 @@ class DecoderState:
             v[:, :, :self.pos] = v[rows, :, :self.pos]
 
 
-class Seq2SeqTransformer:
+class Seq2SeqTransformer(FlatModel):
     """Encoder-decoder Transformer on NumPy arrays.
 
     Args:
@@ -209,17 +209,6 @@ class Seq2SeqTransformer:
                 p[...] = 1.0
             else:
                 p[...] = 0.0
-
-    def state_dict(self):
-        """{name: array} with torch.nn.Transformer names for the layers (views of the live weights)."""
-        return dict(self.params)
-
-    def load_state_dict(self, state):
-        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
-        self.flat.load(state)
-
-    def num_parameters(self):
-        return self.flat.size
 
     @property
     def head_name(self):

@@ -23,12 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from .config import save_config
-from .data import default_corpus, eval_batches, get_batch, ids_sha256, load_text, split_ids
-from .kernels import get_ops
+from .config import match_tokenizer, save_config
+from .data import get_batch, load_training_data
+from .evaluate import evaluate_lm
 from .model import TransformerLM
 from .optim import clip_grad_norm, learning_rate, make_optimizer
-from .tokenizer import ByteTokenizer
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,6 +44,7 @@ class Trainer:
         out_dir: the run directory (created if needed).
         resume: continue from the newest checkpoint in out_dir.
         text: train on this str instead of config.data.path / the embedded default corpus.
+    The data is a text file or a directory written by `fastformer prepare` (config.data.path).
         verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
     """
 
@@ -62,19 +62,14 @@ class Trainer:
                              f"or choose another output directory")
         if config is None:
             raise ValueError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
-        self.config = cfg = config
-        t = cfg.train
+        t = config.train
 
-        # data: tokenize the corpus once, split it, and make the data-order generator
-        self.tokenizer = ByteTokenizer()
-        if cfg.model.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the {self.tokenizer.kind} "
-                             f"tokenizer has {self.tokenizer.vocab_size} ids")
-        if text is None:
-            text = load_text(cfg.data.path) if cfg.data.path else default_corpus()
-        ids = self.tokenizer.encode(text)
-        self.data_sha256 = ids_sha256(ids)
-        self.train_ids, self.val_ids = split_ids(ids, cfg.data.val_fraction, t.seq_len)
+        # data: the tokenizer and the train/validation token streams (text is encoded once;
+        # a prepared directory is memory-mapped); model.vocab_size follows the tokenizer
+        self.tokenizer, self.train_ids, self.val_ids, self.data_sha256 = load_training_data(
+            config.data, t.seq_len, text=text, tokenizer=ckpt.tokenizer if ckpt else None)
+        self.config = cfg = match_tokenizer(config, self.tokenizer)
+        self.byte_lengths = self.tokenizer.byte_lengths()  # (V,) for bits per byte
         self.data_rng = np.random.default_rng(np.random.SeedSequence(t.seed).spawn(3)[2])
 
         # model and optimizer (the model seeds its own init and dropout generators from t.seed)
@@ -123,17 +118,10 @@ class Trainer:
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self):
-        """Validation loss, perplexity and next-token accuracy over fixed validation windows."""
-        t, ops = self.config.train, get_ops()
-        total_loss, total_correct, n = 0.0, 0, 0
-        for x, y in eval_batches(self.val_ids, t.batch_size, t.seq_len, t.eval_batches):
-            logits = self.model.forward(x)  # (b, T, V), inference mode
-            loss, _ = ops.cross_entropy_forward(logits, y)
-            total_loss += loss * y.size
-            total_correct += int((logits.argmax(axis=-1) == y).sum())
-            n += y.size
-        val_loss = total_loss / n
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_acc": total_correct / n}
+        """Validation loss, perplexity, next-token accuracy and bits per byte over fixed windows."""
+        t = self.config.train
+        m = evaluate_lm(self.model, self.val_ids, t.batch_size, t.seq_len, t.eval_batches, self.byte_lengths)
+        return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_acc": m["acc"], "val_bpb": m["bits_per_byte"]}
 
     # ---------------------------------------------------------------- train
     def train(self, steps=None):
@@ -196,7 +184,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if self.verbose and "val_loss" in record:
             tqdm.write(f"step {record['step']:>6} | loss {record['loss']:.4f} | val_loss {record['val_loss']:.4f} "
-                       f"| val_ppl {record['val_ppl']:.2f} | val_acc {record['val_acc']:.3f} "
+                       f"| val_ppl {record['val_ppl']:.2f} | val_bpb {record['val_bpb']:.3f} | val_acc {record['val_acc']:.3f} "
                        f"| lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s")
 
     def _checkpoint(self):

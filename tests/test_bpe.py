@@ -64,3 +64,22 @@ def test_bad_training_input(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable Hugging Face tokenizer.json"):
         BPETokenizer.from_file(tmp_path / "bad.json")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text())
+def test_byte_lengths_count_utf8_bytes(bpe, text):
+    ids = bpe.encode(text, bos=True, eos=True)
+    assert bpe.byte_lengths()[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_load_tokenizer_recognises_the_hf_file(bpe, tmp_path):
+    from fastformer.tokenizer import load_tokenizer
+
+    bpe.save(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == bpe.vocab_size
+    np.testing.assert_array_equal(tok.encode("the cat"), bpe.encode("the cat"))
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
+    with pytest.raises(ValueError, match="not a readable Hugging Face tokenizer.json"):
+        load_tokenizer(str(tmp_path))

@@ -15,6 +15,8 @@ Shape letters: N rows, C channels, B batch, H heads, T query length, S key lengt
 
 import math
 
+import types as types_
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -32,10 +34,31 @@ def _sigs(template):
     return [template.replace("F", f) for f in FLOAT_TYPES]
 
 
-def _kernel(template, parallel=True):
-    """Compile for float32 and float64 now (loaded from the disk cache when possible)."""
-    return numba.njit(_sigs(template), parallel=parallel, cache=True, fastmath=FASTMATH,
-                      error_model="numpy", nogil=True)
+def _kernel(template, parallel=True, serial_twin=False):
+    """Compile for float32 and float64 now (loaded from the disk cache when possible).
+
+    With `serial_twin`, the same function is also compiled without threads (prange runs as
+    range) for `sized()` to pick on small inputs: starting a parallel region costs about 50 us
+    here, far more than a decoding step's single row of work.
+    """
+    def compile_(fn):
+        flags = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+        if serial_twin:
+            twin = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+            twin.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in the disk cache
+            _SERIAL[fn.__name__] = numba.njit(_sigs(template), parallel=False, **flags)(twin)
+        return numba.njit(_sigs(template), parallel=parallel, **flags)(fn)
+
+    return compile_
+
+
+_SERIAL = {}  # kernel name -> its serial twin
+SMALL_WORK = 1 << 14  # elements below which a kernel with a serial twin runs it
+
+
+def sized(kernel, work):
+    """`kernel`, or its serial twin when `work` (elements touched) is small."""
+    return _SERIAL.get(getattr(kernel, "py_func", kernel).__name__, kernel) if work < SMALL_WORK else kernel
 
 
 _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -137,13 +160,13 @@ def _normalize_row(s, w, b, eps, y):
     return mean, rstd
 
 
-@_kernel("void(F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[::1], F[::1])")
+@_kernel("void(F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[::1], F[::1])", serial_twin=True)
 def _layernorm_fwd(x, w, b, eps, y, mean, rstd):
     for n in prange(x.shape[0]):
         mean[n], rstd[n] = _normalize_row(x[n], w, b, eps, y[n])
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[:, ::1], F[::1], F[::1])")
+@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[:, ::1], F[::1], F[::1])", serial_twin=True)
 def _residual_layernorm_fwd(x, branch, w, b, eps, s, y, mean, rstd):
     N, C = x.shape
     for n in prange(N):
@@ -212,7 +235,7 @@ def _scores(qi, kt, n, sc):
 
 
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
-         "F[:, :, :, :], F[:, :, ::1])")
+         "F[:, :, :, :], F[:, :, ::1])", serial_twin=True)
 def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     """Per query row: scores against the keys it may see, their max, p = exp(s - max) and
     out = p @ v / sum(p), lse = max + log(sum(p)). q (B, H, T, hs), k and v (B, H, S, hs), any
@@ -392,7 +415,7 @@ def _gelu_grad(u, exact):
     return s + u * F(2.0) * s * (F(1.0) - s) * dz
 
 
-@_kernel("void(F[:, ::1], F[::1], boolean, F[:, ::1])")
+@_kernel("void(F[:, ::1], F[::1], boolean, F[:, ::1])", serial_twin=True)
 def _gelu_fwd(x, bias, exact, y):
     N, C = x.shape
     for n in prange(N):
@@ -417,7 +440,7 @@ def _gelu_bwd(dy, x, bias, exact, dx, db_part):
 
 
 # ------------------------------------------------------------------- embedding
-@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])")
+@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])", serial_twin=True)
 def _embedding_fwd(w, ids, out):
     N, C = out.shape
     for n in prange(N):

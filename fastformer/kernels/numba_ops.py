@@ -16,7 +16,7 @@ import numpy as np
 
 from ..threads import configure_threads
 from .numpy_ops import (GELU_FORMS, NumpyOps, as_float_array, as_int_array, as_vector,
-                        check_attention_inputs, check_qkv)
+                        check_attention_inputs, check_qkv, write_kv_cache)
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
 from . import numba_kernels as K  # noqa: E402
@@ -71,7 +71,8 @@ class NumbaOps(NumpyOps):
         y = np.empty_like(x)
         mean = np.empty(x.shape[:-1], x.dtype)
         rstd = np.empty(x.shape[:-1], x.dtype)
-        K._layernorm_fwd(_rows(x), weight, bias, x.dtype.type(eps), _rows(y), mean.reshape(-1), rstd.reshape(-1))
+        K.sized(K._layernorm_fwd, x.size)(_rows(x), weight, bias, x.dtype.type(eps), _rows(y), mean.reshape(-1),
+                                          rstd.reshape(-1))
         return y, (x, weight, mean, rstd)
 
     def layernorm_backward(self, dy, cache):
@@ -90,7 +91,7 @@ class NumbaOps(NumpyOps):
         s, y = np.empty_like(x), np.empty_like(x)
         mean = np.empty(x.shape[:-1], x.dtype)
         rstd = np.empty(x.shape[:-1], x.dtype)
-        K._residual_layernorm_fwd(_rows(x), _rows(branch), weight, bias, x.dtype.type(eps),
+        K.sized(K._residual_layernorm_fwd, x.size)(_rows(x), _rows(branch), weight, bias, x.dtype.type(eps),
                                   _rows(s), _rows(y), mean.reshape(-1), rstd.reshape(-1))
         return (s, y), (s, weight, mean, rstd)
 
@@ -141,6 +142,17 @@ class NumbaOps(NumpyOps):
         lse = self._attention(q, k, v, causal, key_padding_mask, scale, out_heads)
         return out, (q, k, v, out_heads, lse, causal, key_padding_mask, scale)
 
+    def attention_cached(self, qkv, k_cache, v_cache, start, n_heads, key_padding_mask=None, scale=None):
+        qkv = as_float_array(qkv, "qkv")
+        B, T, C3 = qkv.shape
+        q, end = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
+        k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # strided views: the kernel reads the cache in place
+        kpm = None if key_padding_mask is None else np.ascontiguousarray(key_padding_mask[:, :end], dtype=bool)
+        kpm, scale = check_attention_inputs(q, k, v, True, kpm, scale)
+        out = np.empty((B, T, C3 // 3), qkv.dtype)
+        self._attention(q, k, v, True, kpm, scale, out.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3))
+        return out
+
     def _attention(self, q, k, v, causal, key_padding_mask, scale, out):
         """Run the forward kernel into `out` (B, H, T, hs); returns lse (B, H, T)."""
         B, H, T, hs = q.shape
@@ -150,8 +162,8 @@ class NumbaOps(NumpyOps):
             lse[...] = -np.inf
             return lse
         kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, k.shape[2]), bool)
-        K._attention_fwd(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None, bool(causal),
-                         q.dtype.type(scale), out, lse)
+        K.sized(K._attention_fwd, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
+                                                   bool(causal), q.dtype.type(scale), out, lse)
         return lse
 
     def attention_backward(self, dout, cache):
@@ -231,7 +243,7 @@ class NumbaOps(NumpyOps):
         C = x.shape[-1]
         b = np.zeros(C, x.dtype) if bias is None else as_vector(bias, "bias", C, x.dtype)
         y = np.empty_like(x)
-        K._gelu_fwd(_rows(x), b, approximate == "none", _rows(y))
+        K.sized(K._gelu_fwd, x.size)(_rows(x), b, approximate == "none", _rows(y))
         return y, GeluCache(x, b, approximate, bias is not None)
 
     def gelu_backward(self, dy, cache):
@@ -259,7 +271,7 @@ class NumbaOps(NumpyOps):
             raise ValueError(f"ids must lie in [0, {V}), got {bad}")
         out = np.empty((*ids.shape, C), weight.dtype)
         if ids.size and C:
-            K._embedding_fwd(weight, ids.reshape(-1), out.reshape(-1, C))
+            K.sized(K._embedding_fwd, out.size)(weight, ids.reshape(-1), out.reshape(-1, C))
         return out, (ids, weight.shape, weight.dtype)
 
     def embedding_backward(self, dout, cache, dweight=None):

@@ -89,6 +89,24 @@ def check_qkv(qkv, n_heads):
     return B, T, C3 // 3, C3 // (3 * n_heads)
 
 
+def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
+    """Split the fused projection of Tn new tokens and store their keys and values in the caches
+    (B, H, Tmax, hs) at [start, start + Tn). Returns (q (B, H, Tn, hs) view, start + Tn)."""
+    B, T, C, hs = check_qkv(qkv, n_heads)
+    expected = (B, n_heads, k_cache.shape[2] if k_cache.ndim == 4 else -1, hs)
+    if k_cache.shape != expected or v_cache.shape != expected or k_cache.dtype != qkv.dtype \
+            or v_cache.dtype != qkv.dtype:
+        raise ValueError(f"k_cache and v_cache must be {qkv.dtype} arrays (B, H, Tmax, hs) = {expected}, got "
+                         f"{k_cache.dtype} {k_cache.shape} and {v_cache.dtype} {v_cache.shape}")
+    end = start + T
+    if not 0 <= start <= end <= k_cache.shape[2]:
+        raise ValueError(f"{T} new tokens at position {start} do not fit a cache of {k_cache.shape[2]} positions")
+    q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, Tn, hs)
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    return q, end
+
+
 class NumpyOps:
     """Reference implementation of the kernel interface (pure NumPy)."""
 
@@ -214,6 +232,22 @@ class NumpyOps:
         q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
         out, cache = self.attention_forward(q, k, v, causal, key_padding_mask, scale)
         return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
+
+    def attention_cached(self, qkv, k_cache, v_cache, start, n_heads, key_padding_mask=None, scale=None):
+        """Causal self-attention of Tn new tokens over a key/value cache, for decoding.
+
+        qkv (B, Tn, 3C) is the fused projection of the tokens at positions start .. start+Tn-1.
+        Their keys and values are written into k_cache, v_cache (B, H, Tmax, hs) at
+        [start, start + Tn); then new query i attends to the cached keys [0, start + i].
+        `key_padding_mask` (B, >= start + Tn) is True at padding. Returns out (B, Tn, C).
+        Inference only: there is no backward.
+        """
+        qkv = as_float_array(qkv, "qkv")
+        q, end = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
+        kpm = None if key_padding_mask is None else key_padding_mask[:, :end]
+        out, _ = self.attention_forward(q, k_cache[:, :, :end], v_cache[:, :, :end], True, kpm, scale)
+        B, T = qkv.shape[:2]
+        return out.transpose(0, 2, 1, 3).reshape(B, T, qkv.shape[2] // 3)
 
     def attention_qkv_backward(self, dout, cache):
         """Returns dqkv (B, T, 3C), the gradient of the fused projection."""

@@ -1,0 +1,140 @@
+"""Decoding with a key/value cache: the same logits and tokens as full forwards, on both backends."""
+
+import numpy as np
+import pytest
+
+from fastformer import LMConfig, TransformerLM
+from fastformer.generate import apply_repetition_penalty
+
+CFG = LMConfig(vocab_size=50, max_seq_len=24, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+
+
+@pytest.fixture
+def model(backend):
+    m = TransformerLM(CFG, seed=0)
+    # larger weights than the init, so greedy paths are not all one token
+    m.flat.data[:] = np.random.default_rng(0).normal(0, 0.3, m.flat.size).astype(np.float32)
+    return m
+
+
+def test_decode_step_by_step_matches_forward(model):
+    ids = np.random.default_rng(1).integers(0, 50, size=(3, 10))
+    full = model.forward(ids)
+    cache = model.new_cache(3)
+    parts = [model.decode(ids[:, :4], cache)] + [model.decode(ids[:, t:t + 1], cache) for t in range(4, 10)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == 10
+
+
+@pytest.mark.parametrize("max_new", [8, 30])  # 30 runs past the 24-token context window
+def test_cached_greedy_equals_uncached(model, max_new):
+    prompt = np.random.default_rng(2).integers(0, 50, size=(2, 6))
+    cached = model.generate(prompt, max_new)
+    uncached = model.generate(prompt, max_new, use_cache=False)
+    np.testing.assert_array_equal(cached, uncached)
+    assert cached.shape == (2, 6 + max_new)
+
+
+def test_prompts_of_different_lengths_generate_as_if_alone(model):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 50, size=n) for n in (3, 9, 1)]
+    batch = model.generate(prompts, 12)
+    assert isinstance(batch, list) and len(batch) == 3
+    for p, out in zip(prompts, batch):
+        alone = model.generate(p, 12)
+        np.testing.assert_array_equal(out, alone)
+        np.testing.assert_array_equal(out[:p.size], p)
+    np.testing.assert_array_equal(batch[0], model.generate(prompts, 12, use_cache=False)[0])
+
+
+def test_left_padded_array_with_mask_equals_list(model):
+    prompts = [np.array([5, 6, 7]), np.array([1, 2, 3, 4, 8])]
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = model.generate(ids, 6, attention_mask=mask)
+    lst = model.generate(prompts, 6)
+    np.testing.assert_array_equal(out[0, 2:], lst[0])
+    np.testing.assert_array_equal(out[1], lst[1])
+
+
+def test_sampling_with_cache_is_seeded_and_equals_uncached(model):
+    prompt = np.array([1, 2, 3])
+    a = model.generate(prompt, 15, temperature=0.9, top_k=10, top_p=0.9, seed=7)
+    b = model.generate(prompt, 15, temperature=0.9, top_k=10, top_p=0.9, seed=7, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eos_stops_rows(model):
+    prompt = np.array([[1, 2], [3, 4]])
+    free = model.generate(prompt, 10)
+    eos = int(free[0, 4])  # the third generated token of row 0
+    out = model.generate(prompt, 10, eos_id=eos)
+    row0 = out[0, 2:]
+    first = int(np.argmax(row0 == eos))
+    assert (row0[first:] == eos).all()
+
+
+def test_repetition_penalty(model):
+    logits = np.array([[2.0, -1.0, 0.5]])
+    seen = np.array([[True, True, False]])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -2.0, 0.5]])
+    out = model.generate(np.array([1]), 20, repetition_penalty=1e9)
+    assert len(set(out.tolist())) == out.size  # no id appears twice
+
+
+def test_decode_errors(model):
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="batch size 1 but the cache was made for 2"):
+        model.decode(np.array([[1, 2]]), cache)
+    model.decode(np.zeros((2, 20), np.int64), cache)
+    with pytest.raises(ValueError, match="holds 20 positions; 5 more exceed max_seq_len=24"):
+        model.decode(np.zeros((2, 5), np.int64), cache)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        model.generate(np.array([], np.int64), 3)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(np.array([[1, 2]]), 3, attention_mask=np.array([[1, 0]]))
+    with pytest.raises(ValueError, match="position_ids must lie in"):
+        model.forward(np.array([[1, 2]]), position_ids=np.array([[0, 24]]))
+
+
+def test_attention_cached_kernel_matches_reference(ops, ref):
+    rng = np.random.default_rng(4)
+    B, H, hs, Tmax, start, T = 2, 3, 4, 10, 5, 2
+    qkv = rng.normal(size=(B, T, 3 * H * hs)).astype(np.float32)
+    kc = rng.normal(size=(B, H, Tmax, hs)).astype(np.float32)
+    vc = rng.normal(size=(B, H, Tmax, hs)).astype(np.float32)
+    kpm = np.zeros((B, Tmax), bool)
+    kpm[1, :3] = True
+    kc2, vc2 = kc.copy(), vc.copy()
+    out = ops.attention_cached(qkv, kc, vc, start, H, kpm)
+    expect = ref.attention_cached(qkv, kc2, vc2, start, H, kpm)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kc, kc2)
+    np.testing.assert_array_equal(vc, vc2)
+
+
+def test_stream_text_holds_back_partial_characters_and_stops():
+    import io
+
+    from fastformer.cli import stream_text
+    from fastformer.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo wörld. STOP here")
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.pieces = []
+
+        def write(self, s):
+            self.pieces.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    text = stream_text(tok, iter(ids), out, stop=["STOP"])
+    assert text == out.getvalue() == "héllo wörld. "
+    assert all("\ufffd" not in p for p in out.pieces)  # never a half-decoded character
+    assert len(out.pieces) > 5  # written as it formed, not at the end
+    whole = io.StringIO()
+    assert stream_text(tok, iter(ids), whole) == "héllo wörld. STOP here" == whole.getvalue()
