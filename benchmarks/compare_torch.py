@@ -16,7 +16,7 @@ All contenders run in rounds, alternating in one process, with Numba, BLAS and P
 the same number of threads (the cores); each figure is the rate of the median time over all its
 timed calls. Only the benchmarks import torch and transformers.
 
-    python benchmarks/compare_torch.py                                  # everything (~15 min)
+    python benchmarks/compare_torch.py                                  # everything (~2 min here)
     python benchmarks/compare_torch.py --presets tiny --rounds 1 --no-compile   # a quick look
 """
 
