@@ -11,16 +11,20 @@ Model FLOPs count the matmuls only, 2 per multiply-add, backward = 2 x forward: 
 layer 2 (C 3C + C C + C F + F C) for the weights plus 2 (2 T C) for q k^T and p v (the full
 T x T scores, as usually counted, although causal attention needs only half), plus 2 C V for
 the LM head.
+
+The builders here (`make_train_step`, `make_generate`, `make_kernel_call`) are what the asv and
+pytest-benchmark suites in benchmarks/ and benchmarks/compare_torch.py time, so that every suite
+measures the same model, batch and inputs.
 """
 
+import dataclasses
 import json
 import resource
 import time
-from dataclasses import asdict
 
 import numpy as np
 
-from .kernels import get_ops, set_backend
+from .kernels import get_backend, get_ops, set_backend, use_backend
 from .model import LMConfig, TransformerLM
 
 BATCH, SEQ_LEN, VOCAB = 32, 128, 4096
@@ -29,6 +33,7 @@ PRESETS = {  # the LM presets (d_model, heads, d_ff, layers); max_seq_len 128
     "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
     "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
 }
+GEN_PROMPT, GEN_NEW = 16, 128  # generation benchmark: batch 1, greedy, new tokens after a prompt
 
 
 def preset_config(name, vocab_size=VOCAB):
@@ -75,6 +80,147 @@ class AdamW:
                              weight_decay=wd, step=self.step_count)
 
 
+def synthetic_batch(cfg, seed=0):
+    """A fixed batch of random ids and its next-token targets, each (BATCH, SEQ_LEN) int64."""
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def make_train_step(preset, backend=None, seed=0):
+    """(model, step) for one preset: `step()` runs one training step -- forward, backward and
+    AdamW -- on a fixed synthetic batch with `backend` (default: the current one) and returns
+    the loss. Nothing is run yet: call `step()` once to warm up (load or compile the kernels)."""
+    backend = backend or get_backend()
+    with use_backend(backend):
+        cfg = preset_config(preset)
+        model = TransformerLM(cfg, seed=seed)
+        opt = AdamW(model)
+    x, y = synthetic_batch(cfg, seed)
+
+    def step():
+        with use_backend(backend):
+            loss, _ = model.loss_and_grads(x, y)
+            opt.step()
+        return loss
+
+    return model, step
+
+
+def time_calls(fn, n):
+    """(seconds of each of `n` calls of fn() as a list, the last call's result)."""
+    times, out = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return times, out
+
+
+def generation_model(preset, seed=0):
+    """The preset LM with a context long enough for the generation benchmark (prompt + new)."""
+    cfg = dataclasses.replace(preset_config(preset), max_seq_len=max(SEQ_LEN, GEN_PROMPT + GEN_NEW))
+    return TransformerLM(cfg, seed=seed)
+
+
+def generation_prompt(cfg, seed=0):
+    """The generation benchmark's prompt: (1, GEN_PROMPT) random ids, int64."""
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, GEN_PROMPT))
+
+
+def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
+    """(model, prompt, gen): `gen()` greedily generates `new_tokens` tokens after the benchmark
+    prompt with `backend` (default: the current one), batch 1, and returns the ids."""
+    backend = backend or get_backend()
+    model = generation_model(preset, seed)
+    prompt = generation_prompt(model.config, seed)
+
+    def gen():
+        with use_backend(backend):
+            return model.generate(prompt, new_tokens, temperature=0.0)
+
+    return model, prompt, gen
+
+
+def kernel_shapes(preset):
+    """Shape letters of a preset's training step: B, T, C, H, F, V."""
+    cfg = preset_config(preset)
+    return {"B": BATCH, "T": SEQ_LEN, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
+
+
+KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
+              "attention_forward", "attention_backward", "cross_entropy", "gelu_forward",
+              "gelu_backward", "adamw_update")
+
+
+def make_kernel_call(op, preset, backend=None, seed=0):
+    """A zero-argument callable running one kernel of `backend` (default: the current one) once
+    on the inputs a `preset` training step gives it, built here (float32, random):
+
+        softmax             attention scores (B, H, T, T)
+        layernorm           the residual stream (B, T, C)
+        attention           causal self-attention from the fused projection qkv (B, T, 3C)
+        cross_entropy       forward and backward on the logits (B, T, V)
+        gelu                the MLP hidden layer (B, T, F) with its bias fused
+        adamw_update        one step over the preset model's flat parameter buffer
+
+    Backward calls reuse one forward cache made here.
+    """
+    if op not in KERNEL_OPS:
+        raise ValueError(f"unknown kernel benchmark {op!r}: valid names are {', '.join(KERNEL_OPS)}")
+    backend = backend or get_backend()
+    with use_backend(backend) as ops:
+        S = kernel_shapes(preset)
+        B, T, C, H, F, V = (S[k] for k in "BTCHFV")
+        rng = np.random.default_rng(seed)
+
+        def randn(*shape):
+            return rng.standard_normal(shape, dtype=np.float32)
+
+        kind = op.removesuffix("_forward").removesuffix("_backward")
+        if kind == "softmax":
+            scores = np.where(np.tri(T, dtype=bool), randn(B, H, T, T), -np.inf)  # (B, H, T, T), causal
+            y, cache = ops.softmax_forward(scores)
+            calls = {"softmax_forward": lambda: ops.softmax_forward(scores),
+                     "softmax_backward": lambda: ops.softmax_backward(y, cache)}
+        elif kind == "layernorm":
+            x, w, b = randn(B, T, C), 1 + 0.1 * randn(C), 0.1 * randn(C)
+            y, cache = ops.layernorm_forward(x, w, b)
+            calls = {"layernorm_forward": lambda: ops.layernorm_forward(x, w, b),
+                     "layernorm_backward": lambda: ops.layernorm_backward(y, cache)}
+        elif kind == "attention":
+            qkv = randn(B, T, 3 * C)  # (B, T, 3C)
+            _, cache = ops.attention_qkv_forward(qkv, H, causal=True)
+            dout = randn(B, T, C)
+            calls = {"attention_forward": lambda: ops.attention_qkv_forward(qkv, H, causal=True),
+                     "attention_backward": lambda: ops.attention_qkv_backward(dout, cache)}
+        elif kind == "cross_entropy":
+            logits = randn(B, T, V)  # (B, T, V)
+            targets = rng.integers(0, V, size=(B, T))
+
+            def cross_entropy():
+                _, cache = ops.cross_entropy_forward(logits, targets)
+                return ops.cross_entropy_backward(1.0, cache)
+
+            calls = {"cross_entropy": cross_entropy}
+        elif kind == "gelu":
+            x, b = randn(B, T, F), 0.1 * randn(F)  # (B, T, F)
+            y, cache = ops.gelu_forward(x, b, approximate="tanh")
+            calls = {"gelu_forward": lambda: ops.gelu_forward(x, b, approximate="tanh"),
+                     "gelu_backward": lambda: ops.gelu_backward(y, cache)}
+        else:
+            model = TransformerLM(preset_config(preset), seed=seed)
+            model.flat.grad[...] = 1e-3 * randn(model.flat.grad.size)
+            opt = AdamW(model)
+            calls = {"adamw_update": opt.step}
+    fn = calls[op]
+
+    def call():
+        with use_backend(backend):
+            return fn()
+
+    return call
+
+
 def run(preset, backend=None, steps=10, warmup=2, seed=0):
     """Time `steps` training steps of `preset`; returns a dict of the figures."""
     if steps < 1 or warmup < 1:
@@ -83,34 +229,21 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0):
     if backend is not None:
         set_backend(backend)
     ops = get_ops()
-    cfg = preset_config(preset)
-    model = TransformerLM(cfg, seed=seed)
-    opt = AdamW(model)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN + 1))
-    x, y = ids[:, :-1], ids[:, 1:]
-
-    def step():
-        loss, _ = model.loss_and_grads(x, y)
-        opt.step()
-        return loss
+    model, step = make_train_step(preset, seed=seed)
+    cfg = model.config
 
     step()
     first_step_s = time.perf_counter() - t_start  # backend load (or compile) + model + one step
     for _ in range(warmup - 1):
         step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t)
+    times, loss = time_calls(step, steps)
     step_s = float(np.median(times))
     flops = model_flops_per_step(cfg, BATCH, SEQ_LEN)
     peak = gemm_peak_gflops()
     from .threads import thread_info
 
     return {
-        "preset": preset, "backend": ops.name, "config": asdict(cfg), "batch": BATCH, "seq_len": SEQ_LEN,
+        "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": BATCH, "seq_len": SEQ_LEN,
         "steps": steps, "step_s_median": step_s, "step_s_min": float(min(times)),
         "steps_per_s": 1.0 / step_s, "tokens_per_s": BATCH * SEQ_LEN / step_s,
         "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,

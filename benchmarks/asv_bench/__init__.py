@@ -1,0 +1,1 @@
+"""asv benchmarks of fastformer: training steps, generation and kernels (see asv.conf.json)."""

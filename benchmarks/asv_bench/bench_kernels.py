@@ -1,0 +1,75 @@
+"""Kernel micro-benchmarks at the medium preset's shapes: B=32, T=128, C=256, H=8, F=1024, V=4096.
+What each call's inputs are is in `fastformer.bench.make_kernel_call`."""
+
+from fastformer import bench
+
+from .common import BACKENDS
+
+PRESET = "medium"
+
+
+class _Kernel:
+    """One kernel's calls, built and run once (compiled) in setup; subclasses name them."""
+
+    params = [BACKENDS]
+    param_names = ["backend"]
+    ops = {}  # benchmark suffix -> fastformer.bench kernel op
+
+    def setup(self, backend):
+        self.calls = {name: bench.make_kernel_call(op, PRESET, backend) for name, op in self.ops.items()}
+        for call in self.calls.values():
+            call()
+
+
+class Softmax(_Kernel):
+    ops = {"forward": "softmax_forward", "backward": "softmax_backward"}
+
+    def time_forward(self, backend):
+        self.calls["forward"]()
+
+    def time_backward(self, backend):
+        self.calls["backward"]()
+
+
+class LayerNorm(_Kernel):
+    ops = {"forward": "layernorm_forward", "backward": "layernorm_backward"}
+
+    def time_forward(self, backend):
+        self.calls["forward"]()
+
+    def time_backward(self, backend):
+        self.calls["backward"]()
+
+
+class Attention(_Kernel):
+    ops = {"forward": "attention_forward", "backward": "attention_backward"}
+
+    def time_forward(self, backend):
+        self.calls["forward"]()
+
+    def time_backward(self, backend):
+        self.calls["backward"]()
+
+
+class CrossEntropy(_Kernel):
+    ops = {"forward_backward": "cross_entropy"}
+
+    def time_forward_backward(self, backend):
+        self.calls["forward_backward"]()
+
+
+class Gelu(_Kernel):
+    ops = {"forward": "gelu_forward", "backward": "gelu_backward"}
+
+    def time_forward(self, backend):
+        self.calls["forward"]()
+
+    def time_backward(self, backend):
+        self.calls["backward"]()
+
+
+class AdamW(_Kernel):
+    ops = {"update": "adamw_update"}
+
+    def time_update(self, backend):
+        self.calls["update"]()

@@ -1,0 +1,34 @@
+"""Full training steps (forward, backward, AdamW) of the LM presets on a 32 x 128 batch."""
+
+from fastformer import bench
+
+from .common import BACKENDS, PRESETS, calls_per_second
+
+
+class TrainStep:
+    params = (BACKENDS, PRESETS)
+    param_names = ["backend", "preset"]
+    number = 1  # one step per sample: a NumPy step on medium takes seconds
+    repeat = (1, 10, 20.0)  # at least 1 sample, at most 10, stop adding after 20 s
+    warmup_time = 0.0  # setup already ran a step (kernel compile or cache load)
+    timeout = 600
+
+    def setup(self, backend, preset):
+        self.model, self.step = bench.make_train_step(preset, backend)
+        self.step()
+
+    def time_train_step(self, backend, preset):
+        self.step()
+
+    def peakmem_train_step(self, backend, preset):
+        self.step()
+
+    def track_steps_per_sec(self, backend, preset):
+        return calls_per_second(self.step)
+
+    track_steps_per_sec.unit = "steps/s"
+
+    def track_tokens_per_sec(self, backend, preset):
+        return bench.BATCH * bench.SEQ_LEN * calls_per_second(self.step)
+
+    track_tokens_per_sec.unit = "tokens/s"

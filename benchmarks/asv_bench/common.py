@@ -1,0 +1,19 @@
+"""What the asv benchmark classes share: the parameter grid and a rate measured in one call."""
+
+import time
+
+import numpy as np
+
+BACKENDS = ["numpy", "numba"]
+PRESETS = ["tiny", "small", "medium"]
+
+
+def calls_per_second(fn, max_calls=20, budget_s=3.0):
+    """1 / the median time of fn() over one call, and more while the budget lasts (up to
+    `max_calls`): a NumPy step on medium, seconds long, is timed once, a Numba one 20 times."""
+    times, start = [], time.perf_counter()
+    while not times or (len(times) < max_calls and time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1.0 / float(np.median(times))
