@@ -12,7 +12,8 @@ import time
 import numpy as np
 
 import fastformer
-from fastformer import bench, layers, model as model_mod
+from fastformer import bench, layers
+from fastformer import model as model_mod
 
 
 def main():

@@ -258,7 +258,8 @@ def format_report(r):
         f"fastformer bench: preset {r['preset']} ({r['config']['d_model']}d, {r['config']['n_heads']} heads, "
         f"d_ff {r['config']['d_ff']}, {r['config']['n_layers']} layers, vocab {r['config']['vocab_size']}), "
         f"batch {r['batch']} x seq {r['seq_len']}, backend {r['backend']}",
-        f"  steps/s           {r['steps_per_s']:.2f}   (median of {r['steps']} steps: {r['step_s_median'] * 1e3:.1f} ms)",
+        f"  steps/s           {r['steps_per_s']:.2f}   "
+        f"(median of {r['steps']} steps: {r['step_s_median'] * 1e3:.1f} ms)",
         f"  tokens/s          {r['tokens_per_s']:,.0f}",
         f"  model FLOPs/step  {r['model_flops_per_step'] / 1e9:.2f} GFLOP",
         f"  achieved          {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm_peak']:.1f}% of the "
