@@ -53,6 +53,8 @@ class BPETokenizer:
         self.pad_id, self.bos_id, self.eos_id = ids
         self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
         self.vocab_size = tokenizer.get_vocab_size()
+        # text that spells "<eos>" is text, not the special id: specials enter only via bos=/eos=
+        tokenizer.encode_special_tokens = True
 
     @classmethod
     def train(cls, files, vocab_size, min_frequency=2, show_progress=False):

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
@@ -28,6 +28,7 @@ def test_training_learns_merges_and_compresses(bpe):
 
 @settings(max_examples=60, deadline=None)
 @given(st.text())
+@example("say <eos> or <pad>")  # text that spells a special token stays text
 def test_round_trip_any_unicode(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
@@ -68,6 +69,7 @@ def test_bad_training_input(tmp_path):
 
 @settings(max_examples=60, deadline=None)
 @given(st.text())
+@example("<eos>")
 def test_byte_lengths_count_utf8_bytes(bpe, text):
     ids = bpe.encode(text, bos=True, eos=True)
     assert bpe.byte_lengths()[ids].sum() == len(text.encode("utf-8"))
