@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from .atomic import write_json_atomic
 from .config import load_config, save_config
 from .model import TransformerLM
 from .seq2seq import Seq2SeqTransformer
@@ -60,16 +61,6 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(obj, path):
-    """Write obj as JSON to path via a fsynced temp file and a rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dirs(run_dir):

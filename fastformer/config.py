@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .atomic import atomic_open
 from .model import LMConfig
 from .optim import OPTIMIZERS, SCHEDULES
 from .seq2seq import Seq2SeqConfig
@@ -296,9 +297,5 @@ def load_config(path, base=None):
 
 def save_config(config, path):
     """Write the RunConfig as YAML (atomically: temp file, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -31,6 +31,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_json_atomic
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
 META_FILE = "meta.json"
@@ -188,12 +189,7 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
     meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer_kind": tokenizer.kind, "tokenizer": TOKENIZER_FILE,
             "val_fraction": None if val_files else val_fraction, "splits": splits, "sources": sources}
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
+    write_json_atomic(meta, meta_path)
     return meta
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .bpe import BPETokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -171,13 +172,7 @@ class CharTokenizer:
 
 def _write_json(d, directory):
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, TOKENIZER_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(d, os.path.join(directory, TOKENIZER_FILE), indent=2, ensure_ascii=False)
 
 
 class WordTokenizer:
