@@ -172,7 +172,7 @@ class TransformerLM(FlatModel):
             mask = np.asarray(attention_mask)
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask must have the shape of ids {ids.shape}, got {mask.shape}")
-            if not np.isin(mask, (0, 1)).all():
+            if not ((mask == 0) | (mask == 1)).all():
                 raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
             kpm = mask.reshape(B, T) == 0  # (B, T) True at padding
         return ids2.astype(np.int64, copy=False), kpm
