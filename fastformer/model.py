@@ -39,6 +39,13 @@ def check_int(name, value, minimum=1):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
 
 
+def check_dropout(value):
+    """A dropout probability as a float in [0, 1), or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 @dataclass
 class LMConfig:
     vocab_size: int = 259  # 256 bytes + <pad>, <bos>, <eos> (the byte tokenizer)
@@ -57,10 +64,7 @@ class LMConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
+        self.dropout = check_dropout(self.dropout)
 
     @classmethod
     def from_dict(cls, d):

@@ -27,7 +27,7 @@ import numpy as np
 
 from .kernels import get_ops
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward, merge_heads, split_heads
-from .model import check_config_dict, check_int
+from .model import check_config_dict, check_dropout, check_int
 from .params import FlatModel, FlatParams
 
 ACTIVATIONS = ("gelu", "relu")
@@ -66,10 +66,7 @@ class Seq2SeqConfig:
         for name in ("norm_first", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
+        self.dropout = check_dropout(self.dropout)
 
     @classmethod
     def from_dict(cls, d):

@@ -23,6 +23,7 @@ from .numpy_ops import (
     as_vector,
     check_attention_inputs,
     check_qkv,
+    check_targets,
     write_kv_cache,
 )
 
@@ -216,16 +217,7 @@ class NumbaOps(NumpyOps):
         targets = as_int_array(targets, "targets")
         if logits.ndim == 0 or logits.size == 0:
             return super().cross_entropy_forward(logits, targets, ignore_index)
-        V = logits.shape[-1]
-        if targets.shape != logits.shape[:-1]:
-            raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without the last axis), "
-                             f"got {targets.shape}")
-        t = targets.reshape(-1)
-        counted = t != ignore_index
-        bad = counted & ((t < 0) | (t >= V))
-        if bad.any():
-            raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, "
-                             f"got {t[bad][0]}")
+        t, counted = check_targets(logits, targets, ignore_index)
         n = int(counted.sum())
         dlogits = np.empty_like(logits)
         nll = np.empty(t.size, np.float64)

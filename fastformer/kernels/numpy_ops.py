@@ -89,6 +89,20 @@ def check_qkv(qkv, n_heads):
     return B, T, C3 // 3, C3 // (3 * n_heads)
 
 
+def check_targets(logits, targets, ignore_index):
+    """Validate integer targets for logits (..., V); returns (t (N,) int64, counted (N,) bool)."""
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without the last axis), "
+                         f"got {targets.shape}")
+    t = targets.reshape(-1)
+    counted = t != ignore_index
+    bad = counted & ((t < 0) | (t >= V))
+    if bad.any():
+        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, got {t[bad][0]}")
+    return t, counted
+
+
 def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     """Split the fused projection of Tn new tokens and store their keys and values in the caches
     (B, H, Tmax, hs) at [start, start + Tn). Returns (q (B, H, Tn, hs) view, start + Tn)."""
@@ -265,16 +279,8 @@ class NumpyOps:
         logits = as_float_array(logits, "logits")
         V = logits.shape[-1]
         targets = as_int_array(targets, "targets")
-        if targets.shape != logits.shape[:-1]:
-            raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without the last axis), "
-                             f"got {targets.shape}")
+        t, counted = check_targets(logits, targets, ignore_index)
         x = logits.reshape(-1, V)
-        t = targets.reshape(-1)
-        counted = t != ignore_index
-        bad = counted & ((t < 0) | (t >= V))
-        if bad.any():
-            raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, "
-                             f"got {t[bad][0]}")
         m = x.max(axis=-1)
         lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))  # (N,)
         n = int(counted.sum())
