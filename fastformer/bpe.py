@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from .atomic import atomic_open
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
 
 
@@ -111,27 +113,23 @@ class BPETokenizer:
     def save(self, directory, filename="tokenizer.json"):
         """Write the standard `tokenizer.json` (atomically: temp file then rename)."""
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, filename)
-        self._tk.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_open(os.path.join(directory, filename)) as f:
+            f.write(self._tk.to_str(pretty=True))
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, where="tokenizer"):
         """From the parsed JSON of a Hugging Face tokenizer.json."""
-        tk = _tokenizers()
         try:
-            return cls(tk.Tokenizer.from_str(json.dumps(d)))
+            tokenizer = _tokenizers().Tokenizer.from_str(json.dumps(d))
         except Exception as e:  # the Rust library raises its own exception type
-            if isinstance(e, ValueError) and "special tokens" in str(e):
-                raise
-            raise ValueError(f"not a readable Hugging Face tokenizer.json: {e}") from None
+            raise ValueError(f"{where} is not a readable Hugging Face tokenizer.json: {e}") from None
+        return cls(tokenizer)
 
     @classmethod
     def from_file(cls, path):
-        tk = _tokenizers()
         try:
-            return cls(tk.Tokenizer.from_file(os.fspath(path)))
-        except Exception as e:  # the Rust library raises its own exception type
-            if isinstance(e, ValueError) and "special tokens" in str(e):
-                raise
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
+        return cls.from_dict(d, where=path)
