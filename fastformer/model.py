@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import get_ops
+from .kernels.numpy_ops import PackedGPT2
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
 from .params import FlatModel, FlatParams
 
@@ -246,8 +247,30 @@ class TransformerLM(FlatModel):
         positions = self._check_positions(position_ids, (B, T))
         if positions is None:
             positions = np.broadcast_to(np.arange(cache.length, cache.length + T), (B, T))
-        logits, _ = self._forward(ids2, kpm, train=False, positions=positions, kv=cache)
-        return logits
+        if T > 1:  # a prompt: the composed forward, whose matrix products batch over its tokens
+            logits, _ = self._forward(ids2, kpm, train=False, positions=positions, kv=cache)
+            return logits
+        # one token a row, the step generation repeats: the whole model in one fused kernel call
+        cache.padding[:, cache.length] = False if kpm is None else kpm[:, 0]
+        logits = get_ops().gpt2_decode_step(self._packed_weights(), ids2[:, 0], positions[:, 0], cache.k, cache.v,
+                                            cache.padding, cache.length)
+        cache.length += 1
+        return logits[:, None]
+
+    def _packed_weights(self):
+        """The parameters as ops.gpt2_decode_step takes them: the flat buffer and where each
+        parameter starts in it (the offsets are computed once; the buffer is read in place)."""
+        if getattr(self, "_decode_offsets", None) is None:
+            names = []
+            for i in range(self.config.n_layers):
+                p = f"transformer.h.{i}."
+                names += [p + n for n in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                                          "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                                          "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+            names += ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                      "transformer.ln_f.bias", self.head_name]
+            self._decode_offsets = np.array([self.flat.offsets[n] for n in names], dtype=np.int64)
+        return PackedGPT2(self.flat.data, self._decode_offsets, self.config.vocab_size, self.config.d_ff)
 
     def _check_positions(self, position_ids, shape):
         if position_ids is None:

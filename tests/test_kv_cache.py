@@ -113,6 +113,60 @@ def test_attention_cached_kernel_matches_reference(ops, ref):
     np.testing.assert_array_equal(vc, vc2)
 
 
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, tied):
+    """The fused one-token step against the reference and against a full forward, with a
+    left-padded row and a row whose every key so far is padding (its attention output is 0)."""
+    cfg = LMConfig(vocab_size=37, max_seq_len=12, d_model=12, n_heads=3, d_ff=20, n_layers=2, tie_embeddings=tied)
+    m = TransformerLM(cfg, seed=1, dtype=dtype)
+    m.flat.data[:] = np.random.default_rng(5).normal(0, 0.4, m.flat.size)
+    rng = np.random.default_rng(6)
+    B, start = 3, 5
+    cache = m.new_cache(B)
+    cache.k[...] = rng.normal(size=cache.k.shape)
+    cache.v[...] = rng.normal(size=cache.v.shape)
+    cache.padding[1, :2] = True
+    cache.padding[2, :start + 1] = True
+    ids, pos = np.array([3, 36, 0]), np.array([5, 3, 11])
+    k2, v2, before = cache.k.copy(), cache.v.copy(), cache.k.copy()
+    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    assert got.shape == (B, 37) and got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache.k, k2, rtol=tol, atol=tol)  # the new keys and values, written at `start`
+    np.testing.assert_allclose(cache.v, v2, rtol=tol, atol=tol)
+    others = np.arange(cfg.max_seq_len) != start
+    np.testing.assert_array_equal(cache.k[:, :, :, others], before[:, :, :, others])  # only `start` is written
+    assert not np.allclose(cache.k[:, :, :, start], before[:, :, :, start])
+
+    # row 0 from scratch: a prompt of 5 tokens, then the fused step, equals a full forward
+    seq = np.array([[7, 1, 30, 2, 9, 3]])
+    c0 = m.new_cache(1)
+    m.decode(seq[:, :5], c0)
+    step = m.decode(seq[:, 5:], c0)[:, 0]
+    np.testing.assert_allclose(step, m.forward(seq)[:, 5], rtol=10 * tol, atol=10 * tol)
+
+
+def test_gpt2_decode_step_refuses_bad_input(ops):
+    m = TransformerLM(CFG, seed=0)
+    cache = m.new_cache(1)
+    w = m._packed_weights()
+    args = (np.array([1]), np.array([0]), cache.k, cache.v, cache.padding, 0)
+    with pytest.raises(ValueError, match="offsets must hold .* inside weights.flat"):
+        ops.gpt2_decode_step(w._replace(offsets=w.offsets + m.flat.size), *args)
+    with pytest.raises(ValueError, match="offsets must hold"):
+        ops.gpt2_decode_step(w._replace(d_ff=10 ** 6), *args)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 50\)"):
+        ops.gpt2_decode_step(w, np.array([50]), *args[1:])
+    with pytest.raises(ValueError, match=r"positions in \[0, 24\)"):
+        ops.gpt2_decode_step(w, np.array([1]), np.array([24]), *args[2:])
+    with pytest.raises(ValueError, match="k_cache and v_cache must be contiguous float32"):
+        ops.gpt2_decode_step(w, *args[:2], cache.k.astype(np.float64), *args[3:])
+    with pytest.raises(ValueError, match=r"start must lie in \[0, 24\)"):
+        ops.gpt2_decode_step(w, *args[:5], 24)
+
 def test_stream_text_holds_back_partial_characters_and_stops():
     import io
 

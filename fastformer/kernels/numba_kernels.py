@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from .numpy_ops import GPT2_LAYER_SLOTS  # the layout of PackedGPT2.offsets
+
 # Fast-math without "nnan" and "ninf": LLVM may reassociate sums (so reductions vectorise) and
 # fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -503,3 +505,123 @@ def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, deca
         m[i] = mi
         v[i] = vi
         p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi / bc2) + eps)
+
+
+# -------------------------------------------------------------- GPT-2 decoding
+# One new token per row through the whole model in one call: at batch 1 a decoding step is a
+# chain of matrix-vector products over weights that fit in the L3 cache, so the forty-odd
+# kernel calls of the composed path cost more in Python than in arithmetic. Single-threaded: a
+# parallel region costs about 50 us here, more than a layer's work.
+
+@_inline
+def _affine(x, w, bias, y):
+    """y (R, N) = x (R, K) @ w (K, N) + bias (N,), streaming w once for all R rows."""
+    R, K = x.shape
+    N = w.shape[1]
+    for r in range(R):
+        for n in range(N):
+            y[r, n] = bias[n]
+    k = 0
+    while k + 4 <= K:  # four rows of w a pass: y is loaded and stored a quarter as often
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        for r in range(R):
+            x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+            yr = y[r]
+            for n in range(N):
+                yr[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
+        k += 4
+    while k < K:
+        wk = w[k]
+        for r in range(R):
+            xk = x[r, k]
+            yr = y[r]
+            for n in range(N):
+                yr[n] += xk * wk[n]
+        k += 1
+
+
+@_inline
+def _param(flat, offsets, i, rows, cols):
+    """The (rows, cols) parameter starting at flat[offsets[i]]."""
+    o = offsets[i]
+    return flat[o:o + rows * cols].reshape((rows, cols))
+
+
+@_kernel("void(F[::1], int64[::1], int64, int64[::1], int64[::1], F[:, :, :, :, ::1], F[:, :, :, :, ::1], "
+         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False)
+def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
+    L, R, H, _, hs = kc.shape
+    C, V = H * hs, logits.shape[1]
+    F = flat.dtype.type
+    scale = F(1.0 / math.sqrt(hs))
+    g = L * GPT2_LAYER_SLOTS  # the model-wide entries follow the layers'
+    wte = _param(flat, offsets, g, V, C)
+    wpe = _param(flat, offsets, g + 1, kc.shape[3], C)
+    x = np.empty((R, C), flat.dtype)  # the residual stream
+    h = np.empty((R, C), flat.dtype)
+    qkv = np.empty((R, 3 * C), flat.dtype)
+    a = np.empty((R, C), flat.dtype)
+    o = np.empty((R, C), flat.dtype)
+    f = np.empty((R, d_ff), flat.dtype)
+    p = np.empty(t + 1, flat.dtype)
+    for r in range(R):
+        for c in range(C):
+            x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
+    for layer in range(L):
+        s = layer * GPT2_LAYER_SLOTS
+        for r in range(R):
+            _normalize_row(x[r], _param(flat, offsets, s, 1, C)[0], _param(flat, offsets, s + 1, 1, C)[0], eps, h[r])
+        _affine(h, _param(flat, offsets, s + 2, C, 3 * C), _param(flat, offsets, s + 3, 1, 3 * C)[0], qkv)
+        for r in range(R):
+            for hd in range(H):
+                kh, vh = kc[layer, r, hd], vc[layer, r, hd]
+                for d in range(hs):
+                    kh[t, d] = qkv[r, C + hd * hs + d]
+                    vh[t, d] = qkv[r, 2 * C + hd * hs + d]
+                m = F(-np.inf)
+                for j in range(t + 1):
+                    if padding[r, j]:
+                        p[j] = F(-np.inf)
+                    else:
+                        sc = F(0.0)
+                        for d in range(hs):
+                            sc += qkv[r, hd * hs + d] * kh[j, d]
+                        p[j] = sc * scale
+                    m = max(m, p[j])
+                ah = a[r, hd * hs:(hd + 1) * hs]
+                ah[:] = F(0.0)
+                if m == F(-np.inf):  # every key is padding: the output is 0, as in attention_forward
+                    continue
+                total = F(0.0)
+                for j in range(t + 1):
+                    e = _exp(p[j] - m)
+                    total += e
+                    for d in range(hs):
+                        ah[d] += e * vh[j, d]
+                inv = F(1.0) / total
+                for d in range(hs):
+                    ah[d] *= inv
+        _affine(a, _param(flat, offsets, s + 4, C, C), _param(flat, offsets, s + 5, 1, C)[0], o)
+        for r in range(R):
+            for c in range(C):
+                x[r, c] += o[r, c]
+            _normalize_row(x[r], _param(flat, offsets, s + 6, 1, C)[0], _param(flat, offsets, s + 7, 1, C)[0],
+                           eps, h[r])
+        _affine(h, _param(flat, offsets, s + 8, C, d_ff), _param(flat, offsets, s + 9, 1, d_ff)[0], f)
+        for r in range(R):
+            for c in range(d_ff):
+                f[r, c] = _gelu(f[r, c], False)
+        _affine(f, _param(flat, offsets, s + 10, d_ff, C), _param(flat, offsets, s + 11, 1, C)[0], o)
+        for r in range(R):
+            for c in range(C):
+                x[r, c] += o[r, c]
+    for r in range(R):
+        _normalize_row(x[r], _param(flat, offsets, g + 2, 1, C)[0], _param(flat, offsets, g + 3, 1, C)[0], eps, h[r])
+    head = _param(flat, offsets, g + 4, V, C)
+    for v in range(V):  # logits = h @ head.T: one dot product of C per id, head read once
+        hv = head[v]
+        for r in range(R):
+            total = F(0.0)
+            for c in range(C):
+                total += h[r, c] * hv[c]
+            logits[r, v] = total

@@ -22,6 +22,7 @@ from .numpy_ops import (
     as_int_array,
     as_vector,
     check_attention_inputs,
+    check_gpt2_decode,
     check_qkv,
     check_targets,
     write_kv_cache,
@@ -162,6 +163,14 @@ class NumbaOps(NumpyOps):
         out = np.empty((B, T, C3 // 3), qkv.dtype)
         self._attention(q, k, v, True, kpm, scale, out.reshape(B, T, n_heads, -1).transpose(0, 2, 1, 3))
         return out
+
+    def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+        flat, offsets, ids, positions, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
+                                                             padding, start)
+        logits = np.empty((ids.shape[0], weights.vocab_size), flat.dtype)
+        K._gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache,
+                       np.ascontiguousarray(padding), int(start), flat.dtype.type(eps), logits)
+        return logits
 
     def _attention(self, q, k, v, causal, key_padding_mask, scale, out):
         """Run the forward kernel into `out` (B, H, T, hs); returns lse (B, H, T)."""

@@ -4,12 +4,15 @@ Every hot-path operation of the models is a method of `NumpyOps`, written as a f
 pair: `X_forward(...) -> (out, cache)` and `X_backward(dout, cache) -> grads` in the order of the
 forward's inputs. Faster backends subclass `NumpyOps` and override only what they speed up, so
 this file is also the documentation of what each kernel must compute. Nothing here knows about
-models: arrays in, arrays out.
+models -- arrays in, arrays out -- except `gpt2_decode_step`, which fuses a whole GPT-2 decoding
+step because at batch 1 the calls, not the arithmetic, are what a step costs.
 
 Shape letters: B batch, H heads, T query length, S key length, hs head size, C channels, V vocab.
 """
 
+import functools
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -119,6 +122,55 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     k_cache[:, :, start:end] = k
     v_cache[:, :, start:end] = v
     return q, end
+
+
+# The weights of a GPT-2 model for gpt2_decode_step: `flat` is the 1-D parameter buffer and
+# `offsets` (L * 12 + 5,) int64 where each parameter starts in it -- per layer ln_1.weight,
+# ln_1.bias, attn.c_attn.weight (C, 3C), attn.c_attn.bias, attn.c_proj.weight (C, C),
+# attn.c_proj.bias, ln_2.weight, ln_2.bias, mlp.c_fc.weight (C, F), mlp.c_fc.bias,
+# mlp.c_proj.weight (F, C), mlp.c_proj.bias; then wte (V, C), wpe (Tmax, C), ln_f.weight,
+# ln_f.bias and the LM head (V, C) (wte again when tied).
+PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
+GPT2_LAYER_SLOTS = 12
+
+
+@functools.lru_cache(maxsize=16)
+def gpt2_param_shapes(L, C, F, V, Tmax):
+    """The shape of each parameter, in the order of PackedGPT2.offsets, and their sizes."""
+    layer = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
+    shapes = tuple(layer * L + [(V, C), (Tmax, C), (C,), (C,), (V, C)])
+    return shapes, np.array([math.prod(s) for s in shapes])
+
+
+def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start):
+    """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
+    Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), shapes)."""
+    flat = np.asarray(weights.flat)
+    if flat.ndim != 1 or flat.dtype not in FLOAT_DTYPES or not flat.flags.c_contiguous:
+        raise ValueError(f"weights.flat must be a contiguous 1-D float32/float64 array, got {flat.dtype} {flat.shape}")
+    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape or k_cache.dtype != flat.dtype \
+            or v_cache.dtype != flat.dtype or not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+        raise ValueError(f"k_cache and v_cache must be contiguous {flat.dtype} arrays (L, B, H, Tmax, hs), got "
+                         f"{k_cache.dtype} {k_cache.shape} and {v_cache.dtype} {v_cache.shape}")
+    L, B, H, Tmax, hs = k_cache.shape
+    shapes, sizes = gpt2_param_shapes(L, H * hs, int(weights.d_ff), int(weights.vocab_size), Tmax)
+    offsets = np.ascontiguousarray(weights.offsets, dtype=np.int64)
+    if offsets.shape != (len(shapes),) or (offsets < 0).any() or (offsets + sizes > flat.size).any():
+        raise ValueError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
+                         f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={weights.d_ff}, "
+                         f"V={weights.vocab_size}, Tmax={Tmax}")
+    ids = np.array(as_int_array(ids, "ids"))  # (B,) copies, writeable whatever they were
+    positions = np.array(as_int_array(positions, "positions"))
+    if ids.shape != (B,) or positions.shape != (B,):
+        raise ValueError(f"ids and positions must have shape (B,) = ({B},), got {ids.shape} and {positions.shape}")
+    if B and (ids.min() < 0 or ids.max() >= weights.vocab_size or positions.min() < 0 or positions.max() >= Tmax):
+        raise ValueError(f"ids must lie in [0, {weights.vocab_size}) and positions in [0, {Tmax}), "
+                         f"got ids {ids.tolist()} and positions {positions.tolist()}")
+    if padding.shape != (B, Tmax) or padding.dtype != bool:
+        raise ValueError(f"padding must be a bool array (B, Tmax) = {(B, Tmax)}, got {padding.dtype} {padding.shape}")
+    if not 0 <= start < Tmax:
+        raise ValueError(f"start must lie in [0, {Tmax}): the cache holds {Tmax} positions, got {start}")
+    return flat, offsets, ids, positions, shapes
 
 
 class NumpyOps:
@@ -262,6 +314,30 @@ class NumpyOps:
         out, _ = self.attention_forward(q, k_cache[:, :, :end], v_cache[:, :, :end], True, kpm, scale)
         B, T = qkv.shape[:2]
         return out.transpose(0, 2, 1, 3).reshape(B, T, qkv.shape[2] // 3)
+
+    def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+        """One new token per row through a GPT-2 model that continues the sequences in a
+        key/value cache: embedding, L pre-LN blocks (causal attention over the cache, GELU-tanh
+        MLP), ln_f and the LM head. weights: a PackedGPT2; ids and positions (B,) ints;
+        k_cache, v_cache (L, B, H, Tmax, hs), whose keys and values [0, start) are used and which
+        receive the new ones at `start`; padding (B, Tmax) True at padded positions, read for
+        [0, start]. Inference only. Returns logits (B, V)."""
+        flat, offsets, ids, positions, shapes = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
+                                                                  padding, start)
+        P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]
+        wte, wpe, ln_fw, ln_fb, head = P[-5:]
+        x = (wte[ids] + wpe[positions])[:, None]  # (B, 1, C)
+        for i in range(k_cache.shape[0]):
+            s = i * GPT2_LAYER_SLOTS
+            ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, wfc, bfc, wm, bm = P[s:s + GPT2_LAYER_SLOTS]
+            h, _ = self.layernorm_forward(x, ln1w, ln1b, eps)
+            a = self.attention_cached(h @ wqkv + bqkv, k_cache[i], v_cache[i], start, k_cache.shape[2], padding)
+            x = x + (a @ wo + bo)
+            h, _ = self.layernorm_forward(x, ln2w, ln2b, eps)
+            g, _ = self.gelu_forward(h @ wfc, bfc, approximate="tanh")
+            x = x + (g @ wm + bm)
+        h, _ = self.layernorm_forward(x, ln_fw, ln_fb, eps)
+        return h[:, 0] @ head.T
 
     def attention_qkv_backward(self, dout, cache):
         """Returns dqkv (B, T, 3C), the gradient of the fused projection."""
