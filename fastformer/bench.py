@@ -149,7 +149,7 @@ def kernel_shapes(preset):
 
 KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
               "attention_forward", "attention_backward", "cross_entropy", "gelu_forward",
-              "gelu_backward", "adamw_update")
+              "gelu_backward", "adamw_update", "decode_step")
 
 
 def make_kernel_call(op, preset, backend=None, seed=0):
@@ -162,6 +162,8 @@ def make_kernel_call(op, preset, backend=None, seed=0):
         cross_entropy       forward and backward on the logits (B, T, V)
         gelu                the MLP hidden layer (B, T, F) with its bias fused
         adamw_update        one step over the preset model's flat parameter buffer
+        decode_step         one generation step (batch 1) of the preset model after a 16-token
+                            prompt: gpt2_decode_step over its key/value cache
 
     Backward calls reuse one forward cache made here.
     """
@@ -207,6 +209,13 @@ def make_kernel_call(op, preset, backend=None, seed=0):
             y, cache = ops.gelu_forward(x, b, approximate="tanh")
             calls = {"gelu_forward": lambda: ops.gelu_forward(x, b, approximate="tanh"),
                      "gelu_backward": lambda: ops.gelu_backward(y, cache)}
+        elif kind == "decode_step":
+            model = generation_model(preset, seed)
+            cache = model.new_cache(1)
+            model.decode(generation_prompt(model.config, seed), cache)
+            weights, ids, pos = model._packed_weights(), np.array([1]), np.array([GEN_PROMPT])
+            calls = {"decode_step": lambda: ops.gpt2_decode_step(weights, ids, pos, cache.k, cache.v, cache.padding,
+                                                                 GEN_PROMPT)}
         else:
             model = TransformerLM(preset_config(preset), seed=seed)
             model.flat.grad[...] = 1e-3 * randn(model.flat.grad.size)

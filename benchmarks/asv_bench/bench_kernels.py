@@ -73,3 +73,10 @@ class AdamW(_Kernel):
 
     def time_update(self, backend):
         self.calls["update"]()
+
+
+class DecodeStep(_Kernel):
+    ops = {"step": "decode_step"}
+
+    def time_step(self, backend):
+        self.calls["step"]()
