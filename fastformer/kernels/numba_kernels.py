@@ -35,12 +35,14 @@ def _sigs(template):
     return [template.replace("F", f) for f in FLOAT_TYPES]
 
 
-def _kernel(template, parallel=True, serial_twin=False):
+def _kernel(template, parallel=True, serial_twin=False, lazy=False):
     """Compile for float32 and float64 now (loaded from the disk cache when possible).
 
     With `serial_twin`, the same function is also compiled without threads (prange runs as
     range) for `sized()` to pick on small inputs: starting a parallel region costs about 50 us
-    here, far more than a decoding step's single row of work.
+    here, far more than a decoding step's single row of work. A `lazy` kernel is compiled at
+    its first call instead, for the dtype it is called with (the template only documents the
+    signature): one that only some programs use should not lengthen every cold start.
     """
     def compile_(fn):
         flags = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
@@ -48,6 +50,8 @@ def _kernel(template, parallel=True, serial_twin=False):
             twin = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
             twin.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in the disk cache
             _SERIAL[fn.__name__] = numba.njit(_sigs(template), parallel=False, **flags)(twin)
+        if lazy:
+            return numba.njit(parallel=parallel, **flags)(fn)
         return numba.njit(_sigs(template), parallel=parallel, **flags)(fn)
 
     return compile_
@@ -548,7 +552,7 @@ def _param(flat, offsets, i, rows, cols):
 
 
 @_kernel("void(F[::1], int64[::1], int64, int64[::1], int64[::1], F[:, :, :, :, ::1], F[:, :, :, :, ::1], "
-         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False)
+         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False, lazy=True)
 def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
     L, R, H, _, hs = kc.shape
     C, V = H * hs, logits.shape[1]
