@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastformer import LMConfig, TransformerLM
 from fastformer.generate import apply_repetition_penalty
@@ -148,6 +150,31 @@ def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, ti
     step = m.decode(seq[:, 5:], c0)[:, 0]
     np.testing.assert_allclose(step, m.forward(seq)[:, 5], rtol=10 * tol, atol=10 * tol)
 
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), H=st.integers(1, 3), hs=st.integers(1, 5), F=st.integers(1, 9), L=st.integers(1, 2),
+       V=st.integers(1, 11), start=st.integers(0, 6), pad=st.sampled_from(["none", "random", "all"]),
+       tied=st.booleans(), seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([np.float64, np.float32]))
+def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied, seed, dtype):
+    """Odd sizes, a head size of 1, the first position, padding nowhere, somewhere or everywhere."""
+    cfg = LMConfig(vocab_size=V, max_seq_len=7, d_model=H * hs, n_heads=H, d_ff=F, n_layers=L, tie_embeddings=tied)
+    m = TransformerLM(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    m.flat.data[:] = rng.normal(0, 0.5, m.flat.size)
+    cache = m.new_cache(B)
+    cache.k[...] = rng.normal(size=cache.k.shape)
+    cache.v[...] = rng.normal(size=cache.v.shape)
+    if pad != "none":
+        cache.padding[...] = rng.random(cache.padding.shape) < 0.5 if pad == "random" else True
+    ids, pos = rng.integers(0, V, B), rng.integers(0, 7, B)
+    k2, v2 = cache.k.copy(), cache.v.copy()
+    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    tol = 1e-12 if dtype == np.float64 else 3e-5
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache.v, v2, rtol=tol, atol=tol)
 
 def test_gpt2_decode_step_refuses_bad_input(ops):
     m = TransformerLM(CFG, seed=0)
