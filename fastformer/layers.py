@@ -14,6 +14,9 @@ def linear_forward(x, weight, bias=None, out=None):
     `out`, when given, is a C-contiguous (..., Cout) array to write the result into (a buffer
     kept across steps). Returns (out (..., Cout), cache)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
+    if out is not None and not (out.flags.c_contiguous and out.size == x2.shape[0] * weight.shape[1]):
+        raise ValueError(f"out must be a C-contiguous array of {x2.shape[0] * weight.shape[1]} elements "
+                         f"{(*x.shape[:-1], weight.shape[1])}, got shape {out.shape}")
     y = np.matmul(x2, weight, out=None if out is None else out.reshape(x2.shape[0], weight.shape[1]))  # (N, Cout)
     if bias is not None:
         y += bias

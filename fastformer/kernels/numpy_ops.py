@@ -289,8 +289,8 @@ class NumpyOps:
 
         With `out` (a writeable C-contiguous array of the shape and dtype of logits, which may be
         `logits` itself) the gradient of the mean loss is written into it during the forward and
-        the cache is `out`: no (N, V) array is allocated, and `cross_entropy_backward(1.0, cache)`
-        returns `out`. `logits` is overwritten when it is `out`.
+        the cache is `out`: the gradient needs no array of its own, and
+        `cross_entropy_backward(1.0, cache)` returns `out`. `logits` is overwritten when it is `out`.
         """
         logits = as_float_array(logits, "logits")
         if out is not None:
