@@ -9,14 +9,18 @@ into the caller's gradient views, so a step allocates no gradient arrays.
 import numpy as np
 
 
-def linear_forward(x, weight, bias=None):
+def linear_forward(x, weight, bias=None, out=None):
     """out = x @ weight + bias, with x (..., Cin), weight (Cin, Cout) as in GPT-2's Conv1D.
-    Returns (out (..., Cout), cache)."""
+    `out`, when given, is a C-contiguous (..., Cout) array to write the result into (a buffer
+    kept across steps). Returns (out (..., Cout), cache)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
-    out = x2 @ weight  # (N, Cout)
+    if out is not None and not (out.flags.c_contiguous and out.size == x2.shape[0] * weight.shape[1]):
+        raise ValueError(f"out must be a C-contiguous array of {x2.shape[0] * weight.shape[1]} elements "
+                         f"{(*x.shape[:-1], weight.shape[1])}, got shape {out.shape}")
+    y = np.matmul(x2, weight, out=None if out is None else out.reshape(x2.shape[0], weight.shape[1]))  # (N, Cout)
     if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], weight.shape[1]), (x2, weight)
+        y += bias
+    return y.reshape(*x.shape[:-1], weight.shape[1]), (x2, weight)
 
 
 def linear_backward(dout, cache, dweight, dbias=None):

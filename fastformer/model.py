@@ -118,6 +118,7 @@ class TransformerLM(FlatModel):
         init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
         self.rng = np.random.default_rng(dropout_seq)  # dropout masks; saved with checkpoints
         self._init_weights(np.random.default_rng(init_seq))
+        self._scratch = {}  # name -> array kept across training steps (see `_scratch_array`)
 
     # ------------------------------------------------------------ parameters
     def _param_shapes(self):
@@ -182,10 +183,20 @@ class TransformerLM(FlatModel):
             kpm = mask.reshape(B, T) == 0  # (B, T) True at padding
         return ids2.astype(np.int64, copy=False), kpm
 
+    def _scratch_array(self, name, shape):
+        """An array of the model's dtype kept across calls and made anew only when `shape`
+        changes, for a step's (B, T, V) logits: the largest array of a step, written and read
+        once, never handed to the caller."""
+        a = self._scratch.get(name)
+        if a is None or a.shape != shape:
+            a = self._scratch[name] = np.empty(shape, self.flat.dtype)
+        return a
+
     # --------------------------------------------------------------- forward
-    def _forward(self, ids, kpm, train, positions=None, kv=None):
+    def _forward(self, ids, kpm, train, positions=None, kv=None, logits_out=None):
         """Logits (B, T, V) and the caches the backward needs. `positions` (B, T) default to
-        0..T-1; with a KVCache `kv` the tokens extend the cached sequence (inference only)."""
+        0..T-1; with a KVCache `kv` the tokens extend the cached sequence (inference only).
+        The logits are written into `logits_out` (B, T, V) when it is given."""
         ops, P, cfg = get_ops(), self.params, self.config
         B, T = ids.shape
         drop = cfg.dropout if train else 0.0
@@ -215,7 +226,7 @@ class TransformerLM(FlatModel):
             m, m_mask = dropout_forward(m, drop, self.rng)
             (x, h), lnn_c = ops.residual_layernorm_forward(x, m, P[nxt + ".weight"], P[nxt + ".bias"])
             blocks.append((qkv_c, att_c, proj_c, o_mask, ln2_c, fc_c, gelu_c, mproj_c, m_mask, lnn_c, nxt))
-        logits, head_c = linear_forward(h, P[self.head_name].T)  # (B, T, V)
+        logits, head_c = linear_forward(h, P[self.head_name].T, out=logits_out)  # (B, T, V)
         if kv is not None:
             kv.length += T
         return logits, (emb_cache, emb_mask, ln_cache, blocks, head_c)
@@ -288,8 +299,10 @@ class TransformerLM(FlatModel):
     def loss(self, ids, targets, attention_mask=None):
         """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
-        logits, _ = self._forward(ids2, kpm, train=False)
-        loss, _ = get_ops().cross_entropy_forward(logits, self._check_targets(targets, ids2.shape))
+        targets = self._check_targets(targets, ids2.shape)
+        logits = self._scratch_array("logits", (*ids2.shape, self.config.vocab_size))
+        self._forward(ids2, kpm, train=False, logits_out=logits)
+        loss, _ = get_ops().cross_entropy_forward(logits, targets, out=logits)
         return loss
 
     def _check_targets(self, targets, shape):
@@ -312,10 +325,11 @@ class TransformerLM(FlatModel):
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = self._check_targets(targets, ids2.shape)
         B, T = ids2.shape
-        logits, (emb_cache, emb_mask, ln_cache, blocks, head_c) = self._forward(ids2, kpm, train=True)
-        loss, ce_cache = ops.cross_entropy_forward(logits, targets)
+        logits = self._scratch_array("logits", (B, T, cfg.vocab_size))
+        _, (emb_cache, emb_mask, ln_cache, blocks, head_c) = self._forward(ids2, kpm, train=True, logits_out=logits)
+        loss, ce_cache = ops.cross_entropy_forward(logits, targets, out=logits)  # the gradient overwrites the logits
 
-        dlogits = ops.cross_entropy_backward(1.0, ce_cache)  # (B, T, V)
+        dlogits = ops.cross_entropy_backward(1.0, ce_cache)  # (B, T, V), the logits' buffer
         # logits = h @ W_head.T  ->  dW_head = dlogits^T @ h, dh = dlogits @ W_head
         h2, head_t = head_c
         d2 = dlogits.reshape(-1, cfg.vocab_size)  # (B*T, V)

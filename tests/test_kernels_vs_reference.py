@@ -204,6 +204,64 @@ def test_cross_entropy_3d_and_custom_ignore(ops, ref):
           "cross_entropy", np.float32)
 
 
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (5, 17), (2, 3, 11), (4, 300)]), scale=st.sampled_from([1.0, 1e4]),
+       ignored=st.sampled_from(["none", "some", "all"]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from(DTYPES))
+def test_cross_entropy_out(ops, ref, shape, scale, ignored, seed, dtype):
+    """The gradient written into `out` -- a separate array, or the logits themselves -- is the
+    gradient the backward returns without it, and the loss is unchanged."""
+    rng = np.random.default_rng(seed)
+    logits = normal(rng, shape, dtype, scale)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    if ignored == "some":
+        targets[rng.random(shape[:-1]) < 0.5] = -100
+    elif ignored == "all":
+        targets[...] = -100
+    loss, cache = ops.cross_entropy_forward(logits, targets)
+    want = ops.cross_entropy_backward(1.0, cache)
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    out = np.full_like(logits, np.nan)
+    loss_out, cache_out = ops.cross_entropy_forward(logits, targets, out=out)
+    assert loss_out == loss
+    assert ops.cross_entropy_backward(1.0, cache_out) is out
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(ops.cross_entropy_backward(0.5, cache_out), ops.cross_entropy_backward(0.5, cache))
+    inplace = logits.copy()
+    loss_in, cache_in = ops.cross_entropy_forward(inplace, targets, out=inplace)
+    assert loss_in == loss and cache_in is inplace
+    np.testing.assert_array_equal(inplace, want)
+    close(loss_in, loss_ref, "cross_entropy", dtype)
+    close(inplace, ref.cross_entropy_backward(1.0, cache_ref), "cross_entropy", dtype)
+
+
+def test_cross_entropy_out_overlapping_logits(ops, ref):
+    """`out` that overlaps the logits without being them (shifted by a row) still gets the gradient."""
+    rng = np.random.default_rng(7)
+    N, V = 6, 13
+    logits = normal(rng, (N, V), np.float64)
+    targets = rng.integers(0, V, size=N)
+    targets[2] = -100
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    buf = np.concatenate([logits.reshape(-1), np.zeros(V)])
+    loss, cache = ops.cross_entropy_forward(buf[:N * V].reshape(N, V), targets, out=buf[V:].reshape(N, V))
+    close(loss, loss_ref, "cross_entropy", np.float64)
+    close(buf[V:].reshape(N, V), ref.cross_entropy_backward(1.0, cache_ref), "cross_entropy", np.float64)
+
+
+def test_cross_entropy_out_must_match_logits(ops):
+    logits = np.zeros((4, 6), np.float32)
+    targets = np.zeros(4, np.int64)
+    for bad in (np.zeros((4, 5), np.float32), np.zeros((4, 6), np.float64), np.zeros((6, 4), np.float32).T,
+                [[0.0] * 6] * 4):
+        with pytest.raises(ValueError, match="out must be a writeable C-contiguous float32 array of shape"):
+            ops.cross_entropy_forward(logits, targets, out=bad)
+    frozen = np.zeros_like(logits)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be a writeable"):
+        ops.cross_entropy_forward(logits, targets, out=frozen)
+
+
 # ------------------------------------------------------------------- GELU
 @PROPERTY
 @given(shape=st.sampled_from([(1, 1), (3, 5), (2, 3, 17), (4, 64)]), approximate=st.sampled_from(["tanh", "none"]),

@@ -52,6 +52,39 @@ def test_loss_and_grads_is_repeatable_and_overwrites_grads(backend):
     np.testing.assert_array_equal(model.flat.grad, g1)  # overwritten, not accumulated
 
 
+def test_logits_buffer_kept_across_steps_is_never_handed_out(backend):
+    """loss_and_grads and loss reuse one logits buffer; shapes may change between calls; the
+    arrays forward() returns are the caller's own and no later call writes over them."""
+    rng = np.random.default_rng(3)
+    model, fresh = TransformerLM(LMConfig(**TINY), seed=0), TransformerLM(LMConfig(**TINY), seed=0)
+    ids, targets = _batch(rng)
+    logits = model.forward(ids)
+    kept = logits.copy()
+    for B, T in ((2, 5), (3, 4), (2, 5)):
+        ids, targets = _batch(rng, B, T)
+        loss, _ = model.loss_and_grads(ids, targets)
+        want_loss, _ = fresh.loss_and_grads(ids, targets)
+        assert loss == want_loss
+        np.testing.assert_array_equal(model.flat.grad, fresh.flat.grad)
+        assert model.loss(ids, targets) == fresh.loss(ids, targets)
+        assert model.forward(ids) is not model.forward(ids)
+    np.testing.assert_array_equal(logits, kept)
+    assert not any(np.may_share_memory(logits, a) for a in model._scratch.values())
+
+
+def test_linear_forward_writes_into_out():
+    from fastformer.layers import linear_forward
+
+    rng = np.random.default_rng(4)
+    x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
+    out = np.full((2, 3, 5), np.nan)
+    y, _ = linear_forward(x, w, b, out=out)
+    np.testing.assert_allclose(out, x @ w + b, rtol=1e-12)
+    assert np.shares_memory(y, out)
+    with pytest.raises(ValueError, match="out must be a C-contiguous array of 30 elements"):
+        linear_forward(x, w, b, out=np.zeros((5, 6)).T)
+
+
 def test_initial_loss_is_close_to_log_vocab(backend):
     V = 256
     model = TransformerLM(LMConfig(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, d_ff=64, n_layers=2))

@@ -239,12 +239,41 @@ def _scores(qi, kt, n, sc):
             sc[j] += qd * kt[d, j]
 
 
+@_inline
+def _softmax_row(sc, last, n, kpm, b, has_mask):
+    """p = exp(s - max) in place over the keys j < last of one row of scores sc, zero for
+    last <= j < n; returns (max, sum(p)), max = -inf when no key is left (then p = 0)."""
+    F = sc.dtype.type
+    if has_mask:
+        for j in range(last):
+            if kpm[b, j]:
+                sc[j] = F(-np.inf)
+    m = F(-np.inf)
+    for j in range(last):
+        m = max(m, sc[j])
+    total = F(0.0)
+    if m == F(-np.inf):
+        last = 0
+    for j in range(last):
+        p = _exp(sc[j] - m)
+        sc[j] = p
+        total += p
+    for j in range(last, n):
+        sc[j] = F(0.0)
+    return m, total
+
+
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
          "F[:, :, :, :], F[:, :, ::1])", serial_twin=True)
 def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     """Per query row: scores against the keys it may see, their max, p = exp(s - max) and
     out = p @ v / sum(p), lse = max + log(sum(p)). q (B, H, T, hs), k and v (B, H, S, hs), any
     strides; writes out (B, H, T, hs) and lse (B, H, T).
+
+    Rows go in pairs that share every load of kt and vt (1.2-1.4x faster than a row at a time
+    at the tiny, small and medium presets); a pair runs over the keys its second row sees, with
+    the first row's p zero past its own last key. A last odd row, as decoding's single new
+    token, goes alone.
 
     This is the flash-attention forward with a single key block per row: one row of S scores is
     the only (S,)-sized scratch. An online softmax over smaller key blocks (running max and
@@ -260,44 +289,59 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
         vt = np.empty((hs, S), q.dtype)
         _load_transposed(k, b, h, kt)
         _load_transposed(v, b, h, vt)
-        qi = np.empty(hs, q.dtype)
-        sc = np.empty(S, q.dtype)  # scores, then p
-        for i in range(T):
-            last = S - T + i + 1 if causal else S  # query i sees keys j < last
-            for d in range(hs):
-                qi[d] = q[b, h, i, d] * scale
-            _scores(qi, kt, last, sc)
-            if has_mask:
-                for j in range(last):
-                    if kpm[b, j]:
-                        sc[j] = F(-np.inf)
-            m = F(-np.inf)
-            for j in range(last):
-                m = max(m, sc[j])
-            if m == F(-np.inf):  # no key to attend to
+        qs = np.empty((2, hs), q.dtype)  # q * scale of the pair's rows
+        sc = np.empty((2, S), q.dtype)  # scores, then p
+        s0, s1 = sc[0], sc[1]
+        for i0 in range(0, T, 2):
+            rows = min(2, T - i0)
+            n = S - T + i0 + rows if causal else S  # the keys the last row of the pair sees
+            for r in range(rows):
                 for d in range(hs):
-                    out[b, h, i, d] = F(0.0)
-                lse[b, h, i] = F(-np.inf)
-                continue
-            total = F(0.0)
-            for j in range(last):
-                p = _exp(sc[j] - m)
-                sc[j] = p
-                total += p
-            inv = F(1.0) / total
+                    qs[r, d] = q[b, h, i0 + r, d] * scale
+            if rows == 2:
+                for j in range(n):
+                    s0[j] = F(0.0)
+                    s1[j] = F(0.0)
+                for d in range(hs):
+                    a0, a1 = qs[0, d], qs[1, d]
+                    for j in range(n):
+                        kd = kt[d, j]
+                        s0[j] += a0 * kd
+                        s1[j] += a1 * kd
+            else:
+                _scores(qs[0], kt, n, s0)
+            m0, total0 = _softmax_row(s0, n - 1 if causal and rows == 2 else n, n, kpm, b, has_mask)
+            m1, total1 = _softmax_row(s1, n, n, kpm, b, has_mask) if rows == 2 else (m0, total0)
             for d in range(hs):
-                pv = F(0.0)
-                for j in range(last):
-                    pv += sc[j] * vt[d, j]
-                out[b, h, i, d] = pv * inv
-            lse[b, h, i] = m + math.log(total)
+                pv0 = F(0.0)
+                pv1 = F(0.0)
+                if rows == 2:
+                    for j in range(n):
+                        vd = vt[d, j]
+                        pv0 += s0[j] * vd
+                        pv1 += s1[j] * vd
+                else:
+                    for j in range(n):
+                        pv0 += s0[j] * vt[d, j]
+                out[b, h, i0, d] = pv0 / total0 if m0 != F(-np.inf) else F(0.0)
+                if rows == 2:
+                    out[b, h, i0 + 1, d] = pv1 / total1 if m1 != F(-np.inf) else F(0.0)
+            lse[b, h, i0] = m0 + math.log(total0) if m0 != F(-np.inf) else F(-np.inf)
+            if rows == 2:
+                lse[b, h, i0 + 1] = m1 + math.log(total1) if m1 != F(-np.inf) else F(-np.inf)
 
 
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], "
          "F[:, :, ::1], boolean[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])")
 def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
-    """Gradients of one (batch, head) per task, a query row at a time, from probabilities
-    recomputed as p = exp(s - lse); dk and dv accumulate (transposed) in buffers the task owns."""
+    """Gradients of one (batch, head) per task, two query rows at a time, from probabilities
+    recomputed as p = exp(s - lse); dk and dv accumulate (transposed) in buffers the task owns.
+
+    The two rows of a pair share every load of kt, vt, dkt and dvt: 1.4x faster than a row at
+    a time at the tiny and small presets (a row needs 5 loads and 2 stores per 3 multiply-adds
+    over keys, a pair 7 and 2 per 6). The pair runs over the keys its second row sees; the
+    first row's p and ds are 0 past its own last key, so those keys get exact zeros from it.
+    """
     # forward: p = softmax(q k^T * scale + mask); out = p v
     #   dv = p^T dout;  dp = dout v^T;  ds = p * (dp - D) * scale with D = rowsum(dout * out)
     #   dq = ds k;  dk = ds^T q
@@ -312,40 +356,66 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
         _load_transposed(v, b, h, vt)
         dkt = np.zeros((hs, S), q.dtype)
         dvt = np.zeros((hs, S), q.dtype)
-        qi = np.empty(hs, q.dtype)
-        gi = np.empty(hs, q.dtype)
-        sc = np.empty(S, q.dtype)  # scores, then p
-        dp = np.empty(S, q.dtype)  # dout_i . v_j, then ds
-        for i in range(T):
-            L = lse[b, h, i]
-            if L == F(-np.inf):  # the query attended to nothing: its output was a constant 0
+        qr = np.empty((2, hs), q.dtype)  # q of the pair's rows; zeros for a missing second row
+        gr = np.empty((2, hs), q.dtype)  # their dout
+        p = np.empty((2, S), q.dtype)  # scores, then p
+        ds = np.empty((2, S), q.dtype)  # dout_i . v_j, then ds
+        p0, p1, ds0, ds1 = p[0], p[1], ds[0], ds[1]
+        for i0 in range(0, T, 2):
+            rows = min(2, T - i0)
+            n = S - T + i0 + rows if causal else S  # the keys the pair's last row sees
+            for r in range(2):
                 for d in range(hs):
-                    dq[b, h, i, d] = F(0.0)
-                continue
-            last = S - T + i + 1 if causal else S
-            D = F(0.0)
+                    qr[r, d] = q[b, h, i0 + r, d] if r < rows else F(0.0)
+                    gr[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+            for j in range(n):
+                p0[j] = F(0.0)
+                p1[j] = F(0.0)
+                ds0[j] = F(0.0)
+                ds1[j] = F(0.0)
             for d in range(hs):
-                qi[d] = q[b, h, i, d] * scale
-                gi[d] = dout[b, h, i, d]
-                D += gi[d] * out[b, h, i, d]
-            _scores(qi, kt, last, sc)
-            _scores(gi, vt, last, dp)
-            if has_mask:
-                for j in range(last):
-                    if kpm[b, j]:
-                        sc[j] = F(-np.inf)  # p = 0 below, and so ds = 0
-            for j in range(last):
-                p = _exp(sc[j] - L)
-                sc[j] = p
-                dp[j] = p * (dp[j] - D) * scale
+                a0, a1 = qr[0, d] * scale, qr[1, d] * scale
+                g0, g1 = gr[0, d], gr[1, d]
+                for j in range(n):
+                    kd, vd = kt[d, j], vt[d, j]
+                    p0[j] += a0 * kd
+                    p1[j] += a1 * kd
+                    ds0[j] += g0 * vd
+                    ds1[j] += g1 * vd
+            for r in range(2):
+                i = i0 + r
+                pr, dsr = p[r], ds[r]
+                # a missing row, or a query that attended to nothing (its output was a constant 0)
+                last = 0 if r >= rows or lse[b, h, i] == F(-np.inf) else (S - T + i + 1 if causal else S)
+                if last > 0:
+                    L = lse[b, h, i]
+                    D = F(0.0)
+                    for d in range(hs):
+                        D += gr[r, d] * out[b, h, i, d]
+                    if has_mask:
+                        for j in range(last):
+                            if kpm[b, j]:
+                                pr[j] = F(-np.inf)  # p = 0 below, and so ds = 0
+                    for j in range(last):
+                        pj = _exp(pr[j] - L)
+                        pr[j] = pj
+                        dsr[j] = pj * (dsr[j] - D) * scale
+                for j in range(last, n):
+                    pr[j] = F(0.0)
+                    dsr[j] = F(0.0)
             for d in range(hs):
-                qd, gd = q[b, h, i, d], gi[d]
-                dqd = F(0.0)
-                for j in range(last):
-                    dvt[d, j] += sc[j] * gd
-                    dkt[d, j] += dp[j] * qd
-                    dqd += dp[j] * kt[d, j]
-                dq[b, h, i, d] = dqd
+                g0, g1, q0, q1 = gr[0, d], gr[1, d], qr[0, d], qr[1, d]
+                dq0 = F(0.0)
+                dq1 = F(0.0)
+                for j in range(n):
+                    dvt[d, j] += p0[j] * g0 + p1[j] * g1
+                    dkt[d, j] += ds0[j] * q0 + ds1[j] * q1
+                    kd = kt[d, j]
+                    dq0 += ds0[j] * kd
+                    dq1 += ds1[j] * kd
+                dq[b, h, i0, d] = dq0
+                if rows == 2:
+                    dq[b, h, i0 + 1, d] = dq1
         for j in range(S):
             for d in range(hs):
                 dk[b, h, j, d] = dkt[d, j]
@@ -353,32 +423,57 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
 
 
 # --------------------------------------------------------------- cross-entropy
+@_inline
+def _cross_entropy_row(x, tn, inv_n, dx):
+    """nll = logsumexp(x) - x[tn] of one row x (V,), returned, and the gradient of the mean loss
+    dx (V,) = (softmax(x) - onehot(tn)) * inv_n. dx may be x: x[tn] is read before any write."""
+    V = x.shape[0]
+    F = x.dtype.type
+    xt = x[tn]
+    m = x[0]
+    for c in range(1, V):
+        m = max(m, x[c])
+    total = F(0.0)
+    for c in range(V):
+        e = _exp(x[c] - m)
+        dx[c] = e
+        total += e
+    g = inv_n / total
+    for c in range(V):
+        dx[c] *= g
+    dx[tn] -= inv_n
+    return m + math.log(total) - xt
+
+
 @_kernel("void(F[:, ::1], int64[::1], int64, F, F[:, ::1], float64[::1])")
 def _cross_entropy_fwd(x, t, ignore_index, inv_n, dx, nll):
-    """Per row: nll = logsumexp(x) - x[t] and, in the same pass, the gradient of the mean loss
-    dx = (softmax(x) - onehot(t)) / n; ignored rows give nll 0 and a zero gradient row."""
+    """Per row: nll and, in the same pass, the gradient of the mean loss dx
+    (`_cross_entropy_row`); ignored rows give nll 0 and a zero gradient row."""
     N, V = x.shape
     F = x.dtype.type
     for n in prange(N):
-        tn = t[n]
-        if tn == ignore_index:
+        if t[n] == ignore_index:
             nll[n] = 0.0
             for c in range(V):
                 dx[n, c] = F(0.0)
-            continue
-        m = x[n, 0]
-        for c in range(1, V):
-            m = max(m, x[n, c])
-        total = F(0.0)
-        for c in range(V):
-            e = _exp(x[n, c] - m)
-            dx[n, c] = e
-            total += e
-        nll[n] = m + math.log(total) - x[n, tn]
-        g = inv_n / total
-        for c in range(V):
-            dx[n, c] *= g
-        dx[n, tn] -= inv_n
+        else:
+            nll[n] = _cross_entropy_row(x[n], t[n], inv_n, dx[n])
+
+
+@_kernel("void(F[:, ::1], int64[::1], int64, F, float64[::1])")
+def _cross_entropy_fwd_inplace(x, t, ignore_index, inv_n, nll):
+    """`_cross_entropy_fwd` with dx = x: the gradient overwrites the logits. A kernel of its own
+    because Numba tells LLVM that the array arguments of a parallel loop never alias, so
+    passing one array as both x and dx lets it move the read of x[n, t] after the writes."""
+    N, V = x.shape
+    F = x.dtype.type
+    for n in prange(N):
+        if t[n] == ignore_index:
+            nll[n] = 0.0
+            for c in range(V):
+                x[n, c] = F(0.0)
+        else:
+            nll[n] = _cross_entropy_row(x[n], t[n], inv_n, x[n])
 
 
 # ------------------------------------------------------------------------ GELU

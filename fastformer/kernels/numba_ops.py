@@ -23,6 +23,7 @@ from .numpy_ops import (
     as_vector,
     check_attention_inputs,
     check_gpt2_decode,
+    check_out,
     check_qkv,
     check_targets,
     write_kv_cache,
@@ -219,29 +220,30 @@ class NumbaOps(NumpyOps):
                          key_padding_mask is not None, bool(causal), q.dtype.type(scale), dq, dk, dv)
 
     # ------------------------------------------------------------ cross-entropy
-    def cross_entropy_forward(self, logits, targets, ignore_index=-100):
+    def cross_entropy_forward(self, logits, targets, ignore_index=-100, out=None):
         """As the reference; the gradient of the mean loss is computed in the same pass and
-        kept in the cache (one (N, V) array, no separate probabilities)."""
+        kept in the cache (one (N, V) array, no separate probabilities): `out` when given,
+        which may be `logits` itself, else a new array."""
         logits = as_float_array(logits, "logits")
         targets = as_int_array(targets, "targets")
+        if out is not None:
+            check_out(out, logits, "out")
         if logits.ndim == 0 or logits.size == 0:
-            return super().cross_entropy_forward(logits, targets, ignore_index)
+            return super().cross_entropy_forward(logits, targets, ignore_index, out)
         t, counted = check_targets(logits, targets, ignore_index)
         n = int(counted.sum())
-        dlogits = np.empty_like(logits)
+        inv_n = logits.dtype.type(1.0 / max(n, 1))
         nll = np.empty(t.size, np.float64)
-        K._cross_entropy_fwd(_rows(logits), t, int(ignore_index), logits.dtype.type(1.0 / max(n, 1)),
-                             _rows(dlogits), nll)
+        if out is not None and np.may_share_memory(out, logits):
+            if out.ctypes.data != logits.ctypes.data:  # a partial overlap: the reference copes
+                return super().cross_entropy_forward(logits, targets, ignore_index, out)
+            dlogits = out
+            K._cross_entropy_fwd_inplace(_rows(logits), t, int(ignore_index), inv_n, nll)
+        else:
+            dlogits = np.empty_like(logits) if out is None else out
+            K._cross_entropy_fwd(_rows(logits), t, int(ignore_index), inv_n, _rows(dlogits), nll)
         loss = float(nll.sum() / n) if n else 0.0
         return loss, dlogits
-
-    def cross_entropy_backward(self, dloss, cache):
-        """Returns dlogits; when dloss is 1 this is the array kept in the cache itself."""
-        # forward: loss = sum_counted (lse - x[target]) / n; the cache holds d loss / d logits
-        if isinstance(cache, tuple):  # a reference forward's cache
-            return super().cross_entropy_backward(dloss, cache)
-        dloss = float(dloss)
-        return cache if dloss == 1.0 else cache * cache.dtype.type(dloss)
 
     # --------------------------------------------------------------------- GELU
     def gelu_forward(self, x, bias=None, approximate="tanh"):

@@ -92,6 +92,16 @@ def check_qkv(qkv, n_heads):
     return B, T, C3 // 3, C3 // (3 * n_heads)
 
 
+def check_out(out, like, name):
+    """Validate an output array that a kernel writes in place: a writeable C-contiguous ndarray
+    of the shape and dtype of `like` (it may be `like` itself)."""
+    if not isinstance(out, np.ndarray) or out.shape != like.shape or out.dtype != like.dtype \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"{name} must be a writeable C-contiguous {like.dtype} array of shape {like.shape}, "
+                         f"got {got}")
+
+
 def check_targets(logits, targets, ignore_index):
     """Validate integer targets for logits (..., V); returns (t (N,) int64, counted (N,) bool)."""
     V = logits.shape[-1]
@@ -348,11 +358,19 @@ class NumpyOps:
         return np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
 
     # ------------------------------------------------------------ cross-entropy
-    def cross_entropy_forward(self, logits, targets, ignore_index=-100):
+    def cross_entropy_forward(self, logits, targets, ignore_index=-100, out=None):
         """Mean cross-entropy of softmax(logits) against integer targets, over the tokens whose
         target is not `ignore_index`. logits (..., V), targets (...). If every target is ignored
-        the loss is 0.0 and the gradient is zero. Returns (loss: float, cache)."""
+        the loss is 0.0 and the gradient is zero. Returns (loss: float, cache).
+
+        With `out` (a writeable C-contiguous array of the shape and dtype of logits, which may be
+        `logits` itself) the gradient of the mean loss is written into it during the forward and
+        the cache is `out`: the gradient needs no array of its own, and
+        `cross_entropy_backward(1.0, cache)` returns `out`. `logits` is overwritten when it is `out`.
+        """
         logits = as_float_array(logits, "logits")
+        if out is not None:
+            check_out(out, logits, "out")
         V = logits.shape[-1]
         targets = as_int_array(targets, "targets")
         t, counted = check_targets(logits, targets, ignore_index)
@@ -363,11 +381,19 @@ class NumpyOps:
         tc = np.where(counted, t, 0)
         nll = np.where(counted, lse - x[np.arange(len(t)), tc], 0.0)
         loss = float(nll.sum() / n) if n else 0.0
-        return loss, (logits, t, counted, lse, n)
+        cache = (logits, t, counted, lse, n)
+        if out is None:
+            return loss, cache
+        out[...] = NumpyOps.cross_entropy_backward(self, 1.0, cache)  # computed before logits is overwritten
+        return loss, out
 
     def cross_entropy_backward(self, dloss, cache):
-        """Returns dlogits, shaped like logits."""
+        """Returns dlogits, shaped like logits; when the forward had `out` and dloss is 1, that
+        array itself."""
         # forward: loss = sum_counted (lse - x[target]) / n
+        if isinstance(cache, np.ndarray):  # the gradient of the mean loss, written by the forward
+            dloss = float(dloss)
+            return cache if dloss == 1.0 else cache * cache.dtype.type(dloss)
         logits, t, counted, lse, n = cache
         V = logits.shape[-1]
         x = logits.reshape(-1, V)

@@ -1,0 +1,45 @@
+"""The thread and allocator policy of threads.py: the short OpenBLAS spin keeps BLAS working."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+from fastformer import threads  # noqa: E402
+
+
+def _pthreads_openblas():
+    return [d for d in threadpoolctl.threadpool_info()
+            if d.get("internal_api") == "openblas" and d.get("threading_layer") == "pthreads"]
+
+
+def test_a_timeout_the_user_set_is_left_alone(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "25")
+    assert threads.shorten_blas_spin() is False
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "25"
+
+
+@pytest.mark.skipif(not _pthreads_openblas(), reason="NumPy's BLAS is not a pthreads OpenBLAS")
+def test_short_spin_is_applied_and_blas_still_works():
+    # in a child process: the policy is per process and must not leak into this one
+    code = """
+import ctypes, numpy as np, threadpoolctl
+from fastformer import threads
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 100))
+before = a @ b
+n = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"]
+assert threads.shorten_blas_spin(16)
+path = [d["filepath"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"][0]
+assert ctypes.CDLL(path).openblas_thread_timeout() == 16
+assert np.allclose(a @ b, before, rtol=1e-12, atol=1e-12)
+assert [d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"] == n
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
