@@ -19,7 +19,7 @@ import numpy as np
 from .kernels import get_ops
 from .kernels.numpy_ops import PackedGPT2
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
-from .params import FlatModel, FlatParams
+from .params import FlatModel, FlatParams, aligned_zeros
 
 
 def check_config_dict(cls, d, what):
@@ -86,8 +86,8 @@ class KVCache:
     def __init__(self, config, batch_size, dtype=np.float32):
         L, H, Tmax = config.n_layers, config.n_heads, config.max_seq_len
         shape = (L, batch_size, H, Tmax, config.d_model // H)
-        self.k = np.zeros(shape, dtype)
-        self.v = np.zeros(shape, dtype)
+        self.k = aligned_zeros(shape, dtype)
+        self.v = aligned_zeros(shape, dtype)
         self.padding = np.zeros((batch_size, Tmax), dtype=bool)
         self.length = 0
 

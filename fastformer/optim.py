@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from .kernels import get_ops
+from .params import aligned_zeros
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -24,7 +25,7 @@ class SGD:
 
     def __init__(self, flat, momentum=0.9, weight_decay=0.0, nesterov=False):
         self.flat, self.momentum, self.weight_decay, self.nesterov = flat, momentum, weight_decay, nesterov
-        self.buf = np.zeros_like(flat.data)  # momentum buffer, the layout of flat.data
+        self.buf = aligned_zeros(flat.data.shape, flat.dtype)  # momentum buffer, the layout of flat.data
         self.t = 0
 
     def step(self, lr):
@@ -57,8 +58,8 @@ class AdamW:
     def __init__(self, flat, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True):
         self.flat, self.beta1, self.beta2, self.eps = flat, beta1, beta2, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
-        self.m = np.zeros_like(flat.data)  # first moment, the layout of flat.data
-        self.v = np.zeros_like(flat.data)  # second moment
+        self.m = aligned_zeros(flat.data.shape, flat.dtype)  # first moment, the layout of flat.data
+        self.v = aligned_zeros(flat.data.shape, flat.dtype)  # second moment
         self.t = 0
 
     def step(self, lr):

@@ -9,6 +9,19 @@ the slice `data[:n_decay]`.
 
 import numpy as np
 
+ALIGN = 64  # bytes: a cache line, and one AVX-512 register
+
+
+def aligned_zeros(shape, dtype):
+    """np.zeros(shape, dtype) whose first element starts on a 64-byte boundary. NumPy only
+    promises 16: a buffer that starts mid-line makes every vector load of a row span two cache
+    lines, which cost a batch-1 decoding step (bound by streaming weights) 30% here."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.zeros(n * dtype.itemsize + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+
 
 class FlatParams:
     """Named views into one flat parameter buffer and one flat gradient buffer.
@@ -27,8 +40,8 @@ class FlatParams:
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
         self.offsets = dict(zip(names, np.cumsum([0] + sizes[:-1]).tolist()))
         self.n_decay = sum(sz for n, sz in zip(names, sizes) if n in decay)
-        self.data = np.zeros(sum(sizes), dtype=self.dtype)
-        self.grad = np.zeros(sum(sizes), dtype=self.dtype)
+        self.data = aligned_zeros(sum(sizes), self.dtype)
+        self.grad = aligned_zeros(sum(sizes), self.dtype)
         self.params = self._views(self.data)
         self.grads = self._views(self.grad)
 

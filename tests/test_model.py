@@ -8,6 +8,7 @@ from conftest import numerical_grad
 
 import fastformer
 from fastformer import LMConfig, TransformerLM
+from fastformer.params import aligned_zeros
 
 TINY = dict(vocab_size=11, max_seq_len=8, d_model=8, n_heads=2, d_ff=12, n_layers=2)
 
@@ -237,3 +238,17 @@ def test_backend_selection_errors_and_context():
     with fastformer.use_backend("numpy"):
         assert fastformer.get_backend() == "numpy"
     assert fastformer.get_backend() == before
+
+
+@pytest.mark.parametrize("shape, dtype", [((7,), np.float32), ((3, 5), np.float64), ((0,), np.float32)])
+def test_aligned_zeros(shape, dtype):
+    a = aligned_zeros(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert (a.size == 0 or a.ctypes.data % 64 == 0) and not a.any()  # an empty array has no first element
+
+
+def test_parameter_gradient_and_cache_buffers_start_on_a_cache_line():
+    m = TransformerLM(LMConfig(vocab_size=11, d_model=12, n_heads=3, d_ff=5, n_layers=1), seed=0)
+    cache = m.new_cache(2)
+    for a in (m.flat.data, m.flat.grad, cache.k, cache.v):
+        assert a.ctypes.data % 64 == 0
