@@ -139,17 +139,27 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     if repetition_penalty is not None:
         real = mask.astype(bool)
         seen[np.nonzero(real)[0], ids[real]] = True
+    # the sequences so far, in buffers filled step by step (new tokens are never padding)
+    T0 = ids.shape[1]
+    all_ids = np.empty((B, T0 + max_new_tokens), np.int64)
+    all_ids[:, :T0] = ids
+    all_mask = np.ones((B, T0 + max_new_tokens), np.int64)
+    all_mask[:, :T0] = mask
+    positions = _positions(mask)  # of the prompt; each new token's is one more than its row's last
+    next_pos = positions[:, -1:] + 1  # (B, 1)
     cache = model.new_cache(B) if use_cache else None
-    pending = ids  # tokens the cache has not seen yet
     done = np.zeros(B, dtype=bool)
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.length + pending.shape[1] <= Tmax:
-            n = pending.shape[1]
-            logits = model.decode(pending, cache, attention_mask=mask[:, -n:],
-                                  position_ids=_positions(mask)[:, -n:])[:, -1]  # (B, V)
+    rows = np.arange(B)
+    for step in range(max_new_tokens):
+        T = T0 + step  # tokens so far
+        if cache is not None and step == 0 and T0 <= Tmax:  # the prompt fills the cache
+            logits = model.decode(ids, cache, attention_mask=mask, position_ids=positions)[:, -1]  # (B, V)
+        elif cache is not None and cache.length < Tmax:  # one new token a row
+            logits = model.decode(all_ids[:, T - 1:T], cache, position_ids=next_pos)[:, -1]
+            next_pos += 1
         else:  # no cache, or the context is full: a full forward over the last Tmax tokens
             cache = None
-            w_ids, w_mask = ids[:, -Tmax:], mask[:, -Tmax:]
+            w_ids, w_mask = all_ids[:, max(0, T - Tmax):T], all_mask[:, max(0, T - Tmax):T]
             logits = model.forward(w_ids, attention_mask=w_mask, position_ids=_positions(w_mask))[:, -1]
         if repetition_penalty is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -157,10 +167,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
         if eos_id is not None:
             nxt[done] = eos_id
             done |= nxt == eos_id
-        seen[np.arange(B), nxt] = True
-        ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-        pending = nxt[:, None]
+        seen[rows, nxt] = True
+        all_ids[:, T] = nxt
         yield nxt
         if done.all():
             return
