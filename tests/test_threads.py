@@ -43,3 +43,15 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    assert threads.cpu_vector_isa() == "AVX2"
+    cpuinfo.write_text("flags\t\t: avx2 avx512f\n")
+    assert threads.cpu_vector_isa() == "AVX-512"
+    cpuinfo.write_text("model name\t: something without flags\n")
+    assert threads.cpu_vector_isa() is None
