@@ -3,9 +3,10 @@
 Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at the same time
 (no BLAS call sits inside a `prange`), so each may use every core without the two competing:
 both get `num_threads()` threads, which is the number of cores this process may run on, or
-FASTFORMER_NUM_THREADS when set. The Numba threading layer is "workqueue" unless
-NUMBA_THREADING_LAYER says otherwise: the OpenMP layer's worker threads keep spinning after a
-parallel loop and steal the cores from the GEMM that follows it.
+FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
+(`choose_threading_layer`), else "workqueue", unless NUMBA_THREADING_LAYER says otherwise:
+OpenMP's default workers keep spinning after a parallel loop and steal the cores from the GEMM
+that follows it, and workqueue starts each parallel loop more slowly.
 
 It also sets the one allocator policy a step needs (`keep_freed_memory`): glibc gives every
 large freed block back to the OS, so each training step's fresh activations and gradients
@@ -91,6 +92,27 @@ def shorten_blas_spin(log2_ticks=BLAS_SPIN_LOG2):
     return applied
 
 
+def choose_threading_layer():
+    """Numba's threading layer, unless NUMBA_THREADING_LAYER chose one: OpenMP where it loads,
+    with OMP_WAIT_POLICY=passive unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, else
+    workqueue. Takes effect at the first parallel launch, and the OpenMP runtime reads its
+    environment when it loads -- so this sets the variable for this process and its children
+    (an OpenMP runtime another library already loaded keeps its own policy).
+
+    Passive workers sleep as soon as a parallel loop ends, so the GEMM that follows has the
+    cores to itself. Measured here, alternating processes (`fastformer bench`, steps/s,
+    medians of 4): tiny 14.1 against 11.4 with workqueue; small and medium 4% faster.
+    """
+    import numba
+
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # a permutation of all three
+    numba.config.THREADING_LAYER = "default"  # the first of the priority list that loads
+
+
 def configure_threads(n=None):
     """Apply `n` threads (default `num_threads()`) to Numba and to BLAS, the allocator
     policy and the short BLAS spin; returns n.
@@ -104,8 +126,7 @@ def configure_threads(n=None):
     import numba
     import threadpoolctl
 
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # takes effect at the first parallel launch
+    choose_threading_layer()
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     threadpoolctl.threadpool_limits(n, user_api="blas")
     keep_freed_memory()
@@ -153,4 +174,5 @@ def thread_info():
     # (AVX2) GEMMs run at half the float32 rate of SkylakeX's (AVX-512) on an AVX-512 CPU
     info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     info["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     return info

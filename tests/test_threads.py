@@ -55,3 +55,26 @@ def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
     assert threads.cpu_vector_isa() == "AVX-512"
     cpuinfo.write_text("model name\t: something without flags\n")
     assert threads.cpu_vector_isa() is None
+
+
+@pytest.mark.parametrize("preset_env, layer, policy", [
+    ({}, ("omp", "workqueue"), "passive"),  # OpenMP where it loads, its workers never spinning
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, ("workqueue",), None),  # the user's choice stands
+    ({"OMP_WAIT_POLICY": "active"}, ("omp", "workqueue"), "active"),
+])
+def test_threading_layer_choice(preset_env, layer, policy):
+    pytest.importorskip("numba")
+    code = """
+import os, numpy as np, numba, fastformer
+fastformer.set_backend("numba")
+fastformer.get_ops().softmax_forward(np.ones((512, 512), np.float32))  # a parallel launch
+print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
+"""
+    unset = ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(preset_env, FASTFORMER_BACKEND="numba")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got_layer, got_policy = out.stdout.split()
+    assert got_layer in layer
+    assert got_policy == str(policy)
