@@ -14,7 +14,11 @@ are checked to agree first.
 
 All contenders run in rounds, alternating in one process, with Numba, BLAS and PyTorch fixed to
 the same number of threads (the cores); each figure is the rate of the median time over all its
-timed calls. Only the benchmarks import torch and transformers.
+timed calls. Only the benchmarks import torch and transformers. torch is imported first: it
+brings its own OpenMP runtime (named libgomp.so.1, like the system's, so a process holds one),
+and fastformer's numba backend then takes Numba's workqueue layer rather than run on torch's
+runtime -- torch keeps its own settings, and fastformer runs slower here than in a process of
+its own (`fastformer bench`).
 
     python benchmarks/compare_torch.py                                  # everything (~2 min here)
     python benchmarks/compare_torch.py --presets tiny --rounds 1 --no-compile   # a quick look
@@ -24,7 +28,7 @@ import argparse
 import tempfile
 
 import numpy as np
-import torch
+import torch  # before fastformer: see the docstring
 import torch.nn.functional as TF
 
 from fastformer import bench

@@ -4,7 +4,7 @@ Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at 
 (no BLAS call sits inside a `prange`), so each may use every core without the two competing:
 both get `num_threads()` threads, which is the number of cores this process may run on, or
 FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
-(`choose_threading_layer`), else "workqueue", unless NUMBA_THREADING_LAYER says otherwise:
+(`_threading_layer_chosen`), else "workqueue", unless NUMBA_THREADING_LAYER says otherwise:
 OpenMP's default workers keep spinning after a parallel loop and steal the cores from the GEMM
 that follows it, and workqueue starts each parallel loop more slowly.
 
@@ -15,6 +15,7 @@ And it makes OpenBLAS's idle threads go to sleep soon after a call (`shorten_bla
 that they leave the cores to the Numba kernel that follows.
 """
 
+import contextlib
 import os
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
@@ -92,25 +93,50 @@ def shorten_blas_spin(log2_ticks=BLAS_SPIN_LOG2):
     return applied
 
 
-def choose_threading_layer():
-    """Numba's threading layer, unless NUMBA_THREADING_LAYER chose one: OpenMP where it loads,
-    with OMP_WAIT_POLICY=passive unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, else
-    workqueue. Takes effect at the first parallel launch, and the OpenMP runtime reads its
-    environment when it loads -- so this sets the variable for this process and its children
-    (an OpenMP runtime another library already loaded keeps its own policy).
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU's, Intel's, LLVM's
+
+
+def openmp_already_loaded():
+    """True when an OpenMP runtime is mapped into this process (Linux; False elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(name in line for line in f for name in OPENMP_RUNTIMES)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _threading_layer_chosen():
+    """Around Numba's thread start: choose its threading layer, unless NUMBA_THREADING_LAYER
+    did. OpenMP where it loads, its workers waiting passively (OMP_WAIT_POLICY=passive, unless
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set); workqueue when another library has already
+    loaded an OpenMP runtime, whose functions Numba's would then share, spin policy and all.
 
     Passive workers sleep as soon as a parallel loop ends, so the GEMM that follows has the
     cores to itself. Measured here, alternating processes (`fastformer bench`, steps/s,
-    medians of 4): tiny 14.1 against 11.4 with workqueue; small and medium 4% faster.
+    medians of 4): tiny 14.1 against 11.4 with workqueue; small and medium about 4% faster.
+    The runtime reads OMP_WAIT_POLICY once, when it loads at the thread start, so the variable
+    is set only for that moment: a runtime loaded later by another library keeps its default.
     """
     import numba
 
     if "NUMBA_THREADING_LAYER" in os.environ:
+        yield
         return
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "passive"
+    if openmp_already_loaded():
+        numba.config.THREADING_LAYER = "workqueue"
+        yield
+        return
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # a permutation of all three
     numba.config.THREADING_LAYER = "default"  # the first of the priority list that loads
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def configure_threads(n=None):
@@ -126,8 +152,8 @@ def configure_threads(n=None):
     import numba
     import threadpoolctl
 
-    choose_threading_layer()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    with _threading_layer_chosen():
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # starts the threads once
     threadpoolctl.threadpool_limits(n, user_api="blas")
     keep_freed_memory()
     shorten_blas_spin()
@@ -174,5 +200,5 @@ def thread_info():
     # (AVX2) GEMMs run at half the float32 rate of SkylakeX's (AVX-512) on an AVX-512 CPU
     info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     info["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")  # the user's; fastformer's is not kept
     return info

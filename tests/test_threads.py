@@ -1,5 +1,6 @@
 """The thread and allocator policy of threads.py: the short OpenBLAS spin keeps BLAS working."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -57,19 +58,30 @@ def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
     assert threads.cpu_vector_isa() is None
 
 
-@pytest.mark.parametrize("preset_env, layer, policy", [
-    ({}, ("omp", "workqueue"), "passive"),  # OpenMP where it loads, its workers never spinning
-    ({"NUMBA_THREADING_LAYER": "workqueue"}, ("workqueue",), None),  # the user's choice stands
-    ({"OMP_WAIT_POLICY": "active"}, ("omp", "workqueue"), "active"),
+@pytest.mark.parametrize("preset_env, preload, layer, policy", [
+    ({}, False, ("omp", "workqueue"), None),  # OpenMP where it loads; its passive policy not left in the environment
+    ({}, True, ("workqueue",), None),  # another library's OpenMP runtime is loaded: not shared
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, False, ("workqueue",), None),  # the user's choice stands
+    ({"OMP_WAIT_POLICY": "active"}, False, ("omp", "workqueue"), "active"),
 ])
-def test_threading_layer_choice(preset_env, layer, policy):
+def test_threading_layer_choice(preset_env, preload, layer, policy):
     pytest.importorskip("numba")
-    code = """
-import os, numpy as np, numba, fastformer
+    code = f"""
+import ctypes, os, numpy as np, numba
+if {preload}:
+    ctypes.CDLL("libgomp.so.1")
+import fastformer
+from fastformer import threads
+assert threads.openmp_already_loaded() == {preload}
 fastformer.set_backend("numba")
 fastformer.get_ops().softmax_forward(np.ones((512, 512), np.float32))  # a parallel launch
 print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
 """
+    if preload:
+        try:
+            ctypes.CDLL("libgomp.so.1")
+        except OSError:
+            pytest.skip("no libgomp.so.1 on this machine")
     unset = ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(preset_env, FASTFORMER_BACKEND="numba")
