@@ -170,7 +170,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
         seen[rows, nxt] = True
         all_ids[:, T] = nxt
         yield nxt
-        if done.all():
+        if eos_id is not None and done.all():
             return
 
 

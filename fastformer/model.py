@@ -288,7 +288,7 @@ class TransformerLM(FlatModel):
             return None
         pos = np.asarray(position_ids)
         Tmax = self.config.max_seq_len
-        if pos.dtype.kind not in "iu" or pos.size != int(np.prod(shape)):
+        if pos.dtype.kind not in "iu" or pos.size != math.prod(shape):
             raise ValueError(f"position_ids must be an integer array like ids {shape}, got {pos.dtype} {pos.shape}")
         if pos.size and (pos.min() < 0 or pos.max() >= Tmax):
             raise ValueError(f"position_ids must lie in [0, max_seq_len={Tmax}), got {pos.min()}..{pos.max()}")

@@ -165,7 +165,7 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start)
     L, B, H, Tmax, hs = k_cache.shape
     shapes, sizes = gpt2_param_shapes(L, H * hs, int(weights.d_ff), int(weights.vocab_size), Tmax)
     offsets = np.ascontiguousarray(weights.offsets, dtype=np.int64)
-    if offsets.shape != (len(shapes),) or (offsets < 0).any() or (offsets + sizes > flat.size).any():
+    if offsets.shape != (len(shapes),) or offsets.min() < 0 or (offsets + sizes).max() > flat.size:
         raise ValueError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
                          f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={weights.d_ff}, "
                          f"V={weights.vocab_size}, Tmax={Tmax}")
@@ -173,7 +173,8 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start)
     positions = np.array(as_int_array(positions, "positions"))
     if ids.shape != (B,) or positions.shape != (B,):
         raise ValueError(f"ids and positions must have shape (B,) = ({B},), got {ids.shape} and {positions.shape}")
-    if B and (ids.min() < 0 or ids.max() >= weights.vocab_size or positions.min() < 0 or positions.max() >= Tmax):
+    id_list, pos_list = ids.tolist(), positions.tolist()  # B is small: Python's min and max are quicker
+    if B and (min(id_list) < 0 or max(id_list) >= weights.vocab_size or min(pos_list) < 0 or max(pos_list) >= Tmax):
         raise ValueError(f"ids must lie in [0, {weights.vocab_size}) and positions in [0, {Tmax}), "
                          f"got ids {ids.tolist()} and positions {positions.tolist()}")
     if padding.shape != (B, Tmax) or padding.dtype != bool:
