@@ -32,3 +32,32 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
     parallel = run()
     for a, p in zip(serial, parallel):
         np.testing.assert_allclose(a, p, rtol=1e-6, atol=1e-6)
+
+
+def test_float64_kernels_compile_at_the_first_float64_array_only():
+    """A fresh process compiles float32 only; the first float64 array -- here one that reaches
+    AdamW, which takes no other wrapper's path -- brings every float64 signature, and no other
+    type is ever accepted."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, fastformer
+from fastformer.kernels import numba_kernels as K
+ops = fastformer.get_ops()
+ops.softmax_forward(np.ones((3, 4), np.float32))
+assert not K._float64_ready
+assert all(len(d.signatures) == 1 for d, _ in K._FLOAT64)
+p, g, m, v = (np.full(5, 0.5) for _ in range(4))
+ops.adamw_update(p, g, m, v, lr=0.1, step=1)
+assert K._float64_ready and all(len(d.signatures) == 2 for d, _ in K._FLOAT64)
+try:
+    K._softmax_fwd(np.ones((2, 2), np.int64), np.ones((2, 2), np.int64))
+except TypeError:
+    print("ok")
+"""
+    env = dict(os.environ, FASTFORMER_BACKEND="numba")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

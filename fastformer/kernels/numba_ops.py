@@ -18,7 +18,6 @@ from ..threads import configure_threads
 from .numpy_ops import (
     GELU_FORMS,
     NumpyOps,
-    as_float_array,
     as_int_array,
     as_vector,
     check_attention_inputs,
@@ -27,6 +26,9 @@ from .numpy_ops import (
     check_qkv,
     check_targets,
     write_kv_cache,
+)
+from .numpy_ops import (
+    as_float_array as _as_float_array,
 )
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
@@ -38,6 +40,15 @@ ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at t
 # recomputes u), so its cache differs from the reference's (u, approximate, has_bias).
 GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
 ReluCache = namedtuple("ReluCache", "y has_bias")
+
+
+def as_float_array(x, name, dtype=None):
+    """numpy_ops.as_float_array, and the float64 kernels compiled when the first float64 array
+    arrives (numba_kernels.compile_float64)."""
+    x = _as_float_array(x, name, dtype)
+    if x.dtype == np.float64:
+        K.compile_float64()
+    return x
 
 
 def _rows(x):
@@ -331,6 +342,8 @@ class NumbaOps(NumpyOps):
             return super().adamw_update(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                         weight_decay=weight_decay, step=step)
         dtype = param.dtype
+        if dtype == np.float64:
+            K.compile_float64()
         if dtype not in (np.float32, np.float64) or not all(_is_inplace_ok(a, dtype) for a in (param, m, v)) \
                 or grad.dtype != dtype or not grad.flags.c_contiguous:
             return super().adamw_update(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
