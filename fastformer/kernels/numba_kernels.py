@@ -454,11 +454,16 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
 
 # --------------------------------------------------------------- cross-entropy
 @_inline
-def _cross_entropy_row(x, tn, inv_n, dx):
+def _cross_entropy_row(x, tn, ignore_index, inv_n, dx):
     """nll = logsumexp(x) - x[tn] of one row x (V,), returned, and the gradient of the mean loss
-    dx (V,) = (softmax(x) - onehot(tn)) * inv_n. dx may be x: x[tn] is read before any write."""
+    dx (V,) = (softmax(x) - onehot(tn)) * inv_n; an ignored row gives 0 and a zero gradient.
+    dx may be x: x[tn] is read before any write."""
     V = x.shape[0]
     F = x.dtype.type
+    if tn == ignore_index:
+        for c in range(V):
+            dx[c] = F(0.0)
+        return 0.0
     xt = x[tn]
     m = x[0]
     for c in range(1, V):
@@ -477,17 +482,9 @@ def _cross_entropy_row(x, tn, inv_n, dx):
 
 @_kernel("void(F[:, ::1], int64[::1], int64, F, F[:, ::1], float64[::1])")
 def _cross_entropy_fwd(x, t, ignore_index, inv_n, dx, nll):
-    """Per row: nll and, in the same pass, the gradient of the mean loss dx
-    (`_cross_entropy_row`); ignored rows give nll 0 and a zero gradient row."""
-    N, V = x.shape
-    F = x.dtype.type
-    for n in prange(N):
-        if t[n] == ignore_index:
-            nll[n] = 0.0
-            for c in range(V):
-                dx[n, c] = F(0.0)
-        else:
-            nll[n] = _cross_entropy_row(x[n], t[n], inv_n, dx[n])
+    """Per row: nll and, in the same pass, the gradient of the mean loss dx (`_cross_entropy_row`)."""
+    for n in prange(x.shape[0]):
+        nll[n] = _cross_entropy_row(x[n], t[n], ignore_index, inv_n, dx[n])
 
 
 @_kernel("void(F[:, ::1], int64[::1], int64, F, float64[::1])")
@@ -495,15 +492,8 @@ def _cross_entropy_fwd_inplace(x, t, ignore_index, inv_n, nll):
     """`_cross_entropy_fwd` with dx = x: the gradient overwrites the logits. A kernel of its own
     because Numba tells LLVM that the array arguments of a parallel loop never alias, so
     passing one array as both x and dx lets it move the read of x[n, t] after the writes."""
-    N, V = x.shape
-    F = x.dtype.type
-    for n in prange(N):
-        if t[n] == ignore_index:
-            nll[n] = 0.0
-            for c in range(V):
-                x[n, c] = F(0.0)
-        else:
-            nll[n] = _cross_entropy_row(x[n], t[n], inv_n, x[n])
+    for n in prange(x.shape[0]):
+        nll[n] = _cross_entropy_row(x[n], t[n], ignore_index, inv_n, x[n])
 
 
 # ------------------------------------------------------------------------ GELU
