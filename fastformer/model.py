@@ -119,6 +119,7 @@ class TransformerLM(FlatModel):
         self.rng = np.random.default_rng(dropout_seq)  # dropout masks; saved with checkpoints
         self._init_weights(np.random.default_rng(init_seq))
         self._scratch = {}  # name -> array kept across training steps (see `_scratch_array`)
+        self._decode_offsets = None  # made by `_packed_weights` at the first decoding step
 
     # ------------------------------------------------------------ parameters
     def _param_shapes(self):
@@ -271,7 +272,7 @@ class TransformerLM(FlatModel):
     def _packed_weights(self):
         """The parameters as ops.gpt2_decode_step takes them: the flat buffer and where each
         parameter starts in it (the offsets are computed once; the buffer is read in place)."""
-        if getattr(self, "_decode_offsets", None) is None:
+        if self._decode_offsets is None:
             names = []
             for i in range(self.config.n_layers):
                 p = f"transformer.h.{i}."

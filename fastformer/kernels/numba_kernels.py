@@ -258,6 +258,17 @@ def _load_transposed(x, b, h, xt):
 
 
 @_inline
+def _keys_values_transposed(k, v, b, h):
+    """(kt, vt), each (hs, S): k[b, h].T and v[b, h].T in scratch the calling task owns."""
+    S, hs = k.shape[2], k.shape[3]
+    kt = np.empty((hs, S), k.dtype)
+    vt = np.empty((hs, S), k.dtype)
+    _load_transposed(k, b, h, kt)
+    _load_transposed(v, b, h, vt)
+    return kt, vt
+
+
+@_inline
 def _scores(qi, kt, n, sc):
     """sc[:n] = qi @ kt[:, :n], looping over keys innermost."""
     F = sc.dtype.type
@@ -315,10 +326,7 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     F = q.dtype.type
     for bh in prange(B * H):
         b, h = bh // H, bh % H
-        kt = np.empty((hs, S), q.dtype)
-        vt = np.empty((hs, S), q.dtype)
-        _load_transposed(k, b, h, kt)
-        _load_transposed(v, b, h, vt)
+        kt, vt = _keys_values_transposed(k, v, b, h)
         qs = np.empty((2, hs), q.dtype)  # q * scale of the pair's rows
         sc = np.empty((2, S), q.dtype)  # scores, then p
         s0, s1 = sc[0], sc[1]
@@ -380,10 +388,7 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
     F = q.dtype.type
     for bh in prange(B * H):
         b, h = bh // H, bh % H
-        kt = np.empty((hs, S), q.dtype)
-        vt = np.empty((hs, S), q.dtype)
-        _load_transposed(k, b, h, kt)
-        _load_transposed(v, b, h, vt)
+        kt, vt = _keys_values_transposed(k, v, b, h)
         dkt = np.zeros((hs, S), q.dtype)
         dvt = np.zeros((hs, S), q.dtype)
         qr = np.empty((2, hs), q.dtype)  # q of the pair's rows; zeros for a missing second row
@@ -697,26 +702,19 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
                 for d in range(hs):
                     kh[t, d] = qkv[r, C + hd * hs + d]
                     vh[t, d] = qkv[r, 2 * C + hd * hs + d]
-                m = F(-np.inf)
                 for j in range(t + 1):
-                    if padding[r, j]:
-                        p[j] = F(-np.inf)
-                    else:
-                        sc = F(0.0)
-                        for d in range(hs):
-                            sc += qkv[r, hd * hs + d] * kh[j, d]
-                        p[j] = sc * scale
-                    m = max(m, p[j])
+                    sc = F(0.0)
+                    for d in range(hs):
+                        sc += qkv[r, hd * hs + d] * kh[j, d]
+                    p[j] = sc * scale
+                m, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
                 ah = a[r, hd * hs:(hd + 1) * hs]
                 ah[:] = F(0.0)
                 if m == F(-np.inf):  # every key is padding: the output is 0, as in attention_forward
                     continue
-                total = F(0.0)
                 for j in range(t + 1):
-                    e = _exp(p[j] - m)
-                    total += e
                     for d in range(hs):
-                        ah[d] += e * vh[j, d]
+                        ah[d] += p[j] * vh[j, d]
                 inv = F(1.0) / total
                 for d in range(hs):
                     ah[d] *= inv
