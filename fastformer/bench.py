@@ -275,7 +275,19 @@ def format_report(r):
         f"measured float32 GEMM peak ({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
         f"  peak RSS          {r['peak_rss_mb']:.0f} MB",
         f"  first step        {r['first_step_s']:.2f} s after start (backend load/compile + model + step)",
+        f"  threads           numba {r['threads'].get('numba_threads', '-')} "
+        f"({r['threads'].get('numba_threading_layer', 'Numba not installed')})",
+        *(f"  BLAS              {line}" for line in r["threads"]["blas"]),
+        f"  CPU               {cpu_line(r['threads'])}",
     ])
+
+
+def cpu_line(info):
+    """The CPU's vector extension, and a BLAS kernel set pinned in the environment: on an
+    AVX-512 CPU, OpenBLAS pinned to Haswell's kernels (AVX2) runs GEMMs at about half the rate."""
+    pinned = info.get("OPENBLAS_CORETYPE")
+    return (f"{info.get('cpu_vector_isa') or 'vector extensions unknown'}"
+            f"{f'; OpenBLAS kernels pinned by OPENBLAS_CORETYPE={pinned}' if pinned else ''}")
 
 
 def main(args):

@@ -50,3 +50,39 @@ def test_asv_suite_discovers_every_benchmark():
     assert bench_generate.Generate.track_tokens_per_sec.unit == "tokens/s"
     kernels = {"Softmax", "LayerNorm", "Attention", "CrossEntropy", "Gelu", "AdamW"}
     assert kernels <= set(dir(bench_kernels))
+
+
+def test_bench_command_reports_every_figure(capsys):
+    from fastformer import cli, use_backend
+
+    with use_backend("numpy"):  # the command selects its backend for the process: restore it after
+        cli.main(["bench", "--preset", "tiny", "--backend", "numpy", "--steps", "1", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "numpy" and r["steps"] == 1
+    assert r["tokens_per_s"] == pytest.approx(32 * 128 * r["steps_per_s"])
+    assert r["gflops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["step_s_median"] / 1e9)
+    assert 0 < r["fraction_of_gemm_peak"] == pytest.approx(r["gflops_per_s"] / r["gemm_peak_gflops_per_s"])
+    assert r["peak_rss_mb"] > 0 and r["first_step_s"] > 0
+
+    with use_backend("numpy"):
+        cli.main(["bench", "--preset", "tiny", "--backend", "numpy", "--steps", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    labels = [line.split()[0] for line in lines[1:]]
+    assert labels[:8] == ["steps/s", "tokens/s", "model", "achieved", "peak", "first", "threads", "BLAS"]
+    assert labels[-1] == "CPU"
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        assert f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" in lines[-1]
+
+
+def test_compare_torch_runs_every_contender_on_tiny():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, "benchmarks/compare_torch.py", "--presets", "tiny", "--rounds", "1",
+                           "--steps", "1", "--gen-rounds", "1", "--no-compile"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("tiny")]
+    assert len(rows) == 2  # training, then generation
+    train, gen = rows
+    assert all(float(v) > 0 for v in train[1:4]) and train[4] == "-"  # numpy, numba, eager; compile left out
+    assert all(float(v) > 0 for v in gen[1:4])  # numpy, numba, transformers
