@@ -1,6 +1,7 @@
 """Where a training step's time goes, by kernel: wraps every kernel method of the selected
 backend and the linear layers with timers, runs a few steps of a bench preset, and prints
-milliseconds per step for each, with the remainder (Python, reshapes, NumPy glue) last.
+milliseconds per step for each, with the remainder (Python, reshapes, NumPy glue) last, and
+then the time of every BLAS matrix product of the step together (they lie inside the rows above).
 
     python benchmarks/profile_step.py --preset tiny --backend numba
 """
@@ -41,9 +42,23 @@ def main():
             setattr(ops, name, timed(name, getattr(ops, name)))
     for name in ("linear_forward", "linear_backward"):
         setattr(model_mod, name, timed(name, getattr(layers, name)))
-    matmul = np.matmul
-    model_mod.np = type("np_proxy", (), {"__getattr__": staticmethod(lambda a: getattr(np, a)),
-                                         "matmul": staticmethod(timed("lm_head matmul (dW)", matmul))})()
+    gemms = [0.0]  # seconds in every np.matmul of the layers and the LM head
+
+    def numpy_timing_matmul(label=None):
+        """numpy, but for a matmul that adds its time to gemms (and to spent[label])."""
+        def matmul(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return np.matmul(*a, **kw)
+            finally:
+                gemms[0] += time.perf_counter() - t
+                if label:
+                    spent[label] += time.perf_counter() - t
+        return type("np_proxy", (), {"__getattr__": staticmethod(lambda a: getattr(np, a)),
+                                     "matmul": staticmethod(matmul)})()
+
+    layers.np = numpy_timing_matmul()
+    model_mod.np = numpy_timing_matmul("lm_head backward (dW, dh)")
 
     cfg = bench.preset_config(args.preset)
     lm = fastformer.TransformerLM(cfg)
@@ -56,6 +71,7 @@ def main():
 
     step()
     spent.clear()
+    gemms[0] = 0.0
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -64,7 +80,9 @@ def main():
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28s} {s / args.steps * 1e3:8.1f} ms  {100 * s / args.steps / total:5.1f}%")
     rest = total - sum(spent.values()) / args.steps
-    print(f"  {'other (incl. LM-head dh)':28s} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
+    print(f"  {'other':28s} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
+    g = gemms[0] / args.steps
+    print(f"all BLAS GEMMs (inside the rows above): {g * 1e3:.1f} ms  {100 * g / total:.1f}%")
 
 
 if __name__ == "__main__":

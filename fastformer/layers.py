@@ -31,7 +31,7 @@ def linear_backward(dout, cache, dweight, dbias=None):
     np.matmul(x2.T, d2, out=dweight)
     if dbias is not None:
         d2.sum(axis=0, out=dbias)
-    return (d2 @ weight.T).reshape(*dout.shape[:-1], weight.shape[0])
+    return np.matmul(d2, weight.T).reshape(*dout.shape[:-1], weight.shape[0])
 
 
 def dropout_forward(x, p, rng):

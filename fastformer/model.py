@@ -335,7 +335,7 @@ class TransformerLM(FlatModel):
         h2, head_t = head_c
         d2 = dlogits.reshape(-1, cfg.vocab_size)  # (B*T, V)
         np.matmul(d2.T, h2, out=G[self.head_name])
-        dh = (d2 @ head_t.T).reshape(B, T, cfg.d_model)
+        dh = np.matmul(d2, head_t.T).reshape(B, T, cfg.d_model)
         ds = None  # gradient flowing along the residual stream
         for i in reversed(range(cfg.n_layers)):
             p = f"transformer.h.{i}."
