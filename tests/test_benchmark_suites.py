@@ -86,3 +86,16 @@ def test_compare_torch_runs_every_contender_on_tiny():
     train, gen = rows
     assert all(float(v) > 0 for v in train[1:4]) and train[4] == "-"  # numpy, numba, eager; compile left out
     assert all(float(v) > 0 for v in gen[1:4])  # numpy, numba, transformers
+
+
+def test_profile_step_accounts_for_the_whole_step():
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--preset", "tiny", "--steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    total = float(lines[0].split(":")[1].split()[0])
+    rows = {line[:30].strip(): float(line[30:].split()[0]) for line in lines[1:-1]}
+    assert {"linear_forward", "lm_head backward (dW, dh)", "cross_entropy_forward", "other"} <= set(rows)
+    assert sum(rows.values()) == pytest.approx(total, abs=0.1 * len(rows))  # the rows are rounded to 0.1 ms
+    gemms = float(lines[-1].split(":")[1].split()[0])
+    assert 0 < gemms < total
