@@ -4,9 +4,11 @@ split and the random windows a training step reads.
 The default corpus is the documentation of Python's standard library as it is installed on the
 machine: for a fixed list of modules, the module docstring and then, for each public class and
 function in name order, a `name(signature)` line followed by its docstring -- roughly what
-`help(module)` shows. It is real English technical prose, needs no download and no file from the
-user, and is rebuilt in memory on every run (nothing is copied into the repository). Its exact
-bytes depend on the Python version, so its SHA-256 is saved with each checkpoint.
+`help(module)` shows, with defaults other than literals written `...` (their reprs may hold
+memory addresses or program state, which would make each process's corpus differ). It is real
+English technical prose, needs no download and no file from the user, and is rebuilt in memory
+on every run (nothing is copied into the repository). Its exact bytes depend on the Python
+version, so its SHA-256 is saved with each checkpoint.
 
 A run's data is either text (a file or the default corpus), encoded at start with the tokenizer
 `data.tokenizer` names, or a directory made by `fastformer prepare`, whose token files are
@@ -46,11 +48,32 @@ CORPUS_MODULES = (
 )
 
 
+class _Elided:
+    """Stands for a default value left out of a signature."""
+
+    def __repr__(self):
+        return "..."
+
+
+def _is_literal(value):
+    """True for a value whose repr is the same in every process: None, bools, numbers, strings,
+    bytes, and tuples or lists of them (not sets: their order follows the string hash seed)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_is_literal(v) for v in value)
+
+
 def _signature(obj):
+    """The signature as text, defaults other than literals shown as `...`: the repr of an object
+    default may hold a memory address (`<object object at 0x7f...>`) or program state (the
+    handler list of `logging.shutdown`), and the corpus must be the same in every process."""
     try:
-        return str(inspect.signature(obj))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    params = [p if p.default is p.empty or _is_literal(p.default) else p.replace(default=_Elided())
+              for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params))
 
 
 def _document(name, obj, out, indent=""):

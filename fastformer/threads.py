@@ -139,26 +139,35 @@ def _threading_layer_chosen():
         del os.environ["OMP_WAIT_POLICY"]
 
 
-def configure_threads(n=None):
-    """Apply `n` threads (default `num_threads()`) to Numba and to BLAS, the allocator
-    policy and the short BLAS spin; returns n.
+def configure_threads(n=None, numba_threads=True):
+    """Apply `n` threads (default `num_threads()`) to BLAS and, unless numba_threads is False,
+    to Numba; set the allocator policy and the short BLAS spin; returns n.
 
-    Called by the Numba backend when it is created; call it again to change the count.
+    Called by the Numba backend when it is created, and without the Numba part when the NumPy
+    backend is first chosen (its kernels are BLAS and NumPy: Numba's threads are not started);
+    call it again to change the count.
     """
     global _configured
     n = num_threads() if n is None else int(n)
     if n < 1:
         raise ValueError(f"the thread count must be a positive integer, got {n}")
-    import numba
     import threadpoolctl
 
-    with _threading_layer_chosen():
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # starts the threads once
+    if numba_threads:
+        import numba
+
+        with _threading_layer_chosen():
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # starts the threads once
     threadpoolctl.threadpool_limits(n, user_api="blas")
     keep_freed_memory()
     shorten_blas_spin()
     _configured = n
     return n
+
+
+def configured_threads():
+    """The thread count configure_threads applied last, or None before it ran."""
+    return _configured
 
 
 def cpu_vector_isa():

@@ -90,3 +90,17 @@ print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
     got_layer, got_policy = out.stdout.split()
     assert got_layer in layer
     assert got_policy == str(policy)
+
+
+def test_numpy_backend_applies_the_thread_count_to_blas_without_starting_numba():
+    code = """
+import sys, threadpoolctl
+import fastformer
+fastformer.get_ops()
+from fastformer import threads
+blas = {d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"}
+print(threads.configured_threads(), sorted(blas), "numba" in sys.modules)
+"""
+    env = dict(os.environ, FASTFORMER_NUM_THREADS="1", FASTFORMER_BACKEND="numpy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "[1]", "False"]

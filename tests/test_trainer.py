@@ -1,8 +1,11 @@
 """The trainer: exact resume, atomic and verified checkpoints, metrics, non-finite stop, data."""
 
+import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -186,3 +189,12 @@ def test_default_corpus_is_real_text():
     text = default_corpus()
     assert len(text) > 200_000 and text == default_corpus()
     assert "Help on module json" in text and "Return" in text
+
+
+def test_default_corpus_is_the_same_in_every_process():
+    # signatures whose defaults print a memory address once made each process's corpus differ
+    code = "import hashlib; from fastformer.data import default_corpus; " \
+           "print(hashlib.sha256(default_corpus().encode()).hexdigest())"
+    digests = {subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed),
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert digests == {hashlib.sha256(default_corpus().encode()).hexdigest() + "\n"}

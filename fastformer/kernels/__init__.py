@@ -26,16 +26,26 @@ def _numba_ops():
     return NumbaOps()
 
 
+def _numpy_ops():
+    """The reference backend; the first time, FASTFORMER_NUM_THREADS (or the cores) is applied
+    to BLAS, as the Numba backend does when it loads (fastformer.threads)."""
+    from ..threads import configure_threads, configured_threads
+
+    if configured_threads() is None:
+        configure_threads(numba_threads=False)
+    return NumpyOps()
+
+
 def _resolve(name):
     if name not in BACKENDS:
         raise ValueError(f"unknown fastformer backend {name!r}: valid values are {', '.join(BACKENDS)}")
     if name == "numpy":
-        return NumpyOps()
+        return _numpy_ops()
     try:
         return _numba_ops()
     except ImportError as e:
         if name == "auto":
-            return NumpyOps()
+            return _numpy_ops()
         raise ValueError(f"backend 'numba' is not available ({e}); valid values here are "
                          f"auto, numpy (install numba to use 'numba')") from None
 
