@@ -18,99 +18,31 @@ resumes exactly; windows are copied out as int64 whatever the stored dtype.
 """
 
 import hashlib
-import importlib
-import inspect
-import io
 import os
-import warnings
+import subprocess
+import sys
 
 import numpy as np
 
 from .prepare import is_prepared_dir, load_prepared
 from .tokenizer import make_tokenizer
 
-# Modules whose documentation makes the default corpus: pure-Python, importable everywhere,
-# free of import-time side effects, and documented at length.
-CORPUS_MODULES = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "builtins", "calendar", "cmd", "codecs",
-    "collections", "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "doctest", "email.message", "email.utils", "enum",
-    "filecmp", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob",
-    "gzip", "hashlib", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookies",
-    "http.server", "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale",
-    "logging", "logging.handlers", "mailbox", "math", "mimetypes", "numbers", "operator",
-    "optparse", "os", "os.path", "pathlib", "pdb", "pprint", "queue", "random", "re", "reprlib",
-    "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver",
-    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
-    "threading", "timeit", "tokenize", "traceback", "types", "typing", "unittest",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
-    "xml.etree.ElementTree", "zipfile",
-)
-
-
-class _Elided:
-    """Stands for a default value left out of a signature."""
-
-    def __repr__(self):
-        return "..."
-
-
-def _is_literal(value):
-    """True for a value whose repr is the same in every process: None, bools, numbers, strings,
-    bytes, and tuples or lists of them (not sets: their order follows the string hash seed)."""
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return True
-    return isinstance(value, (tuple, list)) and all(_is_literal(v) for v in value)
-
-
-def _signature(obj):
-    """The signature as text, defaults other than literals shown as `...`: the repr of an object
-    default may hold a memory address (`<object object at 0x7f...>`) or program state (the
-    handler list of `logging.shutdown`), and the corpus must be the same in every process."""
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return "(...)"
-    params = [p if p.default is p.empty or _is_literal(p.default) else p.replace(default=_Elided())
-              for p in sig.parameters.values()]
-    return str(sig.replace(parameters=params))
-
-
-def _document(name, obj, out, indent=""):
-    doc = inspect.getdoc(obj)
-    if not doc:
-        return
-    out.write(f"{indent}{name}{_signature(obj)}\n")
-    for line in doc.splitlines():
-        out.write(f"{indent}    {line}\n" if line else "\n")
-    out.write("\n")
-
 
 def default_corpus():
-    """The embedded default corpus as one str (see the module docstring); about 0.9 MB of text."""
-    out = io.StringIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated modules warn when imported or inspected
-        for modname in CORPUS_MODULES:
-            try:
-                mod = importlib.import_module(modname)
-            except ImportError:
-                continue  # a trimmed Python may lack a module; the rest still makes a corpus
-            out.write(f"Help on module {modname}:\n\n")
-            doc = inspect.getdoc(mod)
-            if doc:
-                out.write(doc + "\n\n")
-            for name, obj in sorted(vars(mod).items()):
-                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                    continue
-                if inspect.isclass(obj):
-                    _document(f"class {name}", obj, out)
-                    for mname, meth in sorted(vars(obj).items()):
-                        if not mname.startswith("_") and callable(meth):
-                            _document(mname, meth, out, indent="    ")
-                elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
-                    _document(name, obj, out)
-    return out.getvalue()
+    """The embedded default corpus as one str (see the module docstring); about 0.9 MB of text.
+
+    It is built by fastformer/stdlib_corpus.py in a fresh interpreter that loads nothing but the
+    standard library (`python -I -S`): libraries imported in this process may have changed the
+    standard library's classes (transformers adds methods to logging.Logger, for one), and the
+    corpus must not depend on them. Where no child process can start, it is built here."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdlib_corpus.py")
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-S", script], capture_output=True, timeout=300, check=True)
+        return proc.stdout.decode("utf-8")
+    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+        from . import stdlib_corpus
+
+        return stdlib_corpus.build()
 
 
 def load_text(path):

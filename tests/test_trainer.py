@@ -192,9 +192,14 @@ def test_default_corpus_is_real_text():
 
 
 def test_default_corpus_is_the_same_in_every_process():
-    # signatures whose defaults print a memory address once made each process's corpus differ
-    code = "import hashlib; from fastformer.data import default_corpus; " \
-           "print(hashlib.sha256(default_corpus().encode()).hexdigest())"
+    # signature defaults whose repr holds a memory address, and libraries that patch the
+    # standard library (transformers adds methods to logging.Logger), once made it differ
+    show = "; import hashlib; print(hashlib.sha256({}.encode()).hexdigest())"
+    api = "from fastformer.data import default_corpus" + show.format("default_corpus()")
+    fallback = "from fastformer import stdlib_corpus" + show.format("stdlib_corpus.build()")
+    patched = ("import logging; f = lambda self: None; f.__doc__ = 'Added by another library.'; "
+               "logging.Logger.extra_method = f; " + api)
     digests = {subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed),
-                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+                              capture_output=True, text=True, check=True).stdout
+               for code, seed in ((api, "1"), (api, "2"), (fallback, "3"), (patched, "4"))}
     assert digests == {hashlib.sha256(default_corpus().encode()).hexdigest() + "\n"}
