@@ -34,10 +34,11 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
         np.testing.assert_allclose(a, p, rtol=1e-6, atol=1e-6)
 
 
-def test_float64_kernels_compile_at_the_first_float64_array_only():
-    """A fresh process compiles float32 only; the first float64 array -- here one that reaches
-    AdamW, which takes no other wrapper's path -- brings every float64 signature, and no other
-    type is ever accepted."""
+def test_kernels_compile_at_their_first_call_and_float64_at_the_first_float64_array():
+    """A fresh process compiles nothing at import and a kernel at its first call, for float32
+    only; the first float64 array -- here one that reaches AdamW, which takes no other wrapper's
+    path -- brings the float64 signature of every kernel made so far and of every later one, and
+    no other type is ever accepted."""
     import os
     import subprocess
     import sys
@@ -46,12 +47,18 @@ def test_float64_kernels_compile_at_the_first_float64_array_only():
 import numpy as np, fastformer
 from fastformer.kernels import numba_kernels as K
 ops = fastformer.get_ops()
+assert all(k.dispatcher is None for k in K._KERNELS)
 ops.softmax_forward(np.ones((3, 4), np.float32))
-assert not K._float64_ready
-assert all(len(d.signatures) == 1 for d, _ in K._FLOAT64)
+made = [k for k in K._KERNELS if k.dispatcher is not None]
+assert [k.__name__ for k in made] == ["_softmax_fwd"] and not K._float64_ready
+assert [len(k.dispatcher.signatures) for k in made] == [1]
 p, g, m, v = (np.full(5, 0.5) for _ in range(4))
 ops.adamw_update(p, g, m, v, lr=0.1, step=1)
-assert K._float64_ready and all(len(d.signatures) == 2 for d, _ in K._FLOAT64)
+made = [k for k in K._KERNELS if k.dispatcher is not None]
+assert K._float64_ready and sorted(k.__name__ for k in made) == ["_adamw", "_softmax_fwd"]
+assert [len(k.dispatcher.signatures) for k in made] == [2, 2]
+ops.gelu_forward(np.ones((3, 4), np.float32), np.ones(4, np.float32))  # made after: both at once
+assert len(K._SERIAL["_gelu_fwd"].dispatcher.signatures) == 2  # a small input: the serial twin
 try:
     K._softmax_fwd(np.ones((2, 2), np.int64), np.ones((2, 2), np.int64))
 except TypeError:

@@ -36,55 +36,67 @@ def _sigs(template):
     return [template.replace("F", f) for f in FLOAT_TYPES]
 
 
-_FLOAT64 = []  # (dispatcher, its float64 signature), for compile_float64
+_KERNELS = []  # every _Kernel, for compile_float64
 _float64_ready = False
+_JIT_FLAGS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+
+
+class _Kernel:
+    """A jitted kernel made at its first call: compiled for float32 then (or loaded from the disk
+    cache), and for float64 as well once `compile_float64` has run. No other type ever compiles,
+    and a program compiles only the kernels it calls: `fastformer generate` never waits for the
+    backward kernels, nor a language model for the encoder-decoder's ReLU."""
+
+    def __init__(self, fn, template, parallel):
+        self.py_func, self.__name__ = fn, fn.__name__
+        self.sig32, self.sig64 = _sigs(template)
+        self.parallel = parallel
+        self.dispatcher = None
+        _KERNELS.append(self)
+
+    def jit(self):
+        """The Numba dispatcher, made (compiled or loaded) on the first call."""
+        if self.dispatcher is None:
+            sigs = [self.sig32, self.sig64] if _float64_ready else [self.sig32]
+            self.dispatcher = numba.njit(sigs, parallel=self.parallel, **_JIT_FLAGS)(self.py_func)
+        return self.dispatcher
+
+    def __call__(self, *args):
+        return (self.dispatcher or self.jit())(*args)
 
 
 def compile_float64():
-    """Compile every kernel's float64 signature (or load it from the disk cache), once. The
-    float32 signatures are compiled at import; float64 (gradient checks, tests) waits for the
-    first float64 array to reach the backend, which halves a cold start: 22 s instead of 41 s
-    to the first `tiny` training step here. Other types are never compiled."""
+    """Compile the float64 signature of every kernel made so far (or load it from the disk
+    cache), once; kernels made later get it with their float32 one. float64 (gradient checks,
+    tests) waits for the first float64 array to reach the backend. Other types never compile."""
     global _float64_ready
     if _float64_ready or numba.config.DISABLE_JIT:  # without the JIT the kernels are plain functions
         return
-    for dispatcher, sig in _FLOAT64:
-        dispatcher.disable_compile(False)
-        try:
-            dispatcher.compile(sig)
-        finally:
-            dispatcher.disable_compile(True)
+    for kernel in _KERNELS:
+        if kernel.dispatcher is not None:
+            kernel.dispatcher.disable_compile(False)
+            try:
+                kernel.dispatcher.compile(kernel.sig64)
+            finally:
+                kernel.dispatcher.disable_compile(True)
     _float64_ready = True
 
 
-def _kernel(template, parallel=True, serial_twin=False, lazy=False):
-    """Compile for float32 now and float64 at `compile_float64` (loaded from the disk cache
-    when possible).
+def _kernel(template, parallel=True, serial_twin=False):
+    """Make `fn` a `_Kernel` with the float32 and float64 signatures of `template`.
 
-    With `serial_twin`, the same function is also compiled without threads (prange runs as
+    With `serial_twin`, the same function also becomes a kernel without threads (prange runs as
     range) for `sized()` to pick on small inputs: starting a parallel region costs about 50 us
-    here, far more than a decoding step's single row of work. A `lazy` kernel is compiled at
-    its first call instead, for the dtype it is called with (the template only documents the
-    signature): one that only some programs use should not lengthen every cold start.
+    here, far more than a decoding step's single row of work.
     """
-    sig32, sig64 = _sigs(template)
-
-    def jit(fn, parallel):
-        flags = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
-        if lazy:
-            return numba.njit(parallel=parallel, **flags)(fn)
-        dispatcher = numba.njit([sig32], parallel=parallel, **flags)(fn)
-        _FLOAT64.append((dispatcher, sig64))
-        return dispatcher
-
-    def compile_(fn):
+    def make(fn):
         if serial_twin:
             twin = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
             twin.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in the disk cache
-            _SERIAL[fn.__name__] = jit(twin, parallel=False)
-        return jit(fn, parallel)
+            _SERIAL[fn.__name__] = _Kernel(twin, template, parallel=False)
+        return _Kernel(fn, template, parallel)
 
-    return compile_
+    return make
 
 
 _SERIAL = {}  # kernel name -> its serial twin
@@ -93,7 +105,7 @@ SMALL_WORK = 1 << 14  # elements below which a kernel with a serial twin runs it
 
 def sized(kernel, work):
     """`kernel`, or its serial twin when `work` (elements touched) is small."""
-    return _SERIAL.get(getattr(kernel, "py_func", kernel).__name__, kernel) if work < SMALL_WORK else kernel
+    return _SERIAL.get(kernel.__name__, kernel) if work < SMALL_WORK else kernel
 
 
 _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -672,7 +684,7 @@ def _param(flat, offsets, i, rows, cols):
 
 
 @_kernel("void(F[::1], int64[::1], int64, int64[::1], int64[::1], F[:, :, :, :, ::1], F[:, :, :, :, ::1], "
-         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False, lazy=True)
+         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False)
 def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
     L, R, H, _, hs = kc.shape
     C, V = H * hs, logits.shape[1]
