@@ -152,6 +152,15 @@ def gpt2_param_shapes(L, C, F, V, Tmax):
     return shapes, np.array([math.prod(s) for s in shapes])
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets_inside(offsets_bytes, dims, flat_size):
+    """Whether every parameter at these offsets (int64 bytes) lies inside a flat buffer of
+    flat_size values. Cached on the bytes themselves: a decoding loop passes the same table
+    every token, and a changed table is a new key."""
+    offsets = np.frombuffer(offsets_bytes, dtype=np.int64)
+    return bool(offsets.min() >= 0 and (offsets + gpt2_param_shapes(*dims)[1]).max() <= flat_size)
+
+
 def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start):
     """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
     Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), shapes)."""
@@ -163,9 +172,10 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start)
         raise ValueError(f"k_cache and v_cache must be contiguous {flat.dtype} arrays (L, B, H, Tmax, hs), got "
                          f"{k_cache.dtype} {k_cache.shape} and {v_cache.dtype} {v_cache.shape}")
     L, B, H, Tmax, hs = k_cache.shape
-    shapes, sizes = gpt2_param_shapes(L, H * hs, int(weights.d_ff), int(weights.vocab_size), Tmax)
+    dims = (L, H * hs, int(weights.d_ff), int(weights.vocab_size), Tmax)
+    shapes, _ = gpt2_param_shapes(*dims)
     offsets = np.ascontiguousarray(weights.offsets, dtype=np.int64)
-    if offsets.shape != (len(shapes),) or offsets.min() < 0 or (offsets + sizes).max() > flat.size:
+    if offsets.shape != (len(shapes),) or not _offsets_inside(offsets.tobytes(), dims, flat.size):
         raise ValueError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
                          f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={weights.d_ff}, "
                          f"V={weights.vocab_size}, Tmax={Tmax}")
