@@ -179,6 +179,8 @@ class NumbaOps(NumpyOps):
     def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
         flat, offsets, ids, positions, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                              padding, start)
+        if flat.dtype == np.float64:  # the buffer is used as it is, not through as_float_array
+            K.compile_float64()
         logits = np.empty((ids.shape[0], weights.vocab_size), flat.dtype)
         K._gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache,
                        np.ascontiguousarray(padding), int(start), flat.dtype.type(eps), logits)
