@@ -275,11 +275,17 @@ def format_report(r):
         f"measured float32 GEMM peak ({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
         f"  peak RSS          {r['peak_rss_mb']:.0f} MB",
         f"  first step        {r['first_step_s']:.2f} s after start (backend load/compile + model + step)",
-        f"  threads           numba {r['threads'].get('numba_threads', '-')} "
-        f"({r['threads'].get('numba_threading_layer', 'Numba not installed')})",
+        f"  threads           {numba_line(r['threads'])}",
         *(f"  BLAS              {line}" for line in r["threads"]["blas"]),
         f"  CPU               {cpu_line(r['threads'])}",
     ])
+
+
+def numba_line(info):
+    """Numba's thread count and threading layer, when its backend has started them."""
+    if not isinstance(info.get("numba_threads"), int):
+        return "numba not started (numpy backend)" if info.get("numba_version") else "Numba not installed"
+    return f"numba {info['numba_threads']} ({info['numba_threading_layer']})"
 
 
 def cpu_line(info):

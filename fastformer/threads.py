@@ -17,6 +17,7 @@ that they leave the cores to the Numba kernel that follows.
 
 import contextlib
 import os
+import sys
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
 _configured = None  # the thread count applied by configure_threads, once it ran
@@ -192,11 +193,14 @@ def thread_info():
         import numba
 
         info["numba_version"] = numba.__version__
-        info["numba_threads"] = numba.get_num_threads()
-        try:
-            info["numba_threading_layer"] = numba.threading_layer()
-        except ValueError:  # no parallel kernel has run yet, so no layer is loaded
-            info["numba_threading_layer"] = f"{numba.config.THREADING_LAYER} (not loaded yet)"
+        if "fastformer.kernels.numba_ops" not in sys.modules:  # asking Numba would start its threads
+            info["numba_threads"] = info["numba_threading_layer"] = "not started (the numba backend is not loaded)"
+        else:
+            info["numba_threads"] = numba.get_num_threads()
+            try:
+                info["numba_threading_layer"] = numba.threading_layer()
+            except ValueError:  # no parallel kernel has run yet, so no layer is loaded
+                info["numba_threading_layer"] = f"{numba.config.THREADING_LAYER} (not loaded yet)"
     except ImportError:
         info["numba_version"] = None
     import threadpoolctl
