@@ -2,7 +2,7 @@
 
 Nothing here validates anything: the wrappers in numba_ops.py check dtypes, shapes and
 contiguity, allocate the outputs and call these. Each kernel is compiled for exactly two
-signatures, float32 and float64 (`_sigs`; float64 when the first float64 array arrives, see
+signatures, float32 and float64 (`_sigs`; float64 at the first call with float64 arrays, see
 `compile_float64`), with the flags set once in `_kernel`; compiled code is cached on disk, so
 only the first process on a machine pays for the compilation.
 
@@ -43,9 +43,10 @@ _JIT_FLAGS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True
 
 class _Kernel:
     """A jitted kernel made at its first call: compiled for float32 then (or loaded from the disk
-    cache), and for float64 as well once `compile_float64` has run. No other type ever compiles,
-    and a program compiles only the kernels it calls: `fastformer generate` never waits for the
-    backward kernels, nor a language model for the encoder-decoder's ReLU."""
+    cache), and for float64 as well once `compile_float64` has run, which the first call with
+    float64 arrays does. No other type ever compiles, and a program compiles only the kernels it
+    calls: `fastformer generate` never waits for the backward kernels, nor a language model for
+    the encoder-decoder's ReLU."""
 
     def __init__(self, fn, template, parallel):
         self.py_func, self.__name__ = fn, fn.__name__
@@ -55,31 +56,35 @@ class _Kernel:
         _KERNELS.append(self)
 
     def jit(self):
-        """The Numba dispatcher, made (compiled or loaded) on the first call."""
-        if self.dispatcher is None:
-            sigs = [self.sig32, self.sig64] if _float64_ready else [self.sig32]
-            self.dispatcher = numba.njit(sigs, parallel=self.parallel, **_JIT_FLAGS)(self.py_func)
+        """The Numba dispatcher, made (compiled or loaded from the disk cache) on the first
+        call, and again with float64 by compile_float64."""
+        sigs = [self.sig32, self.sig64] if _float64_ready else [self.sig32]
+        self.dispatcher = numba.njit(sigs, parallel=self.parallel, **_JIT_FLAGS)(self.py_func)
         return self.dispatcher
 
     def __call__(self, *args):
-        return (self.dispatcher or self.jit())(*args)
+        dispatcher = self.dispatcher or self.jit()
+        try:
+            return dispatcher(*args)
+        except TypeError:  # no signature matches: float64 arrays before compile_float64, or a bad type
+            if _float64_ready or not any(getattr(a, "dtype", None) == np.float64 for a in args):
+                raise
+            compile_float64()
+            return self.dispatcher(*args)
 
 
 def compile_float64():
-    """Compile the float64 signature of every kernel made so far (or load it from the disk
-    cache), once; kernels made later get it with their float32 one. float64 (gradient checks,
-    tests) waits for the first float64 array to reach the backend. Other types never compile."""
+    """Add the float64 signature to every kernel made so far (loaded from the disk cache, or
+    compiled), once; kernels made later get it with their float32 one. float64 (gradient
+    checks, tests) waits for the first kernel call with float64 arrays. Other types never
+    compile."""
     global _float64_ready
     if _float64_ready or numba.config.DISABLE_JIT:  # without the JIT the kernels are plain functions
         return
+    _float64_ready = True
     for kernel in _KERNELS:
         if kernel.dispatcher is not None:
-            kernel.dispatcher.disable_compile(False)
-            try:
-                kernel.dispatcher.compile(kernel.sig64)
-            finally:
-                kernel.dispatcher.disable_compile(True)
-    _float64_ready = True
+            kernel.jit()
 
 
 def _kernel(template, parallel=True, serial_twin=False):

@@ -18,6 +18,7 @@ from ..threads import configure_threads
 from .numpy_ops import (
     GELU_FORMS,
     NumpyOps,
+    as_float_array,
     as_int_array,
     as_vector,
     check_attention_inputs,
@@ -26,9 +27,6 @@ from .numpy_ops import (
     check_qkv,
     check_targets,
     write_kv_cache,
-)
-from .numpy_ops import (
-    as_float_array as _as_float_array,
 )
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
@@ -40,15 +38,6 @@ ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at t
 # recomputes u), so its cache differs from the reference's (u, approximate, has_bias).
 GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
 ReluCache = namedtuple("ReluCache", "y has_bias")
-
-
-def as_float_array(x, name, dtype=None):
-    """numpy_ops.as_float_array, and the float64 kernels compiled when the first float64 array
-    arrives (numba_kernels.compile_float64)."""
-    x = _as_float_array(x, name, dtype)
-    if x.dtype == np.float64:
-        K.compile_float64()
-    return x
 
 
 def _rows(x):
@@ -179,8 +168,6 @@ class NumbaOps(NumpyOps):
     def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
         flat, offsets, ids, positions, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                              padding, start)
-        if flat.dtype == np.float64:  # the buffer is used as it is, not through as_float_array
-            K.compile_float64()
         logits = np.empty((ids.shape[0], weights.vocab_size), flat.dtype)
         K._gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache,
                        np.ascontiguousarray(padding), int(start), flat.dtype.type(eps), logits)
@@ -344,8 +331,6 @@ class NumbaOps(NumpyOps):
             return super().adamw_update(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                         weight_decay=weight_decay, step=step)
         dtype = param.dtype
-        if dtype == np.float64:
-            K.compile_float64()
         if dtype not in (np.float32, np.float64) or not all(_is_inplace_ok(a, dtype) for a in (param, m, v)) \
                 or grad.dtype != dtype or not grad.flags.c_contiguous:
             return super().adamw_update(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
