@@ -40,6 +40,19 @@ GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
 ReluCache = namedtuple("ReluCache", "y has_bias")
 
 
+def _bias_activation_backward(kernel, dy, saved, args, has_bias):
+    """(dx, dbias or None) of y = act(x + bias) from `kernel`(dy, saved, *args, dx, db_part),
+    `saved` being the array the forward kept (shaped like x), dbias summed over row chunks."""
+    dy = as_float_array(dy, "dy", saved.dtype)
+    if dy.shape != saved.shape:
+        raise ValueError(f"dy must have the shape of the forward's x {saved.shape}, got {dy.shape}")
+    N, C = saved.size // saved.shape[-1], saved.shape[-1]
+    dx = np.empty_like(saved)
+    db_part = np.empty((min(N, ROW_CHUNKS), C), saved.dtype)
+    kernel(_rows(dy), _rows(saved), *args, _rows(dx), db_part)
+    return dx, (db_part.sum(axis=0) if has_bias else None)
+
+
 def _rows(x):
     """2-D (rows, last axis) view of a contiguous array."""
     return x.reshape(-1, x.shape[-1])
@@ -262,14 +275,7 @@ class NumbaOps(NumpyOps):
         if not isinstance(cache, GeluCache):  # a reference forward's cache
             return super().gelu_backward(dy, cache)
         x, b, approximate, has_bias = cache
-        dy = as_float_array(dy, "dy", x.dtype)
-        if dy.shape != x.shape:
-            raise ValueError(f"dy must have the shape of the forward's x {x.shape}, got {dy.shape}")
-        N, C = x.size // x.shape[-1], x.shape[-1]
-        dx = np.empty_like(x)
-        db_part = np.empty((min(N, ROW_CHUNKS), C), x.dtype)
-        K._gelu_bwd(_rows(dy), _rows(x), b, approximate == "none", _rows(dx), db_part)
-        return dx, (db_part.sum(axis=0) if has_bias else None)
+        return _bias_activation_backward(K._gelu_bwd, dy, x, (b, approximate == "none"), has_bias)
 
     # --------------------------------------------------------------------- ReLU
     def relu_forward(self, x, bias=None):
@@ -286,14 +292,7 @@ class NumbaOps(NumpyOps):
         if not isinstance(cache, ReluCache):  # a reference forward's cache
             return super().relu_backward(dy, cache)
         y, has_bias = cache
-        dy = as_float_array(dy, "dy", y.dtype)
-        if dy.shape != y.shape:
-            raise ValueError(f"dy must have the shape of the forward's x {y.shape}, got {dy.shape}")
-        N, C = y.size // y.shape[-1], y.shape[-1]
-        dx = np.empty_like(y)
-        db_part = np.empty((min(N, ROW_CHUNKS), C), y.dtype)
-        K._relu_bwd(_rows(dy), _rows(y), _rows(dx), db_part)
-        return dx, (db_part.sum(axis=0) if has_bias else None)
+        return _bias_activation_backward(K._relu_bwd, dy, y, (), has_bias)
 
     # ---------------------------------------------------------------- embedding
     def embedding_forward(self, weight, ids):
