@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import get_ops
-from .kernels.numpy_ops import PackedGPT2
+from .kernels.numpy_ops import GPT2_LAYER_PARAMS, PackedGPT2
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
 from .params import FlatModel, FlatParams, aligned_zeros
 
@@ -273,12 +273,7 @@ class TransformerLM(FlatModel):
         """The parameters as ops.gpt2_decode_step takes them: the flat buffer and where each
         parameter starts in it (the offsets are computed once; the buffer is read in place)."""
         if self._decode_offsets is None:
-            names = []
-            for i in range(self.config.n_layers):
-                p = f"transformer.h.{i}."
-                names += [p + n for n in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                                          "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                                          "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
+            names = [f"transformer.h.{i}.{n}" for i in range(self.config.n_layers) for n in GPT2_LAYER_PARAMS]
             names += ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
                       "transformer.ln_f.bias", self.head_name]
             self._decode_offsets = np.array([self.flat.offsets[n] for n in names], dtype=np.int64)

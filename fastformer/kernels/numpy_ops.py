@@ -135,18 +135,20 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
 
 
 # The weights of a GPT-2 model for gpt2_decode_step: `flat` is the 1-D parameter buffer and
-# `offsets` (L * 12 + 5,) int64 where each parameter starts in it -- per layer ln_1.weight,
-# ln_1.bias, attn.c_attn.weight (C, 3C), attn.c_attn.bias, attn.c_proj.weight (C, C),
-# attn.c_proj.bias, ln_2.weight, ln_2.bias, mlp.c_fc.weight (C, F), mlp.c_fc.bias,
-# mlp.c_proj.weight (F, C), mlp.c_proj.bias; then wte (V, C), wpe (Tmax, C), ln_f.weight,
-# ln_f.bias and the LM head (V, C) (wte again when tied).
+# `offsets` (L * 12 + 5,) int64 where each parameter starts in it -- per layer the parameters of
+# GPT2_LAYER_PARAMS, in that order; then wte (V, C), wpe (Tmax, C), ln_f.weight, ln_f.bias and
+# the LM head (V, C) (wte again when tied).
 PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
-GPT2_LAYER_SLOTS = 12
+GPT2_LAYER_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+GPT2_LAYER_SLOTS = len(GPT2_LAYER_PARAMS)
 
 
 @functools.lru_cache(maxsize=16)
 def gpt2_param_shapes(L, C, F, V, Tmax):
     """The shape of each parameter, in the order of PackedGPT2.offsets, and their sizes."""
+    # the shapes of GPT2_LAYER_PARAMS
     layer = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
     shapes = tuple(layer * L + [(V, C), (Tmax, C), (C,), (C,), (V, C)])
     return shapes, np.array([math.prod(s) for s in shapes])
