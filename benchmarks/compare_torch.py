@@ -196,7 +196,7 @@ def run_contenders(part, names, preset, threads, rounds, calls):
     started = [Contender(part, name, preset, threads) for name in names]
     running, checks, failed = [], {}, {}
     try:
-        for c in started:  # sequentially: each sets up and warms up (compiles) alone
+        for c in started:  # they set up and warm up (compile) side by side; nothing is timed yet
             ready = c.answer()
             if "error" in ready:
                 failed[c.name] = f"failed: {ready['error']}"

@@ -28,13 +28,13 @@ def main():
     ops = fastformer.get_ops()
     spent = collections.defaultdict(float)
 
-    def timed(name, fn):
+    def timed(name, fn, into=spent):
         def wrapper(*a, **kw):
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                spent[name] += time.perf_counter() - t
+                into[name] += time.perf_counter() - t
         return wrapper
 
     for name in dir(ops):
@@ -42,23 +42,16 @@ def main():
             setattr(ops, name, timed(name, getattr(ops, name)))
     for name in ("linear_forward", "linear_backward"):
         setattr(model_mod, name, timed(name, getattr(layers, name)))
-    gemms = [0.0]  # seconds in every np.matmul of the layers and the LM head
 
-    def numpy_timing_matmul(label=None):
-        """numpy, but for a matmul that adds its time to gemms (and to spent[label])."""
-        def matmul(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return np.matmul(*a, **kw)
-            finally:
-                gemms[0] += time.perf_counter() - t
-                if label:
-                    spent[label] += time.perf_counter() - t
+    def numpy_with(matmul):
+        """numpy, but for its matmul."""
         return type("np_proxy", (), {"__getattr__": staticmethod(lambda a: getattr(np, a)),
                                      "matmul": staticmethod(matmul)})()
 
-    layers.np = numpy_timing_matmul()
-    model_mod.np = numpy_timing_matmul("lm_head backward (dW, dh)")
+    gemms = collections.defaultdict(float)  # every np.matmul of the layers and the LM head
+    gemm = timed("all", np.matmul, into=gemms)
+    layers.np = numpy_with(gemm)
+    model_mod.np = numpy_with(timed("lm_head backward (dW, dh)", gemm))
 
     cfg = bench.preset_config(args.preset)
     lm = fastformer.TransformerLM(cfg)
@@ -71,7 +64,7 @@ def main():
 
     step()
     spent.clear()
-    gemms[0] = 0.0
+    gemms.clear()
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -81,7 +74,7 @@ def main():
         print(f"  {name:28s} {s / args.steps * 1e3:8.1f} ms  {100 * s / args.steps / total:5.1f}%")
     rest = total - sum(spent.values()) / args.steps
     print(f"  {'other':28s} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
-    g = gemms[0] / args.steps
+    g = gemms["all"] / args.steps
     print(f"all BLAS GEMMs (inside the rows above): {g * 1e3:.1f} ms  {100 * g / total:.1f}%")
 
 

@@ -17,10 +17,10 @@ that they leave the cores to the Numba kernel that follows.
 
 import contextlib
 import os
-import sys
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
 _configured = None  # the thread count applied by configure_threads, once it ran
+_numba_started = False  # whether configure_threads has started Numba's threads
 
 
 def available_cores():
@@ -148,7 +148,7 @@ def configure_threads(n=None, numba_threads=True):
     backend is first chosen (its kernels are BLAS and NumPy: Numba's threads are not started);
     call it again to change the count.
     """
-    global _configured
+    global _configured, _numba_started
     n = num_threads() if n is None else int(n)
     if n < 1:
         raise ValueError(f"the thread count must be a positive integer, got {n}")
@@ -159,6 +159,7 @@ def configure_threads(n=None, numba_threads=True):
 
         with _threading_layer_chosen():
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # starts the threads once
+        _numba_started = True
     threadpoolctl.threadpool_limits(n, user_api="blas")
     keep_freed_memory()
     shorten_blas_spin()
@@ -193,7 +194,7 @@ def thread_info():
         import numba
 
         info["numba_version"] = numba.__version__
-        if "fastformer.kernels.numba_ops" not in sys.modules:  # asking Numba would start its threads
+        if not _numba_started:  # asking Numba would start its threads
             info["numba_threads"] = info["numba_threading_layer"] = "not started (the numba backend is not loaded)"
         else:
             info["numba_threads"] = numba.get_num_threads()
