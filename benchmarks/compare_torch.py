@@ -9,7 +9,7 @@ optimizer eager). The first losses are checked to agree before anything is timed
 
 Generation: batch 1, greedy, 128 new tokens after a 16-token prompt, by
 `TransformerLM.generate` and by `transformers.GPT2LMHeadModel.generate` (use_cache=True) on the
-same weights, moved through `fastformer.hf.save_hf` and `from_pretrained`. The prompt's logits
+same weights, moved through `fastformer.models.hf.save_hf` and `from_pretrained`. The prompt's logits
 are checked to agree first.
 
 Every contender runs in a process of its own, as it would for a user: fastformer's without
@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-from fastformer import bench
-from fastformer.threads import num_threads
+from fastformer.cli import bench
+from fastformer.kernels.threads import num_threads
 
 LR, WEIGHT_DECAY = 1e-3, 0.1
 TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch.compile")
@@ -111,7 +111,7 @@ def hf_gpt2(model, tmp):
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
-    from fastformer.hf import save_hf
+    from fastformer.models.hf import save_hf
 
     logging.disable_progress_bar()
     save_hf(model, tmp)
@@ -146,7 +146,7 @@ def worker(part, contender, preset, threads):
     """Set up one contender, say {"ready": check} (or {"error": text}) on stdout, then for each
     line N on stdin time N calls and answer {"times": [seconds, ...]}, until stdin closes."""
     if contender in ("numpy", "numba"):
-        from fastformer.threads import configure_threads
+        from fastformer.kernels.threads import configure_threads
 
         configure_threads(threads)
     else:

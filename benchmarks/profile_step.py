@@ -13,8 +13,9 @@ import time
 import numpy as np
 
 import fastformer
-from fastformer import bench, layers
-from fastformer import model as model_mod
+from fastformer.cli import bench
+from fastformer.models import lm as model_mod
+from fastformer.nn import layers
 
 
 def main():

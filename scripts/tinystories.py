@@ -96,7 +96,7 @@ def main():
     metrics = json.loads(ev.strip().splitlines()[-1])
 
     from fastformer import set_backend
-    from fastformer.checkpoint import load_model
+    from fastformer.training.checkpoint import load_model
 
     set_backend(args.backend)
     model, tokenizer, _ = load_model(run)

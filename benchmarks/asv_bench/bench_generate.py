@@ -1,6 +1,7 @@
 """Generation through the public API: batch 1, greedy, 128 new tokens after a 16-token prompt."""
 
-from fastformer import bench, use_backend
+from fastformer import use_backend
+from fastformer.cli import bench
 
 from .common import BACKENDS, PRESETS, calls_per_second
 

@@ -1,7 +1,7 @@
 """Kernel micro-benchmarks at the medium preset's shapes: B=32, T=128, C=256, H=8, F=1024, V=4096.
 What each call's inputs are is in `fastformer.bench.make_kernel_call`."""
 
-from fastformer import bench
+from fastformer.cli import bench
 
 from .common import BACKENDS
 

@@ -1,6 +1,6 @@
 """Full training steps (forward, backward, AdamW) of the LM presets on a 32 x 128 batch."""
 
-from fastformer import bench
+from fastformer.cli import bench
 
 from .common import BACKENDS, PRESETS, calls_per_second
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from fastformer import bench
+from fastformer.cli import bench
 
 BACKENDS = ["numpy", "numba"]
 PRESETS = list(bench.PRESETS)

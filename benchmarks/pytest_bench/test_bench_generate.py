@@ -2,7 +2,7 @@
 
 from conftest import run
 
-from fastformer import bench
+from fastformer.cli import bench
 
 
 def test_generate(benchmark, backend, preset):

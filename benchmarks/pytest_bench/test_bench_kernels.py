@@ -3,7 +3,7 @@
 import pytest
 from conftest import run
 
-from fastformer import bench
+from fastformer.cli import bench
 
 
 @pytest.mark.parametrize("op", bench.KERNEL_OPS)

@@ -12,7 +12,7 @@ the environment variable FASTFORMER_BACKEND (read when kernels are first asked f
 import contextlib
 import os
 
-from .numpy_ops import NumpyOps
+from fastformer.kernels.numpy_ops import NumpyOps
 
 BACKENDS = ("auto", "numpy", "numba")
 ENV_VAR = "FASTFORMER_BACKEND"
@@ -21,7 +21,7 @@ _ops = None  # the resolved backend object, made on first use
 
 
 def _numba_ops():
-    from .numba_ops import NumbaOps  # raises ImportError when numba is not installed
+    from fastformer.kernels.numba_ops import NumbaOps  # raises ImportError when numba is not installed
 
     return NumbaOps()
 
@@ -29,7 +29,7 @@ def _numba_ops():
 def _numpy_ops():
     """The reference backend; the first time, FASTFORMER_NUM_THREADS (or the cores) is applied
     to BLAS, as the Numba backend does when it loads (fastformer.threads)."""
-    from ..threads import configure_threads, configured_threads
+    from fastformer.kernels.threads import configure_threads, configured_threads
 
     if configured_threads() is None:
         configure_threads(numba_threads=False)

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from .numpy_ops import GPT2_LAYER_SLOTS  # the layout of PackedGPT2.offsets
+from fastformer.kernels.numpy_ops import GPT2_LAYER_SLOTS  # the layout of PackedGPT2.offsets
 
 # Fast-math without "nnan" and "ninf": LLVM may reassociate sums (so reductions vectorise) and
 # fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning.

@@ -14,8 +14,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ..threads import configure_threads
-from .numpy_ops import (
+from fastformer.kernels.numpy_ops import (
     GELU_FORMS,
     NumpyOps,
     as_float_array,
@@ -28,9 +27,10 @@ from .numpy_ops import (
     check_targets,
     write_kv_cache,
 )
+from fastformer.kernels.threads import configure_threads
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
-from . import numba_kernels as K  # noqa: E402
+from fastformer.kernels import numba_kernels as K  # noqa: E402
 
 ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at the end
 

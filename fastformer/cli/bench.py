@@ -1,0 +1,302 @@
+"""`fastformer bench`: the speed of full training steps of a preset language model.
+
+One step is what training does: forward, backward, and AdamW over the flat parameter buffer,
+on a fixed synthetic batch of 32 sequences of 128 token ids from a 4096-token vocabulary. After
+warm-up steps (the first one also loads or compiles the Numba kernels) the timed steps give
+steps/s and tokens/s (from the median step time), the model FLOPs of a step, the GFLOP/s that
+makes, and its fraction of this machine's float32 GEMM peak, measured in the same process with a
+large `np.matmul`.
+
+Model FLOPs count the matmuls only, 2 per multiply-add, backward = 2 x forward: per token and
+layer 2 (C 3C + C C + C F + F C) for the weights plus 2 (2 T C) for q k^T and p v (the full
+T x T scores, as usually counted, although causal attention needs only half), plus 2 C V for
+the LM head.
+
+The builders here (`make_train_step`, `make_generate`, `make_kernel_call`) are what the asv and
+pytest-benchmark suites in benchmarks/ and benchmarks/compare_torch.py time, so that every suite
+measures the same model, batch and inputs.
+"""
+
+import dataclasses
+import json
+import resource
+import time
+
+import numpy as np
+
+from fastformer.kernels import get_backend, get_ops, set_backend, use_backend
+from fastformer.models.config import LMConfig
+from fastformer.models.lm import TransformerLM
+
+BATCH, SEQ_LEN, VOCAB = 32, 128, 4096
+PRESETS = {  # the LM presets (d_model, heads, d_ff, layers); max_seq_len 128
+    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_layers=2),
+    "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
+    "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
+}
+GEN_PROMPT, GEN_NEW = 16, 128  # generation benchmark: batch 1, greedy, new tokens after a prompt
+
+
+def preset_config(name, vocab_size=VOCAB):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
+    return LMConfig(vocab_size=vocab_size, max_seq_len=SEQ_LEN, **PRESETS[name])
+
+
+def model_flops_per_step(cfg, B, T):
+    """Matmul FLOPs of one training step (forward + backward) on a (B, T) batch."""
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    per_token = cfg.n_layers * 2 * (C * 3 * C + C * C + C * F + F * C + 2 * T * C) + 2 * C * V
+    return 3 * per_token * B * T
+
+
+def gemm_peak_gflops(n=2048, repeats=5):
+    """Best float32 GFLOP/s of an (n, n) @ (n, n) np.matmul in this process."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = a @ b
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+class AdamW:
+    """Minimal AdamW over a model's flat buffer: decayed tensors first, then the rest."""
+
+    def __init__(self, model, lr=1e-3, weight_decay=0.1):
+        self.flat, self.lr, self.weight_decay = model.flat, lr, weight_decay
+        self.m = np.zeros_like(self.flat.data)
+        self.v = np.zeros_like(self.flat.data)
+        self.step_count = 0
+
+    def step(self):
+        ops, f, nd = get_ops(), self.flat, self.flat.n_decay
+        self.step_count += 1
+        for sl, wd in ((slice(0, nd), self.weight_decay), (slice(nd, None), 0.0)):
+            ops.adamw_update(f.data[sl], f.grad[sl], self.m[sl], self.v[sl], lr=self.lr,
+                             weight_decay=wd, step=self.step_count)
+
+
+def synthetic_batch(cfg, seed=0):
+    """A fixed batch of random ids and its next-token targets, each (BATCH, SEQ_LEN) int64."""
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def make_train_step(preset, backend=None, seed=0):
+    """(model, step) for one preset: `step()` runs one training step -- forward, backward and
+    AdamW -- on a fixed synthetic batch with `backend` (default: the current one) and returns
+    the loss. Nothing is run yet: call `step()` once to warm up (load or compile the kernels)."""
+    backend = backend or get_backend()
+    with use_backend(backend):
+        cfg = preset_config(preset)
+        model = TransformerLM(cfg, seed=seed)
+        opt = AdamW(model)
+    x, y = synthetic_batch(cfg, seed)
+
+    def step():
+        with use_backend(backend):
+            loss, _ = model.loss_and_grads(x, y)
+            opt.step()
+        return loss
+
+    return model, step
+
+
+def time_calls(fn, n):
+    """(seconds of each of `n` calls of fn() as a list, the last call's result)."""
+    times, out = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return times, out
+
+
+def generation_model(preset, seed=0):
+    """The preset LM with a context long enough for the generation benchmark (prompt + new)."""
+    cfg = dataclasses.replace(preset_config(preset), max_seq_len=max(SEQ_LEN, GEN_PROMPT + GEN_NEW))
+    return TransformerLM(cfg, seed=seed)
+
+
+def generation_prompt(cfg, seed=0):
+    """The generation benchmark's prompt: (1, GEN_PROMPT) random ids, int64."""
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, GEN_PROMPT))
+
+
+def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
+    """(model, prompt, gen): `gen()` greedily generates `new_tokens` tokens after the benchmark
+    prompt with `backend` (default: the current one), batch 1, and returns the ids."""
+    backend = backend or get_backend()
+    model = generation_model(preset, seed)
+    prompt = generation_prompt(model.config, seed)
+
+    def gen():
+        with use_backend(backend):
+            return model.generate(prompt, new_tokens, temperature=0.0)
+
+    return model, prompt, gen
+
+
+def kernel_shapes(preset):
+    """Shape letters of a preset's training step: B, T, C, H, F, V."""
+    cfg = preset_config(preset)
+    return {"B": BATCH, "T": SEQ_LEN, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
+
+
+KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
+              "attention_forward", "attention_backward", "cross_entropy", "gelu_forward",
+              "gelu_backward", "adamw_update", "decode_step")
+
+
+def make_kernel_call(op, preset, backend=None, seed=0):
+    """A zero-argument callable running one kernel of `backend` (default: the current one) once
+    on the inputs a `preset` training step gives it, built here (float32, random):
+
+        softmax             attention scores (B, H, T, T)
+        layernorm           the residual stream (B, T, C)
+        attention           causal self-attention from the fused projection qkv (B, T, 3C)
+        cross_entropy       forward and backward on the logits (B, T, V)
+        gelu                the MLP hidden layer (B, T, F) with its bias fused
+        adamw_update        one step over the preset model's flat parameter buffer
+        decode_step         one generation step (batch 1) of the preset model after a 16-token
+                            prompt: gpt2_decode_step over its key/value cache
+
+    Backward calls reuse one forward cache made here.
+    """
+    if op not in KERNEL_OPS:
+        raise ValueError(f"unknown kernel benchmark {op!r}: valid names are {', '.join(KERNEL_OPS)}")
+    backend = backend or get_backend()
+    with use_backend(backend) as ops:
+        S = kernel_shapes(preset)
+        B, T, C, H, F, V = (S[k] for k in "BTCHFV")
+        rng = np.random.default_rng(seed)
+
+        def randn(*shape):
+            return rng.standard_normal(shape, dtype=np.float32)
+
+        kind = op.removesuffix("_forward").removesuffix("_backward")
+        if kind == "softmax":
+            scores = np.where(np.tri(T, dtype=bool), randn(B, H, T, T), -np.inf)  # (B, H, T, T), causal
+            y, cache = ops.softmax_forward(scores)
+            calls = {"softmax_forward": lambda: ops.softmax_forward(scores),
+                     "softmax_backward": lambda: ops.softmax_backward(y, cache)}
+        elif kind == "layernorm":
+            x, w, b = randn(B, T, C), 1 + 0.1 * randn(C), 0.1 * randn(C)
+            y, cache = ops.layernorm_forward(x, w, b)
+            calls = {"layernorm_forward": lambda: ops.layernorm_forward(x, w, b),
+                     "layernorm_backward": lambda: ops.layernorm_backward(y, cache)}
+        elif kind == "attention":
+            qkv = randn(B, T, 3 * C)  # (B, T, 3C)
+            _, cache = ops.attention_qkv_forward(qkv, H, causal=True)
+            dout = randn(B, T, C)
+            calls = {"attention_forward": lambda: ops.attention_qkv_forward(qkv, H, causal=True),
+                     "attention_backward": lambda: ops.attention_qkv_backward(dout, cache)}
+        elif kind == "cross_entropy":
+            logits = randn(B, T, V)  # (B, T, V)
+            targets = rng.integers(0, V, size=(B, T))
+
+            def cross_entropy():
+                _, cache = ops.cross_entropy_forward(logits, targets)
+                return ops.cross_entropy_backward(1.0, cache)
+
+            calls = {"cross_entropy": cross_entropy}
+        elif kind == "gelu":
+            x, b = randn(B, T, F), 0.1 * randn(F)  # (B, T, F)
+            y, cache = ops.gelu_forward(x, b, approximate="tanh")
+            calls = {"gelu_forward": lambda: ops.gelu_forward(x, b, approximate="tanh"),
+                     "gelu_backward": lambda: ops.gelu_backward(y, cache)}
+        elif kind == "decode_step":
+            model = generation_model(preset, seed)
+            cache = model.new_cache(1)
+            model.decode(generation_prompt(model.config, seed), cache)
+            weights, ids, pos = model._packed_weights(), np.array([1]), np.array([GEN_PROMPT])
+            calls = {"decode_step": lambda: ops.gpt2_decode_step(weights, ids, pos, cache.k, cache.v, cache.padding,
+                                                                 GEN_PROMPT)}
+        else:
+            model = TransformerLM(preset_config(preset), seed=seed)
+            model.flat.grad[...] = 1e-3 * randn(model.flat.grad.size)
+            opt = AdamW(model)
+            calls = {"adamw_update": opt.step}
+    fn = calls[op]
+
+    def call():
+        with use_backend(backend):
+            return fn()
+
+    return call
+
+
+def run(preset, backend=None, steps=10, warmup=2, seed=0):
+    """Time `steps` training steps of `preset`; returns a dict of the figures."""
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got steps={steps}, warmup={warmup}")
+    t_start = time.perf_counter()
+    if backend is not None:
+        set_backend(backend)
+    ops = get_ops()
+    model, step = make_train_step(preset, seed=seed)
+    cfg = model.config
+
+    step()
+    first_step_s = time.perf_counter() - t_start  # backend load (or compile) + model + one step
+    for _ in range(warmup - 1):
+        step()
+    times, loss = time_calls(step, steps)
+    step_s = float(np.median(times))
+    flops = model_flops_per_step(cfg, BATCH, SEQ_LEN)
+    peak = gemm_peak_gflops()
+    from fastformer.kernels.threads import thread_info
+
+    return {
+        "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": BATCH, "seq_len": SEQ_LEN,
+        "steps": steps, "step_s_median": step_s, "step_s_min": float(min(times)),
+        "steps_per_s": 1.0 / step_s, "tokens_per_s": BATCH * SEQ_LEN / step_s,
+        "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
+        "gemm_peak_gflops_per_s": peak, "fraction_of_gemm_peak": flops / step_s / 1e9 / peak,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_step_s": first_step_s, "final_loss": float(loss), "threads": thread_info(),
+    }
+
+
+def format_report(r):
+    return "\n".join([
+        f"fastformer bench: preset {r['preset']} ({r['config']['d_model']}d, {r['config']['n_heads']} heads, "
+        f"d_ff {r['config']['d_ff']}, {r['config']['n_layers']} layers, vocab {r['config']['vocab_size']}), "
+        f"batch {r['batch']} x seq {r['seq_len']}, backend {r['backend']}",
+        f"  steps/s           {r['steps_per_s']:.2f}   "
+        f"(median of {r['steps']} steps: {r['step_s_median'] * 1e3:.1f} ms)",
+        f"  tokens/s          {r['tokens_per_s']:,.0f}",
+        f"  model FLOPs/step  {r['model_flops_per_step'] / 1e9:.2f} GFLOP",
+        f"  achieved          {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm_peak']:.1f}% of the "
+        f"measured float32 GEMM peak ({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
+        f"  peak RSS          {r['peak_rss_mb']:.0f} MB",
+        f"  first step        {r['first_step_s']:.2f} s after start (backend load/compile + model + step)",
+        f"  threads           {numba_line(r['threads'])}",
+        *(f"  BLAS              {line}" for line in r["threads"]["blas"]),
+        f"  CPU               {cpu_line(r['threads'])}",
+    ])
+
+
+def numba_line(info):
+    """Numba's thread count and threading layer, when its backend has started them."""
+    if not isinstance(info.get("numba_threads"), int):
+        return "numba not started (numpy backend)" if info.get("numba_version") else "Numba not installed"
+    return f"numba {info['numba_threads']} ({info['numba_threading_layer']})"
+
+
+def cpu_line(info):
+    """The CPU's vector extension, and a BLAS kernel set pinned in the environment: on an
+    AVX-512 CPU, OpenBLAS pinned to Haswell's kernels (AVX2) runs GEMMs at about half the rate."""
+    pinned = info.get("OPENBLAS_CORETYPE")
+    return (f"{info.get('cpu_vector_isa') or 'vector extensions unknown'}"
+            f"{f'; OpenBLAS kernels pinned by OPENBLAS_CORETYPE={pinned}' if pinned else ''}")
+
+
+def main(args):
+    r = run(args.preset, backend=args.backend, steps=args.steps)
+    print(json.dumps(r) if args.json else format_report(r))

@@ -1,0 +1,135 @@
+"""Byte-level BPE tokenizer, trained and run offline with Hugging Face `tokenizers`.
+
+The same scheme as GPT-2: text is split with GPT-2's pre-tokenizer regex, every byte is mapped to
+a printable character, and merges learnt from the corpus join frequent byte pairs. All 256 bytes
+are in the initial alphabet, so any text encodes without an unknown token. The tokenizer is saved
+as a standard `tokenizer.json` that `tokenizers.Tokenizer.from_file` and
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)` read; nothing is ever downloaded.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from fastformer.atomic import atomic_open
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
+
+
+def byte_level_chars():
+    """The 256 printable characters byte-level BPE writes bytes as, indexed by byte (GPT-2's
+    scheme): printable Latin-1 bytes stand for themselves, the other 68 bytes take the code
+    points 256, 257, ... in byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("the BPE tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE with <pad>, <bos>, <eos>; the interface of every fastformer tokenizer."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self._tk = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        if None in ids:
+            missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
+            raise ValueError(f"BPE tokenizer lacks the special tokens {missing}; "
+                             f"fastformer needs {list(SPECIAL_TOKENS)}")
+        self.pad_id, self.bos_id, self.eos_id = ids
+        self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
+        self.vocab_size = tokenizer.get_vocab_size()
+        # text that spells "<eos>" is text, not the special id: specials enter only via bos=/eos=
+        tokenizer.encode_special_tokens = True
+
+    @classmethod
+    def train(cls, files, vocab_size, min_frequency=2, show_progress=False):
+        """Learn merges from text files until the vocabulary holds `vocab_size` tokens."""
+        tk = _tokenizers()
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        files = [os.fspath(f) for f in files]
+        for f in files:
+            if not os.path.isfile(f):
+                raise ValueError(f"no such text file to train the tokenizer on: {f}")
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if not isinstance(vocab_size, int) or vocab_size < minimum:
+            raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + specials), got {vocab_size!r}")
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                         special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train(files, trainer)
+        return cls(tokenizer)
+
+    def encode(self, text, bos=False, eos=False):
+        """ids (int64, 1-D) of `text`, optionally framed by <bos>/<eos>."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return np.array([self.bos_id] * bos + ids + [self.eos_id] * eos, dtype=np.int64)
+
+    def encode_batch(self, texts):
+        """A list of id arrays, encoded in parallel by the Rust library."""
+        return [np.array(e.ids, dtype=np.int64) for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, errors="replace"):
+        """Text of `ids` with special tokens dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the BPE vocabulary [0, {self.vocab_size})")
+        return self._tk.decode(ids.tolist(), skip_special_tokens=True)
+
+    def byte_lengths(self):
+        """(V,) int64: the bytes each id stands for (one per byte-level character; 0 for specials)."""
+        special = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        special.update(self.special_tokens.values())
+        vocab = self._tk.get_vocab(with_added_tokens=True)  # token string -> id
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in vocab.items():
+            if i not in special:
+                out[i] = len(token)
+        return out
+
+    def save(self, directory, filename="tokenizer.json"):
+        """Write the standard `tokenizer.json` (atomically: temp file then rename)."""
+        os.makedirs(directory, exist_ok=True)
+        with atomic_open(os.path.join(directory, filename)) as f:
+            f.write(self._tk.to_str(pretty=True))
+
+    @classmethod
+    def from_dict(cls, d, where="tokenizer"):
+        """From the parsed JSON of a Hugging Face tokenizer.json."""
+        try:
+            tokenizer = _tokenizers().Tokenizer.from_str(json.dumps(d))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise ValueError(f"{where} is not a readable Hugging Face tokenizer.json: {e}") from None
+        return cls(tokenizer)
+
+    @classmethod
+    def from_file(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
+        return cls.from_dict(d, where=path)

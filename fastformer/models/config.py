@@ -1,0 +1,90 @@
+"""The model configs: LMConfig (the GPT-2 language model) and Seq2SeqConfig (the encoder-decoder).
+Each checks every field when it is made, so a bad value fails before any array is allocated."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from fastformer.errors import FastformerError, check_bool, check_choice, check_int, check_number
+
+ACTIVATIONS = ("gelu", "relu")
+POSITIONALS = ("learned", "sinusoidal")
+
+
+def check_config_dict(cls, d, what):
+    """Build the dataclass `cls` from a dict, refusing unknown keys with the list of valid ones."""
+    if not isinstance(d, dict):
+        raise FastformerError(f"{what} must be a mapping of field names to values, got {type(d).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in valid]
+    if unknown:
+        raise FastformerError(f"unknown {what} field(s) {unknown}: valid fields are {valid}")
+    return cls(**d)
+
+
+def _check_heads(config):
+    if config.d_model % config.n_heads:
+        raise FastformerError(f"d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 259  # 256 bytes + <pad>, <bos>, <eos> (the byte tokenizer)
+    max_seq_len: int = 128  # context window: rows of the position embedding
+    d_model: int = 64  # C, the width of the residual stream
+    n_heads: int = 2  # H; d_model must be divisible by it
+    d_ff: int = 256  # hidden width of the MLP (GPT-2 uses 4 * d_model)
+    n_layers: int = 2  # L, number of transformer blocks
+    tie_embeddings: bool = True  # LM head shares the token embedding (GPT-2)
+    dropout: float = 0.0  # on embeddings, attention output and MLP output, in training only
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff", "n_layers"):
+            check_int(name, getattr(self, name))
+        _check_heads(self)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        self.dropout = check_number("dropout", self.dropout, 0, 1, high_open=True)
+
+    @classmethod
+    def from_dict(cls, d):
+        return check_config_dict(cls, d, "LMConfig")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Seq2SeqConfig:
+    src_vocab_size: int = 259  # source token ids lie in [0, src_vocab_size)
+    tgt_vocab_size: int = 259  # target token ids lie in [0, tgt_vocab_size)
+    max_src_len: int = 64  # longest source sequence (rows of the source positions)
+    max_tgt_len: int = 64  # longest decoder input, <bos> included
+    d_model: int = 64  # C, the width of the residual stream
+    n_heads: int = 4  # H; d_model must be divisible by it
+    d_ff: int = 256  # hidden width of the feed-forward sublayer
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    activation: str = "gelu"  # "gelu" (exact erf form, as torch) or "relu"
+    norm_first: bool = True  # pre-LN; False is the post-LN of the original paper
+    positional: str = "learned"  # "learned" position rows or the fixed "sinusoidal" table
+    tie_embeddings: bool = True  # output projection shares the target embedding
+    dropout: float = 0.0  # on embeddings and sublayer outputs, in training only
+
+    def __post_init__(self):
+        for name in ("src_vocab_size", "tgt_vocab_size", "max_src_len", "max_tgt_len", "d_model",
+                     "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers"):
+            check_int(name, getattr(self, name))
+        _check_heads(self)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("positional", self.positional, POSITIONALS)
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise FastformerError(f"positional='sinusoidal' needs an even d_model, got {self.d_model}")
+        check_bool("norm_first", self.norm_first)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        self.dropout = check_number("dropout", self.dropout, 0, 1, high_open=True)
+
+    @classmethod
+    def from_dict(cls, d):
+        return check_config_dict(cls, d, "Seq2SeqConfig")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

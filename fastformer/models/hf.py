@@ -1,0 +1,108 @@
+"""Hugging Face GPT-2 interchange: directories that `transformers.GPT2LMHeadModel` reads and writes.
+
+A Hugging Face GPT-2 directory holds `config.json` (a GPT2Config) and `model.safetensors` whose
+tensor names and (in, out) layouts are exactly fastformer's, so moving weights is a matter of
+translating the config. Only safetensors weights are read: `pytorch_model.bin` is a pickle, and
+loading a file must never run code. Nothing here imports torch or transformers; the tokenizer side of an export is
+`fastformer.training.export`.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from fastformer.models.config import LMConfig
+
+# GPT2Config activation names that mean the tanh-approximated GELU fastformer's LM uses
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
+
+
+def gpt2_config(config, bos_id=None, eos_id=None):
+    """The GPT2Config dict (config.json) for an LMConfig."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq_len,
+        "n_embd": config.d_model,
+        "n_head": config.n_heads,
+        "n_inner": config.d_ff,
+        "n_layer": config.n_layers,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def lm_config_from_gpt2(cfg, path="config.json"):
+    """An LMConfig from a GPT2Config dict; anything fastformer's LM cannot represent is refused."""
+    if cfg.get("model_type") != "gpt2":
+        raise ValueError(f"{path}: model_type must be 'gpt2' (GPT-2 architecture), got {cfg.get('model_type')!r}")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in _TANH_GELU:
+        raise ValueError(f"{path}: activation_function {act!r} is not supported; allowed: {', '.join(_TANH_GELU)}")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise ValueError(f"{path}: layer_norm_epsilon must be 1e-5, got {eps}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if cfg.get(flag):
+            raise ValueError(f"{path}: {flag}=true is not supported by fastformer's GPT-2")
+    try:
+        n_embd = cfg["n_embd"]
+        return LMConfig(vocab_size=cfg["vocab_size"], max_seq_len=cfg["n_positions"], d_model=n_embd,
+                        n_heads=cfg["n_head"], d_ff=cfg.get("n_inner") or 4 * n_embd, n_layers=cfg["n_layer"],
+                        tie_embeddings=cfg.get("tie_word_embeddings", True))
+    except KeyError as e:
+        raise ValueError(f"{path}: missing GPT2Config field {e.args[0]!r}") from None
+
+
+def save_hf(model, out_dir, bos_id=None, eos_id=None):
+    """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(gpt2_config(model.config, bos_id, eos_id), f, indent=2)
+
+
+def read_hf(path, dtype=np.float32):
+    """(LMConfig, state dict of `dtype` arrays) of a local Hugging Face GPT-2 directory;
+    `TransformerLM.from_pretrained(path)` builds the model from them."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    cfg_path = os.path.join(path, "config.json")
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path} is not a GPT-2 model directory: no config.json")
+    if not os.path.isfile(weights):
+        found = [f for f in ("pytorch_model.bin", "tf_model.h5") if os.path.isfile(os.path.join(path, f))]
+        raise ValueError(f"{path}: no model.safetensors (found {found or 'no weights'}); only safetensors "
+                         "weights are loaded, since pickle files can run code")
+    with open(cfg_path) as f:
+        config = lm_config_from_gpt2(json.load(f), cfg_path)
+    try:
+        raw = load_file(weights)
+    except (SafetensorError, OSError, TypeError) as e:
+        raise ValueError(f"{weights} is not a readable float safetensors file: {e}") from None
+    state = {}
+    for name, arr in raw.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # saved from GPT2Model rather than GPT2LMHeadModel
+        state[name] = arr.astype(dtype, copy=False)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # a tied head may be stored as a duplicate
+    return config, state

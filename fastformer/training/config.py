@@ -1,0 +1,300 @@
+"""Run configuration: the model, data and training dataclasses, presets, YAML files and
+`--set section.key=value` overrides.
+
+A RunConfig has four sections -- `model` (LMConfig), `seq2seq` (Seq2SeqConfig), `data`, `train` --
+and is written as YAML with one mapping per section. `data.task` picks the kind of model: "text"
+trains the language model of `model`; "copy", "reverse", "sort" (synthetic strings) and "pairs"
+(a file of translation pairs) train the encoder-decoder of `seq2seq`. Only the section of the
+model in use is written out. Loading a file, applying an override or building a preset checks
+every key and type up front, so a typo fails before any work with a message listing the valid
+keys. Fields left out of a file keep their defaults.
+"""
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from fastformer.atomic import atomic_open
+from fastformer.data.pairs import TASKS as SYNTHETIC_TASKS
+from fastformer.data.pairs import parse_alphabet
+from fastformer.models.config import LMConfig, Seq2SeqConfig
+from fastformer.training.optim import OPTIMIZERS, SCHEDULES
+
+ModelConfig = LMConfig
+TASKS = ("text", *SYNTHETIC_TASKS, "pairs")  # "text": language model; the others: encoder-decoder
+PAIR_TOKENIZERS = ("word", "char")
+
+
+@dataclass
+class DataConfig:
+    task: str = "text"  # text | copy | reverse | sort | pairs
+    path: typing.Optional[str] = None  # text: UTF-8 text file or prepared directory, None: the embedded
+    #                                    corpus; pairs: the source<TAB>target (or .csv) file
+    val_fraction: float = 0.1  # text: the last fraction of the tokens; pairs: a seeded random fraction
+    #                            of the pairs (0: evaluate on the training pairs)
+    tokenizer: typing.Optional[str] = None  # text: byte | char | a tokenizer directory (None: byte, or a
+    #                                         prepared directory's own); pairs: word (None) | char
+    min_len: int = 1  # copy/reverse/sort: shortest string
+    max_len: int = 16  # copy/reverse/sort: longest string
+    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: see seq2seq_data.parse_alphabet
+    lowercase: bool = False  # pairs: lower-case both sides
+    unique_sources: bool = False  # pairs: keep only the first pair of each source sentence (a source
+    #                               with several translations cannot be reproduced exactly)
+    max_pairs: typing.Optional[int] = None  # pairs: use only the first N pairs of the file (after the above)
+    min_freq: int = 1  # pairs, word tokenizer: keep words seen at least this often in training
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"data.task {self.task!r} is not known: valid values are {', '.join(TASKS)}")
+        vf = self.val_fraction  # only pairs may evaluate on the training data (memorisation)
+        if not (0.0 <= vf < 1.0 if self.task == "pairs" else 0.0 < vf < 1.0):
+            raise ValueError(f"data.val_fraction must lie in {'[0, 1)' if self.task == 'pairs' else '(0, 1)'} "
+                             f"for data.task={self.task}, got {self.val_fraction}")
+        if self.tokenizer == "":  # a directory is checked when the tokenizer is loaded
+            raise ValueError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
+        if self.task in SYNTHETIC_TASKS:
+            if not 1 <= self.min_len <= self.max_len:
+                raise ValueError(f"data.min_len and data.max_len need 1 <= min_len <= max_len, got "
+                                 f"{self.min_len} and {self.max_len}")
+            parse_alphabet(self.alphabet)
+            if self.tokenizer is not None:
+                raise ValueError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
+                                 f"its strings are tokenized per character of data.alphabet; leave it unset")
+        if self.task == "pairs":
+            if not self.path:
+                raise ValueError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
+            if self.tokenizer not in (None, *PAIR_TOKENIZERS):
+                raise ValueError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
+                                 f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"data.max_pairs must be >= 1 or null, got {self.max_pairs}")
+        if self.min_freq < 1:
+            raise ValueError(f"data.min_freq must be >= 1, got {self.min_freq}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds weights, dropout and data order
+    batch_size: int = 32  # B, windows per step
+    seq_len: int = 128  # T, tokens per window (at most model.max_seq_len)
+    max_steps: int = 2000  # optimizer updates in the whole run (the schedule's length)
+    optimizer: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of a decaying schedule
+    schedule: str = "cosine"  # constant | cosine | linear (after warm-up)
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    weight_decay: float = 0.1  # on 2-D weights only (AdamW decoupled; SGD/Adam as L2)
+    beta1: float = 0.9  # Adam/AdamW first-moment decay
+    beta2: float = 0.99  # Adam/AdamW second-moment decay
+    eps: float = 1e-8  # Adam/AdamW denominator guard
+    momentum: float = 0.9  # SGD momentum
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    log_interval: int = 10  # steps between metrics.jsonl lines
+    eval_interval: int = 250  # steps between evaluations (and the last step)
+    eval_batches: int = 8  # validation batches per evaluation
+    checkpoint_interval: int = 250  # steps between checkpoints (and the last step)
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "max_steps", "log_interval", "eval_interval",
+                     "eval_batches", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer {self.optimizer!r} is not known: "
+                             f"valid values are {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule {self.schedule!r} is not known: valid values are {', '.join(SCHEDULES)}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "seq2seq": Seq2SeqConfig}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+
+    def __post_init__(self):
+        if self.kind == "lm" and self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                             f"{self.model.max_seq_len}: the model has no positions beyond it")
+        d, s = self.data, self.seq2seq
+        if d.task in SYNTHETIC_TASKS and (d.max_len > s.max_src_len or d.max_len + 1 > s.max_tgt_len):
+            raise ValueError(f"data.max_len={d.max_len} needs seq2seq.max_src_len >= {d.max_len} and "
+                             f"seq2seq.max_tgt_len >= {d.max_len + 1} (<bos> + target), got {s.max_src_len} "
+                             f"and {s.max_tgt_len}")
+
+    @property
+    def kind(self):
+        """The model the run trains: "lm" (data.task text) or "seq2seq"."""
+        return "lm" if self.data.task == "text" else "seq2seq"
+
+    @property
+    def model_section(self):
+        """The name of the section configuring the model in use: "model" or "seq2seq"."""
+        return "model" if self.kind == "lm" else "seq2seq"
+
+    def model_config(self):
+        """The LMConfig or Seq2SeqConfig of the model in use."""
+        return getattr(self, self.model_section)
+
+    def to_dict(self):
+        """{section: {key: value}} of the model section in use, data and train."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in (self.model_section, "data", "train")}
+
+    @classmethod
+    def from_dict(cls, d, base=None):
+        """A RunConfig from {section: {key: value}}; missing keys come from `base` (default:
+        the defaults). Unknown sections/keys and wrong types raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a mapping with sections {list(SECTIONS)}, got {type(d).__name__}")
+        unknown = [k for k in d if k not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}: valid sections are {list(SECTIONS)}")
+        base = base or cls()
+        merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
+        for section, values in d.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping of keys to values, "
+                                 f"got {values!r}")
+            for key, value in values.items():
+                merged[section][key] = _coerce(section, key, value)
+        return cls(**{name: klass(**merged[name]) for name, klass in SECTIONS.items()})
+
+
+def _field_types(section):
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _coerce(section, key, value):
+    """Check `value` against the declared type of section.key; strings (from --set or a YAML
+    value such as 1e-3, which YAML reads as text) are parsed. Returns the typed value."""
+    types = _field_types(section)
+    if key not in types:
+        raise ValueError(f"unknown config key {section}.{key}: valid keys of {section!r} are {list(types)}")
+    t = types[key]
+    optional = typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
+    if optional:
+        t = [a for a in typing.get_args(t) if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+    bad = ValueError(f"config key {section}.{key} must be {t.__name__}"
+                     f"{' or null' if optional else ''}, got {value!r}")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise AssertionError(f"config field {section}.{key} has an unsupported type {t}")
+
+
+def apply_overrides(config, overrides):
+    """A new RunConfig with each "section.key=value" of `overrides` applied (validated)."""
+    d = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3 "
+                             f"(sections: {list(SECTIONS)})")
+        name, value = item.split("=", 1)
+        section, key = name.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section {section!r} in override {item!r}: valid sections "
+                             f"are {list(SECTIONS)}")
+        d.setdefault(section, {})[key] = value.strip()
+    return RunConfig.from_dict(d, base=config)
+
+
+PRESETS = {
+    # name: (model sizes, training length and rate); all with batch 32, seq_len 128, context 128.
+    # tiny trains in under two minutes on 2 cores with the Numba kernels.
+    "tiny": (dict(d_model=64, n_heads=2, d_ff=256, n_layers=2),
+             dict(max_steps=2000, lr=5e-3, min_lr=5e-4, warmup_steps=50, eval_interval=250,
+                  checkpoint_interval=500)),
+    "small": (dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
+              dict(max_steps=3000, lr=2e-3, min_lr=2e-4, warmup_steps=100, eval_interval=250, checkpoint_interval=250)),
+    "medium": (dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
+               dict(max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=250,
+                    checkpoint_interval=500)),
+}
+
+
+def preset(name):
+    """The RunConfig of a named preset: tiny, small or medium."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
+    model, train = PRESETS[name]
+    return RunConfig(model=ModelConfig(max_seq_len=128, **model),
+                     train=TrainConfig(batch_size=32, seq_len=128, **train))
+
+
+def match_tokenizer(config, tokenizer, field="vocab_size"):
+    """The config with the model's `field` (vocab_size; src_vocab_size or tgt_vocab_size for
+    seq2seq) equal to the tokenizer's vocab_size. The default (259, the byte tokenizer's) follows
+    the tokenizer; any other value that differs is an error."""
+    section = config.model_section
+    model = getattr(config, section)
+    v = getattr(model, field)
+    if v == tokenizer.vocab_size:
+        return config
+    if v == getattr(type(model), field):
+        return dataclasses.replace(config, **{section: dataclasses.replace(model, **{field: tokenizer.vocab_size})})
+    raise ValueError(f"{section}.{field}={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
+                     f"drop {section}.{field} (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
+
+
+def load_config(path, base=None):
+    """A RunConfig from a YAML file (sections model or seq2seq, data, train; missing keys from `base`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+    try:
+        return RunConfig.from_dict(d or {}, base=base)
+    except ValueError as e:
+        raise ValueError(f"config file {path!r}: {e}") from None
+
+
+def save_config(config, path):
+    """Write the RunConfig as YAML (atomically: temp file, fsync, rename)."""
+    with atomic_open(path) as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -1,0 +1,101 @@
+"""Evaluation, the same numbers for the trainer's validation and `fastformer eval`.
+
+Language model: loss, perplexity, bits per byte and next-token accuracy over fixed windows of a
+token stream. Encoder-decoder: teacher-forced loss and token accuracy, and exact match and corpus
+BLEU of the decoded (greedy or beam) outputs, over a list of (source, target) text pairs.
+
+Bits per byte divides the total loss by the UTF-8 bytes of the predicted tokens,
+
+    bpb = sum of -ln p(target) / (ln 2 * sum of bytes(target)),
+
+so models with different tokenizers compare on the same footing: a tokenizer with longer tokens
+has a higher loss per token but as many bytes to spread it over. `bytes(target)` comes from the
+tokenizer's `byte_lengths()` table (special tokens count 0 bytes), which needs no decoding and
+works on memory-mapped token files.
+"""
+
+import math
+
+import numpy as np
+
+from fastformer.data.pairs import IGNORE_INDEX, make_batch
+from fastformer.data.text import eval_batches
+from fastformer.generation.search import beam_decode, greedy_decode
+from fastformer.kernels import get_ops
+from fastformer.training.bleu import corpus_bleu
+
+
+def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=None):
+    """Metrics of `model` on non-overlapping windows of T + 1 tokens evenly spread over `ids`.
+
+    Args:
+        ids: 1-D token stream (any integer dtype, e.g. a np.memmap).
+        max_batches: at most this many batches of `batch_size` windows; None covers the whole
+            stream (every complete window).
+        byte_lengths: (V,) bytes per id; without it, "bits_per_byte" is left out.
+    Returns {"loss", "ppl", "acc", "tokens"} and, with byte_lengths, {"bytes", "bits_per_byte"}.
+    Deterministic: the same windows every time, no random generator.
+    """
+    n_windows = (len(ids) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    if max_batches is None:
+        max_batches = -(-n_windows // batch_size)
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    ops = get_ops()
+    total_loss, correct, n, n_bytes = 0.0, 0, 0, 0
+    for x, y in eval_batches(ids, batch_size, seq_len, max_batches):
+        logits = model.forward(x)  # (b, T, V), inference mode
+        loss, _ = ops.cross_entropy_forward(logits, y)
+        total_loss += float(loss) * y.size
+        correct += int((logits.argmax(axis=-1) == y).sum())
+        n += y.size
+        if byte_lengths is not None:
+            n_bytes += int(byte_lengths[y].sum())
+    loss = total_loss / n
+    out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "acc": correct / n, "tokens": n}
+    if byte_lengths is not None:
+        out["bytes"] = n_bytes
+        out["bits_per_byte"] = total_loss / (math.log(2) * n_bytes) if n_bytes else float("nan")
+    return out
+
+
+def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0):
+    """Metrics of a Seq2SeqTransformer on (source, target) text pairs, each short enough for the
+    model (see seq2seq_data.fit_pairs).
+
+    Returns {"loss", "token_acc"} (teacher forcing: mean cross-entropy and argmax accuracy over
+    the target tokens and <eos>), {"exact_match"} (the fraction of decoded outputs whose ids
+    equal the target's), {"bleu", "bleu_impl"} (corpus BLEU of the decoded text against the
+    targets as the tokenizer writes them; "sacrebleu" or "fastformer") and {"examples"}.
+    Decoding is greedy when beam_size is 1. Deterministic: no random generator.
+    """
+    if not pairs:
+        raise ValueError("no (source, target) pairs to evaluate on")
+    ops = get_ops()
+    bos, eos = tgt_tok.bos_id, tgt_tok.eos_id
+    normalize = getattr(tgt_tok, "normalize", lambda text: text)  # words: the spacing decode writes
+    total_loss, correct, n_tokens, exact = 0.0, 0, 0, 0
+    hyps, refs = [], []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        tgt_seqs = [tgt_tok.encode(t) for _, t in chunk]
+        b = make_batch([src_tok.encode(s) for s, _ in chunk], tgt_seqs, tgt_tok.pad_id, bos, eos)
+        logits = model.forward(b["src_ids"], b["src_mask"], b["tgt_in"], b["tgt_mask"])  # (B, T, V)
+        loss, _ = ops.cross_entropy_forward(logits, b["targets"])
+        counted = b["targets"] != IGNORE_INDEX  # (B, T)
+        total_loss += loss * int(counted.sum())
+        correct += int(((logits.argmax(axis=-1) == b["targets"]) & counted).sum())
+        n_tokens += int(counted.sum())
+        if beam_size == 1:
+            out, _ = greedy_decode(model, b["src_ids"], b["src_mask"], bos, eos)
+        else:
+            out, _ = beam_decode(model, b["src_ids"], b["src_mask"], beam_size, length_penalty, bos, eos)
+        for o, t_ids, (_, t_text) in zip(out, tgt_seqs, chunk):
+            exact += np.array_equal(o, t_ids)
+            hyps.append(tgt_tok.decode(o))
+            refs.append(normalize(t_text))
+    bleu, impl = corpus_bleu(hyps, refs)
+    return {"loss": total_loss / n_tokens, "token_acc": correct / n_tokens, "exact_match": exact / len(pairs),
+            "bleu": bleu, "bleu_impl": impl, "examples": len(pairs)}

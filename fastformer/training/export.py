@@ -1,0 +1,80 @@
+"""Export of a trained language model and its tokenizer as a Hugging Face directory that
+`transformers` (GPT2LMHeadModel, AutoTokenizer) loads as it is."""
+
+import json
+import os
+
+from fastformer.data.bpe import byte_level_chars
+from fastformer.models.hf import save_hf
+
+
+def hf_tokenizer(tokenizer):
+    """A `tokenizers.Tokenizer` that gives the same ids as a fastformer tokenizer, or None when
+    its kind has no equivalent here.
+
+    bpe   the tokenizer itself (it is one).
+    byte  byte-level BPE with no merges: the vocabulary maps each byte's byte-level character to
+          the byte's id, and <pad>, <bos>, <eos> are special tokens 256, 257, 258.
+    char  a word-level model over single characters (the pre-tokenizer isolates every character),
+          with <unk> for characters outside the vocabulary; a decoder joins tokens without spaces.
+    As in every Hugging Face tokenizer, the literal text "<eos>" (etc.) in an input is read as the
+    special token, where fastformer's byte and char tokenizers read it as plain characters.
+    """
+    if tokenizer.kind == "bpe":
+        return tokenizer._tk
+    import tokenizers as tk
+
+    if tokenizer.kind == "byte":
+        vocab = {c: b for b, c in enumerate(byte_level_chars())}
+        out = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[]))
+        out.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        out.decoder = tk.decoders.ByteLevel()
+    elif tokenizer.kind == "char":
+        vocab = dict(tokenizer.special_tokens)
+        vocab.update({c: i for i, c in enumerate(tokenizer.chars, start=len(vocab))})
+        out = tk.Tokenizer(tk.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        out.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")
+        out.decoder = tk.decoders.Fuse()
+    else:
+        return None
+    out.add_special_tokens(list(tokenizer.special_tokens))
+    ids = [out.token_to_id(t) for t in tokenizer.special_tokens]
+    assert ids == list(tokenizer.special_tokens.values()), f"special ids {ids} != {tokenizer.special_tokens}"
+    return out
+
+
+def export_hf(model, tokenizer, out_dir):
+    """Write `model` and its tokenizer as a Hugging Face directory: model.safetensors, config.json,
+    tokenizer.json and tokenizer_config.json (for PreTrainedTokenizerFast / AutoTokenizer).
+
+    The directory is built under a temporary name and renamed into place; an existing non-empty
+    `out_dir` is refused. A tokenizer kind without an equivalent is left out (with a warning).
+    Returns the names of the files written.
+    """
+    import shutil
+    import warnings
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"export directory {out_dir!r} already exists and is not empty: choose a new one")
+    tmp = out_dir.rstrip("/\\") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tmp, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    hf_tok = hf_tokenizer(tokenizer)
+    if hf_tok is None:
+        warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face equivalent: exported the model "
+                      f"without a tokenizer", stacklevel=2)
+    else:
+        hf_tok.save(os.path.join(tmp, "tokenizer.json"))
+        names = {v: k for k, v in tokenizer.special_tokens.items()}
+        tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_seq_len,
+                "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eos_id],
+                "pad_token": names[tokenizer.pad_id], "clean_up_tokenization_spaces": False}
+        if "<unk>" in tokenizer.special_tokens:
+            tcfg["unk_token"] = "<unk>"
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(tcfg, f, indent=2)
+    wrote = sorted(os.listdir(tmp))
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty, checked above
+    os.replace(tmp, out_dir)
+    return wrote

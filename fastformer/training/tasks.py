@@ -1,0 +1,173 @@
+"""What a run learns from, for each kind of model: its data stream, its tokenizers, the model it
+trains and how that model is evaluated. The trainer runs one loop over either:
+
+    task.config              the RunConfig, vocabulary sizes following the tokenizers
+    task.tokenizers          {name: tokenizer}, saved with each checkpoint
+    task.new_model(seed)     a fresh model of the config's kind
+    task.next_batch()        keyword arguments for `model.loss_and_grads`
+    task.evaluate(model)     {"val_...": number}
+    task.state_dict()        the data order's position (JSON-able); load_state_dict(state)
+    task.fingerprint         SHA-256 of the training data, saved to detect a changed data set
+    task.describe()          one line for the command line
+
+`LMTask` (data.task text) draws windows of a token stream; `Seq2SeqTask` draws padded batches of
+synthetic strings (copy, reverse, sort) or of translation pairs from a file. Every stream comes
+from its own generator seeded from train.seed, and held-out data from another, so a resumed run
+sees the same batches and every evaluation the same examples.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+
+from fastformer.data.pairs import PairBatches, SyntheticTask, encode_pairs, fit_pairs, read_pairs, split_pairs
+from fastformer.data.text import get_batch, load_training_data
+from fastformer.data.tokenizer import CharTokenizer, WordTokenizer
+from fastformer.models.lm import TransformerLM
+from fastformer.models.seq2seq import Seq2SeqTransformer
+from fastformer.training.config import match_tokenizer
+from fastformer.training.evaluate import evaluate_lm, evaluate_seq2seq
+
+# the generators spawned from train.seed: [model init, dropout] live in the model
+DATA_STREAM, HELDOUT_STREAM = 2, 3
+
+
+def _stream(seed, which):
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[which])
+
+
+def make_task(config, text=None, tokenizers=None):
+    """The task of `config.data.task`. `tokenizers` (a resumed run's) replace building new ones;
+    `text` replaces the language model's data file."""
+    if config.kind == "lm":
+        return LMTask(config, text=text, tokenizer=(tokenizers or {}).get("tokenizer"))
+    return Seq2SeqTask(config, tokenizers)
+
+
+class LMTask:
+    """Random windows of a token stream (data.path, a prepared directory or the default corpus)."""
+
+    def __init__(self, config, text=None, tokenizer=None):
+        t = config.train
+        # the tokenizer and the train/validation token streams (text is encoded once; a prepared
+        # directory is memory-mapped); model.vocab_size follows the tokenizer
+        tok, self.train_ids, self.val_ids, self.fingerprint = load_training_data(
+            config.data, t.seq_len, text=text, tokenizer=tokenizer)
+        self.config = match_tokenizer(config, tok)
+        self.tokenizers = {"tokenizer": tok}
+        self.byte_lengths = tok.byte_lengths()  # (V,) for bits per byte
+        self.rng = _stream(t.seed, DATA_STREAM)
+
+    def new_model(self, seed):
+        return TransformerLM(self.config.model, seed=seed)
+
+    def next_batch(self):
+        t = self.config.train
+        x, y = get_batch(self.train_ids, t.batch_size, t.seq_len, self.rng)  # (B, T) each
+        return {"ids": x, "targets": y}
+
+    def evaluate(self, model):
+        """Validation loss, perplexity, next-token accuracy and bits per byte over fixed windows."""
+        t = self.config.train
+        m = evaluate_lm(model, self.val_ids, t.batch_size, t.seq_len, t.eval_batches, self.byte_lengths)
+        return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_acc": m["acc"], "val_bpb": m["bits_per_byte"]}
+
+    def state_dict(self):
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state
+
+    def describe(self):
+        tok = self.tokenizers["tokenizer"]
+        return (f"{len(self.train_ids):,} tokens ({self.config.data.path or 'embedded stdlib-documentation corpus'}; "
+                f"{tok.kind} tokenizer, {tok.vocab_size} ids)")
+
+
+class Seq2SeqTask:
+    """Padded source/target batches for the encoder-decoder: synthetic strings, or pairs read from
+    data.path (split into training and validation pairs; too-long pairs skipped and counted)."""
+
+    def __init__(self, config, tokenizers=None):
+        d, t, s = config.data, config.train, config.seq2seq
+        self.skipped = {}  # reason: count, for pairs files
+        if d.task == "pairs":
+            pairs, read_skips = read_pairs(d.path, lowercase=d.lowercase)
+            self.skipped = {k: v for k, v in read_skips.items() if v}
+            if d.unique_sources:
+                first = {}  # source -> its first target, in file order
+                for src, tgt in pairs:
+                    first.setdefault(src, tgt)
+                pairs = list(first.items())
+            pairs = pairs[:d.max_pairs]
+            if not pairs:
+                raise ValueError(f"pairs file {d.path} holds no source<TAB>target pair (skipped: {read_skips})")
+            train, val = split_pairs(pairs, d.val_fraction, seed=t.seed)
+            src_tok, tgt_tok = (tokenizers["src"], tokenizers["tgt"]) if tokenizers else self._build(train, d)
+            src_seqs, tgt_seqs, n_long = encode_pairs(train, src_tok, tgt_tok, s.max_src_len, s.max_tgt_len)
+            if not src_seqs:
+                raise ValueError(f"no training pair of {d.path} fits seq2seq.max_src_len={s.max_src_len} "
+                                 f"and max_tgt_len={s.max_tgt_len}")
+            # no validation split (val_fraction 0): evaluate on the training pairs
+            self.val_pairs, n_long_val = fit_pairs(val or train, src_tok, tgt_tok, s.max_src_len, s.max_tgt_len)
+            if n_long or n_long_val:
+                self.skipped["too long"] = n_long + (n_long_val if val else 0)
+            self.n_train = len(src_seqs)
+            self.source = PairBatches(src_seqs, tgt_seqs, t.batch_size, _stream(t.seed, DATA_STREAM),
+                                      src_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
+            data_id = json.dumps(pairs, ensure_ascii=False)
+        else:
+            self.source = SyntheticTask(d.task, d.min_len, d.max_len, d.alphabet, t.batch_size,
+                                        _stream(t.seed, DATA_STREAM))
+            src_tok = tgt_tok = self.source.tokenizer
+            self.val_pairs = self.heldout(t.eval_batches * t.batch_size, config)
+            data_id = json.dumps([d.task, self.source.chars, d.min_len, d.max_len])
+        self.fingerprint = hashlib.sha256(data_id.encode("utf-8")).hexdigest()
+        self.tokenizers = {"src": src_tok, "tgt": tgt_tok}
+        config = match_tokenizer(config, src_tok, "src_vocab_size")
+        self.config = match_tokenizer(config, tgt_tok, "tgt_vocab_size")
+
+    @staticmethod
+    def _build(train, d):
+        """Source and target tokenizers learnt from the training pairs."""
+        if (d.tokenizer or "word") == "word":
+            return (WordTokenizer.build([s for s, _ in train], min_freq=d.min_freq),
+                    WordTokenizer.build([t for _, t in train], min_freq=d.min_freq))
+        return (CharTokenizer.from_text("".join(s for s, _ in train)),
+                CharTokenizer.from_text("".join(t for _, t in train)))
+
+    def heldout(self, n, config=None):
+        """n synthetic (source, target) pairs from the held-out generator: the same every time."""
+        config = config or self.config
+        return self.source.sample(n, rng=_stream(config.train.seed, HELDOUT_STREAM))
+
+    def new_model(self, seed):
+        return Seq2SeqTransformer(self.config.seq2seq, seed=seed)
+
+    def next_batch(self):
+        return self.source.next_batch()
+
+    def evaluate(self, model):
+        """Loss, token accuracy, greedy exact match and BLEU on up to eval_batches batches of
+        validation pairs (held-out strings for the synthetic tasks)."""
+        t = self.config.train
+        m = evaluate_seq2seq(model, self.val_pairs[:t.eval_batches * t.batch_size], self.tokenizers["src"],
+                             self.tokenizers["tgt"], t.batch_size)
+        return {"val_loss": m["loss"], "val_acc": m["token_acc"], "val_exact": m["exact_match"],
+                "val_bleu": m["bleu"]}
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+    def describe(self):
+        d, (src, tgt) = self.config.data, self.tokenizers.values()
+        if d.task != "pairs":
+            return (f"the {d.task} task (strings of {d.min_len}-{d.max_len} characters from "
+                    f"{len(self.source.chars)}; {src.vocab_size} ids)")
+        skipped = ", ".join(f"{n:,} {why}" for why, n in self.skipped.items()) or "none"
+        return (f"{self.n_train:,} training and {len(self.val_pairs):,} validation pairs ({d.path}; skipped: "
+                f"{skipped}; {src.kind} tokenizers, {src.vocab_size} source and {tgt.vocab_size} target ids)")

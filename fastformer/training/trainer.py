@@ -1,0 +1,192 @@
+"""The training loop: data, forward/backward, clipping, update, evaluation, logging and
+checkpoints, for the CLI and for Python, for both kinds of model.
+
+    trainer = Trainer(preset("tiny"), "runs/tiny")   # or Trainer(None, "runs/tiny", resume=True)
+    losses = trainer.train()                          # one training loss per step
+
+What is learnt comes from the run's task (fastformer.tasks): a language model on text
+(data.task text) or an encoder-decoder on synthetic strings or translation pairs. The loop only
+asks the task for batches, evaluations and its data position.
+
+Everything random comes from explicit generators saved with each checkpoint -- the weight
+initialisation and dropout (`model.rng`) and the data order (the task's generator) -- so a run
+stopped and resumed produces bit-for-bit the losses and weights of the same run uninterrupted.
+Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
+and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
+multi-process run would guard to rank 0.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+from tqdm import tqdm
+
+from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from fastformer.training.config import save_config
+from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
+from fastformer.training.tasks import make_task
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became inf/nan; the run stopped before updating the weights."""
+
+
+class Trainer:
+    """Trains the model of a RunConfig on its task, writing metrics and checkpoints to `out_dir`.
+
+    Args:
+        config: a RunConfig; with resume=True it may be None (the checkpoint's config is used).
+        out_dir: the run directory (created if needed).
+        resume: continue from the newest checkpoint in out_dir.
+        text: language models: train on this str instead of config.data.path (a text file or a
+            directory written by `fastformer prepare`) or the embedded default corpus.
+        verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
+    """
+
+    def __init__(self, config, out_dir, resume=False, text=None, verbose=True):
+        self.out_dir, self.verbose, self.is_main = out_dir, verbose, True
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(out_dir)
+            config = config or ckpt.config
+            if config.model_config() != ckpt.config.model_config():
+                raise ValueError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
+                                 f"differs from the requested {config.model_config()}")
+        elif checkpoint_dirs(out_dir):
+            raise ValueError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
+                             f"or choose another output directory")
+        if config is None:
+            raise ValueError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
+        t = config.train
+
+        # data: the task's tokenizers (a resumed run's own), its batches and validation data;
+        # the model's vocabulary sizes follow the tokenizers
+        self.task = make_task(config, text=text, tokenizers=ckpt.tokenizers if ckpt else None)
+        self.config = cfg = self.task.config
+
+        # model and optimizer (the model seeds its own init and dropout generators from t.seed)
+        self.model = self.task.new_model(t.seed)
+        self.optimizer = make_optimizer(self.model.flat, t)
+        self.step = 0
+        if ckpt is not None:
+            self._restore(ckpt)
+
+        if self.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+            self._trim_metrics()
+
+    # ---------------------------------------------------------------- state
+    def _rng_states(self):
+        return {"dropout": self.model.rng.bit_generator.state, "data": self.task.state_dict()}
+
+    def _restore(self, ckpt):
+        self.model.load_state_dict(ckpt.weights)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.model.rng.bit_generator.state = ckpt.state["rng"]["dropout"]
+        self.task.load_state_dict(ckpt.state["rng"]["data"])
+        self.step = ckpt.step
+        if ckpt.state.get("data_sha256") != self.task.fingerprint:
+            warnings.warn(f"the training data differs from the one checkpoint {ckpt.path} was trained on; "
+                          f"the resumed run will not repeat the original data order", stacklevel=3)
+
+    def _trim_metrics(self):
+        """Drop metrics lines past the current step (left by a run that died after its last checkpoint)."""
+        path = os.path.join(self.out_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= self.step:
+                    keep.append(ln)
+            except (ValueError, KeyError):
+                pass  # a line cut by a crash
+        if len(keep) != len(lines):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+
+    # ------------------------------------------------------------- evaluate
+    def evaluate(self):
+        """The task's validation metrics, {"val_loss": ..., ...} (see fastformer.tasks)."""
+        return self.task.evaluate(self.model)
+
+    # ---------------------------------------------------------------- train
+    def train(self, steps=None):
+        """Run updates until train.max_steps, or for at most `steps` more. Ends with a checkpoint.
+
+        Returns the training loss of every step run, in order. Raises NonFiniteLossError (with the
+        last good checkpoint left as it was) if the loss or gradient norm stops being finite.
+        """
+        t, model, flat = self.config.train, self.model, self.model.flat
+        end = t.max_steps if steps is None else min(t.max_steps, self.step + steps)
+        losses, tokens, t_log = [], 0, time.perf_counter()
+        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.verbose and sys.stderr.isatty()))
+        try:
+            while self.step < end:
+                lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
+                                   max_steps=t.max_steps, min_lr=t.min_lr)
+                # data: the next batch of the task (LM windows, or padded source/target pairs)
+                batch = self.task.next_batch()
+                # forward and backward: loss and gradients into the flat buffer
+                loss, _ = model.loss_and_grads(**batch)
+                # clip the global gradient norm; a non-finite loss or norm stops before the update
+                grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise NonFiniteLossError(
+                        f"training stopped at step {self.step + 1}: loss={loss}, grad_norm={grad_norm} "
+                        f"(lr={lr:.3g}). The weights were not updated; the last good checkpoint is "
+                        f"{(checkpoint_dirs(self.out_dir) or ['none'])[-1]}. Try a lower train.lr or "
+                        f"train.grad_clip.")
+                # update
+                self.optimizer.step(lr)
+                self.step += 1
+                losses.append(loss)
+                tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
+                bar.update(1)
+                # log, evaluate, checkpoint
+                record = None
+                if self.step % t.log_interval == 0 or self.step % t.eval_interval == 0 or self.step == end:
+                    elapsed = time.perf_counter() - t_log
+                    record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_sec": tokens / max(elapsed, 1e-9)}
+                    tokens, t_log = 0, time.perf_counter()
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    record.update(self.evaluate())
+                if record is not None:
+                    self._log(record)
+                if self.step % t.checkpoint_interval == 0 or self.step == end:
+                    self._checkpoint()
+        finally:
+            bar.close()
+        return losses
+
+    # ----------------------------------------------- logging and checkpoints
+    def _log(self, record):
+        """Append one metrics line (and print a line on evaluation steps). Rank 0 only."""
+        if not self.is_main:
+            return
+        with open(os.path.join(self.out_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.verbose and "val_loss" in record:
+            val = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+            tqdm.write(f"step {record['step']:>6} | loss {record['loss']:.4f} | {val} "
+                       f"| lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s")
+
+    def _checkpoint(self):
+        """Write RUN/ckpt-<step> atomically. Rank 0 only."""
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.config,
+                               self.task.tokenizers, self._rng_states(), extra={"data_sha256": self.task.fingerprint},
+                               keep=self.config.train.keep_checkpoints)

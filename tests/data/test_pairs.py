@@ -1,0 +1,100 @@
+"""Pairs files, batches (padding, masks, shifted targets), splits, synthetic tasks, resumable streams."""
+
+import numpy as np
+import pytest
+
+from fastformer.data.pairs import (
+    PairBatches,
+    SyntheticTask,
+    encode_pairs,
+    make_batch,
+    parse_alphabet,
+    read_pairs,
+    split_pairs,
+)
+from fastformer.data.tokenizer import WordTokenizer
+
+
+def test_make_batch_pads_shifts_and_masks():
+    b = make_batch([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad_id=0, bos_id=1, eos_id=2)
+    np.testing.assert_array_equal(b["src_ids"], [[5, 6, 7], [8, 0, 0]])
+    np.testing.assert_array_equal(b["src_mask"], [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(b["tgt_in"], [[1, 9, 0, 0], [1, 10, 11, 12]])
+    np.testing.assert_array_equal(b["targets"], [[9, 2, -100, -100], [10, 11, 12, 2]])
+    np.testing.assert_array_equal(b["tgt_mask"], [[1, 1, 0, 0], [1, 1, 1, 1]])
+    # the decoder input is the target shifted right by one, behind <bos>
+    np.testing.assert_array_equal(b["tgt_in"][1, 1:], b["targets"][1, :-1])
+
+
+def test_read_pairs_skips_bad_lines(tmp_path):
+    p = tmp_path / "pairs.txt"
+    p.write_text("Go.\tVa !\n\nno tab here\nHi.\tSalut !\tCC-BY\n\tvide\nRun!\tCours\u202f!\n", encoding="utf-8")
+    pairs, skipped = read_pairs(p, lowercase=True)
+    assert pairs == [("go.", "va !"), ("hi.", "salut !"), ("run!", "cours\u202f!")]
+    assert skipped == {"empty line": 1, "no tab": 1, "empty side": 1}
+    c = tmp_path / "pairs.csv"
+    c.write_text('source,target\n"Hello, you",Bonjour\n', encoding="utf-8")
+    assert read_pairs(c)[0] == [("source", "target"), ("Hello, you", "Bonjour")]
+    with pytest.raises(ValueError, match="does not exist"):
+        read_pairs(tmp_path / "missing.txt")
+
+
+def test_encode_pairs_filters_long_pairs():
+    tok = WordTokenizer.build(["a b c d"])
+    src, tgt, too_long = encode_pairs([("a b", "c"), ("a b c d", "a"), ("a", "a b c")], tok, tok, 3, 3)
+    # target room: max_tgt_len - 1 = 2
+    assert ([s.tolist() for s in src], [t.tolist() for t in tgt], too_long) == ([[4, 5]], [[6]], 2)
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = list(range(50))
+    train, val = split_pairs(items, 0.1, seed=3)
+    assert len(val) == 5 and sorted(train + val) == items
+    assert split_pairs(items, 0.1, seed=3) == (train, val)
+    assert split_pairs(items, 0.1, seed=4)[1] != val
+
+
+def test_pair_batches_cover_an_epoch_and_resume():
+    src = [[i + 4] for i in range(10)]
+    data = PairBatches(src, src, batch_size=4, rng=np.random.default_rng(0))
+    seen = np.concatenate([data.next_batch()["src_ids"][:, 0] for _ in range(3)])
+    assert sorted(seen.tolist()) == list(range(4, 14))  # one epoch: 4 + 4 + 2
+    state = data.state_dict()
+    after = [data.next_batch()["src_ids"] for _ in range(4)]
+    resumed = PairBatches(src, src, batch_size=4, rng=1)
+    resumed.load_state_dict(state)
+    for a in after:
+        np.testing.assert_array_equal(resumed.next_batch()["src_ids"], a)
+
+
+@pytest.mark.parametrize("task,src,tgt", [("copy", "ab!3", "ab!3"), ("reverse", "hello123", "321olleh"),
+                                          ("sort", "cab1", "abc1")])
+def test_synthetic_targets(task, src, tgt):
+    assert SyntheticTask(task, alphabet="letters+digits+punctuation").target(src) == tgt
+
+
+def test_synthetic_batches_and_resume():
+    task = SyntheticTask("reverse", min_len=2, max_len=5, alphabet="lower+digits", batch_size=8, rng=7)
+    b = task.next_batch()
+    tok = task.tokenizer
+    for i in range(8):
+        s = tok.decode(b["src_ids"][i])
+        t = tok.decode(b["targets"][i][b["targets"][i] >= 0])
+        assert 2 <= len(s) <= 5 and t == s[::-1] and set(s) <= set(parse_alphabet("lower+digits"))
+    state = task.state_dict()
+    nxt = task.next_batch()
+    other = SyntheticTask("reverse", min_len=2, max_len=5, alphabet="lower+digits", batch_size=8, rng=0)
+    other.load_state_dict(state)
+    again = other.next_batch()
+    for k in nxt:
+        np.testing.assert_array_equal(again[k], nxt[k])
+
+
+def test_synthetic_errors():
+    with pytest.raises(ValueError, match="task must be one of"):
+        SyntheticTask("shuffle")
+    with pytest.raises(ValueError, match="unknown alphabet name"):
+        SyntheticTask("copy", alphabet="letters+emoji")
+    with pytest.raises(ValueError, match="min_len <= max_len"):
+        SyntheticTask("copy", min_len=5, max_len=2)
+    assert parse_alphabet("chars:abca") == "abc"

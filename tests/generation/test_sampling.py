@@ -1,0 +1,103 @@
+"""Sampling: greedy, temperature, top-k (with ties), top-p, seeds, cropping and <eos>."""
+
+import numpy as np
+import pytest
+
+from fastformer import LMConfig, TransformerLM
+from fastformer.generation.sampling import filter_top_k, filter_top_p, next_token_probs, sample_next
+
+CFG = LMConfig(vocab_size=13, max_seq_len=8, d_model=16, n_heads=2, d_ff=32, n_layers=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = TransformerLM(CFG, seed=3)
+    m.flat.data[...] *= 40  # sharpen the random model so its choices depend on the context
+    return m
+
+
+def test_top_k_1_equals_greedy(model):
+    prompt = np.array([1, 2, 3])
+    greedy = model.generate(prompt, 12, temperature=0.0)
+    for seed in range(3):
+        assert np.array_equal(model.generate(prompt, 12, temperature=1.3, top_k=1, seed=seed), greedy)
+    assert len(set(greedy[3:].tolist())) > 1  # the check is not vacuous: greedy output varies
+
+
+def test_temperature_zero_is_deterministic_and_ignores_the_seed(model):
+    prompt = np.array([[4, 5], [6, 7]])
+    a = model.generate(prompt, 10, temperature=0.0, seed=1)
+    b = model.generate(prompt, 10, temperature=0.0, seed=99)
+    assert a.shape == (2, 12) and np.array_equal(a, b)
+    assert np.array_equal(a[:, :2], prompt)
+
+
+def test_seed_makes_sampling_reproducible(model):
+    prompt = np.array([1])
+    a = model.generate(prompt, 20, temperature=20.0, seed=5)
+    assert np.array_equal(a, model.generate(prompt, 20, temperature=20.0, seed=5))
+    assert any(not np.array_equal(a, model.generate(prompt, 20, temperature=20.0, seed=s)) for s in range(6, 10))
+
+
+def test_top_k_keeps_ties_at_the_boundary():
+    logits = np.array([[3.0, 1.0, 3.0, 0.0, 2.0]])
+    assert np.isfinite(filter_top_k(logits, 1)).tolist() == [[True, False, True, False, False]]
+    assert np.isfinite(filter_top_k(logits, 2)).tolist() == [[True, False, True, False, False]]
+    assert np.isfinite(filter_top_k(logits, 3)).tolist() == [[True, False, True, False, True]]
+    assert np.array_equal(filter_top_k(logits, 5), logits)
+    rng = np.random.default_rng(0)
+    draws = [int(sample_next(logits, 1.0, top_k=1, rng=rng)[0]) for _ in range(200)]
+    assert set(draws) == {0, 2}  # both tied maxima are sampled, nothing else
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.1, 0.4, 0.2, 0.3]])
+    kept = lambda p: set(np.flatnonzero(filter_top_p(probs, p)[0]).tolist())  # noqa: E731
+    assert kept(0.4) == {1}  # 0.4 alone reaches 0.4
+    assert kept(0.41) == {1, 3}
+    assert kept(0.7) == {1, 3}  # 0.4 + 0.3 reaches 0.7 exactly
+    assert kept(0.71) == {1, 3, 2}
+    assert kept(1.0) == {0, 1, 2, 3}
+    np.testing.assert_allclose(filter_top_p(probs, 0.7), [[0, 0.4 / 0.7, 0, 0.3 / 0.7]])
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        filter_top_p(probs, 0.0)
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([[0.5, 0.0, 0.3, 0.2]]) + 1e-30)
+    rng = np.random.default_rng(1)
+    draws = np.array([sample_next(logits, 1.0, rng=rng)[0] for _ in range(4000)])
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.0, 0.3, 0.2], atol=0.03)
+    assert freq[1] == 0.0
+    # temperature sharpens: probs ∝ p^(1/T)
+    p = next_token_probs(logits, 0.5)[0]
+    np.testing.assert_allclose(p, np.array([0.25, 0, 0.09, 0.04]) / 0.38, rtol=1e-6, atol=1e-12)
+
+
+def test_long_prompt_is_cropped_to_the_context(model):
+    long_prompt = np.arange(20) % CFG.vocab_size
+    out = model.generate(long_prompt, 5, temperature=0.0)
+    assert out.shape == (25,) and np.array_equal(out[:20], long_prompt)
+    cropped = model.generate(long_prompt[-CFG.max_seq_len:], 5, temperature=0.0)
+    assert np.array_equal(out[20:], cropped[CFG.max_seq_len:])
+
+
+def test_stops_at_eos(model):
+    prompt = np.array([1, 2, 3])
+    greedy = model.generate(prompt, 10, temperature=0.0)
+    eos = int(greedy[5])  # the third generated token
+    out = model.generate(prompt, 10, temperature=0.0, eos_id=eos)
+    first = int(np.flatnonzero(greedy[3:] == eos)[0]) + 3
+    assert np.array_equal(out, greedy[:first + 1]) and out[-1] == eos
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        model.generate(np.array([], dtype=np.int64), 3)
+    with pytest.raises(ValueError, match="top_k must be None or an integer >= 1"):
+        model.generate(np.array([1]), 3, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate(np.array([1]), 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="ids must lie in"):
+        model.generate(np.array([CFG.vocab_size]), 3)

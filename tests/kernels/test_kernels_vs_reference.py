@@ -1,0 +1,402 @@
+"""Every kernel, forward and backward, on every backend, against the NumPy reference.
+
+Tolerances: float64 must agree to TOL64 everywhere; float32 to the per-kernel TOL32 below
+(the kernels sum in a different order than NumPy, and the Numba float32 exp/tanh are
+polynomials within ~1 ulp). Property tests (hypothesis) cover the awkward shapes and values:
+T = 1, odd sizes, head size 1, logits of +-1e4, fully masked rows, every target ignored; the
+backend must never produce NaN where the reference has none.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+TOL64 = dict(rtol=1e-10, atol=1e-12)
+TOL32 = {  # (rtol, atol) per kernel for float32
+    "softmax": dict(rtol=1e-5, atol=1e-7),
+    "layernorm": dict(rtol=1e-4, atol=1e-4),  # rows offset by 30: float32 spacing there is 2e-6, times rstd
+    "attention": dict(rtol=1e-4, atol=2e-5),
+    "cross_entropy": dict(rtol=1e-5, atol=1e-7),
+    "gelu": dict(rtol=1e-5, atol=1e-5),  # float32 gelu' differs by a few ulp (another tanh formula), summed in dbias
+    "relu": dict(rtol=1e-5, atol=1e-4),  # dbias: up to 300 float32 rows summed in another order
+    "embedding": dict(rtol=1e-6, atol=1e-7),
+    "adamw": dict(rtol=1e-5, atol=1e-7),
+}
+DTYPES = [np.float64, np.float32]
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def close(actual, expected, kernel, dtype):
+    """Assert equal within the stated tolerance, and no NaN/inf where the reference is finite."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    tol = TOL64 if np.dtype(dtype) == np.float64 else TOL32[kernel]
+    np.testing.assert_allclose(actual, expected, **tol)
+    assert np.isfinite(actual[np.isfinite(expected)]).all()
+
+
+def normal(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ---------------------------------------------------------------- softmax
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(ops, ref, dtype):
+    rng = np.random.default_rng(0)
+    x = normal(rng, (3, 5, 17), dtype, 3.0)
+    x[0, 1, ::2] = -np.inf
+    x[1, 2, :] = -np.inf  # a fully masked row gives zeros
+    dy = normal(rng, x.shape, dtype)
+    y, cache = ops.softmax_forward(x)
+    y_ref, cache_ref = ref.softmax_forward(x)
+    close(y, y_ref, "softmax", dtype)
+    assert (y[0, 1, ::2] == 0).all() and (y[1, 2] == 0).all()
+    close(ops.softmax_backward(dy, cache), ref.softmax_backward(dy, cache_ref), "softmax", dtype)
+
+
+@PROPERTY
+@given(rows=st.integers(1, 5), C=st.integers(1, 40), scale=st.sampled_from([1e-3, 1.0, 1e4]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_softmax_property(ops, ref, rows, C, scale, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, (rows, C), dtype, scale)
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    dy = normal(rng, x.shape, dtype)
+    y, cache = ops.softmax_forward(x)
+    y_ref, cache_ref = ref.softmax_forward(x)
+    close(y, y_ref, "softmax", dtype)
+    close(ops.softmax_backward(dy, cache), ref.softmax_backward(dy, cache_ref), "softmax", dtype)
+
+
+# -------------------------------------------------------------- layernorm
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (2, 3, 7), (5, 1), (1, 64), (33, 31)]), offset=st.sampled_from([0.0, 30.0]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_layernorm(ops, ref, shape, offset, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, shape, dtype) + dtype(offset)
+    w, b = normal(rng, shape[-1:], dtype), normal(rng, shape[-1:], dtype)
+    dy = normal(rng, shape, dtype)
+    y, cache = ops.layernorm_forward(x, w, b)
+    y_ref, cache_ref = ref.layernorm_forward(x, w, b)
+    close(y, y_ref, "layernorm", dtype)
+    for g, g_ref in zip(ops.layernorm_backward(dy, cache), ref.layernorm_backward(dy, cache_ref)):
+        close(g, g_ref, "layernorm", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_ds", [False, True])
+def test_residual_layernorm(ops, ref, dtype, with_ds):
+    rng = np.random.default_rng(1)
+    x, r = normal(rng, (3, 5, 24), dtype), normal(rng, (3, 5, 24), dtype)
+    w, b = normal(rng, 24, dtype), normal(rng, 24, dtype)
+    dy, ds = normal(rng, x.shape, dtype), normal(rng, x.shape, dtype)
+    (s, y), cache = ops.residual_layernorm_forward(x, r, w, b)
+    (s_ref, y_ref), cache_ref = ref.residual_layernorm_forward(x, r, w, b)
+    close(s, s_ref, "layernorm", dtype)
+    close(y, y_ref, "layernorm", dtype)
+    got = ops.residual_layernorm_backward(dy, ds.copy() if with_ds else None, cache)
+    want = ref.residual_layernorm_backward(dy, ds.copy() if with_ds else None, cache_ref)
+    for g, g_ref in zip(got, want):
+        close(g, g_ref, "layernorm", dtype)
+
+
+# -------------------------------------------------------------- attention
+def _attention_case(rng, B, H, T, S, hs, causal, pad, dtype):
+    q = normal(rng, (B, H, T, hs), dtype)
+    k, v = normal(rng, (B, H, S, hs), dtype), normal(rng, (B, H, S, hs), dtype)
+    kpm = None
+    if pad == "random":
+        kpm = rng.random((B, S)) < 0.4
+    elif pad == "all":  # every key of batch row 0 is padding: its queries attend to nothing
+        kpm = np.zeros((B, S), dtype=bool)
+        kpm[0] = True
+    return q, k, v, kpm
+
+
+def check_attention(ops, ref, q, k, v, causal, kpm, dtype):
+    rng = np.random.default_rng(7)
+    out, cache = ops.attention_forward(q, k, v, causal, kpm)
+    out_ref, cache_ref = ref.attention_forward(q, k, v, causal, kpm)
+    close(out, out_ref, "attention", dtype)
+    close(cache[4], cache_ref[4], "attention", dtype)  # lse, -inf on rows with no key
+    dout = normal(rng, out.shape, dtype)
+    for g, g_ref in zip(ops.attention_backward(dout, cache), ref.attention_backward(dout, cache_ref)):
+        close(g, g_ref, "attention", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
+                                            (False, "random", 3, 6), (True, "all", 5, 5)])
+def test_attention(ops, ref, dtype, causal, pad, T, S):
+    rng = np.random.default_rng(3)
+    q, k, v, kpm = _attention_case(rng, 2, 3, T, S, 4, causal, pad, dtype)
+    check_attention(ops, ref, q, k, v, causal, kpm, dtype)
+
+
+@PROPERTY
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 9), extra=st.integers(0, 4),
+       hs=st.integers(1, 5), causal=st.booleans(), pad=st.sampled_from([None, "random", "all"]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_attention_property(ops, ref, B, H, T, extra, hs, causal, pad, seed, dtype):
+    rng = np.random.default_rng(seed)
+    q, k, v, kpm = _attention_case(rng, B, H, T, T + extra, hs, causal, pad, dtype)
+    check_attention(ops, ref, q, k, v, causal, kpm, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,hs", [(2, 3), (3, 1)])
+def test_attention_qkv_matches_split_heads(ops, ref, dtype, H, hs):
+    """The fused-QKV entry point equals attention_forward on the split heads (reference)."""
+    rng = np.random.default_rng(4)
+    B, T, C = 2, 6, H * hs
+    qkv = normal(rng, (B, T, 3 * C), dtype)
+    kpm = np.zeros((B, T), dtype=bool)
+    kpm[1, :2] = True
+    out, cache = ops.attention_qkv_forward(qkv, H, causal=True, key_padding_mask=kpm)
+    q, k, v = (np.ascontiguousarray(a) for a in qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4))
+    heads, cache_ref = ref.attention_forward(q, k, v, True, kpm)
+    close(out, heads.transpose(0, 2, 1, 3).reshape(B, T, C), "attention", dtype)
+    dout = normal(rng, out.shape, dtype)
+    dq, dk, dv = ref.attention_backward(dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3), cache_ref)
+    want = np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)
+    close(ops.attention_qkv_backward(dout, cache), want, "attention", dtype)
+
+
+# ---------------------------------------------------------- cross-entropy
+@PROPERTY
+@given(N=st.integers(1, 12), V=st.integers(1, 50), scale=st.sampled_from([1e-3, 1.0, 1e4]),
+       ignored=st.sampled_from(["none", "some", "all"]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from(DTYPES))
+def test_cross_entropy(ops, ref, N, V, scale, ignored, seed, dtype):
+    rng = np.random.default_rng(seed)
+    logits = normal(rng, (N, V), dtype, scale)
+    targets = rng.integers(0, V, size=N)
+    if ignored == "some":
+        targets[rng.random(N) < 0.5] = -100
+    elif ignored == "all":
+        targets[:] = -100
+    loss, cache = ops.cross_entropy_forward(logits, targets)
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    assert np.isfinite(loss)
+    close(loss, loss_ref, "cross_entropy", dtype)
+    for dloss in (1.0, 0.5):
+        close(ops.cross_entropy_backward(dloss, cache), ref.cross_entropy_backward(dloss, cache_ref),
+              "cross_entropy", dtype)
+    if ignored == "all":
+        assert loss == 0.0 and not ops.cross_entropy_backward(1.0, cache).any()
+
+
+def test_cross_entropy_3d_and_custom_ignore(ops, ref):
+    rng = np.random.default_rng(5)
+    logits = normal(rng, (2, 3, 11), np.float32)
+    targets = np.array([[1, 7, 0], [10, 7, 3]])
+    loss, cache = ops.cross_entropy_forward(logits, targets, ignore_index=7)
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets, ignore_index=7)
+    close(loss, loss_ref, "cross_entropy", np.float32)
+    close(ops.cross_entropy_backward(1.0, cache), ref.cross_entropy_backward(1.0, cache_ref),
+          "cross_entropy", np.float32)
+
+
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (5, 17), (2, 3, 11), (4, 300)]), scale=st.sampled_from([1.0, 1e4]),
+       ignored=st.sampled_from(["none", "some", "all"]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from(DTYPES))
+def test_cross_entropy_out(ops, ref, shape, scale, ignored, seed, dtype):
+    """The gradient written into `out` -- a separate array, or the logits themselves -- is the
+    gradient the backward returns without it, and the loss is unchanged."""
+    rng = np.random.default_rng(seed)
+    logits = normal(rng, shape, dtype, scale)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    if ignored == "some":
+        targets[rng.random(shape[:-1]) < 0.5] = -100
+    elif ignored == "all":
+        targets[...] = -100
+    loss, cache = ops.cross_entropy_forward(logits, targets)
+    want = ops.cross_entropy_backward(1.0, cache)
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    out = np.full_like(logits, np.nan)
+    loss_out, cache_out = ops.cross_entropy_forward(logits, targets, out=out)
+    assert loss_out == loss
+    assert ops.cross_entropy_backward(1.0, cache_out) is out
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(ops.cross_entropy_backward(0.5, cache_out), ops.cross_entropy_backward(0.5, cache))
+    inplace = logits.copy()
+    loss_in, cache_in = ops.cross_entropy_forward(inplace, targets, out=inplace)
+    assert loss_in == loss and cache_in is inplace
+    np.testing.assert_array_equal(inplace, want)
+    close(loss_in, loss_ref, "cross_entropy", dtype)
+    if np.dtype(dtype) == np.float32 and scale > 1.0:
+        # the reference's exp(x - lse) carries the rounding of lse itself, ulp(1e4) = 1e-3 in
+        # float32: its probabilities are only that accurate relative to each other
+        np.testing.assert_allclose(inplace, ref.cross_entropy_backward(1.0, cache_ref),
+                                   rtol=4 * np.finfo(np.float32).eps * scale, atol=1e-7)
+    else:
+        close(inplace, ref.cross_entropy_backward(1.0, cache_ref), "cross_entropy", dtype)
+
+
+def test_cross_entropy_out_overlapping_logits(ops, ref):
+    """`out` that overlaps the logits without being them (shifted by a row) still gets the gradient."""
+    rng = np.random.default_rng(7)
+    N, V = 6, 13
+    logits = normal(rng, (N, V), np.float64)
+    targets = rng.integers(0, V, size=N)
+    targets[2] = -100
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    buf = np.concatenate([logits.reshape(-1), np.zeros(V)])
+    loss, cache = ops.cross_entropy_forward(buf[:N * V].reshape(N, V), targets, out=buf[V:].reshape(N, V))
+    close(loss, loss_ref, "cross_entropy", np.float64)
+    close(buf[V:].reshape(N, V), ref.cross_entropy_backward(1.0, cache_ref), "cross_entropy", np.float64)
+
+
+def test_cross_entropy_out_must_match_logits(ops):
+    logits = np.zeros((4, 6), np.float32)
+    targets = np.zeros(4, np.int64)
+    for bad in (np.zeros((4, 5), np.float32), np.zeros((4, 6), np.float64), np.zeros((6, 4), np.float32).T,
+                [[0.0] * 6] * 4):
+        with pytest.raises(ValueError, match="out must be a writeable C-contiguous float32 array of shape"):
+            ops.cross_entropy_forward(logits, targets, out=bad)
+    frozen = np.zeros_like(logits)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be a writeable"):
+        ops.cross_entropy_forward(logits, targets, out=frozen)
+
+
+# ------------------------------------------------------------------- GELU
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (3, 5), (2, 3, 17), (4, 64)]), approximate=st.sampled_from(["tanh", "none"]),
+       with_bias=st.booleans(), scale=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from(DTYPES))
+def test_gelu(ops, ref, shape, approximate, with_bias, scale, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, shape, dtype, scale)
+    b = normal(rng, shape[-1:], dtype) if with_bias else None
+    dy = normal(rng, shape, dtype)
+    y, cache = ops.gelu_forward(x, b, approximate)
+    y_ref, cache_ref = ref.gelu_forward(x, b, approximate)
+    close(y, y_ref, "gelu", dtype)
+    dx, db = ops.gelu_backward(dy, cache)
+    dx_ref, db_ref = ref.gelu_backward(dy, cache_ref)
+    close(dx, dx_ref, "gelu", dtype)
+    if with_bias:
+        close(db, db_ref, "gelu", dtype)
+    else:
+        assert db is None
+
+
+# ------------------------------------------------------------------- ReLU
+@PROPERTY
+@given(shape=st.sampled_from([(1, 1), (3, 5), (2, 3, 17), (4, 64), (300, 70)]), with_bias=st.booleans(),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_relu(ops, ref, shape, with_bias, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, shape, dtype)
+    x.reshape(-1)[::7] = 0.0  # exact zeros: the gradient there is 0, as in torch
+    b = normal(rng, shape[-1:], dtype) if with_bias else None
+    dy = normal(rng, shape, dtype)
+    y, cache = ops.relu_forward(x, b)
+    y_ref, cache_ref = ref.relu_forward(x, b)
+    np.testing.assert_array_equal(y, y_ref)  # one add and a max: exact on both backends
+    dx, db = ops.relu_backward(dy, cache)
+    dx_ref, db_ref = ref.relu_backward(dy, cache_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    if with_bias:
+        close(db, db_ref, "relu", dtype)
+    else:
+        assert db is None
+
+
+# -------------------------------------------------------------- embedding
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 3, 40])
+def test_embedding(ops, ref, dtype, C):
+    rng = np.random.default_rng(6)
+    w = normal(rng, (9, C), dtype)
+    ids = rng.integers(0, 9, size=(4, 13))
+    ids[0, :5] = 2  # repeated ids: the scatter-add must sum them all
+    out, cache = ops.embedding_forward(w, ids)
+    np.testing.assert_array_equal(out, w[ids])
+    dout = normal(rng, out.shape, dtype)
+    _, cache_ref = ref.embedding_forward(w, ids)
+    close(ops.embedding_backward(dout, cache), ref.embedding_backward(dout, cache_ref), "embedding", dtype)
+    acc, acc_ref = np.ones_like(w), np.ones_like(w)
+    ops.embedding_backward(dout, cache, dweight=acc)
+    ref.embedding_backward(dout, cache_ref, dweight=acc_ref)
+    close(acc, acc_ref, "embedding", dtype)
+
+
+# ------------------------------------------------------------------ AdamW
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [1, 10])
+def test_adamw(ops, ref, dtype, step):
+    rng = np.random.default_rng(8)
+    arrays = [normal(rng, 1001, dtype), normal(rng, 1001, dtype), normal(rng, 1001, dtype, 0.1),
+              (rng.random(1001) * 0.1).astype(dtype)]
+    mine, theirs = [a.copy() for a in arrays], [a.copy() for a in arrays]
+    kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
+    ops.adamw_update(*mine, **kw)
+    ref.adamw_update(*theirs, **kw)
+    for a, b in zip(mine, theirs):
+        close(a, b, "adamw", dtype)
+
+
+def test_adamw_non_contiguous_updates_in_place(ops, ref):
+    rng = np.random.default_rng(9)
+    arrays = [normal(rng, (6, 8), np.float32) for _ in range(4)]
+    arrays[3] = np.abs(arrays[3])
+    views = [a[:, ::2] for a in arrays]  # strided views must be updated in place, not copied
+    expect = [v.copy() for v in views]
+    ops.adamw_update(*views, lr=1e-2, weight_decay=0.1, step=2)
+    ref.adamw_update(*expect, lr=1e-2, weight_decay=0.1, step=2)
+    for v, e in zip(views, expect):
+        close(v, e, "adamw", np.float32)
+
+
+# ------------------------------------------------------------- bad inputs
+def test_non_contiguous_inputs_are_converted(ops, ref):
+    rng = np.random.default_rng(10)
+    x = normal(rng, (6, 10), np.float32)[:, ::2]  # (6, 5), strided
+    w, b = np.ones(5, np.float32), np.zeros(5, np.float32)
+    close(ops.layernorm_forward(x, w, b)[0], ref.layernorm_forward(x, w, b)[0], "layernorm", np.float32)
+    close(ops.softmax_forward(x.T)[0], ref.softmax_forward(x.T)[0], "softmax", np.float32)
+    close(ops.gelu_forward(x.T)[0], ref.gelu_forward(x.T)[0], "gelu", np.float32)
+
+
+@pytest.mark.parametrize("bad", [np.arange(6).reshape(2, 3), np.ones((2, 3), np.float16)])
+def test_wrong_dtype_is_refused(ops, bad):
+    with pytest.raises(ValueError, match="x must be a float32 or float64 array"):
+        ops.softmax_forward(bad)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.gelu_forward(bad)
+
+
+def test_mixed_dtypes_are_refused(ops):
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match="weight must have dtype float32"):
+        ops.layernorm_forward(x, np.ones(4), np.zeros(4, np.float32))
+
+
+def test_wrong_shapes_are_refused(ops):
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        ops.layernorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ops.attention_qkv_forward(np.ones((2, 3, 10), np.float32), 2)
+
+
+# ------------------------------------------------- Python path of the kernels
+def test_kernels_without_jit():
+    """Run this file's example tests once more with NUMBA_DISABLE_JIT=1: the kernels then run
+    as plain Python, which checks the same source and lets coverage see inside them."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "numba and not property and not without_jit"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout

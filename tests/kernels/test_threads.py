@@ -1,0 +1,106 @@
+"""The thread and allocator policy of threads.py: the short OpenBLAS spin keeps BLAS working."""
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+from fastformer.kernels import threads  # noqa: E402
+
+
+def _pthreads_openblas():
+    return [d for d in threadpoolctl.threadpool_info()
+            if d.get("internal_api") == "openblas" and d.get("threading_layer") == "pthreads"]
+
+
+def test_a_timeout_the_user_set_is_left_alone(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "25")
+    assert threads.shorten_blas_spin() is False
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "25"
+
+
+@pytest.mark.skipif(not _pthreads_openblas(), reason="NumPy's BLAS is not a pthreads OpenBLAS")
+def test_short_spin_is_applied_and_blas_still_works():
+    # in a child process: the policy is per process and must not leak into this one
+    code = """
+import ctypes, numpy as np, threadpoolctl
+from fastformer.kernels import threads
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 100))
+before = a @ b
+n = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"]
+assert threads.shorten_blas_spin(16)
+path = [d["filepath"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"][0]
+assert ctypes.CDLL(path).openblas_thread_timeout() == 16
+assert np.allclose(a @ b, before, rtol=1e-12, atol=1e-12)
+assert [d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"] == n
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    assert threads.cpu_vector_isa() == "AVX2"
+    cpuinfo.write_text("flags\t\t: avx2 avx512f\n")
+    assert threads.cpu_vector_isa() == "AVX-512"
+    cpuinfo.write_text("model name\t: something without flags\n")
+    assert threads.cpu_vector_isa() is None
+
+
+@pytest.mark.parametrize("preset_env, preload, layer, policy", [
+    ({}, False, ("omp", "workqueue"), None),  # OpenMP where it loads; its passive policy not left in the environment
+    ({}, True, ("workqueue",), None),  # another library's OpenMP runtime is loaded: not shared
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, False, ("workqueue",), None),  # the user's choice stands
+    ({"OMP_WAIT_POLICY": "active"}, False, ("omp", "workqueue"), "active"),
+])
+def test_threading_layer_choice(preset_env, preload, layer, policy):
+    pytest.importorskip("numba")
+    code = f"""
+import ctypes, os, numpy as np, numba
+if {preload}:
+    ctypes.CDLL("libgomp.so.1")
+import fastformer
+from fastformer.kernels import threads
+assert threads.openmp_already_loaded() == {preload}
+fastformer.set_backend("numba")
+fastformer.get_ops().softmax_forward(np.ones((512, 512), np.float32))  # a parallel launch
+print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
+"""
+    if preload:
+        try:
+            ctypes.CDLL("libgomp.so.1")
+        except OSError:
+            pytest.skip("no libgomp.so.1 on this machine")
+    unset = ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(preset_env, FASTFORMER_BACKEND="numba")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got_layer, got_policy = out.stdout.split()
+    assert got_layer in layer
+    assert got_policy == str(policy)
+
+
+def test_numpy_backend_applies_the_thread_count_to_blas_without_starting_numba():
+    code = """
+import sys, threadpoolctl
+import fastformer
+fastformer.get_ops()
+from fastformer.kernels import threads
+blas = {d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"}
+print(threads.configured_threads(), sorted(blas), "numba" in sys.modules)
+"""
+    env = dict(os.environ, FASTFORMER_NUM_THREADS="1", FASTFORMER_BACKEND="numpy")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "[1]", "False"]

@@ -1,0 +1,221 @@
+"""Decoding with a key/value cache: the same logits and tokens as full forwards, on both backends."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastformer import LMConfig, TransformerLM
+from fastformer.generation.sampling import apply_repetition_penalty
+
+CFG = LMConfig(vocab_size=50, max_seq_len=24, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+
+
+@pytest.fixture
+def model(backend):
+    m = TransformerLM(CFG, seed=0)
+    # larger weights than the init, so greedy paths are not all one token
+    m.flat.data[:] = np.random.default_rng(0).normal(0, 0.3, m.flat.size).astype(np.float32)
+    return m
+
+
+def test_decode_step_by_step_matches_forward(model):
+    ids = np.random.default_rng(1).integers(0, 50, size=(3, 10))
+    full = model.forward(ids)
+    cache = model.new_cache(3)
+    parts = [model.decode(ids[:, :4], cache)] + [model.decode(ids[:, t:t + 1], cache) for t in range(4, 10)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == 10
+
+
+@pytest.mark.parametrize("max_new", [8, 30])  # 30 runs past the 24-token context window
+def test_cached_greedy_equals_uncached(model, max_new):
+    prompt = np.random.default_rng(2).integers(0, 50, size=(2, 6))
+    cached = model.generate(prompt, max_new)
+    uncached = model.generate(prompt, max_new, use_cache=False)
+    np.testing.assert_array_equal(cached, uncached)
+    assert cached.shape == (2, 6 + max_new)
+
+
+def test_prompts_of_different_lengths_generate_as_if_alone(model):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 50, size=n) for n in (3, 9, 1)]
+    batch = model.generate(prompts, 12)
+    assert isinstance(batch, list) and len(batch) == 3
+    for p, out in zip(prompts, batch):
+        alone = model.generate(p, 12)
+        np.testing.assert_array_equal(out, alone)
+        np.testing.assert_array_equal(out[:p.size], p)
+    np.testing.assert_array_equal(batch[0], model.generate(prompts, 12, use_cache=False)[0])
+
+
+def test_left_padded_array_with_mask_equals_list(model):
+    prompts = [np.array([5, 6, 7]), np.array([1, 2, 3, 4, 8])]
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = model.generate(ids, 6, attention_mask=mask)
+    lst = model.generate(prompts, 6)
+    np.testing.assert_array_equal(out[0, 2:], lst[0])
+    np.testing.assert_array_equal(out[1], lst[1])
+
+
+def test_sampling_with_cache_is_seeded_and_equals_uncached(model):
+    prompt = np.array([1, 2, 3])
+    a = model.generate(prompt, 15, temperature=0.9, top_k=10, top_p=0.9, seed=7)
+    b = model.generate(prompt, 15, temperature=0.9, top_k=10, top_p=0.9, seed=7, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eos_stops_rows(model):
+    prompt = np.array([[1, 2], [3, 4]])
+    free = model.generate(prompt, 10)
+    eos = int(free[0, 4])  # the third generated token of row 0
+    out = model.generate(prompt, 10, eos_id=eos)
+    row0 = out[0, 2:]
+    first = int(np.argmax(row0 == eos))
+    assert (row0[first:] == eos).all()
+
+
+def test_repetition_penalty(model):
+    logits = np.array([[2.0, -1.0, 0.5]])
+    seen = np.array([[True, True, False]])
+    np.testing.assert_allclose(apply_repetition_penalty(logits, seen, 2.0), [[1.0, -2.0, 0.5]])
+    out = model.generate(np.array([1]), 20, repetition_penalty=1e9)
+    assert len(set(out.tolist())) == out.size  # no id appears twice
+
+
+def test_decode_errors(model):
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="batch size 1 but the cache was made for 2"):
+        model.decode(np.array([[1, 2]]), cache)
+    model.decode(np.zeros((2, 20), np.int64), cache)
+    with pytest.raises(ValueError, match="holds 20 positions; 5 more exceed max_seq_len=24"):
+        model.decode(np.zeros((2, 5), np.int64), cache)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        model.generate(np.array([], np.int64), 3)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(np.array([[1, 2]]), 3, attention_mask=np.array([[1, 0]]))
+    with pytest.raises(ValueError, match="position_ids must lie in"):
+        model.forward(np.array([[1, 2]]), position_ids=np.array([[0, 24]]))
+
+
+def test_attention_cached_kernel_matches_reference(ops, ref):
+    rng = np.random.default_rng(4)
+    B, H, hs, Tmax, start, T = 2, 3, 4, 10, 5, 2
+    qkv = rng.normal(size=(B, T, 3 * H * hs)).astype(np.float32)
+    kc = rng.normal(size=(B, H, Tmax, hs)).astype(np.float32)
+    vc = rng.normal(size=(B, H, Tmax, hs)).astype(np.float32)
+    kpm = np.zeros((B, Tmax), bool)
+    kpm[1, :3] = True
+    kc2, vc2 = kc.copy(), vc.copy()
+    out = ops.attention_cached(qkv, kc, vc, start, H, kpm)
+    expect = ref.attention_cached(qkv, kc2, vc2, start, H, kpm)
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kc, kc2)
+    np.testing.assert_array_equal(vc, vc2)
+
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, tied):
+    """The fused one-token step against the reference and against a full forward, with a
+    left-padded row and a row whose every key so far is padding (its attention output is 0)."""
+    cfg = LMConfig(vocab_size=37, max_seq_len=12, d_model=12, n_heads=3, d_ff=20, n_layers=2, tie_embeddings=tied)
+    m = TransformerLM(cfg, seed=1, dtype=dtype)
+    m.flat.data[:] = np.random.default_rng(5).normal(0, 0.4, m.flat.size)
+    rng = np.random.default_rng(6)
+    B, start = 3, 5
+    cache = m.new_cache(B)
+    cache.k[...] = rng.normal(size=cache.k.shape)
+    cache.v[...] = rng.normal(size=cache.v.shape)
+    cache.padding[1, :2] = True
+    cache.padding[2, :start + 1] = True
+    ids, pos = np.array([3, 36, 0]), np.array([5, 3, 11])
+    k2, v2, before = cache.k.copy(), cache.v.copy(), cache.k.copy()
+    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    assert got.shape == (B, 37) and got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache.k, k2, rtol=tol, atol=tol)  # the new keys and values, written at `start`
+    np.testing.assert_allclose(cache.v, v2, rtol=tol, atol=tol)
+    others = np.arange(cfg.max_seq_len) != start
+    np.testing.assert_array_equal(cache.k[:, :, :, others], before[:, :, :, others])  # only `start` is written
+    assert not np.allclose(cache.k[:, :, :, start], before[:, :, :, start])
+
+    # row 0 from scratch: a prompt of 5 tokens, then the fused step, equals a full forward
+    seq = np.array([[7, 1, 30, 2, 9, 3]])
+    c0 = m.new_cache(1)
+    m.decode(seq[:, :5], c0)
+    step = m.decode(seq[:, 5:], c0)[:, 0]
+    np.testing.assert_allclose(step, m.forward(seq)[:, 5], rtol=10 * tol, atol=10 * tol)
+
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), H=st.integers(1, 3), hs=st.integers(1, 5), F=st.integers(1, 9), L=st.integers(1, 2),
+       V=st.integers(1, 11), start=st.integers(0, 6), pad=st.sampled_from(["none", "random", "all"]),
+       tied=st.booleans(), seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([np.float64, np.float32]))
+def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied, seed, dtype):
+    """Odd sizes, a head size of 1, the first position, padding nowhere, somewhere or everywhere."""
+    cfg = LMConfig(vocab_size=V, max_seq_len=7, d_model=H * hs, n_heads=H, d_ff=F, n_layers=L, tie_embeddings=tied)
+    m = TransformerLM(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    m.flat.data[:] = rng.normal(0, 0.5, m.flat.size)
+    cache = m.new_cache(B)
+    cache.k[...] = rng.normal(size=cache.k.shape)
+    cache.v[...] = rng.normal(size=cache.v.shape)
+    if pad != "none":
+        cache.padding[...] = rng.random(cache.padding.shape) < 0.5 if pad == "random" else True
+    ids, pos = rng.integers(0, V, B), rng.integers(0, 7, B)
+    k2, v2 = cache.k.copy(), cache.v.copy()
+    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    tol = 1e-12 if dtype == np.float64 else 3e-5
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache.v, v2, rtol=tol, atol=tol)
+
+def test_gpt2_decode_step_refuses_bad_input(ops):
+    m = TransformerLM(CFG, seed=0)
+    cache = m.new_cache(1)
+    w = m._packed_weights()
+    args = (np.array([1]), np.array([0]), cache.k, cache.v, cache.padding, 0)
+    with pytest.raises(ValueError, match="offsets must hold .* inside weights.flat"):
+        ops.gpt2_decode_step(w._replace(offsets=w.offsets + m.flat.size), *args)
+    with pytest.raises(ValueError, match="offsets must hold"):
+        ops.gpt2_decode_step(w._replace(d_ff=10 ** 6), *args)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 50\)"):
+        ops.gpt2_decode_step(w, np.array([50]), *args[1:])
+    with pytest.raises(ValueError, match=r"positions in \[0, 24\)"):
+        ops.gpt2_decode_step(w, np.array([1]), np.array([24]), *args[2:])
+    with pytest.raises(ValueError, match="k_cache and v_cache must be contiguous float32"):
+        ops.gpt2_decode_step(w, *args[:2], cache.k.astype(np.float64), *args[3:])
+    with pytest.raises(ValueError, match=r"start must lie in \[0, 24\)"):
+        ops.gpt2_decode_step(w, *args[:5], 24)
+
+def test_stream_text_holds_back_partial_characters_and_stops():
+    import io
+
+    from fastformer.cli.commands import stream_text
+    from fastformer.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo wörld. STOP here")
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.pieces = []
+
+        def write(self, s):
+            self.pieces.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    text = stream_text(tok, iter(ids), out, stop=["STOP"])
+    assert text == out.getvalue() == "héllo wörld. "
+    assert all("\ufffd" not in p for p in out.pieces)  # never a half-decoded character
+    assert len(out.pieces) > 5  # written as it formed, not at the end
+    whole = io.StringIO()
+    assert stream_text(tok, iter(ids), whole) == "héllo wörld. STOP here" == whole.getvalue()

@@ -1,0 +1,101 @@
+"""Run config validation: unknown keys and wrong types fail up front, via --set, YAML and the CLI."""
+
+import os
+
+import pytest
+import yaml
+
+from fastformer.cli.commands import main
+from fastformer.training.config import PRESETS, RunConfig, apply_overrides, load_config, preset, save_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_overrides_apply_with_types():
+    c = apply_overrides(preset("tiny"), ["train.lr=3e-4", "train.batch_size=8", "model.tie_embeddings=false",
+                                         "data.path=corpus.txt", "model.dropout=0.1"])
+    assert c.train.lr == 3e-4 and isinstance(c.train.lr, float)
+    assert c.train.batch_size == 8 and c.model.tie_embeddings is False
+    assert c.data.path == "corpus.txt" and c.model.dropout == 0.1
+    assert apply_overrides(c, ["data.path=null"]).data.path is None
+    assert preset("tiny").train.lr != 3e-4  # the base config is not modified
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config key train\.lrr.*'lr'.*'batch_size'|unknown config key "
+                                         r"train\.lrr.*'batch_size'.*'lr'"):
+        apply_overrides(preset("tiny"), ["train.lrr=1e-3"])
+    with pytest.raises(ValueError, match=r"unknown config section 'optim'.*'model', 'data', 'train'"):
+        apply_overrides(preset("tiny"), ["optim.lr=1e-3"])
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        apply_overrides(preset("tiny"), ["lr=1e-3"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.batch_size=1.5", r"train\.batch_size must be int, got '1\.5'"),
+    ("train.lr=fast", r"train\.lr must be float, got 'fast'"),
+    ("model.tie_embeddings=yes", r"model\.tie_embeddings must be bool"),
+    ("train.optimizer=lion", r"valid values are sgd, adam, adamw"),
+    ("train.seq_len=256", r"exceeds model\.max_seq_len=128"),
+    ("model.n_heads=3", r"d_model=64 must be divisible by n_heads=3"),
+])
+def test_bad_values_are_rejected(item, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(preset("tiny"), [item])
+
+
+def test_yaml_round_trip_and_partial_files(tmp_path):
+    c = apply_overrides(preset("small"), ["train.lr=5e-4", "data.val_fraction=0.2"])
+    save_config(c, str(tmp_path / "c.yaml"))
+    assert load_config(str(tmp_path / "c.yaml")) == c
+    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-3\n  max_steps: 7\n")  # YAML reads 1e-3 as text
+    p = load_config(str(tmp_path / "p.yaml"), base=preset("medium"))
+    assert p.train.lr == 1e-3 and p.train.max_steps == 7 and p.model == preset("medium").model
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lrr: 0.1\n", r"unknown config key train\.lrr: valid keys of 'train' are \['seed'"),
+    ("model:\n  d_model: wide\n", r"model\.d_model must be int, got 'wide'"),
+    ("model:\n  d_model: 64.0\n", r"model\.d_model must be int, got 64\.0"),
+    ("trainer:\n  lr: 0.1\n", r"unknown config section\(s\) \['trainer'\]"),
+    ("train: [1, 2]\n", r"section 'train' must be a mapping"),
+    ("train: {lr: [\n", r"not valid YAML"),
+])
+def test_bad_yaml_is_rejected(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        load_config(str(path))
+    assert "bad.yaml" in str(e.value)
+
+
+def test_config_files_match_presets():
+    for name in PRESETS:
+        assert load_config(os.path.join(REPO, "experiments", "configs", f"{name}.yaml")) == preset(name)
+    shakespeare = load_config(os.path.join(REPO, "experiments", "configs", "shakespeare_small.yaml"))
+    assert shakespeare.model == preset("small").model and shakespeare.data.path.endswith("input.txt")
+    p = preset("tiny")
+    assert (p.train.batch_size, p.train.seq_len, p.model.d_model, p.model.n_heads, p.model.d_ff,
+            p.model.n_layers) == (32, 128, 64, 2, 256, 2)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="valid presets are tiny, small, medium"):
+        preset("huge")
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", "train.lrr=1"]) == 2
+    assert "unknown config key train.lrr" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: two\n")
+    assert main(["train", "--out", str(out), "--config", str(bad)]) == 2
+    assert "model.n_layers must be int" in capsys.readouterr().err
+    assert not out.exists()  # nothing was created: the config failed before any work
+
+
+def test_run_config_sections_are_typed():
+    with pytest.raises(ValueError, match="sections"):
+        RunConfig.from_dict(["model"])
+    assert yaml.safe_load(yaml.safe_dump(RunConfig().to_dict()))["train"]["optimizer"] == "adamw"
