@@ -14,8 +14,7 @@ import numpy as np
 
 import fastformer
 from fastformer.cli import bench
-from fastformer.models import lm as model_mod
-from fastformer.nn import layers
+from fastformer.nn import blocks, layers
 
 
 def main():
@@ -42,7 +41,7 @@ def main():
         if name.endswith(("_forward", "_backward", "_update")) and not name.startswith("_"):
             setattr(ops, name, timed(name, getattr(ops, name)))
     for name in ("linear_forward", "linear_backward"):
-        setattr(model_mod, name, timed(name, getattr(layers, name)))
+        setattr(blocks, name, timed(name, getattr(layers, name)))
 
     def numpy_with(matmul):
         """numpy, but for its matmul."""
@@ -52,7 +51,7 @@ def main():
     gemms = collections.defaultdict(float)  # every np.matmul of the layers and the LM head
     gemm = timed("all", np.matmul, into=gemms)
     layers.np = numpy_with(gemm)
-    model_mod.np = numpy_with(timed("lm_head backward (dW, dh)", gemm))
+    blocks.np = numpy_with(timed("lm_head backward (dW, dh)", gemm))
 
     cfg = bench.preset_config(args.preset)
     lm = fastformer.TransformerLM(cfg)

@@ -58,16 +58,18 @@ def check_number(name, value, low=None, high=None, low_open=False, high_open=Fal
     return v
 
 
-def check_ids(name, ids, vocab_size, ndim=(1, 2)):
-    """Token ids as an int64 array of `ndim` dimensions, every id in [0, vocab_size)."""
+def check_ids(name, ids, vocab_size, ndim=(1, 2), vocab_name="vocab_size", shapes=None):
+    """Token ids as an int64 array of `ndim` dimensions, every id in [0, vocab_size).
+    `shapes` names the allowed shapes in the message, e.g. "(B, T) or (T,)"."""
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise FastformerError(f"{name} must be an integer array, got dtype {ids.dtype}")
     if ids.ndim not in ndim:
-        raise FastformerError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {ids.shape}")
+        allowed = shapes or " or ".join(f"{d} dimensions" for d in ndim)
+        raise FastformerError(f"{name} must have shape {allowed}, got {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)].flat[0]
-        raise FastformerError(f"{name} must lie in [0, {vocab_size}), got {bad}")
+        raise FastformerError(f"{name} must lie in [0, {vocab_name}={vocab_size}), got {bad}")
     return ids.astype(np.int64, copy=False)
 
 

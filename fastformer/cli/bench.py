@@ -212,9 +212,9 @@ def make_kernel_call(op, preset, backend=None, seed=0):
                      "gelu_backward": lambda: ops.gelu_backward(y, cache)}
         elif kind == "decode_step":
             model = generation_model(preset, seed)
-            cache = model.new_cache(1)
-            model.decode(generation_prompt(model.config, seed), cache)
-            weights, ids, pos = model._packed_weights(), np.array([1]), np.array([GEN_PROMPT])
+            cache = model.init_state(1)
+            model.step(generation_prompt(model.config, seed), cache)
+            weights, ids, pos = model.packed_weights(), np.array([1]), np.array([GEN_PROMPT])
             calls = {"decode_step": lambda: ops.gpt2_decode_step(weights, ids, pos, cache.k, cache.v, cache.padding,
                                                                  GEN_PROMPT)}
         else:

@@ -1,15 +1,19 @@
-"""Greedy and beam-search decoding for the encoder-decoder model, batched over sources.
+"""Greedy and beam search over any model's `step(tokens, state) -> logits`, batched.
 
-The encoder runs once; each step feeds one new token per row to `Seq2SeqTransformer.decode_step`,
-which keeps the decoder's self-attention keys/values per layer and reuses the cross-attention
-keys/values of the encoder output (see `DecoderState`). The searches themselves only see a
-`step(tokens, parents) -> log-probs` function, so they can be tested on a hand-made model.
+The searches only see a `step(tokens, parents) -> log-probs` function (`search_step` makes one
+from a model and its decoding state; `parents` reorders the state's rows first, as beam search
+needs), so they can be tested on a hand-made model. An encoder-decoder starts from <bos> after
+its sources are encoded once (`greedy_decode`, `beam_decode`, `translate`); a language model
+starts from its prompts (`beam_generate`, `TransformerLM.generate(..., beam_size=N)`).
 
 Scores are sums of log-probabilities of the generated tokens, <eos> included; beam search ranks
 finished hypotheses by score / length ** length_penalty (length counts <eos>).
 """
 
 import numpy as np
+
+from fastformer.errors import FastformerError, check_int
+from fastformer.generation.sampling import finish, prompt_batch, sample_decode
 
 
 def log_softmax(logits):
@@ -19,36 +23,52 @@ def log_softmax(logits):
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def model_step_fn(model, src_ids, src_mask=None, repeat=1, max_len=None):
-    """Encode the sources once and return `step(tokens (N,), parents (N,) or None) -> log-probs
-    (N, V)` over N = B * repeat rows (row r decodes source r // repeat). `parents` reorders the
-    cached rows first (beam search). Also returns the decoding length limit."""
-    memory, src_kpm = model.encode(src_ids, src_mask)  # (B, S, C)
-    if repeat > 1:
-        memory = np.repeat(memory, repeat, axis=0)  # (B * repeat, S, C)
-        src_kpm = None if src_kpm is None else np.repeat(src_kpm, repeat, axis=0)
-    state = model.init_decoder_state(memory, src_kpm, max_len)
+def search_step(model, state, first_mask=None):
+    """`step(tokens (N,) or (N, T), parents (N,) or None) -> log-probs (N, V)` of the last
+    position, over `model.step` and its decoding `state`. `parents` first reorders the state's
+    rows (row r continues from row parents[r]). `first_mask` is the attention mask of the
+    first call's tokens (a left-padded prompt). Only the first call's tokens are checked: later
+    ones are the search's own choices."""
+    calls = {"n": 0}
 
     def step(tokens, parents=None):
         if parents is not None:
             state.reorder(parents)
-        return log_softmax(model.decode_step(tokens[:, None], state)[:, 0])  # (N, V)
+        tokens = tokens[:, None] if tokens.ndim == 1 else tokens
+        first = calls["n"] == 0
+        calls["n"] += 1
+        logits = model.step(tokens, state, attention_mask=first_mask if first else None, validate=first)
+        return log_softmax(logits[:, -1])  # (N, V)
 
-    return step, state.self_kv[0][0].shape[2]
+    return step
 
 
 def _check_search_args(bos_id, eos_id, max_len, beam_size=1):
-    for name, v, lo in (("bos_id", bos_id, 0), ("eos_id", eos_id, 0), ("max_len", max_len, 1),
-                        ("beam_size", beam_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    check_int("max_len", max_len)
+    check_int("beam_size", beam_size)
+    if np.ndim(bos_id) == 0:
+        check_int("bos_id", bos_id, 0)
+    if eos_id is not None:
+        check_int("eos_id", eos_id, 0)
+
+
+def _first_tokens(bos_id, rows):
+    """The first step's tokens: <bos> for every row, or the given (rows, T0) array."""
+    if np.ndim(bos_id) == 0:
+        return np.full(rows, bos_id, dtype=np.int64)
+    first = np.asarray(bos_id)
+    if first.ndim != 2 or first.shape[0] != rows:
+        raise FastformerError(f"the first tokens must be an int or an array ({rows}, T0), got shape {first.shape}")
+    return first
 
 
 def greedy_search(step, n, bos_id, eos_id, max_len):
     """Pick the most probable token at every step for n rows until each has produced <eos> or
-    max_len tokens. Returns (sequences: n lists of ids without <bos>/<eos>, scores (n,))."""
+    max_len tokens. `bos_id` is the first token of every row, or an (n, T0) array of first
+    tokens (prompts); eos_id None runs every row to max_len.
+    Returns (sequences: n lists of new ids without <eos>, scores (n,))."""
     _check_search_args(bos_id, eos_id, max_len)
-    tokens = np.full(n, bos_id, dtype=np.int64)
+    tokens = _first_tokens(bos_id, n)
     out = np.zeros((n, max_len), dtype=np.int64)
     lengths = np.full(n, max_len)
     scores = np.zeros(n)
@@ -74,11 +94,13 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
     hypotheses, the others fill the beams. A source is done when it has beam_size finished
     hypotheses and none of its live beams, normalised at the current length, scores higher
     than the worst of them; at max_len the live beams count as hypotheses too.
-    Returns (sequences: n lists without <bos>/<eos>, normalised scores (n,)).
+    `bos_id` is the first token of every row, or an (n * beam_size, T0) array of first tokens
+    (each source's prompt repeated for its beams); eos_id None runs every beam to max_len.
+    Returns (sequences: n lists of new ids without <eos>, normalised scores (n,)).
     """
     _check_search_args(bos_id, eos_id, max_len, beam_size)
     K = beam_size
-    tokens = np.full(n * K, bos_id, dtype=np.int64)
+    tokens = _first_tokens(bos_id, n * K)
     parents = None
     alive = np.full((n, K), -np.inf)
     alive[:, 0] = 0.0  # one live beam to start with; the others would be copies of it
@@ -129,11 +151,11 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
 
 
 def greedy_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=None):
-    """Greedy decoding of a batch of sources (B, S) with a Seq2SeqTransformer. max_len (default
+    """Greedy decoding of a batch of sources (B, S) with an encoder-decoder. max_len (default
     the model's max_tgt_len) bounds the generated tokens, <eos> included.
     Returns (B lists of target ids without <bos>/<eos>, scores (B,))."""
-    step, max_len = model_step_fn(model, src_ids, src_mask, 1, max_len)
-    return greedy_search(step, np.shape(src_ids)[0], bos_id, eos_id, max_len)
+    state = model.init_state(src_ids, src_mask, max_len=max_len)
+    return greedy_search(search_step(model, state), state.batch_size, bos_id, eos_id, state.max_len)
 
 
 def beam_decode(model, src_ids, src_mask=None, beam_size=4, length_penalty=1.0, bos_id=1, eos_id=2,
@@ -141,20 +163,49 @@ def beam_decode(model, src_ids, src_mask=None, beam_size=4, length_penalty=1.0, 
     """Beam-search decoding of a batch of sources (B, S); see `beam_search`.
     Returns (B lists of target ids without <bos>/<eos>, normalised scores (B,))."""
     _check_search_args(bos_id, eos_id, 1, beam_size)
-    step, max_len = model_step_fn(model, src_ids, src_mask, beam_size, max_len)
-    return beam_search(step, np.shape(src_ids)[0], beam_size, bos_id, eos_id, max_len, length_penalty)
+    state = model.init_state(src_ids, src_mask, repeat=beam_size, max_len=max_len)
+    return beam_search(search_step(model, state), state.batch_size // beam_size, beam_size, bos_id, eos_id,
+                       state.max_len, length_penalty)
+
+
+def beam_generate(model, prompt_ids, max_new_tokens, beam_size, eos_id=None, length_penalty=1.0,
+                  attention_mask=None, use_cache=True):
+    """Beam search continuing language-model prompts (the arguments and the result of
+    `fastformer.generation.sampling.generate`): the most probable continuation of up to
+    max_new_tokens tokens per prompt, <eos> (when given and produced) included."""
+    ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("beam_size", beam_size)
+    B, K = ids.shape[0], beam_size
+    state = model.init_state(B * K, use_cache=use_cache)
+    step = search_step(model, state, np.repeat(mask, K, axis=0))
+    seqs, _ = beam_search(step, B, K, np.repeat(ids, K, axis=0), eos_id, max_new_tokens, length_penalty)
+    # a hypothesis shorter than max_new_tokens ended with <eos>: put it back, and pad with it
+    rows = [s + [eos_id] if len(s) < max_new_tokens else s for s in seqs]
+    new = np.full((B, max(map(len, rows))), -1 if eos_id is None else eos_id, dtype=np.int64)
+    for b, r in enumerate(rows):
+        new[b, :len(r)] = r
+    return finish(prompt_ids, ids, new, kind, eos_id)
 
 
 def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_penalty=1.0, truncate=False,
-              max_len=None):
-    """Decode a list of source strings to target strings (greedy when beam_size is 1). A source
-    with more than max_src_len tokens is refused with a ValueError, or cut when `truncate`."""
+              max_len=None, temperature=0.0, top_k=None, top_p=None, seed=None):
+    """Decode a list of source strings to target strings: greedy when beam_size is 1 and
+    temperature 0, beam search when beam_size > 1, sampling (top_k, top_p, seed as in
+    `generate`) when temperature > 0. A source with more than max_src_len tokens is refused
+    with a FastformerError, or cut when `truncate`."""
+    sampling = temperature != 0 or top_k is not None or top_p is not None
+    if sampling and beam_size != 1:
+        raise FastformerError("beam search is deterministic: give temperature, top_k or top_p only with beam "
+                              "size 1")
+    if sampling and not temperature:
+        raise FastformerError("top_k and top_p filter a sampling distribution: give a temperature > 0 with them")
     S = model.config.max_src_len
     seqs = []
     for i, text in enumerate(texts):
         ids = src_tokenizer.encode(text)
         if len(ids) > S and not truncate:
-            raise ValueError(f"source {i} has {len(ids)} tokens, more than the model's max_src_len={S}; "
+            raise FastformerError(f"source {i} has {len(ids)} tokens, more than the model's max_src_len={S}; "
                              f"shorten it or ask for truncation (truncate=True, --truncate)")
         seqs.append(ids[:S] if len(ids) else [src_tokenizer.unk_id])  # an empty source still needs one position
     B, L = len(seqs), max(map(len, seqs))
@@ -163,7 +214,9 @@ def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_pe
     for b, s in enumerate(seqs):
         src[b, :len(s)], mask[b, :len(s)] = s, 1
     bos, eos = tgt_tokenizer.bos_id, tgt_tokenizer.eos_id
-    if beam_size == 1:
+    if sampling:
+        out, _ = sample_decode(model, src, mask, bos, eos, max_len, temperature, top_k, top_p, seed)
+    elif beam_size == 1:
         out, _ = greedy_decode(model, src, mask, bos, eos, max_len)
     else:
         out, _ = beam_decode(model, src, mask, beam_size, length_penalty, bos, eos, max_len)

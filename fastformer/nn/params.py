@@ -84,3 +84,12 @@ class FlatModel:
 
     def num_parameters(self):
         return self.flat.size
+
+    def _scratch_array(self, name, shape):
+        """An array of the model's dtype kept across calls (in `self._scratch`) and made anew
+        only when `shape` changes, for a step's (B, T, V) logits: the largest array of a step,
+        written and read once, never handed to the caller."""
+        a = self._scratch.get(name)
+        if a is None or a.shape != shape:
+            a = self._scratch[name] = np.empty(shape, self.flat.dtype)
+        return a

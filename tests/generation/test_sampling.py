@@ -59,7 +59,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(0.71) == {1, 3, 2}
     assert kept(1.0) == {0, 1, 2, 3}
     np.testing.assert_allclose(filter_top_p(probs, 0.7), [[0, 0.4 / 0.7, 0, 0.3 / 0.7]])
-    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         filter_top_p(probs, 0.0)
 
 
@@ -95,9 +95,9 @@ def test_stops_at_eos(model):
 def test_bad_arguments(model):
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         model.generate(np.array([], dtype=np.int64), 3)
-    with pytest.raises(ValueError, match="top_k must be None or an integer >= 1"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(np.array([1]), 3, temperature=1.0, top_k=0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         model.generate(np.array([1]), 3, temperature=-1.0)
     with pytest.raises(ValueError, match="ids must lie in"):
         model.generate(np.array([CFG.vocab_size]), 3)

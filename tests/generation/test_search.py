@@ -76,13 +76,12 @@ def test_decode_step_matches_forward_logits():
     src, mask = sources()
     tgt = np.random.default_rng(1).integers(0, 11, (5, 6))
     full = model.forward(src, mask, tgt, None)
-    memory, kpm = model.encode(src, mask)
-    state = model.init_decoder_state(memory, kpm)
-    first = model.decode_step(tgt[:, :3], state)  # a prefix of 3 at once, then one at a time
-    rest = [model.decode_step(tgt[:, t:t + 1], state) for t in range(3, 6)]
+    state = model.init_state(src, mask)
+    first = model.step(tgt[:, :3], state)  # a prefix of 3 at once, then one at a time
+    rest = [model.step(tgt[:, t:t + 1], state) for t in range(3, 6)]
     np.testing.assert_allclose(np.concatenate([first] + rest, axis=1), full, atol=1e-12)
     with pytest.raises(ValueError, match="cache room left"):
-        model.decode_step(tgt[:, :2], state)
+        model.step(tgt[:, :2], state)
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])

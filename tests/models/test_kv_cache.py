@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastformer import LMConfig, TransformerLM
+from fastformer import FastformerError, LMConfig, TransformerLM
 from fastformer.generation.sampling import apply_repetition_penalty
 
 CFG = LMConfig(vocab_size=50, max_seq_len=24, d_model=32, n_heads=4, d_ff=64, n_layers=2)
@@ -22,10 +22,33 @@ def model(backend):
 def test_decode_step_by_step_matches_forward(model):
     ids = np.random.default_rng(1).integers(0, 50, size=(3, 10))
     full = model.forward(ids)
-    cache = model.new_cache(3)
-    parts = [model.decode(ids[:, :4], cache)] + [model.decode(ids[:, t:t + 1], cache) for t in range(4, 10)]
+    cache = model.init_state(3)
+    parts = [model.step(ids[:, :4], cache)] + [model.step(ids[:, t:t + 1], cache) for t in range(4, 10)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-4, atol=1e-4)
-    assert cache.length == 10
+    assert cache.length == 10 and cache.next_position.tolist() == [10, 10, 10]
+
+
+def test_step_past_the_context_window_runs_the_last_window(model):
+    """Once the cache is full, a step is a forward over the last max_seq_len tokens."""
+    ids = np.random.default_rng(5).integers(0, 50, size=(2, 30))
+    cache = model.init_state(2)
+    model.step(ids[:, :20], cache)
+    for t in range(20, 30):
+        got = model.step(ids[:, t:t + 1], cache)[:, 0]
+        window = ids[:, max(0, t + 1 - 24):t + 1]
+        np.testing.assert_allclose(got, model.forward(window)[:, -1], rtol=1e-4, atol=1e-4)
+    assert cache.length == 24
+
+
+def test_reorder_moves_rows_of_the_cache(model):
+    ids = np.random.default_rng(6).integers(0, 50, size=(3, 5))
+    cache = model.init_state(3)
+    model.step(ids, cache)
+    cache.reorder(np.array([2, 2, 0]))
+    nxt = np.array([[4], [4], [4]])
+    got = model.step(nxt, cache)[:, 0]
+    want = model.forward(np.concatenate([ids[[2, 2, 0]], nxt], axis=1))[:, -1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("max_new", [8, 30])  # 30 runs past the 24-token context window
@@ -85,12 +108,13 @@ def test_repetition_penalty(model):
 
 
 def test_decode_errors(model):
-    cache = model.new_cache(2)
-    with pytest.raises(ValueError, match="batch size 1 but the cache was made for 2"):
-        model.decode(np.array([[1, 2]]), cache)
-    model.decode(np.zeros((2, 20), np.int64), cache)
-    with pytest.raises(ValueError, match="holds 20 positions; 5 more exceed max_seq_len=24"):
-        model.decode(np.zeros((2, 5), np.int64), cache)
+    cache = model.init_state(2)
+    with pytest.raises(FastformerError, match=r"state's batch size 2 and T >= 1, got \(1, 2\)"):
+        model.step(np.array([[1, 2]]), cache)
+    with pytest.raises(FastformerError, match=r"tokens must lie in \[0, vocab_size=50\), got 50"):
+        model.step(np.array([[1], [50]]), cache)
+    with pytest.raises(FastformerError, match=r"tokens must have shape \(B, T\)"):
+        model.step(np.array([1, 2]), cache)
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         model.generate(np.array([], np.int64), 3)
     with pytest.raises(ValueError, match="left padding"):
@@ -126,15 +150,15 @@ def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, ti
     m.flat.data[:] = np.random.default_rng(5).normal(0, 0.4, m.flat.size)
     rng = np.random.default_rng(6)
     B, start = 3, 5
-    cache = m.new_cache(B)
+    cache = m.init_state(B)
     cache.k[...] = rng.normal(size=cache.k.shape)
     cache.v[...] = rng.normal(size=cache.v.shape)
     cache.padding[1, :2] = True
     cache.padding[2, :start + 1] = True
     ids, pos = np.array([3, 36, 0]), np.array([5, 3, 11])
     k2, v2, before = cache.k.copy(), cache.v.copy(), cache.k.copy()
-    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
-    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    got = ops.gpt2_decode_step(m.packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m.packed_weights(), ids, pos, k2, v2, cache.padding, start)
     assert got.shape == (B, 37) and got.dtype == dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
     np.testing.assert_allclose(cache.k, k2, rtol=tol, atol=tol)  # the new keys and values, written at `start`
@@ -145,9 +169,9 @@ def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, ti
 
     # row 0 from scratch: a prompt of 5 tokens, then the fused step, equals a full forward
     seq = np.array([[7, 1, 30, 2, 9, 3]])
-    c0 = m.new_cache(1)
-    m.decode(seq[:, :5], c0)
-    step = m.decode(seq[:, 5:], c0)[:, 0]
+    c0 = m.init_state(1)
+    m.step(seq[:, :5], c0)
+    step = m.step(seq[:, 5:], c0)[:, 0]
     np.testing.assert_allclose(step, m.forward(seq)[:, 5], rtol=10 * tol, atol=10 * tol)
 
 
@@ -162,15 +186,15 @@ def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied
     m = TransformerLM(cfg, seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     m.flat.data[:] = rng.normal(0, 0.5, m.flat.size)
-    cache = m.new_cache(B)
+    cache = m.init_state(B)
     cache.k[...] = rng.normal(size=cache.k.shape)
     cache.v[...] = rng.normal(size=cache.v.shape)
     if pad != "none":
         cache.padding[...] = rng.random(cache.padding.shape) < 0.5 if pad == "random" else True
     ids, pos = rng.integers(0, V, B), rng.integers(0, 7, B)
     k2, v2 = cache.k.copy(), cache.v.copy()
-    got = ops.gpt2_decode_step(m._packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
-    want = ref.gpt2_decode_step(m._packed_weights(), ids, pos, k2, v2, cache.padding, start)
+    got = ops.gpt2_decode_step(m.packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    want = ref.gpt2_decode_step(m.packed_weights(), ids, pos, k2, v2, cache.padding, start)
     tol = 1e-12 if dtype == np.float64 else 3e-5
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
@@ -178,8 +202,8 @@ def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied
 
 def test_gpt2_decode_step_refuses_bad_input(ops):
     m = TransformerLM(CFG, seed=0)
-    cache = m.new_cache(1)
-    w = m._packed_weights()
+    cache = m.init_state(1)
+    w = m.packed_weights()
     args = (np.array([1]), np.array([0]), cache.k, cache.v, cache.padding, 0)
     with pytest.raises(ValueError, match="offsets must hold .* inside weights.flat"):
         ops.gpt2_decode_step(w._replace(offsets=w.offsets + m.flat.size), *args)

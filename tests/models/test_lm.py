@@ -225,7 +225,7 @@ def test_bad_targets_and_mask():
     ids = np.array([[1, 2, 3]])
     with pytest.raises(ValueError, match="targets must lie in \\[0, 11\\)"):
         model.loss_and_grads(ids, np.array([[1, 2, 11]]))
-    with pytest.raises(ValueError, match="attention_mask must have the shape of ids"):
+    with pytest.raises(ValueError, match="attention_mask must have the shape of its ids"):
         model.forward(ids, attention_mask=np.ones((1, 2)))
     with pytest.raises(ValueError, match="only 0 \\(padding\\) and 1"):
         model.forward(ids, attention_mask=np.array([[1, 2, 1]]))
@@ -249,6 +249,6 @@ def test_aligned_zeros(shape, dtype):
 
 def test_parameter_gradient_and_cache_buffers_start_on_a_cache_line():
     m = TransformerLM(LMConfig(vocab_size=11, d_model=12, n_heads=3, d_ff=5, n_layers=1), seed=0)
-    cache = m.new_cache(2)
+    cache = m.init_state(2)
     for a in (m.flat.data, m.flat.grad, cache.k, cache.v):
         assert a.ctypes.data % 64 == 0

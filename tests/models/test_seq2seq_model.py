@@ -140,7 +140,7 @@ def test_config_dict_round_trip():
 
 def test_input_errors(model):
     b = padded_batch(model.config)
-    with pytest.raises(ValueError, match=r"src_ids must lie in \[0, 9\), got 9"):
+    with pytest.raises(ValueError, match=r"src_ids must lie in \[0, src_vocab_size=9\), got 9"):
         model.forward(np.full((1, 3), 9), None, b["tgt_in"][:1], None)
     with pytest.raises(ValueError, match="max_src_len=6"):
         model.forward(np.zeros((1, 7), int), None, b["tgt_in"][:1], None)
