@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from fastformer.errors import FastformerError
+
 
 # ----------------------------------------------------------------------------- train
 def resolve_train_config(args):
@@ -127,9 +129,16 @@ def cmd_generate(args):
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
         raise ValueError("--prompt is empty: give at least one character to continue")
-    steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
-                            repetition_penalty=args.repetition_penalty)
+    if args.beam != 1:  # beam search: the whole continuation at once, then cut at a stop string
+        if args.repetition_penalty is not None:
+            raise FastformerError("--repetition-penalty applies to sampling, not to --beam")
+        out = model.generate(prompt, args.max_new_tokens, beam_size=args.beam, eos_id=tokenizer.eos_id,
+                             length_penalty=args.length_penalty)
+        steps = ([int(t)] for t in out[prompt.size:])
+    else:
+        steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
+                                repetition_penalty=args.repetition_penalty)
     sys.stdout.write(args.prompt)
     stream_text(tokenizer, (nxt[0] for nxt in steps), sys.stdout, stop=args.stop or ())
     sys.stdout.write("\n")
@@ -158,7 +167,8 @@ def cmd_translate(args):
     texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
     try:
         outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
-                            length_penalty=args.length_penalty, truncate=args.truncate)
+                            length_penalty=args.length_penalty, truncate=args.truncate,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise ValueError(f"--text: {e}") from None
     for out in outputs:
@@ -397,6 +407,10 @@ def build_parser():
     p.add_argument("--seed", type=int, help="seed of the sampling generator")
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text")
     p.add_argument("--stop", action="append", help="stop before this string (repeatable); <eos> always stops")
+    p.add_argument("--beam", type=int, default=1, help="beam search with this many beams (default 1: sampling, "
+                                                       "or greedy at temperature 0)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search ranks hypotheses by score / length ** A (default 1.0)")
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.set_defaults(func=cmd_generate)
 
@@ -408,6 +422,11 @@ def build_parser():
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
     p.add_argument("--truncate", action="store_true", help="cut a source longer than the model's max_src_len "
                                                            "instead of refusing it")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy "
+                                                                  "or beam search)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator")
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.set_defaults(func=cmd_translate)
 

@@ -115,7 +115,7 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
         norm = float(t + 1) ** length_penalty
         new_alive = np.full((n, K), -np.inf)
         new_parent = np.tile(np.arange(K), (n, 1))
-        new_token = np.full((n, K), eos_id, dtype=np.int64)
+        new_token = np.full((n, K), 0 if eos_id is None else eos_id, dtype=np.int64)  # dead beams: any token
         for b in range(n):
             if done[b]:
                 continue

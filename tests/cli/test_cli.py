@@ -9,7 +9,7 @@ import pytest
 
 from fastformer import TransformerLM, use_backend
 from fastformer.cli.commands import main
-from fastformer.training.checkpoint import checkpoint_dirs
+from fastformer.training.checkpoint import checkpoint_dirs, load_model
 from fastformer.training.config import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,6 +59,17 @@ def test_train_resume_generate(files, capsys):
     assert main(["generate", "--checkpoint", run, "--prompt", "To", "--temperature", "0.9", "--top-k", "5",
                  "--top-p", "0.9", "--seed", "1", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("To")
+    assert main(["generate", "--checkpoint", run, "--prompt", "To be", "--max-new-tokens", "12", "--beam", "1",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == greedy  # one beam is greedy
+    assert main(["generate", "--checkpoint", run, "--prompt", "To be", "--max-new-tokens", "12", "--beam", "3"]) == 0
+    beam = capsys.readouterr().out
+    assert beam.startswith("To be") and len(beam) > len("To be")
+    model, tok, _ = load_model(run)
+    best = model.generate(tok.encode("To be"), 12, beam_size=3, eos_id=tok.eos_id)
+    assert beam == tok.decode(best.tolist()) + "\n"
+    assert main(["generate", "--checkpoint", run, "--prompt", "To", "--beam", "0"]) == 2
+    assert "beam_size must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(os.path.dirname(run)), "--prompt", "x"]) == 2

@@ -160,3 +160,81 @@ def test_translate_texts_and_long_sources():
         translate(model, [long], tok, out_tok)
     assert translate(model, [long], tok, out_tok, truncate=True) == translate(model, ["a b c d e f"], tok, out_tok)
     assert len(translate(model, texts, tok, out_tok, beam_size=3)) == len(texts)
+
+
+# ------------------------------------------------ beam search of the language model
+def small_lm(V=5, seed=0, Tmax=12):
+    from fastformer import LMConfig, TransformerLM
+
+    m = TransformerLM(LMConfig(vocab_size=V, max_seq_len=Tmax, d_model=16, n_heads=2, d_ff=24, n_layers=2),
+                      seed=seed, dtype=np.float64)
+    m.flat.data[:] = np.random.default_rng(seed).normal(0, 0.5, m.flat.size)  # sharper than the init
+    return m
+
+
+def test_lm_beam_size_one_equals_greedy():
+    from fastformer.generation.search import beam_generate
+
+    model = small_lm()
+    prompts = [np.array([1, 2, 3]), np.array([4]), np.array([0, 1])]
+    assert all(np.array_equal(b, g) for b, g in zip(beam_generate(model, prompts, 6, 1), model.generate(prompts, 6)))
+    eos = int(model.generate(np.array([1, 2, 3]), 6)[5])  # greedy's third token
+    for p in prompts:
+        np.testing.assert_array_equal(model.generate(p, 6, beam_size=1, eos_id=eos), model.generate(p, 6, eos_id=eos))
+        np.testing.assert_array_equal(beam_generate(model, p, 6, 1, eos_id=eos), model.generate(p, 6, eos_id=eos))
+
+
+def test_lm_wide_beam_finds_the_exhaustive_best():
+    """With V ** n beams, beam search (no length penalty, no <eos>) finds the most probable
+    continuation of n tokens, checked against every continuation's full-forward log-prob."""
+    V, n = 4, 3
+    model = small_lm(V=V, seed=2)
+    prompt = np.array([1, 3])
+    best = model.generate(prompt, n, beam_size=V ** n, length_penalty=0.0)
+    scores = {}
+    for body in itertools.product(range(V), repeat=n):
+        seq = np.concatenate([prompt, body])
+        logp = log_softmax(model.forward(seq[:-1]))  # (T, V)
+        scores[body] = sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(body))
+    assert tuple(best[len(prompt):].tolist()) == max(scores, key=scores.get)
+    greedy = tuple(model.generate(prompt, n)[len(prompt):].tolist())
+    assert scores[tuple(best[len(prompt):].tolist())] >= scores[greedy]
+
+
+def test_lm_beam_rows_alone_equal_rows_in_a_batch_and_cached_equals_uncached():
+    model = small_lm(V=7, seed=4)
+    eos = 5
+    prompts = [np.array([1, 2, 3, 4]), np.array([6]), np.array([2, 0])]
+    batch = model.generate(prompts, 14, beam_size=3, eos_id=eos)  # 4 + 14 > 12: past the context window
+    for p, out in zip(prompts, batch):
+        np.testing.assert_array_equal(out, model.generate(p, 14, beam_size=3, eos_id=eos))
+        np.testing.assert_array_equal(out[:p.size], p)
+    uncached = model.generate(prompts, 14, beam_size=3, eos_id=eos, use_cache=False)
+    assert all(np.array_equal(a, b) for a, b in zip(batch, uncached))
+    with pytest.raises(ValueError, match="beam search is deterministic"):
+        model.generate(prompts[0], 3, beam_size=2, temperature=1.0)
+
+
+# ------------------------------------------------- sampling of the encoder-decoder
+def test_seq2seq_sampling_is_seeded_and_top_k_one_is_greedy():
+    from fastformer.generation.sampling import sample_decode
+
+    model = small_model()
+    src, mask = sources()
+    stop_sometimes(model, src, mask)
+    greedy, g_scores = greedy_decode(model, src, mask, BOS, EOS)
+    top1, t_scores = sample_decode(model, src, mask, BOS, EOS, temperature=2.0, top_k=1, seed=0)
+    assert top1 == greedy
+    np.testing.assert_allclose(t_scores, g_scores, rtol=1e-12)  # scores are the model's log-probs
+    a, a_scores = sample_decode(model, src, mask, BOS, EOS, temperature=3.0, seed=1)
+    assert (a, a_scores.tolist()) == (lambda r: (r[0], r[1].tolist()))(sample_decode(model, src, mask, BOS, EOS,
+                                                                                      temperature=3.0, seed=1))
+    assert a != greedy  # at temperature 3 some row leaves the greedy path
+    for b, seq in enumerate(a):  # each score is the summed log-prob of the drawn tokens, <eos> included
+        nxt = seq + ([EOS] if len(seq) < model.config.max_tgt_len else [])
+        tgt_in = np.array([[BOS] + seq])[:, :model.config.max_tgt_len]
+        logp = log_softmax(model.forward(src[b:b + 1], mask[b:b + 1], tgt_in, None))[0]
+        assert a_scores[b] == pytest.approx(sum(logp[i, t] for i, t in enumerate(nxt)), rel=1e-9)
+    # greedy decoding through the same loop: a source alone decodes as it does in a batch
+    for b in range(len(src)):
+        assert sample_decode(model, src[b:b + 1], mask[b:b + 1], BOS, EOS, temperature=1.0, top_k=1)[0] == top1[b:b + 1]

@@ -94,6 +94,17 @@ def test_cli_train_translate_eval(tmp_path, capsys):
     assert len(lines) == 2 and all(set(line) <= set("abcdefghijklmnopqrstuvwxyz") for line in lines)
     assert main(["translate", "--checkpoint", run, "--text", "abc", "--beam", "3", "--length-penalty", "0.6"]) == 0
     capsys.readouterr()
+    sample = ["translate", "--checkpoint", run, "--text", "abc", "--text", "hello", "--temperature", "1.5",
+              "--top-k", "5", "--top-p", "0.95", "--seed", "3"]
+    assert main(sample) == 0
+    sampled = capsys.readouterr().out
+    assert len(sampled.splitlines()) == 2
+    assert main(sample) == 0 and capsys.readouterr().out == sampled  # seeded
+    assert main(["translate", "--checkpoint", run, "--text", "abc", "--text", "hello", "--temperature", "1",
+                 "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines  # top-k 1 is greedy
+    assert main(["translate", "--checkpoint", run, "--text", "abc", "--temperature", "1", "--beam", "2"]) == 2
+    assert "beam search is deterministic" in capsys.readouterr().err
     assert main(["translate", "--checkpoint", run, "--text", "abcdefghij"]) == 2  # 10 > max_src_len 8
     err = capsys.readouterr().err
     assert "has 10 tokens, more than the model's max_src_len=8" in err and "--truncate" in err
