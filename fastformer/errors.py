@@ -84,3 +84,14 @@ def check_token_mask(name, mask, shape):
     if mask.dtype.kind not in "biu" or not ((mask == 0) | (mask == 1)).all():
         raise FastformerError(f"{name} must hold only 0 (padding) and 1 (token)")
     return mask == 0
+
+
+def check_targets(targets, shape, of):
+    """Integer targets of `shape` (B, T), the shape of the ids `of` (or (T,) when B is 1)."""
+    targets = np.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise FastformerError(f"targets must be an integer array, got dtype {targets.dtype}")
+    shape = tuple(shape)
+    if targets.shape != shape and not (shape[0] == 1 and targets.shape == shape[1:]):
+        raise FastformerError(f"targets must have the shape of {of} {tuple(shape)}, got {targets.shape}")
+    return targets.reshape(shape)

@@ -16,13 +16,13 @@ import math
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_ids, check_int, check_token_mask
+from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
 from fastformer.kernels import get_ops
 from fastformer.kernels.numpy_ops import PackedGPT2
 from fastformer.models.config import LMConfig
 from fastformer.nn.blocks import Context, Embedding, FeedForward, LayerNorm, Linear, OutputHead, SelfAttention, Stack
 from fastformer.nn.cache import KVCache
-from fastformer.nn.params import FlatModel, FlatParams
+from fastformer.nn.params import FlatModel
 
 
 def _positions(mask, start):
@@ -45,8 +45,6 @@ class TransformerLM(FlatModel):
     def __init__(self, config, seed=0, dtype=np.float32):
         if not isinstance(config, LMConfig):
             raise FastformerError(f"config must be an LMConfig, got {type(config).__name__}")
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise FastformerError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
         self.embed = Embedding("transformer.wte.weight", c.vocab_size, C, "transformer.wpe.weight", c.max_seq_len)
@@ -67,13 +65,7 @@ class TransformerLM(FlatModel):
             shapes.update({**ln_1.shapes(), **attn.shapes(), **ln_2.shapes(), **mlp.shapes()})
         shapes.update({**self.stack.final.shapes(), **self.head.shapes()})
         decay = {n for n, s in shapes.items() if len(s) == 2 and n != self.embed.pos}
-        self.flat = FlatParams(shapes, decay, dtype)
-        self.params = self.flat.params
-        self.grads = self.flat.grads
-        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
-        self.rng = np.random.default_rng(dropout_seq)  # dropout masks; saved with checkpoints
-        self._init_weights(np.random.default_rng(init_seq))
-        self._scratch = {}  # name -> array kept across training steps (see `_scratch_array`)
+        self._setup(shapes, decay, dtype, seed)
         self._packed = None  # made by `packed_weights` at the first decoding step
 
     def _init_weights(self, rng):
@@ -88,10 +80,6 @@ class TransformerLM(FlatModel):
                 p[...] = 0.0
             else:
                 p[...] = rng.normal(0.0, proj_std if name.endswith("c_proj.weight") else 0.02, size=p.shape)
-
-    @property
-    def head_name(self):
-        return self.head.weight
 
     # ---------------------------------------------------------------- checks
     def _check_inputs(self, ids, attention_mask):
@@ -116,14 +104,6 @@ class TransformerLM(FlatModel):
             raise FastformerError(f"position_ids must lie in [0, max_seq_len={Tmax}), got {pos.min()}..{pos.max()}")
         return pos.reshape(shape)
 
-    def _check_targets(self, targets, shape):
-        targets = np.asarray(targets)
-        if targets.dtype.kind not in "iu":
-            raise FastformerError(f"targets must be an integer array, got dtype {targets.dtype}")
-        if targets.size != math.prod(shape):
-            raise FastformerError(f"targets must have the shape of ids {shape}, got {targets.shape}")
-        return targets.reshape(shape)
-
     # --------------------------------------------------------------- forward
     def _forward(self, ids, kpm, train, positions=None, cache=None, logits_out=None):
         """Logits (B, T, V) and the caches the backward needs. `positions` (B, T) default to
@@ -147,7 +127,7 @@ class TransformerLM(FlatModel):
     def loss(self, ids, targets, attention_mask=None):
         """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
-        targets = self._check_targets(targets, ids2.shape)
+        targets = check_targets(targets, ids2.shape, "ids")
         logits = self._scratch_array("logits", (*ids2.shape, self.config.vocab_size))
         self._forward(ids2, kpm, train=False, logits_out=logits)
         loss, _ = get_ops().cross_entropy_forward(logits, targets, out=logits)
@@ -163,7 +143,7 @@ class TransformerLM(FlatModel):
         """
         ops, G = get_ops(), self.grads
         ids2, kpm = self._check_inputs(ids, attention_mask)
-        targets = self._check_targets(targets, ids2.shape)
+        targets = check_targets(targets, ids2.shape, "ids")
         logits = self._scratch_array("logits", (*ids2.shape, self.config.vocab_size))
         _, (emb_c, stack_c, head_c) = self._forward(ids2, kpm, train=True, logits_out=logits)
         loss, ce_c = ops.cross_entropy_forward(logits, targets, out=logits)  # the gradient overwrites the logits

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_ids, check_int, check_token_mask
+from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
 from fastformer.kernels import get_ops
 from fastformer.models.config import Seq2SeqConfig
 from fastformer.nn.blocks import (
@@ -38,7 +38,7 @@ from fastformer.nn.blocks import (
     sinusoidal_table,
 )
 from fastformer.nn.cache import KVCache
-from fastformer.nn.params import FlatModel, FlatParams
+from fastformer.nn.params import FlatModel
 
 __all__ = ["Seq2SeqConfig", "Seq2SeqTransformer", "sinusoidal_table"]
 
@@ -59,8 +59,6 @@ class Seq2SeqTransformer(FlatModel):
     def __init__(self, config, seed=0, dtype=np.float32):
         if not isinstance(config, Seq2SeqConfig):
             raise FastformerError(f"config must be a Seq2SeqConfig, got {type(config).__name__}")
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise FastformerError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
         learned = c.positional == "learned"
@@ -107,13 +105,7 @@ class Seq2SeqTransformer(FlatModel):
             shapes.update(stack.final.shapes())
         shapes.update(self.head.shapes())
         decay = {n for n, s in shapes.items() if len(s) == 2 and "pos_embed" not in n}
-        self.flat = FlatParams(shapes, decay, dtype)
-        self.params = self.flat.params
-        self.grads = self.flat.grads
-        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
-        self.rng = np.random.default_rng(dropout_seq)  # dropout masks; saved with checkpoints
-        self._init_weights(np.random.default_rng(init_seq))
-        self._scratch = {}
+        self._setup(shapes, decay, dtype, seed)
         self.pos_table = None  # (max(S, T), C) when positions are sinusoidal
         if not learned:
             self.pos_table = sinusoidal_table(max(c.max_src_len, c.max_tgt_len), C, dtype)
@@ -136,10 +128,6 @@ class Seq2SeqTransformer(FlatModel):
             else:
                 p[...] = 0.0
 
-    @property
-    def head_name(self):
-        return self.head.weight
-
     # ---------------------------------------------------------------- checks
     @staticmethod
     def _check_ids(ids, name, vocab_size, max_len, max_name):
@@ -158,15 +146,6 @@ class Seq2SeqTransformer(FlatModel):
                                   f"{tgt.shape[0]}")
         return (src, check_token_mask("src_mask", src_mask, src.shape),
                 tgt, check_token_mask("tgt_mask", tgt_mask, tgt.shape))
-
-    @staticmethod
-    def _check_targets(targets, shape):
-        targets = np.asarray(targets)
-        if targets.dtype.kind not in "iu":
-            raise FastformerError(f"targets must be an integer array, got dtype {targets.dtype}")
-        if targets.shape != shape:
-            raise FastformerError(f"targets must have the shape of tgt_in {shape}, got {targets.shape}")
-        return targets
 
     # --------------------------------------------------------------- forward
     def _encode(self, src, src_kpm, train):
@@ -198,7 +177,7 @@ class Seq2SeqTransformer(FlatModel):
     def loss(self, src_ids, src_mask, tgt_in, tgt_mask, targets):
         """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
-        targets = self._check_targets(targets, tgt.shape)
+        targets = check_targets(targets, tgt.shape, "tgt_in")
         logits = self._scratch_array("logits", (*tgt.shape, self.config.tgt_vocab_size))
         self._forward(src, src_kpm, tgt, tgt_kpm, train=False, logits_out=logits)
         return get_ops().cross_entropy_forward(logits, targets, out=logits)[0]
@@ -214,7 +193,7 @@ class Seq2SeqTransformer(FlatModel):
         """
         ops, G = get_ops(), self.grads
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
-        targets = self._check_targets(targets, tgt.shape)
+        targets = check_targets(targets, tgt.shape, "tgt_in")
         logits = self._scratch_array("logits", (*tgt.shape, self.config.tgt_vocab_size))
         _, ((src_c, enc_c), tgt_c, dec_c, head_c) = self._forward(src, src_kpm, tgt, tgt_kpm, True, logits)
         loss, ce_c = ops.cross_entropy_forward(logits, targets, out=logits)  # the gradient overwrites the logits

@@ -9,6 +9,8 @@ the slice `data[:n_decay]`.
 
 import numpy as np
 
+from fastformer.errors import FastformerError
+
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
 
 
@@ -58,21 +60,33 @@ class FlatParams:
         missing = [n for n in self.shapes if n not in state]
         extra = [n for n in state if n not in self.shapes]
         if missing or extra:
-            raise ValueError(f"state dict does not match the model: missing keys {missing}, "
+            raise FastformerError(f"state dict does not match the model: missing keys {missing}, "
                              f"unexpected keys {extra}")
         for n, arr in state.items():
             arr = np.asarray(arr)
             if arr.shape != self.shapes[n]:
-                raise ValueError(f"state dict entry {n!r} has shape {arr.shape}, the model "
+                raise FastformerError(f"state dict entry {n!r} has shape {arr.shape}, the model "
                                  f"expects {self.shapes[n]}")
             if arr.dtype.kind != "f":
-                raise ValueError(f"state dict entry {n!r} must be a float array, got dtype {arr.dtype}")
+                raise FastformerError(f"state dict entry {n!r} must be a float array, got dtype {arr.dtype}")
         for n, arr in state.items():
             self.params[n][...] = arr
 
 
 class FlatModel:
     """What every fastformer model shares through its `self.flat` (a FlatParams)."""
+
+    def _setup(self, shapes, decay, dtype, seed):
+        """Lay out the parameters, seed the dropout generator `self.rng` (saved with
+        checkpoints) and initialise the weights with `self._init_weights(rng)`."""
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise FastformerError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.flat = FlatParams(shapes, decay, dtype)
+        self.params, self.grads = self.flat.params, self.flat.grads
+        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        self.rng = np.random.default_rng(dropout_seq)
+        self._init_weights(np.random.default_rng(init_seq))
+        self._scratch = {}  # name -> array kept across calls (see `_scratch_array`)
 
     def state_dict(self):
         """{name: array} of every parameter (views of the live weights)."""
