@@ -25,6 +25,8 @@ from numba.extending import intrinsic, overload
 
 from fastformer.kernels.numpy_ops import GPT2_LAYER_SLOTS  # the layout of PackedGPT2.offsets
 
+SLOTS = len(GPT2_LAYER_SLOTS)
+
 # Fast-math without "nnan" and "ninf": LLVM may reassociate sums (so reductions vectorise) and
 # fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -709,7 +711,7 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
     C, V = H * hs, logits.shape[1]
     F = flat.dtype.type
     scale = F(1.0 / math.sqrt(hs))
-    g = L * GPT2_LAYER_SLOTS  # the model-wide entries follow the layers'
+    g = L * SLOTS  # the model-wide entries follow the layers'
     wte = _param(flat, offsets, g, V, C)
     wpe = _param(flat, offsets, g + 1, kc.shape[3], C)
     x = np.empty((R, C), flat.dtype)  # the residual stream
@@ -723,7 +725,7 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
         for c in range(C):
             x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
     for layer in range(L):
-        s = layer * GPT2_LAYER_SLOTS
+        s = layer * SLOTS
         for r in range(R):
             _normalize_row(x[r], _param(flat, offsets, s, 1, C)[0], _param(flat, offsets, s + 1, 1, C)[0], eps, h[r])
         _affine(h, _param(flat, offsets, s + 2, C, 3 * C), _param(flat, offsets, s + 3, 1, 3 * C)[0], qkv)

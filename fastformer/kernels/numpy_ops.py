@@ -135,20 +135,22 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
 
 
 # The weights of a GPT-2 model for gpt2_decode_step: `flat` is the 1-D parameter buffer and
-# `offsets` (L * 12 + 5,) int64 where each parameter starts in it -- per layer the parameters of
-# GPT2_LAYER_PARAMS, in that order; then wte (V, C), wpe (Tmax, C), ln_f.weight, ln_f.bias and
-# the LM head (V, C) (wte again when tied).
+# `offsets` (L * 12 + 5,) int64 where each array starts in it -- per layer its 12 slots, in the
+# order of GPT2_LAYER_SLOTS (shapes: (C,), (C,), (C, 3C), (3C,), (C, C), (C,), (C,), (C,),
+# (C, F), (F,), (F, C), (C,); matrices stored (in, out)); then the token embedding (V, C), the
+# position embedding (Tmax, C), the final norm's gain and bias (C,) and the output head (V, C)
+# (the token embedding again when tied). The model that packs itself names its parameters for
+# these slots (TransformerLM.decode_layout).
 PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
-GPT2_LAYER_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-GPT2_LAYER_SLOTS = len(GPT2_LAYER_PARAMS)
+GPT2_LAYER_SLOTS = ("norm1 gain", "norm1 bias", "qkv weight", "qkv bias", "attention output weight",
+                    "attention output bias", "norm2 gain", "norm2 bias", "hidden weight", "hidden bias",
+                    "output weight", "output bias")
 
 
 @functools.lru_cache(maxsize=16)
 def gpt2_param_shapes(L, C, F, V, Tmax):
     """The shape of each parameter, in the order of PackedGPT2.offsets, and their sizes."""
-    # the shapes of GPT2_LAYER_PARAMS
+    # the shapes of GPT2_LAYER_SLOTS
     layer = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
     shapes = tuple(layer * L + [(V, C), (Tmax, C), (C,), (C,), (V, C)])
     return shapes, np.array([math.prod(s) for s in shapes])
@@ -351,8 +353,8 @@ class NumpyOps:
         wte, wpe, ln_fw, ln_fb, head = P[-5:]
         x = (wte[ids] + wpe[positions])[:, None]  # (B, 1, C)
         for i in range(k_cache.shape[0]):
-            s = i * GPT2_LAYER_SLOTS
-            ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, wfc, bfc, wm, bm = P[s:s + GPT2_LAYER_SLOTS]
+            s = i * len(GPT2_LAYER_SLOTS)
+            ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, wfc, bfc, wm, bm = P[s:s + len(GPT2_LAYER_SLOTS)]
             h, _ = self.layernorm_forward(x, ln1w, ln1b, eps)
             a = self.attention_cached(h @ wqkv + bqkv, k_cache[i], v_cache[i], start, k_cache.shape[2], padding)
             x = x + (a @ wo + bo)

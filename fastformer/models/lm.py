@@ -217,7 +217,8 @@ class TransformerLM(FlatModel):
 
     def decode_layout(self):
         """The parameter names in the order of the fused decoding kernel's offsets table: per
-        layer its 12 slots (see kernels.numpy_ops.PackedGPT2), then wte, wpe, ln_f, the head."""
+        layer one name for each of kernels.numpy_ops.GPT2_LAYER_SLOTS, then wte, wpe, ln_f and
+        the head -- the one place the packed layout meets GPT-2's names."""
         names = []
         for (attn, ln_1), (mlp, ln_2) in self.layers:
             names += [ln_1.weight, ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
