@@ -1,7 +1,8 @@
 """Where a training step's time goes, by kernel: wraps every kernel method of the selected
-backend and the linear layers with timers, runs a few steps of a bench preset, and prints
-milliseconds per step for each, with the remainder (Python, reshapes, NumPy glue) last, and
-then the time of every BLAS matrix product of the step together (they lie inside the rows above).
+backend and the linear layers with timers, runs a few steps of a bench preset (the step of
+`fastformer bench`: bench.train_setup), and prints milliseconds per step for each, with the
+remainder (Python, reshapes, NumPy glue) last, and then the time of every BLAS matrix product of
+the step together (they lie inside the rows above).
 
     python benchmarks/profile_step.py --preset tiny --backend numba
 """
@@ -16,11 +17,12 @@ import fastformer
 from fastformer.cli import bench
 from fastformer.models import lm as model_mod
 from fastformer.nn import layers
+from fastformer.training.config import PRESETS
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=list(bench.PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
     ap.add_argument("--backend", default="numba", choices=["numpy", "numba"])
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -54,14 +56,11 @@ def main():
     layers.np = numpy_with(gemm)
     model_mod.np = numpy_with(timed("lm_head backward (dW, dh)", gemm))
 
-    cfg = bench.preset_config(args.preset)
-    lm = fastformer.TransformerLM(cfg)
-    opt = bench.AdamW(lm)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (bench.BATCH, bench.SEQ_LEN + 1))
+    setup = bench.train_setup(args.preset)
 
     def step():
-        lm.loss_and_grads(ids[:, :-1], ids[:, 1:])
-        opt.step()
+        setup.model.loss_and_grads(setup.ids, setup.targets)
+        setup.optimizer.step(setup.lr)
 
     step()
     spent.clear()
