@@ -1,9 +1,10 @@
 """fastformer against PyTorch on the same model: training steps/s and generation tokens/s.
 
-Training: the same GPT-2-layout model (tied embeddings, pre-LN, GELU(tanh), causal attention) is
-built in PyTorch from fastformer's initial weights and trained on the same synthetic batch
-(32 x 128 ids, vocabulary 4096) with the same AdamW settings, by fastformer's NumPy and Numba
-backends, PyTorch eager, and `torch.compile` (inductor; the loss with its backward compiled, the
+Training: the step of `fastformer bench` (fastformer.cli.bench.train_setup: a preset's model,
+its batch size, sequence length and AdamW settings, a synthetic batch from a 4096-id
+vocabulary), by fastformer's NumPy and Numba backends, and the same GPT-2-layout model built in
+PyTorch from fastformer's initial weights and trained on the same batch with the same AdamW
+settings, eager and with `torch.compile` (inductor; the loss with its backward compiled, the
 optimizer eager). The first losses are checked to agree before anything is timed; a
 `torch.compile` that fails is reported in the table, not fatal.
 
@@ -12,8 +13,10 @@ Generation: batch 1, greedy, 128 new tokens after a 16-token prompt, by
 same weights, moved through `fastformer.models.hf.save_hf` and `from_pretrained`. The prompt's logits
 are checked to agree first.
 
-Every contender runs in a process of its own, as it would for a user: fastformer's without
-torch, so each library keeps its own thread pools and OpenMP runtime. The processes start, build
+Every contender runs in a process of its own, as it would for a user: fastformer's never imports
+torch, and PyTorch's (benchmarks/torch_contenders.py) never import fastformer -- this process
+writes their sizes, settings, weights and inputs to files for them -- so each library keeps its
+own thread pools, BLAS settings and OpenMP runtime. The processes start, build
 their model and warm up (compile) first; then the contenders take turns, one at a time, for
 `--rounds` rounds, while the others wait on a pipe. Numba, BLAS and PyTorch are fixed to the
 same number of threads (the cores); each figure is the rate of the median time over all of a
@@ -32,146 +35,78 @@ import tempfile
 import time
 
 import numpy as np
+from torch_contenders import serve
 
 from fastformer.cli import bench
 from fastformer.kernels.threads import num_threads
+from fastformer.training.config import PRESETS
 
-LR, WEIGHT_DECAY = 1e-3, 0.1
 TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch.compile")
 GEN_CONTENDERS = ("numpy", "numba", "transformers")
+FASTFORMER = ("numpy", "numba")  # the contenders run by this file; the others by torch_contenders.py
+HERE = os.path.dirname(os.path.abspath(__file__))
 PAUSE = 0.2  # seconds between two contenders' turns, so one's idle threads are asleep before the next
 
 
-class TorchGPT:
-    """The fastformer TransformerLM in PyTorch eager ops, weights (in, out) as in GPT-2."""
+# --- the fastformer side: one backend, one preset, in its own process ---
 
-    def __init__(self, cfg, state, compile=False):
-        import torch
-
-        self.cfg = cfg
-        self.loss_fn = torch.compile(self.loss) if compile else self.loss
-        self.p = {n: torch.nn.Parameter(torch.tensor(np.array(a))) for n, a in state.items()}
-        decay = [p for n, p in self.p.items() if p.ndim == 2 and n != "transformer.wpe.weight"]
-        rest = [p for n, p in self.p.items() if not (p.ndim == 2 and n != "transformer.wpe.weight")]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                      {"params": rest, "weight_decay": 0.0}], lr=LR)
-
-    def loss(self, ids, targets):
-        import torch
-        import torch.nn.functional as TF
-
-        P, cfg = self.p, self.cfg
-        B, T = ids.shape
-        C, H = cfg.d_model, cfg.n_heads
-
-        def ln(x, name):
-            return TF.layer_norm(x, (C,), P[name + ".weight"], P[name + ".bias"], eps=1e-5)
-
-        def linear(x, name):
-            return torch.addmm(P[name + ".bias"], x.reshape(-1, x.shape[-1]), P[name + ".weight"]).view(B, T, -1)
-
-        x = P["transformer.wte.weight"][ids] + P["transformer.wpe.weight"][:T]
-        for i in range(cfg.n_layers):
-            p = f"transformer.h.{i}."
-            qkv = linear(ln(x, p + "ln_1"), p + "attn.c_attn")
-            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
-            a = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-            x = x + linear(a, p + "attn.c_proj")
-            h = TF.gelu(linear(ln(x, p + "ln_2"), p + "mlp.c_fc"), approximate="tanh")
-            x = x + linear(h, p + "mlp.c_proj")
-        logits = ln(x, "transformer.ln_f") @ P["transformer.wte.weight"].T
-        return TF.cross_entropy(logits.view(-1, cfg.vocab_size), targets.reshape(-1))
-
-    def step(self, ids, targets):
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(ids, targets)
-        loss.backward()
-        self.opt.step()
-        return float(loss.detach())
+def train_call(backend, preset):
+    """(step function, the first step's loss) of fastformer's `backend`, warmed up."""
+    _, fn = bench.make_train_step(preset, backend)
+    return fn, float(fn())
 
 
-# --- the worker side: one contender, one preset, in its own process ---
-
-def train_call(contender, preset):
-    """(step function, the first step's loss) of a training contender, warmed up."""
-    if contender in ("numpy", "numba"):
-        _, fn = bench.make_train_step(preset, contender)
-        return fn, float(fn())
-    import torch
-
-    model, _ = bench.make_train_step(preset, "numpy")
-    x, y = (torch.from_numpy(a) for a in bench.synthetic_batch(model.config))
-    net = TorchGPT(model.config, model.state_dict(), compile=contender == "torch.compile")
-    first = net.step(x, y)  # compiles for torch.compile
-    return (lambda: net.step(x, y)), first
-
-
-def hf_gpt2(model, tmp):
-    """transformers.GPT2LMHeadModel with `model`'s weights, via a Hugging Face directory."""
-    from transformers import GPT2LMHeadModel
-    from transformers.utils import logging
-
-    from fastformer.models.hf import save_hf
-
-    logging.disable_progress_bar()
-    save_hf(model, tmp)
-    return GPT2LMHeadModel.from_pretrained(tmp).eval()
-
-
-def generate_call(contender, preset):
-    """(generate function, the largest logit difference to fastformer's on the prompt, or 0)."""
-    if contender in ("numpy", "numba"):
-        _, _, fn = bench.make_generate(preset, contender)
-        fn()
-        return fn, 0.0
-    import torch
-
-    model, prompt, _ = bench.make_generate(preset, "numpy")
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_gpt2(model, tmp)
-    tprompt = torch.from_numpy(prompt)
-    with torch.inference_mode():
-        diff = float(np.abs(hf(tprompt).logits[0].numpy() - model.forward(prompt[0])).max())
-
-    def fn():
-        with torch.inference_mode():
-            return hf.generate(tprompt, attention_mask=torch.ones_like(tprompt), max_new_tokens=bench.GEN_NEW,
-                               min_new_tokens=bench.GEN_NEW, do_sample=False, use_cache=True, pad_token_id=0)
-
+def generate_call(backend, preset):
+    """(generate function, 0: the reference the others are checked against) of `backend`, warmed up."""
+    _, _, fn = bench.make_generate(preset, backend)
     fn()
-    return fn, diff
+    return fn, 0.0
 
 
-def worker(part, contender, preset, threads):
-    """Set up one contender, say {"ready": check} (or {"error": text}) on stdout, then for each
-    line N on stdin time N calls and answer {"times": [seconds, ...]}, until stdin closes."""
-    if contender in ("numpy", "numba"):
-        from fastformer.kernels.threads import configure_threads
+def worker(part, backend, preset, threads):
+    """One fastformer contender, answering the parent through torch_contenders.serve."""
+    from fastformer.kernels.threads import configure_threads
 
-        configure_threads(threads)
+    configure_threads(threads)
+    serve(lambda: (train_call if part == "train" else generate_call)(backend, preset))
+
+
+def write_inputs(part, preset, inputs):
+    """Write into the directory `inputs` what the PyTorch contenders of `part` need for `preset`,
+    as plain files (see torch_contenders.py): fastformer's model, inputs and settings."""
+    if part == "train":
+        s = bench.train_setup(preset)
+        cfg, opt, flat = s.model.config, s.optimizer, s.model.flat
+        assert cfg.tie_embeddings, "TorchGPT models the tied LM head of the presets"
+        spec = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
+                    lr=s.lr, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay,
+                    decay=[n for n, o in flat.offsets.items() if o < flat.n_decay])  # the decayed tensors
+        np.savez(os.path.join(inputs, "weights.npz"), **s.model.state_dict())
+        np.savez(os.path.join(inputs, "batch.npz"), ids=s.ids, targets=s.targets)
     else:
-        import torch
+        from fastformer.models.hf import save_hf
 
-        torch.set_num_threads(threads)
-    try:
-        fn, check = (train_call if part == "train" else generate_call)(contender, preset)
-    except Exception as e:  # reported by the parent: fatal but for torch.compile
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        print(json.dumps({"error": f"{type(e).__name__}: {first}"}), flush=True)
-        return
-    print(json.dumps({"ready": check}), flush=True)
-    for line in sys.stdin:
-        print(json.dumps({"times": bench.time_calls(fn, int(line))[0]}), flush=True)
+        model, prompt, _ = bench.make_generate(preset, "numpy")
+        save_hf(model, os.path.join(inputs, "hf"))
+        np.save(os.path.join(inputs, "prompt.npy"), prompt)
+        np.save(os.path.join(inputs, "logits.npy"), model.forward(prompt[0]))
+        spec = dict(new_tokens=bench.GEN_NEW)
+    with open(os.path.join(inputs, "spec.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
 
 
 # --- the parent side ---
 
 class Contender:
-    """A worker process of this script, driven over its stdin and stdout."""
+    """A worker process -- this script for fastformer, torch_contenders.py for the others --
+    driven over its stdin and stdout."""
 
-    def __init__(self, part, name, preset, threads):
+    def __init__(self, part, name, preset, threads, inputs):
         self.name = name
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads)]
+        if name in FASTFORMER:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads)]
+        else:
+            cmd = [sys.executable, os.path.join(HERE, "torch_contenders.py"), part, name, str(threads), inputs]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def answer(self):
@@ -193,24 +128,26 @@ class Contender:
 def run_contenders(part, names, preset, threads, rounds, calls):
     """({name: 1 / median seconds per call}, {name: ready check}, {name: error text}).
     calls(name) is the number of timed calls a turn."""
-    started = [Contender(part, name, preset, threads) for name in names]
-    running, checks, failed = [], {}, {}
-    try:
-        for c in started:  # they set up and warm up (compile) side by side; nothing is timed yet
-            ready = c.answer()
-            if "error" in ready:
-                failed[c.name] = f"failed: {ready['error']}"
-            else:
-                checks[c.name] = ready["ready"]
-                running.append(c)
-        times = {c.name: [] for c in running}
-        for _ in range(rounds):
-            for c in running:
-                time.sleep(PAUSE)
-                times[c.name] += c.times(calls(c.name))
-    finally:
-        for c in started:
-            c.close()
+    with tempfile.TemporaryDirectory() as inputs:
+        write_inputs(part, preset, inputs)
+        started = [Contender(part, name, preset, threads, inputs) for name in names]
+        running, checks, failed = [], {}, {}
+        try:
+            for c in started:  # they set up and warm up (compile) side by side; nothing is timed yet
+                ready = c.answer()
+                if "error" in ready:
+                    failed[c.name] = f"failed: {ready['error']}"
+                else:
+                    checks[c.name] = ready["ready"]
+                    running.append(c)
+            times = {c.name: [] for c in running}
+            for _ in range(rounds):
+                for c in running:
+                    time.sleep(PAUSE)
+                    times[c.name] += c.times(calls(c.name))
+        finally:
+            for c in started:
+                c.close()
     return {name: 1.0 / float(np.median(ts)) for name, ts in times.items()}, checks, failed
 
 
@@ -252,7 +189,7 @@ def main():
     if len(sys.argv) == 6 and sys.argv[1] == "--worker":
         return worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"], choices=list(bench.PRESETS))
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"], choices=list(PRESETS))
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per round (numba, torch)")
     ap.add_argument("--numpy-steps", type=int, default=1, help="timed training steps per round (numpy backend)")
@@ -269,7 +206,8 @@ def main():
     print(f"threads: {n} (numba, BLAS, torch), one process per contender; torch {torch_version}")
     failures = []
     if "train" in args.parts:
-        print(f"\ntraining steps/s, batch {bench.BATCH} x seq {bench.SEQ_LEN}, vocab {bench.VOCAB}, AdamW; "
+        shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p)) for p in args.presets}))
+        print(f"\ntraining steps/s, batch x seq {shapes}, vocab {bench.VOCAB}, the presets' AdamW; "
               f"median over {args.rounds} rounds of {args.steps} steps ({args.numpy_steps} for numpy)")
         print(f"{'preset':8s} {'numpy':>8s} {'numba':>8s} {'eager':>8s} {'compile':>8s}   "
               f"{'numba/numpy':>11s} {'numba/eager':>11s} {'numba/compile':>13s}")

@@ -1,7 +1,12 @@
 """Where a training step's time goes, by kernel: wraps every kernel method of the selected
-backend and the linear layers with timers, runs a few steps of a bench preset, and prints
-milliseconds per step for each, with the remainder (Python, reshapes, NumPy glue) last, and
-then the time of every BLAS matrix product of the step together (they lie inside the rows above).
+backend and the linear layers with timers, runs a few steps of a bench preset (the step of
+`fastformer bench`: bench.train_setup), and prints milliseconds per step for each, with the
+remainder (Python, reshapes, NumPy glue) last, and then the time of every BLAS matrix product of
+the step together (they lie inside the rows above).
+
+A kernel that calls another one (the NumPy reference's residual_layernorm_forward calls its
+layernorm_forward) is one row: only the outermost timed call counts, so no time is in two rows
+and the rows with "other" add up to the step.
 
     python benchmarks/profile_step.py --preset tiny --backend numba
 """
@@ -15,11 +20,12 @@ import numpy as np
 import fastformer
 from fastformer.cli import bench
 from fastformer.nn import blocks, layers
+from fastformer.training.config import PRESETS
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=list(bench.PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
     ap.add_argument("--backend", default="numba", choices=["numpy", "numba"])
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -27,14 +33,22 @@ def main():
     fastformer.set_backend(args.backend)
     ops = fastformer.get_ops()
     spent = collections.defaultdict(float)
+    running = []  # the row of `spent` being timed now, if any
 
     def timed(name, fn, into=spent):
+        """fn, adding its time to into[name]; a row of `spent` called inside another is that one's."""
         def wrapper(*a, **kw):
+            if into is spent:
+                if running:
+                    return fn(*a, **kw)
+                running.append(name)
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
                 into[name] += time.perf_counter() - t
+                if into is spent:
+                    running.pop()
         return wrapper
 
     for name in dir(ops):
@@ -53,14 +67,11 @@ def main():
     layers.np = numpy_with(gemm)
     blocks.np = numpy_with(timed("lm_head backward (dW, dh)", gemm))
 
-    cfg = bench.preset_config(args.preset)
-    lm = fastformer.TransformerLM(cfg)
-    opt = bench.AdamW(lm)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (bench.BATCH, bench.SEQ_LEN + 1))
+    setup = bench.train_setup(args.preset)
 
     def step():
-        lm.loss_and_grads(ids[:, :-1], ids[:, 1:])
-        opt.step()
+        setup.model.loss_and_grads(setup.ids, setup.targets)
+        setup.optimizer.step(setup.lr)
 
     step()
     spent.clear()

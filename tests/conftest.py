@@ -16,6 +16,9 @@ def _available_backends():
 
 
 BACKENDS = _available_backends()
+FAST_BACKENDS = [b for b in BACKENDS if b != "numpy"]  # what the tests compare with the reference
+_NO_FAST_BACKEND = pytest.param("numba", marks=pytest.mark.skip(
+    reason="numba is not installed: no backend to compare with the NumPy reference"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -28,6 +31,15 @@ def backend(request):
 @pytest.fixture
 def ops(backend):
     return fastformer.get_ops()
+
+
+@pytest.fixture(params=FAST_BACKENDS or [_NO_FAST_BACKEND])
+def fast_ops(request):
+    """The kernels of each backend other than the NumPy reference, that backend selected: the side
+    a test compares with `ref` (the reference against itself would prove nothing)."""
+    with fastformer.use_backend(request.param) as ops:
+        assert ops.name == request.param != "numpy"
+        yield ops
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Full training steps (forward, backward, AdamW) of the LM presets on a 32 x 128 batch."""
+"""Full training steps (forward, backward, AdamW) of the LM presets, each on a batch of its
+train.batch_size x train.seq_len (32 x 128)."""
 
 from fastformer.cli import bench
 
@@ -29,6 +30,7 @@ class TrainStep:
     track_steps_per_sec.unit = "steps/s"
 
     def track_tokens_per_sec(self, backend, preset):
-        return bench.BATCH * bench.SEQ_LEN * calls_per_second(self.step)
+        B, T = bench.batch_shape(preset)
+        return B * T * calls_per_second(self.step)
 
     track_tokens_per_sec.unit = "tokens/s"

@@ -4,8 +4,10 @@ import time
 
 import numpy as np
 
+from fastformer.training.config import PRESETS as _PRESETS
+
 BACKENDS = ["numpy", "numba"]
-PRESETS = ["tiny", "small", "medium"]
+PRESETS = list(_PRESETS)  # the LM presets of fastformer.training.config
 
 
 def calls_per_second(fn, max_calls=20, budget_s=3.0):

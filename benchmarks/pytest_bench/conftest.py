@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from fastformer.cli import bench
+from fastformer.training.config import PRESETS as _PRESETS
 
 BACKENDS = ["numpy", "numba"]
-PRESETS = list(bench.PRESETS)
+PRESETS = list(_PRESETS)
 
 
 def rounds(backend, preset):

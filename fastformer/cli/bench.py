@@ -1,7 +1,10 @@
 """`fastformer bench`: the speed of full training steps of a preset language model.
 
-One step is what training does: forward, backward, and AdamW over the flat parameter buffer,
-on a fixed synthetic batch of 32 sequences of 128 token ids from a 4096-token vocabulary. After
+One step is what training does: forward, backward, and AdamW over the flat parameter buffer. The
+preset (fastformer.training.config.preset) gives the model's sizes, the batch size and sequence
+length (32 sequences of 128 ids for every preset) and the AdamW settings
+(fastformer.training.optim.AdamW); the batch is fixed and synthetic, ids from a 4096-token
+vocabulary (a BPE tokenizer's size; the presets' own follows the byte tokenizer's 259). After
 warm-up steps (the first one also loads or compiles the Numba kernels) the timed steps give
 steps/s and tokens/s (from the median step time), the model FLOPs of a step, the GFLOP/s that
 makes, and its fraction of this machine's float32 GEMM peak, measured in the same process with a
@@ -12,35 +15,45 @@ layer 2 (C 3C + C C + C F + F C) for the weights plus 2 (2 T C) for q k^T and p 
 T x T scores, as usually counted, although causal attention needs only half), plus 2 C V for
 the LM head.
 
-The builders here (`make_train_step`, `make_generate`, `make_kernel_call`) are what the asv and
-pytest-benchmark suites in benchmarks/ and benchmarks/compare_torch.py time, so that every suite
-measures the same model, batch and inputs.
+The builders here (`train_setup` and `make_train_step`, `make_generate`, `make_kernel_call`) are
+what the asv and pytest-benchmark suites in benchmarks/, benchmarks/compare_torch.py and
+benchmarks/profile_step.py time, so that every suite measures the same model, batch and inputs.
 """
 
 import dataclasses
 import json
 import resource
 import time
+from typing import NamedTuple
 
 import numpy as np
 
+from fastformer import seeds
 from fastformer.kernels import get_backend, get_ops, set_backend, use_backend
-from fastformer.models.config import LMConfig
 from fastformer.models.lm import TransformerLM
+from fastformer.training.config import preset
+from fastformer.training.optim import AdamW
 
-BATCH, SEQ_LEN, VOCAB = 32, 128, 4096
-PRESETS = {  # the LM presets (d_model, heads, d_ff, layers); max_seq_len 128
-    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_layers=2),
-    "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
-    "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
-}
+VOCAB = 4096  # the benchmarks' vocabulary: the LM head of a model with a BPE tokenizer
 GEN_PROMPT, GEN_NEW = 16, 128  # generation benchmark: batch 1, greedy, new tokens after a prompt
 
 
 def preset_config(name, vocab_size=VOCAB):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
-    return LMConfig(vocab_size=vocab_size, max_seq_len=SEQ_LEN, **PRESETS[name])
+    """The LMConfig of the preset `name` (fastformer.training.config), with `vocab_size` ids."""
+    return dataclasses.replace(preset(name).model, vocab_size=vocab_size)
+
+
+def batch_shape(name):
+    """(B, T) of a training step of the preset `name`: its train.batch_size and train.seq_len."""
+    t = preset(name).train
+    return t.batch_size, t.seq_len
+
+
+def make_optimizer(model, name):
+    """(AdamW over `model`'s flat buffer with the settings of the preset `name`, its learning
+    rate): train.beta1, beta2, eps and weight_decay, and the peak rate train.lr."""
+    t = preset(name).train
+    return AdamW(model.flat, beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay), t.lr
 
 
 def model_flops_per_step(cfg, B, T):
@@ -52,7 +65,7 @@ def model_flops_per_step(cfg, B, T):
 
 def gemm_peak_gflops(n=2048, repeats=5):
     """Best float32 GFLOP/s of an (n, n) @ (n, n) np.matmul in this process."""
-    rng = np.random.default_rng(0)
+    rng = seeds.bench_stream()
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = a @ b
@@ -64,27 +77,31 @@ def gemm_peak_gflops(n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
-class AdamW:
-    """Minimal AdamW over a model's flat buffer: decayed tensors first, then the rest."""
-
-    def __init__(self, model, lr=1e-3, weight_decay=0.1):
-        self.flat, self.lr, self.weight_decay = model.flat, lr, weight_decay
-        self.m = np.zeros_like(self.flat.data)
-        self.v = np.zeros_like(self.flat.data)
-        self.step_count = 0
-
-    def step(self):
-        ops, f, nd = get_ops(), self.flat, self.flat.n_decay
-        self.step_count += 1
-        for sl, wd in ((slice(0, nd), self.weight_decay), (slice(nd, None), 0.0)):
-            ops.adamw_update(f.data[sl], f.grad[sl], self.m[sl], self.v[sl], lr=self.lr,
-                             weight_decay=wd, step=self.step_count)
-
-
-def synthetic_batch(cfg, seed=0):
-    """A fixed batch of random ids and its next-token targets, each (BATCH, SEQ_LEN) int64."""
-    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(BATCH, SEQ_LEN + 1))
+def synthetic_batch(name, seed=0):
+    """A fixed batch of random ids of the preset `name` and its next-token targets, each
+    (B, T) int64 (batch_shape), ids below VOCAB."""
+    B, T = batch_shape(name)
+    ids = seeds.bench_stream(seed).integers(0, VOCAB, size=(B, T + 1))
     return ids[:, :-1], ids[:, 1:]
+
+
+class TrainSetup(NamedTuple):
+    """What one training step of a preset runs: model.loss_and_grads(ids, targets), then
+    optimizer.step(lr)."""
+
+    model: TransformerLM
+    optimizer: AdamW
+    lr: float
+    ids: np.ndarray  # (B, T)
+    targets: np.ndarray  # (B, T)
+
+
+def train_setup(name, seed=0):
+    """The TrainSetup of the preset `name`: its model (preset_config, weights from `seed`), its
+    AdamW (make_optimizer) and the synthetic batch (synthetic_batch)."""
+    model = TransformerLM(preset_config(name), seed=seed)
+    optimizer, lr = make_optimizer(model, name)
+    return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed))
 
 
 def make_train_step(preset, backend=None, seed=0):
@@ -93,18 +110,15 @@ def make_train_step(preset, backend=None, seed=0):
     the loss. Nothing is run yet: call `step()` once to warm up (load or compile the kernels)."""
     backend = backend or get_backend()
     with use_backend(backend):
-        cfg = preset_config(preset)
-        model = TransformerLM(cfg, seed=seed)
-        opt = AdamW(model)
-    x, y = synthetic_batch(cfg, seed)
+        s = train_setup(preset, seed)
 
     def step():
         with use_backend(backend):
-            loss, _ = model.loss_and_grads(x, y)
-            opt.step()
+            loss, _ = s.model.loss_and_grads(s.ids, s.targets)
+            s.optimizer.step(s.lr)
         return loss
 
-    return model, step
+    return s.model, step
 
 
 def time_calls(fn, n):
@@ -119,13 +133,14 @@ def time_calls(fn, n):
 
 def generation_model(preset, seed=0):
     """The preset LM with a context long enough for the generation benchmark (prompt + new)."""
-    cfg = dataclasses.replace(preset_config(preset), max_seq_len=max(SEQ_LEN, GEN_PROMPT + GEN_NEW))
+    cfg = preset_config(preset)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, GEN_PROMPT + GEN_NEW))
     return TransformerLM(cfg, seed=seed)
 
 
 def generation_prompt(cfg, seed=0):
     """The generation benchmark's prompt: (1, GEN_PROMPT) random ids, int64."""
-    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(1, GEN_PROMPT))
+    return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(1, GEN_PROMPT))
 
 
 def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
@@ -144,8 +159,8 @@ def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
 
 def kernel_shapes(preset):
     """Shape letters of a preset's training step: B, T, C, H, F, V."""
-    cfg = preset_config(preset)
-    return {"B": BATCH, "T": SEQ_LEN, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
+    cfg, (B, T) = preset_config(preset), batch_shape(preset)
+    return {"B": B, "T": T, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
 
 
 KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
@@ -162,7 +177,7 @@ def make_kernel_call(op, preset, backend=None, seed=0):
         attention           causal self-attention from the fused projection qkv (B, T, 3C)
         cross_entropy       forward and backward on the logits (B, T, V)
         gelu                the MLP hidden layer (B, T, F) with its bias fused
-        adamw_update        one step over the preset model's flat parameter buffer
+        adamw_update        one step of the preset's AdamW over its model's flat parameter buffer
         decode_step         one generation step (batch 1) of the preset model after a 16-token
                             prompt: gpt2_decode_step over its key/value cache
 
@@ -174,7 +189,7 @@ def make_kernel_call(op, preset, backend=None, seed=0):
     with use_backend(backend) as ops:
         S = kernel_shapes(preset)
         B, T, C, H, F, V = (S[k] for k in "BTCHFV")
-        rng = np.random.default_rng(seed)
+        rng = seeds.bench_stream(seed)
 
         def randn(*shape):
             return rng.standard_normal(shape, dtype=np.float32)
@@ -220,8 +235,8 @@ def make_kernel_call(op, preset, backend=None, seed=0):
         else:
             model = TransformerLM(preset_config(preset), seed=seed)
             model.flat.grad[...] = 1e-3 * randn(model.flat.grad.size)
-            opt = AdamW(model)
-            calls = {"adamw_update": opt.step}
+            opt, lr = make_optimizer(model, preset)
+            calls = {"adamw_update": lambda: opt.step(lr)}
     fn = calls[op]
 
     def call():
@@ -240,7 +255,7 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0):
         set_backend(backend)
     ops = get_ops()
     model, step = make_train_step(preset, seed=seed)
-    cfg = model.config
+    cfg, (B, T) = model.config, batch_shape(preset)
 
     step()
     first_step_s = time.perf_counter() - t_start  # backend load (or compile) + model + one step
@@ -248,14 +263,14 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0):
         step()
     times, loss = time_calls(step, steps)
     step_s = float(np.median(times))
-    flops = model_flops_per_step(cfg, BATCH, SEQ_LEN)
+    flops = model_flops_per_step(cfg, B, T)
     peak = gemm_peak_gflops()
     from fastformer.kernels.threads import thread_info
 
     return {
-        "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": BATCH, "seq_len": SEQ_LEN,
+        "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": B, "seq_len": T,
         "steps": steps, "step_s_median": step_s, "step_s_min": float(min(times)),
-        "steps_per_s": 1.0 / step_s, "tokens_per_s": BATCH * SEQ_LEN / step_s,
+        "steps_per_s": 1.0 / step_s, "tokens_per_s": B * T / step_s,
         "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
         "gemm_peak_gflops_per_s": peak, "fraction_of_gemm_peak": flops / step_s / 1e9 / peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

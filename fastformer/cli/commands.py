@@ -373,7 +373,7 @@ def cmd_plot(args):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser():
-    from fastformer.training.config import TASKS
+    from fastformer.training.config import PRESETS, TASKS
 
     parser = argparse.ArgumentParser(prog="fastformer", description="Small Transformers on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -486,7 +486,7 @@ def build_parser():
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="time full training steps of a preset model")
-    p.add_argument("--preset", required=True, choices=["tiny", "small", "medium"])
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--backend", choices=["auto", "numpy", "numba"], default=None)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

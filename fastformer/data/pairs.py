@@ -9,9 +9,9 @@ A batch is a dict that `Seq2SeqTransformer.loss_and_grads(**batch)` takes:
     tgt_mask (B, T)  1 for tokens, 0 for padding
     targets  (B, T)  target + <eos>: the next token at every decoder position, -100 at padding
 
-Both data sources (`PairBatches`, `SyntheticTask`) draw from an explicit np.random.Generator and
-have `next_batch()`, `state_dict()` and `load_state_dict()`, so a resumed run sees exactly the
-batches it would have seen.
+Both data sources (`PairBatches`, `SyntheticTask`) draw from an explicit np.random.Generator (a
+run's data stream, fastformer.seeds) and have `next_batch()`, `state_dict()` and
+`load_state_dict()`, so a resumed run sees exactly the batches it would have seen.
 """
 
 import csv
@@ -80,13 +80,14 @@ def _fits(src_ids, tgt_ids, max_src_len, max_tgt_len):
     return 1 <= len(src_ids) <= max_src_len and 1 <= len(tgt_ids) <= max_tgt_len - 1
 
 
-def split_pairs(pairs, val_fraction=0.1, seed=0):
-    """Deterministic (train, val) split of a list: a permutation from `seed`, the last
-    round(val_fraction * n) items to validation, each part in file order."""
+def split_pairs(pairs, val_fraction=0.1, rng=0):
+    """Deterministic (train, val) split of a list: a permutation drawn from `rng` (an
+    np.random.Generator, or an int seed; a run passes its split stream, fastformer.seeds), the
+    last round(val_fraction * n) items to validation, each part in file order."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
     n_val = round(val_fraction * len(pairs))
-    perm = np.random.default_rng(seed).permutation(len(pairs))
+    perm = np.random.default_rng(rng).permutation(len(pairs))
     val_idx = set(perm[len(pairs) - n_val:].tolist())
     return ([p for i, p in enumerate(pairs) if i not in val_idx],
             [p for i, p in enumerate(pairs) if i in val_idx])

@@ -19,6 +19,7 @@ Each step takes the last position's logits, applies the repetition penalty, and 
 
 import numpy as np
 
+from fastformer import seeds
 from fastformer.errors import FastformerError, check_ids, check_int, check_number
 
 
@@ -182,7 +183,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     state = model.init_state(B, use_cache=use_cache)
     logits = model.step(ids, state, attention_mask=mask, validate=False)[:, -1]  # (B, V): the prompt
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
-                             np.random.default_rng(seed), eos_id, repetition_penalty, seen)
+                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen)
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):
@@ -243,7 +244,7 @@ def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=Non
     out = np.zeros((B, 0), np.int64)
     scores = np.zeros(B)
     done = np.zeros(B, dtype=bool)
-    for nxt in sample_tokens(step, logits, state.max_len, temperature, top_k, top_p, np.random.default_rng(seed),
+    for nxt in sample_tokens(step, logits, state.max_len, temperature, top_k, top_p, seeds.sampling_stream(seed),
                              eos_id, repetition_penalty):
         z = last["logits"].astype(np.float64)
         logp = z - z.max(axis=-1, keepdims=True)

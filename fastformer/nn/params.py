@@ -9,6 +9,7 @@ the slice `data[:n_decay]`.
 
 import numpy as np
 
+from fastformer import seeds
 from fastformer.errors import FastformerError
 
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
@@ -83,9 +84,8 @@ class FlatModel:
             raise FastformerError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.flat = FlatParams(shapes, decay, dtype)
         self.params, self.grads = self.flat.params, self.flat.grads
-        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
-        self.rng = np.random.default_rng(dropout_seq)
-        self._init_weights(np.random.default_rng(init_seq))
+        init_rng, self.rng = seeds.model_streams(seed)
+        self._init_weights(init_rng)
         self._scratch = {}  # name -> array kept across calls (see `_scratch_array`)
 
     def state_dict(self):

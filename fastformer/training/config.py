@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0  # seeds weights, dropout and data order
+    seed: int = 0  # seeds weights, dropout, data order and held-out data (fastformer.seeds)
     batch_size: int = 32  # B, windows per step
     seq_len: int = 128  # T, tokens per window (at most model.max_seq_len)
     max_steps: int = 2000  # optimizer updates in the whole run (the schedule's length)

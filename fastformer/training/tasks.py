@@ -11,16 +11,15 @@ trains and how that model is evaluated. The trainer runs one loop over either:
     task.describe()          one line for the command line
 
 `LMTask` (data.task text) draws windows of a token stream; `Seq2SeqTask` draws padded batches of
-synthetic strings (copy, reverse, sort) or of translation pairs from a file. Every stream comes
-from its own generator seeded from train.seed, and held-out data from another, so a resumed run
+synthetic strings (copy, reverse, sort) or of translation pairs from a file. The batches come
+from the run's data stream and held-out strings from another (fastformer.seeds), so a resumed run
 sees the same batches and every evaluation the same examples.
 """
 
 import hashlib
 import json
 
-import numpy as np
-
+from fastformer import seeds
 from fastformer.data.pairs import PairBatches, SyntheticTask, encode_pairs, fit_pairs, read_pairs, split_pairs
 from fastformer.data.text import get_batch, load_training_data
 from fastformer.data.tokenizer import CharTokenizer, WordTokenizer
@@ -28,13 +27,6 @@ from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import match_tokenizer
 from fastformer.training.evaluate import evaluate_lm, evaluate_seq2seq
-
-# the generators spawned from train.seed: [model init, dropout] live in the model
-DATA_STREAM, HELDOUT_STREAM = 2, 3
-
-
-def _stream(seed, which):
-    return np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[which])
 
 
 def make_task(config, text=None, tokenizers=None):
@@ -57,7 +49,7 @@ class LMTask:
         self.config = match_tokenizer(config, tok)
         self.tokenizers = {"tokenizer": tok}
         self.byte_lengths = tok.byte_lengths()  # (V,) for bits per byte
-        self.rng = _stream(t.seed, DATA_STREAM)
+        self.rng = seeds.run_streams(t.seed).data
 
     def new_model(self, seed):
         return TransformerLM(self.config.model, seed=seed)
@@ -103,7 +95,8 @@ class Seq2SeqTask:
             pairs = pairs[:d.max_pairs]
             if not pairs:
                 raise ValueError(f"pairs file {d.path} holds no source<TAB>target pair (skipped: {read_skips})")
-            train, val = split_pairs(pairs, d.val_fraction, seed=t.seed)
+            streams = seeds.run_streams(t.seed)
+            train, val = split_pairs(pairs, d.val_fraction, streams.split)
             src_tok, tgt_tok = (tokenizers["src"], tokenizers["tgt"]) if tokenizers else self._build(train, d)
             src_seqs, tgt_seqs, n_long = encode_pairs(train, src_tok, tgt_tok, s.max_src_len, s.max_tgt_len)
             if not src_seqs:
@@ -114,12 +107,12 @@ class Seq2SeqTask:
             if n_long or n_long_val:
                 self.skipped["too long"] = n_long + (n_long_val if val else 0)
             self.n_train = len(src_seqs)
-            self.source = PairBatches(src_seqs, tgt_seqs, t.batch_size, _stream(t.seed, DATA_STREAM),
+            self.source = PairBatches(src_seqs, tgt_seqs, t.batch_size, streams.data,
                                       src_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
             data_id = json.dumps(pairs, ensure_ascii=False)
         else:
             self.source = SyntheticTask(d.task, d.min_len, d.max_len, d.alphabet, t.batch_size,
-                                        _stream(t.seed, DATA_STREAM))
+                                        seeds.run_streams(t.seed).data)
             src_tok = tgt_tok = self.source.tokenizer
             self.val_pairs = self.heldout(t.eval_batches * t.batch_size, config)
             data_id = json.dumps([d.task, self.source.chars, d.min_len, d.max_len])
@@ -140,7 +133,7 @@ class Seq2SeqTask:
     def heldout(self, n, config=None):
         """n synthetic (source, target) pairs from the held-out generator: the same every time."""
         config = config or self.config
-        return self.source.sample(n, rng=_stream(config.train.seed, HELDOUT_STREAM))
+        return self.source.sample(n, rng=seeds.run_streams(config.train.seed).heldout)
 
     def new_model(self, seed):
         return Seq2SeqTransformer(self.config.seq2seq, seed=seed)

@@ -8,9 +8,10 @@ What is learnt comes from the run's task (fastformer.tasks): a language model on
 (data.task text) or an encoder-decoder on synthetic strings or translation pairs. The loop only
 asks the task for batches, evaluations and its data position.
 
-Everything random comes from explicit generators saved with each checkpoint -- the weight
-initialisation and dropout (`model.rng`) and the data order (the task's generator) -- so a run
-stopped and resumed produces bit-for-bit the losses and weights of the same run uninterrupted.
+Everything random comes from the run's streams, all spawned from train.seed (fastformer.seeds);
+the two that advance while training -- dropout (`model.rng`) and the data order (the task's
+generator) -- are saved with each checkpoint, so a run stopped and resumed produces bit-for-bit
+the losses and weights of the same run uninterrupted.
 Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
 and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
 multi-process run would guard to rank 0.
@@ -70,7 +71,7 @@ class Trainer:
         self.task = make_task(config, text=text, tokenizers=ckpt.tokenizers if ckpt else None)
         self.config = cfg = self.task.config
 
-        # model and optimizer (the model seeds its own init and dropout generators from t.seed)
+        # model and optimizer (the model takes its init and dropout streams of t.seed, fastformer.seeds)
         self.model = self.task.new_model(t.seed)
         self.optimizer = make_optimizer(self.model.flat, t)
         self.step = 0

@@ -48,10 +48,10 @@ def test_encode_pairs_filters_long_pairs():
 
 def test_split_is_deterministic_and_disjoint():
     items = list(range(50))
-    train, val = split_pairs(items, 0.1, seed=3)
+    train, val = split_pairs(items, 0.1, rng=3)
     assert len(val) == 5 and sorted(train + val) == items
-    assert split_pairs(items, 0.1, seed=3) == (train, val)
-    assert split_pairs(items, 0.1, seed=4)[1] != val
+    assert split_pairs(items, 0.1, rng=3) == (train, val)
+    assert split_pairs(items, 0.1, rng=4)[1] != val
 
 
 def test_pair_batches_cover_an_epoch_and_resume():

@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
+from fastformer.generation.sampling import sample_decode
 from fastformer.generation.search import beam_decode, beam_search, greedy_decode, greedy_search, log_softmax
 from fastformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
@@ -159,7 +160,10 @@ def test_translate_texts_and_long_sources():
     with pytest.raises(ValueError, match="source 0 has 7 tokens, more than the model's max_src_len=6"):
         translate(model, [long], tok, out_tok)
     assert translate(model, [long], tok, out_tok, truncate=True) == translate(model, ["a b c d e f"], tok, out_tok)
-    assert len(translate(model, texts, tok, out_tok, beam_size=3)) == len(texts)
+    beam, _ = beam_decode(model, src, mask, beam_size=3, bos_id=BOS, eos_id=EOS)
+    assert translate(model, texts, tok, out_tok, beam_size=3) == [out_tok.decode(e) for e in beam]
+    sampled, _ = sample_decode(model, src, mask, BOS, EOS, temperature=2.0, seed=4)
+    assert translate(model, texts, tok, out_tok, temperature=2.0, seed=4) == [out_tok.decode(e) for e in sampled]
 
 
 # ------------------------------------------------ beam search of the language model

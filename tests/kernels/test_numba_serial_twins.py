@@ -27,9 +27,16 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
                               "_attention_fwd", "_relu_fwd"}
+    picked = []  # the kernel of each call: the two runs must really take different paths
+    sized = K.sized
+    monkeypatch.setattr(K, "sized", lambda kernel, work: picked.append(sized(kernel, work)) or picked[-1])
     serial = run()
+    assert picked and all(k is K._SERIAL[k.__name__.removesuffix("_serial")] for k in picked), picked
+    assert {k.__name__.removesuffix("_serial") for k in picked} == set(K._SERIAL)
+    picked.clear()
     monkeypatch.setattr(K, "SMALL_WORK", 0)  # every call takes the parallel kernel
     parallel = run()
+    assert picked and not any(k in K._SERIAL.values() for k in picked)
     for a, p in zip(serial, parallel):
         np.testing.assert_allclose(a, p, rtol=1e-6, atol=1e-6)
 

@@ -99,7 +99,7 @@ import fastformer
 fastformer.get_ops()
 from fastformer.kernels import threads
 blas = {d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"}
-print(threads.configured_threads(), sorted(blas), "numba" in sys.modules)
+print(threads.configured_threads(), sorted(blas), sys.modules.get("numba") is not None)
 """
     env = dict(os.environ, FASTFORMER_NUM_THREADS="1", FASTFORMER_BACKEND="numpy")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -123,7 +123,7 @@ def test_decode_errors(model):
         model.forward(np.array([[1, 2]]), position_ids=np.array([[0, 24]]))
 
 
-def test_attention_cached_kernel_matches_reference(ops, ref):
+def test_attention_cached_kernel_matches_reference(fast_ops, ref):
     rng = np.random.default_rng(4)
     B, H, hs, Tmax, start, T = 2, 3, 4, 10, 5, 2
     qkv = rng.normal(size=(B, T, 3 * H * hs)).astype(np.float32)
@@ -132,7 +132,7 @@ def test_attention_cached_kernel_matches_reference(ops, ref):
     kpm = np.zeros((B, Tmax), bool)
     kpm[1, :3] = True
     kc2, vc2 = kc.copy(), vc.copy()
-    out = ops.attention_cached(qkv, kc, vc, start, H, kpm)
+    out = fast_ops.attention_cached(qkv, kc, vc, start, H, kpm)
     expect = ref.attention_cached(qkv, kc2, vc2, start, H, kpm)
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(kc, kc2)
@@ -180,7 +180,7 @@ def test_gpt2_decode_step_matches_reference_and_forward(ops, ref, dtype, tol, ti
 @given(B=st.integers(1, 3), H=st.integers(1, 3), hs=st.integers(1, 5), F=st.integers(1, 9), L=st.integers(1, 2),
        V=st.integers(1, 11), start=st.integers(0, 6), pad=st.sampled_from(["none", "random", "all"]),
        tied=st.booleans(), seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([np.float64, np.float32]))
-def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied, seed, dtype):
+def test_gpt2_decode_step_property(fast_ops, ref, B, H, hs, F, L, V, start, pad, tied, seed, dtype):
     """Odd sizes, a head size of 1, the first position, padding nowhere, somewhere or everywhere."""
     cfg = LMConfig(vocab_size=V, max_seq_len=7, d_model=H * hs, n_heads=H, d_ff=F, n_layers=L, tie_embeddings=tied)
     m = TransformerLM(cfg, seed=seed, dtype=dtype)
@@ -193,7 +193,7 @@ def test_gpt2_decode_step_property(ops, ref, B, H, hs, F, L, V, start, pad, tied
         cache.padding[...] = rng.random(cache.padding.shape) < 0.5 if pad == "random" else True
     ids, pos = rng.integers(0, V, B), rng.integers(0, 7, B)
     k2, v2 = cache.k.copy(), cache.v.copy()
-    got = ops.gpt2_decode_step(m.packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
+    got = fast_ops.gpt2_decode_step(m.packed_weights(), ids, pos, cache.k, cache.v, cache.padding, start)
     want = ref.gpt2_decode_step(m.packed_weights(), ids, pos, k2, v2, cache.padding, start)
     tol = 1e-12 if dtype == np.float64 else 3e-5
     assert np.isfinite(got).all()

@@ -1,0 +1,150 @@
+"""The PyTorch side of compare_torch.py: PyTorch eager, `torch.compile` and transformers, each in a
+process of its own that never imports fastformer.
+
+The parent (compare_torch.py) writes what a contender needs into a directory of plain files, and
+this side reads them with NumPy: for training, the model's sizes and the AdamW settings of the
+preset (spec.json), fastformer's initial weights (weights.npz) and the synthetic batch
+(batch.npz); for generation, a Hugging Face GPT-2 directory of fastformer's weights (hf/), the
+prompt (prompt.npy), fastformer's logits of it (logits.npy) and the number of new tokens
+(spec.json). So neither library's threads, BLAS settings or OpenMP runtime are in the other's
+process, in either direction.
+
+`serve` is the loop every contender, fastformer's too, answers the parent with.
+
+    python benchmarks/torch_contenders.py PART CONTENDER THREADS INPUTS    # started by compare_torch.py
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def time_calls(fn, n):
+    """Seconds of each of `n` calls of fn(), as a list."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def serve(setup):
+    """Make the contender -- setup() returns (function to time, check) -- and say {"ready": check}
+    (or {"error": text}) on stdout; then, for each line N on stdin, time N calls and answer
+    {"times": [seconds, ...]}, until stdin closes."""
+    try:
+        fn, check = setup()
+    except Exception as e:  # reported by the parent: fatal but for torch.compile
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        print(json.dumps({"error": f"{type(e).__name__}: {first}"}), flush=True)
+        return
+    print(json.dumps({"ready": check}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps({"times": time_calls(fn, int(line))}), flush=True)
+
+
+def read_spec(inputs):
+    with open(os.path.join(inputs, "spec.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class TorchGPT:
+    """fastformer's TransformerLM (tied embeddings, pre-LN, GELU(tanh), causal attention) in
+    PyTorch eager ops, weights (in, out) as in GPT-2, with torch.optim.AdamW over the same decay
+    and no-decay groups as fastformer's optimizer."""
+
+    def __init__(self, spec, state, compile=False):
+        import torch
+
+        self.spec = spec
+        self.loss_fn = torch.compile(self.loss) if compile else self.loss
+        self.p = {n: torch.nn.Parameter(torch.tensor(a)) for n, a in state.items()}
+        decay = set(spec["decay"])
+        groups = [{"params": [p for n, p in self.p.items() if n in decay], "weight_decay": spec["weight_decay"]},
+                  {"params": [p for n, p in self.p.items() if n not in decay], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["beta1"], spec["beta2"]), eps=spec["eps"])
+
+    def loss(self, ids, targets):
+        import torch
+        import torch.nn.functional as TF
+
+        P, s = self.p, self.spec
+        B, T = ids.shape
+        C, H = s["d_model"], s["n_heads"]
+
+        def ln(x, name):
+            return TF.layer_norm(x, (C,), P[name + ".weight"], P[name + ".bias"], eps=1e-5)
+
+        def linear(x, name):
+            return torch.addmm(P[name + ".bias"], x.reshape(-1, x.shape[-1]), P[name + ".weight"]).view(B, T, -1)
+
+        x = P["transformer.wte.weight"][ids] + P["transformer.wpe.weight"][:T]
+        for i in range(s["n_layers"]):
+            p = f"transformer.h.{i}."
+            qkv = linear(ln(x, p + "ln_1"), p + "attn.c_attn")
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
+            a = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + linear(a, p + "attn.c_proj")
+            h = TF.gelu(linear(ln(x, p + "ln_2"), p + "mlp.c_fc"), approximate="tanh")
+            x = x + linear(h, p + "mlp.c_proj")
+        logits = ln(x, "transformer.ln_f") @ P["transformer.wte.weight"].T
+        return TF.cross_entropy(logits.view(-1, s["vocab_size"]), targets.reshape(-1))
+
+    def step(self, ids, targets):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(ids, targets)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def train_call(contender, inputs):
+    """(step function, the first step's loss) of "torch eager" or "torch.compile", warmed up."""
+    import torch
+
+    with np.load(os.path.join(inputs, "weights.npz")) as w:
+        state = dict(w)
+    with np.load(os.path.join(inputs, "batch.npz")) as b:
+        x, y = torch.from_numpy(b["ids"]), torch.from_numpy(b["targets"])
+    net = TorchGPT(read_spec(inputs), state, compile=contender == "torch.compile")
+    first = net.step(x, y)  # compiles for torch.compile
+    return (lambda: net.step(x, y)), first
+
+
+def generate_call(contender, inputs):
+    """(generate function, the largest difference of its prompt logits to fastformer's) of
+    "transformers": GPT2LMHeadModel.generate, greedy, with the key/value cache."""
+    import torch
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    hf = GPT2LMHeadModel.from_pretrained(os.path.join(inputs, "hf"), local_files_only=True).eval()
+    new_tokens = read_spec(inputs)["new_tokens"]
+    prompt = torch.from_numpy(np.load(os.path.join(inputs, "prompt.npy")))  # (1, P)
+    with torch.inference_mode():
+        diff = float(np.abs(hf(prompt).logits[0].numpy() - np.load(os.path.join(inputs, "logits.npy"))).max())
+
+    def fn():
+        with torch.inference_mode():
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+
+    fn()
+    return fn, diff
+
+
+def main():
+    part, contender, threads, inputs = sys.argv[1:]
+    import torch
+
+    torch.set_num_threads(int(threads))
+    serve(lambda: (train_call if part == "train" else generate_call)(contender, inputs))
+
+
+if __name__ == "__main__":
+    main()
