@@ -131,7 +131,7 @@ def test_prepared_directory_config_errors(tmp_path, text_file):
         Trainer(tiny(str(tmp_path / "data"), tokenizer="char"), str(tmp_path / "r1"), verbose=False)
     config = tiny(str(tmp_path / "data"))
     config.model.vocab_size = 300
-    with pytest.raises(ValueError, match="model.vocab_size=300 but the byte tokenizer has 259 ids"):
+    with pytest.raises(FastformerError, match="model.vocab_size=300 but the byte tokenizer has 259 ids"):
         Trainer(config, str(tmp_path / "r2"), verbose=False)
     with pytest.raises(FastformerError, match="not a prepared data directory"):
         Trainer(tiny(str(tmp_path)), str(tmp_path / "r3"), verbose=False)
