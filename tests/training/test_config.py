@@ -51,7 +51,7 @@ def test_unknown_key_lists_valid_keys():
     ("model.n_heads=3", r"d_model=64 must be divisible by n_heads=3"),
 ])
 def test_bad_values_are_rejected(item, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FastformerError, match=message):
         apply_overrides(preset("tiny"), [item])
 
 

@@ -167,7 +167,7 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
     (["data.lowercase=maybe"], r"data\.lowercase must be bool"),
 ])
 def test_config_validation_of_the_seq2seq_keys(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FastformerError, match=message):
         apply_overrides(RunConfig(), overrides)
 
 
