@@ -5,7 +5,8 @@ pair: `X_forward(...) -> (out, cache)` and `X_backward(dout, cache) -> grads` in
 forward's inputs. Faster backends subclass `NumpyOps` and override only what they speed up, so
 this file is also the documentation of what each kernel must compute. Nothing here knows about
 models -- arrays in, arrays out -- except `gpt2_decode_step`, which fuses a whole GPT-2 decoding
-step because at batch 1 the calls, not the arithmetic, are what a step costs.
+step because at batch 1 the calls, not the arithmetic, are what a step costs. What each kernel
+accepts is written once, in checks.py, and every backend calls the same check.
 
 Shape letters: B batch, H heads, T query length, S key length, hs head size, C channels, V vocab.
 """
