@@ -5,10 +5,14 @@ import contextlib
 import json
 import os
 
+from fastformer.errors import check_choice
+
 
 @contextlib.contextmanager
 def atomic_open(path, mode="w"):
-    """Open a temporary file for writing that replaces `path` only when the block succeeds."""
+    """Open a temporary file for writing ("w" text, "wb" bytes) that replaces `path` only when
+    the block succeeds."""
+    check_choice("mode", mode, ("w", "wb"))
     tmp = os.fspath(path) + ".tmp"
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer import seeds
+from fastformer.errors import FastformerError, check_int
 from fastformer.kernels import get_backend, get_ops, set_backend, use_backend
 from fastformer.models.lm import TransformerLM
 from fastformer.training.config import preset
@@ -184,7 +185,7 @@ def make_kernel_call(op, preset, backend=None, seed=0):
     Backward calls reuse one forward cache made here.
     """
     if op not in KERNEL_OPS:
-        raise ValueError(f"unknown kernel benchmark {op!r}: valid names are {', '.join(KERNEL_OPS)}")
+        raise FastformerError(f"unknown kernel benchmark {op!r}: valid names are {', '.join(KERNEL_OPS)}")
     backend = backend or get_backend()
     with use_backend(backend) as ops:
         S = kernel_shapes(preset)
@@ -248,8 +249,8 @@ def make_kernel_call(op, preset, backend=None, seed=0):
 
 def run(preset, backend=None, steps=10, warmup=2, seed=0):
     """Time `steps` training steps of `preset`; returns a dict of the figures."""
-    if steps < 1 or warmup < 1:
-        raise ValueError(f"steps and warmup must be >= 1, got steps={steps}, warmup={warmup}")
+    check_int("steps", steps)
+    check_int("warmup", warmup)
     t_start = time.perf_counter()
     if backend is not None:
         set_backend(backend)

@@ -14,8 +14,10 @@ info, plot.
     fastformer info --preset small
     fastformer plot runs/tiny runs/small --out loss.png
 
-Every subcommand is one `cmd_<name>(args)` function; `build_parser()` wires them up. A ValueError
-(bad config key, missing file, corrupt checkpoint, ...) is printed as one line and exits with 2.
+Every subcommand is one `cmd_<name>(args)` function; `build_parser()` wires them up. A
+FastformerError (bad config key, missing data file, corrupt checkpoint, ...) or a file error
+(OSError: no such file, a directory, no permission) is printed as one line and exits with 2; any
+other exception is a bug in fastformer and keeps its traceback.
 """
 
 import argparse
@@ -36,8 +38,8 @@ def resolve_train_config(args):
 
     if args.resume:
         if args.preset or args.config or args.seed is not None or args.task:
-            raise ValueError("--resume continues with the run's saved config: drop --preset/--config/--seed/--task "
-                             "(change settings with --set or --max-steps)")
+            raise FastformerError("--resume continues with the run's saved config: drop --preset/--config/--seed/"
+                                  "--task (change settings with --set or --max-steps)")
         config = load_config(os.path.join(latest_checkpoint(args.out), "config.yaml"))
     else:
         # the presets size language models; an encoder-decoder task starts from the defaults
@@ -45,8 +47,9 @@ def resolve_train_config(args):
         if task == "text":
             config = preset(args.preset or "tiny")
         elif args.preset:
-            raise ValueError(f"--preset sizes language models, not the {task} task: size an encoder-decoder "
-                             f"with --config (e.g. experiments/configs/tiny_reverse.yaml) or --set seq2seq.KEY=VALUE")
+            raise FastformerError(f"--preset sizes language models, not the {task} task: size an encoder-decoder "
+                                  f"with --config (e.g. experiments/configs/tiny_reverse.yaml) or "
+                                  f"--set seq2seq.KEY=VALUE")
         else:
             config = RunConfig()
         if args.config:
@@ -77,7 +80,7 @@ def cmd_train(args):
 
     if args.out is None:
         if args.resume:
-            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+            raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
         args.out = default_out_dir(args)
     config = resolve_train_config(args)
     if args.backend:
@@ -128,7 +131,7 @@ def cmd_generate(args):
     model, tokenizer, _ = load_model(args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
-        raise ValueError("--prompt is empty: give at least one character to continue")
+        raise FastformerError("--prompt is empty: give at least one character to continue")
     if args.beam != 1:  # beam search: the whole continuation at once, then cut at a stop string
         if args.repetition_penalty is not None:
             raise FastformerError("--repetition-penalty applies to sampling, not to --beam")
@@ -152,8 +155,8 @@ def load_seq2seq(path):
 
     ckpt = load_checkpoint(path)
     if ckpt.config.kind != "seq2seq":
-        raise ValueError(f"{ckpt.path} holds a language model (data.task=text), not an encoder-decoder: "
-                         f"use fastformer generate with it")
+        raise FastformerError(f"{ckpt.path} holds a language model (data.task=text), not an encoder-decoder: "
+                              f"use fastformer generate with it")
     return ckpt.new_model(), ckpt
 
 
@@ -165,12 +168,9 @@ def cmd_translate(args):
         set_backend(args.backend)
     model, ckpt = load_seq2seq(args.checkpoint)
     texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
-    try:
-        outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
-                            length_penalty=args.length_penalty, truncate=args.truncate,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except ValueError as e:
-        raise ValueError(f"--text: {e}") from None
+    outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
+                        length_penalty=args.length_penalty, truncate=args.truncate, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for out in outputs:
         print(out)
     return 0
@@ -183,12 +183,12 @@ def cmd_tokenizer_train(args):
 
     if args.kind == "bpe":
         if args.vocab_size is None:
-            raise ValueError("tokenizer train --kind bpe needs --vocab-size N (e.g. 4096)")
+            raise FastformerError("tokenizer train --kind bpe needs --vocab-size N (e.g. 4096)")
         tok = BPETokenizer.train(args.data, args.vocab_size, show_progress=sys.stderr.isatty())
     else:
         if args.vocab_size is not None:
-            raise ValueError("--vocab-size does not apply to --kind char: its vocabulary is every character "
-                             "of the data")
+            raise FastformerError("--vocab-size does not apply to --kind char: its vocabulary is every character "
+                                  "of the data")
         tok = CharTokenizer.train(args.data)
     tok.save(args.out)
     print(f"wrote a {tok.kind} tokenizer with {tok.vocab_size} ids to {os.path.join(args.out, 'tokenizer.json')}")
@@ -202,19 +202,19 @@ def cmd_prepare(args):
     from fastformer.data.tokenizer import ByteTokenizer, load_tokenizer
 
     if (args.data is None) == (args.dataset is None):
-        raise ValueError("prepare needs either --data FILE... or --dataset NAME")
+        raise FastformerError("prepare needs either --data FILE... or --dataset NAME")
     files, val_files = args.data, args.val_data
     if args.dataset:
         if val_files:
-            raise ValueError("--val-data does not apply to --dataset, which brings its own split")
+            raise FastformerError("--val-data does not apply to --dataset, which brings its own split")
         files, val_files = fetch_dataset(args.dataset, args.cache_dir)
     if args.tokenizer == "byte":
         tok = ByteTokenizer()
     elif os.path.isdir(args.tokenizer):
         tok = load_tokenizer(args.tokenizer)
     else:
-        raise ValueError(f"--tokenizer {args.tokenizer!r} is neither 'byte' nor a directory holding a tokenizer.json "
-                         f"(make one with fastformer tokenizer train)")
+        raise FastformerError(f"--tokenizer {args.tokenizer!r} is neither 'byte' nor a directory holding a "
+                              f"tokenizer.json (make one with fastformer tokenizer train)")
     meta = prepare(files, tok, args.out, val_fraction=args.val_fraction, val_files=val_files)
     s = meta["splits"]
     print(f"wrote {s['train']['tokens']:,} training and {s['val']['tokens']:,} validation tokens "
@@ -237,14 +237,14 @@ def cmd_eval(args):
     if is_seq2seq_checkpoint(args.checkpoint):
         return eval_seq2seq(args)
     if args.data is None:
-        raise ValueError("eval of a language model needs --data: a UTF-8 text file or prepared directory")
+        raise FastformerError("eval of a language model needs --data: a UTF-8 text file or prepared directory")
     model, tokenizer, config = load_model(args.checkpoint)
     if is_prepared_dir(args.data):
         prepared = load_prepared(args.data)
         if prepared.tokenizer.vocab_size != tokenizer.vocab_size or prepared.tokenizer.kind != tokenizer.kind:
-            raise ValueError(f"{args.data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
-                             f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} with "
-                             f"{tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
+            raise FastformerError(f"{args.data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
+                                  f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} "
+                                  f"with {tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
         ids = getattr(prepared, args.split)
     else:
         ids = tokenizer.encode(load_text(args.data))
@@ -297,7 +297,7 @@ def eval_seq2seq(args):
             pairs, what = task.heldout(args.examples or 1000), f"held-out {config.data.task} strings"
     skipped = {k: v for k, v in skipped.items() if v}
     if not pairs:
-        raise ValueError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
+        raise FastformerError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
     m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
                          beam_size=args.beam, length_penalty=args.length_penalty)
     decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
@@ -320,7 +320,8 @@ def cmd_export(args):
     from fastformer.training.export import export_hf
 
     if args.format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {args.format!r}: valid formats are {', '.join(EXPORT_FORMATS)}")
+        raise FastformerError(f"unknown export format {args.format!r}: valid formats are "
+                              f"{', '.join(EXPORT_FORMATS)}")
     model, tokenizer, _ = load_model(args.checkpoint)
     wrote = export_hf(model, tokenizer, args.out)
     print(f"wrote {', '.join(wrote)} to {args.out}")
@@ -500,8 +501,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"fastformer {args.command}: error: {e}", file=sys.stderr)
+    except (FastformerError, OSError) as e:  # bad input; anything else is a bug and shows its traceback
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"fastformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"fastformer {args.command}: {e}", file=sys.stderr)

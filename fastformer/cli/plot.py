@@ -4,12 +4,14 @@ each run's metrics.jsonl, drawn with matplotlib's Agg backend into a PNG (the `p
 import json
 import os
 
+from fastformer.errors import FastformerError
+
 
 def read_metrics(run_dir):
     """The records of RUN/metrics.jsonl as a list of dicts (a line cut by a crash is skipped)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise ValueError(f"no metrics in {run_dir!r}: expected {path} (written by fastformer train)")
+        raise FastformerError(f"no metrics in {run_dir!r}: expected {path} (written by fastformer train)")
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -25,8 +27,8 @@ def plot_runs(run_dirs, out):
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("fastformer plot needs matplotlib: pip install 'fastformer[plot]' "
-                         "(or pip install matplotlib)") from None
+        raise FastformerError("fastformer plot needs matplotlib: pip install 'fastformer[plot]' "
+                              "(or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,8 @@ import os
 import numpy as np
 
 from fastformer.atomic import atomic_open
+from fastformer.data.checks import check_text, decode_ids
+from fastformer.errors import FastformerError, check_int, is_int
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
 
@@ -36,7 +38,7 @@ def _tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise ValueError("the BPE tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+        raise FastformerError("the BPE tokenizer needs the `tokenizers` package: pip install tokenizers") from None
     return tokenizers
 
 
@@ -50,8 +52,8 @@ class BPETokenizer:
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if None in ids:
             missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
-            raise ValueError(f"BPE tokenizer lacks the special tokens {missing}; "
-                             f"fastformer needs {list(SPECIAL_TOKENS)}")
+            raise FastformerError(f"BPE tokenizer lacks the special tokens {missing}; "
+                                  f"fastformer needs {list(SPECIAL_TOKENS)}")
         self.pad_id, self.bos_id, self.eos_id = ids
         self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
         self.vocab_size = tokenizer.get_vocab_size()
@@ -67,14 +69,16 @@ class BPETokenizer:
         files = [os.fspath(f) for f in files]
         for f in files:
             if not os.path.isfile(f):
-                raise ValueError(f"no such text file to train the tokenizer on: {f}")
+                raise FastformerError(f"no such text file to train the tokenizer on: {f}")
         minimum = 256 + len(SPECIAL_TOKENS)
-        if not isinstance(vocab_size, int) or vocab_size < minimum:
-            raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + specials), got {vocab_size!r}")
+        if not is_int(vocab_size) or vocab_size < minimum:
+            raise FastformerError(f"vocab_size must be an integer >= {minimum} (256 bytes + specials), "
+                                  f"got {vocab_size!r}")
+        check_int("min_frequency", min_frequency)
         tokenizer = tk.Tokenizer(tk.models.BPE())
         tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tk.decoders.ByteLevel()
-        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+        trainer = tk.trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=min_frequency,
                                          special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
                                          initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
         tokenizer.train(files, trainer)
@@ -82,21 +86,19 @@ class BPETokenizer:
 
     def encode(self, text, bos=False, eos=False):
         """ids (int64, 1-D) of `text`, optionally framed by <bos>/<eos>."""
-        if not isinstance(text, str):
-            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        bos, eos = check_text(text, bos, eos)
         ids = self._tk.encode(text, add_special_tokens=False).ids
         return np.array([self.bos_id] * bos + ids + [self.eos_id] * eos, dtype=np.int64)
 
     def encode_batch(self, texts):
         """A list of id arrays, encoded in parallel by the Rust library."""
+        for text in texts:
+            check_text(text)
         return [np.array(e.ids, dtype=np.int64) for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, errors="replace"):
         """Text of `ids` with special tokens dropped."""
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the BPE vocabulary [0, {self.vocab_size})")
+        ids = decode_ids(ids, self.vocab_size, "the BPE vocabulary")
         return self._tk.decode(ids.tolist(), skip_special_tokens=True)
 
     def byte_lengths(self):
@@ -122,7 +124,7 @@ class BPETokenizer:
         try:
             tokenizer = _tokenizers().Tokenizer.from_str(json.dumps(d))
         except Exception as e:  # the Rust library raises its own exception type
-            raise ValueError(f"{where} is not a readable Hugging Face tokenizer.json: {e}") from None
+            raise FastformerError(f"{where} is not a readable Hugging Face tokenizer.json: {e}") from None
         return cls(tokenizer)
 
     @classmethod
@@ -130,6 +132,6 @@ class BPETokenizer:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FastformerError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
         return cls.from_dict(d, where=path)

@@ -19,6 +19,8 @@ import os
 import urllib.error
 import urllib.request
 
+from fastformer.errors import FastformerError
+
 TIMEOUT = 30  # seconds without data before a download gives up
 
 # name -> [(split, url, file name, size in bytes or None, sha256 or None)]
@@ -52,8 +54,8 @@ def _file_digest(path):
 def _check(path, size, sha256, source):
     got_size, got_sha = _file_digest(path)
     if (size is not None and got_size != size) or (sha256 is not None and got_sha != sha256):
-        raise ValueError(f"{source} does not match its checksum: got {got_size} bytes, sha256 {got_sha}; "
-                         f"expected {size} bytes, sha256 {sha256}")
+        raise FastformerError(f"{source} does not match its checksum: got {got_size} bytes, sha256 {got_sha}; "
+                              f"expected {size} bytes, sha256 {sha256}")
 
 
 def download(url, path, size=None, sha256=None):
@@ -63,7 +65,11 @@ def download(url, path, size=None, sha256=None):
     if os.path.isfile(path):
         if sha256 is None and os.path.isfile(record):
             with open(record) as f:
-                size, sha256 = (lambda s, h: (int(s), h))(*f.read().split())
+                fields = f.read().split()
+            if len(fields) != 2 or not fields[0].isdigit():
+                raise FastformerError(f"checksum record {record} is corrupt: delete it and {path} to fetch the "
+                                      f"file again")
+            size, sha256 = int(fields[0]), fields[1]
         _check(path, size, sha256, f"cached file {path} (delete it to fetch it again)")
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -76,11 +82,11 @@ def download(url, path, size=None, sha256=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = getattr(e, "reason", None) or e
-        raise ValueError(f"cannot download {url} ({reason}): is the machine offline? Fetch the file "
-                         f"elsewhere and pass it with --data FILE") from None
+        raise FastformerError(f"cannot download {url} ({reason}): is the machine offline? Fetch the file "
+                              f"elsewhere and pass it with --data FILE") from None
     try:
         _check(tmp, size, sha256, f"the download of {url}")
-    except ValueError:
+    except FastformerError:
         os.remove(tmp)
         raise
     os.replace(tmp, path)
@@ -95,7 +101,7 @@ def fetch_dataset(name, directory=None):
     """Download a named corpus (if not cached): returns (train_files, val_files); val_files is
     None when the corpus has no validation file (the prepare step splits off a fraction)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: valid datasets are {', '.join(DATASETS)}")
+        raise FastformerError(f"unknown dataset {name!r}: valid datasets are {', '.join(DATASETS)}")
     root = os.path.join(cache_dir(directory), name)
     files = {"train": [], "val": []}
     for split, url, fname, size, sha256 in DATASETS[name]:

@@ -20,6 +20,7 @@ import string
 import numpy as np
 
 from fastformer.data.tokenizer import CharTokenizer
+from fastformer.errors import FastformerError, check_bool, check_choice, check_int, check_number, is_int
 
 IGNORE_INDEX = -100
 ALPHABETS = {"lower": string.ascii_lowercase, "upper": string.ascii_uppercase,
@@ -32,6 +33,7 @@ def read_pairs(path, lowercase=False):
     """Read `source<TAB>target` lines (or a .csv file's first two columns); further columns
     are ignored. Returns (pairs: [(src, tgt)], skipped: {reason: count}) -- blank lines, lines
     without a tab and pairs with an empty side are skipped and counted, never fatal."""
+    check_bool("lowercase", lowercase)
     skipped = {"empty line": 0, "no tab": 0, "empty side": 0}
     pairs = []
     try:
@@ -49,9 +51,9 @@ def read_pairs(path, lowercase=False):
                     src, tgt = row[0].strip(), row[1].strip()
                     pairs.append((src.lower(), tgt.lower()) if lowercase else (src, tgt))
     except FileNotFoundError:
-        raise ValueError(f"pairs file {path} does not exist") from None
+        raise FastformerError(f"pairs file {path} does not exist") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"pairs file {path} is not UTF-8 text: {e}") from None
+        raise FastformerError(f"pairs file {path} is not UTF-8 text: {e}") from None
     return pairs, skipped
 
 
@@ -84,8 +86,7 @@ def split_pairs(pairs, val_fraction=0.1, rng=0):
     """Deterministic (train, val) split of a list: a permutation drawn from `rng` (an
     np.random.Generator, or an int seed; a run passes its split stream, fastformer.seeds), the
     last round(val_fraction * n) items to validation, each part in file order."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    check_number("val_fraction", val_fraction, low=0, high=1, high_open=True)
     n_val = round(val_fraction * len(pairs))
     perm = np.random.default_rng(rng).permutation(len(pairs))
     val_idx = set(perm[len(pairs) - n_val:].tolist())
@@ -96,7 +97,8 @@ def split_pairs(pairs, val_fraction=0.1, rng=0):
 def make_batch(src_seqs, tgt_seqs, pad_id=0, bos_id=1, eos_id=2):
     """Pad a list of source and target id lists into a batch dict (see the module docstring)."""
     if len(src_seqs) != len(tgt_seqs) or not src_seqs:
-        raise ValueError(f"need as many sources as targets, at least one, got {len(src_seqs)} and {len(tgt_seqs)}")
+        raise FastformerError(f"need as many sources as targets, at least one, got {len(src_seqs)} and "
+                              f"{len(tgt_seqs)}")
     B = len(src_seqs)
     S = max(len(s) for s in src_seqs)
     T = max(len(t) for t in tgt_seqs) + 1  # <bos> + target, target + <eos>
@@ -125,9 +127,9 @@ class PairBatches:
 
     def __init__(self, src_seqs, tgt_seqs, batch_size, rng=0, pad_id=0, bos_id=1, eos_id=2):
         if len(src_seqs) != len(tgt_seqs) or not src_seqs:
-            raise ValueError(f"need as many sources as targets, at least one, got {len(src_seqs)} and {len(tgt_seqs)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+            raise FastformerError(f"need as many sources as targets, at least one, got {len(src_seqs)} and "
+                                  f"{len(tgt_seqs)}")
+        check_int("batch_size", batch_size)
         self.src, self.tgt, self.batch_size = src_seqs, tgt_seqs, batch_size
         self.ids = (pad_id, bos_id, eos_id)
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -147,7 +149,7 @@ class PairBatches:
 
     def load_state_dict(self, state):
         if len(state["perm"]) != len(self.src):
-            raise ValueError(f"data state is for {len(state['perm'])} pairs, this data has {len(self.src)}")
+            raise FastformerError(f"data state is for {len(state['perm'])} pairs, this data has {len(self.src)}")
         self.rng.bit_generator.state = state["rng"]
         self.epoch, self.pos, self.perm = state["epoch"], state["pos"], np.asarray(state["perm"])
 
@@ -156,18 +158,20 @@ class PairBatches:
 def parse_alphabet(spec):
     """Characters named by `spec`: names from ALPHABETS joined with "+" ("letters+digits"),
     or a literal string of characters prefixed with "chars:" ("chars:abc")."""
+    if not isinstance(spec, str):
+        raise FastformerError(f"an alphabet must be a str such as 'letters+digits' or 'chars:abc', got {spec!r}")
     if spec.startswith("chars:"):
         chars = spec[len("chars:"):]
     else:
         parts = spec.split("+")
         bad = [p for p in parts if p not in ALPHABETS]
         if bad:
-            raise ValueError(f"unknown alphabet name(s) {bad} in {spec!r}: valid names are {sorted(ALPHABETS)}, "
-                             f"joined with '+', or 'chars:' followed by the characters")
+            raise FastformerError(f"unknown alphabet name(s) {bad} in {spec!r}: valid names are {sorted(ALPHABETS)}, "
+                                  f"joined with '+', or 'chars:' followed by the characters")
         chars = "".join(ALPHABETS[p] for p in parts)
     chars = "".join(dict.fromkeys(chars))  # no repeats, first occurrence order
     if not chars:
-        raise ValueError(f"alphabet {spec!r} has no characters")
+        raise FastformerError(f"alphabet {spec!r} has no characters")
     return chars
 
 
@@ -183,12 +187,11 @@ class SyntheticTask:
     """
 
     def __init__(self, task, min_len=1, max_len=16, alphabet="letters+digits+punctuation", batch_size=64, rng=0):
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if not (isinstance(min_len, int) and isinstance(max_len, int) and 1 <= min_len <= max_len):
-            raise ValueError(f"need integers 1 <= min_len <= max_len, got min_len={min_len!r}, max_len={max_len!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_choice("task", task, TASKS)
+        if not (is_int(min_len) and is_int(max_len) and 1 <= min_len <= max_len):
+            raise FastformerError(f"need integers 1 <= min_len <= max_len, got min_len={min_len!r}, "
+                                  f"max_len={max_len!r}")
+        check_int("batch_size", batch_size)
         self.task, self.min_len, self.max_len, self.batch_size = task, min_len, max_len, batch_size
         self.chars = parse_alphabet(alphabet)
         self.tokenizer = CharTokenizer(self.chars)
@@ -203,6 +206,7 @@ class SyntheticTask:
 
     def sample(self, n, rng=None):
         """n (source, target) string pairs drawn from `rng` (default the task's generator)."""
+        check_int("n", n, minimum=0)
         rng = self.rng if rng is None else rng
         lengths = rng.integers(self.min_len, self.max_len + 1, size=n)
         picks = rng.integers(0, len(self.chars), size=int(lengths.sum()))

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from fastformer.atomic import write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from fastformer.errors import FastformerError, check_bool, check_int
 
 META_FILE = "meta.json"
 FORMAT = "fastformer-tokens"
@@ -66,8 +67,8 @@ def _text_pieces(path, block_bytes, sha):
             try:
                 text = carry + head.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"data file {path!r} is not UTF-8 text "
-                                 f"(byte {offset + e.start}: {e.reason})") from None
+                raise FastformerError(f"data file {path!r} is not UTF-8 text "
+                                      f"(byte {offset + e.start}: {e.reason})") from None
             offset += len(head)
             if not block:
                 if text:
@@ -119,12 +120,12 @@ class _SplitWriter:
 
 
 def _check_files(files, what):
-    files = [os.fspath(f) for f in files]
+    files = [os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
     if not files:
-        raise ValueError(f"no {what} files given")
+        raise FastformerError(f"no {what} files given")
     for f in files:
         if not os.path.isfile(f):
-            raise ValueError(f"{what} file {f!r} does not exist (pass UTF-8 text files)")
+            raise FastformerError(f"{what} file {f!r} does not exist (pass UTF-8 text files)")
     return files
 
 
@@ -140,8 +141,10 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
     """
     files = _check_files(files, "data")
     val_files = _check_files(val_files, "validation data") if val_files else []
-    if not val_files and not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must lie in (0, 1), got {val_fraction} (or give --val-data files)")
+    if not val_files and not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
+        raise FastformerError(f"--val-fraction must lie in (0, 1), got {val_fraction!r} (or give --val-data files)")
+    check_int("block_bytes", block_bytes)
+    check_bool("progress", progress)
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, META_FILE)
     if os.path.exists(meta_path):
@@ -183,8 +186,8 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
     splits = {s: w.close() for s, w in writers.items()}
     for s in SPLITS:
         if splits[s]["tokens"] == 0:
-            raise ValueError(f"the {s} split of {out_dir!r} came out empty: give more text"
-                             f"{' or a larger --val-fraction' if s == 'val' and not val_files else ''}")
+            raise FastformerError(f"the {s} split of {out_dir!r} came out empty: give more text"
+                                  f"{' or a larger --val-fraction' if s == 'val' and not val_files else ''}")
     tokenizer.save(out_dir)
     meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer_kind": tokenizer.kind, "tokenizer": TOKENIZER_FILE,
@@ -218,8 +221,8 @@ def load_prepared(directory):
     would cost more than training a small model.)"""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        raise ValueError(f"{directory!r} is not a prepared data directory: no {META_FILE} (make one with "
-                         f"fastformer prepare, or pass a UTF-8 text file)")
+        raise FastformerError(f"{directory!r} is not a prepared data directory: no {META_FILE} (make one with "
+                              f"fastformer prepare, or pass a UTF-8 text file)")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -227,25 +230,25 @@ def load_prepared(directory):
         vocab_size, splits = meta["vocab_size"], meta["splits"]
         counts = {s: int(splits[s]["tokens"]) for s in SPLITS}
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_path} is corrupt: {type(e).__name__} {e}") from None
+        raise FastformerError(f"{meta_path} is corrupt: {type(e).__name__} {e}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{meta_path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
-                         f"this fastformer reads {FORMAT!r} version {VERSION}")
+        raise FastformerError(f"{meta_path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"this fastformer reads {FORMAT!r} version {VERSION}")
     if dtype not in (np.uint16, np.uint32):
-        raise ValueError(f"{meta_path}: dtype {dtype.name!r} is not allowed (uint16 or uint32)")
+        raise FastformerError(f"{meta_path}: dtype {dtype.name!r} is not allowed (uint16 or uint32)")
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"{meta_path} says vocab_size={vocab_size} but its {TOKENIZER_FILE} has "
-                         f"{tokenizer.vocab_size} ids: the directory is inconsistent, prepare it again")
+        raise FastformerError(f"{meta_path} says vocab_size={vocab_size} but its {TOKENIZER_FILE} has "
+                              f"{tokenizer.vocab_size} ids: the directory is inconsistent, prepare it again")
     arrays = {}
     for s in SPLITS:
         path = os.path.join(directory, f"{s}.bin")
         want = counts[s] * dtype.itemsize
         if counts[s] < 1:
-            raise ValueError(f"{meta_path}: the {s} split holds {counts[s]} tokens; prepare more text")
+            raise FastformerError(f"{meta_path}: the {s} split holds {counts[s]} tokens; prepare more text")
         if not os.path.isfile(path) or os.path.getsize(path) != want:
             have = os.path.getsize(path) if os.path.isfile(path) else "no file"
-            raise ValueError(f"token file {path} should hold {counts[s]} {dtype.name} tokens ({want} bytes), "
-                             f"found {have}: prepare the directory again")
+            raise FastformerError(f"token file {path} should hold {counts[s]} {dtype.name} tokens ({want} bytes), "
+                                  f"found {have}: prepare the directory again")
         arrays[s] = np.memmap(path, dtype=dtype, mode="r", shape=(counts[s],))
     return PreparedData(directory, tokenizer, meta, arrays["train"], arrays["val"])

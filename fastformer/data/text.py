@@ -26,6 +26,7 @@ import numpy as np
 
 from fastformer.data.prepare import is_prepared_dir, load_prepared
 from fastformer.data.tokenizer import make_tokenizer
+from fastformer.errors import FastformerError
 
 
 def default_corpus():
@@ -46,17 +47,17 @@ def default_corpus():
 
 
 def load_text(path):
-    """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises ValueError."""
+    """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises FastformerError."""
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist (pass a UTF-8 text file with --data)")
+        raise FastformerError(f"data file {path!r} does not exist (pass a UTF-8 text file with --data)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"data file {path!r} is not UTF-8 text ({e})") from None
+        raise FastformerError(f"data file {path!r} is not UTF-8 text ({e})") from None
     if not text:
-        raise ValueError(f"data file {path!r} is empty")
+        raise FastformerError(f"data file {path!r} is empty")
     return text
 
 
@@ -74,9 +75,9 @@ def split_ids(ids, val_fraction, seq_len):
     train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
     for part, what in ((train, "training"), (val, "validation")):
         if len(part) < seq_len + 1:
-            raise ValueError(f"the {what} split has {len(part)} tokens, fewer than seq_len + 1 = "
-                             f"{seq_len + 1}: use more text, a shorter train.seq_len or another "
-                             f"data.val_fraction (now {val_fraction})")
+            raise FastformerError(f"the {what} split has {len(part)} tokens, fewer than seq_len + 1 = "
+                                  f"{seq_len + 1}: use more text, a shorter train.seq_len or another "
+                                  f"data.val_fraction (now {val_fraction})")
     return train, val
 
 
@@ -115,16 +116,16 @@ def load_training_data(data, seq_len, text=None, tokenizer=None):
         prepared = load_prepared(data.path)
         tok = prepared.tokenizer
         if data.tokenizer is not None:
-            raise ValueError(f"data.tokenizer={data.tokenizer!r} but data.path {data.path!r} is a prepared "
-                             f"directory, whose tokens were made by its own {tok.kind} tokenizer "
-                             f"({tok.vocab_size} ids): leave data.tokenizer unset")
+            raise FastformerError(f"data.tokenizer={data.tokenizer!r} but data.path {data.path!r} is a prepared "
+                                  f"directory, whose tokens were made by its own {tok.kind} tokenizer "
+                                  f"({tok.vocab_size} ids): leave data.tokenizer unset")
         if tokenizer is not None and tokenizer.vocab_size != tok.vocab_size:
-            raise ValueError(f"the prepared directory {data.path!r} has a {tok.kind} tokenizer of "
-                             f"{tok.vocab_size} ids, but the run's tokenizer has {tokenizer.vocab_size}")
+            raise FastformerError(f"the prepared directory {data.path!r} has a {tok.kind} tokenizer of "
+                                  f"{tok.vocab_size} ids, but the run's tokenizer has {tokenizer.vocab_size}")
         for name, ids in (("train", prepared.train), ("val", prepared.val)):
             if len(ids) < seq_len + 1:
-                raise ValueError(f"the {name} split of {data.path!r} has {len(ids)} tokens, fewer than "
-                                 f"seq_len + 1 = {seq_len + 1}: prepare more text or use a shorter train.seq_len")
+                raise FastformerError(f"the {name} split of {data.path!r} has {len(ids)} tokens, fewer than "
+                                      f"seq_len + 1 = {seq_len + 1}: prepare more text or use a shorter train.seq_len")
         return tok, prepared.train, prepared.val, prepared.fingerprint
     if text is None:
         text = load_text(data.path) if data.path else default_corpus()

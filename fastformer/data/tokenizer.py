@@ -28,6 +28,8 @@ import numpy as np
 
 from fastformer.atomic import write_json_atomic
 from fastformer.data.bpe import BPETokenizer
+from fastformer.data.checks import check_text, decode_ids
+from fastformer.errors import FastformerError, check_bool, check_int
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -42,8 +44,7 @@ class ByteTokenizer:
 
     def encode(self, text, bos=False, eos=False):
         """ids (int64, 1-D) of the UTF-8 bytes of `text`, optionally framed by <bos>/<eos>."""
-        if not isinstance(text, str):
-            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        bos, eos = check_text(text, bos, eos)
         ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         if bos or eos:
             ids = np.concatenate([[self.bos_id] * bos, ids, [self.eos_id] * eos]).astype(np.int64)
@@ -52,10 +53,7 @@ class ByteTokenizer:
     def decode(self, ids, errors="replace"):
         """Text of the byte ids in `ids`; special ids are dropped. Bytes that are not valid
         UTF-8 (a sequence cut in the middle of a character) become U+FFFD unless errors="strict"."""
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the byte tokenizer's vocabulary [0, {self.vocab_size})")
+        ids = decode_ids(ids, self.vocab_size, "the byte tokenizer's vocabulary")
         return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors=errors)
 
     def byte_lengths(self):
@@ -72,7 +70,8 @@ class ByteTokenizer:
     @classmethod
     def from_dict(cls, d):
         if d.get("vocab_size") != cls.vocab_size:
-            raise ValueError(f"byte tokenizer file says vocab_size={d.get('vocab_size')!r}, expected {cls.vocab_size}")
+            raise FastformerError(f"byte tokenizer file says vocab_size={d.get('vocab_size')!r}, "
+                                  f"expected {cls.vocab_size}")
         return cls()
 
 
@@ -86,8 +85,8 @@ class CharTokenizer:
     def __init__(self, chars):
         chars = list(chars)
         if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) < len(chars):
-            raise ValueError(f"a char tokenizer needs a non-empty list of distinct single characters, "
-                             f"got {chars[:5]!r}...")
+            raise FastformerError(f"a char tokenizer needs a non-empty list of distinct single characters, "
+                                  f"got {chars[:5]!r}...")
         self.chars = chars
         self.vocab_size = len(self.special_tokens) + len(chars)
         self._id = {c: i + len(self.special_tokens) for i, c in enumerate(chars)}
@@ -108,22 +107,21 @@ class CharTokenizer:
         chars = set()
         for path in [os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]:
             if not os.path.isfile(path):
-                raise ValueError(f"no such text file to train the tokenizer on: {path}")
+                raise FastformerError(f"no such text file to train the tokenizer on: {path}")
             try:
                 with open(path, encoding="utf-8") as f:
                     while chunk := f.read(chunk_chars):
                         chars.update(chunk)
             except UnicodeDecodeError as e:
-                raise ValueError(f"text file {path} is not UTF-8 ({e})") from None
+                raise FastformerError(f"text file {path} is not UTF-8 ({e})") from None
         if not chars:
-            raise ValueError(f"the files {list(files)} hold no text to take characters from")
+            raise FastformerError(f"the files {list(files)} hold no text to take characters from")
         return cls(sorted(chars))
 
     def encode(self, text, bos=False, eos=False):
         """ids (int64, 1-D) of the characters of `text` (<unk> for unseen ones), optionally framed
         by <bos>/<eos>."""
-        if not isinstance(text, str):
-            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        bos, eos = check_text(text, bos, eos)
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)  # code points
         ids = self._table[np.minimum(cps, 0xFFFF)]
         for j in np.flatnonzero(cps >= 0x10000):  # outside the table: look up one by one
@@ -134,10 +132,7 @@ class CharTokenizer:
 
     def decode(self, ids, errors="replace"):
         """Text of `ids`: <pad>/<bos>/<eos> are dropped, <unk> becomes U+FFFD."""
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the char vocabulary [0, {self.vocab_size})")
+        ids = decode_ids(ids, self.vocab_size, "the char vocabulary")
         table = ["", "", "", "\ufffd"] + self.chars
         return "".join(table[i] for i in ids.tolist())
 
@@ -158,15 +153,15 @@ class CharTokenizer:
     def from_dict(cls, d):
         chars = d.get("vocab")
         if d.get("specials") != list(cls.special_tokens) or not isinstance(chars, list) or not chars:
-            raise ValueError(f"a char tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
-                             f"non-empty \"vocab\" list")
+            raise FastformerError(f"a char tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
+                                  f"non-empty \"vocab\" list")
         if d.get("lowercase"):
-            raise ValueError("\"lowercase\": true is not supported by char tokenizers (lower-case the text "
-                             "itself, e.g. data.lowercase for translation pairs)")
+            raise FastformerError("\"lowercase\": true is not supported by char tokenizers (lower-case the text "
+                                  "itself, e.g. data.lowercase for translation pairs)")
         tok = cls(chars)
         if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-            raise ValueError(f"char tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
-                             f"characters make {tok.vocab_size}")
+            raise FastformerError(f"char tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
+                                  f"characters make {tok.vocab_size}")
         return tok
 
 
@@ -194,11 +189,12 @@ class WordTokenizer:
 
     def __init__(self, words, lowercase=False):
         words = list(words)
-        dup = [w for w, n in Counter(words).items() if n > 1 or w in self.special_tokens]
-        if dup or any(not isinstance(w, str) or not w for w in words):
-            raise ValueError(f"a word tokenizer's vocabulary must hold distinct non-empty strings and no specials, "
-                             f"got {dup[:5] or words[:5]!r}")
-        self.words, self.lowercase = words, bool(lowercase)
+        bad = [w for w in words if not isinstance(w, str) or not w]
+        dup = [] if bad else [w for w, n in Counter(words).items() if n > 1 or w in self.special_tokens]
+        if bad or dup:
+            raise FastformerError(f"a word tokenizer's vocabulary must hold distinct non-empty strings and no "
+                                  f"specials, got {(bad or dup)[:5]!r}")
+        self.words, self.lowercase = words, check_bool("lowercase", lowercase)
         self.vocab_size = len(self.special_tokens) + len(words)
         self._id = {w: i + len(self.special_tokens) for i, w in enumerate(words)}
 
@@ -206,10 +202,12 @@ class WordTokenizer:
     def build(cls, texts, min_freq=1, lowercase=False, max_size=None):
         """The vocabulary of the tokens seen at least `min_freq` times in `texts`, most frequent
         first (ties alphabetical), at most `max_size` of them."""
-        if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 1:
-            raise ValueError(f"min_freq must be an integer >= 1, got {min_freq!r}")
+        check_int("min_freq", min_freq)
+        if max_size is not None:
+            check_int("max_size", max_size, minimum=0)
         counts = Counter()
         for text in texts:
+            check_text(text)
             counts.update(cls._split(text.lower() if lowercase else text))
         vocab = sorted((w for w, n in counts.items() if n >= min_freq and w not in cls.special_tokens),
                        key=lambda w: (-counts[w], w))
@@ -217,8 +215,7 @@ class WordTokenizer:
 
     def tokenize(self, text):
         """The token strings of `text` (before mapping to ids)."""
-        if not isinstance(text, str):
-            raise ValueError(f"encode needs a str, got {type(text).__name__}")
+        check_text(text)
         return self._split(text.lower() if self.lowercase else text)
 
     def normalize(self, text):
@@ -228,15 +225,14 @@ class WordTokenizer:
     def encode(self, text, bos=False, eos=False):
         """ids (int64, 1-D) of the tokens of `text` (<unk> for unseen ones), optionally framed by
         <bos>/<eos>."""
-        ids = [self.bos_id] * bos + [self._id.get(w, self.unk_id) for w in self.tokenize(text)] + [self.eos_id] * eos
+        bos, eos = check_text(text, bos, eos)
+        words = self._split(text.lower() if self.lowercase else text)
+        ids = [self.bos_id] * bos + [self._id.get(w, self.unk_id) for w in words] + [self.eos_id] * eos
         return np.array(ids, dtype=np.int64)
 
     def decode(self, ids, errors="replace"):
         """Text of `ids`, tokens joined by spaces; <pad>, <bos>, <eos> and <unk> are skipped."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the word vocabulary [0, {self.vocab_size})")
+        ids = decode_ids(ids, self.vocab_size, "the word vocabulary")
         n = len(self.special_tokens)
         return " ".join(self.words[i - n] for i in ids.tolist() if i >= n)
 
@@ -258,12 +254,12 @@ class WordTokenizer:
     def from_dict(cls, d):
         words = d.get("vocab")
         if d.get("specials") != list(cls.special_tokens) or not isinstance(words, list):
-            raise ValueError(f"a word tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
-                             f"\"vocab\" list")
+            raise FastformerError(f"a word tokenizer file needs \"specials\": {list(cls.special_tokens)} and a "
+                                  f"\"vocab\" list")
         tok = cls(words, lowercase=d.get("lowercase", False))
         if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-            raise ValueError(f"word tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
-                             f"words make {tok.vocab_size}")
+            raise FastformerError(f"word tokenizer file says vocab_size={d.get('vocab_size')!r}, but its "
+                                  f"words make {tok.vocab_size}")
         return tok
 
 
@@ -276,24 +272,24 @@ def load_tokenizer(directory):
     """The tokenizer saved in `directory/tokenizer.json`, of whichever kind it records."""
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"no tokenizer at {path}: expected a {TOKENIZER_FILE} written by tokenizer.save()")
+        raise FastformerError(f"no tokenizer at {path}: expected a {TOKENIZER_FILE} written by tokenizer.save()")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"tokenizer file {path} is corrupt or truncated: {e}") from None
+        raise FastformerError(f"tokenizer file {path} is corrupt or truncated: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"tokenizer file {path} holds a {type(d).__name__}, not a JSON object")
+        raise FastformerError(f"tokenizer file {path} holds a {type(d).__name__}, not a JSON object")
     kind = d.get("kind")
     if kind is None and isinstance(d.get("model"), dict):
         kind = "bpe"  # a Hugging Face tokenizer.json
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"tokenizer file {path} has kind {kind!r}; known kinds are {sorted(TOKENIZER_KINDS)} "
-                         f"(or a Hugging Face tokenizer.json with a \"model\" object)")
+        raise FastformerError(f"tokenizer file {path} has kind {kind!r}; known kinds are {sorted(TOKENIZER_KINDS)} "
+                              f"(or a Hugging Face tokenizer.json with a \"model\" object)")
     try:
         return TOKENIZER_KINDS[kind].from_dict(d)
-    except ValueError as e:
-        raise ValueError(f"tokenizer file {path}: {e}") from None
+    except FastformerError as e:
+        raise FastformerError(f"tokenizer file {path}: {e}") from None
 
 
 def make_tokenizer(spec, text=None):
@@ -303,9 +299,9 @@ def make_tokenizer(spec, text=None):
         return ByteTokenizer()
     if spec == "char":
         if not text:
-            raise ValueError("data.tokenizer=char builds its vocabulary from the training text, but there is none")
+            raise FastformerError("data.tokenizer=char builds its vocabulary from the training text, but there is none")
         return CharTokenizer.from_text(text)
     if isinstance(spec, str) and os.path.isdir(spec):
         return load_tokenizer(spec)
-    raise ValueError(f"data.tokenizer {spec!r} is not known: valid values are byte, char or a directory "
-                     f"holding a tokenizer.json (from fastformer tokenizer train)")
+    raise FastformerError(f"data.tokenizer {spec!r} is not known: valid values are byte, char or a directory "
+                          f"holding a tokenizer.json (from fastformer tokenizer train)")

@@ -12,6 +12,7 @@ the environment variable FASTFORMER_BACKEND (read when kernels are first asked f
 import contextlib
 import os
 
+from fastformer.errors import FastformerError
 from fastformer.kernels.numpy_ops import NumpyOps
 
 BACKENDS = ("auto", "numpy", "numba")
@@ -38,7 +39,7 @@ def _numpy_ops():
 
 def _resolve(name):
     if name not in BACKENDS:
-        raise ValueError(f"unknown fastformer backend {name!r}: valid values are {', '.join(BACKENDS)}")
+        raise FastformerError(f"unknown fastformer backend {name!r}: valid values are {', '.join(BACKENDS)}")
     if name == "numpy":
         return _numpy_ops()
     try:
@@ -46,8 +47,8 @@ def _resolve(name):
     except ImportError as e:
         if name == "auto":
             return _numpy_ops()
-        raise ValueError(f"backend 'numba' is not available ({e}); valid values here are "
-                         f"auto, numpy (install numba to use 'numba')") from None
+        raise FastformerError(f"backend 'numba' is not available ({e}); valid values here are "
+                              f"auto, numpy (install numba to use 'numba')") from None
 
 
 def set_backend(name):

@@ -5,48 +5,36 @@ pair: `X_forward(...) -> (out, cache)` and `X_backward(dout, cache) -> grads` in
 forward's inputs. Faster backends subclass `NumpyOps` and override only what they speed up, so
 this file is also the documentation of what each kernel must compute. Nothing here knows about
 models -- arrays in, arrays out -- except `gpt2_decode_step`, which fuses a whole GPT-2 decoding
-step because at batch 1 the calls, not the arithmetic, are what a step costs.
+step because at batch 1 the calls, not the arithmetic, are what a step costs. What each kernel
+accepts is written once, in checks.py, and every backend calls the same check.
 
 Shape letters: B batch, H heads, T query length, S key length, hs head size, C channels, V vocab.
 """
 
-import functools
 import math
 from collections import namedtuple
 
 import numpy as np
 
-FLOAT_DTYPES = (np.float32, np.float64)
-GELU_FORMS = ("tanh", "none")
+from fastformer.kernels.checks import (
+    activation_inputs,
+    adamw_inputs,
+    attention_inputs,
+    cached_attention_inputs,
+    check_gpt2_decode,
+    check_grad,
+    cross_entropy_inputs,
+    embedding_grad_inputs,
+    embedding_inputs,
+    layernorm_inputs,
+    qkv_attention_inputs,
+    residual_layernorm_grads,
+    residual_layernorm_inputs,
+    softmax_inputs,
+)
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _erf = np.frompyfunc(math.erf, 1, 1)  # exact erf, element by element (NumPy has no erf ufunc)
-
-
-def as_float_array(x, name, dtype=None):
-    """Return `x` as a C-contiguous float32/float64 array, or raise one clear ValueError."""
-    x = np.asarray(x)
-    if dtype is None:
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
-        dtype = x.dtype
-    elif x.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {np.dtype(dtype)} like the other inputs, got {x.dtype}")
-    return np.ascontiguousarray(x)
-
-
-def as_vector(x, name, C, dtype):
-    """A (C,) float array of `dtype` (a per-channel weight or bias), or one clear ValueError."""
-    x = as_float_array(x, name, dtype)
-    if x.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},) to match the last axis of x, got {x.shape}")
-    return x
-
-
-def as_int_array(x, name):
-    x = np.asarray(x)
-    if x.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=np.int64)
 
 
 def attention_allowed(T, S, causal, key_padding_mask):
@@ -65,73 +53,39 @@ def attention_allowed(T, S, causal, key_padding_mask):
     return allowed
 
 
-def check_attention_inputs(q, k, v, causal, key_padding_mask, scale):
-    """Validate the shapes of an attention call; returns (key_padding_mask as bool or None, scale)."""
-    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"attention expects q (B, H, T, hs) and k, v (B, H, S, hs), "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    B, H, T, hs = q.shape
-    S = k.shape[2]
-    if causal and S < T:
-        raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
-    if key_padding_mask is not None:
-        key_padding_mask = np.asarray(key_padding_mask, dtype=bool)
-        if key_padding_mask.shape != (B, S):
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got {key_padding_mask.shape}")
-    scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
-    return key_padding_mask, scale
-
-
-def check_qkv(qkv, n_heads):
-    """Validate a fused projection (B, T, 3C) for `n_heads` heads; returns (B, T, C, hs)."""
-    if qkv.ndim != 3 or qkv.shape[2] % 3 or isinstance(n_heads, bool) or not isinstance(n_heads, (int, np.integer)) \
-            or n_heads < 1 or (qkv.shape[2] // 3) % n_heads:
-        raise ValueError(f"qkv must have shape (B, T, 3C) with C divisible by n_heads, got qkv {qkv.shape} "
-                         f"and n_heads={n_heads!r}")
-    B, T, C3 = qkv.shape
-    return B, T, C3 // 3, C3 // (3 * n_heads)
-
-
-def check_out(out, like, name):
-    """Validate an output array that a kernel writes in place: a writeable C-contiguous ndarray
-    of the shape and dtype of `like` (it may be `like` itself)."""
-    if not isinstance(out, np.ndarray) or out.shape != like.shape or out.dtype != like.dtype \
-            or not out.flags.c_contiguous or not out.flags.writeable:
-        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(f"{name} must be a writeable C-contiguous {like.dtype} array of shape {like.shape}, "
-                         f"got {got}")
-
-
-def check_targets(logits, targets, ignore_index):
-    """Validate integer targets for logits (..., V); returns (t (N,) int64, counted (N,) bool)."""
-    V = logits.shape[-1]
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without the last axis), "
-                         f"got {targets.shape}")
-    t = targets.reshape(-1)
-    counted = t != ignore_index
-    bad = counted & ((t < 0) | (t >= V))
-    if bad.any():
-        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}, got {t[bad][0]}")
-    return t, counted
-
-
 def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     """Split the fused projection of Tn new tokens and store their keys and values in the caches
-    (B, H, Tmax, hs) at [start, start + Tn). Returns (q (B, H, Tn, hs) view, start + Tn)."""
-    B, T, C, hs = check_qkv(qkv, n_heads)
-    expected = (B, n_heads, k_cache.shape[2] if k_cache.ndim == 4 else -1, hs)
-    if k_cache.shape != expected or v_cache.shape != expected or k_cache.dtype != qkv.dtype \
-            or v_cache.dtype != qkv.dtype:
-        raise ValueError(f"k_cache and v_cache must be {qkv.dtype} arrays (B, H, Tmax, hs) = {expected}, got "
-                         f"{k_cache.dtype} {k_cache.shape} and {v_cache.dtype} {v_cache.shape}")
-    end = start + T
-    if not 0 <= start <= end <= k_cache.shape[2]:
-        raise ValueError(f"{T} new tokens at position {start} do not fit a cache of {k_cache.shape[2]} positions")
-    q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, Tn, hs)
-    k_cache[:, :, start:end] = k
-    v_cache[:, :, start:end] = v
-    return q, end
+    (B, H, Tmax, hs) at [start, start + Tn). Returns the queries, a (B, H, Tn, hs) view.
+    The inputs are those `cached_attention_inputs` accepted."""
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, T, 3, n_heads, C3 // (3 * n_heads)).transpose(2, 0, 3, 1, 4)  # each (B, H, Tn, hs)
+    k_cache[:, :, start:start + T] = k
+    v_cache[:, :, start:start + T] = v
+    return q
+
+
+def _layernorm(x, weight, bias, eps):
+    """LayerNorm of checked inputs: (y, cache)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+    y = xc * rstd * weight + bias
+    return y, (x, weight, mean[..., 0], rstd[..., 0])
+
+
+def _layernorm_grads(dy, cache):
+    """(dx, dweight, dbias) of LayerNorm for a checked dy."""
+    # forward: y = (x - mean) * rstd * weight + bias
+    x, weight, mean, rstd = cache
+    C = x.shape[-1]
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    dbias = dy.reshape(-1, C).sum(axis=0)
+    dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
+    dxhat = dy * weight
+    dx = (dxhat - dxhat.mean(axis=-1, keepdims=True)
+          - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) * rstd[..., None]
+    return dx, dweight, dbias
 
 
 # The weights of a GPT-2 model for gpt2_decode_step: `flat` is the 1-D parameter buffer and
@@ -147,59 +101,9 @@ GPT2_LAYER_SLOTS = ("norm1 gain", "norm1 bias", "qkv weight", "qkv bias", "atten
                     "output weight", "output bias")
 
 
-@functools.lru_cache(maxsize=16)
-def gpt2_param_shapes(L, C, F, V, Tmax):
-    """The shape of each parameter, in the order of PackedGPT2.offsets, and their sizes."""
-    # the shapes of GPT2_LAYER_SLOTS
-    layer = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
-    shapes = tuple(layer * L + [(V, C), (Tmax, C), (C,), (C,), (V, C)])
-    return shapes, np.array([math.prod(s) for s in shapes])
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets_inside(offsets_bytes, dims, flat_size):
-    """Whether every parameter at these offsets (int64 bytes) lies inside a flat buffer of
-    flat_size values. Cached on the bytes themselves: a decoding loop passes the same table
-    every token, and a changed table is a new key."""
-    offsets = np.frombuffer(offsets_bytes, dtype=np.int64)
-    return bool(offsets.min() >= 0 and (offsets + gpt2_param_shapes(*dims)[1]).max() <= flat_size)
-
-
-def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start):
-    """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
-    Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), shapes)."""
-    flat = np.asarray(weights.flat)
-    if flat.ndim != 1 or flat.dtype not in FLOAT_DTYPES or not flat.flags.c_contiguous:
-        raise ValueError(f"weights.flat must be a contiguous 1-D float32/float64 array, got {flat.dtype} {flat.shape}")
-    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape or k_cache.dtype != flat.dtype \
-            or v_cache.dtype != flat.dtype or not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
-        raise ValueError(f"k_cache and v_cache must be contiguous {flat.dtype} arrays (L, B, H, Tmax, hs), got "
-                         f"{k_cache.dtype} {k_cache.shape} and {v_cache.dtype} {v_cache.shape}")
-    L, B, H, Tmax, hs = k_cache.shape
-    dims = (L, H * hs, int(weights.d_ff), int(weights.vocab_size), Tmax)
-    shapes, _ = gpt2_param_shapes(*dims)
-    offsets = np.ascontiguousarray(weights.offsets, dtype=np.int64)
-    if offsets.shape != (len(shapes),) or not _offsets_inside(offsets.tobytes(), dims, flat.size):
-        raise ValueError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
-                         f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={weights.d_ff}, "
-                         f"V={weights.vocab_size}, Tmax={Tmax}")
-    ids = np.array(as_int_array(ids, "ids"))  # (B,) copies, writeable whatever they were
-    positions = np.array(as_int_array(positions, "positions"))
-    if ids.shape != (B,) or positions.shape != (B,):
-        raise ValueError(f"ids and positions must have shape (B,) = ({B},), got {ids.shape} and {positions.shape}")
-    id_list, pos_list = ids.tolist(), positions.tolist()  # B is small: Python's min and max are quicker
-    if B and (min(id_list) < 0 or max(id_list) >= weights.vocab_size or min(pos_list) < 0 or max(pos_list) >= Tmax):
-        raise ValueError(f"ids must lie in [0, {weights.vocab_size}) and positions in [0, {Tmax}), "
-                         f"got ids {ids.tolist()} and positions {positions.tolist()}")
-    if padding.shape != (B, Tmax) or padding.dtype != bool:
-        raise ValueError(f"padding must be a bool array (B, Tmax) = {(B, Tmax)}, got {padding.dtype} {padding.shape}")
-    if not 0 <= start < Tmax:
-        raise ValueError(f"start must lie in [0, {Tmax}): the cache holds {Tmax} positions, got {start}")
-    return flat, offsets, ids, positions, shapes
-
-
 class NumpyOps:
-    """Reference implementation of the kernel interface (pure NumPy)."""
+    """Reference implementation of the kernel interface (pure NumPy). Each public method checks
+    its inputs with fastformer.kernels.checks, as the other backends do, and then trusts them."""
 
     name = "numpy"
 
@@ -207,7 +111,7 @@ class NumpyOps:
     def softmax_forward(self, x):
         """Softmax over the last axis. Entries equal to -inf get exactly 0; a row that is all
         -inf gives all zeros (not NaN). Returns (y, cache)."""
-        x = as_float_array(x, "x")
+        x = softmax_inputs(x)
         m = x.max(axis=-1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0).astype(x.dtype)
         e = np.exp(x - m)
@@ -218,48 +122,32 @@ class NumpyOps:
     def softmax_backward(self, dy, cache):
         # forward: y = exp(x - max) / sum(exp(x - max))
         y = cache
-        dy = as_float_array(dy, "dy", y.dtype)
+        dy = check_grad(dy, "dy", y.shape, y.dtype)
         return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
 
     # ---------------------------------------------------------------- layernorm
     def layernorm_forward(self, x, weight, bias, eps=1e-5):
         """LayerNorm over the last axis C. Returns (y, cache) with cache = (x, weight, mean, rstd)."""
-        x = as_float_array(x, "x")
-        weight = as_vector(weight, "weight", x.shape[-1], x.dtype)
-        bias = as_vector(bias, "bias", x.shape[-1], x.dtype)
-        mean = x.mean(axis=-1, keepdims=True)
-        xc = x - mean
-        var = (xc * xc).mean(axis=-1, keepdims=True)
-        rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-        y = xc * rstd * weight + bias
-        return y, (x, weight, mean[..., 0], rstd[..., 0])
+        return _layernorm(*layernorm_inputs(x, weight, bias, eps), eps)
 
     def layernorm_backward(self, dy, cache):
         """Returns (dx, dweight, dbias)."""
-        # forward: y = (x - mean) * rstd * weight + bias
-        x, weight, mean, rstd = cache
-        dy = as_float_array(dy, "dy", x.dtype)
-        C = x.shape[-1]
-        xhat = (x - mean[..., None]) * rstd[..., None]
-        dbias = dy.reshape(-1, C).sum(axis=0)
-        dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
-        dxhat = dy * weight
-        dx = (dxhat - dxhat.mean(axis=-1, keepdims=True)
-              - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) * rstd[..., None]
-        return dx, dweight, dbias
+        x = cache[0]
+        return _layernorm_grads(check_grad(dy, "dy", x.shape, x.dtype), cache)
 
     def residual_layernorm_forward(self, x, branch, weight, bias, eps=1e-5):
         """The pre-LN step `s = x + branch; y = layernorm(s)`. Returns ((s, y), cache)."""
-        x = as_float_array(x, "x")
-        s = x + as_float_array(branch, "branch", x.dtype)
-        y, cache = self.layernorm_forward(s, weight, bias, eps)
+        x, branch, weight, bias = residual_layernorm_inputs(x, branch, weight, bias, eps)
+        s = x + branch
+        y, cache = _layernorm(s, weight, bias, eps)
         return (s, y), cache
 
     def residual_layernorm_backward(self, dy, ds, cache):
         """`dy` is the gradient of y, `ds` (or None) the gradient reaching s along the residual
         stream. Returns (dsum, dweight, dbias); dsum is the gradient of both x and branch."""
         # forward: s = x + branch; y = layernorm(s)
-        dsum, dweight, dbias = self.layernorm_backward(dy, cache)
+        dy, ds = residual_layernorm_grads(dy, ds, cache[0])
+        dsum, dweight, dbias = _layernorm_grads(dy, cache)
         if ds is not None:
             dsum += ds
         return dsum, dweight, dbias
@@ -268,15 +156,16 @@ class NumpyOps:
     def attention_forward(self, q, k, v, causal=False, key_padding_mask=None, scale=None):
         """Multi-head scaled dot-product attention.
 
-        q (B, H, T, hs), k and v (B, H, S, hs); `key_padding_mask` (B, S) bool, True = padding.
+        q (B, H, T, hs), k and v (B, H, S >= 1, hs); `key_padding_mask` (B, S) bool, True = padding.
         A query with no key left to attend to gets a zero output and lse = -inf.
         Returns (out (B, H, T, hs), cache); the cache keeps the inputs, the output and the row
         log-sum-exp (B, H, T) only -- the backward recomputes the probabilities.
         """
-        q = as_float_array(q, "q")
-        k = as_float_array(k, "k", q.dtype)
-        v = as_float_array(v, "v", q.dtype)
-        key_padding_mask, scale = check_attention_inputs(q, k, v, causal, key_padding_mask, scale)
+        q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
+        return self._attention_forward(q, k, v, causal, key_padding_mask, scale)
+
+    def _attention_forward(self, q, k, v, causal, key_padding_mask, scale):
+        """attention_forward on checked C-contiguous inputs."""
         p, lse = self._attention_probs(q, k, causal, key_padding_mask, scale, lse=None)
         out = p @ v  # (B, H, T, hs)
         return out, (q, k, v, out, lse, causal, key_padding_mask, scale)
@@ -300,8 +189,12 @@ class NumpyOps:
     def attention_backward(self, dout, cache):
         """Returns (dq, dk, dv)."""
         # forward: p = softmax(q @ k^T * scale + mask); out = p @ v
+        q = cache[0]
+        return self._attention_grads_reference(check_grad(dout, "dout", q.shape, q.dtype), cache)
+
+    def _attention_grads_reference(self, dout, cache):
+        """(dq, dk, dv) of attention for a checked dout (B, H, T, hs)."""
         q, k, v, out, lse, causal, key_padding_mask, scale = cache
-        dout = as_float_array(dout, "dout", q.dtype)
         p, _ = self._attention_probs(q, k, causal, key_padding_mask, scale, lse=lse)
         dv = p.transpose(0, 1, 3, 2) @ dout
         dp = dout @ v.transpose(0, 1, 3, 2)
@@ -318,10 +211,9 @@ class NumpyOps:
         each part. Returns (out (B, T, C) with the heads merged back, cache). Same masks and
         lse convention as `attention_forward`, which it is defined by.
         """
-        qkv = as_float_array(qkv, "qkv")
-        B, T, C, hs = check_qkv(qkv, n_heads)
-        q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
-        out, cache = self.attention_forward(q, k, v, causal, key_padding_mask, scale)
+        qkv, (B, T, C, hs), kpm, scale = qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale)
+        q, k, v = (np.ascontiguousarray(a) for a in qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4))
+        out, cache = self._attention_forward(q, k, v, causal, kpm, scale)  # q, k, v each (B, H, T, hs)
         return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
 
     def attention_cached(self, qkv, k_cache, v_cache, start, n_heads, key_padding_mask=None, scale=None):
@@ -333,12 +225,12 @@ class NumpyOps:
         `key_padding_mask` (B, >= start + Tn) is True at padding. Returns out (B, Tn, C).
         Inference only: there is no backward.
         """
-        qkv = as_float_array(qkv, "qkv")
-        q, end = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
-        kpm = None if key_padding_mask is None else key_padding_mask[:, :end]
-        out, _ = self.attention_forward(q, k_cache[:, :, :end], v_cache[:, :, :end], True, kpm, scale)
-        B, T = qkv.shape[:2]
-        return out.transpose(0, 2, 1, 3).reshape(B, T, qkv.shape[2] // 3)
+        qkv, (B, T, C, hs), end, kpm, scale = cached_attention_inputs(qkv, k_cache, v_cache, start, n_heads,
+                                                                      key_padding_mask, scale)
+        q = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
+        k, v = (np.ascontiguousarray(c[:, :, :end]) for c in (k_cache, v_cache))
+        out, _ = self._attention_forward(np.ascontiguousarray(q), k, v, True, kpm, scale)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, C)
 
     def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
         """One new token per row through a GPT-2 model that continues the sequences in a
@@ -364,31 +256,28 @@ class NumpyOps:
         h, _ = self.layernorm_forward(x, ln_fw, ln_fb, eps)
         return h[:, 0] @ head.T
 
+
     def attention_qkv_backward(self, dout, cache):
         """Returns dqkv (B, T, 3C), the gradient of the fused projection."""
         # forward: q, k, v = split(qkv); out = merge(attention(q, k, v))
         B, H, T, hs = cache[0].shape
-        dout = as_float_array(dout, "dout", cache[0].dtype).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
-        dq, dk, dv = self.attention_backward(dout, cache)
+        dout = check_grad(dout, "dout", (B, T, H * hs), cache[0].dtype).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+        dq, dk, dv = self._attention_grads_reference(np.ascontiguousarray(dout), cache)  # dout (B, H, T, hs)
         return np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
 
     # ------------------------------------------------------------ cross-entropy
     def cross_entropy_forward(self, logits, targets, ignore_index=-100, out=None):
         """Mean cross-entropy of softmax(logits) against integer targets, over the tokens whose
-        target is not `ignore_index`. logits (..., V), targets (...). If every target is ignored
-        the loss is 0.0 and the gradient is zero. Returns (loss: float, cache).
+        target is not `ignore_index`. logits (..., V >= 1), targets (...). If every target is
+        ignored the loss is 0.0 and the gradient is zero. Returns (loss: float, cache).
 
         With `out` (a writeable C-contiguous array of the shape and dtype of logits, which may be
         `logits` itself) the gradient of the mean loss is written into it during the forward and
         the cache is `out`: the gradient needs no array of its own, and
         `cross_entropy_backward(1.0, cache)` returns `out`. `logits` is overwritten when it is `out`.
         """
-        logits = as_float_array(logits, "logits")
-        if out is not None:
-            check_out(out, logits, "out")
+        logits, t, counted = cross_entropy_inputs(logits, targets, ignore_index, out)
         V = logits.shape[-1]
-        targets = as_int_array(targets, "targets")
-        t, counted = check_targets(logits, targets, ignore_index)
         x = logits.reshape(-1, V)
         m = x.max(axis=-1)
         lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))  # (N,)
@@ -421,11 +310,9 @@ class NumpyOps:
     def gelu_forward(self, x, bias=None, approximate="tanh"):
         """y = gelu(x + bias). `approximate` is "tanh" (GPT-2) or "none" (exact erf, as
         torch.nn.functional.gelu). Returns (y, cache)."""
-        if approximate not in GELU_FORMS:
-            raise ValueError(f"approximate must be one of {GELU_FORMS}, got {approximate!r}")
-        u = as_float_array(x, "x")
+        u, bias = activation_inputs(x, bias, approximate)
         if bias is not None:
-            u = u + as_vector(bias, "bias", u.shape[-1], u.dtype)
+            u = u + bias
         if approximate == "tanh":
             y = 0.5 * u * (1.0 + np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3)))
         else:
@@ -435,7 +322,7 @@ class NumpyOps:
     def gelu_backward(self, dy, cache):
         """Returns (dx, dbias); dbias is None when the forward had no bias."""
         u, approximate, has_bias = cache
-        dy = as_float_array(dy, "dy", u.dtype)
+        dy = check_grad(dy, "dy", u.shape, u.dtype)
         if approximate == "tanh":
             # forward: y = 0.5 * u * (1 + tanh(a * (u + 0.044715 u^3)))
             th = np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3))
@@ -452,30 +339,23 @@ class NumpyOps:
     # --------------------------------------------------------------------- ReLU
     def relu_forward(self, x, bias=None):
         """y = max(x + bias, 0), the signature of `gelu_forward` without its form. Returns (y, cache)."""
-        u = as_float_array(x, "x")
+        u, bias = activation_inputs(x, bias)
         if bias is not None:
-            u = u + as_vector(bias, "bias", u.shape[-1], u.dtype)
+            u = u + bias
         return np.maximum(u, 0).astype(u.dtype), (u > 0, u.dtype, bias is not None)
 
     def relu_backward(self, dy, cache):
         """Returns (dx, dbias); dbias is None when the forward had no bias."""
         keep, dtype, has_bias = cache
-        dy = as_float_array(dy, "dy", dtype)
-        if dy.shape != keep.shape:
-            raise ValueError(f"dy must have the shape of the forward's x {keep.shape}, got {dy.shape}")
+        dy = check_grad(dy, "dy", keep.shape, dtype)
         # forward: y = max(u, 0) with u = x + bias  ->  dx = dy where u > 0, dbias = sum over rows of dx
         dx = np.where(keep, dy, 0).astype(dy.dtype)
         return dx, (dx.reshape(-1, dx.shape[-1]).sum(axis=0) if has_bias else None)
 
     # ---------------------------------------------------------------- embedding
     def embedding_forward(self, weight, ids):
-        """Gather rows: out[..., :] = weight[ids[...], :]. Returns (out, cache)."""
-        weight = as_float_array(weight, "weight")
-        ids = as_int_array(ids, "ids")
-        V = weight.shape[0]
-        if ids.size and (ids.min() < 0 or ids.max() >= V):
-            bad = ids[(ids < 0) | (ids >= V)][0]
-            raise ValueError(f"ids must lie in [0, {V}), got {bad}")
+        """Gather rows: out[..., :] = weight[ids[...], :] for weight (V, C). Returns (out, cache)."""
+        weight, ids = embedding_inputs(weight, ids)
         return weight[ids], (ids, weight.shape, weight.dtype)
 
     def embedding_backward(self, dout, cache, dweight=None):
@@ -483,7 +363,7 @@ class NumpyOps:
         given the gradient is added into it in place (for tied weights); returns dweight."""
         # forward: out = weight[ids]
         ids, shape, dtype = cache
-        dout = as_float_array(dout, "dout", dtype)
+        dout = embedding_grad_inputs(dout, ids, shape, dtype, dweight)
         if dweight is None:
             dweight = np.zeros(shape, dtype=dtype)
         np.add.at(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
@@ -497,11 +377,7 @@ class NumpyOps:
         As torch.optim.AdamW: p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
         p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps). `step` t counts from 1.
         """
-        if not (param.shape == grad.shape == m.shape == v.shape):
-            raise ValueError(f"adamw_update needs param, grad, m, v of one shape, got "
-                             f"{param.shape}, {grad.shape}, {m.shape}, {v.shape}")
-        if step < 1:
-            raise ValueError(f"step counts from 1, got {step}")
+        step = adamw_inputs(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
         bc1 = 1.0 - beta1 ** step
         bc2 = 1.0 - beta2 ** step
         param *= param.dtype.type(1.0 - lr * weight_decay)

@@ -18,6 +18,8 @@ that they leave the cores to the Numba kernel that follows.
 import contextlib
 import os
 
+from fastformer.errors import FastformerError, check_int
+
 ENV_VAR = "FASTFORMER_NUM_THREADS"
 _configured = None  # the thread count applied by configure_threads, once it ran
 _numba_started = False  # whether configure_threads has started Numba's threads
@@ -36,7 +38,7 @@ def num_threads():
     value = os.environ.get(ENV_VAR, "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{ENV_VAR} must be a positive integer, got {value!r}")
+            raise FastformerError(f"{ENV_VAR} must be a positive integer, got {value!r}")
         return int(value)
     return available_cores()
 
@@ -149,9 +151,7 @@ def configure_threads(n=None, numba_threads=True):
     call it again to change the count.
     """
     global _configured, _numba_started
-    n = num_threads() if n is None else int(n)
-    if n < 1:
-        raise ValueError(f"the thread count must be a positive integer, got {n}")
+    n = num_threads() if n is None else check_int("the thread count n", n)
     import threadpoolctl
 
     if numba_threads:

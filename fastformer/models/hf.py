@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from fastformer.errors import FastformerError
 from fastformer.models.config import LMConfig
 
 # GPT2Config activation names that mean the tanh-approximated GELU fastformer's LM uses
@@ -46,23 +47,23 @@ def gpt2_config(config, bos_id=None, eos_id=None):
 def lm_config_from_gpt2(cfg, path="config.json"):
     """An LMConfig from a GPT2Config dict; anything fastformer's LM cannot represent is refused."""
     if cfg.get("model_type") != "gpt2":
-        raise ValueError(f"{path}: model_type must be 'gpt2' (GPT-2 architecture), got {cfg.get('model_type')!r}")
+        raise FastformerError(f"{path}: model_type must be 'gpt2' (GPT-2 architecture), got {cfg.get('model_type')!r}")
     act = cfg.get("activation_function", "gelu_new")
     if act not in _TANH_GELU:
-        raise ValueError(f"{path}: activation_function {act!r} is not supported; allowed: {', '.join(_TANH_GELU)}")
+        raise FastformerError(f"{path}: activation_function {act!r} is not supported; allowed: {', '.join(_TANH_GELU)}")
     eps = cfg.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
-        raise ValueError(f"{path}: layer_norm_epsilon must be 1e-5, got {eps}")
+        raise FastformerError(f"{path}: layer_norm_epsilon must be 1e-5, got {eps}")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if cfg.get(flag):
-            raise ValueError(f"{path}: {flag}=true is not supported by fastformer's GPT-2")
+            raise FastformerError(f"{path}: {flag}=true is not supported by fastformer's GPT-2")
     try:
         n_embd = cfg["n_embd"]
         return LMConfig(vocab_size=cfg["vocab_size"], max_seq_len=cfg["n_positions"], d_model=n_embd,
                         n_heads=cfg["n_head"], d_ff=cfg.get("n_inner") or 4 * n_embd, n_layers=cfg["n_layer"],
                         tie_embeddings=cfg.get("tie_word_embeddings", True))
     except KeyError as e:
-        raise ValueError(f"{path}: missing GPT2Config field {e.args[0]!r}") from None
+        raise FastformerError(f"{path}: missing GPT2Config field {e.args[0]!r}") from None
 
 
 def save_hf(model, out_dir, bos_id=None, eos_id=None):
@@ -85,17 +86,17 @@ def read_hf(path, dtype=np.float32):
     cfg_path = os.path.join(path, "config.json")
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path} is not a GPT-2 model directory: no config.json")
+        raise FastformerError(f"{path} is not a GPT-2 model directory: no config.json")
     if not os.path.isfile(weights):
         found = [f for f in ("pytorch_model.bin", "tf_model.h5") if os.path.isfile(os.path.join(path, f))]
-        raise ValueError(f"{path}: no model.safetensors (found {found or 'no weights'}); only safetensors "
+        raise FastformerError(f"{path}: no model.safetensors (found {found or 'no weights'}); only safetensors "
                          "weights are loaded, since pickle files can run code")
     with open(cfg_path) as f:
         config = lm_config_from_gpt2(json.load(f), cfg_path)
     try:
         raw = load_file(weights)
     except (SafetensorError, OSError, TypeError) as e:
-        raise ValueError(f"{weights} is not a readable float safetensors file: {e}") from None
+        raise FastformerError(f"{weights} is not a readable float safetensors file: {e}") from None
     state = {}
     for name, arr in raw.items():
         if name.endswith(_IGNORED_SUFFIXES):

@@ -8,6 +8,8 @@ into the caller's gradient views, so a step allocates no gradient arrays.
 
 import numpy as np
 
+from fastformer.errors import FastformerError
+
 
 def linear_forward(x, weight, bias=None, out=None):
     """out = x @ weight + bias, with x (..., Cin), weight (Cin, Cout) as in GPT-2's Conv1D.
@@ -15,7 +17,7 @@ def linear_forward(x, weight, bias=None, out=None):
     kept across steps). Returns (out (..., Cout), cache)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
     if out is not None and not (out.flags.c_contiguous and out.size == x2.shape[0] * weight.shape[1]):
-        raise ValueError(f"out must be a C-contiguous array of {x2.shape[0] * weight.shape[1]} elements "
+        raise FastformerError(f"out must be a C-contiguous array of {x2.shape[0] * weight.shape[1]} elements "
                          f"{(*x.shape[:-1], weight.shape[1])}, got shape {out.shape}")
     y = np.matmul(x2, weight, out=None if out is None else out.reshape(x2.shape[0], weight.shape[1]))  # (N, Cout)
     if bias is not None:

@@ -12,6 +12,8 @@ precision becomes 1 / (2^k * total) for the k-th such order. Tokens are whitespa
 import math
 from collections import Counter
 
+from fastformer.errors import FastformerError
+
 
 def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
@@ -20,8 +22,8 @@ def _ngrams(tokens, n):
 def bleu_stats(hypotheses, references, max_n=4):
     """Sufficient statistics: (matches[n], totals[n] for n = 1..max_n, hyp_len, ref_len)."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
-                         f"and {len(references)} references")
+        raise FastformerError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
+                              f"and {len(references)} references")
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):

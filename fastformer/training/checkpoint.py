@@ -31,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from fastformer.atomic import write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from fastformer.errors import FastformerError
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import load_config, save_config
@@ -76,11 +77,11 @@ def checkpoint_dirs(run_dir):
 
 
 def latest_checkpoint(run_dir):
-    """The newest checkpoint directory of a run; ValueError when there is none."""
+    """The newest checkpoint directory of a run; FastformerError when there is none."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
-        raise ValueError(f"no checkpoint in {run_dir!r}: expected a directory ckpt-NNNNNN holding "
-                         f"{STATE_FILE} (written by fastformer train)")
+        raise FastformerError(f"no checkpoint in {run_dir!r}: expected a directory ckpt-NNNNNN holding "
+                              f"{STATE_FILE} (written by fastformer train)")
     return dirs[-1]
 
 
@@ -161,7 +162,7 @@ class Checkpoint:
 def load_checkpoint(path):
     """Load and verify a checkpoint (a checkpoint directory, or a run directory: its newest).
 
-    A missing, truncated or altered file raises ValueError naming it.
+    A missing, truncated or altered file raises FastformerError naming it.
     """
     path = resolve_checkpoint(path)
     state_path = os.path.join(path, STATE_FILE)
@@ -169,28 +170,29 @@ def load_checkpoint(path):
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         files, step = state["files"], state["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {path!r} is corrupt: cannot read {STATE_FILE} ({e})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise FastformerError(f"checkpoint {path!r} is corrupt: cannot read {STATE_FILE} ({e})") from None
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path!r} has format_version {state.get('format_version')!r}; "
-                         f"this fastformer reads version {FORMAT_VERSION}")
+        raise FastformerError(f"checkpoint {path!r} has format_version {state.get('format_version')!r}; "
+                              f"this fastformer reads version {FORMAT_VERSION}")
     for name, digest in files.items():
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
-            raise ValueError(f"checkpoint {path!r} is incomplete: {name} is missing")
+            raise FastformerError(f"checkpoint {path!r} is incomplete: {name} is missing")
         if _sha256(fpath) != digest:
-            raise ValueError(f"checkpoint file {fpath!r} is corrupt or truncated (its SHA-256 does not "
-                             f"match the one recorded at step {step}); older checkpoints of this run: "
-                             f"{[d for d in checkpoint_dirs(os.path.dirname(path) or '.') if d != path]}")
+            raise FastformerError(f"checkpoint file {fpath!r} is corrupt or truncated (its SHA-256 does not "
+                                  f"match the one recorded at step {step}); older checkpoints of this run: "
+                                  f"{[d for d in checkpoint_dirs(os.path.dirname(path) or '.') if d != path]}")
     try:
         weights = load_file(os.path.join(path, "model.safetensors"))
         optimizer_state = load_file(os.path.join(path, "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint {path!r} holds an unreadable safetensors file: {e}") from None
+        raise FastformerError(f"checkpoint {path!r} holds an unreadable safetensors file: {e}") from None
     config = load_config(os.path.join(path, "config.yaml"))
     if state.get("model_kind", "lm") != config.kind:
-        raise ValueError(f"checkpoint {path!r} is corrupt: state.json says model kind {state.get('model_kind')!r} "
-                         f"but its config trains a {config.kind} (data.task={config.data.task})")
+        raise FastformerError(f"checkpoint {path!r} is corrupt: state.json says model kind "
+                              f"{state.get('model_kind')!r} but its config trains a {config.kind} "
+                              f"(data.task={config.data.task})")
     tokenizers = {name: load_tokenizer(os.path.join(path, sub)) for name, sub in TOKENIZER_DIRS[config.kind].items()}
     return Checkpoint(path, config, tokenizers, weights, optimizer_state, state)
 
@@ -205,13 +207,13 @@ def load_model(path):
         model = TransformerLM.from_pretrained(path)
         tokenizer = load_tokenizer(path)
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{model.config.vocab_size}")
+            raise FastformerError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                                  f"{model.config.vocab_size}")
         seq_len = min(TrainConfig.seq_len, model.config.max_seq_len)
         return model, tokenizer, RunConfig(model=model.config, train=TrainConfig(seq_len=seq_len))
     ckpt = load_checkpoint(path)
     if ckpt.config.kind != "lm":
-        raise ValueError(f"{ckpt.path} holds an encoder-decoder (data.task={ckpt.config.data.task}), not a "
-                         f"language model: use fastformer translate or eval with it")
+        raise FastformerError(f"{ckpt.path} holds an encoder-decoder (data.task={ckpt.config.data.task}), not a "
+                              f"language model: use fastformer translate or eval with it")
     return ckpt.new_model(), ckpt.tokenizer, ckpt.config
 

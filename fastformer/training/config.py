@@ -20,6 +20,7 @@ import yaml
 from fastformer.atomic import atomic_open
 from fastformer.data.pairs import TASKS as SYNTHETIC_TASKS
 from fastformer.data.pairs import parse_alphabet
+from fastformer.errors import FastformerError, check_bool, check_int, check_number, is_int
 from fastformer.models.config import LMConfig, Seq2SeqConfig
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
 
@@ -48,31 +49,37 @@ class DataConfig:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise ValueError(f"data.task {self.task!r} is not known: valid values are {', '.join(TASKS)}")
-        vf = self.val_fraction  # only pairs may evaluate on the training data (memorisation)
-        if not (0.0 <= vf < 1.0 if self.task == "pairs" else 0.0 < vf < 1.0):
-            raise ValueError(f"data.val_fraction must lie in {'[0, 1)' if self.task == 'pairs' else '(0, 1)'} "
-                             f"for data.task={self.task}, got {self.val_fraction}")
+            raise FastformerError(f"data.task {self.task!r} is not known: valid values are {', '.join(TASKS)}")
+        for name in ("path", "tokenizer"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise FastformerError(f"data.{name} must be a str or null, got {getattr(self, name)!r}")
+        # only pairs may evaluate on the training data (memorisation)
+        self.val_fraction = vf = check_number("data.val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        if vf == 0 and self.task != "pairs":
+            raise FastformerError(f"data.val_fraction must lie in (0, 1) for data.task={self.task}, got {vf}")
         if self.tokenizer == "":  # a directory is checked when the tokenizer is loaded
-            raise ValueError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
+            raise FastformerError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
+        self.min_len = check_int("data.min_len", self.min_len)
+        self.max_len = check_int("data.max_len", self.max_len)
+        self.min_freq = check_int("data.min_freq", self.min_freq)
+        for name in ("lowercase", "unique_sources"):
+            setattr(self, name, check_bool(f"data.{name}", getattr(self, name)))
         if self.task in SYNTHETIC_TASKS:
-            if not 1 <= self.min_len <= self.max_len:
-                raise ValueError(f"data.min_len and data.max_len need 1 <= min_len <= max_len, got "
-                                 f"{self.min_len} and {self.max_len}")
+            if self.min_len > self.max_len:
+                raise FastformerError(f"data.min_len and data.max_len need 1 <= min_len <= max_len, got "
+                                      f"{self.min_len} and {self.max_len}")
             parse_alphabet(self.alphabet)
             if self.tokenizer is not None:
-                raise ValueError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
-                                 f"its strings are tokenized per character of data.alphabet; leave it unset")
+                raise FastformerError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
+                                      f"its strings are tokenized per character of data.alphabet; leave it unset")
         if self.task == "pairs":
             if not self.path:
-                raise ValueError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
+                raise FastformerError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
             if self.tokenizer not in (None, *PAIR_TOKENIZERS):
-                raise ValueError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
-                                 f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")
-        if self.max_pairs is not None and self.max_pairs < 1:
-            raise ValueError(f"data.max_pairs must be >= 1 or null, got {self.max_pairs}")
-        if self.min_freq < 1:
-            raise ValueError(f"data.min_freq must be >= 1, got {self.min_freq}")
+                raise FastformerError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
+                                      f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")
+        if self.max_pairs is not None and not (is_int(self.max_pairs) and self.max_pairs >= 1):
+            raise FastformerError(f"data.max_pairs must be an integer >= 1 or null, got {self.max_pairs!r}")
 
 
 @dataclass
@@ -101,19 +108,19 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "max_steps", "log_interval", "eval_interval",
                      "eval_batches", "checkpoint_interval", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+            setattr(self, name, check_int(f"train.{name}", getattr(self, name)))
+        for name in ("warmup_steps", "seed"):
+            setattr(self, name, check_int(f"train.{name}", getattr(self, name), minimum=0))
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0))
         for name in ("beta1", "beta2", "momentum"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
+            setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True))
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer {self.optimizer!r} is not known: "
-                             f"valid values are {', '.join(OPTIMIZERS)}")
+            raise FastformerError(f"train.optimizer {self.optimizer!r} is not known: "
+                                  f"valid values are {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule {self.schedule!r} is not known: valid values are {', '.join(SCHEDULES)}")
+            raise FastformerError(f"train.schedule {self.schedule!r} is not known: "
+                                  f"valid values are {', '.join(SCHEDULES)}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "seq2seq": Seq2SeqConfig}
@@ -127,14 +134,18 @@ class RunConfig:
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
 
     def __post_init__(self):
+        for name, klass in SECTIONS.items():
+            if not isinstance(getattr(self, name), klass):
+                raise FastformerError(f"RunConfig.{name} must be a {klass.__name__}, got "
+                                      f"{type(getattr(self, name)).__name__}")
         if self.kind == "lm" and self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
-                             f"{self.model.max_seq_len}: the model has no positions beyond it")
+            raise FastformerError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                                  f"{self.model.max_seq_len}: the model has no positions beyond it")
         d, s = self.data, self.seq2seq
         if d.task in SYNTHETIC_TASKS and (d.max_len > s.max_src_len or d.max_len + 1 > s.max_tgt_len):
-            raise ValueError(f"data.max_len={d.max_len} needs seq2seq.max_src_len >= {d.max_len} and "
-                             f"seq2seq.max_tgt_len >= {d.max_len + 1} (<bos> + target), got {s.max_src_len} "
-                             f"and {s.max_tgt_len}")
+            raise FastformerError(f"data.max_len={d.max_len} needs seq2seq.max_src_len >= {d.max_len} and "
+                                  f"seq2seq.max_tgt_len >= {d.max_len + 1} (<bos> + target), got {s.max_src_len} "
+                                  f"and {s.max_tgt_len}")
 
     @property
     def kind(self):
@@ -157,20 +168,21 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d, base=None):
         """A RunConfig from {section: {key: value}}; missing keys come from `base` (default:
-        the defaults). Unknown sections/keys and wrong types raise ValueError."""
+        the defaults). Unknown sections/keys and wrong types raise FastformerError."""
         if not isinstance(d, dict):
-            raise ValueError(f"a run config must be a mapping with sections {list(SECTIONS)}, got {type(d).__name__}")
+            raise FastformerError(f"a run config must be a mapping with sections {list(SECTIONS)}, "
+                                  f"got {type(d).__name__}")
         unknown = [k for k in d if k not in SECTIONS]
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}: valid sections are {list(SECTIONS)}")
+            raise FastformerError(f"unknown config section(s) {unknown}: valid sections are {list(SECTIONS)}")
         base = base or cls()
         merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
         for section, values in d.items():
             if values is None:
                 continue
             if not isinstance(values, dict):
-                raise ValueError(f"config section {section!r} must be a mapping of keys to values, "
-                                 f"got {values!r}")
+                raise FastformerError(f"config section {section!r} must be a mapping of keys to values, "
+                                      f"got {values!r}")
             for key, value in values.items():
                 merged[section][key] = _coerce(section, key, value)
         return cls(**{name: klass(**merged[name]) for name, klass in SECTIONS.items()})
@@ -185,15 +197,15 @@ def _coerce(section, key, value):
     value such as 1e-3, which YAML reads as text) are parsed. Returns the typed value."""
     types = _field_types(section)
     if key not in types:
-        raise ValueError(f"unknown config key {section}.{key}: valid keys of {section!r} are {list(types)}")
+        raise FastformerError(f"unknown config key {section}.{key}: valid keys of {section!r} are {list(types)}")
     t = types[key]
     optional = typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t)
     if optional:
         t = [a for a in typing.get_args(t) if a is not type(None)][0]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
-    bad = ValueError(f"config key {section}.{key} must be {t.__name__}"
-                     f"{' or null' if optional else ''}, got {value!r}")
+    bad = FastformerError(f"config key {section}.{key} must be {t.__name__}"
+                          f"{' or null' if optional else ''}, got {value!r}")
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -201,8 +213,8 @@ def _coerce(section, key, value):
             return value.lower() == "true"
         raise bad
     if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if is_int(value):
+            return int(value)
         if isinstance(value, str):
             try:
                 return int(value)
@@ -210,7 +222,7 @@ def _coerce(section, key, value):
                 raise bad from None
         raise bad
     if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_int(value) or isinstance(value, float):
             return float(value)
         if isinstance(value, str):
             try:
@@ -229,14 +241,14 @@ def apply_overrides(config, overrides):
     """A new RunConfig with each "section.key=value" of `overrides` applied (validated)."""
     d = {}
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3 "
-                             f"(sections: {list(SECTIONS)})")
+        if not isinstance(item, str) or "=" not in item or "." not in item.split("=", 1)[0]:
+            raise FastformerError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3 "
+                                  f"(sections: {list(SECTIONS)})")
         name, value = item.split("=", 1)
         section, key = name.strip().split(".", 1)
         if section not in SECTIONS:
-            raise ValueError(f"unknown config section {section!r} in override {item!r}: valid sections "
-                             f"are {list(SECTIONS)}")
+            raise FastformerError(f"unknown config section {section!r} in override {item!r}: valid sections "
+                                  f"are {list(SECTIONS)}")
         d.setdefault(section, {})[key] = value.strip()
     return RunConfig.from_dict(d, base=config)
 
@@ -258,7 +270,7 @@ PRESETS = {
 def preset(name):
     """The RunConfig of a named preset: tiny, small or medium."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
+        raise FastformerError(f"unknown preset {name!r}: valid presets are {', '.join(PRESETS)}")
     model, train = PRESETS[name]
     return RunConfig(model=ModelConfig(max_seq_len=128, **model),
                      train=TrainConfig(batch_size=32, seq_len=128, **train))
@@ -275,23 +287,23 @@ def match_tokenizer(config, tokenizer, field="vocab_size"):
         return config
     if v == getattr(type(model), field):
         return dataclasses.replace(config, **{section: dataclasses.replace(model, **{field: tokenizer.vocab_size})})
-    raise ValueError(f"{section}.{field}={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
-                     f"drop {section}.{field} (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
+    raise FastformerError(f"{section}.{field}={v} but the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids: "
+                          f"drop {section}.{field} (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
 
 
 def load_config(path, base=None):
     """A RunConfig from a YAML file (sections model or seq2seq, data, train; missing keys from `base`)."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
+        raise FastformerError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
             d = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+            raise FastformerError(f"config file {path!r} is not valid YAML: {e}") from None
     try:
         return RunConfig.from_dict(d or {}, base=base)
-    except ValueError as e:
-        raise ValueError(f"config file {path!r}: {e}") from None
+    except FastformerError as e:
+        raise FastformerError(f"config file {path!r}: {e}") from None
 
 
 def save_config(config, path):

@@ -20,6 +20,7 @@ import numpy as np
 
 from fastformer.data.pairs import IGNORE_INDEX, make_batch
 from fastformer.data.text import eval_batches
+from fastformer.errors import FastformerError, check_int
 from fastformer.generation.search import beam_decode, greedy_decode
 from fastformer.kernels import get_ops
 from fastformer.training.bleu import corpus_bleu
@@ -36,13 +37,15 @@ def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=
     Returns {"loss", "ppl", "acc", "tokens"} and, with byte_lengths, {"bytes", "bits_per_byte"}.
     Deterministic: the same windows every time, no random generator.
     """
+    check_int("batch_size", batch_size)
+    check_int("seq_len", seq_len)
+    if max_batches is not None:
+        check_int("max_batches", max_batches)
     n_windows = (len(ids) - 1) // seq_len
     if n_windows < 1:
-        raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise FastformerError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     if max_batches is None:
         max_batches = -(-n_windows // batch_size)
-    if max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     ops = get_ops()
     total_loss, correct, n, n_bytes = 0.0, 0, 0, 0
     for x, y in eval_batches(ids, batch_size, seq_len, max_batches):
@@ -72,7 +75,9 @@ def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1,
     Decoding is greedy when beam_size is 1. Deterministic: no random generator.
     """
     if not pairs:
-        raise ValueError("no (source, target) pairs to evaluate on")
+        raise FastformerError("no (source, target) pairs to evaluate on")
+    check_int("batch_size", batch_size)
+    check_int("beam_size", beam_size)
     ops = get_ops()
     bos, eos = tgt_tok.bos_id, tgt_tok.eos_id
     normalize = getattr(tgt_tok, "normalize", lambda text: text)  # words: the spacing decode writes

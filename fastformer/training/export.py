@@ -5,6 +5,7 @@ import json
 import os
 
 from fastformer.data.bpe import byte_level_chars
+from fastformer.errors import FastformerError
 from fastformer.models.hf import save_hf
 
 
@@ -55,7 +56,7 @@ def export_hf(model, tokenizer, out_dir):
     import warnings
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"export directory {out_dir!r} already exists and is not empty: choose a new one")
+        raise FastformerError(f"export directory {out_dir!r} already exists and is not empty: choose a new one")
     tmp = out_dir.rstrip("/\\") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)

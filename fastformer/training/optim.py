@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from fastformer.errors import FastformerError, check_bool, check_number
 from fastformer.kernels import get_ops
 from fastformer.nn.params import aligned_zeros
 
@@ -24,6 +25,9 @@ class SGD:
     g += wd * p (decayed slice only); buf = momentum * buf + g; p -= lr * buf."""
 
     def __init__(self, flat, momentum=0.9, weight_decay=0.0, nesterov=False):
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        check_bool("nesterov", nesterov)
         self.flat, self.momentum, self.weight_decay, self.nesterov = flat, momentum, weight_decay, nesterov
         self.buf = aligned_zeros(flat.data.shape, flat.dtype)  # momentum buffer, the layout of flat.data
         self.t = 0
@@ -56,6 +60,11 @@ class AdamW:
     """
 
     def __init__(self, flat, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True):
+        check_number("beta1", beta1, low=0, high=1, high_open=True)
+        check_number("beta2", beta2, low=0, high=1, high_open=True)
+        check_number("eps", eps, low=0)
+        check_number("weight_decay", weight_decay, low=0)
+        check_bool("decoupled", decoupled)
         self.flat, self.beta1, self.beta2, self.eps = flat, beta1, beta2, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
         self.m = aligned_zeros(flat.data.shape, flat.dtype)  # first moment, the layout of flat.data
@@ -87,11 +96,11 @@ class AdamW:
 def _check_state(opt, state, names):
     expected = set(names) | {"t"}
     if set(state) != expected:
-        raise ValueError(f"{type(opt).__name__} state has keys {sorted(state)}, expected {sorted(expected)}")
+        raise FastformerError(f"{type(opt).__name__} state has keys {sorted(state)}, expected {sorted(expected)}")
     for n in names:
         if state[n].shape != opt.flat.data.shape:
-            raise ValueError(f"{type(opt).__name__} state {n!r} has shape {state[n].shape}, "
-                             f"the model's flat buffer is {opt.flat.data.shape}")
+            raise FastformerError(f"{type(opt).__name__} state {n!r} has shape {state[n].shape}, "
+                                  f"the model's flat buffer is {opt.flat.data.shape}")
 
 
 def make_optimizer(flat, train):
@@ -102,7 +111,7 @@ def make_optimizer(flat, train):
     if train.optimizer in ("adam", "adamw"):
         return AdamW(flat, beta1=train.beta1, beta2=train.beta2, eps=train.eps,
                      weight_decay=train.weight_decay, decoupled=train.optimizer == "adamw")
-    raise ValueError(f"unknown optimizer {train.optimizer!r}: valid values are {', '.join(OPTIMIZERS)}")
+    raise FastformerError(f"unknown optimizer {train.optimizer!r}: valid values are {', '.join(OPTIMIZERS)}")
 
 
 def learning_rate(step, *, lr, schedule="constant", warmup_steps=0, max_steps=1, min_lr=0.0):
@@ -112,7 +121,7 @@ def learning_rate(step, *, lr, schedule="constant", warmup_steps=0, max_steps=1,
     "constant" (lr), "cosine" or "linear" decay from lr to min_lr at step max_steps.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}: valid values are {', '.join(SCHEDULES)}")
+        raise FastformerError(f"unknown schedule {schedule!r}: valid values are {', '.join(SCHEDULES)}")
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":

@@ -23,6 +23,7 @@ from fastformer import seeds
 from fastformer.data.pairs import PairBatches, SyntheticTask, encode_pairs, fit_pairs, read_pairs, split_pairs
 from fastformer.data.text import get_batch, load_training_data
 from fastformer.data.tokenizer import CharTokenizer, WordTokenizer
+from fastformer.errors import FastformerError
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import match_tokenizer
@@ -94,14 +95,14 @@ class Seq2SeqTask:
                 pairs = list(first.items())
             pairs = pairs[:d.max_pairs]
             if not pairs:
-                raise ValueError(f"pairs file {d.path} holds no source<TAB>target pair (skipped: {read_skips})")
+                raise FastformerError(f"pairs file {d.path} holds no source<TAB>target pair (skipped: {read_skips})")
             streams = seeds.run_streams(t.seed)
             train, val = split_pairs(pairs, d.val_fraction, streams.split)
             src_tok, tgt_tok = (tokenizers["src"], tokenizers["tgt"]) if tokenizers else self._build(train, d)
             src_seqs, tgt_seqs, n_long = encode_pairs(train, src_tok, tgt_tok, s.max_src_len, s.max_tgt_len)
             if not src_seqs:
-                raise ValueError(f"no training pair of {d.path} fits seq2seq.max_src_len={s.max_src_len} "
-                                 f"and max_tgt_len={s.max_tgt_len}")
+                raise FastformerError(f"no training pair of {d.path} fits seq2seq.max_src_len={s.max_src_len} "
+                                      f"and max_tgt_len={s.max_tgt_len}")
             # no validation split (val_fraction 0): evaluate on the training pairs
             self.val_pairs, n_long_val = fit_pairs(val or train, src_tok, tgt_tok, s.max_src_len, s.max_tgt_len)
             if n_long or n_long_val:

@@ -26,8 +26,9 @@ import warnings
 
 from tqdm import tqdm
 
+from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from fastformer.training.config import save_config
+from fastformer.training.config import RunConfig, save_config
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
 from fastformer.training.tasks import make_task
 
@@ -51,19 +52,21 @@ class Trainer:
     """
 
     def __init__(self, config, out_dir, resume=False, text=None, verbose=True):
-        self.out_dir, self.verbose, self.is_main = out_dir, verbose, True
+        self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), True
+        if config is not None and not isinstance(config, RunConfig):
+            raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
         ckpt = None
-        if resume:
+        if check_bool("resume", resume):
             ckpt = load_checkpoint(out_dir)
             config = config or ckpt.config
             if config.model_config() != ckpt.config.model_config():
-                raise ValueError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
-                                 f"differs from the requested {config.model_config()}")
+                raise FastformerError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
+                                      f"differs from the requested {config.model_config()}")
         elif checkpoint_dirs(out_dir):
-            raise ValueError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
-                             f"or choose another output directory")
+            raise FastformerError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
+                                  f"or choose another output directory")
         if config is None:
-            raise ValueError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
+            raise FastformerError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
         t = config.train
 
         # data: the task's tokenizers (a resumed run's own), its batches and validation data;
@@ -127,6 +130,8 @@ class Trainer:
         Returns the training loss of every step run, in order. Raises NonFiniteLossError (with the
         last good checkpoint left as it was) if the loss or gradient norm stops being finite.
         """
+        if steps is not None:
+            check_int("steps", steps, minimum=0)
         t, model, flat = self.config.train, self.model, self.model.flat
         end = t.max_steps if steps is None else min(t.max_steps, self.step + steps)
         losses, tokens, t_log = [], 0, time.perf_counter()

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from fastformer import TransformerLM, use_backend
+from fastformer import FastformerError, TransformerLM, use_backend
+from fastformer.cli import commands
 from fastformer.cli.commands import main
 from fastformer.training.checkpoint import checkpoint_dirs, load_model
 from fastformer.training.config import preset
@@ -108,3 +110,40 @@ def test_scripts_are_thin_wrappers():
     r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--top-p" in r.stdout
+
+
+def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys):
+    assert main(["train", "--set", "train.batch_size=true"]) == 2
+    assert capsys.readouterr().err == "fastformer train: error: config key train.batch_size must be int, got 'true'\n"
+
+    def bad_input(args):
+        raise FastformerError("the first line\n  and the second")
+
+    monkeypatch.setattr(commands, "cmd_info", bad_input)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "fastformer info: error: the first line and the second\n"
+
+
+@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"), TypeError("unsupported operand"),
+                                 ValueError("cannot reshape array of size 2 into shape (3,)")])
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback(monkeypatch, bug):
+    def command(args):
+        raise bug
+
+    monkeypatch.setattr(commands, "cmd_info", command)
+    with pytest.raises(type(bug), match=re.escape(str(bug))):
+        main(["info"])
+
+
+def test_file_errors_are_one_line_and_exit_status_2(files, monkeypatch, capsys):
+    data, cfg, _ = files
+    assert main(["train", "--config", cfg, "--data", data, "--out", "/dev/null/run"]) == 2  # not a directory
+    err = capsys.readouterr().err
+    assert err == "fastformer train: error: [Errno 20] Not a directory: '/dev/null/run'\n"
+
+    def missing(args):
+        raise FileNotFoundError(2, "No such file or directory", "corpus.txt")
+
+    monkeypatch.setattr(commands, "cmd_plot", missing)
+    assert main(["plot", "run", "--out", "loss.png"]) == 2
+    assert capsys.readouterr().err == "fastformer plot: error: [Errno 2] No such file or directory: 'corpus.txt'\n"

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
 from fastformer.data.bpe import BPETokenizer  # noqa: E402
+from fastformer.errors import FastformerError
 
 CORPUS = ("the cat sat on the mat. the dog sat on the log. "
           "a cat and a dog met on the mat and sat together.\n") * 50
@@ -38,7 +39,7 @@ def test_specials_and_bad_ids(bpe):
     assert ids[0] == bpe.bos_id and ids[-1] == bpe.eos_id
     assert bpe.decode(ids) == "the dog"
     V = bpe.vocab_size
-    with pytest.raises(ValueError, match=f"token id {V} is outside the BPE vocabulary \\[0, {V}\\)"):
+    with pytest.raises(FastformerError, match=f"token id {V} is outside the BPE vocabulary \\[0, {V}\\)"):
         bpe.decode([5, V])
 
 
@@ -57,13 +58,13 @@ def test_saved_file_is_standard_and_reloads(bpe, tmp_path):
 
 
 def test_bad_training_input(tmp_path):
-    with pytest.raises(ValueError, match="no such text file"):
+    with pytest.raises(FastformerError, match="no such text file"):
         BPETokenizer.train([tmp_path / "missing.txt"], vocab_size=300)
     (tmp_path / "c.txt").write_text("abc")
-    with pytest.raises(ValueError, match="vocab_size must be an integer >= 259"):
+    with pytest.raises(FastformerError, match="vocab_size must be an integer >= 259"):
         BPETokenizer.train([tmp_path / "c.txt"], vocab_size=100)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a readable Hugging Face tokenizer.json"):
+    with pytest.raises(FastformerError, match="not a readable Hugging Face tokenizer.json"):
         BPETokenizer.from_file(tmp_path / "bad.json")
 
 
@@ -83,5 +84,5 @@ def test_load_tokenizer_recognises_the_hf_file(bpe, tmp_path):
     assert isinstance(tok, BPETokenizer) and tok.vocab_size == bpe.vocab_size
     np.testing.assert_array_equal(tok.encode("the cat"), bpe.encode("the cat"))
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
-    with pytest.raises(ValueError, match="not a readable Hugging Face tokenizer.json"):
+    with pytest.raises(FastformerError, match="not a readable Hugging Face tokenizer.json"):
         load_tokenizer(str(tmp_path))

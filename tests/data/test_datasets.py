@@ -9,6 +9,7 @@ import pytest
 
 from fastformer.cli.commands import main
 from fastformer.data import datasets
+from fastformer.errors import FastformerError
 
 TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
 
@@ -63,7 +64,7 @@ def test_download_verifies_and_caches(fake_shakespeare, tmp_path, capsys):
 def test_checksum_mismatch_is_refused(fake_shakespeare, monkeypatch, tmp_path):
     monkeypatch.setitem(datasets.DATASETS, "tinyshakespeare",
                         [("train", "https://example.invalid/input.txt", "input.txt", len(TEXT), "0" * 64)])
-    with pytest.raises(ValueError, match="does not match its checksum"):
+    with pytest.raises(FastformerError, match="does not match its checksum"):
         datasets.fetch_dataset("tinyshakespeare", str(tmp_path))
     assert list(tmp_path.rglob("input.txt*")) == []  # the bad download is deleted
 
@@ -74,5 +75,5 @@ def test_unknown_checksum_is_recorded_on_first_download(fake_shakespeare, tmp_pa
     record = (tmp_path / "file.txt.sha256").read_text().split()
     assert record == [str(len(TEXT)), hashlib.sha256(TEXT).hexdigest()]
     (tmp_path / "file.txt").write_bytes(TEXT[:-1])  # later altered: caught against the record
-    with pytest.raises(ValueError, match="cached file .* does not match its checksum"):
+    with pytest.raises(FastformerError, match="cached file .* does not match its checksum"):
         datasets.download("https://example.invalid/x", path)

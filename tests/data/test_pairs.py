@@ -13,6 +13,7 @@ from fastformer.data.pairs import (
     split_pairs,
 )
 from fastformer.data.tokenizer import WordTokenizer
+from fastformer.errors import FastformerError
 
 
 def test_make_batch_pads_shifts_and_masks():
@@ -35,7 +36,7 @@ def test_read_pairs_skips_bad_lines(tmp_path):
     c = tmp_path / "pairs.csv"
     c.write_text('source,target\n"Hello, you",Bonjour\n', encoding="utf-8")
     assert read_pairs(c)[0] == [("source", "target"), ("Hello, you", "Bonjour")]
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FastformerError, match="does not exist"):
         read_pairs(tmp_path / "missing.txt")
 
 
@@ -91,10 +92,16 @@ def test_synthetic_batches_and_resume():
 
 
 def test_synthetic_errors():
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(FastformerError, match="task must be one of"):
         SyntheticTask("shuffle")
-    with pytest.raises(ValueError, match="unknown alphabet name"):
+    with pytest.raises(FastformerError, match="unknown alphabet name"):
         SyntheticTask("copy", alphabet="letters+emoji")
-    with pytest.raises(ValueError, match="min_len <= max_len"):
+    with pytest.raises(FastformerError, match="min_len <= max_len"):
         SyntheticTask("copy", min_len=5, max_len=2)
+    with pytest.raises(FastformerError, match="min_len <= max_len, got min_len=True"):
+        SyntheticTask("copy", min_len=True, max_len=2)
+    with pytest.raises(FastformerError, match="batch_size must be an integer >= 1, got 2.0"):
+        SyntheticTask("copy", batch_size=2.0)
+    with pytest.raises(FastformerError, match="an alphabet must be a str"):
+        parse_alphabet(None)
     assert parse_alphabet("chars:abca") == "abc"

@@ -9,6 +9,7 @@ import pytest
 
 from fastformer.data.prepare import load_prepared, prepare, token_dtype
 from fastformer.data.tokenizer import ByteTokenizer, CharTokenizer
+from fastformer.errors import FastformerError
 from fastformer.training.config import ModelConfig, RunConfig, TrainConfig
 from fastformer.training.trainer import Trainer
 
@@ -70,34 +71,34 @@ def test_separate_validation_files_and_dtype(tmp_path, text_file):
 def test_prepare_input_errors(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine line\n\xff\xfe broken\n")
-    with pytest.raises(ValueError, match=r"bad.txt' is not UTF-8 text \(byte 10"):
+    with pytest.raises(FastformerError, match=r"bad.txt' is not UTF-8 text \(byte 10"):
         prepare([str(bad)], ByteTokenizer(), str(tmp_path / "out"))
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "out"))  # temp files removed
-    with pytest.raises(ValueError, match="data file .*missing.txt' does not exist"):
+    with pytest.raises(FastformerError, match="data file .*missing.txt' does not exist"):
         prepare([str(tmp_path / "missing.txt")], ByteTokenizer(), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="val-fraction must lie in"):
+    with pytest.raises(FastformerError, match="val-fraction must lie in"):
         prepare([str(bad)], ByteTokenizer(), str(tmp_path / "out"), val_fraction=1.0)
 
 
 def test_broken_prepared_directories(tmp_path, text_file):
     out = tmp_path / "p"
-    with pytest.raises(ValueError, match="is not a prepared data directory: no meta.json"):
+    with pytest.raises(FastformerError, match="is not a prepared data directory: no meta.json"):
         load_prepared(str(tmp_path))
     prepare([text_file], ByteTokenizer(), str(out))
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text('{"dtype": "uint16", "vocab')
-    with pytest.raises(ValueError, match="meta.json is corrupt"):
+    with pytest.raises(FastformerError, match="meta.json is corrupt"):
         load_prepared(str(out))
     (out / "meta.json").write_text(json.dumps({**meta, "vocab_size": 300}))
-    with pytest.raises(ValueError, match="says vocab_size=300 but its tokenizer.json has 259 ids"):
+    with pytest.raises(FastformerError, match="says vocab_size=300 but its tokenizer.json has 259 ids"):
         load_prepared(str(out))
     (out / "meta.json").write_text(json.dumps({**meta, "dtype": "float32"}))
-    with pytest.raises(ValueError, match="dtype 'float32' is not allowed"):
+    with pytest.raises(FastformerError, match="dtype 'float32' is not allowed"):
         load_prepared(str(out))
     (out / "meta.json").write_text(json.dumps(meta))
     with open(out / "val.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(ValueError, match=r"val.bin should hold \d+ uint16 tokens .* found 10"):
+    with pytest.raises(FastformerError, match=r"val.bin should hold \d+ uint16 tokens .* found 10"):
         load_prepared(str(out))
 
 
@@ -126,13 +127,13 @@ def test_training_on_a_prepared_directory_resumes_exactly(tmp_path, text_file, b
 
 def test_prepared_directory_config_errors(tmp_path, text_file):
     prepare([text_file], ByteTokenizer(), str(tmp_path / "data"))
-    with pytest.raises(ValueError, match="data.tokenizer='char' but data.path .* is a prepared directory"):
+    with pytest.raises(FastformerError, match="data.tokenizer='char' but data.path .* is a prepared directory"):
         Trainer(tiny(str(tmp_path / "data"), tokenizer="char"), str(tmp_path / "r1"), verbose=False)
     config = tiny(str(tmp_path / "data"))
     config.model.vocab_size = 300
-    with pytest.raises(ValueError, match="model.vocab_size=300 but the byte tokenizer has 259 ids"):
+    with pytest.raises(FastformerError, match="model.vocab_size=300 but the byte tokenizer has 259 ids"):
         Trainer(config, str(tmp_path / "r2"), verbose=False)
-    with pytest.raises(ValueError, match="not a prepared data directory"):
+    with pytest.raises(FastformerError, match="not a prepared data directory"):
         Trainer(tiny(str(tmp_path)), str(tmp_path / "r3"), verbose=False)
 
 

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastformer.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
+from fastformer.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer, load_tokenizer, make_tokenizer
+from fastformer.errors import FastformerError
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,13 +31,27 @@ def test_special_ids():
 
 def test_decode_errors():
     tok = ByteTokenizer()
-    with pytest.raises(ValueError, match=r"token id 259 is outside.*\[0, 259\)"):
+    with pytest.raises(FastformerError, match=r"token id 259 is outside.*\[0, 259\)"):
         tok.decode([104, 259])
     assert tok.decode([0xC3]) == "\ufffd"  # a character cut in half decodes to U+FFFD
     with pytest.raises(UnicodeDecodeError):
         tok.decode([0xC3], errors="strict")
-    with pytest.raises(ValueError, match="needs a str"):
+    with pytest.raises(FastformerError, match="needs a str"):
         tok.encode(b"bytes")
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), CharTokenizer.from_text("abc"), WordTokenizer(["a", "b"])],
+                         ids=["byte", "char", "word"])
+def test_every_kind_refuses_the_same_bad_input(tok):
+    with pytest.raises(FastformerError, match="encode needs a str, got bytes"):
+        tok.encode(b"abc")
+    with pytest.raises(FastformerError, match="bos must be True or False, got 1"):
+        tok.encode("abc", bos=1)
+    with pytest.raises(FastformerError, match="token ids must be integers, got dtype float64"):
+        tok.decode([1.0, 2.0])
+    with pytest.raises(FastformerError, match=r"token id -1 is outside the .*vocabulary \[0, "):
+        tok.decode(np.array([[0, -1]]))
+    assert tok.decode([]) == ""
 
 
 def test_save_and_load_by_kind(tmp_path):
@@ -47,13 +62,13 @@ def test_save_and_load_by_kind(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(ValueError, match="no tokenizer at"):
+    with pytest.raises(FastformerError, match="no tokenizer at"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "bpe9"}')
-    with pytest.raises(ValueError, match=r"kind 'bpe9'; known kinds are \['bpe', 'byte', 'char', 'word'\]"):
+    with pytest.raises(FastformerError, match=r"kind 'bpe9'; known kinds are \['bpe', 'byte', 'char', 'word'\]"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "by')
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(FastformerError, match="corrupt or truncated"):
         load_tokenizer(str(tmp_path))
 
 
@@ -80,9 +95,9 @@ def test_char_unknown_characters_become_unk(tmp_path):
     ids = tok.encode("hex😀")
     assert ids[2] == tok.unk_id and ids[3] != tok.unk_id  # 'x' unseen; the emoji (beyond U+FFFF) seen
     assert tok.decode(ids) == "he\ufffd😀"
-    with pytest.raises(ValueError, match=r"token id 99 is outside the char vocabulary"):
+    with pytest.raises(FastformerError, match=r"token id 99 is outside the char vocabulary"):
         tok.decode([99])
-    with pytest.raises(ValueError, match="no such text file"):
+    with pytest.raises(FastformerError, match="no such text file"):
         CharTokenizer.train([tmp_path / "missing.txt"])
 
 
@@ -95,7 +110,7 @@ def test_char_save_and_load_by_kind(tmp_path):
     d = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     d["vocab_size"] = 3
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="vocab_size=3, but its characters make"):
+    with pytest.raises(FastformerError, match="vocab_size=3, but its characters make"):
         load_tokenizer(str(tmp_path))
 
 
@@ -114,16 +129,16 @@ def test_make_tokenizer(tmp_path):
     assert make_tokenizer("char", "aab").chars == ["a", "b"]
     ByteTokenizer().save(str(tmp_path))
     assert isinstance(make_tokenizer(str(tmp_path)), ByteTokenizer)
-    with pytest.raises(ValueError, match="data.tokenizer 'wordpiece' is not known: valid values are byte, char"):
+    with pytest.raises(FastformerError, match="data.tokenizer 'wordpiece' is not known: valid values are byte, char"):
         make_tokenizer("wordpiece")
 
 
 def test_unknown_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
-    with pytest.raises(ValueError, match=r"has kind None; known kinds are .*Hugging Face"):
+    with pytest.raises(FastformerError, match=r"has kind None; known kinds are .*Hugging Face"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('[1, 2]')
-    with pytest.raises(ValueError, match="holds a list, not a JSON object"):
+    with pytest.raises(FastformerError, match="holds a list, not a JSON object"):
         load_tokenizer(str(tmp_path))
 
 

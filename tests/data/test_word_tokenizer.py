@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastformer.data.tokenizer import TOKENIZER_KINDS, CharTokenizer, WordTokenizer, load_tokenizer
+from fastformer.errors import FastformerError
 
 
 def test_split_vocab_and_round_trip(tmp_path):
@@ -33,18 +34,18 @@ def test_min_freq_and_errors(tmp_path):
     tok = WordTokenizer.build(["a b b", "c b a"], min_freq=2)
     assert tok.words == ["b", "a"]
     assert tok.encode("c").tolist() == [3]
-    with pytest.raises(ValueError, match="min_freq must be an integer >= 1"):
+    with pytest.raises(FastformerError, match="min_freq must be an integer >= 1"):
         WordTokenizer.build(["a"], min_freq=0)
-    with pytest.raises(ValueError, match="token id 99 is outside the word vocabulary"):
+    with pytest.raises(FastformerError, match="token id 99 is outside the word vocabulary"):
         tok.decode([99])
-    with pytest.raises(ValueError, match="no tokenizer at"):
+    with pytest.raises(FastformerError, match="no tokenizer at"):
         load_tokenizer(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="distinct non-empty strings and no specials"):
+    with pytest.raises(FastformerError, match="distinct non-empty strings and no specials"):
         WordTokenizer(["a", "a"])
     d = tok.to_dict()
     d["vocab_size"] = 99
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="vocab_size=99, but its words make 6"):
+    with pytest.raises(FastformerError, match="vocab_size=99, but its words make 6"):
         load_tokenizer(tmp_path)
 
 

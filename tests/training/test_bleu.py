@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from fastformer.errors import FastformerError
 from fastformer.training.bleu import bleu_stats, corpus_bleu, own_corpus_bleu
 
 HYPS = ["the cat sat on the mat", "a b c d e"]
@@ -28,7 +29,7 @@ def test_zero_matches_are_smoothed_and_perfect_is_100():
     assert own_corpus_bleu(REFS, REFS) == pytest.approx(100.0)
     assert own_corpus_bleu(["a b c"], ["a b c"]) == 0.0  # no 4-grams at all
     assert own_corpus_bleu([""], ["a b"]) == 0.0
-    with pytest.raises(ValueError, match="one reference per hypothesis"):
+    with pytest.raises(FastformerError, match="one reference per hypothesis"):
         own_corpus_bleu(HYPS, REFS[:1])
 
 

@@ -1,12 +1,23 @@
 """Run config validation: unknown keys and wrong types fail up front, via --set, YAML and the CLI."""
 
+import dataclasses
 import os
 
 import pytest
 import yaml
 
 from fastformer.cli.commands import main
-from fastformer.training.config import PRESETS, RunConfig, apply_overrides, load_config, preset, save_config
+from fastformer.errors import FastformerError
+from fastformer.training.config import (
+    PRESETS,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    preset,
+    save_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,12 +33,12 @@ def test_overrides_apply_with_types():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ValueError, match=r"unknown config key train\.lrr.*'lr'.*'batch_size'|unknown config key "
+    with pytest.raises(FastformerError, match=r"unknown config key train\.lrr.*'lr'.*'batch_size'|unknown config key "
                                          r"train\.lrr.*'batch_size'.*'lr'"):
         apply_overrides(preset("tiny"), ["train.lrr=1e-3"])
-    with pytest.raises(ValueError, match=r"unknown config section 'optim'.*'model', 'data', 'train'"):
+    with pytest.raises(FastformerError, match=r"unknown config section 'optim'.*'model', 'data', 'train'"):
         apply_overrides(preset("tiny"), ["optim.lr=1e-3"])
-    with pytest.raises(ValueError, match="must look like section.key=value"):
+    with pytest.raises(FastformerError, match="must look like section.key=value"):
         apply_overrides(preset("tiny"), ["lr=1e-3"])
 
 
@@ -40,7 +51,7 @@ def test_unknown_key_lists_valid_keys():
     ("model.n_heads=3", r"d_model=64 must be divisible by n_heads=3"),
 ])
 def test_bad_values_are_rejected(item, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FastformerError, match=message):
         apply_overrides(preset("tiny"), [item])
 
 
@@ -64,7 +75,7 @@ def test_yaml_round_trip_and_partial_files(tmp_path):
 def test_bad_yaml_is_rejected(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(FastformerError, match=message) as e:
         load_config(str(path))
     assert "bad.yaml" in str(e.value)
 
@@ -80,7 +91,7 @@ def test_config_files_match_presets():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="valid presets are tiny, small, medium"):
+    with pytest.raises(FastformerError, match="valid presets are tiny, small, medium"):
         preset("huge")
 
 
@@ -96,6 +107,32 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
 
 
 def test_run_config_sections_are_typed():
-    with pytest.raises(ValueError, match="sections"):
+    with pytest.raises(FastformerError, match="sections"):
         RunConfig.from_dict(["model"])
     assert yaml.safe_load(yaml.safe_dump(RunConfig().to_dict()))["train"]["optimizer"] == "adamw"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TrainConfig(batch_size=True), "train.batch_size must be an integer >= 1, got True"),
+    (lambda: TrainConfig(max_steps=2.0), r"train.max_steps must be an integer >= 1, got 2\.0"),
+    (lambda: TrainConfig(seed=-1), "train.seed must be an integer >= 0, got -1"),
+    (lambda: TrainConfig(lr="fast"), "train.lr must be a number >= 0, got 'fast'"),
+    (lambda: TrainConfig(beta2=1.0), r"train.beta2 must be a number in \[0, 1\), got 1\.0"),
+    (lambda: TrainConfig(grad_clip=float("nan")), "train.grad_clip must be a number >= 0, got nan"),
+    (lambda: DataConfig(lowercase="yes"), "data.lowercase must be True or False, got 'yes'"),
+    (lambda: DataConfig(path=3), "data.path must be a str or null, got 3"),
+    (lambda: DataConfig(task="pairs", path="p.txt", max_pairs=2.5), "data.max_pairs must be an integer >= 1 or null"),
+    (lambda: DataConfig(val_fraction="0.1"), r"data.val_fraction must be a number in \[0, 1\), got '0.1'"),
+    (lambda: RunConfig(train={"lr": 1e-3}), "RunConfig.train must be a TrainConfig, got dict"),
+])
+def test_configs_built_in_python_are_checked_too(make, message):
+    with pytest.raises(FastformerError, match=message):
+        make()
+
+
+def test_checked_values_come_back_as_python_numbers():
+    import numpy as np
+
+    t = TrainConfig(batch_size=np.int64(8), lr=1)
+    assert type(t.batch_size) is int and type(t.lr) is float
+    assert yaml.safe_load(yaml.safe_dump(dataclasses.asdict(t)))["batch_size"] == 8

@@ -11,6 +11,7 @@ import pytest
 from fastformer import LMConfig, TransformerLM
 from fastformer.cli.commands import main
 from fastformer.data.tokenizer import ByteTokenizer
+from fastformer.errors import FastformerError
 from fastformer.training.evaluate import evaluate_lm
 
 TINY_YAML = """\
@@ -151,7 +152,7 @@ def test_bad_input_errors(runs, tmp_path, capsys):
     model, tokenizer, _ = load_model(runs["byte"])
     with pytest.raises(ValueError, match=r"ids must lie in \[0, vocab_size=259\)"):
         model.generate(np.array([1, 2, 259]), 3)
-    with pytest.raises(ValueError, match="token id 300 is outside"):
+    with pytest.raises(FastformerError, match="token id 300 is outside"):
         tokenizer.decode([1, 300])
     # an empty prompt
     assert main(["generate", "--checkpoint", runs["byte"], "--prompt", ""]) == 2

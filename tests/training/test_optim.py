@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from fastformer.errors import FastformerError
 from fastformer.nn.params import FlatParams
 from fastformer.training.optim import SGD, AdamW, clip_grad_norm, learning_rate
 
@@ -105,8 +106,17 @@ def test_optimizer_state_round_trip():
 
 def test_optimizer_state_wrong_shape_is_rejected():
     opt = SGD(make_flat())
-    with pytest.raises(ValueError, match="momentum_buffer"):
+    with pytest.raises(FastformerError, match="momentum_buffer"):
         opt.load_state_dict({"momentum_buffer": np.zeros(3, np.float32), "t": np.array([1])})
+
+
+def test_optimizer_settings_are_checked():
+    with pytest.raises(FastformerError, match=r"momentum must be a number in \[0, 1\), got 1.5"):
+        SGD(make_flat(), momentum=1.5)
+    with pytest.raises(FastformerError, match="beta1 must be a number"):
+        AdamW(make_flat(), beta1=-0.1)
+    with pytest.raises(FastformerError, match="decoupled must be True or False, got 'yes'"):
+        AdamW(make_flat(), decoupled="yes")
 
 
 def test_schedules():
@@ -123,7 +133,7 @@ def test_schedules():
     assert learning_rate(0, schedule="constant", lr=0.3) == 0.3
     cos = [learning_rate(s, schedule="cosine", **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(cos, cos[1:]))
-    with pytest.raises(ValueError, match="valid values are constant, cosine, linear"):
+    with pytest.raises(FastformerError, match="valid values are constant, cosine, linear"):
         learning_rate(0, schedule="step", lr=1.0)
 
 

@@ -10,6 +10,7 @@ import pytest
 from fastformer import Seq2SeqTransformer, use_backend
 from fastformer.cli.commands import main
 from fastformer.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer, load_tokenizer
+from fastformer.errors import FastformerError
 from fastformer.models.seq2seq import Seq2SeqConfig
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, load_model
 from fastformer.training.config import DataConfig, RunConfig, TrainConfig, apply_overrides, load_config
@@ -63,7 +64,7 @@ def test_reverse_task_resumes_bit_for_bit(tmp_path, dropout):
     assert {"src_tokenizer/tokenizer.json", "tgt_tokenizer/tokenizer.json"} <= set(ckpt.state["files"])
     assert ckpt.tokenizers["src"].chars == ckpt.tokenizers["tgt"].chars  # the task's alphabet
     assert ckpt.config.seq2seq.src_vocab_size == ckpt.tokenizers["src"].vocab_size  # followed the tokenizer
-    with pytest.raises(ValueError, match="holds an encoder-decoder .* use fastformer translate or eval"):
+    with pytest.raises(FastformerError, match="holds an encoder-decoder .* use fastformer translate or eval"):
         load_model(str(tmp_path / "full"))
 
 
@@ -170,14 +171,14 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
     (["data.task=copy", "data.tokenizer=byte"], r"data\.tokenizer='byte' does not apply to data\.task=copy"),
     (["data.task=pairs", "data.path=p.txt", "data.tokenizer=bpe"], r"valid values are word, char"),
     (["data.val_fraction=0"], r"data\.val_fraction must lie in \(0, 1\) for data\.task=text"),
-    (["data.max_pairs=0"], r"data\.max_pairs must be >= 1 or null"),
+    (["data.max_pairs=0"], r"data\.max_pairs must be an integer >= 1 or null"),
     (["seq2seq.activation=tanh"], r"activation must be one of gelu, relu"),
     (["seq2seq.d_model=wide"], r"seq2seq\.d_model must be int, got 'wide'"),
     (["seq2seq.depth=3"], r"unknown config key seq2seq\.depth: valid keys of 'seq2seq' are \['src_vocab_size'"),
     (["data.lowercase=maybe"], r"data\.lowercase must be bool"),
 ])
 def test_config_validation_of_the_seq2seq_keys(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FastformerError, match=message):
         apply_overrides(RunConfig(), overrides)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fastformer.data.text import default_corpus, eval_batches, get_batch, split_ids
+from fastformer.errors import FastformerError
 from fastformer.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, load_model
 from fastformer.training.config import ModelConfig, RunConfig, TrainConfig
 from fastformer.training.trainer import NonFiniteLossError, Trainer
@@ -80,9 +81,9 @@ def test_truncated_checkpoint_is_rejected_and_the_previous_one_loads(tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
-    with pytest.raises(ValueError, match=r"model\.safetensors' is corrupt or truncated.*ckpt-000002"):
+    with pytest.raises(FastformerError, match=r"model\.safetensors' is corrupt or truncated.*ckpt-000002"):
         load_checkpoint(run)
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(FastformerError, match="corrupt or truncated"):
         Trainer(None, run, resume=True, text=TEXT, verbose=False)
 
     ckpt = load_checkpoint(older)
@@ -100,7 +101,7 @@ def test_other_damaged_files_are_rejected(tmp_path, name):
     path = os.path.join(latest_checkpoint(run), name)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 3)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(FastformerError, match="corrupt"):
         load_checkpoint(run)
 
 
@@ -164,9 +165,9 @@ def test_loss_falls_and_eval_is_deterministic(tmp_path):
 def test_refuses_to_overwrite_a_run(tmp_path):
     run = str(tmp_path / "run")
     Trainer(tiny_config(max_steps=1), run, text=TEXT, verbose=False).train()
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(FastformerError, match="already holds checkpoints"):
         Trainer(tiny_config(max_steps=1), run, text=TEXT, verbose=False)
-    with pytest.raises(ValueError, match="no checkpoint in"):
+    with pytest.raises(FastformerError, match="no checkpoint in"):
         Trainer(None, str(tmp_path / "empty"), resume=True, text=TEXT, verbose=False)
 
 
@@ -181,7 +182,7 @@ def test_batches_and_split():
     wins = [x for x, _ in eval_batches(val, 2, 16, 10)]
     starts = np.concatenate([w[:, 0] for w in wins])
     assert len(starts) == 6 and np.all(np.diff(starts) >= 16)  # non-overlapping windows
-    with pytest.raises(ValueError, match="validation split has 10 tokens"):
+    with pytest.raises(FastformerError, match="validation split has 10 tokens"):
         split_ids(np.arange(100), 0.1, 16)
 
 
