@@ -17,6 +17,7 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.kernels.checks import (
+    _check_eps,
     activation_inputs,
     adamw_inputs,
     attention_inputs,
@@ -241,19 +242,20 @@ class NumpyOps:
         [0, start]. Inference only. Returns logits (B, V)."""
         flat, offsets, ids, positions, shapes = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start)
+        _check_eps(eps)
         P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]
         wte, wpe, ln_fw, ln_fb, head = P[-5:]
         x = (wte[ids] + wpe[positions])[:, None]  # (B, 1, C)
         for i in range(k_cache.shape[0]):
             s = i * len(GPT2_LAYER_SLOTS)
             ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, wfc, bfc, wm, bm = P[s:s + len(GPT2_LAYER_SLOTS)]
-            h, _ = self.layernorm_forward(x, ln1w, ln1b, eps)
+            h, _ = _layernorm(x, ln1w, ln1b, eps)  # the arrays are views of the checked buffer
             a = self.attention_cached(h @ wqkv + bqkv, k_cache[i], v_cache[i], start, k_cache.shape[2], padding)
             x = x + (a @ wo + bo)
-            h, _ = self.layernorm_forward(x, ln2w, ln2b, eps)
+            h, _ = _layernorm(x, ln2w, ln2b, eps)
             g, _ = self.gelu_forward(h @ wfc, bfc, approximate="tanh")
             x = x + (g @ wm + bm)
-        h, _ = self.layernorm_forward(x, ln_fw, ln_fb, eps)
+        h, _ = _layernorm(x, ln_fw, ln_fb, eps)
         return h[:, 0] @ head.T
 
 
