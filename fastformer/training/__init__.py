@@ -1,2 +1,3 @@
 """Training: run configs and presets, optimizers and schedules, tasks (what a step trains on),
-the trainer, checkpoints, evaluation, BLEU, and export to Hugging Face."""
+gradient accumulation over micro-batches, the trainer, checkpoints, evaluation, BLEU, and export
+to Hugging Face."""

@@ -85,7 +85,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0  # seeds weights, dropout, data order and held-out data (fastformer.seeds)
-    batch_size: int = 32  # B, windows per step
+    batch_size: int = 32  # B, windows (or pairs) per optimizer step: the global batch
+    grad_accum_steps: int = 1  # micro-batches per step: the step's batch runs forward/backward in this
+    #                            many slices of batch_size / grad_accum_steps rows (less activation memory,
+    #                            the same examples, loss and gradient; training/accumulate.py)
     seq_len: int = 128  # T, tokens per window (at most model.max_seq_len)
     max_steps: int = 2000  # optimizer updates in the whole run (the schedule's length)
     optimizer: str = "adamw"  # sgd | adam | adamw
@@ -106,9 +109,15 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len", "max_steps", "log_interval", "eval_interval",
+        for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval", "eval_interval",
                      "eval_batches", "checkpoint_interval", "keep_checkpoints"):
             setattr(self, name, check_int(f"train.{name}", getattr(self, name)))
+        if self.batch_size % self.grad_accum_steps:
+            k, below = self.grad_accum_steps, self.batch_size // self.grad_accum_steps * self.grad_accum_steps
+            near = " or ".join(str(m) for m in (below, below + k) if m > 0)
+            raise FastformerError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps="
+                                  f"{k}: a step's batch is split into {k} micro-batches of equal size; choose a "
+                                  f"batch_size that is a multiple of {k} (e.g. {near})")
         for name in ("warmup_steps", "seed"):
             setattr(self, name, check_int(f"train.{name}", getattr(self, name), minimum=0))
         for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):

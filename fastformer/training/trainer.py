@@ -12,6 +12,8 @@ Everything random comes from the run's streams, all spawned from train.seed (fas
 the two that advance while training -- dropout (`model.rng`) and the data order (the task's
 generator) -- are saved with each checkpoint, so a run stopped and resumed produces bit-for-bit
 the losses and weights of the same run uninterrupted.
+A step's batch may run forward/backward in train.grad_accum_steps micro-batches (training/accumulate.py),
+each weighted by its counted tokens: the step's loss and gradient stay those of the whole batch.
 Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
 and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
 multi-process run would guard to rank 0.
@@ -24,9 +26,11 @@ import sys
 import time
 import warnings
 
+import numpy as np
 from tqdm import tqdm
 
 from fastformer.errors import FastformerError, check_bool, check_int
+from fastformer.training.accumulate import accumulated_loss_and_grads
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
@@ -134,6 +138,7 @@ class Trainer:
             check_int("steps", steps, minimum=0)
         t, model, flat = self.config.train, self.model, self.model.flat
         end = t.max_steps if steps is None else min(t.max_steps, self.step + steps)
+        grad_acc = np.empty_like(flat.grad) if t.grad_accum_steps > 1 else None  # sum over micro-batches
         losses, tokens, t_log = [], 0, time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.verbose and sys.stderr.isatty()))
@@ -143,8 +148,9 @@ class Trainer:
                                    max_steps=t.max_steps, min_lr=t.min_lr)
                 # data: the next batch of the task (LM windows, or padded source/target pairs)
                 batch = self.task.next_batch()
-                # forward and backward: loss and gradients into the flat buffer
-                loss, _ = model.loss_and_grads(**batch)
+                # forward and backward: the batch's mean loss, its gradient into the flat buffer
+                # (in train.grad_accum_steps micro-batches, weighted by their counted tokens)
+                loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
                 # clip the global gradient norm; a non-finite loss or norm stops before the update
                 grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
