@@ -9,6 +9,8 @@ model does not move its data order, nor a held-out string its training strings.
     ------------  ---------------------------------  ------------------------------------  ---------------
     init          SeedSequence(seed).spawn(4)[0]     the model's weight initialisation      no (the weights are)
     dropout       SeedSequence(seed).spawn(4)[1]     the model's dropout masks (model.rng)  rng.dropout
+                  rank r > 0 of a data-parallel run:  that rank's dropout masks              rng.dropout_ranks
+                  child r of that sequence            (rank 0 keeps the stream above)
     data          SeedSequence(seed).spawn(4)[2]     the training batches: text windows     rng.data
                                                      (LMTask), the shuffle of the pairs
                                                      (PairBatches), the synthetic strings
@@ -63,6 +65,15 @@ def model_streams(seed):
     weights, the second its dropout masks (kept as `model.rng`, saved with checkpoints)."""
     streams = run_streams(seed)
     return streams.init, streams.dropout
+
+
+def dropout_stream(seed, rank=0):
+    """The dropout generator of rank `rank` of a data-parallel run seeded with `seed`: rank 0's is
+    the model's own (model_streams), so a one-process run is unchanged; rank r > 0 takes child r
+    of the dropout SeedSequence, independent of every other stream."""
+    if rank == 0:
+        return model_streams(seed)[1]
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(DROPOUT, rank)))
 
 
 def sampling_stream(seed=None):
