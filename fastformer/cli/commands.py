@@ -76,6 +76,7 @@ def cmd_train(args):
     import time
 
     from fastformer import get_backend, set_backend
+    from fastformer.training.distributed import get_comm
     from fastformer.training.trainer import Trainer
 
     if args.out is None:
@@ -85,13 +86,16 @@ def cmd_train(args):
     config = resolve_train_config(args)
     if args.backend:
         set_backend(args.backend)
-    trainer = Trainer(config, args.out, resume=args.resume)
-    print(f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
-          f"{trainer.task.describe()}; backend {get_backend()}; run directory {args.out}; "
-          f"step {trainer.step} of {config.train.max_steps}", flush=True)
+    comm = get_comm(True if args.distributed else None)  # MPI under mpiexec; mpi4py imported only then
+    trainer = Trainer(config, args.out, resume=args.resume, comm=comm)
+    ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
+    if trainer.is_main:
+        print(f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
+              f"{trainer.task.describe()}; backend {get_backend()}{ranks}; run directory {args.out}; "
+              f"step {trainer.step} of {config.train.max_steps}", flush=True)
     start = time.perf_counter()
     losses = trainer.train()
-    if losses:
+    if losses and trainer.is_main:
         print(f"done: step {trainer.step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
               f"{time.perf_counter() - start:.1f} s; checkpoint in {args.out}")
     return 0
@@ -392,6 +396,9 @@ def build_parser():
     p.add_argument("--out", help="run directory (default runs/<preset or config name>)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI even if no MPI launcher is detected (mpiexec -n N is "
+                        "detected by itself); needs pip install \"fastformer[mpi]\"")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

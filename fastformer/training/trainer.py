@@ -14,9 +14,16 @@ generator) -- are saved with each checkpoint, so a run stopped and resumed produ
 the losses and weights of the same run uninterrupted.
 A step's batch may run forward/backward in train.grad_accum_steps micro-batches (training/accumulate.py),
 each weighted by its counted tokens: the step's loss and gradient stay those of the whole batch.
-Gradients live in the model's one flat buffer, the unit a data-parallel version would all-reduce; logging
-and checkpointing sit together in `_log` / `_checkpoint`, behind `self.is_main`, the one place a
-multi-process run would guard to rank 0.
+
+Data parallel (`mpiexec -n N`, training/distributed.py): train.batch_size stays the global batch.
+Every rank draws the same global batch from the one data generator and trains on its own contiguous
+slice of B / N rows (in grad_accum_steps micro-batches), so the data order does not depend on N.
+A rank's gradient and loss are weighted by its share n_r / N_total of the step's counted tokens and
+summed over the ranks (an in-place all-reduce of the flat gradient buffer), which is the mean over
+the whole global batch, padded pairs included; every rank then clips and updates identically.
+Rank 0 broadcasts the weights and optimizer state at the start (and after a resume) and does all
+the I/O (`self.is_main`): progress bar, metrics.jsonl, checkpoints, which gather every rank's
+dropout state. One process is the same loop with `SingleProcess`, bit for bit the run without it.
 """
 
 import json
@@ -29,10 +36,12 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+from fastformer import seeds
 from fastformer.errors import FastformerError, check_bool, check_int
-from fastformer.training.accumulate import accumulated_loss_and_grads
+from fastformer.training.accumulate import accumulated_loss_and_grads, counted_tokens
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from fastformer.training.config import RunConfig, save_config
+from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
 from fastformer.training.tasks import make_task
 
@@ -53,10 +62,18 @@ class Trainer:
         text: language models: train on this str instead of config.data.path (a text file or a
             directory written by `fastformer prepare`) or the embedded default corpus.
         verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
+        comm: the communicator (training/distributed.py); None: `get_comm()`, MPI when started
+            by an MPI launcher, else one process.
     """
 
-    def __init__(self, config, out_dir, resume=False, text=None, verbose=True):
-        self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), True
+    def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None):
+        self.comm = comm = get_comm() if comm is None else comm
+        with abort_on_error(comm):
+            self._init(config, out_dir, resume, text, verbose)
+
+    def _init(self, config, out_dir, resume, text, verbose):
+        comm = self.comm
+        self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
             raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
         ckpt = None
@@ -72,6 +89,11 @@ class Trainer:
         if config is None:
             raise FastformerError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
         t = config.train
+        if t.batch_size % (t.grad_accum_steps * comm.size):
+            raise FastformerError(
+                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps} "
+                f"x {comm.size} ranks: the global batch is a per-rank micro-batch x grad_accum_steps x ranks; "
+                f"choose a batch_size that is a multiple of {t.grad_accum_steps * comm.size}")
 
         # data: the task's tokenizers (a resumed run's own), its batches and validation data;
         # the model's vocabulary sizes follow the tokenizers
@@ -80,10 +102,18 @@ class Trainer:
 
         # model and optimizer (the model takes its init and dropout streams of t.seed, fastformer.seeds)
         self.model = self.task.new_model(t.seed)
+        if comm.rank:  # rank 0 keeps the model's own dropout stream; the others their own
+            self.model.rng = seeds.dropout_stream(t.seed, comm.rank)
         self.optimizer = make_optimizer(self.model.flat, t)
         self.step = 0
         if ckpt is not None:
             self._restore(ckpt)
+        if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
+            comm.bcast(self.model.flat.data)
+            state = self.optimizer.state_dict()
+            for a in state.values():
+                comm.bcast(a)
+            self.optimizer.load_state_dict(state)
 
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
@@ -92,13 +122,28 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _rng_states(self):
-        return {"dropout": self.model.rng.bit_generator.state, "data": self.task.state_dict()}
+        """The generators' states (rank 0's dropout and the data; with several ranks every rank's
+        dropout too, gathered on rank 0). Every rank calls it; only rank 0's return is complete."""
+        dropout = self.model.rng.bit_generator.state
+        states = {"dropout": dropout, "data": self.task.state_dict()}
+        if self.comm.size > 1:
+            states["dropout_ranks"] = self.comm.gather(dropout)
+        return states
 
     def _restore(self, ckpt):
         self.model.load_state_dict(ckpt.weights)
         self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.model.rng.bit_generator.state = ckpt.state["rng"]["dropout"]
-        self.task.load_state_dict(ckpt.state["rng"]["data"])
+        rng, rank, size = ckpt.state["rng"], self.comm.rank, self.comm.size
+        ranks = rng.get("dropout_ranks") or [rng["dropout"]]
+        if len(ranks) == size:
+            self.model.rng.bit_generator.state = ranks[rank]
+        else:
+            if rank == 0:
+                self.model.rng.bit_generator.state = rng["dropout"]
+                warnings.warn(f"checkpoint {ckpt.path} was written by {len(ranks)} process(es), this run has "
+                              f"{size}: the data order is the same, the dropout masks of ranks other than 0 "
+                              f"are not those of the original run", stacklevel=3)
+        self.task.load_state_dict(rng["data"])
         self.step = ckpt.step
         if ckpt.state.get("data_sha256") != self.task.fingerprint:
             warnings.warn(f"the training data differs from the one checkpoint {ckpt.path} was trained on; "
@@ -132,56 +177,89 @@ class Trainer:
         """Run updates until train.max_steps, or for at most `steps` more. Ends with a checkpoint.
 
         Returns the training loss of every step run, in order. Raises NonFiniteLossError (with the
-        last good checkpoint left as it was) if the loss or gradient norm stops being finite.
+        last good checkpoint left as it was) if the loss or gradient norm stops being finite; with
+        several ranks every rank raises it at the same step, and any other exception on one rank
+        ends the whole job (training/distributed.abort_on_error).
         """
         if steps is not None:
             check_int("steps", steps, minimum=0)
-        t, model, flat = self.config.train, self.model, self.model.flat
+        t, model, flat, comm = self.config.train, self.model, self.model.flat, self.comm
         end = t.max_steps if steps is None else min(t.max_steps, self.step + steps)
         grad_acc = np.empty_like(flat.grad) if t.grad_accum_steps > 1 else None  # sum over micro-batches
         losses, tokens, t_log = [], 0, time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.verbose and sys.stderr.isatty()))
-        try:
-            while self.step < end:
-                lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                                   max_steps=t.max_steps, min_lr=t.min_lr)
-                # data: the next batch of the task (LM windows, or padded source/target pairs)
-                batch = self.task.next_batch()
-                # forward and backward: the batch's mean loss, its gradient into the flat buffer
-                # (in train.grad_accum_steps micro-batches, weighted by their counted tokens)
-                loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
-                # clip the global gradient norm; a non-finite loss or norm stops before the update
-                grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise NonFiniteLossError(
-                        f"training stopped at step {self.step + 1}: loss={loss}, grad_norm={grad_norm} "
-                        f"(lr={lr:.3g}). The weights were not updated; the last good checkpoint is "
-                        f"{(checkpoint_dirs(self.out_dir) or ['none'])[-1]}. Try a lower train.lr or "
-                        f"train.grad_clip.")
-                # update
-                self.optimizer.step(lr)
-                self.step += 1
-                losses.append(loss)
-                tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
-                bar.update(1)
-                # log, evaluate, checkpoint
-                record = None
-                if self.step % t.log_interval == 0 or self.step % t.eval_interval == 0 or self.step == end:
-                    elapsed = time.perf_counter() - t_log
-                    record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_sec": tokens / max(elapsed, 1e-9)}
-                    tokens, t_log = 0, time.perf_counter()
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    record.update(self.evaluate())
-                if record is not None:
-                    self._log(record)
-                if self.step % t.checkpoint_interval == 0 or self.step == end:
-                    self._checkpoint()
-        finally:
-            bar.close()
+                   disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
+        with abort_on_error(comm, passthrough=(NonFiniteLossError,)):
+            try:
+                while self.step < end:
+                    lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
+                                       max_steps=t.max_steps, min_lr=t.min_lr)
+                    # data: the next batch of the task (LM windows, or padded source/target pairs);
+                    # the global batch, the same on every rank
+                    batch = self.task.next_batch()
+                    # forward and backward: the batch's mean loss, its gradient into the flat buffer
+                    # (in train.grad_accum_steps micro-batches, weighted by their counted tokens;
+                    # with several ranks, this rank's rows, then summed over the ranks)
+                    if comm.size == 1:
+                        loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
+                    else:
+                        loss = self._data_parallel_loss_and_grads(self._rank_rows(batch), grad_acc)
+                    # clip the global gradient norm; a non-finite loss or norm stops before the update
+                    # (the same numbers on every rank, so every rank stops at this step)
+                    grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        raise NonFiniteLossError(
+                            f"training stopped at step {self.step + 1}: loss={loss}, grad_norm={grad_norm} "
+                            f"(lr={lr:.3g}). The weights were not updated; the last good checkpoint is "
+                            f"{(checkpoint_dirs(self.out_dir) or ['none'])[-1]}. Try a lower train.lr or "
+                            f"train.grad_clip.")
+                    # update
+                    self.optimizer.step(lr)
+                    self.step += 1
+                    losses.append(loss)
+                    tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
+                    bar.update(1)
+                    # log, evaluate (rank 0: the model is the same on every rank), checkpoint
+                    record = None
+                    if self.step % t.log_interval == 0 or self.step % t.eval_interval == 0 or self.step == end:
+                        elapsed = time.perf_counter() - t_log
+                        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "tokens_per_sec": tokens / max(elapsed, 1e-9)}
+                        tokens, t_log = 0, time.perf_counter()
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                    if (self.step % t.eval_interval == 0 or self.step == t.max_steps) and self.is_main:
+                        record.update(self.evaluate())
+                    if record is not None:
+                        self._log(record)
+                    if self.step % t.checkpoint_interval == 0 or self.step == end:
+                        self._checkpoint()
+            finally:
+                bar.close()
         return losses
+
+    def _rank_rows(self, batch):
+        """This rank's contiguous slice of the global batch's rows."""
+        r, n = self.comm.rank, self.comm.size
+        B = len(batch["targets"])
+        lo, hi = r * B // n, (r + 1) * B // n
+        return {name: a[lo:hi] for name, a in batch.items()}
+
+    def _data_parallel_loss_and_grads(self, part, grad_acc):
+        """This rank's slice's loss and gradient weighted by n_rank / N_total counted tokens, then
+        summed over the ranks: the global batch's mean loss and its gradient in flat.grad."""
+        comm, grad = self.comm, self.model.flat.grad
+        n = counted_tokens(part["targets"])
+        total = comm.allreduce_scalar(n)
+        if n:
+            loss = accumulated_loss_and_grads(self.model, part, self.config.train.grad_accum_steps, grad_acc)
+            w = n / total
+            grad *= grad.dtype.type(w)
+            loss *= w
+        else:  # no counted target in this rank's rows (or no rows): it adds nothing
+            grad[...] = 0
+            loss = 0.0
+        comm.allreduce_sum(grad)
+        return comm.allreduce_scalar(float(loss))
 
     # ----------------------------------------------- logging and checkpoints
     def _log(self, record):
@@ -196,9 +274,10 @@ class Trainer:
                        f"| lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s")
 
     def _checkpoint(self):
-        """Write RUN/ckpt-<step> atomically. Rank 0 only."""
+        """Write RUN/ckpt-<step> atomically: every rank hands over its dropout state, rank 0 writes."""
+        rng_states = self._rng_states()
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.config,
-                               self.task.tokenizers, self._rng_states(), extra={"data_sha256": self.task.fingerprint},
+                               self.task.tokenizers, rng_states, extra={"data_sha256": self.task.fingerprint},
                                keep=self.config.train.keep_checkpoints)
