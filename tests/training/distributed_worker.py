@@ -1,0 +1,82 @@
+"""One rank of a test run, started by tests/training/test_distributed.py as
+`mpiexec -n N python distributed_worker.py SPEC_JSON` (or plain `python` for one process).
+
+SPEC: {"kind": "lm" | "seq2seq", "out": run dir, "result": .npz path written by rank 0,
+"train": TrainConfig overrides, "dropout": float, "steps": int or null, "resume": bool,
+"raise_on_rank": rank whose forward/backward raises at its second step, or null,
+"rank0_writes_only": make every file write of ranks > 0 fail}.
+The .npz holds the losses, the last gradient (flat.grad) and the weights (flat.data) of rank 0.
+"""
+
+import builtins
+import json
+import sys
+
+import numpy as np
+
+import fastformer.training.trainer as trainer_module
+from fastformer.models.config import Seq2SeqConfig
+from fastformer.training.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+WORDS = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
+TEXT = " ".join(np.random.default_rng(0).choice(WORDS, size=1500)) + "\n"
+
+
+def make_config(kind, dropout, train):
+    if kind == "lm":
+        t = dict(batch_size=4, seq_len=16, max_steps=10, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=1,
+                 eval_interval=5, eval_batches=2, checkpoint_interval=100)
+        t.update(train)
+        model = ModelConfig(max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1, dropout=dropout)
+        return RunConfig(model=model, train=TrainConfig(**t))
+    t = dict(batch_size=8, max_steps=10, warmup_steps=1, log_interval=1, eval_interval=5, eval_batches=1,
+             checkpoint_interval=100)
+    t.update(train)
+    model = Seq2SeqConfig(max_src_len=8, max_tgt_len=9, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+                          n_decoder_layers=1, dropout=dropout)
+    return RunConfig(data=DataConfig(task="reverse", max_len=8), seq2seq=model, train=TrainConfig(**t))
+
+
+def refuse_writes():
+    """Every file write of this process raises (rank > 0 must write nothing)."""
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            raise AssertionError(f"a rank other than 0 opened {file!r} for writing")
+        return real_open(file, mode, *args, **kwargs)
+
+    def no_save(*args, **kwargs):
+        raise AssertionError("a rank other than 0 saved a checkpoint or config")
+
+    builtins.open = guarded_open
+    trainer_module.save_checkpoint = no_save
+    trainer_module.save_config = no_save
+
+
+def main(spec):
+    config = make_config(spec["kind"], spec.get("dropout", 0.0), spec.get("train", {}))
+    comm = trainer_module.get_comm()
+    if spec.get("rank0_writes_only") and comm.rank > 0:
+        refuse_writes()
+    trainer = trainer_module.Trainer(None if spec.get("resume") else config, spec["out"],
+                                     resume=spec.get("resume", False),
+                                     text=TEXT if spec["kind"] == "lm" else None, verbose=False)
+    if spec.get("raise_on_rank") == comm.rank:
+        real, calls = trainer.model.loss_and_grads, []
+
+        def failing(**batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError(f"injected failure on rank {comm.rank}")
+            return real(**batch)
+
+        trainer.model.loss_and_grads = failing
+    losses = trainer.train(spec.get("steps"))
+    if comm.rank == 0:
+        np.savez(spec["result"], losses=np.array(losses), grad=trainer.model.flat.grad,
+                 data=trainer.model.flat.data, size=comm.size)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,216 @@
+"""Data-parallel training over MPI (training/distributed.py): launch detection and the one-line
+error without mpi4py; then, with `mpiexec -n 2` local ranks (skipped when mpi4py or mpiexec is not
+installed), 2 ranks against 1 process, exact resume, rank 0 as the only writer and a failing rank
+ending the job. Each rank runs with FASTFORMER_NUM_THREADS=1 (2 ranks on 2 cores)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastformer.cli.commands import main
+from fastformer.errors import FastformerError
+from fastformer.training import distributed
+from fastformer.training.config import ModelConfig, RunConfig, TrainConfig
+from fastformer.training.distributed import SingleProcess, get_comm, launched_by_mpi
+from fastformer.training.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "tests", "training", "distributed_worker.py")
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+TIMEOUT = 120  # seconds: a guard against a hung job, far above a run's few seconds
+
+
+def clean_env():
+    """The environment for a child process: no MPI launcher variables, one thread per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}
+    env["FASTFORMER_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def have_mpi():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return MPIEXEC is not None
+
+
+needs_mpi = pytest.mark.skipif(not have_mpi(), reason='needs mpi4py and mpiexec: pip install "fastformer[mpi]"')
+
+
+def launch(spec, n, timeout=TIMEOUT):
+    """Run the worker with `spec` on n ranks (n = 1: a plain process, no MPI); returns the
+    completed process and rank 0's results (None if it wrote none)."""
+    cmd = [sys.executable, WORKER, json.dumps(spec)]
+    if n > 1:
+        cmd = [MPIEXEC, "-n", str(n)] + cmd
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    result = dict(np.load(spec["result"])) if os.path.exists(spec["result"]) else None
+    return proc, result
+
+
+def run(tmp_path, name, n, **spec):
+    spec = {"out": str(tmp_path / name), "result": str(tmp_path / f"{name}.npz"), **spec}
+    proc, result = launch(spec, n)
+    assert proc.returncode == 0, proc.stderr
+    assert int(result["size"]) == n
+    return result
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# ------------------------------------------------------------------ without MPI (always run)
+def test_launch_detection():
+    assert not launched_by_mpi({})
+    assert not launched_by_mpi({"PATH": "/usr/bin"})
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        assert launched_by_mpi({name: "2"})
+
+
+def test_one_process_is_the_single_process_communicator(monkeypatch):
+    for name in distributed.LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    comm = get_comm()
+    assert isinstance(comm, SingleProcess) and (comm.rank, comm.size) == (0, 1)
+    buf = np.arange(4, dtype=np.float32)
+    assert comm.allreduce_sum(buf) is buf and comm.bcast(buf) is buf and comm.allreduce_scalar(3) == 3
+    assert comm.gather("x") == ["x"]
+
+
+def test_a_distributed_launch_without_mpi4py_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py raises ImportError
+    with pytest.raises(FastformerError, match=r'pip install "fastformer\[mpi\]"'):
+        get_comm(True)
+    monkeypatch.setenv("PMI_RANK", "0")
+    with pytest.raises(FastformerError, match=r'pip install "fastformer\[mpi\]"'):
+        get_comm()
+    monkeypatch.delenv("PMI_RANK")
+    code = main(["train", "--distributed", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'pip install "fastformer[mpi]"' in err
+
+
+def test_plain_train_never_imports_mpi4py(tmp_path):
+    code = ("import sys; from fastformer.cli import main; "
+            f"rc = main(['train', '--preset', 'tiny', '--max-steps', '1', '--out', {str(tmp_path / 'r')!r}]); "
+            "assert rc == 0, rc; assert 'mpi4py' not in sys.modules, 'mpi4py was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+
+
+class FakeRanks(SingleProcess):
+    """Rank 0 of `size` ranks, for the checks that run before any collective."""
+
+    def __init__(self, size):
+        self.size = size
+
+
+def test_a_global_batch_the_ranks_do_not_divide_is_refused(tmp_path, capsys):
+    # with several ranks a refused run ends the job (abort, exit status 2) after its one line
+    config = RunConfig(model=ModelConfig(max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1),
+                       train=TrainConfig(batch_size=12, grad_accum_steps=2, seq_len=16))
+    with pytest.raises(SystemExit) as stop:
+        Trainer(config, str(tmp_path / "r"), text="abc " * 200, comm=FakeRanks(4))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert re.search(r"train\.batch_size=12 is not divisible by train\.grad_accum_steps=2 x 4 ranks: "
+                     r".* multiple of 8$", err), err
+    assert not os.path.exists(tmp_path / "r")
+
+
+# ---------------------------------------------------------------------- 2 ranks against 1 process
+@needs_mpi
+def test_first_step_gradient_and_30_losses_match_one_process(tmp_path):
+    # the same global batch of 4 windows: 1 process runs it at once, each rank 2 windows whose
+    # gradients (weight 1/2 each) are summed by the all-reduce -- the same terms summed in another
+    # order. float32 (eps 1.2e-7): measured 3e-7 of the largest entry on the first gradient, bound
+    # 1e-5; the losses of 30 Adam steps carry that rounding forward (measured 1e-8 relative), bound 1e-5
+    spec = dict(kind="lm", train={"grad_clip": 0.0, "max_steps": 1, "eval_batches": 1})
+    one, two = run(tmp_path, "g1", 1, **spec), run(tmp_path, "g2", 2, **spec)
+    assert one["grad"].dtype == np.float32 and np.any(one["grad"] != 0)
+    assert rel_err(two["grad"], one["grad"]) <= 1e-5
+    assert abs(two["losses"][0] - one["losses"][0]) <= 1e-6 * abs(one["losses"][0])
+    spec = dict(kind="lm", train={"max_steps": 30, "eval_interval": 30, "log_interval": 10})
+    one, two = run(tmp_path, "l1", 1, **spec), run(tmp_path, "l2", 2, **spec)
+    assert len(two["losses"]) == 30
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    # evaluation: the same numbers as one process (rank 0 evaluates the same weights)
+    e1, e2 = (metrics(tmp_path / name)[-1] for name in ("l1", "l2"))
+    for key in ("val_loss", "val_acc", "val_bpb"):
+        assert e2[key] == pytest.approx(e1[key], rel=1e-5)
+
+
+@needs_mpi
+def test_accumulation_on_two_ranks_matches_one_process(tmp_path):
+    # batch 8 = 2 rows x 2 micro-batches x 2 ranks
+    spec = dict(kind="lm", train={"batch_size": 8, "max_steps": 10})
+    one = run(tmp_path, "a1", 1, **spec)
+    two = run(tmp_path, "a2", 2, **{**spec, "train": {**spec["train"], "grad_accum_steps": 2}})
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+
+
+@needs_mpi
+def test_padded_pairs_two_rank_gradient_is_the_one_process_gradient(tmp_path):
+    # reverse strings of 1-8 characters: the two halves of a batch count different numbers of
+    # target tokens, so each rank's weight n_r / N is not 1/2 (measured: 2e-7 of the largest entry)
+    spec = dict(kind="seq2seq", train={"grad_clip": 0.0, "max_steps": 1})
+    one, two = run(tmp_path, "p1", 1, **spec), run(tmp_path, "p2", 2, **spec)
+    assert rel_err(two["grad"], one["grad"]) <= 1e-5
+    assert abs(two["losses"][0] - one["losses"][0]) <= 1e-6 * abs(one["losses"][0])
+    spec = dict(kind="seq2seq", train={"max_steps": 10})
+    one, two = run(tmp_path, "q1", 1, **spec), run(tmp_path, "q2", 2, **spec)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+
+
+def metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------- resume, I/O, faults
+@needs_mpi
+@pytest.mark.parametrize("kind", ["lm", "seq2seq"])
+def test_two_rank_resume_is_bit_for_bit_the_uninterrupted_run(tmp_path, kind):
+    # with dropout: each rank's mask stream must come back from the checkpoint too
+    spec = dict(kind=kind, dropout=0.1, train={"max_steps": 10})
+    whole = run(tmp_path, "whole", 2, **spec)
+    first = run(tmp_path, "part", 2, steps=5, **spec)
+    state = json.load(open(tmp_path / "part" / "ckpt-000005" / "state.json"))
+    assert len(state["rng"]["dropout_ranks"]) == 2
+    assert state["rng"]["dropout_ranks"][0] == state["rng"]["dropout"] != state["rng"]["dropout_ranks"][1]
+    rest = run(tmp_path, "part", 2, resume=True, **{k: v for k, v in spec.items()})
+    assert np.array_equal(np.concatenate([first["losses"], rest["losses"]]), whole["losses"])
+    assert np.array_equal(rest["data"], whole["data"])
+
+
+@needs_mpi
+def test_only_rank_0_writes_files(tmp_path):
+    # ranks > 0 run with every file write made to fail (distributed_worker.refuse_writes)
+    spec = dict(kind="lm", train={"max_steps": 6, "checkpoint_interval": 3, "eval_interval": 3})
+    run(tmp_path, "two", 2, rank0_writes_only=True, **spec)
+    run(tmp_path, "one", 1, **spec)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert [r["step"] for r in metrics(tmp_path / "two")] == list(range(1, 7))
+
+
+@needs_mpi
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_raises_ends_the_job(tmp_path, rank):
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), raise_on_rank=rank,
+                train={"max_steps": 50})
+    start = time.perf_counter()
+    proc, result = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0 and result is None
+    assert "injected failure" in proc.stderr
+    assert time.perf_counter() - start < 30  # ended by the abort, not by the 60 s timeout
