@@ -12,6 +12,11 @@ collective is the identity), `MPIComm` does the same over mpi4py. mpi4py is impo
 process was started by an MPI launcher (one of LAUNCHER_VARS is set) or when asked for, so a plain
 `fastformer train` never needs it. Gradients go through the uppercase buffer API
 (`Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)`): no pickling, no copy of the flat buffer.
+
+Threads: ranks on one machine share its cores. Unless FASTFORMER_NUM_THREADS is set, an MPIComm
+sets it to this process's cores / ranks on this node (from a shared-memory split of the
+communicator), which kernels/threads.py applies when the kernels load -- so get the communicator
+before the first kernel call (the CLI and the Trainer do).
 """
 
 import os
@@ -22,6 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from fastformer.errors import FastformerError
+from fastformer.kernels.threads import ENV_VAR, available_cores
 
 # set by MPICH/Hydra (PMI_*), Open MPI (OMPI_*), PMIx launchers and Intel MPI (MPI_LOCALNRANKS)
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -37,7 +43,7 @@ def launched_by_mpi(environ=None):
 class SingleProcess:
     """The communicator of a one-process run: rank 0 of 1, every collective the identity."""
 
-    rank, size = 0, 1
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def allreduce_sum(self, buf):
         return buf
@@ -67,6 +73,11 @@ class MPIComm:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this machine's memory
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        if not os.environ.get(ENV_VAR, "").strip():
+            os.environ[ENV_VAR] = str(max(1, available_cores() // self.local_size))
 
     def allreduce_sum(self, buf):
         """Sum the contiguous array `buf` over the ranks, in place; returns it."""

@@ -4,7 +4,8 @@
 SPEC: {"kind": "lm" | "seq2seq", "out": run dir, "result": .npz path written by rank 0,
 "train": TrainConfig overrides, "dropout": float, "steps": int or null, "resume": bool,
 "raise_on_rank": rank whose forward/backward raises at its second step, or null,
-"rank0_writes_only": make every file write of ranks > 0 fail}.
+"rank0_writes_only": make every file write of ranks > 0 fail, "nan_on_rank": rank whose loss is NaN
+at the third step; every rank that stops writes RESULT.stopped-rankR with its step and message}.
 The .npz holds the losses, the last gradient (flat.grad) and the weights (flat.data) of rank 0.
 """
 
@@ -72,7 +73,21 @@ def main(spec):
             return real(**batch)
 
         trainer.model.loss_and_grads = failing
-    losses = trainer.train(spec.get("steps"))
+    if spec.get("nan_on_rank") == comm.rank:  # this rank's loss turns NaN at the third step
+        real_nan, nan_calls = trainer.model.loss_and_grads, []
+
+        def nan_at_three(**batch):
+            nan_calls.append(1)
+            loss, grads = real_nan(**batch)
+            return (float("nan") if len(nan_calls) == 3 else loss), grads
+
+        trainer.model.loss_and_grads = nan_at_three
+    try:
+        losses = trainer.train(spec.get("steps"))
+    except trainer_module.NonFiniteLossError as e:  # every rank: say where it stopped, exit 1
+        with open(f"{spec['result']}.stopped-rank{comm.rank}", "w") as f:
+            f.write(f"{trainer.step}\n{e}\n")
+        sys.exit(1)
     if comm.rank == 0:
         np.savez(spec["result"], losses=np.array(losses), grad=trainer.model.flat.grad,
                  data=trainer.model.flat.data, size=comm.size)

@@ -214,3 +214,33 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, rank):
     assert proc.returncode != 0 and result is None
     assert "injected failure" in proc.stderr
     assert time.perf_counter() - start < 30  # ended by the abort, not by the 60 s timeout
+
+
+@needs_mpi
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # the loss is summed over the ranks, so rank 1's NaN is every rank's: both stop before step 3
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), nan_on_rank=1,
+                train={"max_steps": 10})
+    proc, _ = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0
+    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    assert [s[0] for s in stops] == ["2", "2"]
+    assert all(s[1].startswith("training stopped at step 3: loss=nan") for s in stops)
+
+
+@needs_mpi
+def test_ranks_of_one_machine_share_its_cores(tmp_path):
+    code = ("from fastformer.training.distributed import get_comm; "
+            "from fastformer.kernels.threads import available_cores, num_threads; c = get_comm(); "
+            "assert c.local_size == 2, c.local_size; "
+            "assert num_threads() == max(1, available_cores() // 2), num_threads()")
+    env = clean_env()
+    del env["FASTFORMER_NUM_THREADS"]
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    env["FASTFORMER_NUM_THREADS"] = "3"  # still overrides
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", code.replace("max(1, available_cores() // 2)",
+                                                                                   "3")],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
