@@ -21,6 +21,7 @@ before the first kernel call (the CLI and the Trainer do).
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -108,6 +109,7 @@ class MPIComm:
         """End every rank of the job now (the others may be waiting in a collective)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.2)  # the launcher forwards output asynchronously: let this rank's message out first
         self.comm.Abort(code)
         os._exit(code)  # an MPI whose Abort returns (seen with MPICH's wheel) must not go on
 
@@ -143,9 +145,9 @@ def abort_on_error(comm, passthrough=()):
         raise
     except (FastformerError, OSError) as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"fastformer (rank {comm.rank} of {comm.size}): error: {message}", file=sys.stderr)
+        sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): error: {message}\n")
         comm.abort(2)
     except BaseException:
-        print(f"fastformer (rank {comm.rank} of {comm.size}): aborting the job after:", file=sys.stderr)
-        traceback.print_exc()
+        sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): aborting the job after:\n"
+                         f"{traceback.format_exc()}")
         comm.abort(1)
