@@ -107,6 +107,8 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per evaluation
     checkpoint_interval: int = 250  # steps between checkpoints (and the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
+    check_sync_interval: int = 0  # data parallel: steps between comparing a checksum of the weights across
+    #                               ranks (a drift stops the run); 0 turns it off
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval", "eval_interval",
@@ -118,7 +120,7 @@ class TrainConfig:
             raise FastformerError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps="
                                   f"{k}: a step's batch is split into {k} micro-batches of equal size; choose a "
                                   f"batch_size that is a multiple of {k} (e.g. {near})")
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "check_sync_interval"):
             setattr(self, name, check_int(f"train.{name}", getattr(self, name), minimum=0))
         for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
             setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0))

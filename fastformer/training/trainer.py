@@ -52,6 +52,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became inf/nan; the run stopped before updating the weights."""
 
 
+class SyncError(FastformerError):
+    """Data parallel: the ranks' weights differ (train.check_sync_interval); every rank raises it."""
+
+
 class Trainer:
     """Trains the model of a RunConfig on its task, writing metrics and checkpoints to `out_dir`.
 
@@ -189,7 +193,7 @@ class Trainer:
         losses, tokens, t_log = [], 0, time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
-        with abort_on_error(comm, passthrough=(NonFiniteLossError,)):
+        with abort_on_error(comm, passthrough=(NonFiniteLossError, SyncError)):
             try:
                 while self.step < end:
                     lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
@@ -233,9 +237,24 @@ class Trainer:
                         self._log(record)
                     if self.step % t.checkpoint_interval == 0 or self.step == end:
                         self._checkpoint()
+                    # data parallel: every rank must still hold the same weights
+                    if t.check_sync_interval and comm.size > 1 and self.step % t.check_sync_interval == 0:
+                        self._check_sync()
             finally:
                 bar.close()
         return losses
+
+    def _check_sync(self):
+        """Compare a checksum of the weights with rank 0's on every rank; FastformerError on every
+        rank (the same step) when any rank differs."""
+        data = self.model.flat.data
+        mine = np.array([np.sum(data, dtype=np.float64), np.dot(data, data)], dtype=np.float64)
+        ref = self.comm.bcast(mine.copy())
+        drifted = self.comm.allreduce_scalar(int(not np.array_equal(mine, ref)))
+        if drifted:
+            raise SyncError(f"the ranks' weights drifted apart at step {self.step}: {drifted} of "
+                                  f"{self.comm.size} ranks differ from rank 0 (train.check_sync_interval); "
+                                  f"the ranks must run the same fastformer, NumPy and kernels")
 
     def _rank_rows(self, batch):
         """This rank's contiguous slice of the global batch's rows."""

@@ -244,3 +244,16 @@ def test_ranks_of_one_machine_share_its_cores(tmp_path):
                                                                                    "3")],
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
+
+
+@needs_mpi
+def test_weights_that_drift_apart_stop_every_rank(tmp_path):
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), perturb_rank=1,
+                train={"max_steps": 10, "check_sync_interval": 2})
+    proc, _ = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0
+    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    assert [s[0] for s in stops] == ["2", "2"]
+    assert all(s[1].startswith("the ranks' weights drifted apart at step 2: 1 of 2 ranks") for s in stops)
+    # in sync (the default runs above, and here with the check on) nothing stops
+    run(tmp_path, "ok", 2, kind="lm", train={"max_steps": 4, "check_sync_interval": 1})
