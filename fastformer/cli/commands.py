@@ -77,7 +77,7 @@ def cmd_train(args):
 
     from fastformer import get_backend, set_backend
     from fastformer.training.distributed import get_comm
-    from fastformer.training.trainer import Trainer
+    from fastformer.training.trainer import NonFiniteLossError, Trainer
 
     if args.out is None:
         if args.resume:
@@ -94,7 +94,12 @@ def cmd_train(args):
               f"{trainer.task.describe()}; backend {get_backend()}{ranks}; run directory {args.out}; "
               f"step {trainer.step} of {config.train.max_steps}", flush=True)
     start = time.perf_counter()
-    losses = trainer.train()
+    try:
+        losses = trainer.train()
+    except (NonFiniteLossError, FastformerError) as e:  # raised on every rank at once: rank 0 says it
+        if trainer.is_main:
+            raise
+        return 1 if isinstance(e, NonFiniteLossError) else 2
     if losses and trainer.is_main:
         print(f"done: step {trainer.step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
               f"{time.perf_counter() - start:.1f} s; checkpoint in {args.out}")
@@ -335,8 +340,14 @@ def cmd_export(args):
 # ------------------------------------------------------------------------------ info
 def cmd_info(args):
     from fastformer import Seq2SeqTransformer, TransformerLM, __version__, get_backend
+    from fastformer.training.distributed import get_comm
 
+    comm = get_comm()  # first: under mpiexec it sets the ranks' share of the cores before the kernels load
+    if comm.rank:
+        return 0
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
+    if comm.size > 1:
+        print(f"mpi: {comm.size} ranks, {comm.local_size} on this node (rank 0's)")
     print(f"backend: {get_backend()}  (FASTFORMER_BACKEND={os.environ.get('FASTFORMER_BACKEND', 'unset')})")
     from fastformer.kernels.threads import thread_info
 

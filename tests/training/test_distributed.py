@@ -257,3 +257,27 @@ def test_weights_that_drift_apart_stop_every_rank(tmp_path):
     assert all(s[1].startswith("the ranks' weights drifted apart at step 2: 1 of 2 ranks") for s in stops)
     # in sync (the default runs above, and here with the check on) nothing stops
     run(tmp_path, "ok", 2, kind="lm", train={"max_steps": 4, "check_sync_interval": 1})
+
+
+@needs_mpi
+def test_info_under_mpiexec_shows_the_ranks_once():
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "fastformer.cli", "info"], env=clean_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("mpi: 2 ranks, 2 on this node") == 1 and proc.stdout.count("fastformer ") == 1
+
+
+@needs_mpi
+def test_a_one_process_checkpoint_resumed_on_two_ranks_continues_the_run(tmp_path):
+    # the data order does not depend on N, so without dropout the 2-rank continuation follows the
+    # uninterrupted 1-process run up to float32 reduction order (bound 1e-5 relative); a warning
+    # says the other ranks' dropout masks are new
+    spec = dict(kind="lm", train={"max_steps": 10})
+    whole = run(tmp_path, "whole", 1, **spec)
+    first = run(tmp_path, "part", 1, steps=5, **spec)
+    proc, rest = launch({"out": str(tmp_path / "part"), "result": str(tmp_path / "rest.npz"), "resume": True,
+                         **spec}, 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "written by 1 process(es), this run has 2" in proc.stderr
+    assert int(rest["size"]) == 2 and len(rest["losses"]) == 5
+    np.testing.assert_allclose(np.concatenate([first["losses"], rest["losses"]]), whole["losses"], rtol=1e-5)
