@@ -133,9 +133,9 @@ def get_comm(distributed=None):
 def abort_on_error(comm, passthrough=()):
     """Around work that ranks do together: an exception on one rank ends the whole job (MPI_Abort)
     instead of leaving the others waiting in a collective. A FastformerError or OSError is one
-    line on stderr and exit status 2, anything else its traceback and status 1. Exceptions of
-    the `passthrough` types (raised on every rank at the same point) propagate as usual; so does
-    everything when there is only one process."""
+    line on stderr and exit status 2, Ctrl-C one line and status 130, anything else its traceback
+    and status 1. Exceptions of the `passthrough` types (raised on every rank at the same point)
+    propagate as usual; so does everything when there is only one process."""
     if comm.size == 1:
         yield
         return
@@ -143,6 +143,10 @@ def abort_on_error(comm, passthrough=()):
         yield
     except passthrough:
         raise
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line each, the job ends
+        sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): interrupted; a training run continues "
+                         f"from its newest checkpoint with --resume\n")
+        comm.abort(130)
     except (FastformerError, OSError) as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): error: {message}\n")

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -281,3 +282,18 @@ def test_a_one_process_checkpoint_resumed_on_two_ranks_continues_the_run(tmp_pat
     assert "written by 1 process(es), this run has 2" in proc.stderr
     assert int(rest["size"]) == 2 and len(rest["losses"]) == 5
     np.testing.assert_allclose(np.concatenate([first["losses"], rest["losses"]]), whole["losses"], rtol=1e-5)
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank(tmp_path):
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "fastformer.cli", "train", "--preset", "tiny",
+           "--max-steps", "100000", "--out", str(tmp_path / "r")]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("training ")  # rank 0 is past the start
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to mpiexec, which passes it to the ranks
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "interrupted" in err
