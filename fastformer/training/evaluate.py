@@ -12,6 +12,11 @@ so models with different tokenizers compare on the same footing: a tokenizer wit
 has a higher loss per token but as many bytes to spread it over. `bytes(target)` comes from the
 tokenizer's `byte_lengths()` table (special tokens count 0 bytes), which needs no decoding and
 works on memory-mapped token files.
+
+Each metric is a ratio of sums over batches, so a data-parallel run splits the batches: every rank
+computes the sums of its share (`lm_sums` / `seq2seq_sums` with shard=(rank, ranks)) and rank 0
+forms the metrics from all the parts (`lm_metrics` / `seq2seq_metrics`), the one-process numbers
+up to the order of the float64 loss sum. One process is the single part of the same functions.
 """
 
 import math
@@ -37,6 +42,12 @@ def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=
     Returns {"loss", "ppl", "acc", "tokens"} and, with byte_lengths, {"bytes", "bits_per_byte"}.
     Deterministic: the same windows every time, no random generator.
     """
+    return lm_metrics([lm_sums(model, ids, batch_size, seq_len, max_batches, byte_lengths)])
+
+
+def lm_sums(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=None, shard=(0, 1)):
+    """The sums behind evaluate_lm's metrics over every `shard[1]`-th batch from batch shard[0]:
+    {"loss_sum", "correct", "tokens", "bytes" (None without byte_lengths)}."""
     check_int("batch_size", batch_size)
     check_int("seq_len", seq_len)
     if max_batches is not None:
@@ -46,9 +57,11 @@ def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=
         raise FastformerError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     if max_batches is None:
         max_batches = -(-n_windows // batch_size)
-    ops = get_ops()
+    ops, (rank, ranks) = get_ops(), shard
     total_loss, correct, n, n_bytes = 0.0, 0, 0, 0
-    for x, y in eval_batches(ids, batch_size, seq_len, max_batches):
+    for i, (x, y) in enumerate(eval_batches(ids, batch_size, seq_len, max_batches)):
+        if i % ranks != rank:
+            continue
         logits = model.forward(x)  # (b, T, V), inference mode
         loss, _ = ops.cross_entropy_forward(logits, y)
         total_loss += float(loss) * y.size
@@ -56,9 +69,20 @@ def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=
         n += y.size
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[y].sum())
+    return {"loss_sum": total_loss, "correct": correct, "tokens": n,
+            "bytes": n_bytes if byte_lengths is not None else None}
+
+
+def lm_metrics(parts):
+    """evaluate_lm's dict from the lm_sums of every shard (a list, rank order)."""
+    total_loss = parts[0]["loss_sum"]
+    for p in parts[1:]:
+        total_loss += p["loss_sum"]
+    correct, n = sum(p["correct"] for p in parts), sum(p["tokens"] for p in parts)
     loss = total_loss / n
     out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "acc": correct / n, "tokens": n}
-    if byte_lengths is not None:
+    if parts[0]["bytes"] is not None:
+        n_bytes = sum(p["bytes"] for p in parts)
         out["bytes"] = n_bytes
         out["bits_per_byte"] = total_loss / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return out
@@ -74,16 +98,25 @@ def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1,
     targets as the tokenizer writes them; "sacrebleu" or "fastformer") and {"examples"}.
     Decoding is greedy when beam_size is 1. Deterministic: no random generator.
     """
+    return seq2seq_metrics([seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size, beam_size, length_penalty)])
+
+
+def seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0, shard=(0, 1)):
+    """The sums behind evaluate_seq2seq's metrics over shard[0]'s contiguous share of the batches
+    of `pairs` (of shard[1] shares): {"loss_sum", "correct", "tokens", "exact", "examples",
+    "hyps", "refs"} (the decoded and reference texts, for BLEU)."""
     if not pairs:
         raise FastformerError("no (source, target) pairs to evaluate on")
     check_int("batch_size", batch_size)
     check_int("beam_size", beam_size)
-    ops = get_ops()
+    ops, (rank, ranks) = get_ops(), shard
     bos, eos = tgt_tok.bos_id, tgt_tok.eos_id
     normalize = getattr(tgt_tok, "normalize", lambda text: text)  # words: the spacing decode writes
     total_loss, correct, n_tokens, exact = 0.0, 0, 0, 0
     hyps, refs = [], []
-    for i in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    nb = len(starts)
+    for i in starts[rank * nb // ranks:(rank + 1) * nb // ranks]:
         chunk = pairs[i:i + batch_size]
         tgt_seqs = [tgt_tok.encode(t) for _, t in chunk]
         b = make_batch([src_tok.encode(s) for s, _ in chunk], tgt_seqs, tgt_tok.pad_id, bos, eos)
@@ -101,6 +134,17 @@ def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1,
             exact += np.array_equal(o, t_ids)
             hyps.append(tgt_tok.decode(o))
             refs.append(normalize(t_text))
-    bleu, impl = corpus_bleu(hyps, refs)
-    return {"loss": total_loss / n_tokens, "token_acc": correct / n_tokens, "exact_match": exact / len(pairs),
-            "bleu": bleu, "bleu_impl": impl, "examples": len(pairs)}
+    return {"loss_sum": total_loss, "correct": correct, "tokens": n_tokens, "exact": exact,
+            "examples": len(hyps), "hyps": hyps, "refs": refs}
+
+
+def seq2seq_metrics(parts):
+    """evaluate_seq2seq's dict from the seq2seq_sums of every shard (a list, rank order)."""
+    total_loss = parts[0]["loss_sum"]
+    for p in parts[1:]:
+        total_loss += p["loss_sum"]
+    correct, n_tokens = sum(p["correct"] for p in parts), sum(p["tokens"] for p in parts)
+    exact, examples = sum(p["exact"] for p in parts), sum(p["examples"] for p in parts)
+    bleu, impl = corpus_bleu([h for p in parts for h in p["hyps"]], [r for p in parts for r in p["refs"]])
+    return {"loss": total_loss / n_tokens, "token_acc": correct / n_tokens, "exact_match": exact / examples,
+            "bleu": bleu, "bleu_impl": impl, "examples": examples}

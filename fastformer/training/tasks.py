@@ -5,7 +5,8 @@ trains and how that model is evaluated. The trainer runs one loop over either:
     task.tokenizers          {name: tokenizer}, saved with each checkpoint
     task.new_model(seed)     a fresh model of the config's kind
     task.next_batch()        keyword arguments for `model.loss_and_grads`
-    task.evaluate(model)     {"val_...": number}
+    task.evaluate(model)     {"val_...": number}; = task.metrics([task.eval_sums(model)])
+    task.eval_sums(model, shard=(rank, ranks)), task.metrics(parts)   the same split over ranks
     task.state_dict()        the data order's position (JSON-able); load_state_dict(state)
     task.fingerprint         SHA-256 of the training data, saved to detect a changed data set
     task.describe()          one line for the command line
@@ -27,7 +28,7 @@ from fastformer.errors import FastformerError
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import match_tokenizer
-from fastformer.training.evaluate import evaluate_lm, evaluate_seq2seq
+from fastformer.training.evaluate import lm_metrics, lm_sums, seq2seq_metrics, seq2seq_sums
 
 
 def make_task(config, text=None, tokenizers=None):
@@ -62,8 +63,15 @@ class LMTask:
 
     def evaluate(self, model):
         """Validation loss, perplexity, next-token accuracy and bits per byte over fixed windows."""
+        return self.metrics([self.eval_sums(model)])
+
+    def eval_sums(self, model, shard=(0, 1)):
+        """The evaluation's sums over this shard's batches (training/evaluate.lm_sums)."""
         t = self.config.train
-        m = evaluate_lm(model, self.val_ids, t.batch_size, t.seq_len, t.eval_batches, self.byte_lengths)
+        return lm_sums(model, self.val_ids, t.batch_size, t.seq_len, t.eval_batches, self.byte_lengths, shard)
+
+    def metrics(self, parts):
+        m = lm_metrics(parts)
         return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_acc": m["acc"], "val_bpb": m["bits_per_byte"]}
 
     def state_dict(self):
@@ -145,9 +153,16 @@ class Seq2SeqTask:
     def evaluate(self, model):
         """Loss, token accuracy, greedy exact match and BLEU on up to eval_batches batches of
         validation pairs (held-out strings for the synthetic tasks)."""
+        return self.metrics([self.eval_sums(model)])
+
+    def eval_sums(self, model, shard=(0, 1)):
+        """The evaluation's sums over this shard's batches (training/evaluate.seq2seq_sums)."""
         t = self.config.train
-        m = evaluate_seq2seq(model, self.val_pairs[:t.eval_batches * t.batch_size], self.tokenizers["src"],
-                             self.tokenizers["tgt"], t.batch_size)
+        return seq2seq_sums(model, self.val_pairs[:t.eval_batches * t.batch_size], self.tokenizers["src"],
+                            self.tokenizers["tgt"], t.batch_size, shard=shard)
+
+    def metrics(self, parts):
+        m = seq2seq_metrics(parts)
         return {"val_loss": m["loss"], "val_acc": m["token_acc"], "val_exact": m["exact_match"],
                 "val_bleu": m["bleu"]}
 

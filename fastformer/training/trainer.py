@@ -23,7 +23,8 @@ summed over the ranks (an in-place all-reduce of the flat gradient buffer), whic
 the whole global batch, padded pairs included; every rank then clips and updates identically.
 Rank 0 broadcasts the weights and optimizer state at the start (and after a resume) and does all
 the I/O (`self.is_main`): progress bar, metrics.jsonl, checkpoints, which gather every rank's
-dropout state. One process is the same loop with `SingleProcess`, bit for bit the run without it.
+dropout state. Evaluation is split: each rank sums its share of the validation batches and rank 0
+forms the metrics of all of them. One process is the same loop with `SingleProcess`, bit for bit the run without it.
 """
 
 import json
@@ -173,8 +174,13 @@ class Trainer:
 
     # ------------------------------------------------------------- evaluate
     def evaluate(self):
-        """The task's validation metrics, {"val_loss": ..., ...} (see fastformer.tasks)."""
-        return self.task.evaluate(self.model)
+        """The task's validation metrics, {"val_loss": ..., ...} (see fastformer.tasks). With
+        several ranks every rank must call it: each evaluates its share of the batches and rank 0
+        gets the metrics of all of them (the others None)."""
+        if self.comm.size == 1:
+            return self.task.evaluate(self.model)
+        parts = self.comm.gather(self.task.eval_sums(self.model, (self.comm.rank, self.comm.size)))
+        return self.task.metrics(parts) if self.is_main else None
 
     # ---------------------------------------------------------------- train
     def train(self, steps=None):
@@ -223,7 +229,7 @@ class Trainer:
                     losses.append(loss)
                     tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
                     bar.update(1)
-                    # log, evaluate (rank 0: the model is the same on every rank), checkpoint
+                    # log, evaluate (split over the ranks, the metrics on rank 0), checkpoint
                     record = None
                     if self.step % t.log_interval == 0 or self.step % t.eval_interval == 0 or self.step == end:
                         elapsed = time.perf_counter() - t_log
@@ -231,8 +237,8 @@ class Trainer:
                                   "tokens_per_sec": tokens / max(elapsed, 1e-9)}
                         tokens, t_log = 0, time.perf_counter()
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                    if (self.step % t.eval_interval == 0 or self.step == t.max_steps) and self.is_main:
-                        record.update(self.evaluate())
+                    if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                        record.update(self.evaluate() or {})
                     if record is not None:
                         self._log(record)
                     if self.step % t.checkpoint_interval == 0 or self.step == end:

@@ -130,6 +130,23 @@ def test_a_global_batch_the_ranks_do_not_divide_is_refused(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "r")
 
 
+@pytest.mark.parametrize("kind", ["lm", "seq2seq"])
+def test_evaluation_split_in_shards_gives_the_one_process_numbers(tmp_path, kind, monkeypatch):
+    # what the ranks do, in one process: each shard's sums, then the metrics of all the parts
+    monkeypatch.syspath_prepend(os.path.dirname(WORKER))
+    from distributed_worker import TEXT, make_config
+
+    config = make_config(kind, 0.0, {"eval_batches": 3})
+    trainer = Trainer(config, str(tmp_path / "r"), text=TEXT if kind == "lm" else None, verbose=False)
+    whole = trainer.evaluate()
+    for ranks in (2, 3, 4):  # 4: one shard has no batch
+        parts = [trainer.task.eval_sums(trainer.model, (r, ranks)) for r in range(ranks)]
+        split = trainer.task.metrics(parts)
+        assert split.keys() == whole.keys()
+        for key in whole:
+            assert split[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-15), key
+
+
 # ---------------------------------------------------------------------- 2 ranks against 1 process
 @needs_mpi
 def test_first_step_gradient_and_30_losses_match_one_process(tmp_path):
@@ -169,9 +186,13 @@ def test_padded_pairs_two_rank_gradient_is_the_one_process_gradient(tmp_path):
     one, two = run(tmp_path, "p1", 1, **spec), run(tmp_path, "p2", 2, **spec)
     assert rel_err(two["grad"], one["grad"]) <= 1e-5
     assert abs(two["losses"][0] - one["losses"][0]) <= 1e-6 * abs(one["losses"][0])
-    spec = dict(kind="seq2seq", train={"max_steps": 10})
+    spec = dict(kind="seq2seq", train={"max_steps": 10, "eval_batches": 3})
     one, two = run(tmp_path, "q1", 1, **spec), run(tmp_path, "q2", 2, **spec)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    # evaluation split over the ranks (3 batches: 1 on rank 0, 2 on rank 1) reports the same numbers
+    e1, e2 = (metrics(tmp_path / name)[-1] for name in ("q1", "q2"))
+    for key in ("val_loss", "val_acc", "val_exact", "val_bleu"):
+        assert e2[key] == pytest.approx(e1[key], rel=1e-5)
 
 
 def metrics(path):
