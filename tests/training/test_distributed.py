@@ -318,3 +318,31 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode != 0 and "interrupted" in err
+
+
+@needs_mpi
+@pytest.mark.parametrize("source", ["prepared", "reverse"])
+def test_the_train_command_on_two_ranks_follows_one_process(tmp_path, source):
+    # the command line end to end: a memory-mapped prepared corpus (opened read-only by both
+    # ranks) or the reverse task; rank 0 prints each line once; losses as one process (1e-5)
+    if source == "prepared":
+        words = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
+        rng = np.random.default_rng(0)
+        (tmp_path / "t.txt").write_text("".join(" ".join(rng.choice(words, size=12)) + "\n" for _ in range(300)))
+        assert main(["prepare", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "prep")]) == 0
+        args = ["--data", str(tmp_path / "prep"), "--set", "train.seq_len=32"]
+    else:
+        args = ["--task", "reverse"]
+    args += ["--max-steps", "6", "--set", "train.batch_size=8", "--set", "train.eval_batches=2",
+             "--set", "train.log_interval=1"]
+    out = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "fastformer.cli", "train", *args, "--out", str(tmp_path / f"run{n}")]
+        proc = subprocess.run(([MPIEXEC, "-n", "2"] if n == 2 else []) + cmd, env=clean_env(), capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("training ") == 1 and proc.stdout.count("done: step 6") == 1
+        out[n] = metrics(tmp_path / f"run{n}")
+    assert "2 ranks" in proc.stdout
+    np.testing.assert_allclose([r["loss"] for r in out[2]], [r["loss"] for r in out[1]], rtol=1e-5)
+    assert out[2][-1]["val_loss"] == pytest.approx(out[1][-1]["val_loss"], rel=1e-5)
