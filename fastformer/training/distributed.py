@@ -5,7 +5,7 @@
     comm.allreduce_sum(buf)      # sum a float buffer over the ranks, in place (the flat gradient)
     comm.allreduce_scalar(x)     # the sum of a Python number over the ranks
     comm.bcast(arr)              # rank 0's array into every rank's, in place
-    comm.gather(obj)             # [every rank's obj] on rank 0, None elsewhere (small JSON-able things)
+    comm.gather(obj)             # [every rank's obj] on rank 0, None elsewhere (small objects, pickled)
 
 The trainer has one code path: `SingleProcess` is the complete one-process implementation (every
 collective is the identity), `MPIComm` does the same over mpi4py. mpi4py is imported only when the
