@@ -11,7 +11,7 @@ import-linter contract in pyproject.toml):
     generation sampling and greedy/beam search over any model's `step(tokens, state)`
     nn         parameters in one flat buffer, layers, blocks, the key/value cache
     kernels    the kernel interface: NumPy reference, Numba backend, threads
-    errors, atomic   FastformerError and its checks; atomic file writes
+    errors, seeds, atomic   FastformerError and its checks; every random stream; atomic file writes
     seeds      every random stream (weights, dropout, data, held-out data, sampling) and its seed
 
 The names below import from `fastformer` itself, loaded on first use so that
