@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from fastformer import seeds
 from fastformer.errors import FastformerError, check_bool, check_int
-from fastformer.training.accumulate import accumulated_loss_and_grads, counted_tokens
+from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
@@ -177,8 +177,6 @@ class Trainer:
         """The task's validation metrics, {"val_loss": ..., ...} (see fastformer.tasks). With
         several ranks every rank must call it: each evaluates its share of the batches and rank 0
         gets the metrics of all of them (the others None)."""
-        if self.comm.size == 1:
-            return self.task.evaluate(self.model)
         parts = self.comm.gather(self.task.eval_sums(self.model, (self.comm.rank, self.comm.size)))
         return self.task.metrics(parts) if self.is_main else None
 
@@ -213,7 +211,7 @@ class Trainer:
                     if comm.size == 1:
                         loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
                     else:
-                        loss = self._data_parallel_loss_and_grads(self._rank_rows(batch), grad_acc)
+                        loss = self._data_parallel_loss_and_grads(batch_rows(batch, comm.rank, comm.size), grad_acc)
                     # clip the global gradient norm; a non-finite loss or norm stops before the update
                     # (the same numbers on every rank, so every rank stops at this step)
                     grad_norm = clip_grad_norm(flat.grad, t.grad_clip)
@@ -227,7 +225,7 @@ class Trainer:
                     self.optimizer.step(lr)
                     self.step += 1
                     losses.append(loss)
-                    tokens += int((batch["targets"] >= 0).sum())  # predicted tokens (padding is -100)
+                    tokens += counted_tokens(batch["targets"])  # predicted tokens (padding is -100)
                     bar.update(1)
                     # log, evaluate (split over the ranks, the metrics on rank 0), checkpoint
                     record = None
@@ -259,27 +257,18 @@ class Trainer:
         drifted = self.comm.allreduce_scalar(int(not np.array_equal(mine, ref)))
         if drifted:
             raise SyncError(f"the ranks' weights drifted apart at step {self.step}: {drifted} of "
-                                  f"{self.comm.size} ranks differ from rank 0 (train.check_sync_interval); "
-                                  f"the ranks must run the same fastformer, NumPy and kernels")
-
-    def _rank_rows(self, batch):
-        """This rank's contiguous slice of the global batch's rows."""
-        r, n = self.comm.rank, self.comm.size
-        B = len(batch["targets"])
-        lo, hi = r * B // n, (r + 1) * B // n
-        return {name: a[lo:hi] for name, a in batch.items()}
+                            f"{self.comm.size} ranks differ from rank 0 (train.check_sync_interval); "
+                            f"the ranks must run the same fastformer, NumPy and kernels")
 
     def _data_parallel_loss_and_grads(self, part, grad_acc):
-        """This rank's slice's loss and gradient weighted by n_rank / N_total counted tokens, then
+        """This rank's rows' loss and gradient over the global batch's N_total counted tokens,
         summed over the ranks: the global batch's mean loss and its gradient in flat.grad."""
         comm, grad = self.comm, self.model.flat.grad
         n = counted_tokens(part["targets"])
         total = comm.allreduce_scalar(n)
         if n:
-            loss = accumulated_loss_and_grads(self.model, part, self.config.train.grad_accum_steps, grad_acc)
-            w = n / total
-            grad *= grad.dtype.type(w)
-            loss *= w
+            loss = accumulated_loss_and_grads(self.model, part, self.config.train.grad_accum_steps, grad_acc,
+                                              total=total)
         else:  # no counted target in this rank's rows (or no rows): it adds nothing
             grad[...] = 0
             loss = 0.0
