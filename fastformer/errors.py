@@ -41,8 +41,6 @@ def check_choice(name, value, choices):
 
 def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
     """`value` as a float within the given bounds (closed unless `*_open`), or FastformerError."""
-    if type(value) is float and low is not None and high is None and not low_open and value >= low:
-        return value  # the common case of per-call checks (an eps, a scale), without the general path
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     v = float(value) if ok else None
     if ok and v != v:

@@ -84,7 +84,7 @@ def check_out(out, like, name):
                               f"got {_describe(out)}")
 
 
-def _check_eps(eps):
+def check_eps(eps):
     return check_number("eps", eps, low=0)
 
 
@@ -97,7 +97,7 @@ def softmax_inputs(x):
 def layernorm_inputs(x, weight, bias, eps):
     """(x, weight, bias) of a LayerNorm over the last axis C of x."""
     x = as_rows(x, "x")
-    _check_eps(eps)
+    check_eps(eps)
     return x, as_vector(weight, "weight", x.shape[-1], x.dtype), as_vector(bias, "bias", x.shape[-1], x.dtype)
 
 
@@ -107,7 +107,7 @@ def residual_layernorm_inputs(x, branch, weight, bias, eps):
     branch = as_float_array(branch, "branch", x.dtype)
     if branch.shape != x.shape:
         raise FastformerError(f"branch must have the shape of x {x.shape}, got {branch.shape}")
-    _check_eps(eps)
+    check_eps(eps)
     return x, branch, as_vector(weight, "weight", x.shape[-1], x.dtype), as_vector(bias, "bias", x.shape[-1], x.dtype)
 
 

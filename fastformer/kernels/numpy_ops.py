@@ -17,11 +17,11 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.kernels.checks import (
-    _check_eps,
     activation_inputs,
     adamw_inputs,
     attention_inputs,
     cached_attention_inputs,
+    check_eps,
     check_gpt2_decode,
     check_grad,
     cross_entropy_inputs,
@@ -242,7 +242,7 @@ class NumpyOps:
         [0, start]. Inference only. Returns logits (B, V)."""
         flat, offsets, ids, positions, shapes = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start)
-        _check_eps(eps)
+        check_eps(eps)
         P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]
         wte, wpe, ln_fw, ln_fb, head = P[-5:]
         x = (wte[ids] + wpe[positions])[:, None]  # (B, 1, C)
