@@ -23,6 +23,13 @@ from fastformer import seeds
 from fastformer.errors import FastformerError, check_ids, check_int, check_number
 
 
+def log_softmax(logits):
+    """log softmax over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def filter_top_k(logits, k):
     """Logits (..., V) with every entry below the k-th largest of its row set to -inf."""
     V = logits.shape[-1]
@@ -246,10 +253,7 @@ def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=Non
     done = np.zeros(B, dtype=bool)
     for nxt in sample_tokens(step, logits, state.max_len, temperature, top_k, top_p, seeds.sampling_stream(seed),
                              eos_id, repetition_penalty):
-        z = last["logits"].astype(np.float64)
-        logp = z - z.max(axis=-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
-        scores += np.where(done, 0.0, logp[np.arange(B), nxt])
+        scores += np.where(done, 0.0, log_softmax(last["logits"])[np.arange(B), nxt])
         done |= nxt == eos_id
         out = np.concatenate([out, nxt[:, None]], axis=1)
     seqs = [row[:int(np.argmax(row == eos_id))] if (row == eos_id).any() else row for row in out]

@@ -13,14 +13,7 @@ finished hypotheses by score / length ** length_penalty (length counts <eos>).
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int
-from fastformer.generation.sampling import finish, prompt_batch, sample_decode
-
-
-def log_softmax(logits):
-    """log softmax over the last axis, in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+from fastformer.generation.sampling import finish, log_softmax, prompt_batch, sample_decode
 
 
 def search_step(model, state, first_mask=None):
