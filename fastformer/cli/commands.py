@@ -146,13 +146,14 @@ def cmd_generate(args):
             raise FastformerError("--repetition-penalty applies to sampling, not to --beam")
         out = model.generate(prompt, args.max_new_tokens, beam_size=args.beam, eos_id=tokenizer.eos_id,
                              length_penalty=args.length_penalty)
-        steps = ([int(t)] for t in out[prompt.size:])
+        ids = out[prompt.size:].tolist()
     else:
         steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
                                 repetition_penalty=args.repetition_penalty)
+        ids = (nxt[0] for nxt in steps)  # row 0 of each step, as it comes
     sys.stdout.write(args.prompt)
-    stream_text(tokenizer, (nxt[0] for nxt in steps), sys.stdout, stop=args.stop or ())
+    stream_text(tokenizer, ids, sys.stdout, stop=args.stop or ())
     sys.stdout.write("\n")
     return 0
 

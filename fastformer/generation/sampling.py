@@ -178,6 +178,13 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     """Yield the next ids (B,) of every row, step by step (see `generate` for the arguments).
     Rows that have produced `eos_id` keep yielding it; the generator stops when all have."""
     ids, mask, _ = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
+    yield from _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                             repetition_penalty, use_cache)
+
+
+def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
+                  use_cache):
+    """`generate_tokens` for a prompt batch already made by `prompt_batch`."""
     check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     if max_new_tokens == 0:
@@ -222,9 +229,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     Returns prompt plus new tokens, int64: (T0 + n,) or (B, T0 + n), n <= max_new_tokens; for a
     list of prompts, a list of 1-D arrays, each cut after its first eos_id.
     """
-    ids, _, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
-    steps = list(generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                                 repetition_penalty, attention_mask, use_cache))
+    ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
+    steps = list(_generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                               repetition_penalty, use_cache))
     new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
     return finish(prompt_ids, ids, new, kind, eos_id)
 
