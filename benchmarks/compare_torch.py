@@ -35,13 +35,15 @@ import tempfile
 import time
 
 import numpy as np
-from torch_contenders import serve
+from torch_contenders import SETTINGS, serve
 
 from fastformer.cli import bench
 from fastformer.kernels.threads import num_threads
 from fastformer.training.config import PRESETS
 
-TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch.compile")
+TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch eager" + SETTINGS, "torch.compile",
+                    "torch.compile" + SETTINGS)
+BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # variables that choose OpenBLAS's kernels for it
 GEN_CONTENDERS = ("numpy", "numba", "transformers")
 FASTFORMER = ("numpy", "numba")  # the contenders run by this file; the others by torch_contenders.py
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,13 +103,13 @@ class Contender:
     """A worker process -- this script for fastformer, torch_contenders.py for the others --
     driven over its stdin and stdout."""
 
-    def __init__(self, part, name, preset, threads, inputs):
+    def __init__(self, part, name, preset, threads, inputs, env):
         self.name = name
         if name in FASTFORMER:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads)]
         else:
             cmd = [sys.executable, os.path.join(HERE, "torch_contenders.py"), part, name, str(threads), inputs]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def answer(self):
         line = self.proc.stdout.readline()
@@ -125,12 +127,13 @@ class Contender:
         self.proc.wait()
 
 
-def run_contenders(part, names, preset, threads, rounds, calls):
-    """({name: 1 / median seconds per call}, {name: ready check}, {name: error text}).
-    calls(name) is the number of timed calls a turn."""
+def run_contenders(part, names, preset, threads, rounds, calls, env):
+    """({name: 1 / median seconds per call}, {name: ready check}, {name: error text}), and
+    records each contender's BLAS in BLAS_SEEN. calls(name) is the number of timed calls a turn;
+    env the environment of the contenders' processes."""
     with tempfile.TemporaryDirectory() as inputs:
         write_inputs(part, preset, inputs)
-        started = [Contender(part, name, preset, threads, inputs) for name in names]
+        started = [Contender(part, name, preset, threads, inputs, env) for name in names]
         running, checks, failed = [], {}, {}
         try:
             for c in started:  # they set up and warm up (compile) side by side; nothing is timed yet
@@ -139,6 +142,7 @@ def run_contenders(part, names, preset, threads, rounds, calls):
                     failed[c.name] = f"failed: {ready['error']}"
                 else:
                     checks[c.name] = ready["ready"]
+                    BLAS_SEEN.setdefault(ready["blas"], []).append(c.name)
                     running.append(c)
             times = {c.name: [] for c in running}
             for _ in range(rounds):
@@ -151,22 +155,25 @@ def run_contenders(part, names, preset, threads, rounds, calls):
     return {name: 1.0 / float(np.median(ts)) for name, ts in times.items()}, checks, failed
 
 
-def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads):
+BLAS_SEEN = {}  # {BLAS description: [contenders that reported it]}, filled by run_contenders
+
+
+def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env):
     """{contender: steps/s, or the error text of a torch.compile that failed}."""
-    names = [n for n in TRAIN_CONTENDERS if with_compile or n != "torch.compile"]
+    names = [n for n in TRAIN_CONTENDERS if with_compile or not n.startswith("torch.compile")]
     rates, first, failed = run_contenders("train", names, preset, threads, rounds,
-                                          lambda name: numpy_steps if name == "numpy" else steps)
+                                          lambda name: numpy_steps if name == "numpy" else steps, env)
     for name in failed:
-        if name != "torch.compile":
+        if not name.startswith("torch.compile"):
             raise SystemExit(f"{preset}: {name} {failed[name]}")
     if max(first.values()) - min(first.values()) > 1e-3 * abs(first["torch eager"]):
         raise SystemExit(f"{preset}: the first losses disagree: {first}")
     return {**rates, **failed}
 
 
-def compare_generation(preset, rounds, threads):
+def compare_generation(preset, rounds, threads, env):
     """{contender: tokens/s} of batch-1 greedy generation after the benchmark prompt."""
-    rates, diffs, failed = run_contenders("generate", GEN_CONTENDERS, preset, threads, rounds, lambda name: 1)
+    rates, diffs, failed = run_contenders("generate", GEN_CONTENDERS, preset, threads, rounds, lambda name: 1, env)
     if failed:
         raise SystemExit(f"{preset}: {failed}")
     if diffs["transformers"] > 1e-3:
@@ -181,8 +188,9 @@ def cell(value, width):
     return f"{'failed' if value.startswith('failed') else '-':>{width}s}"
 
 
-def ratio(a, b):
-    return f"{a / b:9.2f}x" if isinstance(b, float) else f"{'-':>10s}"
+def ratio(a, b, width=9):
+    """a / b as "1.23x" in width + 1 columns, or "-" when b is not a rate."""
+    return f"{a / b:{width}.2f}x" if isinstance(b, float) else f"{'-':>{width + 1}s}"
 
 
 def main():
@@ -204,34 +212,58 @@ def main():
     torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                    capture_output=True, text=True).stdout.strip() or "not installed"
     print(f"threads: {n} (numba, BLAS, torch), one process per contender; torch {torch_version}")
+    pins = {k: os.environ[k] for k in BLAS_PINS if k in os.environ}
+    envs = [("the environment as set", dict(os.environ))]
+    if pins:  # a user's machine has no pin: report that too
+        envs.append((f"{' and '.join(pins)} unset", {k: v for k, v in os.environ.items() if k not in pins}))
     failures = []
-    if "train" in args.parts:
-        shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p)) for p in args.presets}))
-        print(f"\ntraining steps/s, batch x seq {shapes}, vocab {bench.VOCAB}, the presets' AdamW; "
-              f"median over {args.rounds} rounds of {args.steps} steps ({args.numpy_steps} for numpy)")
-        print(f"{'preset':8s} {'numpy':>8s} {'numba':>8s} {'eager':>8s} {'compile':>8s}   "
-              f"{'numba/numpy':>11s} {'numba/eager':>11s} {'numba/compile':>13s}")
-        for preset in args.presets:
-            r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n)
-            comp = r.get("torch.compile", "not run")
-            if isinstance(comp, str) and comp != "not run":
-                failures.append(f"{preset}: torch.compile {comp}")
-            print(f"{preset:8s} {r['numpy']:8.2f} {r['numba']:8.2f} {r['torch eager']:8.2f} {cell(comp, 8)}   "
-                  f"{ratio(r['numba'], r['numpy']):>11s} {ratio(r['numba'], r['torch eager']):>11s} "
-                  f"{ratio(r['numba'], comp):>13s}", flush=True)
-    if "generate" in args.parts:
-        print(f"\ngeneration tokens/s, batch 1, greedy, {bench.GEN_NEW} new tokens after {bench.GEN_PROMPT}; "
-              f"median over {args.gen_rounds} rounds; transformers = GPT2LMHeadModel.generate(use_cache=True)")
-        print(f"{'preset':8s} {'numpy':>9s} {'numba':>9s} {'transformers':>12s}   "
-              f"{'numba/transformers':>18s} {'numpy/transformers':>18s}")
-        for preset in args.presets:
-            r = compare_generation(preset, args.gen_rounds, n)
-            print(f"{preset:8s} {r['numpy']:9.1f} {r['numba']:9.1f} {r['transformers']:12.1f}   "
-                  f"{ratio(r['numba'], r['transformers']):>18s} {ratio(r['numpy'], r['transformers']):>18s}",
-                  flush=True)
+    for title, env in envs:
+        BLAS_SEEN.clear()
+        pinned = ", ".join(f"{k}={env[k]}" for k in BLAS_PINS if k in env) or "no OpenBLAS pin"
+        print(f"\n=== {title} ({pinned}) ===")
+        if "train" in args.parts:
+            failures += print_training(args, n, env)
+        if "generate" in args.parts:
+            print_generation(args, n, env)
+        print("BLAS in each contender's process:")
+        for blas, names in BLAS_SEEN.items():
+            print(f"  {', '.join(sorted(set(names)))}: {blas}")
     for line in failures:
         print(line)
 
+
+def print_training(args, n, env):
+    """The training table of every preset; returns the torch.compile failures."""
+    failures = []
+    shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p)) for p in args.presets}))
+    print(f"training steps/s, batch x seq {shapes}, vocab {bench.VOCAB}, the presets' AdamW; "
+          f"median over {args.rounds} rounds of {args.steps} steps ({args.numpy_steps} for numpy)")
+    print("torch as users run it (its own process, its defaults), and '+s' with fastformer's process "
+          "settings (allocator policy, OpenBLAS spin)")
+    print(f"{'preset':8s} {'numpy':>7s} {'numba':>7s} {'eager':>7s} {'eager+s':>7s} {'compile':>7s} "
+          f"{'comp+s':>7s}  {'/numpy':>7s} {'/eager':>7s} {'/eager+s':>8s} {'/compile':>8s} {'/comp+s':>8s}")
+    for preset in args.presets:
+        r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n, env)
+        comp = [r.get(name, "not run") for name in ("torch.compile", "torch.compile" + SETTINGS)]
+        failures += [f"{preset}: torch.compile {c}" for c in comp if isinstance(c, str) and c != "not run"]
+        eager, eager_s = r["torch eager"], r["torch eager" + SETTINGS]
+        print(f"{preset:8s} {r['numpy']:7.2f} {r['numba']:7.2f} {eager:7.2f} {eager_s:7.2f} "
+              f"{cell(comp[0], 7)} {cell(comp[1], 7)}  {ratio(r['numba'], r['numpy'], 7)} "
+              f"{ratio(r['numba'], eager, 7)} {ratio(r['numba'], eager_s, 8)} {ratio(r['numba'], comp[0], 8)} "
+              f"{ratio(r['numba'], comp[1], 8)}", flush=True)
+    return failures
+
+
+def print_generation(args, n, env):
+    print(f"generation tokens/s, batch 1, greedy, {bench.GEN_NEW} new tokens after {bench.GEN_PROMPT}; "
+          f"median over {args.gen_rounds} rounds; transformers = GPT2LMHeadModel.generate(use_cache=True)")
+    print(f"{'preset':8s} {'numpy':>9s} {'numba':>9s} {'transformers':>12s}   "
+          f"{'numba/transformers':>18s} {'numpy/transformers':>18s}")
+    for preset in args.presets:
+        r = compare_generation(preset, args.gen_rounds, n, env)
+        print(f"{preset:8s} {r['numpy']:9.1f} {r['numba']:9.1f} {r['transformers']:12.1f}   "
+              f"{ratio(r['numba'], r['transformers'], 17)} {ratio(r['numpy'], r['transformers'], 17)}",
+              flush=True)
 
 if __name__ == "__main__":
     main()

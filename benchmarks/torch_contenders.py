@@ -11,11 +11,17 @@ process, in either direction.
 
 `serve` is the loop every contender, fastformer's too, answers the parent with.
 
+A contender named with the suffix " + fastformer's settings" first applies to its own process
+what fastformer applies to itself (the glibc allocator policy of
+fastformer.kernels.threads.keep_freed_memory and the short OpenBLAS spin), so that a comparison
+can tell the kernels apart from the process settings.
+
     python benchmarks/torch_contenders.py PART CONTENDER THREADS INPUTS    # started by compare_torch.py
 """
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -32,17 +38,47 @@ def time_calls(fn, n):
     return times
 
 
+def blas_in_use():
+    """The BLAS libraries this process has loaded, with the kernel set each runs, as a string:
+    threadpoolctl's view of the shared libraries, and PyTorch's own build (it links its BLAS
+    statically) when torch is imported."""
+    import threadpoolctl
+
+    parts = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture') or '?'} kernels, "
+             f"{os.path.basename(d['filepath'])})" for d in threadpoolctl.threadpool_info()
+             if d.get("user_api") == "blas"]
+    if "torch" in sys.modules:
+        import torch
+
+        config = torch.__config__.show()
+        blas = re.search(r"BLAS_INFO=(\w+)", config)
+        parts.append(f"torch: {blas.group(1) if blas else '?'} BLAS, "
+                     f"{torch.backends.cpu.get_cpu_capability()} kernels")
+    return "; ".join(parts)
+
+
+def keep_freed_memory():
+    """The allocator policy fastformer sets in its own process (fastformer.kernels.threads'
+    function of the same name, which this process cannot import): glibc serves large arrays from
+    its heap and keeps freed memory. For the "+ fastformer's settings" torch contenders only."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def serve(setup):
-    """Make the contender -- setup() returns (function to time, check) -- and say {"ready": check}
-    (or {"error": text}) on stdout; then, for each line N on stdin, time N calls and answer
-    {"times": [seconds, ...]}, until stdin closes."""
+    """Make the contender -- setup() returns (function to time, check) -- and say
+    {"ready": check, "blas": the BLAS in use} (or {"error": text}) on stdout; then, for each line
+    N on stdin, time N calls and answer {"times": [seconds, ...]}, until stdin closes."""
     try:
         fn, check = setup()
     except Exception as e:  # reported by the parent: fatal but for torch.compile
         first = str(e).splitlines()[0][:200] if str(e) else ""
         print(json.dumps({"error": f"{type(e).__name__}: {first}"}), flush=True)
         return
-    print(json.dumps({"ready": check}), flush=True)
+    print(json.dumps({"ready": check, "blas": blas_in_use()}), flush=True)
     for line in sys.stdin:
         print(json.dumps({"times": time_calls(fn, int(line))}), flush=True)
 
@@ -138,8 +174,15 @@ def generate_call(contender, inputs):
     return fn, diff
 
 
+SETTINGS = " + fastformer's settings"  # the suffix of a contender run with fastformer's process settings
+
+
 def main():
     part, contender, threads, inputs = sys.argv[1:]
+    if contender.endswith(SETTINGS):  # what fastformer.kernels.threads.configure_threads does to its process
+        contender = contender[:-len(SETTINGS)]
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")  # before any BLAS loads
+        keep_freed_memory()
     import torch
 
     torch.set_num_threads(int(threads))

@@ -103,11 +103,16 @@ def test_compare_torch_runs_every_contender_on_tiny():
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("tiny")]
     assert len(rows) == 2  # training, then generation
     train, gen = rows
-    assert all(float(v) > 0 for v in train[1:4]) and train[4] == "-"  # numpy, numba, eager; compile left out
+    # numpy, numba, eager as users run it, eager with fastformer's process settings; compile left out
+    assert all(float(v) > 0 for v in train[1:5]) and train[5:7] == ["-", "-"]
     assert all(float(v) > 0 for v in gen[1:4])  # numpy, numba, transformers
+    blas = proc.stdout.split("BLAS in each contender's process:")[1].splitlines()
+    assert any("torch eager" in line and "torch:" in line for line in blas), blas  # torch's own BLAS named
+    assert any(line.strip().startswith("numba") and "kernels" in line for line in blas), blas
 
 
-@pytest.mark.parametrize("part, contender", [("train", "torch eager"), ("generate", "transformers")])
+@pytest.mark.parametrize("part, contender", [("train", "torch eager"), ("train", "torch eager + fastformer's settings"),
+                                             ("generate", "transformers")])
 def test_torch_contenders_never_import_fastformer(tmp_path, part, contender):
     """A PyTorch contender runs from the files compare_torch writes, with fastformer unimportable."""
     pytest.importorskip("torch")
@@ -125,6 +130,7 @@ def test_torch_contenders_never_import_fastformer(tmp_path, part, contender):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ready, timed = (json.loads(line) for line in proc.stdout.splitlines())
     assert "ready" in ready, ready
+    assert "torch:" in ready["blas"] and "kernels" in ready["blas"], ready  # which BLAS and kernel set ran
     assert len(timed["times"]) == 1 and timed["times"][0] > 0
     if part == "generate":
         assert ready["ready"] < 1e-3  # transformers' prompt logits are fastformer's
