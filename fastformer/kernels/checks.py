@@ -338,3 +338,23 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start)
     if not 0 <= start < Tmax:
         raise FastformerError(f"start must lie in [0, {Tmax}): the cache holds {Tmax} positions, got {start}")
     return flat, offsets, ids, positions, shapes
+
+
+# ------------------------------------------- LM head fused with cross-entropy
+def linear_cross_entropy_inputs(h, weight, targets, ignore_index, dweight):
+    """(h2 (N, C), weight (V, C), t (N,) int64, counted (N,) bool) of
+    `linear_cross_entropy_forward`; `dweight`, when given, is checked as the (V, C) array the
+    weight's gradient is written into."""
+    h = as_float_array(h, "h")
+    weight = as_float_array(weight, "weight", h.dtype)
+    if weight.ndim != 2 or weight.shape[1] != h.shape[-1] or weight.shape[0] == 0:
+        raise FastformerError(f"weight must have shape (V >= 1, C={h.shape[-1]}) for h {h.shape}, got {weight.shape}")
+    if dweight is not None:
+        check_out(dweight, weight, "dweight")
+    targets = as_int_array(targets, "targets")
+    if not is_int(ignore_index):
+        raise FastformerError(f"ignore_index must be an integer, got {ignore_index!r}")
+    V = weight.shape[0]
+    logits = np.broadcast_to(np.zeros((), h.dtype), (*h.shape[:-1], V))  # the logits' shape, no memory
+    t, counted = check_targets(logits, targets, ignore_index)
+    return h.reshape(-1, h.shape[-1]), weight, t, counted

@@ -228,6 +228,12 @@ class NumbaOps(NumpyOps):
         loss = float(nll.sum() / n) if n else 0.0
         return loss, dlogits
 
+    def _cross_entropy_rows(self, x, t, ignore_index, inv_n):
+        """The reference's, in one parallel pass over the rows of a chunk of the fused LM head."""
+        nll = np.empty(x.shape[0], np.float64)
+        K._cross_entropy_fwd_inplace(x, np.ascontiguousarray(t), int(ignore_index), inv_n, nll)
+        return nll
+
     # --------------------------------------------------------------------- GELU
     def gelu_forward(self, x, bias=None, approximate="tanh"):
         x, bias = activation_inputs(x, bias, approximate)

@@ -16,6 +16,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from fastformer.errors import FastformerError, check_int
 from fastformer.kernels.checks import (
     activation_inputs,
     adamw_inputs,
@@ -28,6 +29,7 @@ from fastformer.kernels.checks import (
     embedding_grad_inputs,
     embedding_inputs,
     layernorm_inputs,
+    linear_cross_entropy_inputs,
     qkv_attention_inputs,
     residual_layernorm_grads,
     residual_layernorm_inputs,
@@ -35,6 +37,15 @@ from fastformer.kernels.checks import (
 )
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+HEAD_CHUNK_BYTES = 2 << 20  # logits per chunk of the fused LM head: a few L2-sized tiles, in L3
+HEAD_CHUNK_MIN_ROWS = 128  # fewer rows make dweight's GEMM (K = rows) memory-bound
+
+
+def head_chunk_rows(V, dtype):
+    """Rows per chunk of `linear_cross_entropy_forward` for a vocabulary of V: a chunk's (rows, V)
+    logits take about HEAD_CHUNK_BYTES, and never fewer than HEAD_CHUNK_MIN_ROWS rows."""
+    return max(HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_BYTES // (V * np.dtype(dtype).itemsize))
 _erf = np.frompyfunc(math.erf, 1, 1)  # exact erf, element by element (NumPy has no erf ufunc)
 
 
@@ -307,6 +318,76 @@ class NumpyOps:
         dx[np.arange(len(t)), np.where(counted, t, 0)] -= 1.0
         dx *= (counted * (float(dloss) / max(n, 1)))[:, None].astype(x.dtype)
         return dx.reshape(logits.shape)
+
+    def _cross_entropy_rows(self, x, t, ignore_index, inv_n):
+        """nll (R,) float64 of logits rows x (R, V) against t (R,), and x overwritten by the
+        gradient of the mean loss, (softmax(x) - onehot(t)) * inv_n (zero on ignored rows)."""
+        counted = t != ignore_index
+        tc = np.where(counted, t, 0)
+        rows = np.arange(len(t))
+        m = x.max(axis=-1, keepdims=True)
+        np.subtract(x, m, out=x)
+        xt = x[rows, tc]
+        np.exp(x, out=x)
+        total = x.sum(axis=-1)
+        nll = np.where(counted, np.log(total) - xt, 0.0)
+        x *= (counted * inv_n / total)[:, None].astype(x.dtype)
+        x[rows, tc] -= np.where(counted, inv_n, 0).astype(x.dtype)
+        return nll
+
+    # ------------------------------------------- LM head fused with cross-entropy
+    def linear_cross_entropy_forward(self, h, weight, targets, ignore_index=-100, grad=False, dweight=None,
+                                     chunk_rows=None):
+        """Mean cross-entropy of the LM head's logits = h @ weight.T against integer targets,
+        without an (N, V) logits array: the rows go through in chunks of `chunk_rows` (default
+        `head_chunk_rows`); one GEMM makes a chunk's logits, which become its loss and, in the
+        same place, its gradient while they are in cache, and with grad=True two more GEMMs
+        consume that gradient at once into dh and the (accumulated) dweight.
+
+        h (..., C), weight (V, C), targets (...): ignore_index and the mean over counted tokens
+        as in `cross_entropy_forward`. With grad=True the cache is (dh (..., C), dweight (V, C))
+        of the mean loss, dweight written into `dweight` when given (a gradient buffer);
+        `linear_cross_entropy_backward(dloss, cache)` returns them. With grad=False (an
+        evaluation) the cache is None. Returns (loss: float, cache).
+        """
+        h2, w, t, counted = linear_cross_entropy_inputs(h, weight, targets, ignore_index, dweight)
+        N, V = h2.shape[0], w.shape[0]
+        n = int(counted.sum())
+        inv_n = h2.dtype.type(1.0 / max(n, 1))
+        rows = head_chunk_rows(V, h2.dtype) if chunk_rows is None else check_int("chunk_rows", chunk_rows)
+        buf = np.empty((max(1, min(rows, N)), V), h2.dtype)  # (R, V): a chunk's logits, then their gradient
+        nll = np.zeros(N, np.float64)
+        if grad:
+            dh = np.empty_like(h2)  # (N, C)
+            dw = np.zeros_like(w) if dweight is None else dweight  # (V, C)
+            part = np.empty_like(w) if N > rows else None  # a later chunk's share of dweight
+            if N == 0:
+                dw[...] = 0
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            x = np.matmul(h2[s:e], w.T, out=buf[:e - s])  # logits of rows s..e
+            nll[s:e] = self._cross_entropy_rows(x, t[s:e], ignore_index, inv_n)  # x is now dlogits
+            if grad:
+                # logits = h @ w.T  ->  dh = dlogits @ w, dw = sum over the chunks of dlogits^T @ h
+                np.matmul(x, w, out=dh[s:e])
+                np.matmul(x.T, h2[s:e], out=dw if s == 0 else part)
+                if s:
+                    dw += part
+        loss = float(nll.sum() / n) if n else 0.0
+        return loss, ((dh.reshape(h.shape), dw) if grad else None)
+
+    def linear_cross_entropy_backward(self, dloss, cache):
+        """Returns (dh, dweight) of `linear_cross_entropy_forward(..., grad=True)` scaled by
+        dloss: the forward's arrays themselves when dloss is 1."""
+        # forward: loss = sum_counted (lse(h @ w.T) - (h @ w.T)[target]) / n
+        if cache is None:
+            raise FastformerError("linear_cross_entropy_backward needs the cache of a forward with grad=True")
+        dh, dw = cache
+        dloss = float(dloss)
+        if dloss != 1.0:
+            dh *= dh.dtype.type(dloss)
+            dw *= dw.dtype.type(dloss)
+        return dh, dw
 
     # --------------------------------------------------------------------- GELU
     def gelu_forward(self, x, bias=None, approximate="tanh"):

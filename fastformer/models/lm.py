@@ -105,21 +105,22 @@ class TransformerLM(FlatModel):
         return pos.reshape(shape)
 
     # --------------------------------------------------------------- forward
-    def _forward(self, ids, kpm, train, positions=None, cache=None, logits_out=None):
-        """Logits (B, T, V) and the caches the backward needs. `positions` (B, T) default to
-        0..T-1; with a KVCache the tokens extend the cached sequence (inference only)."""
+    def _forward(self, ids, kpm, train, positions=None, cache=None):
+        """The final hidden states h (B, T, C), before the head, and the caches the backward
+        needs. `positions` (B, T) default to 0..T-1; with a KVCache the tokens extend the cached
+        sequence (inference only)."""
         drop = self.config.dropout if train else 0.0
         x, emb_c = self.embed.forward(self.params, ids, positions, drop=drop, rng=self.rng)  # (B, T, C)
         h, stack_c = self.stack.forward(self.params, x, Context(kpm=kpm, cache=cache), drop, self.rng)
-        logits, head_c = self.head.forward(self.params, h, out=logits_out)  # (B, T, V)
-        return logits, (emb_c, stack_c, head_c)
+        return h, (emb_c, stack_c)
 
     def forward(self, ids, attention_mask=None, position_ids=None):
         """Logits (B, T, V) for integer ids (B, T) -- or (T, V) for ids (T,) -- in inference
         mode (no dropout). `attention_mask` (like ids) is 1 for tokens and 0 for padding;
         padding keys are never attended to. `position_ids` (like ids) default to 0..T-1."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
-        logits, _ = self._forward(ids2, kpm, train=False, positions=self._check_positions(position_ids, ids2.shape))
+        h, _ = self._forward(ids2, kpm, train=False, positions=self._check_positions(position_ids, ids2.shape))
+        logits = self.head.forward(self.params, h)  # (B, T, V)
         return logits if np.ndim(ids) == 2 else logits[0]
 
     __call__ = forward
@@ -128,10 +129,8 @@ class TransformerLM(FlatModel):
         """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = check_targets(targets, ids2.shape, "ids")
-        logits = self._scratch_array("logits", (*ids2.shape, self.config.vocab_size))
-        self._forward(ids2, kpm, train=False, logits_out=logits)
-        loss, _ = get_ops().cross_entropy_forward(logits, targets, out=logits)
-        return loss
+        h, _ = self._forward(ids2, kpm, train=False)
+        return self.head.loss(self.params, h, targets)
 
     # -------------------------------------------------------------- backward
     def loss_and_grads(self, ids, targets, attention_mask=None):
@@ -141,14 +140,11 @@ class TransformerLM(FlatModel):
         Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
         shaped like `state_dict()`, and are overwritten by the next call.
         """
-        ops, G = get_ops(), self.grads
+        G = self.grads
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = check_targets(targets, ids2.shape, "ids")
-        logits = self._scratch_array("logits", (*ids2.shape, self.config.vocab_size))
-        _, (emb_c, stack_c, head_c) = self._forward(ids2, kpm, train=True, logits_out=logits)
-        loss, ce_c = ops.cross_entropy_forward(logits, targets, out=logits)  # the gradient overwrites the logits
-        dlogits = ops.cross_entropy_backward(1.0, ce_c)  # (B, T, V), the logits' buffer
-        dh = self.head.backward(G, dlogits, head_c)  # (B, T, C)
+        h, (emb_c, stack_c) = self._forward(ids2, kpm, train=True)  # (B, T, C)
+        loss, dh = self.head.loss_and_grads(G, self.params, h, targets)  # no (B, T, V) logits are made
         dx, _ = self.stack.backward(G, dh, stack_c)
         self.embed.backward(G, dx, emb_c, zero_tok=self.head.own)
         return loss, self.grads
@@ -190,7 +186,8 @@ class TransformerLM(FlatModel):
         state.tokens[:, n:n + T] = tokens
         state.padding[:, n:n + T] = False if kpm is None else kpm
         if T > 1:  # a prompt: the composed forward, whose matrix products batch over its tokens
-            logits, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
+            h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
+            logits = self.head.forward(self.params, h)
         else:  # one token a row: the whole model in one fused kernel call
             logits = get_ops().gpt2_decode_step(self.packed_weights(), tokens[:, 0], positions[:, 0], state.k,
                                                 state.v, state.padding, n)[:, None]
@@ -212,8 +209,8 @@ class TransformerLM(FlatModel):
         T = ids.shape[1]
         state.tokens[:, :T], state.padding[:, :T], state.length = ids, pad, T
         positions = _positions(~pad, np.zeros(ids.shape[0], np.int64))
-        logits, _ = self._forward(ids, pad if pad.any() else None, train=False, positions=positions)
-        return logits[:, -tokens.shape[1]:]
+        h, _ = self._forward(ids, pad if pad.any() else None, train=False, positions=positions)
+        return self.head.forward(self.params, h[:, -tokens.shape[1]:])
 
     def decode_layout(self):
         """The parameter names in the order of the fused decoding kernel's offsets table: per

@@ -23,7 +23,6 @@ import math
 import numpy as np
 
 from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
-from fastformer.kernels import get_ops
 from fastformer.models.config import Seq2SeqConfig
 from fastformer.nn.blocks import (
     Context,
@@ -154,23 +153,23 @@ class Seq2SeqTransformer(FlatModel):
         memory, enc_c = self.encoder.forward(self.params, x, Context(kpm=src_kpm), drop, self.rng)  # (B, S, C)
         return memory, (src_c, enc_c)
 
-    def _forward(self, src, src_kpm, tgt, tgt_kpm, train, logits_out=None):
-        """Logits (B, T, V) and the caches the backward needs."""
+    def _forward(self, src, src_kpm, tgt, tgt_kpm, train):
+        """The decoder's final hidden states h (B, T, C), before the head, and the caches the
+        backward needs."""
         drop = self.config.dropout if train else 0.0
         memory, enc_caches = self._encode(src, src_kpm, train)
         y, tgt_c = self.tgt_embed.forward(self.params, tgt, table=self.pos_table, drop=drop, rng=self.rng)
         ctx = Context(kpm=tgt_kpm, memory=memory, memory_kpm=src_kpm)
-        h, dec_c = self.decoder.forward(self.params, y, ctx, drop, self.rng)
-        logits, head_c = self.head.forward(self.params, h, out=logits_out)  # (B, T, V)
-        return logits, (enc_caches, tgt_c, dec_c, head_c)
+        h, dec_c = self.decoder.forward(self.params, y, ctx, drop, self.rng)  # (B, T, C)
+        return h, (enc_caches, tgt_c, dec_c)
 
     def forward(self, src_ids, src_mask, tgt_in, tgt_mask):
         """Logits (B, T, V_t) of the next target token at every decoder position, in inference
         mode (no dropout). src_ids (B, S), tgt_in (B, T) (starting with <bos>); the masks, like
         their ids, are 1 for tokens and 0 for padding (or None)."""
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
-        logits, _ = self._forward(src, src_kpm, tgt, tgt_kpm, train=False)
-        return logits
+        h, _ = self._forward(src, src_kpm, tgt, tgt_kpm, train=False)
+        return self.head.forward(self.params, h)  # (B, T, V)
 
     __call__ = forward
 
@@ -178,9 +177,8 @@ class Seq2SeqTransformer(FlatModel):
         """Mean cross-entropy over targets != -100, in inference mode; no gradients."""
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
         targets = check_targets(targets, tgt.shape, "tgt_in")
-        logits = self._scratch_array("logits", (*tgt.shape, self.config.tgt_vocab_size))
-        self._forward(src, src_kpm, tgt, tgt_kpm, train=False, logits_out=logits)
-        return get_ops().cross_entropy_forward(logits, targets, out=logits)[0]
+        h, _ = self._forward(src, src_kpm, tgt, tgt_kpm, train=False)
+        return self.head.loss(self.params, h, targets)
 
     # -------------------------------------------------------------- backward
     def loss_and_grads(self, src_ids, src_mask, tgt_in, tgt_mask, targets):
@@ -191,14 +189,11 @@ class Seq2SeqTransformer(FlatModel):
         Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
         shaped like `state_dict()`, and are overwritten by the next call.
         """
-        ops, G = get_ops(), self.grads
+        G = self.grads
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
         targets = check_targets(targets, tgt.shape, "tgt_in")
-        logits = self._scratch_array("logits", (*tgt.shape, self.config.tgt_vocab_size))
-        _, ((src_c, enc_c), tgt_c, dec_c, head_c) = self._forward(src, src_kpm, tgt, tgt_kpm, True, logits)
-        loss, ce_c = ops.cross_entropy_forward(logits, targets, out=logits)  # the gradient overwrites the logits
-        dlogits = ops.cross_entropy_backward(1.0, ce_c)  # (B, T, V)
-        dh = self.head.backward(G, dlogits, head_c)  # (B, T, C)
+        h, ((src_c, enc_c), tgt_c, dec_c) = self._forward(src, src_kpm, tgt, tgt_kpm, True)  # (B, T, C)
+        loss, dh = self.head.loss_and_grads(G, self.params, h, targets)  # no (B, T, V) logits are made
         dy, dmemory = self.decoder.backward(G, dh, dec_c)
         self.tgt_embed.backward(G, dy, tgt_c, zero_tok=self.head.own)
         dx, _ = self.encoder.backward(G, dmemory, enc_c)
@@ -257,4 +252,4 @@ class Seq2SeqTransformer(FlatModel):
         state.tokens[:, n:n + T] = tokens
         state.length += T
         state.next_position += T
-        return self.head.forward(self.params, h)[0]  # (N, T, V)
+        return self.head.forward(self.params, h)  # (N, T, V)

@@ -388,7 +388,9 @@ class Stack:
 # ----------------------------------------------------------------- output head
 @dataclass(frozen=True)
 class OutputHead:
-    """logits = h @ W.T with W (V, C): the token embedding when tied, else its own weight."""
+    """logits = h @ W.T with W (V, C): the token embedding when tied, else its own weight.
+    Training and evaluation never make the logits: `loss` and `loss_and_grads` run the head and
+    the cross-entropy together over row chunks (ops.linear_cross_entropy_forward)."""
 
     weight: str
     V: int
@@ -399,14 +401,16 @@ class OutputHead:
         return {self.weight: (self.V, self.C)} if self.own else {}
 
     def forward(self, P, h, out=None):
-        """h (B, T, C) -> (logits (B, T, V), cache); `out` (B, T, V) receives the logits."""
-        return linear_forward(h, P[self.weight].T, out=out)
+        """h (B, T, C) -> logits (B, T, V), for inference; `out` (B, T, V) receives them."""
+        return linear_forward(h, P[self.weight].T, out=out)[0]
 
-    def backward(self, G, dlogits, cache):
-        """Writes (untied) or overwrites (tied: the embedding's backward adds to it) G[weight];
-        returns dh (B, T, C)."""
-        # logits = h @ W.T  ->  dW = dlogits^T @ h, dh = dlogits @ W
-        h2, wt = cache
-        d2 = dlogits.reshape(-1, self.V)  # (B*T, V)
-        np.matmul(d2.T, h2, out=G[self.weight])
-        return np.matmul(d2, wt.T).reshape(*dlogits.shape[:-1], self.C)
+    def loss(self, P, h, targets):
+        """Mean cross-entropy of the logits of h (B, T, C) against targets (B, T) (-100 ignored)."""
+        return get_ops().linear_cross_entropy_forward(h, P[self.weight], targets)[0]
+
+    def loss_and_grads(self, G, P, h, targets):
+        """(loss, dh (B, T, C)) of `loss`; writes (untied) or overwrites (tied: the embedding's
+        backward adds to it) G[weight]."""
+        loss, cache = get_ops().linear_cross_entropy_forward(h, P[self.weight], targets, grad=True,
+                                                             dweight=G[self.weight])
+        return loss, cache[0]

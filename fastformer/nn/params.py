@@ -86,7 +86,6 @@ class FlatModel:
         self.params, self.grads = self.flat.params, self.flat.grads
         init_rng, self.rng = seeds.model_streams(seed)
         self._init_weights(init_rng)
-        self._scratch = {}  # name -> array kept across calls (see `_scratch_array`)
 
     def state_dict(self):
         """{name: array} of every parameter (views of the live weights)."""
@@ -98,12 +97,3 @@ class FlatModel:
 
     def num_parameters(self):
         return self.flat.size
-
-    def _scratch_array(self, name, shape):
-        """An array of the model's dtype kept across calls (in `self._scratch`) and made anew
-        only when `shape` changes, for a step's (B, T, V) logits: the largest array of a step,
-        written and read once, never handed to the caller."""
-        a = self._scratch.get(name)
-        if a is None or a.shape != shape:
-            a = self._scratch[name] = np.empty(shape, self.flat.dtype)
-        return a

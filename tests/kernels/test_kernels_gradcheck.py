@@ -89,6 +89,19 @@ def test_cross_entropy_backward(ops, ignored):
         assert loss == 0.0 and not dlogits.any()
 
 
+@pytest.mark.parametrize("ignored, chunk", [(0, None), (2, 2), (6, 4)])
+def test_linear_cross_entropy_backward(ops, ignored, chunk):
+    rng = np.random.default_rng(5)
+    h, w = rng.normal(size=(2, 3, 4)), rng.normal(size=(5, 4))
+    targets = rng.integers(0, 5, size=(2, 3))
+    targets.reshape(-1)[:ignored] = -100
+    f = lambda: ops.linear_cross_entropy_forward(h, w, targets, chunk_rows=chunk)[0]  # noqa: E731
+    _, cache = ops.linear_cross_entropy_forward(h, w, targets, grad=True, chunk_rows=chunk)
+    dh, dw = ops.linear_cross_entropy_backward(1.0, cache)
+    check(dh, numerical_grad(f, h))
+    check(dw, numerical_grad(f, w))
+
+
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gelu_backward(ops, approximate, with_bias):

@@ -11,6 +11,7 @@ backend must never produce NaN where the reference has none.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,12 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastformer.errors import FastformerError
+
 TOL64 = dict(rtol=1e-10, atol=1e-12)
 TOL32 = {  # (rtol, atol) per kernel for float32
     "softmax": dict(rtol=1e-5, atol=1e-7),
     "layernorm": dict(rtol=1e-4, atol=1e-4),  # rows offset by 30: float32 spacing there is 2e-6, times rstd
     "attention": dict(rtol=1e-4, atol=2e-5),
     "cross_entropy": dict(rtol=1e-5, atol=1e-7),
+    "linear_cross_entropy": dict(rtol=1e-4, atol=1e-6),  # dh, dweight: GEMMs over the chunk's dlogits
     "gelu": dict(rtol=1e-5, atol=1e-5),  # float32 gelu' differs by a few ulp (another tanh formula), summed in dbias
     "relu": dict(rtol=1e-5, atol=1e-4),  # dbias: up to 300 float32 rows summed in another order
     "embedding": dict(rtol=1e-6, atol=1e-7),
@@ -46,6 +50,67 @@ def close(actual, expected, kernel, dtype):
 
 def normal(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ------------------------------------------- LM head fused with cross-entropy
+@PROPERTY
+@given(N=st.integers(1, 40), C=st.integers(1, 9), V=st.integers(1, 60), chunk=st.sampled_from([None, 1, 7, 64]),
+       scale=st.sampled_from([1e-2, 1.0, 30.0]), ignored=st.sampled_from(["none", "some", "all"]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_linear_cross_entropy(ops, ref, N, C, V, chunk, scale, ignored, seed, dtype):
+    """The fused head + cross-entropy, in chunks of any size, against the two unfused reference
+    kernels on the (N, V) logits: loss, dh = dlogits @ w and dweight = dlogits^T @ h."""
+    rng = np.random.default_rng(seed)
+    h, w = normal(rng, (N, C), dtype, scale), normal(rng, (V, C), dtype)
+    targets = rng.integers(0, V, size=N)
+    if ignored == "some":
+        targets[rng.random(N) < 0.5] = -100
+    elif ignored == "all":
+        targets[:] = -100
+    logits = h @ w.T
+    loss_ref, cache_ref = ref.cross_entropy_forward(logits, targets)
+    dlogits = ref.cross_entropy_backward(1.0, cache_ref)
+    loss, cache = ops.linear_cross_entropy_forward(h, w, targets, grad=True, chunk_rows=chunk)
+    assert ops.linear_cross_entropy_forward(h, w, targets, chunk_rows=chunk) == (loss, None)  # loss only
+    close(loss, loss_ref, "cross_entropy", dtype)
+    dh, dw = ops.linear_cross_entropy_backward(1.0, cache)
+    close(dh, dlogits @ w, "linear_cross_entropy", dtype)
+    close(dw, dlogits.T @ h, "linear_cross_entropy", dtype)
+    if ignored == "all":
+        assert loss == 0.0 and not dh.any() and not dw.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_cross_entropy_writes_dweight_and_scales(ops, dtype):
+    """dweight lands in the given buffer (whatever it held: it is overwritten), the (B, T, C)
+    shape of h comes back on dh, and a dloss other than 1 scales both gradients."""
+    rng = np.random.default_rng(0)
+    h, w = normal(rng, (2, 150, 5), dtype), normal(rng, (11, 5), dtype)
+    targets = rng.integers(0, 11, size=(2, 150))
+    buf = np.full_like(w, 7.0)
+    _, cache = ops.linear_cross_entropy_forward(h, w, targets, grad=True, dweight=buf, chunk_rows=128)
+    dh, dw = cache
+    assert dw is buf and dh.shape == h.shape
+    _, (dh1, dw1) = ops.linear_cross_entropy_forward(h, w, targets, grad=True, chunk_rows=300)  # one chunk
+    close(dw, dw1, "linear_cross_entropy", dtype)
+    close(dh, dh1, "linear_cross_entropy", dtype)
+    dh2, dw2 = ops.linear_cross_entropy_backward(0.5, (dh1.copy(), dw1.copy()))
+    close(dh2, 0.5 * dh1, "linear_cross_entropy", dtype)
+    close(dw2, 0.5 * dw1, "linear_cross_entropy", dtype)
+
+
+def test_linear_cross_entropy_refuses_bad_inputs(ops):
+    h, w, t = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), np.array([0, 1, -100])
+    for args, kw, says in [((h, np.ones((5, 3), np.float32), t), {}, "weight must have shape"),
+                           ((h, w.astype(np.float64), t), {}, "weight must have dtype float32"),
+                           ((h, w, np.array([0, 5, 1])), {}, "targets must lie in [0, 5)"),
+                           ((h, w, t[:2]), {}, "targets must have shape"),
+                           ((h, w, t), dict(grad=True, dweight=np.ones((4, 5), np.float32)), "dweight must be"),
+                           ((h, w, t), dict(chunk_rows=0), "chunk_rows must be an integer >= 1")]:
+        with pytest.raises(FastformerError, match=re.escape(says)):
+            ops.linear_cross_entropy_forward(*args, **kw)
+    with pytest.raises(FastformerError, match="grad=True"):
+        ops.linear_cross_entropy_backward(1.0, None)
 
 
 # ---------------------------------------------------------------- softmax

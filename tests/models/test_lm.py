@@ -53,9 +53,9 @@ def test_loss_and_grads_is_repeatable_and_overwrites_grads(backend):
     np.testing.assert_array_equal(model.flat.grad, g1)  # overwritten, not accumulated
 
 
-def test_logits_buffer_kept_across_steps_is_never_handed_out(backend):
-    """loss_and_grads and loss reuse one logits buffer; shapes may change between calls; the
-    arrays forward() returns are the caller's own and no later call writes over them."""
+def test_calls_are_independent_and_forward_logits_are_the_callers(backend):
+    """Shapes may change between calls, a call's results never depend on the calls before, and
+    the arrays forward() returns are the caller's own: no later call writes over them."""
     rng = np.random.default_rng(3)
     model, fresh = TransformerLM(LMConfig(**TINY), seed=0), TransformerLM(LMConfig(**TINY), seed=0)
     ids, targets = _batch(rng)
@@ -70,7 +70,31 @@ def test_logits_buffer_kept_across_steps_is_never_handed_out(backend):
         assert model.loss(ids, targets) == fresh.loss(ids, targets)
         assert model.forward(ids) is not model.forward(ids)
     np.testing.assert_array_equal(logits, kept)
-    assert not any(np.may_share_memory(logits, a) for a in model._scratch.values())
+
+
+def test_training_and_loss_never_make_the_logits(backend):
+    """The LM head runs fused with the cross-entropy over row chunks: neither loss_and_grads nor
+    loss allocates anything near the (B, T, V) logits (traced by tracemalloc, which sees NumPy's
+    allocations), while forward() does return them."""
+    import tracemalloc
+
+    cfg = LMConfig(vocab_size=8192, max_seq_len=64, d_model=16, n_heads=2, d_ff=32, n_layers=1)
+    model = TransformerLM(cfg, seed=0)
+    ids, targets = _batch(np.random.default_rng(0), 8, 64, V=8192)
+    logits_bytes = 8 * 64 * 8192 * 4  # 16 MiB in float32
+    model.loss_and_grads(ids, targets)  # compiles, warms up
+
+    def traced_peak(fn):
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert traced_peak(lambda: model.forward(ids)) >= logits_bytes  # the tracer sees the logits when made
+    for peak in (traced_peak(lambda: model.loss_and_grads(ids, targets)), traced_peak(lambda: model.loss(ids, targets))):
+        assert peak < logits_bytes / 3, f"{peak / 2**20:.1f} MiB traced"
 
 
 def test_linear_forward_writes_into_out():

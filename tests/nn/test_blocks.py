@@ -136,15 +136,24 @@ def test_stack_with_cross_attention(backend, norm_first):
 
 
 def test_output_head(backend):
+    """The head's fused loss and gradients (its weight and h), and its loss equals the
+    cross-entropy of its inference logits."""
     head = OutputHead("head", V, C, own=True)
     flat = params_for(head)
-    h, w = projection((B, T, C), 2), projection((B, T, V))
+    h = projection((B, T, C), 2)
+    targets = np.random.default_rng(3).integers(0, V, size=(B, T))
+    targets[0, 1] = -100
 
     def run():
-        logits, cache = head.forward(flat.params, h)
-        return (logits * w).sum(), [head.backward(flat.grads, w, cache)]
+        loss, dh = head.loss_and_grads(flat.grads, flat.params, h, targets)
+        return loss, [dh]
 
     check(flat, run, [h])
+    logits = head.forward(flat.params, h)
+    lse = np.log(np.exp(logits).sum(-1))
+    kept = targets != -100
+    expected = (lse - np.take_along_axis(logits, np.where(kept, targets, 0)[..., None], -1)[..., 0])[kept].mean()
+    np.testing.assert_allclose(head.loss(flat.params, h, targets), expected, rtol=1e-12)
 
 
 def test_cached_self_attention_equals_full(backend):

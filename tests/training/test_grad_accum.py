@@ -199,7 +199,6 @@ def test_each_forward_backward_runs_on_batch_size_over_k_rows(tmp_path, kind, mo
     trainer.train()
     B = config.train.batch_size
     assert rows == [B // 4] * 8  # 2 steps of 4 micro-batches
-    assert trainer.model._scratch["logits"].shape[0] == B // 4  # the step's largest array, a quarter the size
 
 
 @pytest.mark.parametrize("kind", ["lm", "seq2seq"])
