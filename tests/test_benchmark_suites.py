@@ -92,6 +92,23 @@ def test_bench_command_reports_every_figure(capsys):
         assert f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" in lines[-1]
 
 
+def test_bench_command_takes_the_batch_shape(capsys):
+    """--batch and --seq-len replace the preset's shape; a sequence longer than the preset's
+    context gets positions of its own; bad values are refused by name."""
+    from fastformer import cli, use_backend
+
+    with use_backend("numpy"):
+        cli.main(["bench", "--preset", "tiny", "--backend", "numpy", "--steps", "1", "--json", "--batch", "2",
+                  "--seq-len", str(2 * TINY.model.max_seq_len)])
+    r = json.loads(capsys.readouterr().out)
+    assert (r["batch"], r["seq_len"]) == (2, 2 * TINY.model.max_seq_len)
+    assert r["config"]["max_seq_len"] == 2 * TINY.model.max_seq_len
+    assert r["tokens_per_s"] == pytest.approx(2 * r["seq_len"] * r["steps_per_s"])
+    with use_backend("numpy"):
+        assert cli.main(["bench", "--preset", "tiny", "--backend", "numpy", "--batch", "0"]) == 2
+    assert "batch must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_compare_torch_runs_every_contender_on_tiny():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

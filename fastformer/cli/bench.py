@@ -39,15 +39,19 @@ VOCAB = 4096  # the benchmarks' vocabulary: the LM head of a model with a BPE to
 GEN_PROMPT, GEN_NEW = 16, 128  # generation benchmark: batch 1, greedy, new tokens after a prompt
 
 
-def preset_config(name, vocab_size=VOCAB):
-    """The LMConfig of the preset `name` (fastformer.training.config), with `vocab_size` ids."""
-    return dataclasses.replace(preset(name).model, vocab_size=vocab_size)
+def preset_config(name, vocab_size=VOCAB, seq_len=None):
+    """The LMConfig of the preset `name` (fastformer.training.config), with `vocab_size` ids and
+    room for `seq_len` positions when that is longer than the preset's."""
+    cfg = preset(name).model
+    return dataclasses.replace(cfg, vocab_size=vocab_size, max_seq_len=max(cfg.max_seq_len, seq_len or 0))
 
 
-def batch_shape(name):
-    """(B, T) of a training step of the preset `name`: its train.batch_size and train.seq_len."""
+def batch_shape(name, batch=None, seq_len=None):
+    """(B, T) of a training step of the preset `name`: its train.batch_size and train.seq_len,
+    or the `batch` and `seq_len` given instead."""
     t = preset(name).train
-    return t.batch_size, t.seq_len
+    return (t.batch_size if batch is None else check_int("batch", batch),
+            t.seq_len if seq_len is None else check_int("seq_len", seq_len))
 
 
 def make_optimizer(model, name):
@@ -78,10 +82,10 @@ def gemm_peak_gflops(n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
-def synthetic_batch(name, seed=0):
+def synthetic_batch(name, seed=0, batch=None, seq_len=None):
     """A fixed batch of random ids of the preset `name` and its next-token targets, each
     (B, T) int64 (batch_shape), ids below VOCAB."""
-    B, T = batch_shape(name)
+    B, T = batch_shape(name, batch, seq_len)
     ids = seeds.bench_stream(seed).integers(0, VOCAB, size=(B, T + 1))
     return ids[:, :-1], ids[:, 1:]
 
@@ -97,21 +101,23 @@ class TrainSetup(NamedTuple):
     targets: np.ndarray  # (B, T)
 
 
-def train_setup(name, seed=0):
+def train_setup(name, seed=0, batch=None, seq_len=None):
     """The TrainSetup of the preset `name`: its model (preset_config, weights from `seed`), its
-    AdamW (make_optimizer) and the synthetic batch (synthetic_batch)."""
-    model = TransformerLM(preset_config(name), seed=seed)
+    AdamW (make_optimizer) and the synthetic batch (synthetic_batch), of the preset's shape or
+    of `batch` rows of `seq_len` tokens."""
+    model = TransformerLM(preset_config(name, seq_len=seq_len), seed=seed)
     optimizer, lr = make_optimizer(model, name)
-    return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed))
+    return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed, batch, seq_len))
 
 
-def make_train_step(preset, backend=None, seed=0):
+def make_train_step(preset, backend=None, seed=0, batch=None, seq_len=None):
     """(model, step) for one preset: `step()` runs one training step -- forward, backward and
-    AdamW -- on a fixed synthetic batch with `backend` (default: the current one) and returns
-    the loss. Nothing is run yet: call `step()` once to warm up (load or compile the kernels)."""
+    AdamW -- on a fixed synthetic batch (the preset's shape, or `batch` x `seq_len`) with
+    `backend` (default: the current one) and returns the loss. Nothing is run yet: call
+    `step()` once to warm up (load or compile the kernels)."""
     backend = backend or get_backend()
     with use_backend(backend):
-        s = train_setup(preset, seed)
+        s = train_setup(preset, seed, batch, seq_len)
 
     def step():
         with use_backend(backend):
@@ -247,16 +253,17 @@ def make_kernel_call(op, preset, backend=None, seed=0):
     return call
 
 
-def run(preset, backend=None, steps=10, warmup=2, seed=0):
-    """Time `steps` training steps of `preset`; returns a dict of the figures."""
+def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=None):
+    """Time `steps` training steps of `preset` (on `batch` rows of `seq_len` tokens when given);
+    returns a dict of the figures."""
     check_int("steps", steps)
     check_int("warmup", warmup)
     t_start = time.perf_counter()
     if backend is not None:
         set_backend(backend)
     ops = get_ops()
-    model, step = make_train_step(preset, seed=seed)
-    cfg, (B, T) = model.config, batch_shape(preset)
+    model, step = make_train_step(preset, seed=seed, batch=batch, seq_len=seq_len)
+    cfg, (B, T) = model.config, batch_shape(preset, batch, seq_len)
 
     step()
     first_step_s = time.perf_counter() - t_start  # backend load (or compile) + model + one step
@@ -314,5 +321,5 @@ def cpu_line(info):
 
 
 def main(args):
-    r = run(args.preset, backend=args.backend, steps=args.steps)
+    r = run(args.preset, backend=args.backend, steps=args.steps, batch=args.batch, seq_len=args.seq_len)
     print(json.dumps(r) if args.json else format_report(r))

@@ -509,6 +509,9 @@ def build_parser():
     p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--backend", choices=["auto", "numpy", "numba"], default=None)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's batch size)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (default: the preset's; longer ones get positions of their own)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
     return parser

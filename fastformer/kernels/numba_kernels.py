@@ -115,6 +115,7 @@ def sized(kernel, work):
     return _SERIAL.get(kernel.__name__, kernel) if work < SMALL_WORK else kernel
 
 
+
 _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 
 
@@ -490,6 +491,79 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
             for d in range(hs):
                 dk[b, h, j, d] = dkt[d, j]
                 dv[b, h, j, d] = dvt[d, j]
+
+
+# ------------------------------------------- attention on BLAS tiles: the block steps
+# The elementwise steps of NumpyOps._attention_tiled and its backward, whose block products are
+# GEMMs between these calls. They run without threads of their own: the backend runs one head
+# per thread, each thread's GEMMs on one BLAS thread, because a parallel region per block step
+# would hand the cores back and forth between two thread pools a hundred times per head.
+# A row at key position `row0 + r` sees the block's keys j < row0 + r + 1 - c0 (row0 = S: every
+# key), less the padded ones.
+
+@_inline
+def _keys_seen(row0, r, c0, n):
+    return max(0, min(n, row0 + r + 1 - c0))
+
+
+@_kernel("void(F[:, ::1], F[::1], F[::1], F[:, ::1], int64, int64, boolean[::1], boolean)", parallel=False)
+def _flash_softmax_block(sc, m, total, acc, row0, c0, mask, has_mask):
+    """One key block of the online softmax (NumpyOps._flash_softmax_block)."""
+    R, n = sc.shape
+    hs = acc.shape[1]
+    F = sc.dtype.type
+    for r in range(R):
+        row = sc[r]
+        last = _keys_seen(row0, r, c0, n)
+        if has_mask:
+            for j in range(last):
+                if mask[c0 + j]:
+                    row[j] = F(-np.inf)
+        new = max(m[r], _row_max(row, last))
+        if new == F(-np.inf):  # no key seen yet: m stays -inf, total and acc 0
+            last = 0
+        t = F(0.0)
+        for j in range(last):
+            e = _exp(row[j] - new)
+            row[j] = e
+            t += e
+        for j in range(last, n):
+            row[j] = F(0.0)
+        if last > 0:
+            alpha = _exp(m[r] - new)  # 0 while m = -inf
+            total[r] = total[r] * alpha + t
+            for d in range(hs):
+                acc[r, d] *= alpha
+            m[r] = new
+
+
+@_kernel("void(F[:, ::1], F[::1], int64, int64, boolean[::1], boolean)", parallel=False)
+def _flash_probs_block(sc, lse, row0, c0, mask, has_mask):
+    """Scores -> p = exp(score - lse) in place (NumpyOps._flash_probs_block)."""
+    R, n = sc.shape
+    F = sc.dtype.type
+    for r in range(R):
+        row = sc[r]
+        L = lse[r]
+        last = _keys_seen(row0, r, c0, n) if L != F(-np.inf) else 0
+        for j in range(last):  # no branch inside: the loop vectorises
+            row[j] = _exp(row[j] - L)
+        if has_mask:
+            for j in range(last):
+                if mask[c0 + j]:
+                    row[j] = F(0.0)
+        for j in range(last, n):
+            row[j] = F(0.0)
+
+
+@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F)", parallel=False)
+def _flash_dscores_block(p, dp, D, scale):
+    """dp -> ds = p * (dp - D) * scale in place."""
+    R, n = p.shape
+    for r in range(R):
+        Dr = D[r]
+        for j in range(n):
+            dp[r, j] = p[r, j] * (dp[r, j] - Dr) * scale
 
 
 # --------------------------------------------------------------- cross-entropy

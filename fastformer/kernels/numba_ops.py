@@ -10,6 +10,7 @@ backward accepts the other's forward cache for layernorm and attention.
 Importing this module raises ImportError when Numba is not installed.
 """
 
+import concurrent.futures
 from collections import namedtuple
 
 import numpy as np
@@ -31,10 +32,15 @@ from fastformer.kernels.checks import (
     softmax_inputs,
 )
 from fastformer.kernels.numpy_ops import NumpyOps, write_kv_cache
-from fastformer.kernels.threads import configure_threads
+from fastformer.kernels.threads import blas_threads, configure_threads, configured_threads
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
 from fastformer.kernels import numba_kernels as K  # noqa: E402
+
+# Query rows from which attention runs on BLAS tiles (NumpyOps._attention_tiled) instead of the
+# row kernels: the crossover measured by benchmarks/attention_crossover.py.
+ATTENTION_TILED_FROM = 1024
+_head_pool = None  # the threads of NumbaOps._run_heads, made at the first tiled attention
 
 ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at the end
 
@@ -167,11 +173,12 @@ class NumbaOps(NumpyOps):
     def _attention(self, q, k, v, causal, key_padding_mask, scale, out):
         """Run the forward kernel into `out` (B, H, T, hs); returns lse (B, H, T)."""
         B, H, T, hs = q.shape
-        lse = np.empty((B, H, T), q.dtype)
         if q.size == 0 or k.shape[2] == 0:
             out[...] = 0.0
-            lse[...] = -np.inf
-            return lse
+            return np.full((B, H, T), -np.inf, q.dtype)
+        if T >= ATTENTION_TILED_FROM:
+            return self._attention_tiled(q, k, v, causal, key_padding_mask, scale, out)
+        lse = np.empty((B, H, T), q.dtype)
         kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, k.shape[2]), bool)
         K.sized(K._attention_fwd, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
                                                    bool(causal), q.dtype.type(scale), out, lse)
@@ -201,10 +208,35 @@ class NumbaOps(NumpyOps):
             dk[...] = 0.0
             dv[...] = 0.0
             return
+        if q.shape[2] >= ATTENTION_TILED_FROM:
+            return self._attention_tiled_grads(dout, cache, dq, dk, dv)
         B, S = q.shape[0], k.shape[2]
         kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, S), bool)
         K._attention_bwd(q, k, v, out, dout, np.ascontiguousarray(lse), np.ascontiguousarray(kpm),
                          key_padding_mask is not None, bool(causal), q.dtype.type(scale), dq, dk, dv)
+
+    def _run_heads(self, tasks):
+        """The heads of a tiled attention side by side, one per thread of a pool of the
+        configured thread count, each on one BLAS thread with the serial block kernels (numba
+        kernels and NumPy's GEMMs release the GIL)."""
+        threads = min(len(tasks), configured_threads() or 1)
+        if threads < 2:
+            return super()._run_heads(tasks)
+        global _head_pool
+        if _head_pool is None or _head_pool._max_workers != threads:
+            _head_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-heads")
+        with blas_threads(1):
+            for f in [_head_pool.submit(fn, *args) for fn, args in tasks]:
+                f.result()
+
+    def _flash_softmax_block(self, sc, m, total, acc, row0, c0, mask):
+        K._flash_softmax_block(sc, m, total, acc, row0, c0, mask, bool(mask.any()))
+
+    def _flash_probs_block(self, sc, lse, row0, c0, mask):
+        K._flash_probs_block(sc, np.ascontiguousarray(lse), row0, c0, mask, bool(mask.any()))
+
+    def _flash_dscores_block(self, p, dp, D, scale):
+        K._flash_dscores_block(p, dp, np.ascontiguousarray(D), scale)
 
     # ------------------------------------------------------------ cross-entropy
     def cross_entropy_forward(self, logits, targets, ignore_index=-100, out=None):

@@ -38,6 +38,7 @@ from fastformer.kernels.checks import (
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+ATTENTION_BLOCK = 256  # query and key rows of a block of `_attention_tiled`: (256, 256) scores fit L2
 HEAD_CHUNK_BYTES = 2 << 20  # logits per chunk of the fused LM head: a few L2-sized tiles, in L3
 HEAD_CHUNK_MIN_ROWS = 128  # fewer rows make dweight's GEMM (K = rows) memory-bound
 
@@ -74,6 +75,13 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     k_cache[:, :, start:start + T] = k
     v_cache[:, :, start:start + T] = v
     return q
+
+
+def _padding_rows(key_padding_mask, B, S):
+    """Each batch row's key padding (S,) bool, C-contiguous (all False without a mask)."""
+    if key_padding_mask is None:
+        return [np.zeros(S, np.bool_)] * B
+    return [np.ascontiguousarray(row) for row in key_padding_mask]
 
 
 def _layernorm(x, weight, bias, eps):
@@ -215,6 +223,128 @@ class NumpyOps:
         dq = ds @ k
         dk = ds.transpose(0, 1, 3, 2) @ q
         return dq, dk, dv
+
+    # ------------------------------------------ attention on BLAS tiles (long sequences)
+    # The flash-attention structure: query blocks x key blocks, every block product a GEMM, an
+    # online softmax (running max m and sum l per row) between them, and a backward that
+    # recomputes each block's probabilities from the saved lse; no (T, S) array per head. The
+    # elementwise steps are the three `_flash_*` methods and the heads run through `_run_heads`,
+    # which a backend overrides; the loops and the GEMMs are written once, here. A backend uses
+    # them above its measured crossover (numba_ops.ATTENTION_TILED_FROM); the reference itself
+    # keeps the plain form above as the specification.
+
+    def _attention_tiled(self, q, k, v, causal, key_padding_mask, scale, out):
+        """Attention of checked q (B, H, T, hs), k, v (B, H, S, hs), any strides with unit
+        last stride, written into out (B, H, T, hs); returns lse (B, H, T). Same masks and lse
+        convention as `attention_forward`."""
+        B, H, T, hs = q.shape
+        lse = np.empty((B, H, T), q.dtype)
+        masks = _padding_rows(key_padding_mask, B, k.shape[2])
+        self._run_heads([(self._tiled_head, (q[b, h], k[b, h], v[b, h], masks[b], causal, scale, out[b, h], lse[b, h]))
+                         for b in range(B) for h in range(H)])
+        return lse
+
+    def _tiled_head(self, q, k, v, mask, causal, scale, out, lse):
+        """One head of `_attention_tiled`: q (T, hs), k, v (S, hs), mask (S,) -> out, lse."""
+        (T, hs), S = q.shape, k.shape[0]
+        off, dt, block = S - T, q.dtype, ATTENTION_BLOCK  # query i is at key position i + off
+        scores = np.empty(block * block, dt)  # one block of scores, then of p
+        pv = np.empty(block * hs, dt)
+        for r0 in range(0, T, block):
+            R = min(T, r0 + block) - r0
+            qs = q[r0:r0 + R] * dt.type(scale)  # (R, hs)
+            m = np.full(R, -np.inf, dt)  # running max of each row's scores
+            total = np.zeros(R, dt)  # running sum of exp(score - m)
+            acc = np.zeros((R, hs), dt)  # running sum of exp(score - m) v
+            end = min(S, r0 + R + off) if causal else S  # the keys the block's last row sees
+            for c0 in range(0, end, block):
+                n = min(end, c0 + block) - c0
+                sc = np.matmul(qs, k[c0:c0 + n].T, out=scores[:R * n].reshape(R, n))  # (R, n)
+                self._flash_softmax_block(sc, m, total, acc, r0 + off if causal else S, c0, mask)
+                acc += np.matmul(sc, v[c0:c0 + n], out=pv[:R * hs].reshape(R, hs))  # p @ v
+            self._flash_finish(acc, m, total, out[r0:r0 + R], lse[r0:r0 + R])
+
+    def _attention_tiled_grads(self, dout, cache, dq, dk, dv):
+        """(dq, dk, dv) of `_attention_tiled` for dout (B, H, T, hs), written into dq, dk, dv
+        (any strides with unit last stride)."""
+        q, k, v, out, lse, causal, key_padding_mask, scale = cache
+        B, H = q.shape[:2]
+        masks = _padding_rows(key_padding_mask, B, k.shape[2])
+        self._run_heads([(self._tiled_head_grads, (q[b, h], k[b, h], v[b, h], out[b, h], lse[b, h], dout[b, h],
+                                                   masks[b], causal, scale, dq[b, h], dk[b, h], dv[b, h]))
+                         for b in range(B) for h in range(H)])
+
+    def _tiled_head_grads(self, q, k, v, out, lse, dout, mask, causal, scale, dq, dk, dv):
+        """One head of `_attention_tiled_grads`: (T, hs) and (S, hs) arrays, mask (S,)."""
+        # forward: p = softmax(q k^T * scale + mask); out = p v
+        #   dv = p^T dout;  dp = dout v^T;  ds = p * (dp - D) * scale, D = rowsum(dout * out)
+        #   dq = ds k;  dk = ds^T q
+        (T, hs), S = q.shape, k.shape[0]
+        off, dt, block = S - T, q.dtype, ATTENTION_BLOCK
+        p_buf, dp_buf, part = np.empty(block * block, dt), np.empty(block * block, dt), np.empty(block * hs, dt)
+        D = np.einsum("td,td->t", dout, out)  # (T,)
+        dq[...] = 0
+        for c0 in range(0, S, block):
+            n = min(S, c0 + block) - c0
+            kj, vj, dkj, dvj = k[c0:c0 + n], v[c0:c0 + n], dk[c0:c0 + n], dv[c0:c0 + n]
+            dkj[...] = 0
+            dvj[...] = 0
+            first = max(0, c0 - off) // block * block if causal else 0  # earlier rows see none of these keys
+            for r0 in range(first, T, block):
+                R = min(T, r0 + block) - r0
+                p = np.matmul(q[r0:r0 + R] * dt.type(scale), kj.T, out=p_buf[:R * n].reshape(R, n))  # scores
+                self._flash_probs_block(p, lse[r0:r0 + R], r0 + off if causal else S, c0, mask)
+                dvj += np.matmul(p.T, dout[r0:r0 + R], out=part[:n * hs].reshape(n, hs))
+                ds = np.matmul(dout[r0:r0 + R], vj.T, out=dp_buf[:R * n].reshape(R, n))  # dp (R, n)
+                self._flash_dscores_block(p, ds, D[r0:r0 + R], dt.type(scale))  # now ds
+                dq[r0:r0 + R] += np.matmul(ds, kj, out=part[:R * hs].reshape(R, hs))
+                dkj += np.matmul(ds.T, q[r0:r0 + R], out=part[:n * hs].reshape(n, hs))
+
+    def _run_heads(self, tasks):
+        """Run every (function, args) of `tasks`, the heads of a tiled attention, one by one."""
+        for fn, args in tasks:
+            fn(*args)
+
+    def _flash_softmax_block(self, sc, m, total, acc, row0, c0, mask):
+        """One key block of the online softmax, in place: sc (R, n) holds the scores of rows
+        row0.. (their key positions, S when nothing is causal) against keys c0..c0+n; a key
+        after the row's own position or padded (mask (S,) True) is left out. Updates the
+        running max m (R,), total (R,) and acc (R, hs) (rescaled to the new max) and turns sc
+        into exp(score - new max), 0 where left out."""
+        R, n = sc.shape
+        keys = c0 + np.arange(n)
+        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :]
+        sc[~allowed] = -np.inf
+        new = np.maximum(m, sc.max(axis=1))
+        base = np.where(np.isfinite(new), new, 0).astype(sc.dtype)
+        alpha = np.exp(m - base)  # 0 while nothing was seen (m = -inf)
+        np.exp(sc - base[:, None], out=sc)
+        total *= alpha
+        total += sc.sum(axis=1)
+        acc *= alpha[:, None]
+        m[...] = new
+
+    def _flash_finish(self, acc, m, total, out, lse):
+        """out (R, hs) = acc / total and lse = m + log(total); a row that saw no key gets 0 and -inf."""
+        seen = total > 0
+        out[...] = np.where(seen[:, None], acc / np.where(seen, total, 1)[:, None], 0)
+        with np.errstate(divide="ignore"):
+            lse[...] = np.where(seen, m + np.log(np.where(seen, total, 1)), -np.inf)
+
+    def _flash_probs_block(self, sc, lse, row0, c0, mask):
+        """sc (R, n) scores -> p = exp(score - lse) in place, 0 where left out (as in
+        `_flash_softmax_block`) and on rows with lse = -inf."""
+        R, n = sc.shape
+        keys = c0 + np.arange(n)
+        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :] \
+            & np.isfinite(lse)[:, None]
+        np.exp(np.where(allowed, sc - np.where(np.isfinite(lse), lse, 0)[:, None], -np.inf), out=sc)
+
+    def _flash_dscores_block(self, p, dp, D, scale):
+        """dp (R, n) -> ds = p * (dp - D) * scale in place."""
+        dp -= D[:, None]
+        dp *= p
+        dp *= scale
 
     def attention_qkv_forward(self, qkv, n_heads, causal=True, key_padding_mask=None, scale=None):
         """Self-attention straight from a fused projection, as GPT-2's c_attn makes it.

@@ -167,6 +167,19 @@ def configure_threads(n=None, numba_threads=True):
     return n
 
 
+_blas_controller = None  # threadpoolctl's view of the loaded BLAS libraries, found once
+
+
+def blas_threads(n):
+    """A context in which the BLAS libraries run `n` threads (then their count before)."""
+    global _blas_controller
+    import threadpoolctl
+
+    if _blas_controller is None:
+        _blas_controller = threadpoolctl.ThreadpoolController()
+    return _blas_controller.limit(limits=n, user_api="blas")
+
+
 def configured_threads():
     """The thread count configure_threads applied last, or None before it ran."""
     return _configured

@@ -218,6 +218,73 @@ def test_attention_property(fast_ops, ref, B, H, T, extra, hs, causal, pad, seed
     check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
 
 
+@pytest.fixture
+def tiled(monkeypatch):
+    """Attention on BLAS tiles (NumpyOps._attention_tiled) from the first query row, in blocks
+    of 3 rows and keys, so that small cases cross block edges, the causal diagonal inside
+    a block, and padding in a block of their own."""
+    from fastformer.kernels import numpy_ops
+
+    numba_ops = pytest.importorskip("fastformer.kernels.numba_ops")
+    monkeypatch.setattr(numba_ops, "ATTENTION_TILED_FROM", 1)
+    monkeypatch.setattr(numpy_ops, "ATTENTION_BLOCK", 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
+                                            (False, "random", 3, 6), (True, "all", 5, 5), (True, "random", 10, 10)])
+def test_attention_tiled(fast_ops, ref, tiled, dtype, causal, pad, T, S):
+    """The backend's tiled attention, forward and backward, against the reference's plain one."""
+    rng = np.random.default_rng(3)
+    q, k, v, kpm = _attention_case(rng, 2, 3, T, S, 4, causal, pad, dtype)
+    check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
+
+
+@PROPERTY
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 12), extra=st.integers(0, 5),
+       hs=st.integers(1, 5), causal=st.booleans(), pad=st.sampled_from([None, "random", "all"]),
+       seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
+def test_attention_tiled_property(ref, B, H, T, extra, hs, causal, pad, seed, dtype):
+    """The reference's own tiled form (the loops every backend shares, with the reference's
+    block steps) equals its plain attention, in blocks of 4."""
+    from fastformer.kernels import numpy_ops
+
+    rng = np.random.default_rng(seed)
+    q, k, v, kpm = _attention_case(rng, B, H, T, T + extra, hs, causal, pad, dtype)
+    out_ref, cache = ref.attention_forward(q, k, v, causal, kpm)
+    dout = normal(rng, out_ref.shape, dtype)
+    saved, numpy_ops.ATTENTION_BLOCK = numpy_ops.ATTENTION_BLOCK, 4
+    try:
+        out = np.empty_like(q)
+        lse = ref._attention_tiled(q, k, v, causal, kpm, cache[-1], out)
+        grads = [np.empty_like(a) for a in (q, k, v)]
+        ref._attention_tiled_grads(dout, (*cache[:4], lse, *cache[5:]), *grads)
+    finally:
+        numpy_ops.ATTENTION_BLOCK = saved
+    close(out, out_ref, "attention", dtype)
+    close(lse, cache[4], "attention", dtype)
+    for g, g_ref in zip(grads, ref.attention_backward(dout, cache)):
+        close(g, g_ref, "attention", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,hs", [(2, 3), (3, 1)])
+def test_attention_qkv_tiled(fast_ops, ref, tiled, dtype, H, hs):
+    """The fused-QKV entry point on tiles (strided heads read and written in place) equals the
+    reference's split heads, forward and backward."""
+    rng = np.random.default_rng(5)
+    B, T, C = 2, 8, H * hs
+    qkv = normal(rng, (B, T, 3 * C), dtype)
+    kpm = np.zeros((B, T), dtype=bool)
+    kpm[1, :2] = True
+    out, cache = fast_ops.attention_qkv_forward(qkv, H, causal=True, key_padding_mask=kpm)
+    out_ref, cache_ref = ref.attention_qkv_forward(qkv, H, causal=True, key_padding_mask=kpm)
+    close(out, out_ref, "attention", dtype)
+    dout = normal(rng, out.shape, dtype)
+    close(fast_ops.attention_qkv_backward(dout, cache), ref.attention_qkv_backward(dout, cache_ref),
+          "attention", dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,hs", [(2, 3), (3, 1)])
 def test_attention_qkv_matches_split_heads(ops, ref, dtype, H, hs):
