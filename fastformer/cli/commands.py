@@ -23,6 +23,7 @@ other exception is a bug in fastformer and keeps its traceback.
 import argparse
 import os
 import platform
+import re
 import sys
 
 import numpy as np
@@ -339,13 +340,130 @@ def cmd_export(args):
 
 
 # ------------------------------------------------------------------------------ info
+SIZE_KEYS = {"lm": ("d_model", "n_layers", "n_heads", "d_ff"),
+             "seq2seq": ("d_model", "n_encoder_layers", "n_heads", "d_ff")}  # what `info --params` varies
+BUDGET_WIDTHS = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
+BUDGET_DEPTHS = range(1, 25)
+BUDGET_ASPECT = (16, 256)  # d_model / depth: the shapes between are all reasonable; outside, too deep or too wide
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
+
+
+def parse_budget(text):
+    """(low, high) parameter counts of "2M-3M" (suffixes k, M, G; plain or 2e6 numbers too)."""
+    parts = text.split("-")
+    counts = [_COUNT.match(p) for p in parts]
+    if len(parts) != 2 or not all(counts):
+        raise FastformerError(f"--params {text!r} must be a range LOW-HIGH such as 2M-3M or 500k-1.5M "
+                              f"(suffixes k, M, G)")
+    low, high = (round(float(m[1]) * 1000 ** " kmg".index(m[2].lower() or " ")) for m in counts)
+    if not 0 < low <= high:
+        raise FastformerError(f"--params {text!r} needs 0 < LOW <= HIGH, got {low:,} and {high:,}")
+    return low, high
+
+
+def default_heads(d_model):
+    """Heads of about 64 dimensions (GPT-2's head size), a divisor of d_model."""
+    h = max(1, round(d_model / 64))
+    while d_model % h:
+        h -= 1
+    return h
+
+
+def configs_in_budget(model, low, high, pinned=()):
+    """Model configs like `model` (an LMConfig or Seq2SeqConfig) whose exact parameter count lies
+    in [low, high], sorted by count: width and depth swept over BUDGET_WIDTHS x BUDGET_DEPTHS with
+    d_model / depth in BUDGET_ASPECT (a seq2seq model gets as many decoder as encoder layers),
+    d_ff = 4 d_model and heads of about 64 dimensions, except the fields named in `pinned`, which
+    keep `model`'s values (and are not held to the aspect range).
+    Returns [(count, config)]."""
+    import dataclasses
+
+    from fastformer.models.config import LMConfig, count_parameters
+
+    width_key, depth_key, heads_key, ff_key = SIZE_KEYS["lm" if isinstance(model, LMConfig) else "seq2seq"]
+    widths = [model.d_model] if width_key in pinned else BUDGET_WIDTHS
+    depths = [getattr(model, depth_key)] if depth_key in pinned else BUDGET_DEPTHS
+    found = []
+    for C in widths:
+        heads = model.n_heads if heads_key in pinned else default_heads(C)
+        if C % heads:
+            continue
+        for L in depths:
+            if not ({width_key, depth_key} & set(pinned) or BUDGET_ASPECT[0] <= C / L <= BUDGET_ASPECT[1]):
+                continue
+            change = {width_key: C, depth_key: L, heads_key: heads, ff_key: model.d_ff if ff_key in pinned else 4 * C}
+            if depth_key == "n_encoder_layers" and "n_decoder_layers" not in pinned:
+                change["n_decoder_layers"] = L
+            cfg = dataclasses.replace(model, **change)
+            n = count_parameters(cfg)
+            if low <= n <= high:
+                found.append((n, cfg))
+    return sorted(found, key=lambda nc: (nc[0], nc[1].d_model))
+
+
+def info_config(args):
+    """The RunConfig `info` sizes (preset or config file, --data, --set) and a note on where its
+    vocabulary sizes come from."""
+    from fastformer.training.config import apply_overrides, load_config, preset
+
+    config = preset(args.preset or "tiny")
+    if args.config:
+        config = load_config(args.config, base=config)
+    config = apply_overrides(config, ([f"data.path={args.data}"] if args.data else []) + list(args.set))
+    d = config.data
+    if config.kind == "seq2seq" and d.task != "pairs":
+        from fastformer.training.tasks import Seq2SeqTask
+
+        return Seq2SeqTask(config).config, f"vocabularies from the {d.task} task's alphabet"
+    if d.path and not os.path.exists(d.path):
+        if args.data:
+            raise FastformerError(f"--data {args.data!r} does not exist")
+        return config, (f"vocabularies as configured: data.path {d.path} is not here, give --data FILE to take "
+                        f"them from the data")
+    if config.kind == "seq2seq":
+        from fastformer.training.tasks import Seq2SeqTask
+
+        return Seq2SeqTask(config).config, f"{d.tokenizer or 'word'} vocabularies built from {d.path} as training does"
+    from fastformer.data.prepare import is_prepared_dir, load_prepared
+    from fastformer.data.text import default_corpus, load_text
+    from fastformer.data.tokenizer import make_tokenizer
+    from fastformer.training.config import match_tokenizer
+
+    if is_prepared_dir(d.path):
+        tok = load_prepared(d.path).tokenizer
+    else:  # only a char vocabulary needs the text
+        text = (load_text(d.path) if d.path else default_corpus()) if d.tokenizer == "char" else None
+        tok = make_tokenizer(d.tokenizer or "byte", text)
+    return match_tokenizer(config, tok), f"the {tok.kind} tokenizer's vocabulary ({d.path or 'embedded corpus'})"
+
+
+def format_bytes(n):
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def describe_model(m):
+    """One line of a model config's shape."""
+    from fastformer.models.config import LMConfig
+
+    if isinstance(m, LMConfig):
+        return (f"d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, layers {m.n_layers}, context "
+                f"{m.max_seq_len}, vocabulary {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'}")
+    return (f"d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, {m.n_encoder_layers} encoder + "
+            f"{m.n_decoder_layers} decoder layers, source/target lengths {m.max_src_len}/{m.max_tgt_len}, "
+            f"vocabularies {m.src_vocab_size}/{m.tgt_vocab_size}, {'tied' if m.tie_embeddings else 'untied'}")
+
+
 def cmd_info(args):
-    from fastformer import Seq2SeqTransformer, TransformerLM, __version__, get_backend
+    from fastformer import __version__, get_backend
+    from fastformer.models.config import count_parameters
     from fastformer.training.distributed import get_comm
 
     comm = get_comm()  # first: under mpiexec it sets the ranks' share of the cores before the kernels load
     if comm.rank:
         return 0
+    sizing = args.preset or args.config or args.data or args.set or args.params
+    budget = parse_budget(args.params) if args.params else None
+    config, vocab_note = info_config(args) if sizing else (None, None)  # bad input fails before any output
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
     if comm.size > 1:
         print(f"mpi: {comm.size} ranks, {comm.local_size} on this node (rank 0's)")
@@ -354,22 +472,29 @@ def cmd_info(args):
 
     for key, value in thread_info().items():
         print(f"{key}: {value}")
-    if args.preset or args.config:
-        from fastformer.training.config import load_config, preset
-
-        config = preset(args.preset or "tiny")
-        if args.config:
-            config = load_config(args.config, base=config)
-        m = config.model_config()
-        if config.kind == "lm":
-            n = TransformerLM(m).num_parameters()
-            shape = f"layers {m.n_layers}, context {m.max_seq_len}"
-        else:
-            n = Seq2SeqTransformer(m).num_parameters()
-            shape = (f"{m.n_encoder_layers} encoder + {m.n_decoder_layers} decoder layers, source/target "
-                     f"lengths {m.max_src_len}/{m.max_tgt_len}, vocabularies {m.src_vocab_size}/{m.tgt_vocab_size}")
-        print(f"config {args.config or args.preset} ({config.kind}): d_model {m.d_model}, heads {m.n_heads}, "
-              f"d_ff {m.d_ff}, {shape}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
+    if config is None:
+        return 0
+    m, name = config.model_config(), args.config or args.preset or "tiny"
+    if budget is None:
+        n = count_parameters(m)
+        print(f"config {name} ({config.kind}): {describe_model(m)}")
+        print(f"{n:,} parameters: {format_bytes(4 * n)} of float32 weights, {format_bytes(16 * n)} to train "
+              f"(weights, gradients, two AdamW moments; activations extra); {vocab_note}")
+        return 0
+    pinned = {item.split("=", 1)[0].split(".", 1)[-1].strip() for item in args.set}
+    found = configs_in_budget(m, *budget, pinned & {*SIZE_KEYS[config.kind], "n_decoder_layers"})
+    print(f"configs of {budget[0]:,}-{budget[1]:,} parameters like {name} ({config.kind}; {vocab_note}):")
+    if not found:
+        print("  none: widen the range or change the fixed keys")
+        return 0
+    layers = "layers" if config.kind == "lm" else "enc+dec"
+    print(f"  {'d_model':>7} {layers:>7} {'heads':>5} {'d_ff':>6} {'parameters':>12}")
+    for n, c in found:
+        depth = str(c.n_layers) if config.kind == "lm" else f"{c.n_encoder_layers}+{c.n_decoder_layers}"
+        print(f"  {c.d_model:>7} {depth:>7} {c.n_heads:>5} {c.d_ff:>6} {n:>12,}")
+    section = config.model_section
+    print(f"  train one with --set {section}.d_model=C --set {section}.{SIZE_KEYS[config.kind][1]}=L "
+          f"--set {section}.n_heads=H --set {section}.d_ff=F")
     return 0
 
 
@@ -494,10 +619,15 @@ def build_parser():
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="show the backend, versions, threads and a config's size")
+    p = sub.add_parser("info", help="show the backend, versions, threads and a config's exact parameter count")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", help="tiny, small or medium")
     g.add_argument("--config", help="YAML run config")
+    p.add_argument("--data", help="data.path: the vocabulary sizes are taken from it as training does")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable); with --params a model key set here stays fixed")
+    p.add_argument("--params", metavar="LOW-HIGH", help="list model shapes (width, depth, heads, d_ff) whose "
+                                                        "parameter count lies in this range, e.g. 2M-3M")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="plot train and validation loss of runs against step")
