@@ -5,9 +5,9 @@ import re
 
 import pytest
 
+from fastformer import Seq2SeqTransformer, TransformerLM
 from fastformer.cli import commands
 from fastformer.cli.commands import main
-from fastformer import Seq2SeqTransformer, TransformerLM
 from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters
 from fastformer.training.config import apply_overrides, load_config
 from fastformer.training.tasks import make_task
