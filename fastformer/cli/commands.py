@@ -234,91 +234,203 @@ def cmd_prepare(args):
 
 
 # ------------------------------------------------------------------------------- eval
-def cmd_eval(args):
-    import json
+def warn(command, message):
+    """One warning line on stderr."""
+    print(f"fastformer {command}: warning: {message}", file=sys.stderr)
 
-    from fastformer import set_backend
+
+def run_data_path(config, ckpt_path):
+    """The data file a run trained on, checked to be here (a relative path is relative to where
+    training ran)."""
+    path = config.data.path
+    if path and not os.path.exists(path):
+        raise FastformerError(f"the run {ckpt_path} trained on {path!r}, which is not here (a relative path is "
+                              f"relative to where training ran): pass the data with --data")
+    return path
+
+
+def check_run_data(ckpt, fingerprint, what):
+    """Warn when the data the run names is no longer the data it trained on."""
+    if ckpt.state.get("data_sha256") not in (None, fingerprint):
+        warn("eval", f"{what} changed since training (its fingerprint differs from the checkpoint's): its "
+                     f"held-out split is not the one the trainer scored")
+
+
+def lm_eval_tokens(args, model, tokenizer, config, ckpt):
+    """(ids, description, default max_batches) of what `eval` scores for a language model: the
+    run's own validation split (the trainer's windows by default) without --data, else --split
+    of a text file (split as training splits it) or of a prepared directory."""
     from fastformer.data.prepare import is_prepared_dir, load_prepared
-    from fastformer.data.text import load_text
-    from fastformer.training.checkpoint import load_model
-    from fastformer.training.evaluate import evaluate_lm
+    from fastformer.data.text import load_text, split_ids
 
-    if args.backend:
-        set_backend(args.backend)
-    if is_seq2seq_checkpoint(args.checkpoint):
-        return eval_seq2seq(args)
+    split, t = args.split or "val", config.train
+    fraction = f"the last {config.data.val_fraction:g} of its tokens, as training splits it"
     if args.data is None:
-        raise FastformerError("eval of a language model needs --data: a UTF-8 text file or prepared directory")
-    model, tokenizer, config = load_model(args.checkpoint)
+        from fastformer.training.tasks import LMTask
+
+        if ckpt is None:
+            raise FastformerError(f"{args.checkpoint} is a Hugging Face directory with no run data: pass the text "
+                                  f"to score with --data FILE")
+        if split == "all":
+            raise FastformerError("--split all applies to a text file (--data FILE); the run's data has a train and "
+                                  "a val split")
+        path = run_data_path(config, ckpt.path)
+        task = LMTask(config, tokenizer=tokenizer)  # the trainer's data and split
+        check_run_data(ckpt, task.fingerprint, f"the run's data {path or '(the embedded corpus)'}")
+        ids = task.val_ids if split == "val" else task.train_ids
+        what = f"the {split} split of the run's data, {path or 'the embedded stdlib-documentation corpus'}"
+        if not is_prepared_dir(path):
+            what += f" ({fraction})" if split == "val" else " (all but its validation tokens)"
+        return ids, what, t.eval_batches if split == "val" else None
     if is_prepared_dir(args.data):
         prepared = load_prepared(args.data)
         if prepared.tokenizer.vocab_size != tokenizer.vocab_size or prepared.tokenizer.kind != tokenizer.kind:
             raise FastformerError(f"{args.data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
                                   f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} "
                                   f"with {tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
-        ids = getattr(prepared, args.split)
+        if split == "all":
+            raise FastformerError(f"--split all applies to a text file; the prepared directory {args.data} has "
+                                  f"a train and a val split: choose one")
+        return getattr(prepared, split), f"the {split} split of the prepared directory {args.data}", None
+    ids = tokenizer.encode(load_text(args.data))
+    if split == "all":
+        return ids, f"all of {args.data}", None
+    seq_len = min(args.seq_len or t.seq_len, model.config.max_seq_len)
+    train, val = split_ids(ids, config.data.val_fraction, seq_len)
+    what = f"the {split} split of {args.data} " + (f"({fraction}; --split all scores the whole file)"
+                                                   if split == "val" else "(all but its validation tokens)")
+    return (val if split == "val" else train), what, None
+
+
+def cmd_eval(args):
+    import json
+
+    from fastformer import set_backend
+    from fastformer.training.checkpoint import load_checkpoint, load_model
+    from fastformer.training.evaluate import evaluate_lm
+
+    if args.backend:
+        set_backend(args.backend)
+    if is_seq2seq_checkpoint(args.checkpoint):
+        return eval_seq2seq(args)
+    if args.examples is not None:
+        raise FastformerError("--examples applies to an encoder-decoder; a language model's share is --max-batches")
+    if is_hf_dir(args.checkpoint):
+        (model, tokenizer, config), ckpt = load_model(args.checkpoint), None
     else:
-        ids = tokenizer.encode(load_text(args.data))
+        ckpt = load_checkpoint(args.checkpoint)  # a language model: is_seq2seq_checkpoint said so
+        model, tokenizer, config = ckpt.new_model(), ckpt.tokenizer, ckpt.config
+    ids, what, default_batches = lm_eval_tokens(args, model, tokenizer, config, ckpt)
     batch_size = args.batch_size or config.train.batch_size
     seq_len = min(args.seq_len or config.train.seq_len, model.config.max_seq_len)
-    m = evaluate_lm(model, ids, batch_size, seq_len, args.max_batches, tokenizer.byte_lengths())
-    m.update(data=args.data, checkpoint=args.checkpoint, seq_len=seq_len)
+    max_batches = args.max_batches or default_batches
+    m = evaluate_lm(model, ids, batch_size, seq_len, max_batches, tokenizer.byte_lengths())
+    windows = m["tokens"] // seq_len
+    share = (f"the trainer's {max_batches} validation batches of {batch_size} windows (train.eval_batches; "
+             f"--max-batches N for more)" if default_batches and not args.max_batches else
+             f"{windows:,} windows evenly spread")
+    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, seq_len=seq_len, windows=windows,
+             split_tokens=len(ids))
     if args.json:
         print(json.dumps(m))
     else:
+        print(f"scored {what}: {share}, {windows:,} x {seq_len} = {m['tokens']:,} of its {len(ids):,} tokens")
         print(f"loss {m['loss']:.4f} | ppl {m['ppl']:.3f} | bits/byte {m['bits_per_byte']:.4f} | "
-              f"acc {m['acc']:.4f} | {m['tokens']:,} tokens, {m['bytes']:,} bytes, seq_len {seq_len}")
+              f"acc {m['acc']:.4f} | {m['bytes']:,} bytes")
     return 0
+
+
+def is_hf_dir(path):
+    """Whether `path` is a Hugging Face model directory rather than a fastformer checkpoint or run."""
+    from fastformer.training.checkpoint import STATE_FILE
+
+    return not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
 
 
 def is_seq2seq_checkpoint(path):
     """Whether `path` is an encoder-decoder checkpoint (or run) directory, from its config alone."""
-    from fastformer.training.checkpoint import STATE_FILE, resolve_checkpoint
+    from fastformer.training.checkpoint import resolve_checkpoint
     from fastformer.training.config import load_config
 
-    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
-        return False  # a Hugging Face directory
+    if is_hf_dir(path):
+        return False
     return load_config(os.path.join(resolve_checkpoint(path), "config.yaml")).kind == "seq2seq"
 
 
-def eval_seq2seq(args):
-    """Loss, token accuracy, exact match and BLEU of an encoder-decoder checkpoint on --data pairs,
-    or on the run's own validation data (held-out strings for the synthetic tasks)."""
-    import json
+def seq2seq_eval_pairs(args, ckpt, model):
+    """(pairs, description, skipped) of what `eval` scores for an encoder-decoder: without --data
+    the trainer's validation pairs (held-out strings of a synthetic task); with --data FILE its
+    --split as training splits a pairs file (the run's seed, val_fraction, max_pairs, ...), or all
+    of it. Pairs too long for the model are skipped and counted."""
+    import dataclasses
 
     from fastformer.data.pairs import fit_pairs, read_pairs
-    from fastformer.training.evaluate import evaluate_seq2seq
     from fastformer.training.tasks import Seq2SeqTask
 
+    config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
+    split, d, t = args.split or "val", ckpt.config.data, ckpt.config.train
+    n_trainer = t.eval_batches * t.batch_size
+    if args.data is None and d.task != "pairs":
+        if split != "val":
+            raise FastformerError(f"--split {split} needs --data FILE: a {d.task} run's training strings are drawn "
+                                  f"fresh every step, its held-out strings are the val split")
+        if args.examples is None:
+            return (Seq2SeqTask(config, ckpt.tokenizers).val_pairs,
+                    f"the trainer's {n_trainer:,} held-out {d.task} strings (--examples N for another number)", {})
+        return Seq2SeqTask(config, ckpt.tokenizers).heldout(args.examples), f"held-out {d.task} strings", {}
+    path = args.data or run_data_path(config, ckpt.path)
+    if split == "all":
+        if args.data is None:
+            raise FastformerError("--split all applies to a pairs file (--data FILE); the run's data has a train "
+                                  "and a val split")
+        pairs, skipped = read_pairs(path, lowercase=d.lowercase)
+        pairs, skipped["too long"] = fit_pairs(pairs[:args.examples], src_tok, tgt_tok, model.config.max_src_len,
+                                               model.config.max_tgt_len)
+        return pairs, f"all pairs of {path}", skipped
+    task = Seq2SeqTask(dataclasses.replace(config, data=dataclasses.replace(d, path=path)), ckpt.tokenizers)
+    if args.data is None:
+        check_run_data(ckpt, task.fingerprint, f"the run's data {path}")
+    if split == "val":
+        pairs = task.val_pairs
+        if args.data is None and args.examples is None:
+            return (pairs[:n_trainer], f"the trainer's validation pairs of {path} ({min(n_trainer, len(pairs)):,} of "
+                                       f"{len(pairs):,}; --examples N for more)", task.skipped)
+        what = f"the validation pairs of {path} (split as training splits it)"
+    else:
+        pairs, n_long = fit_pairs(task.train_pairs, src_tok, tgt_tok, model.config.max_src_len,
+                                  model.config.max_tgt_len)
+        what, skipped = f"the training pairs of {path} (split as training splits it)", {"too long": n_long}
+        return pairs[:args.examples], what, skipped
+    return pairs[:args.examples], what, task.skipped
+
+
+def eval_seq2seq(args):
+    """Loss, token accuracy, exact match and BLEU of an encoder-decoder checkpoint (see
+    seq2seq_eval_pairs for the pairs it scores)."""
+    import json
+
+    from fastformer.training.evaluate import evaluate_seq2seq
+
+    if args.max_batches is not None or args.seq_len is not None:
+        raise FastformerError("--max-batches and --seq-len apply to a language model; an encoder-decoder scores "
+                              "--examples N pairs")
     model, ckpt = load_seq2seq(args.checkpoint)
     config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
-    skipped = {}
-    if args.data:
-        pairs, read_skips = read_pairs(args.data, lowercase=config.data.lowercase)
-        pairs = pairs[:args.examples]
-        pairs, skipped["too long"] = fit_pairs(pairs, src_tok, tgt_tok, model.config.max_src_len,
-                                               model.config.max_tgt_len)
-        skipped.update(read_skips)
-        what = args.data
-    else:
-        task = Seq2SeqTask(config, ckpt.tokenizers)
-        if config.data.task == "pairs":
-            pairs, what = task.val_pairs[:args.examples], f"the validation pairs of {config.data.path}"
-        else:
-            pairs, what = task.heldout(args.examples or 1000), f"held-out {config.data.task} strings"
+    pairs, what, skipped = seq2seq_eval_pairs(args, ckpt, model)
     skipped = {k: v for k, v in skipped.items() if v}
     if not pairs:
         raise FastformerError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
     m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
                          beam_size=args.beam, length_penalty=args.length_penalty)
     decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
-    m.update(data=what, checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
+    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
-              f"({decoding}) | BLEU {m['bleu']:.2f} ({m['bleu_impl']}) | {m['examples']:,} examples from {what}"
+        print(f"scored {m['examples']:,} examples: {what}"
               + (f"; skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())}" if skipped else ""))
+        print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
+              f"({decoding}) | BLEU {m['bleu']:.2f} ({m['bleu_impl']})")
     return 0
 
 
@@ -598,15 +710,19 @@ def build_parser():
     p = sub.add_parser("eval", help="language model: loss, perplexity, bits per byte, accuracy; encoder-decoder: "
                                     "loss, token accuracy, exact match, BLEU")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--data", help="language model: UTF-8 text file or prepared directory (required); "
-                                  "encoder-decoder: a source<TAB>target file (default: the run's validation "
-                                  "pairs, or held-out strings of a synthetic task)")
+    p.add_argument("--data", help="UTF-8 text file or prepared directory (language model), source<TAB>target "
+                                  "file (encoder-decoder); default: the run's own validation data, the windows "
+                                  "or pairs the trainer scores")
     p.add_argument("--beam", type=int, default=1, help="encoder-decoder: beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
-    p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task (default "
-                                                "1000), or at most this many pairs")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="split of a prepared directory")
-    p.add_argument("--max-batches", type=int, help="at most this many batches (default: all the text)")
+    p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task, or at "
+                                                "most this many pairs (default: the trainer's validation set "
+                                                "without --data, else all)")
+    p.add_argument("--split", choices=("val", "train", "all"),
+                   help="val (default), train or all: a text or pairs file is split as training splits it; a "
+                        "prepared directory has train and val")
+    p.add_argument("--max-batches", type=int, help="language model: at most this many batches (default: the "
+                                                   "trainer's train.eval_batches without --data, else all)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: the run's train.batch_size)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the run's train.seq_len)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
