@@ -264,7 +264,7 @@ def lm_eval_tokens(args, model, tokenizer, config, ckpt):
     from fastformer.data.text import load_text, split_ids
 
     split, t = args.split or "val", config.train
-    fraction = f"the last {config.data.val_fraction:g} of its tokens, as training splits it"
+    fraction = f"its last {100 * config.data.val_fraction:g}%, as training splits it"
     if args.data is None:
         from fastformer.training.tasks import LMTask
 
@@ -326,15 +326,15 @@ def cmd_eval(args):
     max_batches = args.max_batches or default_batches
     m = evaluate_lm(model, ids, batch_size, seq_len, max_batches, tokenizer.byte_lengths())
     windows = m["tokens"] // seq_len
-    share = (f"the trainer's {max_batches} validation batches of {batch_size} windows (train.eval_batches; "
-             f"--max-batches N for more)" if default_batches and not args.max_batches else
-             f"{windows:,} windows evenly spread")
+    share = (f"the trainer's {max_batches} batches of {batch_size}; --max-batches N for more"
+             if default_batches and not args.max_batches else "evenly spread")
     m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, seq_len=seq_len, windows=windows,
              split_tokens=len(ids))
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"scored {what}: {share}, {windows:,} x {seq_len} = {m['tokens']:,} of its {len(ids):,} tokens")
+        print(f"scored {what}:\n  {windows:,} windows of {seq_len} tokens = {m['tokens']:,} of its {len(ids):,} "
+              f"({share})")
         print(f"loss {m['loss']:.4f} | ppl {m['ppl']:.3f} | bits/byte {m['bits_per_byte']:.4f} | "
               f"acc {m['acc']:.4f} | {m['bytes']:,} bytes")
     return 0

@@ -103,8 +103,8 @@ def test_eval_without_data_reproduces_the_trainers_last_validation(runs, kind, c
     more = json.loads(capsys.readouterr().out)
     assert more["windows"] == (more["split_tokens"] - 1) // 16 > 4 and more["loss"] != m["loss"]
     assert main(["eval", "--checkpoint", runs[kind]]) == 0
-    said = capsys.readouterr().out.splitlines()[0]
-    assert said.startswith("scored the val split of the run's data") and "the trainer's 1 validation batches" in said
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("scored the val split of the run's data") and "(the trainer's 1 batches of 4" in said[1]
 
 
 def test_eval_of_a_text_file_splits_it_as_training_does(runs, capsys):
@@ -124,9 +124,11 @@ def test_eval_of_a_text_file_splits_it_as_training_does(runs, capsys):
     assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt"), "--max-batches", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last_validation(run)["val_loss"], rel=1e-9)
     assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt")]) == 0
-    said = capsys.readouterr().out.splitlines()[0]
-    assert (f"scored the val split of {d / 'train.txt'} (the last 0.1 of its tokens, as training splits it; "
-            f"--split all scores the whole file)") in said and f"of its {n_val:,} tokens" in said
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == (f"scored the val split of {d / 'train.txt'} (its last 10%, as training splits it; "
+                       f"--split all scores the whole file):")
+    windows = (n_val - 1) // 16
+    assert said[1] == f"  {windows} windows of 16 tokens = {windows * 16} of its {n_val} (evenly spread)"
 
 
 def test_eval_split_refusals(runs, capsys):
