@@ -171,19 +171,97 @@ def load_seq2seq(path):
     return ckpt.new_model(), ckpt
 
 
+def source_lines(args):
+    """(1-based line number, text) of every source: the --text values, or the lines of --input
+    (a file, or - for stdin), read as they come."""
+    if (args.text is None) == (args.input is None):
+        raise FastformerError("translate needs either --text TEXT (repeatable) or --input FILE (- for stdin)")
+    if args.text is not None:
+        yield from enumerate(args.text, 1)
+        return
+    if args.input == "-":
+        f = sys.stdin
+    elif not os.path.isfile(args.input):
+        raise FastformerError(f"--input file {args.input!r} does not exist")
+    else:
+        f = open(args.input, encoding="utf-8")
+    try:
+        for n, line in enumerate(f, 1):
+            yield n, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise FastformerError(f"--input {args.input}: line {n + 1} is not UTF-8 text ({e})") from None
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def batched(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def recase(output, source):
+    """`output` with its first letter upper-cased when the source's first letter is (for a run that
+    lower-cased its data: the model writes lower case only)."""
+    first = next((c for c in source if c.isalpha()), "")
+    i = next((i for i, c in enumerate(output) if c.isalpha()), None)
+    return output if i is None or not first.isupper() else output[:i] + output[i].upper() + output[i + 1:]
+
+
+def format_unknown(unknown, what):
+    """One warning of the unknown pieces of a batch: {piece: [line numbers]}."""
+    shown = [f"{p!r} (line{'s' if len(ns) > 1 else ''} {', '.join(map(str, ns[:5]))}{', ...' if len(ns) > 5 else ''})"
+             for p, ns in list(unknown.items())[:20]]
+    more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+    return f"{what} outside the source vocabulary, read as <unk>: {', '.join(shown)}{more}"
+
+
 def cmd_translate(args):
     from fastformer import set_backend
+    from fastformer.data.pairs import readable, unknown_pieces
+    from fastformer.errors import check_int
     from fastformer.generation.search import translate
 
     if args.backend:
         set_backend(args.backend)
+    check_int("--batch-size", args.batch_size)
     model, ckpt = load_seq2seq(args.checkpoint)
-    texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
-    outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
-                        length_penalty=args.length_penalty, truncate=args.truncate, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for out in outputs:
-        print(out)
+    src_tok, tgt_tok = ckpt.tokenizers["src"], ckpt.tokenizers["tgt"]
+    lower, S = ckpt.config.data.lowercase, model.config.max_src_len
+    what = "words" if src_tok.kind == "word" else "characters"
+    for batch in batched(source_lines(args), args.batch_size):
+        texts, unknown, keep = {}, {}, []
+        for n, line in batch:
+            text = line.lower() if lower else line  # as trained
+            for piece in dict.fromkeys(unknown_pieces(src_tok, text)):
+                unknown.setdefault(piece, []).append(n)
+            length = len(src_tok.encode(text))
+            if length > S:
+                warn("translate", f"line {n}: {length} source tokens, more than the model's max_src_len={S}: "
+                                  + (f"translated from its first {S}" if args.truncate else
+                                     "skipped, its output line is empty (--truncate translates its first tokens)"))
+                if not args.truncate:
+                    continue
+            if line.strip():
+                texts[n] = text
+                keep.append(n)
+        if unknown:
+            warn("translate", format_unknown(unknown, what))
+        outputs = translate(model, list(texts.values()), src_tok, tgt_tok, beam_size=args.beam,
+                            length_penalty=args.length_penalty, truncate=True, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            decode=lambda ids: readable(tgt_tok, ids, args.lang)) if texts else []
+        done = dict(zip(keep, outputs))
+        for n, line in batch:  # one output line per source line, empty for a blank or skipped one
+            out = done.get(n, "")
+            print(recase(out, line) if lower else out)
+        sys.stdout.flush()
     return 0
 
 
@@ -421,7 +499,7 @@ def eval_seq2seq(args):
     if not pairs:
         raise FastformerError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
     m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
-                         beam_size=args.beam, length_penalty=args.length_penalty)
+                         beam_size=args.beam, length_penalty=args.length_penalty, lang=args.lang)
     decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
     m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
     if args.json:
@@ -429,8 +507,11 @@ def eval_seq2seq(args):
     else:
         print(f"scored {m['examples']:,} examples: {what}"
               + (f"; skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())}" if skipped else ""))
+        standard = ("pip install sacrebleu for it" if m["sacrebleu"] is None else f"{m['sacrebleu']:.2f}")
         print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
-              f"({decoding}) | BLEU {m['bleu']:.2f} ({m['bleu_impl']})")
+              f"({decoding})")
+        print(f"BLEU {m['bleu']:.2f} on tokens ({m['bleu_impl']}, as val_bleu) | sacreBLEU {standard} on "
+              f"detokenized text (13a)")
     return 0
 
 
@@ -673,12 +754,17 @@ def build_parser():
 
     p = sub.add_parser("translate", help="decode source texts with an encoder-decoder checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--text", required=True, action="append", help="source text (repeatable: one output line each)")
+    p.add_argument("--text", action="append", help="source text (repeatable: one output line each)")
+    p.add_argument("--input", help="file of source lines, or - for stdin: one output line per line, written as each "
+                                   "batch is done")
+    p.add_argument("--batch-size", type=int, default=32, help="sources decoded together (default 32)")
+    p.add_argument("--lang", default="en", help="target language of the Moses detokenizer rules (default en; "
+                                                "e.g. fr, de)")
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
-    p.add_argument("--truncate", action="store_true", help="cut a source longer than the model's max_src_len "
-                                                           "instead of refusing it")
+    p.add_argument("--truncate", action="store_true", help="translate a source longer than the model's max_src_len "
+                                                           "from its first tokens instead of skipping it")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy "
                                                                   "or beam search)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
@@ -715,6 +801,8 @@ def build_parser():
                                   "or pairs the trainer scores")
     p.add_argument("--beam", type=int, default=1, help="encoder-decoder: beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
+    p.add_argument("--lang", default="en", help="encoder-decoder: target language of the detokenizer for the "
+                                                "standard BLEU (default en)")
     p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task, or at "
                                                 "most this many pairs (default: the trainer's validation set "
                                                 "without --data, else all)")

@@ -1,6 +1,10 @@
 """Corpus BLEU-4 (Papineni et al. 2002): sacrebleu when it is installed, else the implementation
 here, which computes what sacrebleu computes on text that is already tokenized.
 
+Two figures: `corpus_bleu` scores the decoded tokens against the references tokenized the same
+way (what the trainer logs as val_bleu); `detokenized_bleu` is the standard, comparable one --
+sacrebleu's own 13a tokenization of detokenized hypotheses and the references as written.
+
     p_n  = sum over sentences of clipped n-gram matches / sum of hypothesis n-grams, n = 1..4
     BP   = 1 if c > r else exp(1 - r / c)      c, r: total hypothesis and reference lengths
     BLEU = 100 * BP * exp(mean_n log p_n)
@@ -64,3 +68,16 @@ def corpus_bleu(hypotheses, references):
         return own_corpus_bleu(hypotheses, references), "fastformer"
     # force: the texts are tokenized on purpose (decoded word tokens), so no warning about it
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)], force=True).score, "sacrebleu"
+
+
+def detokenized_bleu(hypotheses, references):
+    """sacrebleu's standard corpus BLEU of detokenized hypotheses against the references as they
+    are written (its default 13a tokenization); None when sacrebleu is not installed."""
+    if len(hypotheses) != len(references):
+        raise FastformerError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
+                              f"and {len(references)} references")
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score

@@ -106,9 +106,15 @@ def test_cli_train_translate_eval(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == lines  # top-k 1 is greedy
     assert main(["translate", "--checkpoint", run, "--text", "abc", "--temperature", "1", "--beam", "2"]) == 2
     assert "beam search is deterministic" in capsys.readouterr().err
-    assert main(["translate", "--checkpoint", run, "--text", "abcdefghij"]) == 2  # 10 > max_src_len 8
-    err = capsys.readouterr().err
-    assert "has 10 tokens, more than the model's max_src_len=8" in err and "--truncate" in err
+    # 10 > max_src_len 8: skipped (an empty line), not fatal to the others, reported by its line
+    assert main(["translate", "--checkpoint", run, "--text", "abc", "--text", "abcdefghij", "--text", "hello"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [lines[0], "", lines[1]]
+    assert err == ("fastformer translate: warning: line 2: 10 source tokens, more than the model's max_src_len=8: "
+                   "skipped, its output line is empty (--truncate translates its first tokens)\n")
+    assert main(["translate", "--checkpoint", run, "--text", "abcdefghij", "--truncate"]) == 0
+    assert "line 1: 10 source tokens, more than the model's max_src_len=8: translated from its first 8" in \
+        capsys.readouterr().err
     assert main(["translate", "--checkpoint", run, "--text", "abcdefghij", "--truncate"]) == 0
     assert main(["translate", "--checkpoint", run, "--text", "abcdefgh"]) == 0
     truncated, cut = capsys.readouterr().out.splitlines()
@@ -157,8 +163,10 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
 
     assert main(["translate", "--checkpoint", run, "--text", "I am zebra."]) == 0  # unknown word -> <unk>
     assert main(["translate", "--checkpoint", run, "--text", "i am zebra."]) == 0  # the run lower-cased its data
-    upper, lower = capsys.readouterr().out.splitlines()
-    assert upper == lower
+    out, err = capsys.readouterr()
+    upper, lower = out.splitlines()
+    assert err.count("words outside the source vocabulary, read as <unk>: 'zebra' (line 1)") == 2
+    assert upper == lower[:1].upper() + lower[1:]  # the source's capital comes back at the start
     assert main(["eval", "--checkpoint", run, "--data", str(data), "--split", "all"]) == 0
     out = capsys.readouterr().out
     assert "scored 12 examples: all pairs of" in out
