@@ -180,18 +180,21 @@ def source_lines(args):
         yield from enumerate(args.text, 1)
         return
     if args.input == "-":
-        f = sys.stdin
+        f = getattr(sys.stdin, "buffer", sys.stdin)  # bytes, decoded line by line
     elif not os.path.isfile(args.input):
         raise FastformerError(f"--input file {args.input!r} does not exist")
     else:
-        f = open(args.input, encoding="utf-8")
+        f = open(args.input, "rb")
     try:
         for n, line in enumerate(f, 1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise FastformerError(f"--input {args.input}: line {n} is not UTF-8 text ({e})") from None
             yield n, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise FastformerError(f"--input {args.input}: line {n + 1} is not UTF-8 text ({e})") from None
     finally:
-        if f is not sys.stdin:
+        if args.input != "-":
             f.close()
 
 
@@ -471,8 +474,10 @@ def seq2seq_eval_pairs(args, ckpt, model):
     if split == "val":
         pairs = task.val_pairs
         if args.data is None and args.examples is None:
+            more = "; --examples N for more" if len(pairs) > n_trainer else ""
+            train = ", which are its training pairs: data.val_fraction is 0" if not d.val_fraction else ""
             return (pairs[:n_trainer], f"the trainer's validation pairs of {path} ({min(n_trainer, len(pairs)):,} of "
-                                       f"{len(pairs):,}; --examples N for more)", task.skipped)
+                                       f"{len(pairs):,}{more}{train})", task.skipped)
         what = f"the validation pairs of {path} (split as training splits it)"
     else:
         pairs, n_long = fit_pairs(task.train_pairs, src_tok, tgt_tok, model.config.max_src_len,
@@ -674,7 +679,8 @@ def cmd_info(args):
         print(f"{n:,} parameters: {format_bytes(4 * n)} of float32 weights, {format_bytes(16 * n)} to train "
               f"(weights, gradients, two AdamW moments; activations extra); {vocab_note}")
         return 0
-    pinned = {item.split("=", 1)[0].split(".", 1)[-1].strip() for item in args.set}
+    names = [item.split("=", 1)[0].strip().split(".", 1) for item in args.set]  # valid: apply_overrides took them
+    pinned = {key for section, key in names if section == config.model_section}
     found = configs_in_budget(m, *budget, pinned & {*SIZE_KEYS[config.kind], "n_decoder_layers"})
     print(f"configs of {budget[0]:,}-{budget[1]:,} parameters like {name} ({config.kind}; {vocab_note}):")
     if not found:

@@ -23,11 +23,15 @@ def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu_stats(hypotheses, references, max_n=4):
-    """Sufficient statistics: (matches[n], totals[n] for n = 1..max_n, hyp_len, ref_len)."""
+def _check_one_reference_each(hypotheses, references):
     if len(hypotheses) != len(references):
         raise FastformerError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
                               f"and {len(references)} references")
+
+
+def bleu_stats(hypotheses, references, max_n=4):
+    """Sufficient statistics: (matches[n], totals[n] for n = 1..max_n, hyp_len, ref_len)."""
+    _check_one_reference_each(hypotheses, references)
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):
@@ -73,9 +77,7 @@ def corpus_bleu(hypotheses, references):
 def detokenized_bleu(hypotheses, references):
     """sacrebleu's standard corpus BLEU of detokenized hypotheses against the references as they
     are written (its default 13a tokenization); None when sacrebleu is not installed."""
-    if len(hypotheses) != len(references):
-        raise FastformerError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
-                              f"and {len(references)} references")
+    _check_one_reference_each(hypotheses, references)
     try:
         import sacrebleu
     except ImportError:

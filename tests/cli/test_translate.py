@@ -122,3 +122,9 @@ def test_recase():
     assert recase("je suis là.", "I am here.") == "Je suis là."
     assert recase("je suis là.", "i am here.") == "je suis là."
     assert recase("« oui »", "Yes") == "« Oui »" and recase("", "Yes") == ""
+
+
+def test_input_that_is_not_utf8(runs, tmp_path, capsys):
+    (tmp_path / "in.txt").write_bytes(b"we run.\n\xff\xfe who?\n")
+    assert main(["translate", "--checkpoint", str(runs / "words"), "--input", str(tmp_path / "in.txt")]) == 2
+    assert "line 2 is not UTF-8 text" in capsys.readouterr().err
