@@ -540,7 +540,7 @@ def cmd_export(args):
 # ------------------------------------------------------------------------------ info
 SIZE_KEYS = {"lm": ("d_model", "n_layers", "n_heads", "d_ff"),
              "seq2seq": ("d_model", "n_encoder_layers", "n_heads", "d_ff")}  # what `info --params` varies
-BUDGET_WIDTHS = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
+BUDGET_WIDTHS = (*range(32, 512, 32), *range(512, 1024, 64), *range(1024, 2049, 128))
 BUDGET_DEPTHS = range(1, 25)
 BUDGET_ASPECT = (16, 256)  # d_model / depth: the shapes between are all reasonable; outside, too deep or too wide
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
@@ -627,6 +627,8 @@ def info_config(args):
     from fastformer.data.tokenizer import make_tokenizer
     from fastformer.training.config import match_tokenizer
 
+    if not d.path and d.tokenizer in (None, "byte") and config.model.vocab_size != type(config.model).vocab_size:
+        return config, "vocabulary as configured (model.vocab_size; no data given)"
     if is_prepared_dir(d.path):
         tok = load_prepared(d.path).tokenizer
     else:  # only a char vocabulary needs the text

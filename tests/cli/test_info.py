@@ -137,3 +137,11 @@ def test_parse_budget():
     assert commands.parse_budget("500k-1.5M") == (500_000, 1_500_000)
     assert commands.parse_budget("2e6-3000000") == (2_000_000, 3_000_000)
     assert commands.parse_budget("1G-2g") == (10 ** 9, 2 * 10 ** 9)
+
+
+def test_gpt2_small_is_124m(capsys):
+    gpt2 = ["--set", "model.vocab_size=50257", "--set", "model.max_seq_len=1024", "--set", "model.d_model=768",
+            "--set", "model.n_heads=12", "--set", "model.d_ff=3072", "--set", "model.n_layers=12"]
+    assert main(["info", *gpt2]) == 0
+    out = capsys.readouterr().out
+    assert reported_count(out) == 124_439_808 and "vocabulary as configured" in out  # GPT-2 small's own count
