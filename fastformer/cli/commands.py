@@ -239,7 +239,7 @@ def cmd_translate(args):
     lower, S = ckpt.config.data.lowercase, model.config.max_src_len
     what = "words" if src_tok.kind == "word" else "characters"
     for batch in batched(source_lines(args), args.batch_size):
-        texts, unknown, keep = {}, {}, []
+        texts, unknown = {}, {}  # line number -> source to translate; unknown piece -> line numbers
         for n, line in batch:
             text = line.lower() if lower else line  # as trained
             for piece in dict.fromkeys(unknown_pieces(src_tok, text)):
@@ -253,14 +253,13 @@ def cmd_translate(args):
                     continue
             if line.strip():
                 texts[n] = text
-                keep.append(n)
         if unknown:
             warn("translate", format_unknown(unknown, what))
         outputs = translate(model, list(texts.values()), src_tok, tgt_tok, beam_size=args.beam,
                             length_penalty=args.length_penalty, truncate=True, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             decode=lambda ids: readable(tgt_tok, ids, args.lang)) if texts else []
-        done = dict(zip(keep, outputs))
+        done = dict(zip(texts, outputs))
         for n, line in batch:  # one output line per source line, empty for a blank or skipped one
             out = done.get(n, "")
             print(recase(out, line) if lower else out)
