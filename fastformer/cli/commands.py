@@ -6,12 +6,14 @@ info, plot.
     fastformer tokenizer train --data corpus.txt --vocab-size 4096 --out tok
     fastformer prepare --data corpus.txt --tokenizer tok --out data/corpus
     fastformer train --preset small --data data/corpus --out runs/small
-    fastformer eval --checkpoint runs/small --data data/corpus
+    fastformer eval --checkpoint runs/small                  # the run's own validation split
     fastformer export --checkpoint runs/small --format hf --out hf/small
     fastformer train --task reverse --config experiments/configs/tiny_reverse.yaml --out runs/reverse
     fastformer translate --checkpoint runs/reverse --text "hello123" --beam 4
+    fastformer translate --checkpoint runs/enfr --input sentences.txt --lang fr   # or --input - (stdin)
     fastformer eval --checkpoint runs/reverse                # held-out strings; --data FILE for pairs
-    fastformer info --preset small
+    fastformer info --preset small                           # exact parameter count
+    fastformer info --params 2M-3M --set model.n_layers=4    # model shapes in a budget
     fastformer plot runs/tiny runs/small --out loss.png
 
 Every subcommand is one `cmd_<name>(args)` function; `build_parser()` wires them up. A
