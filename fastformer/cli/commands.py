@@ -6,12 +6,14 @@ info, plot.
     fastformer tokenizer train --data corpus.txt --vocab-size 4096 --out tok
     fastformer prepare --data corpus.txt --tokenizer tok --out data/corpus
     fastformer train --preset small --data data/corpus --out runs/small
-    fastformer eval --checkpoint runs/small --data data/corpus
+    fastformer eval --checkpoint runs/small                  # the run's own validation split
     fastformer export --checkpoint runs/small --format hf --out hf/small
     fastformer train --task reverse --config experiments/configs/tiny_reverse.yaml --out runs/reverse
     fastformer translate --checkpoint runs/reverse --text "hello123" --beam 4
+    fastformer translate --checkpoint runs/enfr --input sentences.txt --lang fr   # or --input - (stdin)
     fastformer eval --checkpoint runs/reverse                # held-out strings; --data FILE for pairs
-    fastformer info --preset small
+    fastformer info --preset small                           # exact parameter count
+    fastformer info --params 2M-3M --set model.n_layers=4    # model shapes in a budget
     fastformer plot runs/tiny runs/small --out loss.png
 
 Every subcommand is one `cmd_<name>(args)` function; `build_parser()` wires them up. A
@@ -23,6 +25,7 @@ other exception is a bug in fastformer and keeps its traceback.
 import argparse
 import os
 import platform
+import re
 import sys
 
 import numpy as np
@@ -170,19 +173,99 @@ def load_seq2seq(path):
     return ckpt.new_model(), ckpt
 
 
+def source_lines(args):
+    """(1-based line number, text) of every source: the --text values, or the lines of --input
+    (a file, or - for stdin), read as they come."""
+    if (args.text is None) == (args.input is None):
+        raise FastformerError("translate needs either --text TEXT (repeatable) or --input FILE (- for stdin)")
+    if args.text is not None:
+        yield from enumerate(args.text, 1)
+        return
+    if args.input == "-":
+        f = getattr(sys.stdin, "buffer", sys.stdin)  # bytes, decoded line by line
+    elif not os.path.isfile(args.input):
+        raise FastformerError(f"--input file {args.input!r} does not exist")
+    else:
+        f = open(args.input, "rb")
+    try:
+        for n, line in enumerate(f, 1):
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise FastformerError(f"--input {args.input}: line {n} is not UTF-8 text ({e})") from None
+            yield n, line.rstrip("\r\n")
+    finally:
+        if args.input != "-":
+            f.close()
+
+
+def batched(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def recase(output, source):
+    """`output` with its first letter upper-cased when the source's first letter is (for a run that
+    lower-cased its data: the model writes lower case only)."""
+    first = next((c for c in source if c.isalpha()), "")
+    i = next((i for i, c in enumerate(output) if c.isalpha()), None)
+    return output if i is None or not first.isupper() else output[:i] + output[i].upper() + output[i + 1:]
+
+
+def format_unknown(unknown, what):
+    """One warning of the unknown pieces of a batch: {piece: [line numbers]}."""
+    shown = [f"{p!r} (line{'s' if len(ns) > 1 else ''} {', '.join(map(str, ns[:5]))}{', ...' if len(ns) > 5 else ''})"
+             for p, ns in list(unknown.items())[:20]]
+    more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+    return f"{what} outside the source vocabulary, read as <unk>: {', '.join(shown)}{more}"
+
+
 def cmd_translate(args):
     from fastformer import set_backend
+    from fastformer.data.pairs import readable, unknown_pieces
+    from fastformer.errors import check_int
     from fastformer.generation.search import translate
 
     if args.backend:
         set_backend(args.backend)
+    check_int("--batch-size", args.batch_size)
     model, ckpt = load_seq2seq(args.checkpoint)
-    texts = [t.lower() for t in args.text] if ckpt.config.data.lowercase else args.text  # as trained
-    outputs = translate(model, texts, ckpt.tokenizers["src"], ckpt.tokenizers["tgt"], beam_size=args.beam,
-                        length_penalty=args.length_penalty, truncate=args.truncate, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for out in outputs:
-        print(out)
+    src_tok, tgt_tok = ckpt.tokenizers["src"], ckpt.tokenizers["tgt"]
+    lower, S = ckpt.config.data.lowercase, model.config.max_src_len
+    what = "words" if src_tok.kind == "word" else "characters"
+    for batch in batched(source_lines(args), args.batch_size):
+        texts, unknown = {}, {}  # line number -> source to translate; unknown piece -> line numbers
+        for n, line in batch:
+            text = line.lower() if lower else line  # as trained
+            for piece in dict.fromkeys(unknown_pieces(src_tok, text)):
+                unknown.setdefault(piece, []).append(n)
+            length = len(src_tok.encode(text))
+            if length > S:
+                warn("translate", f"line {n}: {length} source tokens, more than the model's max_src_len={S}: "
+                                  + (f"translated from its first {S}" if args.truncate else
+                                     "skipped, its output line is empty (--truncate translates its first tokens)"))
+                if not args.truncate:
+                    continue
+            if line.strip():
+                texts[n] = text
+        if unknown:
+            warn("translate", format_unknown(unknown, what))
+        outputs = translate(model, list(texts.values()), src_tok, tgt_tok, beam_size=args.beam,
+                            length_penalty=args.length_penalty, truncate=True, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            decode=lambda ids: readable(tgt_tok, ids, args.lang)) if texts else []
+        done = dict(zip(texts, outputs))
+        for n, line in batch:  # one output line per source line, empty for a blank or skipped one
+            out = done.get(n, "")
+            print(recase(out, line) if lower else out)
+        sys.stdout.flush()
     return 0
 
 
@@ -233,91 +316,208 @@ def cmd_prepare(args):
 
 
 # ------------------------------------------------------------------------------- eval
-def cmd_eval(args):
-    import json
+def warn(command, message):
+    """One warning line on stderr."""
+    print(f"fastformer {command}: warning: {message}", file=sys.stderr)
 
-    from fastformer import set_backend
+
+def run_data_path(config, ckpt_path):
+    """The data file a run trained on, checked to be here (a relative path is relative to where
+    training ran)."""
+    path = config.data.path
+    if path and not os.path.exists(path):
+        raise FastformerError(f"the run {ckpt_path} trained on {path!r}, which is not here (a relative path is "
+                              f"relative to where training ran): pass the data with --data")
+    return path
+
+
+def check_run_data(ckpt, fingerprint, what):
+    """Warn when the data the run names is no longer the data it trained on."""
+    if ckpt.state.get("data_sha256") not in (None, fingerprint):
+        warn("eval", f"{what} changed since training (its fingerprint differs from the checkpoint's): its "
+                     f"held-out split is not the one the trainer scored")
+
+
+def lm_eval_tokens(args, model, tokenizer, config, ckpt):
+    """(ids, description, default max_batches) of what `eval` scores for a language model: the
+    run's own validation split (the trainer's windows by default) without --data, else --split
+    of a text file (split as training splits it) or of a prepared directory."""
     from fastformer.data.prepare import is_prepared_dir, load_prepared
-    from fastformer.data.text import load_text
-    from fastformer.training.checkpoint import load_model
-    from fastformer.training.evaluate import evaluate_lm
+    from fastformer.data.text import load_text, split_ids
 
-    if args.backend:
-        set_backend(args.backend)
-    if is_seq2seq_checkpoint(args.checkpoint):
-        return eval_seq2seq(args)
+    split, t = args.split or "val", config.train
+    fraction = f"its last {100 * config.data.val_fraction:g}%, as training splits it"
     if args.data is None:
-        raise FastformerError("eval of a language model needs --data: a UTF-8 text file or prepared directory")
-    model, tokenizer, config = load_model(args.checkpoint)
+        from fastformer.training.tasks import LMTask
+
+        if ckpt is None:
+            raise FastformerError(f"{args.checkpoint} is a Hugging Face directory with no run data: pass the text "
+                                  f"to score with --data FILE")
+        if split == "all":
+            raise FastformerError("--split all applies to a text file (--data FILE); the run's data has a train and "
+                                  "a val split")
+        path = run_data_path(config, ckpt.path)
+        task = LMTask(config, tokenizer=tokenizer)  # the trainer's data and split
+        check_run_data(ckpt, task.fingerprint, f"the run's data {path or '(the embedded corpus)'}")
+        ids = task.val_ids if split == "val" else task.train_ids
+        what = f"the {split} split of the run's data, {path or 'the embedded stdlib-documentation corpus'}"
+        if not is_prepared_dir(path):
+            what += f" ({fraction})" if split == "val" else " (all but its validation tokens)"
+        return ids, what, t.eval_batches if split == "val" else None
     if is_prepared_dir(args.data):
         prepared = load_prepared(args.data)
         if prepared.tokenizer.vocab_size != tokenizer.vocab_size or prepared.tokenizer.kind != tokenizer.kind:
             raise FastformerError(f"{args.data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
                                   f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} "
                                   f"with {tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
-        ids = getattr(prepared, args.split)
+        if split == "all":
+            raise FastformerError(f"--split all applies to a text file; the prepared directory {args.data} has "
+                                  f"a train and a val split: choose one")
+        return getattr(prepared, split), f"the {split} split of the prepared directory {args.data}", None
+    ids = tokenizer.encode(load_text(args.data))
+    if split == "all":
+        return ids, f"all of {args.data}", None
+    seq_len = min(args.seq_len or t.seq_len, model.config.max_seq_len)
+    train, val = split_ids(ids, config.data.val_fraction, seq_len)
+    what = f"the {split} split of {args.data} " + (f"({fraction}; --split all scores the whole file)"
+                                                   if split == "val" else "(all but its validation tokens)")
+    return (val if split == "val" else train), what, None
+
+
+def cmd_eval(args):
+    import json
+
+    from fastformer import set_backend
+    from fastformer.training.checkpoint import load_checkpoint, load_model
+    from fastformer.training.evaluate import evaluate_lm
+
+    if args.backend:
+        set_backend(args.backend)
+    if is_seq2seq_checkpoint(args.checkpoint):
+        return eval_seq2seq(args)
+    if args.examples is not None:
+        raise FastformerError("--examples applies to an encoder-decoder; a language model's share is --max-batches")
+    if is_hf_dir(args.checkpoint):
+        (model, tokenizer, config), ckpt = load_model(args.checkpoint), None
     else:
-        ids = tokenizer.encode(load_text(args.data))
+        ckpt = load_checkpoint(args.checkpoint)  # a language model: is_seq2seq_checkpoint said so
+        model, tokenizer, config = ckpt.new_model(), ckpt.tokenizer, ckpt.config
+    ids, what, default_batches = lm_eval_tokens(args, model, tokenizer, config, ckpt)
     batch_size = args.batch_size or config.train.batch_size
     seq_len = min(args.seq_len or config.train.seq_len, model.config.max_seq_len)
-    m = evaluate_lm(model, ids, batch_size, seq_len, args.max_batches, tokenizer.byte_lengths())
-    m.update(data=args.data, checkpoint=args.checkpoint, seq_len=seq_len)
+    max_batches = args.max_batches or default_batches
+    m = evaluate_lm(model, ids, batch_size, seq_len, max_batches, tokenizer.byte_lengths())
+    windows = m["tokens"] // seq_len
+    share = (f"the trainer's {max_batches} batches of {batch_size}; --max-batches N for more"
+             if default_batches and not args.max_batches else "evenly spread")
+    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, seq_len=seq_len, windows=windows,
+             split_tokens=len(ids))
     if args.json:
         print(json.dumps(m))
     else:
+        print(f"scored {what}:\n  {windows:,} windows of {seq_len} tokens = {m['tokens']:,} of its {len(ids):,} "
+              f"({share})")
         print(f"loss {m['loss']:.4f} | ppl {m['ppl']:.3f} | bits/byte {m['bits_per_byte']:.4f} | "
-              f"acc {m['acc']:.4f} | {m['tokens']:,} tokens, {m['bytes']:,} bytes, seq_len {seq_len}")
+              f"acc {m['acc']:.4f} | {m['bytes']:,} bytes")
     return 0
+
+
+def is_hf_dir(path):
+    """Whether `path` is a Hugging Face model directory rather than a fastformer checkpoint or run."""
+    from fastformer.training.checkpoint import STATE_FILE
+
+    return not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
 
 
 def is_seq2seq_checkpoint(path):
     """Whether `path` is an encoder-decoder checkpoint (or run) directory, from its config alone."""
-    from fastformer.training.checkpoint import STATE_FILE, resolve_checkpoint
+    from fastformer.training.checkpoint import resolve_checkpoint
     from fastformer.training.config import load_config
 
-    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
-        return False  # a Hugging Face directory
+    if is_hf_dir(path):
+        return False
     return load_config(os.path.join(resolve_checkpoint(path), "config.yaml")).kind == "seq2seq"
 
 
-def eval_seq2seq(args):
-    """Loss, token accuracy, exact match and BLEU of an encoder-decoder checkpoint on --data pairs,
-    or on the run's own validation data (held-out strings for the synthetic tasks)."""
-    import json
+def seq2seq_eval_pairs(args, ckpt, model):
+    """(pairs, description, skipped) of what `eval` scores for an encoder-decoder: without --data
+    the trainer's validation pairs (held-out strings of a synthetic task); with --data FILE its
+    --split as training splits a pairs file (the run's seed, val_fraction, max_pairs, ...), or all
+    of it. Pairs too long for the model are skipped and counted."""
+    import dataclasses
 
     from fastformer.data.pairs import fit_pairs, read_pairs
-    from fastformer.training.evaluate import evaluate_seq2seq
     from fastformer.training.tasks import Seq2SeqTask
 
+    config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
+    split, d, t = args.split or "val", ckpt.config.data, ckpt.config.train
+    n_trainer = t.eval_batches * t.batch_size
+    if args.data is None and d.task != "pairs":
+        if split != "val":
+            raise FastformerError(f"--split {split} needs --data FILE: a {d.task} run's training strings are drawn "
+                                  f"fresh every step, its held-out strings are the val split")
+        if args.examples is None:
+            return (Seq2SeqTask(config, ckpt.tokenizers).val_pairs,
+                    f"the trainer's {n_trainer:,} held-out {d.task} strings (--examples N for another number)", {})
+        return Seq2SeqTask(config, ckpt.tokenizers).heldout(args.examples), f"held-out {d.task} strings", {}
+    path = args.data or run_data_path(config, ckpt.path)
+    if split == "all":
+        if args.data is None:
+            raise FastformerError("--split all applies to a pairs file (--data FILE); the run's data has a train "
+                                  "and a val split")
+        pairs, skipped = read_pairs(path, lowercase=d.lowercase)
+        pairs, skipped["too long"] = fit_pairs(pairs[:args.examples], src_tok, tgt_tok, model.config.max_src_len,
+                                               model.config.max_tgt_len)
+        return pairs, f"all pairs of {path}", skipped
+    task = Seq2SeqTask(dataclasses.replace(config, data=dataclasses.replace(d, path=path)), ckpt.tokenizers)
+    if args.data is None:
+        check_run_data(ckpt, task.fingerprint, f"the run's data {path}")
+    if split == "val":
+        pairs = task.val_pairs
+        if args.data is None and args.examples is None:
+            more = "; --examples N for more" if len(pairs) > n_trainer else ""
+            train = ", which are its training pairs: data.val_fraction is 0" if not d.val_fraction else ""
+            return (pairs[:n_trainer], f"the trainer's validation pairs of {path} ({min(n_trainer, len(pairs)):,} of "
+                                       f"{len(pairs):,}{more}{train})", task.skipped)
+        what = f"the validation pairs of {path} (split as training splits it)"
+    else:
+        pairs, n_long = fit_pairs(task.train_pairs, src_tok, tgt_tok, model.config.max_src_len,
+                                  model.config.max_tgt_len)
+        what, skipped = f"the training pairs of {path} (split as training splits it)", {"too long": n_long}
+        return pairs[:args.examples], what, skipped
+    return pairs[:args.examples], what, task.skipped
+
+
+def eval_seq2seq(args):
+    """Loss, token accuracy, exact match and BLEU of an encoder-decoder checkpoint (see
+    seq2seq_eval_pairs for the pairs it scores)."""
+    import json
+
+    from fastformer.training.evaluate import evaluate_seq2seq
+
+    if args.max_batches is not None or args.seq_len is not None:
+        raise FastformerError("--max-batches and --seq-len apply to a language model; an encoder-decoder scores "
+                              "--examples N pairs")
     model, ckpt = load_seq2seq(args.checkpoint)
     config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
-    skipped = {}
-    if args.data:
-        pairs, read_skips = read_pairs(args.data, lowercase=config.data.lowercase)
-        pairs = pairs[:args.examples]
-        pairs, skipped["too long"] = fit_pairs(pairs, src_tok, tgt_tok, model.config.max_src_len,
-                                               model.config.max_tgt_len)
-        skipped.update(read_skips)
-        what = args.data
-    else:
-        task = Seq2SeqTask(config, ckpt.tokenizers)
-        if config.data.task == "pairs":
-            pairs, what = task.val_pairs[:args.examples], f"the validation pairs of {config.data.path}"
-        else:
-            pairs, what = task.heldout(args.examples or 1000), f"held-out {config.data.task} strings"
+    pairs, what, skipped = seq2seq_eval_pairs(args, ckpt, model)
     skipped = {k: v for k, v in skipped.items() if v}
     if not pairs:
         raise FastformerError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
     m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
-                         beam_size=args.beam, length_penalty=args.length_penalty)
+                         beam_size=args.beam, length_penalty=args.length_penalty, lang=args.lang)
     decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
-    m.update(data=what, checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
+    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
-              f"({decoding}) | BLEU {m['bleu']:.2f} ({m['bleu_impl']}) | {m['examples']:,} examples from {what}"
+        print(f"scored {m['examples']:,} examples: {what}"
               + (f"; skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())}" if skipped else ""))
+        standard = ("pip install sacrebleu for it" if m["sacrebleu"] is None else f"{m['sacrebleu']:.2f}")
+        print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
+              f"({decoding})")
+        print(f"BLEU {m['bleu']:.2f} on tokens ({m['bleu_impl']}, as val_bleu) | sacreBLEU {standard} on "
+              f"detokenized text (13a)")
     return 0
 
 
@@ -339,13 +539,132 @@ def cmd_export(args):
 
 
 # ------------------------------------------------------------------------------ info
+SIZE_KEYS = {"lm": ("d_model", "n_layers", "n_heads", "d_ff"),
+             "seq2seq": ("d_model", "n_encoder_layers", "n_heads", "d_ff")}  # what `info --params` varies
+BUDGET_WIDTHS = (*range(32, 512, 32), *range(512, 1024, 64), *range(1024, 2049, 128))
+BUDGET_DEPTHS = range(1, 25)
+BUDGET_ASPECT = (16, 256)  # d_model / depth: the shapes between are all reasonable; outside, too deep or too wide
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmg]?)\s*$", re.IGNORECASE)
+
+
+def parse_budget(text):
+    """(low, high) parameter counts of "2M-3M" (suffixes k, M, G; plain or 2e6 numbers too)."""
+    parts = text.split("-")
+    counts = [_COUNT.match(p) for p in parts]
+    if len(parts) != 2 or not all(counts):
+        raise FastformerError(f"--params {text!r} must be a range LOW-HIGH such as 2M-3M or 500k-1.5M "
+                              f"(suffixes k, M, G)")
+    low, high = (round(float(m[1]) * 1000 ** " kmg".index(m[2].lower() or " ")) for m in counts)
+    if not 0 < low <= high:
+        raise FastformerError(f"--params {text!r} needs 0 < LOW <= HIGH, got {low:,} and {high:,}")
+    return low, high
+
+
+def default_heads(d_model):
+    """Heads of about 64 dimensions (GPT-2's head size), a divisor of d_model."""
+    h = max(1, round(d_model / 64))
+    while d_model % h:
+        h -= 1
+    return h
+
+
+def configs_in_budget(model, low, high, pinned=()):
+    """Model configs like `model` (an LMConfig or Seq2SeqConfig) whose exact parameter count lies
+    in [low, high], sorted by count: width and depth swept over BUDGET_WIDTHS x BUDGET_DEPTHS with
+    d_model / depth in BUDGET_ASPECT (a seq2seq model gets as many decoder as encoder layers),
+    d_ff = 4 d_model and heads of about 64 dimensions, except the fields named in `pinned`, which
+    keep `model`'s values (and are not held to the aspect range).
+    Returns [(count, config)]."""
+    import dataclasses
+
+    from fastformer.models.config import LMConfig, count_parameters
+
+    width_key, depth_key, heads_key, ff_key = SIZE_KEYS["lm" if isinstance(model, LMConfig) else "seq2seq"]
+    widths = [model.d_model] if width_key in pinned else BUDGET_WIDTHS
+    depths = [getattr(model, depth_key)] if depth_key in pinned else BUDGET_DEPTHS
+    found = []
+    for C in widths:
+        heads = model.n_heads if heads_key in pinned else default_heads(C)
+        if C % heads:
+            continue
+        for L in depths:
+            if not ({width_key, depth_key} & set(pinned) or BUDGET_ASPECT[0] <= C / L <= BUDGET_ASPECT[1]):
+                continue
+            change = {width_key: C, depth_key: L, heads_key: heads, ff_key: model.d_ff if ff_key in pinned else 4 * C}
+            if depth_key == "n_encoder_layers" and "n_decoder_layers" not in pinned:
+                change["n_decoder_layers"] = L
+            cfg = dataclasses.replace(model, **change)
+            n = count_parameters(cfg)
+            if low <= n <= high:
+                found.append((n, cfg))
+    return sorted(found, key=lambda nc: (nc[0], nc[1].d_model))
+
+
+def info_config(args):
+    """The RunConfig `info` sizes (preset or config file, --data, --set) and a note on where its
+    vocabulary sizes come from."""
+    from fastformer.training.config import apply_overrides, load_config, preset
+
+    config = preset(args.preset or "tiny")
+    if args.config:
+        config = load_config(args.config, base=config)
+    config = apply_overrides(config, ([f"data.path={args.data}"] if args.data else []) + list(args.set))
+    d = config.data
+    if config.kind == "seq2seq" and d.task != "pairs":
+        from fastformer.training.tasks import Seq2SeqTask
+
+        return Seq2SeqTask(config).config, f"vocabularies from the {d.task} task's alphabet"
+    if d.path and not os.path.exists(d.path):
+        if args.data:
+            raise FastformerError(f"--data {args.data!r} does not exist")
+        return config, (f"vocabularies as configured: data.path {d.path} is not here, give --data FILE to take "
+                        f"them from the data")
+    if config.kind == "seq2seq":
+        from fastformer.training.tasks import Seq2SeqTask
+
+        return Seq2SeqTask(config).config, f"{d.tokenizer or 'word'} vocabularies built from {d.path} as training does"
+    from fastformer.data.prepare import is_prepared_dir, load_prepared
+    from fastformer.data.text import default_corpus, load_text
+    from fastformer.data.tokenizer import make_tokenizer
+    from fastformer.training.config import match_tokenizer
+
+    if not d.path and d.tokenizer in (None, "byte") and config.model.vocab_size != type(config.model).vocab_size:
+        return config, "vocabulary as configured (model.vocab_size; no data given)"
+    if is_prepared_dir(d.path):
+        tok = load_prepared(d.path).tokenizer
+    else:  # only a char vocabulary needs the text
+        text = (load_text(d.path) if d.path else default_corpus()) if d.tokenizer == "char" else None
+        tok = make_tokenizer(d.tokenizer or "byte", text)
+    return match_tokenizer(config, tok), f"the {tok.kind} tokenizer's vocabulary ({d.path or 'embedded corpus'})"
+
+
+def format_bytes(n):
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def describe_model(m):
+    """One line of a model config's shape."""
+    from fastformer.models.config import LMConfig
+
+    if isinstance(m, LMConfig):
+        return (f"d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, layers {m.n_layers}, context "
+                f"{m.max_seq_len}, vocabulary {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'}")
+    return (f"d_model {m.d_model}, heads {m.n_heads}, d_ff {m.d_ff}, {m.n_encoder_layers} encoder + "
+            f"{m.n_decoder_layers} decoder layers, source/target lengths {m.max_src_len}/{m.max_tgt_len}, "
+            f"vocabularies {m.src_vocab_size}/{m.tgt_vocab_size}, {'tied' if m.tie_embeddings else 'untied'}")
+
+
 def cmd_info(args):
-    from fastformer import Seq2SeqTransformer, TransformerLM, __version__, get_backend
+    from fastformer import __version__, get_backend
+    from fastformer.models.config import count_parameters
     from fastformer.training.distributed import get_comm
 
     comm = get_comm()  # first: under mpiexec it sets the ranks' share of the cores before the kernels load
     if comm.rank:
         return 0
+    sizing = args.preset or args.config or args.data or args.set or args.params
+    budget = parse_budget(args.params) if args.params else None
+    config, vocab_note = info_config(args) if sizing else (None, None)  # bad input fails before any output
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
     if comm.size > 1:
         print(f"mpi: {comm.size} ranks, {comm.local_size} on this node (rank 0's)")
@@ -354,22 +673,30 @@ def cmd_info(args):
 
     for key, value in thread_info().items():
         print(f"{key}: {value}")
-    if args.preset or args.config:
-        from fastformer.training.config import load_config, preset
-
-        config = preset(args.preset or "tiny")
-        if args.config:
-            config = load_config(args.config, base=config)
-        m = config.model_config()
-        if config.kind == "lm":
-            n = TransformerLM(m).num_parameters()
-            shape = f"layers {m.n_layers}, context {m.max_seq_len}"
-        else:
-            n = Seq2SeqTransformer(m).num_parameters()
-            shape = (f"{m.n_encoder_layers} encoder + {m.n_decoder_layers} decoder layers, source/target "
-                     f"lengths {m.max_src_len}/{m.max_tgt_len}, vocabularies {m.src_vocab_size}/{m.tgt_vocab_size}")
-        print(f"config {args.config or args.preset} ({config.kind}): d_model {m.d_model}, heads {m.n_heads}, "
-              f"d_ff {m.d_ff}, {shape}: {n:,} parameters, {n * 4 / 1e6:.2f} MB (float32)")
+    if config is None:
+        return 0
+    m, name = config.model_config(), args.config or args.preset or "tiny"
+    if budget is None:
+        n = count_parameters(m)
+        print(f"config {name} ({config.kind}): {describe_model(m)}")
+        print(f"{n:,} parameters: {format_bytes(4 * n)} of float32 weights, {format_bytes(16 * n)} to train "
+              f"(weights, gradients, two AdamW moments; activations extra); {vocab_note}")
+        return 0
+    names = [item.split("=", 1)[0].strip().split(".", 1) for item in args.set]  # valid: apply_overrides took them
+    pinned = {key for section, key in names if section == config.model_section}
+    found = configs_in_budget(m, *budget, pinned & {*SIZE_KEYS[config.kind], "n_decoder_layers"})
+    print(f"configs of {budget[0]:,}-{budget[1]:,} parameters like {name} ({config.kind}; {vocab_note}):")
+    if not found:
+        print("  none: widen the range or change the fixed keys")
+        return 0
+    layers = "layers" if config.kind == "lm" else "enc+dec"
+    print(f"  {'d_model':>7} {layers:>7} {'heads':>5} {'d_ff':>6} {'parameters':>12}")
+    for n, c in found:
+        depth = str(c.n_layers) if config.kind == "lm" else f"{c.n_encoder_layers}+{c.n_decoder_layers}"
+        print(f"  {c.d_model:>7} {depth:>7} {c.n_heads:>5} {c.d_ff:>6} {n:>12,}")
+    section = config.model_section
+    print(f"  train one with --set {section}.d_model=C --set {section}.{SIZE_KEYS[config.kind][1]}=L "
+          f"--set {section}.n_heads=H --set {section}.d_ff=F")
     return 0
 
 
@@ -436,12 +763,17 @@ def build_parser():
 
     p = sub.add_parser("translate", help="decode source texts with an encoder-decoder checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--text", required=True, action="append", help="source text (repeatable: one output line each)")
+    p.add_argument("--text", action="append", help="source text (repeatable: one output line each)")
+    p.add_argument("--input", help="file of source lines, or - for stdin: one output line per line, written as each "
+                                   "batch is done")
+    p.add_argument("--batch-size", type=int, default=32, help="sources decoded together (default 32)")
+    p.add_argument("--lang", default="en", help="target language of the Moses detokenizer rules (default en; "
+                                                "e.g. fr, de)")
     p.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
-    p.add_argument("--truncate", action="store_true", help="cut a source longer than the model's max_src_len "
-                                                           "instead of refusing it")
+    p.add_argument("--truncate", action="store_true", help="translate a source longer than the model's max_src_len "
+                                                           "from its first tokens instead of skipping it")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy "
                                                                   "or beam search)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
@@ -473,15 +805,21 @@ def build_parser():
     p = sub.add_parser("eval", help="language model: loss, perplexity, bits per byte, accuracy; encoder-decoder: "
                                     "loss, token accuracy, exact match, BLEU")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--data", help="language model: UTF-8 text file or prepared directory (required); "
-                                  "encoder-decoder: a source<TAB>target file (default: the run's validation "
-                                  "pairs, or held-out strings of a synthetic task)")
+    p.add_argument("--data", help="UTF-8 text file or prepared directory (language model), source<TAB>target "
+                                  "file (encoder-decoder); default: the run's own validation data, the windows "
+                                  "or pairs the trainer scores")
     p.add_argument("--beam", type=int, default=1, help="encoder-decoder: beam size (default 1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
-    p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task (default "
-                                                "1000), or at most this many pairs")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="split of a prepared directory")
-    p.add_argument("--max-batches", type=int, help="at most this many batches (default: all the text)")
+    p.add_argument("--lang", default="en", help="encoder-decoder: target language of the detokenizer for the "
+                                                "standard BLEU (default en)")
+    p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task, or at "
+                                                "most this many pairs (default: the trainer's validation set "
+                                                "without --data, else all)")
+    p.add_argument("--split", choices=("val", "train", "all"),
+                   help="val (default), train or all: a text or pairs file is split as training splits it; a "
+                        "prepared directory has train and val")
+    p.add_argument("--max-batches", type=int, help="language model: at most this many batches (default: the "
+                                                   "trainer's train.eval_batches without --data, else all)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: the run's train.batch_size)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the run's train.seq_len)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -494,10 +832,15 @@ def build_parser():
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="show the backend, versions, threads and a config's size")
+    p = sub.add_parser("info", help="show the backend, versions, threads and a config's exact parameter count")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", help="tiny, small or medium")
     g.add_argument("--config", help="YAML run config")
+    p.add_argument("--data", help="data.path: the vocabulary sizes are taken from it as training does")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable); with --params a model key set here stays fixed")
+    p.add_argument("--params", metavar="LOW-HIGH", help="list model shapes (width, depth, heads, d_ff) whose "
+                                                        "parameter count lies in this range, e.g. 2M-3M")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="plot train and validation loss of runs against step")

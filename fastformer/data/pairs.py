@@ -12,9 +12,15 @@ A batch is a dict that `Seq2SeqTransformer.loss_and_grads(**batch)` takes:
 Both data sources (`PairBatches`, `SyntheticTask`) draw from an explicit np.random.Generator (a
 run's data stream, fastformer.seeds) and have `next_batch()`, `state_dict()` and
 `load_state_dict()`, so a resumed run sees exactly the batches it would have seen.
+
+Decoded output is made readable by `readable` (punctuation re-attached by sacremoses' Moses
+detokenizer, `pip install "fastformer[text]"`; <unk> written out), and `unknown_pieces` names the
+source words or characters a tokenizer cannot represent.
 """
 
 import csv
+import functools
+import re
 import string
 
 import numpy as np
@@ -152,6 +158,57 @@ class PairBatches:
             raise FastformerError(f"data state is for {len(state['perm'])} pairs, this data has {len(self.src)}")
         self.rng.bit_generator.state = state["rng"]
         self.epoch, self.pos, self.perm = state["epoch"], state["pos"], np.asarray(state["perm"])
+
+
+# -------------------------------------------------------------------- readable text
+UNK = "<unk>"
+# the word tokenizer splits "l'eau" and "est-ce" into l ' eau and est - ce: such a mark between two
+# words is put back inside the word (the Moses detokenizer expects them attached)
+_INNER_MARK = re.compile(r"(?<=\w) ([-'’]) (?=\w)")
+_NO_SPACE_BEFORE = re.compile(r" +(?=[.,!?;:%)\]}])")  # the fallback without sacremoses
+_NO_SPACE_AFTER = re.compile(r"(?<=[(\[{]) +")
+
+
+@functools.lru_cache(maxsize=None)
+def _moses(lang):
+    try:
+        from sacremoses import MosesDetokenizer
+    except ImportError:
+        return None
+    return MosesDetokenizer(lang=lang)
+
+
+def detokenize(tokens, lang="en"):
+    """One readable string of word tokens: inner apostrophes and hyphens joined to their words,
+    then sacremoses' Moses detokenizer for `lang` (punctuation re-attached as that language
+    writes it), or, without sacremoses, spaces before closing and after opening marks removed."""
+    text = _INNER_MARK.sub(r"\1", " ".join(tokens))
+    moses = _moses(lang)
+    if moses is not None:
+        return moses.detokenize(text.split())
+    return _NO_SPACE_AFTER.sub("", _NO_SPACE_BEFORE.sub("", text))
+
+
+def readable(tokenizer, ids, lang="en"):
+    """The text of decoded `ids` as a reader wants it: word tokens detokenized (see `detokenize`),
+    characters joined, and an unknown token written `<unk>` instead of dropped or replaced;
+    <pad>, <bos> and <eos> are left out. Other tokenizers decode as they do."""
+    table = {"word": getattr(tokenizer, "words", None), "char": getattr(tokenizer, "chars", None)}.get(tokenizer.kind)
+    if table is None:
+        return tokenizer.decode(ids)
+    n, unk = len(tokenizer.special_tokens), tokenizer.unk_id
+    pieces = [table[i - n] if i >= n else UNK for i in np.asarray(ids).tolist() if i >= n or i == unk]
+    return detokenize(pieces, lang) if tokenizer.kind == "word" else "".join(pieces)
+
+
+def unknown_pieces(tokenizer, text):
+    """The words (word tokenizer) or characters (char tokenizer) of `text` that encode as <unk>,
+    in order; [] for tokenizers without <unk>."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return []
+    pieces = tokenizer.tokenize(text) if tokenizer.kind == "word" else list(text)
+    return [p for p, i in zip(pieces, tokenizer.encode(text).tolist()) if i == unk]
 
 
 # ------------------------------------------------------------------------- synthetic

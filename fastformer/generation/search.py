@@ -182,11 +182,12 @@ def beam_generate(model, prompt_ids, max_new_tokens, beam_size, eos_id=None, len
 
 
 def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_penalty=1.0, truncate=False,
-              max_len=None, temperature=0.0, top_k=None, top_p=None, seed=None):
+              max_len=None, temperature=0.0, top_k=None, top_p=None, seed=None, decode=None):
     """Decode a list of source strings to target strings: greedy when beam_size is 1 and
     temperature 0, beam search when beam_size > 1, sampling (top_k, top_p, seed as in
     `generate`) when temperature > 0. A source with more than max_src_len tokens is refused
-    with a FastformerError, or cut when `truncate`."""
+    with a FastformerError, or cut when `truncate`. `decode` turns each output's ids into its
+    string (default tgt_tokenizer.decode)."""
     sampling = temperature != 0 or top_k is not None or top_p is not None
     if sampling and beam_size != 1:
         raise FastformerError("beam search is deterministic: give temperature, top_k or top_p only with beam "
@@ -213,4 +214,4 @@ def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_pe
         out, _ = greedy_decode(model, src, mask, bos, eos, max_len)
     else:
         out, _ = beam_decode(model, src, mask, beam_size, length_penalty, bos, eos, max_len)
-    return [tgt_tokenizer.decode(o) for o in out]
+    return [(decode or tgt_tokenizer.decode)(o) for o in out]

@@ -88,3 +88,31 @@ class Seq2SeqConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def count_parameters(cfg):
+    """The exact parameter count of the model `cfg` describes (an LMConfig: TransformerLM; a
+    Seq2SeqConfig: Seq2SeqTransformer), from the shapes alone: nothing is allocated, so a config
+    too large for memory is sized as cheaply as a tiny one. Tied embeddings count once."""
+    if isinstance(cfg, LMConfig):
+        C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+        block = 2 * (2 * C) + _attention_parameters(C) + _feed_forward_parameters(C, F)  # ln_1, ln_2, attn, mlp
+        head = 0 if cfg.tie_embeddings else V * C  # lm_head.weight (V, C) when untied
+        return V * C + cfg.max_seq_len * C + cfg.n_layers * block + 2 * C + head  # wte, wpe, blocks, ln_f
+    if isinstance(cfg, Seq2SeqConfig):
+        C, F = cfg.d_model, cfg.d_ff
+        positions = (cfg.max_src_len + cfg.max_tgt_len) * C if cfg.positional == "learned" else 0
+        attn, ff = _attention_parameters(C), _feed_forward_parameters(C, F)
+        encoder = cfg.n_encoder_layers * (attn + ff + 2 * (2 * C)) + 2 * C  # self-attn, ff, norm1-2; encoder.norm
+        decoder = cfg.n_decoder_layers * (2 * attn + ff + 3 * (2 * C)) + 2 * C  # + cross-attn, norm3; decoder.norm
+        head = 0 if cfg.tie_embeddings else cfg.tgt_vocab_size * C
+        return (cfg.src_vocab_size + cfg.tgt_vocab_size) * C + positions + encoder + decoder + head
+    raise FastformerError(f"count_parameters needs an LMConfig or a Seq2SeqConfig, got {type(cfg).__name__}")
+
+
+def _attention_parameters(C):
+    return C * 3 * C + 3 * C + C * C + C  # fused q, k, v projection and output projection, with biases
+
+
+def _feed_forward_parameters(C, F):
+    return C * F + F + F * C + C  # up and down projections, with biases

@@ -1,6 +1,10 @@
 """Corpus BLEU-4 (Papineni et al. 2002): sacrebleu when it is installed, else the implementation
 here, which computes what sacrebleu computes on text that is already tokenized.
 
+Two figures: `corpus_bleu` scores the decoded tokens against the references tokenized the same
+way (what the trainer logs as val_bleu); `detokenized_bleu` is the standard, comparable one --
+sacrebleu's own 13a tokenization of detokenized hypotheses and the references as written.
+
     p_n  = sum over sentences of clipped n-gram matches / sum of hypothesis n-grams, n = 1..4
     BP   = 1 if c > r else exp(1 - r / c)      c, r: total hypothesis and reference lengths
     BLEU = 100 * BP * exp(mean_n log p_n)
@@ -19,11 +23,15 @@ def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu_stats(hypotheses, references, max_n=4):
-    """Sufficient statistics: (matches[n], totals[n] for n = 1..max_n, hyp_len, ref_len)."""
+def _check_one_reference_each(hypotheses, references):
     if len(hypotheses) != len(references):
         raise FastformerError(f"need one reference per hypothesis, got {len(hypotheses)} hypotheses "
                               f"and {len(references)} references")
+
+
+def bleu_stats(hypotheses, references, max_n=4):
+    """Sufficient statistics: (matches[n], totals[n] for n = 1..max_n, hyp_len, ref_len)."""
+    _check_one_reference_each(hypotheses, references)
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):
@@ -64,3 +72,14 @@ def corpus_bleu(hypotheses, references):
         return own_corpus_bleu(hypotheses, references), "fastformer"
     # force: the texts are tokenized on purpose (decoded word tokens), so no warning about it
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)], force=True).score, "sacrebleu"
+
+
+def detokenized_bleu(hypotheses, references):
+    """sacrebleu's standard corpus BLEU of detokenized hypotheses against the references as they
+    are written (its default 13a tokenization); None when sacrebleu is not installed."""
+    _check_one_reference_each(hypotheses, references)
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score

@@ -23,12 +23,12 @@ import math
 
 import numpy as np
 
-from fastformer.data.pairs import IGNORE_INDEX, make_batch
+from fastformer.data.pairs import IGNORE_INDEX, make_batch, readable
 from fastformer.data.text import eval_batches
 from fastformer.errors import FastformerError, check_int
 from fastformer.generation.search import beam_decode, greedy_decode
 from fastformer.kernels import get_ops
-from fastformer.training.bleu import corpus_bleu
+from fastformer.training.bleu import corpus_bleu, detokenized_bleu
 
 
 def evaluate_lm(model, ids, batch_size, seq_len, max_batches=None, byte_lengths=None):
@@ -88,23 +88,28 @@ def lm_metrics(parts):
     return out
 
 
-def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0):
+def evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0, lang="en"):
     """Metrics of a Seq2SeqTransformer on (source, target) text pairs, each short enough for the
     model (see seq2seq_data.fit_pairs).
 
     Returns {"loss", "token_acc"} (teacher forcing: mean cross-entropy and argmax accuracy over
     the target tokens and <eos>), {"exact_match"} (the fraction of decoded outputs whose ids
     equal the target's), {"bleu", "bleu_impl"} (corpus BLEU of the decoded text against the
-    targets as the tokenizer writes them; "sacrebleu" or "fastformer") and {"examples"}.
+    targets as the tokenizer writes them; "sacrebleu" or "fastformer"), {"sacrebleu"} (the
+    standard BLEU: the outputs detokenized as `lang` writes them, data.pairs.readable, against the
+    targets as written, sacrebleu's 13a tokenization; None without sacrebleu) and {"examples"}.
     Decoding is greedy when beam_size is 1. Deterministic: no random generator.
     """
-    return seq2seq_metrics([seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size, beam_size, length_penalty)])
+    return seq2seq_metrics([seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size, beam_size, length_penalty,
+                                         lang=lang)])
 
 
-def seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0, shard=(0, 1)):
+def seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, length_penalty=1.0, shard=(0, 1),
+                 lang="en"):
     """The sums behind evaluate_seq2seq's metrics over shard[0]'s contiguous share of the batches
     of `pairs` (of shard[1] shares): {"loss_sum", "correct", "tokens", "exact", "examples",
-    "hyps", "refs"} (the decoded and reference texts, for BLEU)."""
+    "hyps", "refs"} (the decoded and reference texts in tokens, for BLEU) and {"text_hyps",
+    "text_refs"} (detokenized outputs and the targets as written, for the standard BLEU)."""
     if not pairs:
         raise FastformerError("no (source, target) pairs to evaluate on")
     check_int("batch_size", batch_size)
@@ -113,7 +118,7 @@ def seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, len
     bos, eos = tgt_tok.bos_id, tgt_tok.eos_id
     normalize = getattr(tgt_tok, "normalize", lambda text: text)  # words: the spacing decode writes
     total_loss, correct, n_tokens, exact = 0.0, 0, 0, 0
-    hyps, refs = [], []
+    hyps, refs, text_hyps, text_refs = [], [], [], []
     starts = range(0, len(pairs), batch_size)
     nb = len(starts)
     for i in starts[rank * nb // ranks:(rank + 1) * nb // ranks]:
@@ -134,8 +139,10 @@ def seq2seq_sums(model, pairs, src_tok, tgt_tok, batch_size=64, beam_size=1, len
             exact += np.array_equal(o, t_ids)
             hyps.append(tgt_tok.decode(o))
             refs.append(normalize(t_text))
+            text_hyps.append(readable(tgt_tok, o, lang))
+            text_refs.append(t_text)
     return {"loss_sum": total_loss, "correct": correct, "tokens": n_tokens, "exact": exact,
-            "examples": len(hyps), "hyps": hyps, "refs": refs}
+            "examples": len(hyps), "hyps": hyps, "refs": refs, "text_hyps": text_hyps, "text_refs": text_refs}
 
 
 def seq2seq_metrics(parts):
@@ -146,5 +153,6 @@ def seq2seq_metrics(parts):
     correct, n_tokens = sum(p["correct"] for p in parts), sum(p["tokens"] for p in parts)
     exact, examples = sum(p["exact"] for p in parts), sum(p["examples"] for p in parts)
     bleu, impl = corpus_bleu([h for p in parts for h in p["hyps"]], [r for p in parts for r in p["refs"]])
+    standard = detokenized_bleu([h for p in parts for h in p["text_hyps"]], [r for p in parts for r in p["text_refs"]])
     return {"loss": total_loss / n_tokens, "token_acc": correct / n_tokens, "exact_match": exact / examples,
-            "bleu": bleu, "bleu_impl": impl, "examples": examples}
+            "bleu": bleu, "bleu_impl": impl, "sacrebleu": standard, "examples": examples}

@@ -116,6 +116,7 @@ class Seq2SeqTask:
             if n_long or n_long_val:
                 self.skipped["too long"] = n_long + (n_long_val if val else 0)
             self.n_train = len(src_seqs)
+            self.train_pairs = train  # the split's text pairs, long ones included (fastformer eval --split train)
             self.source = PairBatches(src_seqs, tgt_seqs, t.batch_size, streams.data,
                                       src_tok.pad_id, tgt_tok.bos_id, tgt_tok.eos_id)
             data_id = json.dumps(pairs, ensure_ascii=False)

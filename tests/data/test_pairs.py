@@ -3,16 +3,20 @@
 import numpy as np
 import pytest
 
+from fastformer.data import pairs
 from fastformer.data.pairs import (
     PairBatches,
     SyntheticTask,
+    detokenize,
     encode_pairs,
     make_batch,
     parse_alphabet,
     read_pairs,
+    readable,
     split_pairs,
+    unknown_pieces,
 )
-from fastformer.data.tokenizer import WordTokenizer
+from fastformer.data.tokenizer import ByteTokenizer, WordTokenizer
 from fastformer.errors import FastformerError
 
 
@@ -105,3 +109,38 @@ def test_synthetic_errors():
     with pytest.raises(FastformerError, match="an alphabet must be a str"):
         parse_alphabet(None)
     assert parse_alphabet("chars:abca") == "abc"
+
+
+# ------------------------------------------------------------------- readable output
+def test_readable_reattaches_punctuation_and_shows_unk():
+    pytest.importorskip("sacremoses")
+    tok = WordTokenizer.build(["Je suis froid. Où est le chat ? L'eau, est-ce là ? (oui)"])
+    ids = tok.encode("Je suis froid . Où est le zèbre ? L'eau , est-ce là ? ( oui )")
+    assert tok.decode(ids) == "Je suis froid . Où est le ? L ' eau , est - ce là ? ( oui )"  # what decode writes
+    assert readable(tok, ids) == "Je suis froid. Où est le <unk>? L'eau, est-ce là? (oui)"
+    assert readable(tok, ids, lang="fr") == "Je suis froid. Où est le <unk> ? L'eau, est-ce là ? (oui)"
+    specials = [tok.bos_id, *tok.encode("froid ."), tok.eos_id, tok.pad_id]
+    assert readable(tok, specials) == "froid."
+
+
+def test_detokenize_without_sacremoses(monkeypatch):
+    monkeypatch.setattr(pairs, "_moses", lambda lang: None)
+    tokens = "Où est le <unk> ? L ' eau , est - ce là ? ( oui ) 5 % .".split()
+    assert detokenize(tokens) == "Où est le <unk>? L'eau, est-ce là? (oui) 5%."
+
+
+def test_readable_chars_write_unk():
+    tok = SyntheticTask("reverse", alphabet="lower").tokenizer
+    ids = tok.encode("hello world")  # the space is outside the alphabet
+    assert tok.decode(ids) == "hello\ufffdworld"
+    assert readable(tok, ids) == "hello<unk>world"
+    assert readable(ByteTokenizer(), ByteTokenizer().encode("a b")) == "a b"  # other kinds decode as they do
+
+
+def test_unknown_pieces():
+    words = WordTokenizer.build(["il est mon chien ."], lowercase=True)
+    assert unknown_pieces(words, "Il est mon zèbre, ok.") == ["zèbre", ",", "ok"]
+    assert unknown_pieces(words, "il est mon chien .") == []
+    chars = SyntheticTask("reverse", alphabet="lower").tokenizer
+    assert unknown_pieces(chars, "hello World!") == [" ", "W", "!"]
+    assert unknown_pieces(ByteTokenizer(), "anything ✓") == []

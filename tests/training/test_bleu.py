@@ -1,11 +1,12 @@
 """Corpus BLEU-4 against a worked example (and against sacrebleu when it is installed)."""
 
 import math
+import sys
 
 import pytest
 
 from fastformer.errors import FastformerError
-from fastformer.training.bleu import bleu_stats, corpus_bleu, own_corpus_bleu
+from fastformer.training.bleu import bleu_stats, corpus_bleu, detokenized_bleu, own_corpus_bleu
 
 HYPS = ["the cat sat on the mat", "a b c d e"]
 REFS = ["the cat is on the mat", "a b c d e f g"]
@@ -41,3 +42,43 @@ def test_against_sacrebleu():
     assert which == "sacrebleu"
     assert own_corpus_bleu(hyps, refs) == pytest.approx(
         sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score, rel=1e-9)
+
+
+def test_detokenized_bleu_is_sacrebleus_standard_score():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps, refs = ["Il est là.", "Je suis très content de te voir !"], ["Il est ici.", "Je suis content de te voir !"]
+    assert detokenized_bleu(hyps, refs) == sacrebleu.corpus_bleu(hyps, [refs]).score
+    # the 13a tokenization splits the punctuation itself: detokenized text scores as its tokens do
+    assert detokenized_bleu(hyps, refs) == pytest.approx(
+        own_corpus_bleu(["Il est là .", "Je suis très content de te voir !"],
+                        ["Il est ici .", "Je suis content de te voir !"]), rel=1e-9)
+    with pytest.raises(FastformerError, match="one reference per hypothesis"):
+        detokenized_bleu(hyps, refs[:1])
+
+
+def test_detokenized_bleu_without_sacrebleu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu raises ImportError
+    assert detokenized_bleu(["a b"], ["a b"]) is None
+
+
+def test_evaluate_seq2seq_reports_both_bleus():
+    pytest.importorskip("sacrebleu")
+    import numpy as np
+
+    from fastformer import Seq2SeqConfig, Seq2SeqTransformer
+    from fastformer.data.pairs import make_batch, readable
+    from fastformer.data.tokenizer import WordTokenizer
+    from fastformer.generation.search import greedy_decode
+    from fastformer.training.evaluate import evaluate_seq2seq
+
+    pairs = [("i am here .", "Je suis là."), ("who ?", "Qui ?"), ("we run .", "L'eau, est-ce là ?")]
+    src, tgt = WordTokenizer.build([s for s, _ in pairs]), WordTokenizer.build([t for _, t in pairs])
+    model = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=src.vocab_size, tgt_vocab_size=tgt.vocab_size,
+                                             max_src_len=8, max_tgt_len=10, d_model=16, n_heads=2, d_ff=16,
+                                             n_encoder_layers=1, n_decoder_layers=1), seed=3)
+    m = evaluate_seq2seq(model, pairs, src, tgt, batch_size=2)
+    b = make_batch([src.encode(s) for s, _ in pairs], [tgt.encode(t) for _, t in pairs], src.pad_id)
+    out, _ = greedy_decode(model, b["src_ids"], b["src_mask"], tgt.bos_id, tgt.eos_id)
+    assert m["bleu"] == corpus_bleu([tgt.decode(o) for o in out], [tgt.normalize(t) for _, t in pairs])[0]
+    assert m["sacrebleu"] == detokenized_bleu([readable(tgt, o) for o in out], [t for _, t in pairs])
+    assert np.isfinite(m["sacrebleu"])

@@ -68,7 +68,7 @@ def test_eval_text_file_and_prepared_split_agree(runs, capsys):
     pytest.importorskip("tokenizers")
     d = runs["dir"]
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", runs["bpe"], "--data", str(d / "val.txt"), "--json"]) == 0
+    assert main(["eval", "--checkpoint", runs["bpe"], "--data", str(d / "val.txt"), "--split", "all", "--json"]) == 0
     from_text = json.loads(capsys.readouterr().out)
     assert main(["eval", "--checkpoint", runs["bpe"], "--data", str(d / "prep"), "--json"]) == 0
     from_prepared = json.loads(capsys.readouterr().out)
@@ -80,6 +80,83 @@ def test_eval_text_file_and_prepared_split_agree(runs, capsys):
     # a prepared directory made by another tokenizer is refused
     assert main(["eval", "--checkpoint", runs["byte"], "--data", str(d / "prep")]) == 2
     assert "prepared with a bpe tokenizer of" in capsys.readouterr().err
+
+
+def last_validation(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "val_loss" in r][-1]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_eval_without_data_reproduces_the_trainers_last_validation(runs, kind, capsys):
+    if kind not in runs:
+        pytest.skip("tokenizers is not installed")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", runs[kind], "--json"]) == 0
+    m, logged = json.loads(capsys.readouterr().out), last_validation(runs[kind])
+    assert m["loss"] == pytest.approx(logged["val_loss"], rel=1e-9, abs=0)
+    assert m["bits_per_byte"] == pytest.approx(logged["val_bpb"], rel=1e-9, abs=0)
+    assert m["acc"] == logged["val_acc"] and m["split"] == "val"
+    assert m["windows"] == 4 and m["tokens"] == 4 * 16  # train.eval_batches=1 batch of 4 windows of 16
+    # more batches: more of the same validation split, a different figure
+    assert main(["eval", "--checkpoint", runs[kind], "--max-batches", "100", "--json"]) == 0
+    more = json.loads(capsys.readouterr().out)
+    assert more["windows"] == (more["split_tokens"] - 1) // 16 > 4 and more["loss"] != m["loss"]
+    assert main(["eval", "--checkpoint", runs[kind]]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("scored the val split of the run's data") and "(the trainer's 1 batches of 4" in said[1]
+
+
+def test_eval_of_a_text_file_splits_it_as_training_does(runs, capsys):
+    d, run = runs["dir"], runs["byte"]
+    capsys.readouterr()
+    n = len((d / "train.txt").read_bytes())  # byte tokenizer: one token per byte
+    n_val = round(0.1 * n)
+    scored = {}
+    for split in ("val", "train", "all"):
+        assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt"), "--split", split, "--json"]) == 0
+        scored[split] = json.loads(capsys.readouterr().out)
+    assert [scored[s]["split_tokens"] for s in ("val", "train", "all")] == [n_val, n - n_val, n]
+    assert all(scored[s]["windows"] == (scored[s]["split_tokens"] - 1) // 16 for s in scored)
+    # the default is the val split, and the run's own file split as training did gives the trainer's windows
+    assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == scored["val"]["loss"]
+    assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt"), "--max-batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last_validation(run)["val_loss"], rel=1e-9)
+    assert main(["eval", "--checkpoint", run, "--data", str(d / "train.txt")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == (f"scored the val split of {d / 'train.txt'} (its last 10%, as training splits it; "
+                       f"--split all scores the whole file):")
+    windows = (n_val - 1) // 16
+    assert said[1] == f"  {windows} windows of 16 tokens = {windows * 16} of its {n_val} (evenly spread)"
+
+
+def test_eval_split_refusals(runs, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", runs["byte"], "--split", "all"]) == 2
+    assert "--split all applies to a text file" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", runs["byte"], "--examples", "3"]) == 2
+    assert "--examples applies to an encoder-decoder" in capsys.readouterr().err
+    if "bpe" in runs:
+        assert main(["eval", "--checkpoint", runs["bpe"], "--data", str(runs["dir"] / "prep"), "--split", "all"]) == 2
+        assert "the prepared directory" in capsys.readouterr().err
+
+
+def test_eval_says_when_the_runs_data_moved_or_changed(tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    data.write_text(STORY * 40, encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--data", str(data), "--out", run]) == 0
+    capsys.readouterr()
+    data.write_text(STORY.upper() * 40, encoding="utf-8")
+    assert main(["eval", "--checkpoint", run]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("fastformer eval: warning: the run's data") and "changed since training" in err
+    data.unlink()
+    assert main(["eval", "--checkpoint", run]) == 2
+    err = capsys.readouterr().err
+    assert "trained on" in err and "which is not here" in err and "--data" in err and err.count("\n") == 1
 
 
 def _hf_check(export_dir, model, tokenizer, text):

@@ -106,14 +106,27 @@ def test_cli_train_translate_eval(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == lines  # top-k 1 is greedy
     assert main(["translate", "--checkpoint", run, "--text", "abc", "--temperature", "1", "--beam", "2"]) == 2
     assert "beam search is deterministic" in capsys.readouterr().err
-    assert main(["translate", "--checkpoint", run, "--text", "abcdefghij"]) == 2  # 10 > max_src_len 8
-    err = capsys.readouterr().err
-    assert "has 10 tokens, more than the model's max_src_len=8" in err and "--truncate" in err
+    # 10 > max_src_len 8: skipped (an empty line), not fatal to the others, reported by its line
+    assert main(["translate", "--checkpoint", run, "--text", "abc", "--text", "abcdefghij", "--text", "hello"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [lines[0], "", lines[1]]
+    assert err == ("fastformer translate: warning: line 2: 10 source tokens, more than the model's max_src_len=8: "
+                   "skipped, its output line is empty (--truncate translates its first tokens)\n")
+    assert main(["translate", "--checkpoint", run, "--text", "abcdefghij", "--truncate"]) == 0
+    assert "line 1: 10 source tokens, more than the model's max_src_len=8: translated from its first 8" in \
+        capsys.readouterr().err
     assert main(["translate", "--checkpoint", run, "--text", "abcdefghij", "--truncate"]) == 0
     assert main(["translate", "--checkpoint", run, "--text", "abcdefgh"]) == 0
     truncated, cut = capsys.readouterr().out.splitlines()
     assert truncated == cut
 
+    assert main(["eval", "--checkpoint", run, "--json"]) == 0  # the trainer's held-out strings
+    m = json.loads(capsys.readouterr().out)
+    logged = [r for r in metrics(run) if "val_loss" in r][-1]
+    assert m["examples"] == 8 and m["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)  # trained on numpy
+    assert (m["token_acc"], m["exact_match"]) == (logged["val_acc"], logged["val_exact"])
+    assert main(["eval", "--checkpoint", run, "--split", "train"]) == 2
+    assert "training strings are drawn fresh every step" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", run, "--examples", "20", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["examples"] == 20 and m["decoding"] == "greedy" and m["bleu_impl"] in ("sacrebleu", "fastformer")
@@ -122,7 +135,7 @@ def test_cli_train_translate_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == m  # the same held-out strings every time
     assert main(["eval", "--checkpoint", run, "--examples", "20", "--beam", "2"]) == 0
     out = capsys.readouterr().out
-    assert "exact match" in out and "(beam 2)" in out and "BLEU" in out and "20 examples" in out
+    assert "exact match" in out and "(beam 2)" in out and "BLEU" in out and "scored 20 examples" in out
     assert main(["generate", "--checkpoint", run, "--prompt", "a"]) == 2
     assert "not a language model" in capsys.readouterr().err
 
@@ -150,13 +163,25 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
 
     assert main(["translate", "--checkpoint", run, "--text", "I am zebra."]) == 0  # unknown word -> <unk>
     assert main(["translate", "--checkpoint", run, "--text", "i am zebra."]) == 0  # the run lower-cased its data
-    upper, lower = capsys.readouterr().out.splitlines()
-    assert upper == lower
-    assert main(["eval", "--checkpoint", run, "--data", str(data)]) == 0
+    out, err = capsys.readouterr()
+    upper, lower = out.splitlines()
+    assert err.count("words outside the source vocabulary, read as <unk>: 'zebra' (line 1)") == 2
+    assert upper == lower[:1].upper() + lower[1:]  # the source's capital comes back at the start
+    assert main(["eval", "--checkpoint", run, "--data", str(data), "--split", "all"]) == 0
     out = capsys.readouterr().out
-    assert "12 examples from" in out and "skipped 3 too long, 3 empty line, 3 no tab, 3 empty side" in out
-    assert main(["eval", "--checkpoint", run, "--json"]) == 0  # the run's validation pairs
-    assert json.loads(capsys.readouterr().out)["data"].startswith("the validation pairs of")
+    assert "scored 12 examples: all pairs of" in out
+    assert "skipped 3 empty line, 3 no tab, 3 empty side, 3 too long" in out
+    assert main(["eval", "--checkpoint", run, "--json"]) == 0  # the run's validation pairs, as the trainer scores
+    m = json.loads(capsys.readouterr().out)
+    logged = [r for r in metrics(run) if "val_loss" in r][-1]
+    assert m["data"].startswith("the trainer's validation pairs of") and m["examples"] == 4  # round(0.25 * 15)
+    assert m["loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and m["bleu"] == logged["val_bleu"]
+    # the run's own file: --split val is the same 4 pairs, --split train the other 11, of which 3 too long
+    assert main(["eval", "--checkpoint", run, "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == m["loss"]
+    assert main(["eval", "--checkpoint", run, "--data", str(data), "--split", "train", "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)
+    assert train["examples"] == 8 and train["skipped"] == {"too long": 3}
     assert main(["eval", "--checkpoint", run, "--data", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
