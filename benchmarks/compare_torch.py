@@ -52,32 +52,36 @@ PAUSE = 0.2  # seconds between two contenders' turns, so one's idle threads are 
 
 # --- the fastformer side: one backend, one preset, in its own process ---
 
-def train_call(backend, preset):
-    """(step function, the first step's loss) of fastformer's `backend`, warmed up."""
-    _, fn = bench.make_train_step(preset, backend)
+def train_call(backend, preset, shape):
+    """(step function, the first step's loss) of fastformer's `backend`, warmed up; `shape` is
+    (batch, seq_len), None for the preset's."""
+    _, fn = bench.make_train_step(preset, backend, batch=shape[0], seq_len=shape[1])
     return fn, float(fn())
 
 
-def generate_call(backend, preset):
+def generate_call(backend, preset, shape=None):
     """(generate function, 0: the reference the others are checked against) of `backend`, warmed up."""
     _, _, fn = bench.make_generate(preset, backend)
     fn()
     return fn, 0.0
 
 
-def worker(part, backend, preset, threads):
-    """One fastformer contender, answering the parent through torch_contenders.serve."""
+def worker(part, backend, preset, threads, batch, seq_len):
+    """One fastformer contender, answering the parent through torch_contenders.serve; batch and
+    seq_len 0 for the preset's."""
     from fastformer.kernels.threads import configure_threads
 
     configure_threads(threads)
-    serve(lambda: (train_call if part == "train" else generate_call)(backend, preset))
+    shape = (batch or None, seq_len or None)
+    serve(lambda: (train_call if part == "train" else generate_call)(backend, preset, shape))
 
 
-def write_inputs(part, preset, inputs):
+def write_inputs(part, preset, inputs, shape=(None, None)):
     """Write into the directory `inputs` what the PyTorch contenders of `part` need for `preset`,
-    as plain files (see torch_contenders.py): fastformer's model, inputs and settings."""
+    as plain files (see torch_contenders.py): fastformer's model, inputs and settings; `shape`
+    (batch, seq_len) of a training step, None for the preset's."""
     if part == "train":
-        s = bench.train_setup(preset)
+        s = bench.train_setup(preset, batch=shape[0], seq_len=shape[1])
         cfg, opt, flat = s.model.config, s.optimizer, s.model.flat
         assert cfg.tie_embeddings, "TorchGPT models the tied LM head of the presets"
         spec = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
@@ -103,10 +107,11 @@ class Contender:
     """A worker process -- this script for fastformer, torch_contenders.py for the others --
     driven over its stdin and stdout."""
 
-    def __init__(self, part, name, preset, threads, inputs, env):
+    def __init__(self, part, name, preset, threads, inputs, env, shape):
         self.name = name
         if name in FASTFORMER:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads),
+                   str(shape[0] or 0), str(shape[1] or 0)]
         else:
             cmd = [sys.executable, os.path.join(HERE, "torch_contenders.py"), part, name, str(threads), inputs]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -127,13 +132,13 @@ class Contender:
         self.proc.wait()
 
 
-def run_contenders(part, names, preset, threads, rounds, calls, env):
+def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None, None)):
     """({name: 1 / median seconds per call}, {name: ready check}, {name: error text}), and
     records each contender's BLAS in BLAS_SEEN. calls(name) is the number of timed calls a turn;
-    env the environment of the contenders' processes."""
+    env the environment of the contenders' processes; shape (batch, seq_len) of a training step."""
     with tempfile.TemporaryDirectory() as inputs:
-        write_inputs(part, preset, inputs)
-        started = [Contender(part, name, preset, threads, inputs, env) for name in names]
+        write_inputs(part, preset, inputs, shape)
+        started = [Contender(part, name, preset, threads, inputs, env, shape) for name in names]
         running, checks, failed = [], {}, {}
         try:
             for c in started:  # they set up and warm up (compile) side by side; nothing is timed yet
@@ -158,11 +163,12 @@ def run_contenders(part, names, preset, threads, rounds, calls, env):
 BLAS_SEEN = {}  # {BLAS description: [contenders that reported it]}, filled by run_contenders
 
 
-def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env):
+def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env, shape, with_numpy=True):
     """{contender: steps/s, or the error text of a torch.compile that failed}."""
-    names = [n for n in TRAIN_CONTENDERS if with_compile or not n.startswith("torch.compile")]
+    names = [n for n in TRAIN_CONTENDERS if (with_compile or not n.startswith("torch.compile"))
+             and (with_numpy or n != "numpy")]
     rates, first, failed = run_contenders("train", names, preset, threads, rounds,
-                                          lambda name: numpy_steps if name == "numpy" else steps, env)
+                                          lambda name: numpy_steps if name == "numpy" else steps, env, shape)
     for name in failed:
         if not name.startswith("torch.compile"):
             raise SystemExit(f"{preset}: {name} {failed[name]}")
@@ -194,8 +200,8 @@ def ratio(a, b, width=9):
 
 
 def main():
-    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    if len(sys.argv) == 8 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2], sys.argv[3], sys.argv[4], *map(int, sys.argv[5:]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"], choices=list(PRESETS))
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -204,6 +210,10 @@ def main():
     ap.add_argument("--gen-rounds", type=int, default=5, help="alternating generation rounds (default 5)")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     ap.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate"])
+    ap.add_argument("--batch", type=int, default=None, help="rows of a training step (default: the preset's)")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[None],
+                    help="tokens per row of a training step, one table row each (default: the preset's)")
+    ap.add_argument("--no-numpy", action="store_true", help="leave out the NumPy backend (slow at long T)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of every contender (default: FASTFORMER_NUM_THREADS, else the cores)")
     args = ap.parse_args()
@@ -235,20 +245,23 @@ def main():
 def print_training(args, n, env):
     """The training table of every preset; returns the torch.compile failures."""
     failures = []
-    shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p)) for p in args.presets}))
+    shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p, args.batch, T)) for p in args.presets
+                               for T in args.seq_len}))
     print(f"training steps/s, batch x seq {shapes}, vocab {bench.VOCAB}, the presets' AdamW; "
           f"median over {args.rounds} rounds of {args.steps} steps ({args.numpy_steps} for numpy)")
     print("torch as users run it (its own process, its defaults), and '+s' with fastformer's process "
           "settings (allocator policy, OpenBLAS spin)")
     print(f"{'preset':8s} {'numpy':>7s} {'numba':>7s} {'eager':>7s} {'eager+s':>7s} {'compile':>7s} "
           f"{'comp+s':>7s}  {'/numpy':>7s} {'/eager':>7s} {'/eager+s':>8s} {'/compile':>8s} {'/comp+s':>8s}")
-    for preset in args.presets:
-        r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n, env)
+    for preset, T in [(p, T) for p in args.presets for T in args.seq_len]:
+        r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n, env,
+                             (args.batch, T), not args.no_numpy)
+        label = preset if T is None and args.batch is None else "{}@{}x{}".format(preset, *bench.batch_shape(preset, args.batch, T))
         comp = [r.get(name, "not run") for name in ("torch.compile", "torch.compile" + SETTINGS)]
-        failures += [f"{preset}: torch.compile {c}" for c in comp if isinstance(c, str) and c != "not run"]
+        failures += [f"{label}: torch.compile {c}" for c in comp if isinstance(c, str) and c != "not run"]
         eager, eager_s = r["torch eager"], r["torch eager" + SETTINGS]
-        print(f"{preset:8s} {r['numpy']:7.2f} {r['numba']:7.2f} {eager:7.2f} {eager_s:7.2f} "
-              f"{cell(comp[0], 7)} {cell(comp[1], 7)}  {ratio(r['numba'], r['numpy'], 7)} "
+        print(f"{label:8s} {cell(r.get('numpy', 'not run'), 7)} {r['numba']:7.2f} {eager:7.2f} {eager_s:7.2f} "
+              f"{cell(comp[0], 7)} {cell(comp[1], 7)}  {ratio(r['numba'], r.get('numpy'), 7)} "
               f"{ratio(r['numba'], eager, 7)} {ratio(r['numba'], eager_s, 8)} {ratio(r['numba'], comp[0], 8)} "
               f"{ratio(r['numba'], comp[1], 8)}", flush=True)
     return failures

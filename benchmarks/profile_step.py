@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
     ap.add_argument("--backend", default="numba", choices=["numpy", "numba"])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's)")
     args = ap.parse_args()
 
     fastformer.set_backend(args.backend)
@@ -67,7 +69,7 @@ def main():
     gemm = timed("all", np.matmul, into=gemms)
     layers.np = numpy_ops.np = numpy_with(gemm)
 
-    setup = bench.train_setup(args.preset)
+    setup = bench.train_setup(args.preset, batch=args.batch, seq_len=args.seq_len)
 
     def step():
         setup.model.loss_and_grads(setup.ids, setup.targets)

@@ -115,6 +115,11 @@ def sized(kernel, work):
     return _SERIAL.get(kernel.__name__, kernel) if work < SMALL_WORK else kernel
 
 
+def serial(kernel):
+    """The serial twin of `kernel`, for a caller that runs it on threads of its own."""
+    return _SERIAL[kernel.__name__]
+
+
 
 _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 
@@ -599,7 +604,7 @@ def _cross_entropy_fwd(x, t, ignore_index, inv_n, dx, nll):
         nll[n] = _cross_entropy_row(x[n], t[n], ignore_index, inv_n, dx[n])
 
 
-@_kernel("void(F[:, ::1], int64[::1], int64, F, float64[::1])")
+@_kernel("void(F[:, ::1], int64[::1], int64, F, float64[::1])", serial_twin=True)
 def _cross_entropy_fwd_inplace(x, t, ignore_index, inv_n, nll):
     """`_cross_entropy_fwd` with dx = x: the gradient overwrites the logits. A kernel of its own
     because Numba tells LLVM that the array arguments of a parallel loop never alias, so

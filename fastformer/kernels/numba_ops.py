@@ -215,13 +215,17 @@ class NumbaOps(NumpyOps):
         K._attention_bwd(q, k, v, out, dout, np.ascontiguousarray(lse), np.ascontiguousarray(kpm),
                          key_padding_mask is not None, bool(causal), q.dtype.type(scale), dq, dk, dv)
 
-    def _run_heads(self, tasks):
-        """The heads of a tiled attention side by side, one per thread of a pool of the
-        configured thread count, each on one BLAS thread with the serial block kernels (numba
-        kernels and NumPy's GEMMs release the GIL)."""
-        threads = min(len(tasks), configured_threads() or 1)
+    def _task_threads(self):
+        return configured_threads() or 1
+
+    def _run_tasks(self, tasks):
+        """The tasks side by side, one per thread of a pool of the configured thread count, each
+        on one BLAS thread with serial kernels (Numba kernels and NumPy's GEMMs release the
+        GIL): no parallel region per block or chunk hands the cores back and forth between
+        the BLAS and the Numba thread pools, which on a busy machine wait for each other."""
+        threads = min(len(tasks), self._task_threads())
         if threads < 2:
-            return super()._run_heads(tasks)
+            return super()._run_tasks(tasks)
         global _head_pool
         if _head_pool is None or _head_pool._max_workers != threads:
             _head_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-heads")
@@ -261,9 +265,10 @@ class NumbaOps(NumpyOps):
         return loss, dlogits
 
     def _cross_entropy_rows(self, x, t, ignore_index, inv_n):
-        """The reference's, in one parallel pass over the rows of a chunk of the fused LM head."""
+        """The reference's, in one serial pass over the rows of a chunk of the fused LM head
+        (the chunks run side by side: _run_tasks)."""
         nll = np.empty(x.shape[0], np.float64)
-        K._cross_entropy_fwd_inplace(x, np.ascontiguousarray(t), int(ignore_index), inv_n, nll)
+        K.serial(K._cross_entropy_fwd_inplace)(x, np.ascontiguousarray(t), int(ignore_index), inv_n, nll)
         return nll
 
     # --------------------------------------------------------------------- GELU

@@ -228,7 +228,7 @@ class NumpyOps:
     # The flash-attention structure: query blocks x key blocks, every block product a GEMM, an
     # online softmax (running max m and sum l per row) between them, and a backward that
     # recomputes each block's probabilities from the saved lse; no (T, S) array per head. The
-    # elementwise steps are the three `_flash_*` methods and the heads run through `_run_heads`,
+    # elementwise steps are the three `_flash_*` methods and the heads run through `_run_tasks`,
     # which a backend overrides; the loops and the GEMMs are written once, here. A backend uses
     # them above its measured crossover (numba_ops.ATTENTION_TILED_FROM); the reference itself
     # keeps the plain form above as the specification.
@@ -240,7 +240,7 @@ class NumpyOps:
         B, H, T, hs = q.shape
         lse = np.empty((B, H, T), q.dtype)
         masks = _padding_rows(key_padding_mask, B, k.shape[2])
-        self._run_heads([(self._tiled_head, (q[b, h], k[b, h], v[b, h], masks[b], causal, scale, out[b, h], lse[b, h]))
+        self._run_tasks([(self._tiled_head, (q[b, h], k[b, h], v[b, h], masks[b], causal, scale, out[b, h], lse[b, h]))
                          for b in range(B) for h in range(H)])
         return lse
 
@@ -270,7 +270,7 @@ class NumpyOps:
         q, k, v, out, lse, causal, key_padding_mask, scale = cache
         B, H = q.shape[:2]
         masks = _padding_rows(key_padding_mask, B, k.shape[2])
-        self._run_heads([(self._tiled_head_grads, (q[b, h], k[b, h], v[b, h], out[b, h], lse[b, h], dout[b, h],
+        self._run_tasks([(self._tiled_head_grads, (q[b, h], k[b, h], v[b, h], out[b, h], lse[b, h], dout[b, h],
                                                    masks[b], causal, scale, dq[b, h], dk[b, h], dv[b, h]))
                          for b in range(B) for h in range(H)])
 
@@ -300,8 +300,14 @@ class NumpyOps:
                 dq[r0:r0 + R] += np.matmul(ds, kj, out=part[:R * hs].reshape(R, hs))
                 dkj += np.matmul(ds.T, q[r0:r0 + R], out=part[:n * hs].reshape(n, hs))
 
-    def _run_heads(self, tasks):
-        """Run every (function, args) of `tasks`, the heads of a tiled attention, one by one."""
+    def _task_threads(self):
+        """How many of `_run_tasks`' tasks run at once: 1 here."""
+        return 1
+
+    def _run_tasks(self, tasks):
+        """Run every (function, args) of `tasks` -- the heads of a tiled attention, the chunk
+        groups of the fused LM head -- one by one. A backend may run them side by side: they
+        write to disjoint arrays."""
         for fn, args in tasks:
             fn(*args)
 
@@ -485,26 +491,42 @@ class NumpyOps:
         n = int(counted.sum())
         inv_n = h2.dtype.type(1.0 / max(n, 1))
         rows = head_chunk_rows(V, h2.dtype) if chunk_rows is None else check_int("chunk_rows", chunk_rows)
-        buf = np.empty((max(1, min(rows, N)), V), h2.dtype)  # (R, V): a chunk's logits, then their gradient
+        starts = list(range(0, N, rows))
         nll = np.zeros(N, np.float64)
-        if grad:
-            dh = np.empty_like(h2)  # (N, C)
-            dw = np.zeros_like(w) if dweight is None else dweight  # (V, C)
-            part = np.empty_like(w) if N > rows else None  # a later chunk's share of dweight
-            if N == 0:
-                dw[...] = 0
-        for s in range(0, N, rows):
+        dh = np.empty_like(h2) if grad else None  # (N, C)
+        dw = (np.zeros_like(w) if dweight is None else dweight) if grad else None  # (V, C)
+        if grad and N == 0:
+            dw[...] = 0
+        # the chunks in contiguous groups, one per thread of _run_tasks; each group but the first
+        # sums its share of dweight in an array of its own, added in at the end (so dweight's
+        # last bits depend on the thread count, as a threaded GEMM's may)
+        workers = max(1, min(self._task_threads(), len(starts)))
+        groups = [g.tolist() for g in np.array_split(np.array(starts, np.int64), workers)]
+        parts = [dw] + [np.empty_like(w) for _ in groups[1:]] if grad else [None] * workers
+        self._run_tasks([(self._head_chunks, (h2, w, t, ignore_index, inv_n, rows, group, nll, dh, part))
+                         for group, part in zip(groups, parts)])
+        for part in parts[1:] if grad else ():
+            dw += part
+        loss = float(nll.sum() / n) if n else 0.0
+        return loss, ((dh.reshape(h.shape), dw) if grad else None)
+
+    def _head_chunks(self, h2, w, t, ignore_index, inv_n, rows, starts, nll, dh, dw):
+        """The chunks of `linear_cross_entropy_forward` beginning at `starts`, one after
+        another: nll[rows] and, when dh is given, dh[rows] and dw (overwritten, then summed
+        over the chunks)."""
+        N, V = h2.shape[0], w.shape[0]
+        buf = np.empty((max(1, min(rows, N)), V), h2.dtype)  # (R, V): a chunk's logits, then their gradient
+        part = np.empty_like(w) if dh is not None and len(starts) > 1 else None
+        for i, s in enumerate(starts):
             e = min(N, s + rows)
             x = np.matmul(h2[s:e], w.T, out=buf[:e - s])  # logits of rows s..e
             nll[s:e] = self._cross_entropy_rows(x, t[s:e], ignore_index, inv_n)  # x is now dlogits
-            if grad:
+            if dh is not None:
                 # logits = h @ w.T  ->  dh = dlogits @ w, dw = sum over the chunks of dlogits^T @ h
                 np.matmul(x, w, out=dh[s:e])
-                np.matmul(x.T, h2[s:e], out=dw if s == 0 else part)
-                if s:
+                np.matmul(x.T, h2[s:e], out=dw if i == 0 else part)
+                if i:
                     dw += part
-        loss = float(nll.sum() / n) if n else 0.0
-        return loss, ((dh.reshape(h.shape), dw) if grad else None)
 
     def linear_cross_entropy_backward(self, dloss, cache):
         """Returns (dh, dweight) of `linear_cross_entropy_forward(..., grad=True)` scaled by
