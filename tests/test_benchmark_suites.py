@@ -34,6 +34,7 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
         assert f"test_train_step[{backend}-tiny]" in names
         assert f"test_generate[{backend}-tiny]" in names
         assert f"test_kernel[{backend}-tiny-attention_backward]" in names
+        assert f"test_kernel[{backend}-tiny-lm_head_cross_entropy]" in names
     for b in results:
         assert b["stats"]["rounds"] == 1
         if b["name"].startswith("test_train_step"):
@@ -55,7 +56,9 @@ def test_asv_suite_discovers_every_benchmark():
     assert bench_train.TrainStep.track_steps_per_sec.unit == "steps/s"
     assert bench_train.TrainStep.params == (["numpy", "numba"], ["tiny", "small", "medium"])
     assert bench_generate.Generate.track_tokens_per_sec.unit == "tokens/s"
-    kernels = {"Softmax", "LayerNorm", "Attention", "CrossEntropy", "Gelu", "AdamW"}
+    kernels = {"Softmax", "LayerNorm", "Attention", "LongAttention", "CrossEntropy", "LMHeadCrossEntropy", "Gelu",
+               "AdamW"}
+    assert list(bench_kernels.LongAttention.params) == [["numpy", "numba"], [1024, 4096]]
     assert kernels <= set(dir(bench_kernels))
 
 

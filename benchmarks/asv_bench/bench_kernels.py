@@ -1,4 +1,5 @@
-"""Kernel micro-benchmarks at the medium preset's shapes: B=32, T=128, C=256, H=8, F=1024, V=4096.
+"""Kernel micro-benchmarks at the medium preset's shapes: B=32, T=128, C=256, H=8, F=1024, V=4096,
+and attention at long sequences (the same 4096 tokens a call as B x T = 4 x 1024 and 1 x 4096).
 What each call's inputs are is in `fastformer.bench.make_kernel_call`."""
 
 from fastformer.cli import bench
@@ -49,6 +50,33 @@ class Attention(_Kernel):
 
     def time_backward(self, backend):
         self.calls["backward"]()
+
+
+class LongAttention:
+    """Causal self-attention from a fused QKV at T = 1024 and 4096 (the tiled form on Numba)."""
+
+    params = [BACKENDS, [1024, 4096]]
+    param_names = ["backend", "seq_len"]
+    timeout = 300
+
+    def setup(self, backend, seq_len):
+        self.calls = {op: bench.make_kernel_call(op, PRESET, backend, seq_len=seq_len)
+                      for op in ("attention_forward", "attention_backward")}
+        for call in self.calls.values():
+            call()
+
+    def time_forward(self, backend, seq_len):
+        self.calls["attention_forward"]()
+
+    def time_backward(self, backend, seq_len):
+        self.calls["attention_backward"]()
+
+
+class LMHeadCrossEntropy(_Kernel):
+    ops = {"forward_backward": "lm_head_cross_entropy"}
+
+    def time_forward_backward(self, backend):
+        self.calls["forward_backward"]()
 
 
 class CrossEntropy(_Kernel):

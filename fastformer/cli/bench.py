@@ -164,25 +164,31 @@ def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
     return model, prompt, gen
 
 
-def kernel_shapes(preset):
-    """Shape letters of a preset's training step: B, T, C, H, F, V."""
+def kernel_shapes(preset, seq_len=None):
+    """Shape letters of a preset's training step: B, T, C, H, F, V; with `seq_len`, T is that
+    and B keeps the step's tokens (B x T) where it can (at least 1)."""
     cfg, (B, T) = preset_config(preset), batch_shape(preset)
+    if seq_len is not None:
+        B, T = max(1, B * T // check_int("seq_len", seq_len)), seq_len
     return {"B": B, "T": T, "C": cfg.d_model, "H": cfg.n_heads, "F": cfg.d_ff, "V": cfg.vocab_size}
 
 
 KERNEL_OPS = ("softmax_forward", "softmax_backward", "layernorm_forward", "layernorm_backward",
-              "attention_forward", "attention_backward", "cross_entropy", "gelu_forward",
-              "gelu_backward", "adamw_update", "decode_step")
+              "attention_forward", "attention_backward", "cross_entropy", "lm_head_cross_entropy",
+              "gelu_forward", "gelu_backward", "adamw_update", "decode_step")
 
 
-def make_kernel_call(op, preset, backend=None, seed=0):
+def make_kernel_call(op, preset, backend=None, seed=0, seq_len=None):
     """A zero-argument callable running one kernel of `backend` (default: the current one) once
-    on the inputs a `preset` training step gives it, built here (float32, random):
+    on the inputs a `preset` training step gives it (of `seq_len` tokens a row when given:
+    kernel_shapes), built here (float32, random):
 
         softmax             attention scores (B, H, T, T)
         layernorm           the residual stream (B, T, C)
         attention           causal self-attention from the fused projection qkv (B, T, 3C)
         cross_entropy       forward and backward on the logits (B, T, V)
+        lm_head_cross_entropy  the LM head fused with the cross-entropy, loss and gradients of
+                            h (B, T, C) and the tied head (V, C): no (B, T, V) logits
         gelu                the MLP hidden layer (B, T, F) with its bias fused
         adamw_update        one step of the preset's AdamW over its model's flat parameter buffer
         decode_step         one generation step (batch 1) of the preset model after a 16-token
@@ -194,7 +200,7 @@ def make_kernel_call(op, preset, backend=None, seed=0):
         raise FastformerError(f"unknown kernel benchmark {op!r}: valid names are {', '.join(KERNEL_OPS)}")
     backend = backend or get_backend()
     with use_backend(backend) as ops:
-        S = kernel_shapes(preset)
+        S = kernel_shapes(preset, seq_len)
         B, T, C, H, F, V = (S[k] for k in "BTCHFV")
         rng = seeds.bench_stream(seed)
 
@@ -227,6 +233,11 @@ def make_kernel_call(op, preset, backend=None, seed=0):
                 return ops.cross_entropy_backward(1.0, cache)
 
             calls = {"cross_entropy": cross_entropy}
+        elif kind == "lm_head_cross_entropy":
+            h, w = randn(B, T, C), 0.02 * randn(V, C)  # (B, T, C), (V, C)
+            targets, dw = rng.integers(0, V, size=(B, T)), np.empty((V, C), np.float32)
+            calls = {"lm_head_cross_entropy": lambda: ops.linear_cross_entropy_forward(h, w, targets, grad=True,
+                                                                                        dweight=dw)}
         elif kind == "gelu":
             x, b = randn(B, T, F), 0.1 * randn(F)  # (B, T, F)
             y, cache = ops.gelu_forward(x, b, approximate="tanh")
