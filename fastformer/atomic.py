@@ -73,34 +73,59 @@ def temp_target(name):
     return m.group("target") if m else None
 
 
+class AtomicFile:
+    """A fresh temporary file beside `path`, open for writing as `.file` ("w" text, "wb" bytes):
+    `commit()` fsyncs it and renames it over `path`, `discard()` deletes it. atomic_open is the
+    `with` form; this one serves a writer that stays open across calls."""
+
+    def __init__(self, path, mode="wb"):
+        check_choice("mode", mode, ("w", "wb"))
+        self.path = path
+        parent, name = _split(path)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=name + TEMP_MARK, suffix="", dir=parent)
+        except OSError as e:
+            raise _named(e, path) from None
+        try:
+            os.fchmod(fd, file_mode())
+            self.file = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+        except BaseException:
+            os.close(fd)
+            self.discard()
+            raise
+
+    def commit(self):
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise _named(e, self.path, self.tmp) from None
+
+    def discard(self):
+        if getattr(self, "file", None) is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w"):
     """Open a fresh temporary file for writing ("w" text, "wb" bytes) that replaces `path` only
     when the block succeeds; on any failure the temporary is removed and `path` is untouched."""
-    check_choice("mode", mode, ("w", "wb"))
-    parent, name = _split(path)
+    out = AtomicFile(path, mode)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=name + TEMP_MARK, suffix="", dir=parent)
+        yield out.file
     except OSError as e:
-        raise _named(e, path) from None
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise _named(e, path, tmp) from None
+        out.discard()
+        raise _named(e, path, out.tmp) from None
     except BaseException:
-        _remove_quietly(tmp)
+        out.discard()
         raise
-
-
-def _remove_quietly(tmp):
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
+    out.commit()
 
 
 def write_json_atomic(obj, path, **dump_kwargs):

@@ -239,9 +239,27 @@ def _read_state(path):
     if not (isinstance(rng, dict) and isinstance(rng.get("dropout"), dict) and isinstance(rng.get("data"), dict)):
         raise bad("rng must hold the generator states 'dropout' and 'data' (objects)")
     ranks = rng.get("dropout_ranks")
-    if ranks is not None and not (isinstance(ranks, list) and ranks and all(isinstance(r, dict) for r in ranks)):
+    if ranks is not None and not (isinstance(ranks, list) and ranks):
         raise bad("rng.dropout_ranks must be a list of generator states")
+    for i, s in enumerate([rng["dropout"], *(ranks or [])]):
+        if not _is_generator_state(s):
+            raise bad(f"rng.{'dropout' if i == 0 else f'dropout_ranks[{i - 1}]'} is not the state of a NumPy "
+                      f"bit generator ({', '.join(_BIT_GENERATORS)})")
     return state
+
+
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+
+
+def _is_generator_state(s):
+    """Whether `s` is a state that its named NumPy bit generator accepts."""
+    if not isinstance(s, dict) or s.get("bit_generator") not in _BIT_GENERATORS:
+        return False
+    try:
+        getattr(np.random, s["bit_generator"])().state = s
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def load_checkpoint(path):
