@@ -159,9 +159,15 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_sta
         state = {"format_version": FORMAT_VERSION, "step": step, "model_kind": config.kind, "rng": rng_states,
                  "files": files, **(extra or {})}
         write_json_atomic(state, os.path.join(tmp, STATE_FILE))
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        remove_dir(old)  # renamed aside first: a prune cut short leaves no half checkpoint
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` checkpoints of a run (each renamed aside first, so a prune
+    cut short leaves no half checkpoint; the next start finishes it)."""
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        remove_dir(old)
 
 
 class Checkpoint:

@@ -42,7 +42,13 @@ from fastformer import seeds
 from fastformer.atomic import atomic_open
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
-from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint, sweep_run_dir
+from fastformer.training.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    sweep_run_dir,
+)
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
@@ -139,6 +145,7 @@ class Trainer:
         if self.is_main:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
             self._trim_metrics()
+            prune_checkpoints(out_dir, cfg.train.keep_checkpoints)  # a prune a killed run had not finished
 
     # ---------------------------------------------------------------- state
     def _rng_states(self):

@@ -350,3 +350,11 @@ def test_a_failed_metrics_trim_loses_no_line(run, monkeypatch):
     assert [n for n in os.listdir(run) if ".tmp" in n] == []
     Trainer(None, run, resume=True, text=TEXT, verbose=False).close()
     assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4]
+
+
+def test_a_prune_not_done_is_finished_at_the_next_start(run):
+    """A run killed after writing a checkpoint and before pruning holds one too many."""
+    Trainer(tiny_config(max_steps=4, checkpoint_interval=2, keep_checkpoints=1), run, resume=True, text=TEXT,
+            verbose=False).close()
+    assert [os.path.basename(d) for d in checkpoint_dirs(run)] == ["ckpt-000004"]
+    assert sorted(os.listdir(run)) == [".lock", "ckpt-000004", "config.yaml", "metrics.jsonl"]
