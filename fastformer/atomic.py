@@ -134,7 +134,7 @@ def write_json_atomic(obj, path, **dump_kwargs):
         json.dump(obj, f, **{"indent": 1, **dump_kwargs})
 
 
-def fsync_dir(path):
+def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -147,12 +147,11 @@ def _finish_modes(tmp):
     a library wrote privately, e.g. safetensors' 0600, included); symlinks are left alone."""
     fmode, dmode = file_mode(), dir_mode()
     for root, dirs, files in os.walk(tmp):
-        for name in files:
+        for name in files + dirs:
             p = os.path.join(root, name)
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                os.chmod(p, fmode)
-        for name in dirs:
-            os.chmod(os.path.join(root, name), dmode)
+            kind = os.lstat(p).st_mode
+            if stat.S_ISREG(kind) or stat.S_ISDIR(kind):
+                os.chmod(p, fmode if stat.S_ISREG(kind) else dmode)
     os.chmod(tmp, dmode)
 
 
@@ -170,7 +169,7 @@ def atomic_dir(path, replace=False):
     try:
         yield tmp
         _finish_modes(tmp)
-        fsync_dir(tmp)
+        _fsync_dir(tmp)
         if replace and os.path.isdir(path) and not os.path.islink(path) and os.listdir(path):
             old = _aside(path)
             try:
@@ -181,7 +180,7 @@ def atomic_dir(path, replace=False):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        fsync_dir(parent)
+        _fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _named(e, path, tmp) from None
