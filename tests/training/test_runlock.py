@@ -2,10 +2,12 @@
 the holder's PID; a lock left by a dead process is taken over; readers take no lock."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from test_trainer import TEXT, tiny_config
@@ -117,3 +119,31 @@ def test_readers_take_no_lock(holder, capsys):
     run, _ = holder
     assert main(["generate", "--checkpoint", run, "--prompt", "the", "--max-new-tokens", "2"]) == 0
     assert main(["export", "--checkpoint", run, "--format", "hf", "--out", run + "-hf"]) == 0
+
+
+def test_two_train_commands_on_one_directory(tmp_path):
+    """Two `fastformer train` processes: the second is refused naming the first, which goes on."""
+    from test_kill_resume import ENV, TINY_YAML, WORKER
+
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    (tmp_path / "data.txt").write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
+    run, log = str(tmp_path / "run"), tmp_path / "a.log"
+    args = ["train", "--config", str(tmp_path / "tiny.yaml"), "--data", str(tmp_path / "data.txt"), "--out", run]
+    first = subprocess.Popen([sys.executable, WORKER, str(log), "0.1", *args], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        while not (log.exists() and "model-half" in log.read_text()):  # it is writing its first checkpoint
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        second = subprocess.run([sys.executable, "-m", "fastformer.cli", *args, "--seed", "1"], env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"is in use by another fastformer process (PID {first.pid})" in second.stderr
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        first.stderr.close()
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 10))  # one run's lines, in order
