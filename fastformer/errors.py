@@ -95,3 +95,21 @@ def check_targets(targets, shape, of):
     if targets.shape != shape and not (shape[0] == 1 and targets.shape == shape[1:]):
         raise FastformerError(f"targets must have the shape of {of} {tuple(shape)}, got {targets.shape}")
     return targets.reshape(shape)
+
+
+def error_line(e):
+    """The one line the command line prints for `e`: a FastformerError's message, or an OSError
+    from a failed system call (errno set: a missing file, a full disk, a read-only directory) as
+    'PATH: reason'. None for anything else, which is a bug and keeps its traceback (an OSError
+    with no errno behind it, such as io.UnsupportedOperation, is one)."""
+    if isinstance(e, FastformerError):
+        text = str(e)
+    elif isinstance(e, OSError) and e.errno is not None:
+        reason = e.strerror or str(e)
+        if e.filename is None:
+            text = reason
+        else:
+            text = repr(e.filename) + (f" -> {e.filename2!r}" if e.filename2 is not None else "") + f": {reason}"
+    else:
+        return None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

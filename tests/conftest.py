@@ -61,3 +61,21 @@ def numerical_grad(f, x, eps=1e-6):
         flat[i] = old
         gflat[i] = (fp - fm) / (2 * eps)
     return g
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the many-trial fault "
+                                                         "suites)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: many-trial tests, run only with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="a many-trial test: run it with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, error_line
 
 
 # ----------------------------------------------------------------------------- train
@@ -866,8 +866,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FastformerError, OSError) as e:  # bad input; anything else is a bug and shows its traceback
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    except (FastformerError, OSError) as e:  # bad input or a file error; anything else is a bug
+        message = error_line(e)
+        if message is None:
+            raise
         print(f"fastformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

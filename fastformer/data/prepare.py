@@ -31,7 +31,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from fastformer.atomic import write_json_atomic
+from fastformer.atomic import AtomicFile, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, check_bool, check_int
 
@@ -92,29 +92,25 @@ def _encode(tokenizer, pieces):
 
 
 class _SplitWriter:
-    """Appends ids to DIR/<split>.bin.tmp, counting tokens and bytes and hashing the file."""
+    """Appends ids to a temporary beside DIR/<split>.bin, counting tokens and bytes and hashing the file."""
 
     def __init__(self, out_dir, split, dtype):
         self.path = os.path.join(out_dir, f"{split}.bin")
-        self.file = open(self.path + ".tmp", "wb")
+        self.out = AtomicFile(self.path, "wb")  # a fresh temporary beside it (fastformer.atomic)
         self.dtype, self.tokens, self.bytes, self.sha = dtype, 0, 0, hashlib.sha256()
 
     def write(self, ids, n_bytes):
         raw = np.ascontiguousarray(ids, dtype=self.dtype).tobytes()
-        self.file.write(raw)
+        self.out.file.write(raw)
         self.sha.update(raw)
         self.tokens += len(ids)
         self.bytes += n_bytes
 
     def abort(self):
-        self.file.close()
-        os.remove(self.path + ".tmp")
+        self.out.discard()
 
     def close(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.path + ".tmp", self.path)
+        self.out.commit()
         return {"file": os.path.basename(self.path), "tokens": self.tokens, "bytes": self.bytes,
                 "sha256": self.sha.hexdigest()}
 

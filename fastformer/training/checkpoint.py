@@ -13,12 +13,17 @@ checkpoint, newest last:
                                its task's position), the data fingerprint, and the SHA-256 of
                                each file above
 
-A checkpoint is written into `ckpt-000500.tmp/` (every file fsynced) and then renamed into place,
-so a run killed at any moment leaves the previous checkpoint whole; `state.json` is written last
-and its checksums reject a file that was truncated or altered later. Only safetensors, JSON and
-YAML are read: loading never executes code.
+A checkpoint is written into a fresh private directory beside it, `ckpt-000500.tmp-XXXXXXXX/`
+(every file fsynced), and then renamed into place, so a run killed at any moment leaves the
+previous checkpoint whole; `state.json` is written last. The files a checkpoint must hold are
+fixed by its model kind (`checkpoint_files`): state.json must list exactly those, each with its
+SHA-256, which rejects a file that was truncated or altered later (a state.json cannot name
+other files, nor leave one out). Old checkpoints are pruned by renaming them to a temporary name
+before deleting them; `sweep_run_dir` removes what a killed writer left. Only safetensors, JSON
+and YAML are read: loading never executes code.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +34,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fastformer.atomic import write_json_atomic
+from fastformer.atomic import atomic_dir, remove_dir, remove_stale_temps, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, is_int
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import load_config, save_config
@@ -39,21 +44,22 @@ from fastformer.training.config import load_config, save_config
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+_LEGACY_TMP_RE = re.compile(r"^ckpt-\d+\.tmp$")  # the fixed temporary name of older fastformers
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # the tokenizers of each model kind: name -> directory inside the checkpoint
 TOKENIZER_DIRS = {"lm": {"tokenizer": "."}, "seq2seq": {"src": "src_tokenizer", "tgt": "tgt_tokenizer"}}
+
+
+def checkpoint_files(kind):
+    """The files a checkpoint of a `kind` model holds besides state.json, in the order written:
+    the keys its state.json's "files" must have, no more and no fewer."""
+    tokenizers = [os.path.normpath(os.path.join(sub, TOKENIZER_FILE)) for sub in TOKENIZER_DIRS[kind].values()]
+    return ["model.safetensors", "optimizer.safetensors", "config.yaml", *tokenizers]
 
 
 def _fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path):
@@ -62,6 +68,20 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def safetensors_errors(path):
+    """A SafetensorError caused by the file system (a full disk, a read-only directory) as the
+    OSError it carries, naming `path`; any other SafetensorError is raised as it is."""
+    try:
+        yield
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), os.fspath(path)) from None
 
 
 def checkpoint_dirs(run_dir):
@@ -92,6 +112,24 @@ def resolve_checkpoint(path):
     return latest_checkpoint(path)
 
 
+def sweep_run_dir(run_dir):
+    """Delete what killed writers left in a run directory (call it holding the run's lock):
+    temporaries of checkpoints, config.yaml and metrics.jsonl (`<name>.tmp-XXXXXXXX`), older
+    fastformers' `ckpt-NNNNNN.tmp`, and checkpoint directories whose state.json is gone (a prune
+    cut short). Only real directories and files of those names; a symlink is never followed.
+    Returns the names removed."""
+    removed = remove_stale_temps(run_dir, r"ckpt-\d+|config\.yaml|metrics\.jsonl")
+    for entry in os.scandir(run_dir):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        legacy = _LEGACY_TMP_RE.match(entry.name)
+        orphan = _CKPT_RE.match(entry.name) and not os.path.lexists(os.path.join(entry.path, STATE_FILE))
+        if legacy or orphan:
+            shutil.rmtree(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
 def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_states, extra=None,
                     keep=2):
     """Write RUN/ckpt-<step> atomically and delete all but the newest `keep` checkpoints.
@@ -100,36 +138,36 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_sta
         tokenizers: {name: tokenizer} with the names of TOKENIZER_DIRS[config.kind].
         rng_states: {name: bit_generator.state dict} of every generator the run uses.
         extra: more JSON-able fields for state.json (e.g. the data fingerprint).
-    Returns the checkpoint directory.
+    Returns the checkpoint directory. A file-system error (a full disk) raises OSError naming
+    it, with no temporary left and the earlier checkpoints untouched.
     """
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    weights = {n: np.ascontiguousarray(a) for n, a in model.state_dict().items()}
-    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    save_file({n: np.ascontiguousarray(a) for n, a in optimizer.state_dict().items()},
-              os.path.join(tmp, "optimizer.safetensors"), metadata={"optimizer": type(optimizer).__name__})
-    save_config(config, os.path.join(tmp, "config.yaml"))
-    names = ["model.safetensors", "optimizer.safetensors", "config.yaml"]
-    for name, sub in TOKENIZER_DIRS[config.kind].items():
-        tokenizers[name].save(os.path.join(tmp, sub))
-        names.append(os.path.normpath(os.path.join(sub, TOKENIZER_FILE)))
-    files = {}
-    for name in names:
-        _fsync_file(os.path.join(tmp, name))
-        files[name] = _sha256(os.path.join(tmp, name))
-    state = {"format_version": FORMAT_VERSION, "step": step, "model_kind": config.kind, "rng": rng_states,
-             "files": files, **(extra or {})}
-    write_json_atomic(state, os.path.join(tmp, STATE_FILE))
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(final, replace=True) as tmp:  # re-saving a step (e.g. after a resume) replaces it
+        weights = {n: np.ascontiguousarray(a) for n, a in model.state_dict().items()}
+        with safetensors_errors(final):
+            save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            save_file({n: np.ascontiguousarray(a) for n, a in optimizer.state_dict().items()},
+                      os.path.join(tmp, "optimizer.safetensors"),
+                      metadata={"optimizer": type(optimizer).__name__})
+        save_config(config, os.path.join(tmp, "config.yaml"))
+        for name, sub in TOKENIZER_DIRS[config.kind].items():
+            tokenizers[name].save(os.path.join(tmp, sub))
+        files = {}
+        for name in checkpoint_files(config.kind):
+            _fsync_file(os.path.join(tmp, name))
+            files[name] = _sha256(os.path.join(tmp, name))
+        state = {"format_version": FORMAT_VERSION, "step": step, "model_kind": config.kind, "rng": rng_states,
+                 "files": files, **(extra or {})}
+        write_json_atomic(state, os.path.join(tmp, STATE_FILE))
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` checkpoints of a run (each renamed aside first, so a prune
+    cut short leaves no half checkpoint; the next start finishes it)."""
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        remove_dir(old)
 
 
 class Checkpoint:
@@ -159,23 +197,88 @@ class Checkpoint:
         return model
 
 
+def _read_state(path):
+    """The state.json of checkpoint directory `path`, checked against what fastformer writes:
+    FastformerError naming the file and the field otherwise."""
+    state_path = os.path.join(path, STATE_FILE)
+
+    def bad(what):
+        return FastformerError(f"checkpoint file {state_path!r} is corrupt: {what}")
+
+    try:
+        with open(state_path, "rb") as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad("it is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"it is not JSON ({e})") from None
+    except RecursionError:
+        raise bad("its JSON is nested too deeply") from None
+    if not isinstance(state, dict):
+        raise bad(f"it holds a JSON {type(state).__name__}, not an object")
+    version = state.get("format_version")
+    if not is_int(version) or version != FORMAT_VERSION:
+        raise FastformerError(f"checkpoint file {state_path!r} has format_version {version!r}; this fastformer "
+                              f"reads version {FORMAT_VERSION}")
+    kind = state.get("model_kind", "lm")
+    if kind not in TOKENIZER_DIRS:
+        raise bad(f"model_kind must be one of {', '.join(TOKENIZER_DIRS)}, got {kind!r}")
+    step = state.get("step")
+    if not is_int(step) or step < 0:
+        raise bad(f"step must be an integer >= 0, got {step!r}")
+    m = _CKPT_RE.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:
+        raise bad(f"it says step {step} in the directory of step {int(m.group(1))}")
+    files, expected = state.get("files"), checkpoint_files(kind)
+    if not isinstance(files, dict):
+        raise bad(f"files must map each of {', '.join(expected)} to its SHA-256, got {type(files).__name__} "
+                  f"{str(files)[:60]}")
+    if set(files) != set(expected):
+        extra, missing = sorted(set(files) - set(expected)), [n for n in expected if n not in files]
+        raise bad(f"files must list exactly {', '.join(expected)}"
+                  + (f"; missing {', '.join(missing)}" if missing else "")
+                  + (f"; not a file of a checkpoint: {', '.join(map(repr, extra))}" if extra else ""))
+    for name, digest in files.items():
+        if not (isinstance(digest, str) and _SHA256_RE.match(digest)):
+            raise bad(f"the SHA-256 of {name} must be 64 hexadecimal digits, got {digest!r}")
+    rng = state.get("rng")
+    if not (isinstance(rng, dict) and isinstance(rng.get("dropout"), dict) and isinstance(rng.get("data"), dict)):
+        raise bad("rng must hold the generator states 'dropout' and 'data' (objects)")
+    ranks = rng.get("dropout_ranks")
+    if ranks is not None and not (isinstance(ranks, list) and ranks):
+        raise bad("rng.dropout_ranks must be a list of generator states")
+    for i, s in enumerate([rng["dropout"], *(ranks or [])]):
+        if not _is_generator_state(s):
+            raise bad(f"rng.{'dropout' if i == 0 else f'dropout_ranks[{i - 1}]'} is not the state of a NumPy "
+                      f"bit generator ({', '.join(_BIT_GENERATORS)})")
+    return state
+
+
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+
+
+def _is_generator_state(s):
+    """Whether `s` is a state that its named NumPy bit generator accepts."""
+    if not isinstance(s, dict) or s.get("bit_generator") not in _BIT_GENERATORS:
+        return False
+    try:
+        getattr(np.random, s["bit_generator"])().state = s
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
 def load_checkpoint(path):
     """Load and verify a checkpoint (a checkpoint directory, or a run directory: its newest).
 
-    A missing, truncated or altered file raises FastformerError naming it.
+    The files a checkpoint must have are fixed by its model kind (checkpoint_files); each is
+    checked against the SHA-256 in state.json. A missing, truncated or altered file, or a
+    malformed state.json, raises FastformerError naming it.
     """
     path = resolve_checkpoint(path)
-    state_path = os.path.join(path, STATE_FILE)
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-        files, step = state["files"], state["step"]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise FastformerError(f"checkpoint {path!r} is corrupt: cannot read {STATE_FILE} ({e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise FastformerError(f"checkpoint {path!r} has format_version {state.get('format_version')!r}; "
-                              f"this fastformer reads version {FORMAT_VERSION}")
-    for name, digest in files.items():
+    state = _read_state(path)
+    step = state["step"]
+    for name, digest in state["files"].items():
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
             raise FastformerError(f"checkpoint {path!r} is incomplete: {name} is missing")

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, error_line
 from fastformer.kernels.threads import ENV_VAR, available_cores
 
 # set by MPICH/Hydra (PMI_*), Open MPI (OMPI_*), PMIx launchers and Intel MPI (MPI_LOCALNRANKS)
@@ -147,11 +147,11 @@ def abort_on_error(comm, passthrough=()):
         sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): interrupted; a training run continues "
                          f"from its newest checkpoint with --resume\n")
         comm.abort(130)
-    except (FastformerError, OSError) as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): error: {message}\n")
-        comm.abort(2)
-    except BaseException:
+    except BaseException as e:  # a FastformerError or file error is one line (errors.error_line), a bug its traceback
+        message = error_line(e)
+        if message is not None:
+            sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): error: {message}\n")
+            comm.abort(2)
         sys.stderr.write(f"fastformer (rank {comm.rank} of {comm.size}): aborting the job after:\n"
                          f"{traceback.format_exc()}")
         comm.abort(1)

@@ -4,9 +4,11 @@
 import json
 import os
 
+from fastformer.atomic import atomic_dir
 from fastformer.data.bpe import byte_level_chars
 from fastformer.errors import FastformerError
 from fastformer.models.hf import save_hf
+from fastformer.training.checkpoint import safetensors_errors
 
 
 def hf_tokenizer(tokenizer):
@@ -48,34 +50,37 @@ def export_hf(model, tokenizer, out_dir):
     """Write `model` and its tokenizer as a Hugging Face directory: model.safetensors, config.json,
     tokenizer.json and tokenizer_config.json (for PreTrainedTokenizerFast / AutoTokenizer).
 
-    The directory is built under a temporary name and renamed into place; an existing non-empty
-    `out_dir` is refused. A tokenizer kind without an equivalent is left out (with a warning).
-    Returns the names of the files written.
+    The directory is built under a fresh temporary name beside `out_dir` and renamed into place
+    (fastformer.atomic.atomic_dir): nothing else is created or deleted. An existing non-empty
+    `out_dir`, or one that is not a directory, is refused. A tokenizer kind without an equivalent
+    is left out (with a warning). Returns the names of the files written.
     """
-    import shutil
     import warnings
 
+    out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise FastformerError("the export directory (--out) is an empty path: name a new directory")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FastformerError(f"export directory {out_dir!r} exists and is not a directory: choose a new one")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FastformerError(f"export directory {out_dir!r} already exists and is not empty: choose a new one")
-    tmp = out_dir.rstrip("/\\") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    hf_tok = hf_tokenizer(tokenizer)
-    if hf_tok is None:
-        warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face equivalent: exported the model "
-                      f"without a tokenizer", stacklevel=2)
-    else:
-        hf_tok.save(os.path.join(tmp, "tokenizer.json"))
-        names = {v: k for k, v in tokenizer.special_tokens.items()}
-        tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_seq_len,
-                "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eos_id],
-                "pad_token": names[tokenizer.pad_id], "clean_up_tokenization_spaces": False}
-        if "<unk>" in tokenizer.special_tokens:
-            tcfg["unk_token"] = "<unk>"
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(tcfg, f, indent=2)
-    wrote = sorted(os.listdir(tmp))
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        with safetensors_errors(out_dir):
+            save_hf(model, tmp, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        hf_tok = hf_tokenizer(tokenizer)
+        if hf_tok is None:
+            warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face equivalent: exported the model "
+                          f"without a tokenizer", stacklevel=2)
+        else:
+            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(hf_tok.to_str(pretty=True))  # what Tokenizer.save writes, with Python's file errors
+            names = {v: k for k, v in tokenizer.special_tokens.items()}
+            tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_seq_len,
+                    "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eos_id],
+                    "pad_token": names[tokenizer.pad_id], "clean_up_tokenization_spaces": False}
+            if "<unk>" in tokenizer.special_tokens:
+                tcfg["unk_token"] = "<unk>"
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump(tcfg, f, indent=2)
+        wrote = sorted(os.listdir(tmp))
     return wrote

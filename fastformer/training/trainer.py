@@ -33,17 +33,26 @@ import os
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 from tqdm import tqdm
 
 from fastformer import seeds
+from fastformer.atomic import atomic_open
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
-from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from fastformer.training.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    sweep_run_dir,
+)
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
+from fastformer.training.runlock import lock_run_dir
 from fastformer.training.tasks import make_task
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,14 +82,27 @@ class Trainer:
 
     def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None):
         self.comm = comm = get_comm() if comm is None else comm
+        self._release = None
         with abort_on_error(comm):
-            self._init(config, out_dir, resume, text, verbose)
+            try:
+                self._init(config, out_dir, resume, text, verbose)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        """Release the run directory's lock (also released when the process ends)."""
+        if self._release is not None:
+            self._release()  # a weakref.finalize: runs once, here or when the Trainer is collected
 
     def _init(self, config, out_dir, resume, text, verbose):
         comm = self.comm
         self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
             raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
+        if self.is_main:  # the one writer of the run directory: lock it, then sweep what a killed run left
+            self._release = weakref.finalize(self, lock_run_dir(out_dir).release)
+            sweep_run_dir(out_dir)
         ckpt = None
         if check_bool("resume", resume):
             ckpt = load_checkpoint(out_dir)
@@ -121,9 +143,9 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
         if self.is_main:
-            os.makedirs(out_dir, exist_ok=True)
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
             self._trim_metrics()
+            prune_checkpoints(out_dir, cfg.train.keep_checkpoints)  # a prune a killed run had not finished
 
     # ---------------------------------------------------------------- state
     def _rng_states(self):
@@ -140,15 +162,18 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         rng, rank, size = ckpt.state["rng"], self.comm.rank, self.comm.size
         ranks = rng.get("dropout_ranks") or [rng["dropout"]]
-        if len(ranks) == size:
-            self.model.rng.bit_generator.state = ranks[rank]
-        else:
-            if rank == 0:
+        try:  # the generator states of state.json (its shape is checked by load_checkpoint)
+            if len(ranks) == size:
+                self.model.rng.bit_generator.state = ranks[rank]
+            elif rank == 0:
                 self.model.rng.bit_generator.state = rng["dropout"]
                 warnings.warn(f"checkpoint {ckpt.path} was written by {len(ranks)} process(es), this run has "
                               f"{size}: the data order is the same, the dropout masks of ranks other than 0 "
                               f"are not those of the original run", stacklevel=3)
-        self.task.load_state_dict(rng["data"])
+            self.task.load_state_dict(rng["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FastformerError(f"checkpoint file {os.path.join(ckpt.path, 'state.json')!r} is corrupt: its rng "
+                                  f"states cannot be restored ({type(e).__name__}: {e})") from None
         self.step = ckpt.step
         if ckpt.state.get("data_sha256") != self.task.fingerprint:
             warnings.warn(f"the training data differs from the one checkpoint {ckpt.path} was trained on; "
@@ -166,10 +191,10 @@ class Trainer:
             try:
                 if json.loads(ln)["step"] <= self.step:
                     keep.append(ln)
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 pass  # a line cut by a crash
         if len(keep) != len(lines):
-            with open(path, "w", encoding="utf-8") as f:
+            with atomic_open(path) as f:  # a new file replaces the old one: a failed write loses no line
                 f.writelines(keep)
 
     # ------------------------------------------------------------- evaluate

@@ -144,11 +144,11 @@ def test_file_errors_are_one_line_and_exit_status_2(files, monkeypatch, capsys):
     data, cfg, _ = files
     assert main(["train", "--config", cfg, "--data", data, "--out", "/dev/null/run"]) == 2  # not a directory
     err = capsys.readouterr().err
-    assert err == "fastformer train: error: [Errno 20] Not a directory: '/dev/null/run'\n"
+    assert err == "fastformer train: error: '/dev/null/run': Not a directory\n"
 
     def missing(args):
         raise FileNotFoundError(2, "No such file or directory", "corpus.txt")
 
     monkeypatch.setattr(commands, "cmd_plot", missing)
     assert main(["plot", "run", "--out", "loss.png"]) == 2
-    assert capsys.readouterr().err == "fastformer plot: error: [Errno 2] No such file or directory: 'corpus.txt'\n"
+    assert capsys.readouterr().err == "fastformer plot: error: 'corpus.txt': No such file or directory\n"
