@@ -24,6 +24,7 @@ import argparse
 import os
 import platform
 import sys
+import warnings
 
 import numpy as np
 
@@ -72,12 +73,27 @@ def default_out_dir(args):
     return os.path.join("runs", args.preset or args.task or "tiny")
 
 
+def resume_command(args, comm):
+    """The command line that continues the run of `args` (under mpiexec with as many ranks)."""
+    import shlex
+
+    cmd = ["fastformer", "train", "--resume", "--out", args.out]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    if args.distributed:
+        cmd.append("--distributed")
+    if comm.size > 1:
+        cmd = ["mpiexec", "-n", str(comm.size)] + cmd
+    return shlex.join(cmd)
+
+
 def cmd_train(args):
     import time
 
     from fastformer import get_backend, set_backend
+    from fastformer.training.checkpoint import checkpoint_dirs
     from fastformer.training.distributed import get_comm
-    from fastformer.training.trainer import NonFiniteLossError, Trainer
+    from fastformer.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, fit_columns
 
     if args.out is None:
         if args.resume:
@@ -90,9 +106,10 @@ def cmd_train(args):
     trainer = Trainer(config, args.out, resume=args.resume, comm=comm)
     ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
     if trainer.is_main:
-        print(f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
-              f"{trainer.task.describe()}; backend {get_backend()}{ranks}; run directory {args.out}; "
-              f"step {trainer.step} of {config.train.max_steps}", flush=True)
+        print(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
+                           f"{trainer.task.describe()}", f"backend {get_backend()}{ranks}",
+                           f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
+                          sep="; "), flush=True)
     start = time.perf_counter()
     try:
         losses = trainer.train()
@@ -100,9 +117,21 @@ def cmd_train(args):
         if trainer.is_main:
             raise
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except TrainingInterrupted as e:  # the first Ctrl-C: every rank stopped after the same step, checkpointed
+        if trainer.is_main:
+            print(f"\nfastformer train: stopped by {e.signal} at step {e.step} of {config.train.max_steps}; "
+                  f"wrote {e.checkpoint}\nresume with: {resume_command(args, comm)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the newest complete checkpoint stands
+        if trainer.is_main:
+            newest = checkpoint_dirs(args.out)
+            print(f"\nfastformer train: stopped at once at step {trainer.step}; the newest complete checkpoint is "
+                  f"{newest[-1] if newest else 'none'}"
+                  + (f"\nresume with: {resume_command(args, comm)}" if newest else ""), file=sys.stderr)
+        return 130
     if losses and trainer.is_main:
-        print(f"done: step {trainer.step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"{time.perf_counter() - start:.1f} s; checkpoint in {args.out}")
+        print(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                           f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", "))
     return 0
 
 
@@ -518,6 +547,9 @@ def main(argv=None):
     from fastformer.training.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
+    # a warning is a line for the user, not a source location
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"fastformer {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except (FastformerError, OSError) as e:  # bad input; anything else is a bug and shows its traceback
@@ -531,6 +563,8 @@ def main(argv=None):
         print(f"\nfastformer {args.command}: interrupted; a training run continues from its newest "
               f"checkpoint with --resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
