@@ -63,6 +63,7 @@ from fastformer.training.accumulate import accumulated_loss_and_grads, batch_row
 from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
+from fastformer.training.finetune import check_init_config, init_config, load_init_source
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
 from fastformer.training.tasks import make_task
 
@@ -148,22 +149,34 @@ class Trainer:
         verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
         comm: the communicator (training/distributed.py); None: `get_comm()`, MPI when started
             by an MPI launcher, else one process.
+        init_from: fine-tuning (training/finetune.py): start from the weights and tokenizer(s) of
+            this Hugging Face GPT-2 directory or fastformer checkpoint/run directory, with a fresh
+            optimizer at step 0; config None takes its config (`finetune.init_config`).
     """
 
-    def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None):
+    def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None, init_from=None):
         self.comm = comm = get_comm() if comm is None else comm
         with abort_on_error(comm):
-            self._init(config, out_dir, resume, text, verbose)
+            self._init(config, out_dir, resume, text, verbose, init_from)
 
-    def _init(self, config, out_dir, resume, text, verbose):
+    def _init(self, config, out_dir, resume, text, verbose, init_from):
         comm = self.comm
         self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
             raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
-        ckpt = None
+        ckpt, tokenizers, self.init_from = None, None, init_from
+        if init_from is not None:
+            if resume:
+                raise FastformerError("init_from starts a new run from another model's weights and resume continues "
+                                      "this run: give one of them")
+            base = init_config(init_from)
+            config = config or base
+            check_init_config(init_from, base, config)
+            tokenizers, init_weights = load_init_source(init_from)
         if check_bool("resume", resume):
             ckpt = load_checkpoint(out_dir)
-            config = config or ckpt.config
+            config, tokenizers = config or ckpt.config, ckpt.tokenizers
+            self.init_from = ckpt.state.get("init_from")
             if config.model_config() != ckpt.config.model_config():
                 raise FastformerError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
                                       f"differs from the requested {config.model_config()}")
@@ -182,7 +195,7 @@ class Trainer:
 
         # data: the task's tokenizers (a resumed run's own), its batches and validation data;
         # the model's vocabulary sizes follow the tokenizers
-        self.task = make_task(config, text=text, tokenizers=ckpt.tokenizers if ckpt else None)
+        self.task = make_task(config, text=text, tokenizers=tokenizers)
         self.config = cfg = self.task.config
 
         # model and optimizer (the model takes its init and dropout streams of t.seed, fastformer.seeds)
@@ -191,6 +204,9 @@ class Trainer:
             self.model.rng = seeds.dropout_stream(t.seed, comm.rank)
         self.optimizer = make_optimizer(self.model.flat, t)
         self.step = 0
+        if init_from is not None:  # fine-tuning: the source's weights, the fresh optimizer and streams
+            self.model.load_state_dict(init_weights)
+            del init_weights  # the flat buffer holds them now
         if ckpt is not None:
             self._restore(ckpt)
         if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
@@ -383,7 +399,8 @@ class Trainer:
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.config,
-                               self.task.tokenizers, rng_states, extra={"data_sha256": self.task.fingerprint},
+                               self.task.tokenizers, rng_states,
+                               extra={"data_sha256": self.task.fingerprint, "init_from": self.init_from},
                                keep=self.config.train.keep_checkpoints)
 
 
