@@ -477,24 +477,34 @@ def cmd_plot(args):
 BACKEND_HELP = "kernel backend: auto, numpy or numba (default: FASTFORMER_BACKEND, else auto)"
 
 
+def _has_default(action):
+    """Whether an option's default is worth printing: not None, False or an empty list, for which
+    the help says what happens without the option."""
+    d = action.default
+    return bool(action.option_strings) and not (d is None or d is False or d == [] or d is argparse.SUPPRESS)
+
+
 class HelpFormatter(argparse.HelpFormatter):
-    """--help shows each option's default, unless its help already says it or it has no value
-    worth printing (None, False, an empty list: the help says what happens without the option)."""
+    """--help shows each option's default, unless its help already says it (`_has_default`)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        d = action.default
-        if (not action.option_strings or "default" in text or d is None or d is False or d == []
-                or d is argparse.SUPPRESS):
+        if "default" in text or not _has_default(action):
             return text
         return text + " (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose sub-commands' --help show defaults (HelpFormatter)."""
+    """An ArgumentParser whose sub-commands' --help show defaults (HelpFormatter), also of the
+    options that have no help text."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def _add_action(self, action):
+        if action.help is None and _has_default(action):
+            action.help = "(default: %(default)s)"
+        return super()._add_action(action)
 
 
 def build_parser():
@@ -528,7 +538,7 @@ def build_parser():
     p.add_argument("--seed", type=int, help="train.seed (default: the config's, 0)")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable; default: none)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
