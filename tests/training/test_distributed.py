@@ -251,6 +251,22 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 
 
 @needs_mpi
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # kill -INT of one rank's process: the ranks sum their requests after every step
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), sigint_on_rank=1,
+                train={"max_steps": 10})
+    proc, _ = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0
+    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    assert [s[0] for s in stops] == ["3", "3"]
+    assert stops[0][1] == f"training stopped by a signal to another rank at step 3; checkpoint {spec['out']}/ckpt-000003"
+    assert stops[1][1] == "training stopped by SIGINT at step 3; checkpoint None"  # rank 0 writes
+    from fastformer.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(spec["out"]).step == 3
+
+
+@needs_mpi
 def test_ranks_of_one_machine_share_its_cores(tmp_path):
     code = ("from fastformer.training.distributed import get_comm; "
             "from fastformer.kernels.threads import available_cores, num_threads; c = get_comm(); "
@@ -306,18 +322,31 @@ def test_a_one_process_checkpoint_resumed_on_two_ranks_continues_the_run(tmp_pat
 
 
 @needs_mpi
-def test_ctrl_c_stops_every_rank(tmp_path):
+def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    # mpiexec passes Ctrl-C on to every rank, which may be at different points of a step: the ranks
+    # agree on the step, all take part in its checkpoint (rank 0 writes it), and rank 0 prints the
+    # command that resumes on as many ranks
+    run = str(tmp_path / "r")
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "fastformer.cli", "train", "--preset", "tiny",
-           "--max-steps", "100000", "--out", str(tmp_path / "r")]
+           "--max-steps", "100000", "--set", "model.dropout=0.1", "--out", run]
     proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("training ")  # rank 0 is past the start
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to mpiexec, which passes it to the ranks
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0 and "interrupted" in err
+    assert proc.returncode != 0
+    m = re.search(r"stopped by SIGINT at step (\d+) of 100000; wrote (\S+)\nresume with: (.+)\n", err)
+    assert m and err.count("stopped by") == 1, err
+    assert m.group(3) == f"mpiexec -n 2 fastformer train --resume --out {run}"
+    from fastformer.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run)  # complete and verified, the step the ranks agreed on
+    assert ckpt.path == m.group(2) and ckpt.step == int(m.group(1)) >= 1
+    assert len(ckpt.state["rng"]["dropout_ranks"]) == 2
+    assert not [d for d in os.listdir(run) if d.endswith(".tmp")]
 
 
 @needs_mpi
