@@ -41,36 +41,23 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ENDOFTEXT = "<|endoftext|>"
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.99), 1e-8, 0.1, 1.0  # fastformer's AdamW defaults
 
 
 # ------------------------------------------------------------------ the model and its files
-def byte_level_chars():
-    """GPT-2's printable stand-ins for the 256 bytes (as fastformer.data.bpe.byte_level_chars;
-    written out here so that this file's PyTorch side never imports fastformer)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    extra, chars = 0, []
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def write_tokenizer(path, vocab_size):
     """tokenizer.json: byte-level BPE of `vocab_size` ids, <|endoftext|> the last (see the docstring)."""
     import tokenizers as tk
+
+    from fastformer.data.bpe import GPT2_SPECIAL, byte_level_chars
 
     vocab = {c: i for i, c in enumerate(byte_level_chars())}
     vocab.update({f"<|unused{i}|>": i for i in range(256, vocab_size - 1)})
     tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = tk.decoders.ByteLevel()
-    tok.add_special_tokens([ENDOFTEXT])
-    assert tok.get_vocab_size() == vocab_size and tok.token_to_id(ENDOFTEXT) == vocab_size - 1
+    tok.add_special_tokens([GPT2_SPECIAL])
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id(GPT2_SPECIAL) == vocab_size - 1
     tok.save(os.path.join(path, "tokenizer.json"))
 
 

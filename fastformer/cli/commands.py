@@ -181,20 +181,13 @@ def read_prompt(args):
         if not args.prompt:
             raise FastformerError("--prompt is empty: give at least one character to continue")
         return args.prompt
-    if args.prompt_file == "-":
-        text = sys.stdin.read()
-    else:
-        if not os.path.isfile(args.prompt_file):
-            raise FastformerError(f"--prompt-file {args.prompt_file!r} does not exist")
-        with open(args.prompt_file, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise FastformerError(f"--prompt-file {args.prompt_file!r} is not UTF-8 text ({e})") from None
+    from fastformer.data.text import load_text
+
+    if args.prompt_file != "-":
+        return load_text(args.prompt_file, what="--prompt-file", hint="")
+    text = sys.stdin.read()
     if not text:
-        raise FastformerError(f"--prompt-file {args.prompt_file!r} is empty: give at least one character to "
-                              f"continue")
+        raise FastformerError("--prompt-file - (standard input) is empty: give at least one character to continue")
     return text
 
 

@@ -1,6 +1,7 @@
 """model.positions for the language model: learned rows (GPT-2) or the fixed sinusoidal table --
-gradients against finite differences, decoding with the cache against full forwards, the
-Hugging Face export's refusal, and configs saved before the field existed."""
+what the table adds, the Hugging Face export's refusal, and configs saved before the field
+existed. The finite-difference gradients (tests/models/test_lm.py) and the decoding tests
+(tests/models/test_kv_cache.py) run with both kinds of positions."""
 
 import hashlib
 import json
@@ -10,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import yaml
-from conftest import numerical_grad
 
 from fastformer import FastformerError, LMConfig, TransformerLM
 from fastformer.models.hf import save_hf
@@ -29,25 +29,6 @@ def model(backend):
     # larger weights than the init, so greedy paths are not all one token
     m.flat.data[:] = np.random.default_rng(0).normal(0, 0.3, m.flat.size).astype(np.float32)
     return m
-
-
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("padded", [False, True])
-def test_sinusoidal_gradients_match_finite_differences(backend, tie, padded):
-    rng = np.random.default_rng(0)
-    model = TransformerLM(LMConfig(**TINY, tie_embeddings=tie), seed=1, dtype=np.float64)
-    model.flat.data[:] = rng.normal(0, 0.3, size=model.flat.size)
-    ids, targets = rng.integers(0, 11, size=(2, 6)), rng.integers(0, 11, size=(2, 6))
-    mask = None
-    if padded:
-        mask = np.ones_like(ids)
-        mask[1, :2] = 0
-        targets[1, :2] = -100
-    loss, _ = model.loss_and_grads(ids, targets, attention_mask=mask)
-    assert np.isfinite(loss)
-    analytic = model.flat.grad.copy()
-    numeric = numerical_grad(lambda: model.loss(ids, targets, attention_mask=mask), model.flat.data)
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_sinusoidal_has_no_position_parameters_and_adds_the_fixed_table():
@@ -70,31 +51,14 @@ def test_sinusoidal_has_no_position_parameters_and_adds_the_fixed_table():
     assert abs(loss - math.log(97)) < 0.1
 
 
-def test_sinusoidal_decode_step_by_step_matches_forward(model):
-    ids = np.random.default_rng(1).integers(0, 50, size=(3, 10))
-    full = model.forward(ids)
-    cache = model.init_state(3)
-    parts = [model.step(ids[:, :4], cache)] + [model.step(ids[:, t:t + 1], cache) for t in range(4, 10)]
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-4, atol=1e-4)
+def test_sinusoidal_decoding_does_not_use_the_fused_kernel(model):
+    # (tests/models/test_kv_cache.py runs every decoding test with sinusoidal positions too)
+    cache = model.init_state(1)
+    model.step(np.array([[1, 2]]), cache)
+    np.testing.assert_allclose(model.step(np.array([[3]]), cache), model.forward(np.array([[1, 2, 3]]))[:, -1:],
+                               rtol=1e-4, atol=1e-4)
     with pytest.raises(FastformerError, match="fused decoding kernel reads learned position rows"):
         model.packed_weights()
-
-
-@pytest.mark.parametrize("max_new", [8, 30])  # 30 runs past the 24-token context window
-def test_sinusoidal_cached_generation_equals_uncached(model, max_new):
-    prompt = np.random.default_rng(2).integers(0, 50, size=(2, 6))
-    cached = model.generate(prompt, max_new)
-    np.testing.assert_array_equal(cached, model.generate(prompt, max_new, use_cache=False))
-    sampled = model.generate(prompt, max_new, temperature=1.0, seed=3)
-    np.testing.assert_array_equal(sampled, model.generate(prompt, max_new, temperature=1.0, seed=3, use_cache=False))
-
-
-def test_sinusoidal_prompts_of_different_lengths_generate_as_if_alone(model):
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, 50, size=n) for n in (3, 7)]
-    together = model.generate(prompts, 6)
-    for p, row in zip(prompts, together):
-        np.testing.assert_array_equal(row, model.generate(p, 6))
 
 
 def test_hf_export_refuses_a_sinusoidal_model(tmp_path):
@@ -134,5 +98,5 @@ def test_a_checkpoint_saved_without_positions_loads_as_learned(tmp_path):
     assert load_checkpoint(run).config.model.positions == "learned"
     model, _, _ = load_model(run)
     assert "transformer.wpe.weight" in model.state_dict()
-    trainer = Trainer(None, run, resume=True, verbose=False)  # and it resumes
+    trainer = Trainer(None, run, resume=True, text="abcd " * 200, verbose=False)  # and it resumes
     assert trainer.step == 2 and trainer.config.model.positions == "learned"

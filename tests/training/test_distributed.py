@@ -195,6 +195,19 @@ def test_padded_pairs_two_rank_gradient_is_the_one_process_gradient(tmp_path):
         assert e2[key] == pytest.approx(e1[key], rel=1e-5)
 
 
+def stopped(tmp_path, **fault):
+    """Run the LM worker on 2 ranks with a `fault` that stops the job; the [step, message] lines
+    each rank wrote where it stopped."""
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), **fault)
+    proc, _ = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0
+    out = []
+    for r in range(2):
+        with open(f"{spec['result']}.stopped-rank{r}") as f:
+            out.append(f.read().splitlines())
+    return out
+
+
 def metrics(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -241,11 +254,7 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, rank):
 @needs_mpi
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # the loss is summed over the ranks, so rank 1's NaN is every rank's: both stop before step 3
-    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), nan_on_rank=1,
-                train={"max_steps": 10})
-    proc, _ = launch(spec, 2, timeout=60)
-    assert proc.returncode != 0
-    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    stops = stopped(tmp_path, nan_on_rank=1, train={"max_steps": 10})
     assert [s[0] for s in stops] == ["2", "2"]
     assert all(s[1].startswith("training stopped at step 3: loss=nan") for s in stops)
 
@@ -253,17 +262,14 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 @needs_mpi
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     # kill -INT of one rank's process: the ranks sum their requests after every step
-    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), sigint_on_rank=1,
-                train={"max_steps": 10})
-    proc, _ = launch(spec, 2, timeout=60)
-    assert proc.returncode != 0
-    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    stops = stopped(tmp_path, sigint_on_rank=1, train={"max_steps": 10})
+    run = str(tmp_path / "r")
     assert [s[0] for s in stops] == ["3", "3"]
-    assert stops[0][1] == f"training stopped by a signal to another rank at step 3; checkpoint {spec['out']}/ckpt-000003"
+    assert stops[0][1] == f"training stopped by a signal to another rank at step 3; checkpoint {run}/ckpt-000003"
     assert stops[1][1] == "training stopped by SIGINT at step 3; checkpoint None"  # rank 0 writes
     from fastformer.training.checkpoint import load_checkpoint
 
-    assert load_checkpoint(spec["out"]).step == 3
+    assert load_checkpoint(run).step == 3
 
 
 @needs_mpi
@@ -286,11 +292,7 @@ def test_ranks_of_one_machine_share_its_cores(tmp_path):
 
 @needs_mpi
 def test_weights_that_drift_apart_stop_every_rank(tmp_path):
-    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), perturb_rank=1,
-                train={"max_steps": 10, "check_sync_interval": 2})
-    proc, _ = launch(spec, 2, timeout=60)
-    assert proc.returncode != 0
-    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    stops = stopped(tmp_path, perturb_rank=1, train={"max_steps": 10, "check_sync_interval": 2})
     assert [s[0] for s in stops] == ["2", "2"]
     assert all(s[1].startswith("the ranks' weights drifted apart at step 2: 1 of 2 ranks") for s in stops)
     # in sync (the default runs above, and here with the check on) nothing stops
