@@ -110,7 +110,8 @@ def fastformer_side(args, model_dir, text, work, env):
         cmd += ["--set", f"{key}={value}"]
     code, rss, wall = run_measured(cmd, env, os.path.join(work, "fastformer.log"))
     if code:
-        raise SystemExit(f"the fastformer run failed (status {code}):\n{open(os.path.join(work, 'fastformer.log')).read()}")
+        with open(os.path.join(work, "fastformer.log")) as f:
+            raise SystemExit(f"the fastformer run failed (status {code}):\n{f.read()}")
     with open(os.path.join(run, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     tokens = args.batch_size * args.seq_len
@@ -124,7 +125,8 @@ def torch_side(args, model_dir, text, work, env):
            str(args.batch_size), str(args.seq_len), str(args.steps), str(args.threads)]
     code, rss, wall = run_measured(cmd, env, os.path.join(work, "torch.log"))
     if code:
-        raise SystemExit(f"the PyTorch run failed (status {code}):\n{open(os.path.join(work, 'torch.log')).read()}")
+        with open(os.path.join(work, "torch.log")) as f:
+            raise SystemExit(f"the PyTorch run failed (status {code}):\n{f.read()}")
     with open(os.path.join(work, "torch-result.json")) as f:
         result = json.load(f)
     return {"step_seconds": result["step_seconds"], "peak_rss": rss, "wall_seconds": wall}

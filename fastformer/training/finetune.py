@@ -22,6 +22,7 @@ from fastformer.training.checkpoint import STATE_FILE, load_checkpoint, resolve_
 from fastformer.training.config import RunConfig, TrainConfig, load_config
 
 TUNABLE = ("dropout",)  # model settings a fine-tuning run may change
+KINDS = {"lm": "a language model", "seq2seq": "an encoder-decoder"}
 
 
 def is_hf_dir(path):
@@ -73,9 +74,8 @@ def load_init_source(path):
 def check_init_config(path, base, config):
     """Refuse a run `config` whose model cannot take the weights of `path` (its config `base`)."""
     if config.kind != base.kind:
-        raise FastformerError(f"--init-from {path!r} holds a {'language model' if base.kind == 'lm' else 'encoder-decoder'}"
-                              f", but data.task={config.data.task} trains a "
-                              f"{'language model' if config.kind == 'lm' else 'encoder-decoder'}")
+        raise FastformerError(f"--init-from {path!r} holds {KINDS[base.kind]}, but data.task={config.data.task} "
+                              f"trains {KINDS[config.kind]}")
     section, mine, theirs = config.model_section, config.model_config(), base.model_config()
     for f in dataclasses.fields(mine):
         a, b = getattr(mine, f.name), getattr(theirs, f.name)

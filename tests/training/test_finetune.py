@@ -12,7 +12,7 @@ from fastformer.cli.commands import main
 from fastformer.data.bpe import GPT2_SPECIAL, BPETokenizer
 from fastformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from fastformer.errors import FastformerError
-from fastformer.training.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from fastformer.training.checkpoint import load_checkpoint, load_model
 from fastformer.training.config import apply_overrides
 from fastformer.training.export import hf_tokenizer
 from fastformer.training.finetune import init_config
@@ -111,7 +111,7 @@ def test_init_from_another_run_takes_its_config_tokenizer_and_weights(data, tmp_
     (["--set", "model.positions=sinusoidal"], r"model\.positions=sinusoidal differs from its learned"),
     (["--preset", "small"], r"--init-from takes the model and its tokenizer from .*: drop --preset"),
     (["--tokenizer", "byte"], r"drop --tokenizer"),
-    (["--task", "reverse"], r"holds a language model, but data\.task=reverse trains a encoder-decoder"),
+    (["--task", "reverse"], r"holds a language model, but data\.task=reverse trains an encoder-decoder"),
 ])
 def test_changes_the_weights_cannot_take_are_refused(hf_dir, data, tmp_path, capsys, extra, match):
     path = hf_dir[0]

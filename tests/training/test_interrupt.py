@@ -104,7 +104,8 @@ def test_the_first_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monke
     with pytest.raises(TrainingInterrupted) as stop:
         trainer.train()
     assert (stop.value.step, stop.value.signal) == (3, "SIGTERM") and trainer.step == 3
-    assert stop.value.checkpoint == latest_checkpoint(str(tmp_path / "r")) and load_checkpoint(stop.value.checkpoint).step == 3
+    assert stop.value.checkpoint == latest_checkpoint(str(tmp_path / "r"))
+    assert load_checkpoint(stop.value.checkpoint).step == 3
     assert isinstance(stop.value, KeyboardInterrupt)  # a script that does not catch it stops, as on Ctrl-C
     # the handlers are the process's own again
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
