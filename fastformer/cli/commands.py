@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import sys
+import warnings
 
 import numpy as np
 
@@ -40,10 +41,20 @@ def resolve_train_config(args):
     from fastformer.training.config import RunConfig, apply_overrides, load_config, preset
 
     if args.resume:
-        if args.preset or args.config or args.seed is not None or args.task:
+        if args.preset or args.config or args.seed is not None or args.task or args.init_from:
             raise FastformerError("--resume continues with the run's saved config: drop --preset/--config/--seed/"
-                                  "--task (change settings with --set or --max-steps)")
+                                  "--task/--init-from (change settings with --set or --max-steps)")
         config = load_config(os.path.join(latest_checkpoint(args.out), "config.yaml"))
+    elif args.init_from:
+        from fastformer.training.finetune import init_config
+
+        for flag, given in (("--preset", args.preset), ("--tokenizer", args.tokenizer)):
+            if given:
+                raise FastformerError(f"--init-from takes the model and its tokenizer from {args.init_from!r}: drop "
+                                      f"{flag} (training settings: --config, --set)")
+        config = init_config(args.init_from)
+        if args.config:
+            config = load_config(args.config, base=config)
     else:
         # the presets size language models; an encoder-decoder task starts from the defaults
         task = args.task or (load_config(args.config).data.task if args.config else "text")
@@ -70,17 +81,34 @@ def resolve_train_config(args):
 
 
 def default_out_dir(args):
+    if args.init_from and not args.config:
+        return os.path.join("runs", os.path.basename(os.path.normpath(args.init_from)) + "-finetune")
     if args.config:
         return os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     return os.path.join("runs", args.preset or args.task or "tiny")
+
+
+def resume_command(args, comm):
+    """The command line that continues the run of `args` (under mpiexec with as many ranks)."""
+    import shlex
+
+    cmd = ["fastformer", "train", "--resume", "--out", args.out]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    if args.distributed:
+        cmd.append("--distributed")
+    if comm.size > 1:
+        cmd = ["mpiexec", "-n", str(comm.size)] + cmd
+    return shlex.join(cmd)
 
 
 def cmd_train(args):
     import time
 
     from fastformer import get_backend, set_backend
+    from fastformer.training.checkpoint import checkpoint_dirs
     from fastformer.training.distributed import get_comm
-    from fastformer.training.trainer import NonFiniteLossError, Trainer
+    from fastformer.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, fit_columns
 
     if args.out is None:
         if args.resume:
@@ -90,12 +118,14 @@ def cmd_train(args):
     if args.backend:
         set_backend(args.backend)
     comm = get_comm(True if args.distributed else None)  # MPI under mpiexec; mpi4py imported only then
-    trainer = Trainer(config, args.out, resume=args.resume, comm=comm)
+    trainer = Trainer(config, args.out, resume=args.resume, comm=comm, init_from=args.init_from)
     ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
     if trainer.is_main:
-        print(f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
-              f"{trainer.task.describe()}; backend {get_backend()}{ranks}; run directory {args.out}; "
-              f"step {trainer.step} of {config.train.max_steps}", flush=True)
+        source = [f"weights from {trainer.init_from}"] if trainer.init_from else []
+        print(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
+                           f"{trainer.task.describe()}", *source, f"backend {get_backend()}{ranks}",
+                           f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
+                          sep="; "), flush=True)
     start = time.perf_counter()
     try:
         losses = trainer.train()
@@ -103,9 +133,21 @@ def cmd_train(args):
         if trainer.is_main:
             raise
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except TrainingInterrupted as e:  # the first Ctrl-C: every rank stopped after the same step, checkpointed
+        if trainer.is_main:
+            print(f"\nfastformer train: stopped by {e.signal} at step {e.step} of {config.train.max_steps}; "
+                  f"wrote {e.checkpoint}\nresume with: {resume_command(args, comm)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the newest complete checkpoint stands
+        if trainer.is_main:
+            newest = checkpoint_dirs(args.out)
+            print(f"\nfastformer train: stopped at once at step {trainer.step}; the newest complete checkpoint is "
+                  f"{newest[-1] if newest else 'none'}"
+                  + (f"\nresume with: {resume_command(args, comm)}" if newest else ""), file=sys.stderr)
+        return 130
     if losses and trainer.is_main:
-        print(f"done: step {trainer.step}, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"{time.perf_counter() - start:.1f} s; checkpoint in {args.out}")
+        print(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                           f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", "))
     return 0
 
 
@@ -133,31 +175,67 @@ def stream_text(tokenizer, id_steps, out, stop=()):
     return text
 
 
+SAMPLE_SEPARATOR = "-" * 40  # between the samples of generate --num-samples
+
+
+def read_prompt(args):
+    """The prompt text of --prompt or --prompt-file (the whole file as it is; "-": standard input)."""
+    if args.prompt_file is None:
+        if not args.prompt:
+            raise FastformerError("--prompt is empty: give at least one character to continue")
+        return args.prompt
+    from fastformer.data.text import load_text
+
+    if args.prompt_file != "-":
+        return load_text(args.prompt_file, what="--prompt-file", hint="")
+    text = sys.stdin.read()
+    if not text:
+        raise FastformerError("--prompt-file - (standard input) is empty: give at least one character to continue")
+    return text
+
+
 def cmd_generate(args):
     from fastformer import set_backend
+    from fastformer.errors import check_int
     from fastformer.generation.sampling import generate_tokens
     from fastformer.training.checkpoint import load_model
 
+    n = check_int("--num-samples", args.num_samples)
+    if n > 1 and (args.beam != 1 or args.temperature == 0):
+        raise FastformerError(f"--num-samples {n} needs sampling (--temperature > 0, --beam 1): "
+                              f"{'beam search' if args.beam != 1 else 'greedy decoding'} gives the same "
+                              f"continuation every time")
+    text = read_prompt(args)
     if args.backend:
         set_backend(args.backend)
     model, tokenizer, _ = load_model(args.checkpoint)
-    prompt = tokenizer.encode(args.prompt)
+    prompt = tokenizer.encode(text)
     if prompt.size == 0:
-        raise FastformerError("--prompt is empty: give at least one character to continue")
+        raise FastformerError("the prompt is empty: give at least one character to continue")
+    stop = args.stop or ()
     if args.beam != 1:  # beam search: the whole continuation at once, then cut at a stop string
         if args.repetition_penalty is not None:
             raise FastformerError("--repetition-penalty applies to sampling, not to --beam")
         out = model.generate(prompt, args.max_new_tokens, beam_size=args.beam, eos_id=tokenizer.eos_id,
                              length_penalty=args.length_penalty)
-        ids = out[prompt.size:].tolist()
+        samples = [out[prompt.size:].tolist()]
     else:
-        steps = generate_tokens(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
+        # the samples are the rows of one batch: one prompt, n rows, one sampling stream
+        steps = generate_tokens(model, np.tile(prompt, (n, 1)), args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
                                 repetition_penalty=args.repetition_penalty)
-        ids = (nxt[0] for nxt in steps)  # row 0 of each step, as it comes
-    sys.stdout.write(args.prompt)
-    stream_text(tokenizer, ids, sys.stdout, stop=args.stop or ())
-    sys.stdout.write("\n")
+        if n == 1:
+            samples = [(nxt[0] for nxt in steps)]  # streamed, as each token comes
+        else:
+            rows = np.stack(list(steps), axis=1) if args.max_new_tokens else np.zeros((n, 0), np.int64)
+            samples = [row[:int(np.argmax(row == tokenizer.eos_id))] if (row == tokenizer.eos_id).any() else row
+                       for row in rows]
+    for i, ids in enumerate(samples):
+        if i:
+            sys.stdout.write(SAMPLE_SEPARATOR + "\n")
+        sys.stdout.write(text)
+        stream_text(tokenizer, ids, sys.stdout, stop=stop)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -716,49 +794,97 @@ def cmd_plot(args):
 
 
 # ---------------------------------------------------------------------------- parser
+BACKEND_HELP = "kernel backend: auto, numpy or numba (default: FASTFORMER_BACKEND, else auto)"
+
+
+def _has_default(action):
+    """Whether an option's default is worth printing: not None, False or an empty list, for which
+    the help says what happens without the option."""
+    d = action.default
+    return bool(action.option_strings) and not (d is None or d is False or d == [] or d is argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says it (`_has_default`)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not _has_default(action):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-commands' --help show defaults (HelpFormatter), also of the
+    options that have no help text."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def _add_action(self, action):
+        if action.help is None and _has_default(action):
+            action.help = "(default: %(default)s)"
+        return super()._add_action(action)
+
+
 def build_parser():
     from fastformer.training.config import PRESETS, TASKS
 
-    parser = argparse.ArgumentParser(prog="fastformer", description="Small Transformers on the CPU.")
+    parser = Parser(prog="fastformer", description="Small Transformers on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a language model or an encoder-decoder")
-    p.add_argument("--config", help="YAML run config (sections model or seq2seq, data, train)")
+    p.add_argument("--config", help="YAML run config (sections model or seq2seq, data, train), applied on top of "
+                                    "the preset (default: none, the preset's settings)")
     p.add_argument("--preset", help="language models: tiny, small or medium (default tiny; --config is "
                                     "applied on top)")
     p.add_argument("--task", choices=TASKS, help="data.task: text (a language model, the default) or an "
                                                  "encoder-decoder on copy/reverse/sort strings or pairs (--data)")
     p.add_argument("--data", help="UTF-8 text file or directory from fastformer prepare (default: the embedded "
                                   "stdlib-documentation corpus); --task pairs: a source<TAB>target file")
-    p.add_argument("--tokenizer", help="byte, char or a tokenizer directory (data.tokenizer; a prepared "
-                                       "directory brings its own)")
+    p.add_argument("--tokenizer", help="byte, char or a tokenizer directory (data.tokenizer; default byte, and a "
+                                       "prepared directory brings its own)")
     p.add_argument("--out", help="run directory (default runs/<preset or config name>)")
-    p.add_argument("--max-steps", type=int, help="total optimizer steps (train.max_steps)")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps, the schedule's length (train.max_steps; "
+                                                 "default: the config's, 2000 for tiny)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--init-from", metavar="DIR", help="fine-tune: start from the weights, config and tokenizer of a "
+                                                      "Hugging Face GPT-2 directory or a fastformer run/checkpoint, "
+                                                      "with a fresh optimizer at step 0; --set changes dropout, lr, "
+                                                      "steps, not widths (default: new weights)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI even if no MPI launcher is detected (mpiexec -n N is "
                         "detected by itself); needs pip install \"fastformer[mpi]\"")
-    p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.add_argument("--seed", type=int, help="train.seed (default: the config's, 0)")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable; default: none)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text to continue")
+    g.add_argument("--prompt-file", metavar="FILE", help="continue the text of this UTF-8 file, as it is "
+                                                         "(\"-\": standard input)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help=f"sample N continuations of the prompt, separated by a line of {len(SAMPLE_SEPARATOR)} "
+                        f"dashes")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (ties kept)")
-    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
-    p.add_argument("--seed", type=int, help="seed of the sampling generator")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text")
-    p.add_argument("--stop", action="append", help="stop before this string (repeatable); <eos> always stops")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens, ties kept (default: all)")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p "
+                                               "(default: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator (default: fresh each run)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text "
+                                                            "(default: off)")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable; default: <eos> only, "
+                                                   "which always stops)")
     p.add_argument("--beam", type=int, default=1, help="beam search with this many beams (default 1: sampling, "
                                                        "or greedy at temperature 0)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
-    p.add_argument("--backend", help="kernel backend: auto, numpy or numba")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("translate", help="decode source texts with an encoder-decoder checkpoint")
@@ -864,6 +990,9 @@ def main(argv=None):
     from fastformer.training.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
+    # a warning is a line for the user, not a source location
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"fastformer {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except (FastformerError, OSError) as e:  # bad input or a file error; anything else is a bug
@@ -879,6 +1008,8 @@ def main(argv=None):
         print(f"\nfastformer {args.command}: interrupted; a training run continues from its newest "
               f"checkpoint with --resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fastformer.data.checks import check_text, decode_ids
 from fastformer.errors import FastformerError, check_int, is_int
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
+GPT2_SPECIAL = "<|endoftext|>"  # GPT-2's one special token: its <pad>, <bos> and <eos> at once
 
 
 def byte_level_chars():
@@ -50,12 +51,16 @@ class BPETokenizer:
     def __init__(self, tokenizer):
         self._tk = tokenizer
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        if None in ids:
+        if None in ids and tokenizer.token_to_id(GPT2_SPECIAL) is not None:  # GPT-2's own tokenizer
+            self.pad_id = self.bos_id = self.eos_id = tokenizer.token_to_id(GPT2_SPECIAL)
+            self.special_tokens = {GPT2_SPECIAL: self.eos_id}
+        elif None in ids:
             missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
             raise FastformerError(f"BPE tokenizer lacks the special tokens {missing}; "
-                                  f"fastformer needs {list(SPECIAL_TOKENS)}")
-        self.pad_id, self.bos_id, self.eos_id = ids
-        self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
+                                  f"fastformer needs {list(SPECIAL_TOKENS)} (or GPT-2's {GPT2_SPECIAL})")
+        else:
+            self.pad_id, self.bos_id, self.eos_id = ids
+            self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
         self.vocab_size = tokenizer.get_vocab_size()
         # text that spells "<eos>" is text, not the special id: specials enter only via bos=/eos=
         tokenizer.encode_special_tokens = True

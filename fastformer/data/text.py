@@ -46,18 +46,19 @@ def default_corpus():
         return stdlib_corpus.build()
 
 
-def load_text(path):
-    """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises FastformerError."""
+def load_text(path, what="data file", hint=" (pass a UTF-8 text file with --data)"):
+    """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises FastformerError
+    naming it as `what` (the missing file's message ends with `hint`)."""
     if not os.path.isfile(path):
-        raise FastformerError(f"data file {path!r} does not exist (pass a UTF-8 text file with --data)")
+        raise FastformerError(f"{what} {path!r} does not exist{hint}")
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise FastformerError(f"data file {path!r} is not UTF-8 text ({e})") from None
+        raise FastformerError(f"{what} {path!r} is not UTF-8 text ({e})") from None
     if not text:
-        raise FastformerError(f"data file {path!r} is empty")
+        raise FastformerError(f"{what} {path!r} is empty")
     return text
 
 

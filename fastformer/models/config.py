@@ -26,6 +26,12 @@ def _check_heads(config):
         raise FastformerError(f"d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
 
 
+def _check_positions(name, value, d_model):
+    check_choice(name, value, POSITIONALS)
+    if value == "sinusoidal" and d_model % 2:
+        raise FastformerError(f"{name}='sinusoidal' needs an even d_model, got {d_model}")
+
+
 @dataclass
 class LMConfig:
     vocab_size: int = 259  # 256 bytes + <pad>, <bos>, <eos> (the byte tokenizer)
@@ -36,6 +42,8 @@ class LMConfig:
     n_layers: int = 2  # L, number of transformer blocks
     tie_embeddings: bool = True  # LM head shares the token embedding (GPT-2)
     dropout: float = 0.0  # on embeddings, attention output and MLP output, in training only
+    positions: str = "learned"  # "learned" rows (wpe, GPT-2) or the fixed "sinusoidal" table;
+    #                             a config saved without the key is "learned"
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff", "n_layers"):
@@ -43,6 +51,7 @@ class LMConfig:
         _check_heads(self)
         check_bool("tie_embeddings", self.tie_embeddings)
         self.dropout = check_number("dropout", self.dropout, 0, 1, high_open=True)
+        _check_positions("positions", self.positions, self.d_model)
 
     @classmethod
     def from_dict(cls, d):
@@ -75,9 +84,7 @@ class Seq2SeqConfig:
             check_int(name, getattr(self, name))
         _check_heads(self)
         check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("positional", self.positional, POSITIONALS)
-        if self.positional == "sinusoidal" and self.d_model % 2:
-            raise FastformerError(f"positional='sinusoidal' needs an even d_model, got {self.d_model}")
+        _check_positions("positional", self.positional, self.d_model)
         check_bool("norm_first", self.norm_first)
         check_bool("tie_embeddings", self.tie_embeddings)
         self.dropout = check_number("dropout", self.dropout, 0, 1, high_open=True)
@@ -98,7 +105,8 @@ def count_parameters(cfg):
         C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
         block = 2 * (2 * C) + _attention_parameters(C) + _feed_forward_parameters(C, F)  # ln_1, ln_2, attn, mlp
         head = 0 if cfg.tie_embeddings else V * C  # lm_head.weight (V, C) when untied
-        return V * C + cfg.max_seq_len * C + cfg.n_layers * block + 2 * C + head  # wte, wpe, blocks, ln_f
+        wpe = cfg.max_seq_len * C if cfg.positions == "learned" else 0  # sinusoidal positions are a fixed table
+        return V * C + wpe + cfg.n_layers * block + 2 * C + head  # wte, wpe, blocks, ln_f
     if isinstance(cfg, Seq2SeqConfig):
         C, F = cfg.d_model, cfg.d_ff
         positions = (cfg.max_src_len + cfg.max_tgt_len) * C if cfg.positional == "learned" else 0

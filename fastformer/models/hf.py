@@ -21,7 +21,12 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers o
 
 
 def gpt2_config(config, bos_id=None, eos_id=None):
-    """The GPT2Config dict (config.json) for an LMConfig."""
+    """The GPT2Config dict (config.json) for an LMConfig; FastformerError for a model GPT-2
+    cannot represent (sinusoidal positions)."""
+    if config.positions != "learned":
+        raise FastformerError(f"a language model with model.positions={config.positions} has no Hugging Face "
+                              f"GPT-2 equivalent: GPT2LMHeadModel learns its position rows (wpe), so only "
+                              f"model.positions=learned exports")
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -70,11 +75,12 @@ def save_hf(model, out_dir, bos_id=None, eos_id=None):
     """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors)."""
     from safetensors.numpy import save_file
 
+    config = gpt2_config(model.config, bos_id, eos_id)  # first: a model GPT-2 cannot hold writes nothing
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(gpt2_config(model.config, bos_id, eos_id), f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def read_hf(path, dtype=np.float32):

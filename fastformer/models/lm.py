@@ -1,7 +1,8 @@
 """The decoder-only language model: GPT-2's architecture and parameter names, assembled from the
 blocks of fastformer.nn.
 
-    x = wte[ids] + wpe[:T]                        # (B, T, C)   Embedding
+    x = wte[ids] + wpe[:T]                        # (B, T, C)   Embedding (model.positions: learned;
+                                                  #   sinusoidal: wte[ids] * sqrt(C) + the fixed table)
     for each layer:  x = x + attn(ln_1(x))        #             SelfAttention, causal
                      x = x + mlp(ln_2(x))         #             FeedForward, GELU (tanh)
     logits = ln_f(x) @ wte.T                      # (B, T, V)   OutputHead (lm_head.weight when untied)
@@ -9,7 +10,9 @@ blocks of fastformer.nn.
 The residual adds are fused with the layernorm that reads them (`Stack`, pre-LN). Weights are
 stored (in, out) as in Hugging Face's GPT-2 (Conv1D), so state dicts interchange as they are.
 Decoding keeps a KVCache; one new token per row runs the whole model in one fused kernel
-(`gpt2_decode_step`), whose packed layout this module names (`decode_layout`).
+(`gpt2_decode_step`), whose packed layout this module names (`decode_layout`). The kernel reads
+learned positions (wpe) from the flat buffer, so a sinusoidal model decodes through the composed
+forward instead: the same logits, more calls per token.
 """
 
 import math
@@ -20,7 +23,17 @@ from fastformer.errors import FastformerError, check_ids, check_int, check_targe
 from fastformer.kernels import get_ops
 from fastformer.kernels.numpy_ops import PackedGPT2
 from fastformer.models.config import LMConfig
-from fastformer.nn.blocks import Context, Embedding, FeedForward, LayerNorm, Linear, OutputHead, SelfAttention, Stack
+from fastformer.nn.blocks import (
+    Context,
+    Embedding,
+    FeedForward,
+    LayerNorm,
+    Linear,
+    OutputHead,
+    SelfAttention,
+    Stack,
+    sinusoidal_table,
+)
 from fastformer.nn.cache import KVCache
 from fastformer.nn.params import FlatModel
 
@@ -47,7 +60,14 @@ class TransformerLM(FlatModel):
             raise FastformerError(f"config must be an LMConfig, got {type(config).__name__}")
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
-        self.embed = Embedding("transformer.wte.weight", c.vocab_size, C, "transformer.wpe.weight", c.max_seq_len)
+        learned = c.positions == "learned"
+        # sinusoidal: the fixed (max_seq_len, C) table of the original paper, not a parameter, added
+        # to the tokens times sqrt(C) as there (and in the encoder-decoder): the table's entries have
+        # rms 1/sqrt(2), and GPT-2's N(0, 0.02) token rows alone would be drowned by it; the rows
+        # keep GPT-2's init, so that as the tied head they still start with near-uniform logits
+        self.embed = Embedding("transformer.wte.weight", c.vocab_size, C, "transformer.wpe.weight" if learned else None,
+                               c.max_seq_len, scale=None if learned else math.sqrt(C))
+        self.pos_table = None if learned else sinusoidal_table(c.max_seq_len, C, dtype)
         self.layers = []
         for i in range(c.n_layers):
             p = f"transformer.h.{i}."
@@ -110,7 +130,8 @@ class TransformerLM(FlatModel):
         needs. `positions` (B, T) default to 0..T-1; with a KVCache the tokens extend the cached
         sequence (inference only)."""
         drop = self.config.dropout if train else 0.0
-        x, emb_c = self.embed.forward(self.params, ids, positions, drop=drop, rng=self.rng)  # (B, T, C)
+        x, emb_c = self.embed.forward(self.params, ids, positions, table=self.pos_table, drop=drop,
+                                      rng=self.rng)  # (B, T, C)
         h, stack_c = self.stack.forward(self.params, x, Context(kpm=kpm, cache=cache), drop, self.rng)
         return h, (emb_c, stack_c)
 
@@ -185,7 +206,9 @@ class TransformerLM(FlatModel):
         n = state.length
         state.tokens[:, n:n + T] = tokens
         state.padding[:, n:n + T] = False if kpm is None else kpm
-        if T > 1:  # a prompt: the composed forward, whose matrix products batch over its tokens
+        if T > 1 or self.pos_table is not None:
+            # a prompt: the composed forward, whose matrix products batch over its tokens (the fused
+            # kernel reads learned positions from the flat buffer, so sinusoidal ones decode here too)
             h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
             logits = self.head.forward(self.params, h)
         else:  # one token a row: the whole model in one fused kernel call
@@ -216,6 +239,9 @@ class TransformerLM(FlatModel):
         """The parameter names in the order of the fused decoding kernel's offsets table: per
         layer one name for each of kernels.numpy_ops.GPT2_LAYER_SLOTS, then wte, wpe, ln_f and
         the head -- the one place the packed layout meets GPT-2's names."""
+        if self.embed.pos is None:
+            raise FastformerError("the fused decoding kernel reads learned position rows (wpe); a model with "
+                                  "model.positions=sinusoidal has none and decodes through the composed forward")
         names = []
         for (attn, ln_1), (mlp, ln_2) in self.layers:
             names += [ln_1.weight, ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,

@@ -25,15 +25,35 @@ Rank 0 broadcasts the weights and optimizer state at the start (and after a resu
 the I/O (`self.is_main`): progress bar, metrics.jsonl, checkpoints, which gather every rank's
 dropout state. Evaluation is split: each rank sums its share of the validation batches and rank 0
 forms the metrics of all of them. One process is the same loop with `SingleProcess`, bit for bit the run without it.
+
+Stopping: the first Ctrl-C (SIGINT) or SIGTERM during `train` lets the current step finish, writes
+a checkpoint of it (atomically, as every checkpoint) and raises TrainingInterrupted; a second one
+raises KeyboardInterrupt at once, leaving the last complete checkpoint as it was (a checkpoint
+being written is a `.tmp` directory until its rename). With several ranks the signal reaches the
+ranks at different moments (mpiexec passes Ctrl-C on to every rank; a second Ctrl-C makes it kill
+them), so the ranks sum their requests after every step and all stop after the same one: every
+rank takes part in the checkpoint, rank 0 writes it. A signal that was ignored when training
+started (a job started in the background with `&`) stays ignored.
+
+Learning-rate schedule and resume: the rate of a step is a function of the step and the run's
+*current* train settings (lr, min_lr, schedule, warmup_steps, max_steps). Resuming with another
+max_steps (or any of these) does not stretch the old schedule from where it was: the resumed steps
+follow the schedule of the new settings, so a cosine or linear rate jumps to the new curve at the
+resume step. The trainer warns when one of these settings changed, with the rate at the resume step
+under the old and the new settings.
 """
 
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 import weakref
+from contextlib import contextmanager
 
 import numpy as np
 from tqdm import tqdm
@@ -51,11 +71,13 @@ from fastformer.training.checkpoint import (
 )
 from fastformer.training.config import RunConfig, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
+from fastformer.training.finetune import check_init_config, init_config, load_init_source
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
 from fastformer.training.runlock import lock_run_dir
 from fastformer.training.tasks import make_task
 
 METRICS_FILE = "metrics.jsonl"
+SCHEDULE_KEYS = ("lr", "min_lr", "schedule", "warmup_steps", "max_steps")  # what the rate of a step depends on
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +86,64 @@ class NonFiniteLossError(RuntimeError):
 
 class SyncError(FastformerError):
     """Data parallel: the ranks' weights differ (train.check_sync_interval); every rank raises it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training after a step, and a checkpoint of that step was
+    written: `step`, `checkpoint` (its directory; None on ranks other than 0), `signal` (its name)."""
+
+    def __init__(self, step, checkpoint, signame):
+        super().__init__(f"training stopped by {signame} at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.signal = step, checkpoint, signame
+
+
+def step_lr(t, step):
+    """The learning rate of optimizer step `step` (0-based) under TrainConfig `t`."""
+    return learning_rate(step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                         min_lr=t.min_lr)
+
+
+class _StopRequest:
+    """Set by the first SIGINT/SIGTERM while training (`signame`); a second raises KeyboardInterrupt."""
+
+    signame = None
+
+    def handle(self, signum, frame):
+        if self.signame is not None:
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(signum).name
+
+
+@contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM only ask the training loop to stop (yields the
+    _StopRequest). Signals another handler already owns, or that are ignored, are left alone;
+    so is everything outside the main thread, where no handler can be installed."""
+    stop, installed = _StopRequest(), {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                installed[sig] = signal.signal(sig, stop.handle)
+    try:
+        yield stop
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
+
+
+def fit_columns(fields, width=None, sep=" | "):
+    """`fields` joined by `sep` into lines of at most `width` columns (default: the terminal's,
+    80 when output is not a terminal), continuation lines indented by two spaces. A field is
+    never split, so one longer than the width has a line of its own."""
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    lines, line = [], ""
+    for f in fields:
+        if line and len(line) + len(sep) + len(f) > width:
+            lines.append(line)
+            line = "  " + f
+        else:
+            line = f"{line}{sep}{f}" if line else f
+    return "\n".join(lines + [line])
 
 
 class Trainer:
@@ -78,14 +158,17 @@ class Trainer:
         verbose: progress bar (when stderr is a terminal) and one printed line per evaluation.
         comm: the communicator (training/distributed.py); None: `get_comm()`, MPI when started
             by an MPI launcher, else one process.
+        init_from: fine-tuning (training/finetune.py): start from the weights and tokenizer(s) of
+            this Hugging Face GPT-2 directory or fastformer checkpoint/run directory, with a fresh
+            optimizer at step 0; config None takes its config (`finetune.init_config`).
     """
 
-    def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None):
+    def __init__(self, config, out_dir, resume=False, text=None, verbose=True, comm=None, init_from=None):
         self.comm = comm = get_comm() if comm is None else comm
         self._release = None
         with abort_on_error(comm):
             try:
-                self._init(config, out_dir, resume, text, verbose)
+                self._init(config, out_dir, resume, text, verbose, init_from)
             except BaseException:
                 self.close()
                 raise
@@ -95,7 +178,7 @@ class Trainer:
         if self._release is not None:
             self._release()  # a weakref.finalize: runs once, here or when the Trainer is collected
 
-    def _init(self, config, out_dir, resume, text, verbose):
+    def _init(self, config, out_dir, resume, text, verbose, init_from):
         comm = self.comm
         self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
@@ -103,13 +186,23 @@ class Trainer:
         if self.is_main:  # the one writer of the run directory: lock it, then sweep what a killed run left
             self._release = weakref.finalize(self, lock_run_dir(out_dir).release)
             sweep_run_dir(out_dir)
-        ckpt = None
+        ckpt, tokenizers, self.init_from = None, None, init_from
+        if init_from is not None:
+            if resume:
+                raise FastformerError("init_from starts a new run from another model's weights and resume continues "
+                                      "this run: give one of them")
+            base = init_config(init_from)
+            config = config or base
+            check_init_config(init_from, base, config)
+            tokenizers, init_weights = load_init_source(init_from)
         if check_bool("resume", resume):
             ckpt = load_checkpoint(out_dir)
-            config = config or ckpt.config
+            config, tokenizers = config or ckpt.config, ckpt.tokenizers
+            self.init_from = ckpt.state.get("init_from")
             if config.model_config() != ckpt.config.model_config():
                 raise FastformerError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
                                       f"differs from the requested {config.model_config()}")
+            _warn_schedule_change(ckpt.config.train, config.train, ckpt.step)
         elif checkpoint_dirs(out_dir):
             raise FastformerError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
                                   f"or choose another output directory")
@@ -124,7 +217,7 @@ class Trainer:
 
         # data: the task's tokenizers (a resumed run's own), its batches and validation data;
         # the model's vocabulary sizes follow the tokenizers
-        self.task = make_task(config, text=text, tokenizers=ckpt.tokenizers if ckpt else None)
+        self.task = make_task(config, text=text, tokenizers=tokenizers)
         self.config = cfg = self.task.config
 
         # model and optimizer (the model takes its init and dropout streams of t.seed, fastformer.seeds)
@@ -133,6 +226,9 @@ class Trainer:
             self.model.rng = seeds.dropout_stream(t.seed, comm.rank)
         self.optimizer = make_optimizer(self.model.flat, t)
         self.step = 0
+        if init_from is not None:  # fine-tuning: the source's weights, the fresh optimizer and streams
+            self.model.load_state_dict(init_weights)
+            del init_weights  # the flat buffer holds them now
         if ckpt is not None:
             self._restore(ckpt)
         if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
@@ -222,11 +318,11 @@ class Trainer:
         losses, tokens, t_log = [], 0, time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.verbose and self.is_main and sys.stderr.isatty()))
-        with abort_on_error(comm, passthrough=(NonFiniteLossError, SyncError)):
+        with abort_on_error(comm, passthrough=(NonFiniteLossError, SyncError, TrainingInterrupted)), \
+                stop_on_signals() as stop:
             try:
                 while self.step < end:
-                    lr = learning_rate(self.step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                                       max_steps=t.max_steps, min_lr=t.min_lr)
+                    lr = step_lr(t, self.step)
                     # data: the next batch of the task (LM windows, or padded source/target pairs);
                     # the global batch, the same on every rank
                     batch = self.task.next_batch()
@@ -264,11 +360,20 @@ class Trainer:
                         record.update(self.evaluate() or {})
                     if record is not None:
                         self._log(record)
+                    saved = None
                     if self.step % t.checkpoint_interval == 0 or self.step == end:
-                        self._checkpoint()
+                        saved = self._checkpoint()
                     # data parallel: every rank must still hold the same weights
                     if t.check_sync_interval and comm.size > 1 and self.step % t.check_sync_interval == 0:
                         self._check_sync()
+                    # Ctrl-C or SIGTERM: a checkpoint of this step, then stop (every rank after the
+                    # same step: a request on any rank is every rank's)
+                    requested = stop.signame is not None
+                    if comm.size > 1:
+                        requested = comm.allreduce_scalar(int(requested)) > 0
+                    if requested and self.step < end:
+                        saved = saved or self._checkpoint()
+                        raise TrainingInterrupted(self.step, saved, stop.signame or "a signal to another rank")
             finally:
                 bar.close()
         return losses
@@ -308,9 +413,10 @@ class Trainer:
         with open(os.path.join(self.out_dir, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.verbose and "val_loss" in record:
-            val = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-            tqdm.write(f"step {record['step']:>6} | loss {record['loss']:.4f} | {val} "
-                       f"| lr {record['lr']:.2e} | {record['tokens_per_sec']:.0f} tok/s")
+            fields = [f"step {record['step']}/{self.config.train.max_steps}", f"loss {record['loss']:.4f}"]
+            fields += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]
+            fields += [f"lr {record['lr']:.2e}", f"{record['tokens_per_sec']:,.0f} tok/s"]
+            tqdm.write(fit_columns(fields))
 
     def _checkpoint(self):
         """Write RUN/ckpt-<step> atomically: every rank hands over its dropout state, rank 0 writes."""
@@ -318,5 +424,16 @@ class Trainer:
         if not self.is_main:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.config,
-                               self.task.tokenizers, rng_states, extra={"data_sha256": self.task.fingerprint},
+                               self.task.tokenizers, rng_states,
+                               extra={"data_sha256": self.task.fingerprint, "init_from": self.init_from},
                                keep=self.config.train.keep_checkpoints)
+
+
+def _warn_schedule_change(old, new, step):
+    """Warn when a resumed run's schedule settings differ from its checkpoint's (module docstring)."""
+    changed = [f"train.{k} {getattr(old, k)} -> {getattr(new, k)}" for k in SCHEDULE_KEYS
+               if getattr(old, k) != getattr(new, k)]
+    if changed:
+        warnings.warn(f"resuming at step {step} with {', '.join(changed)}: the learning rate follows the schedule "
+                      f"of the new settings from here, {step_lr(old, step):.2e} -> {step_lr(new, step):.2e} at "
+                      f"step {step} (it is not the old schedule stretched)", stacklevel=4)

@@ -1,5 +1,7 @@
 """Decoding with a key/value cache: the same logits and tokens as full forwards, on both backends."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,9 +13,11 @@ from fastformer.generation.sampling import apply_repetition_penalty
 CFG = LMConfig(vocab_size=50, max_seq_len=24, d_model=32, n_heads=4, d_ff=64, n_layers=2)
 
 
-@pytest.fixture
-def model(backend):
-    m = TransformerLM(CFG, seed=0)
+@pytest.fixture(params=["learned", "sinusoidal"])
+def model(backend, request):
+    """The decoding tests' model, with learned positions (the fused one-token kernel) and with
+    sinusoidal ones (one token through the composed forward)."""
+    m = TransformerLM(dataclasses.replace(CFG, positions=request.param), seed=0)
     # larger weights than the init, so greedy paths are not all one token
     m.flat.data[:] = np.random.default_rng(0).normal(0, 0.3, m.flat.size).astype(np.float32)
     return m

@@ -22,9 +22,10 @@ def _batch(rng, B=2, T=5, V=11):
 
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_model_gradients_match_finite_differences(backend, tie, padded):
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_model_gradients_match_finite_differences(backend, tie, padded, positions):
     rng = np.random.default_rng(0)
-    model = TransformerLM(LMConfig(**TINY, tie_embeddings=tie), seed=1, dtype=np.float64)
+    model = TransformerLM(LMConfig(**TINY, tie_embeddings=tie, positions=positions), seed=1, dtype=np.float64)
     # larger weights than the 0.02 init, so every path carries a gradient well above FD noise
     model.flat.data[:] = rng.normal(0, 0.3, size=model.flat.size)
     ids, targets = _batch(rng)

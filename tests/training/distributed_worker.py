@@ -5,13 +5,16 @@ SPEC: {"kind": "lm" | "seq2seq", "out": run dir, "result": .npz path written by 
 "train": TrainConfig overrides, "dropout": float, "steps": int or null, "resume": bool,
 "raise_on_rank": rank whose forward/backward raises at its second step, or null,
 "rank0_writes_only": make every file write of ranks > 0 fail, "nan_on_rank": rank whose loss is NaN
-at the third step, "perturb_rank": rank whose weights are moved after the start; every rank that
+at the third step, "perturb_rank": rank whose weights are moved after the start, "sigint_on_rank": rank
+that receives SIGINT during its third step; every rank that
 stops writes RESULT.stopped-rankR with its step and message}.
 The .npz holds the losses, the last gradient (flat.grad) and the weights (flat.data) of rank 0.
 """
 
 import builtins
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -83,11 +86,22 @@ def main(spec):
             return (float("nan") if len(nan_calls) == 3 else loss), grads
 
         trainer.model.loss_and_grads = nan_at_three
+    if spec.get("sigint_on_rank") == comm.rank:  # Ctrl-C reaches this rank alone, during its third step
+        real_int, int_calls = trainer.model.loss_and_grads, []
+
+        def sigint_at_three(**batch):
+            int_calls.append(1)
+            if len(int_calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_int(**batch)
+
+        trainer.model.loss_and_grads = sigint_at_three
     if spec.get("perturb_rank") == comm.rank:  # this rank's weights leave the others' after the broadcast
         trainer.model.flat.data[0] += 1e-3
     try:
         losses = trainer.train(spec.get("steps"))
-    except (trainer_module.NonFiniteLossError, trainer_module.SyncError) as e:  # every rank: where it stopped
+    except (trainer_module.NonFiniteLossError, trainer_module.SyncError,
+            trainer_module.TrainingInterrupted) as e:  # every rank: where it stopped
         with open(f"{spec['result']}.stopped-rank{comm.rank}", "w") as f:
             f.write(f"{trainer.step}\n{e}\n")
         sys.exit(1)

@@ -195,6 +195,19 @@ def test_padded_pairs_two_rank_gradient_is_the_one_process_gradient(tmp_path):
         assert e2[key] == pytest.approx(e1[key], rel=1e-5)
 
 
+def stopped(tmp_path, **fault):
+    """Run the LM worker on 2 ranks with a `fault` that stops the job; the [step, message] lines
+    each rank wrote where it stopped."""
+    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), **fault)
+    proc, _ = launch(spec, 2, timeout=60)
+    assert proc.returncode != 0
+    out = []
+    for r in range(2):
+        with open(f"{spec['result']}.stopped-rank{r}") as f:
+            out.append(f.read().splitlines())
+    return out
+
+
 def metrics(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -241,13 +254,22 @@ def test_a_rank_that_raises_ends_the_job(tmp_path, rank):
 @needs_mpi
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # the loss is summed over the ranks, so rank 1's NaN is every rank's: both stop before step 3
-    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), nan_on_rank=1,
-                train={"max_steps": 10})
-    proc, _ = launch(spec, 2, timeout=60)
-    assert proc.returncode != 0
-    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    stops = stopped(tmp_path, nan_on_rank=1, train={"max_steps": 10})
     assert [s[0] for s in stops] == ["2", "2"]
     assert all(s[1].startswith("training stopped at step 3: loss=nan") for s in stops)
+
+
+@needs_mpi
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # kill -INT of one rank's process: the ranks sum their requests after every step
+    stops = stopped(tmp_path, sigint_on_rank=1, train={"max_steps": 10})
+    run = str(tmp_path / "r")
+    assert [s[0] for s in stops] == ["3", "3"]
+    assert stops[0][1] == f"training stopped by a signal to another rank at step 3; checkpoint {run}/ckpt-000003"
+    assert stops[1][1] == "training stopped by SIGINT at step 3; checkpoint None"  # rank 0 writes
+    from fastformer.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run).step == 3
 
 
 @needs_mpi
@@ -270,11 +292,7 @@ def test_ranks_of_one_machine_share_its_cores(tmp_path):
 
 @needs_mpi
 def test_weights_that_drift_apart_stop_every_rank(tmp_path):
-    spec = dict(kind="lm", out=str(tmp_path / "r"), result=str(tmp_path / "r.npz"), perturb_rank=1,
-                train={"max_steps": 10, "check_sync_interval": 2})
-    proc, _ = launch(spec, 2, timeout=60)
-    assert proc.returncode != 0
-    stops = [open(f"{spec['result']}.stopped-rank{r}").read().splitlines() for r in (0, 1)]
+    stops = stopped(tmp_path, perturb_rank=1, train={"max_steps": 10, "check_sync_interval": 2})
     assert [s[0] for s in stops] == ["2", "2"]
     assert all(s[1].startswith("the ranks' weights drifted apart at step 2: 1 of 2 ranks") for s in stops)
     # in sync (the default runs above, and here with the check on) nothing stops
@@ -306,18 +324,31 @@ def test_a_one_process_checkpoint_resumed_on_two_ranks_continues_the_run(tmp_pat
 
 
 @needs_mpi
-def test_ctrl_c_stops_every_rank(tmp_path):
+def test_ctrl_c_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    # mpiexec passes Ctrl-C on to every rank, which may be at different points of a step: the ranks
+    # agree on the step, all take part in its checkpoint (rank 0 writes it), and rank 0 prints the
+    # command that resumes on as many ranks
+    run = str(tmp_path / "r")
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "fastformer.cli", "train", "--preset", "tiny",
-           "--max-steps", "100000", "--out", str(tmp_path / "r")]
+           "--max-steps", "100000", "--set", "model.dropout=0.1", "--out", run]
     proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("training ")  # rank 0 is past the start
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to mpiexec, which passes it to the ranks
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0 and "interrupted" in err
+    assert proc.returncode != 0
+    m = re.search(r"stopped by SIGINT at step (\d+) of 100000; wrote (\S+)\nresume with: (.+)\n", err)
+    assert m and err.count("stopped by") == 1, err
+    assert m.group(3) == f"mpiexec -n 2 fastformer train --resume --out {run}"
+    from fastformer.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run)  # complete and verified, the step the ranks agreed on
+    assert ckpt.path == m.group(2) and ckpt.step == int(m.group(1)) >= 1
+    assert len(ckpt.state["rng"]["dropout_ranks"]) == 2
+    assert not [d for d in os.listdir(run) if d.endswith(".tmp")]
 
 
 @needs_mpi
