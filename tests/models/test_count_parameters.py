@@ -9,6 +9,7 @@ LM_CONFIGS = [
     LMConfig(),
     LMConfig(vocab_size=50, max_seq_len=16, d_model=24, n_heads=3, d_ff=40, n_layers=3, tie_embeddings=False),
     LMConfig(vocab_size=1000, max_seq_len=7, d_model=8, n_heads=1, d_ff=8, n_layers=1, dropout=0.1),
+    LMConfig(vocab_size=50, max_seq_len=16, d_model=8, n_heads=2, d_ff=16, n_layers=2, positions="sinusoidal"),
 ]
 SEQ2SEQ_CONFIGS = [
     Seq2SeqConfig(),
@@ -21,7 +22,7 @@ SEQ2SEQ_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", LM_CONFIGS, ids=lambda c: f"lm-tied{c.tie_embeddings}-C{c.d_model}")
+@pytest.mark.parametrize("cfg", LM_CONFIGS, ids=lambda c: f"lm-tied{c.tie_embeddings}-C{c.d_model}-{c.positions}")
 def test_lm_count_matches_the_model(cfg):
     model = TransformerLM(cfg)
     assert count_parameters(cfg) == model.num_parameters() == sum(p.size for p in model.state_dict().values())
