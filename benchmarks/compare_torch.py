@@ -54,8 +54,9 @@ PAUSE = 0.2  # seconds between two contenders' turns, so one's idle threads are 
 
 def train_call(backend, preset, shape):
     """(step function, the first step's loss) of fastformer's `backend`, warmed up; `shape` is
-    (batch, seq_len), None for the preset's."""
-    _, fn = bench.make_train_step(preset, backend, batch=shape[0], seq_len=shape[1])
+    (batch, seq_len, vocab_size), None for the preset's (the benchmarks' vocabulary)."""
+    _, fn = bench.make_train_step(preset, backend, batch=shape[0], seq_len=shape[1],
+                                  vocab_size=shape[2] or bench.VOCAB)
     return fn, float(fn())
 
 
@@ -66,22 +67,22 @@ def generate_call(backend, preset, shape=None):
     return fn, 0.0
 
 
-def worker(part, backend, preset, threads, batch, seq_len):
-    """One fastformer contender, answering the parent through torch_contenders.serve; batch and
-    seq_len 0 for the preset's."""
+def worker(part, backend, preset, threads, batch, seq_len, vocab_size):
+    """One fastformer contender, answering the parent through torch_contenders.serve; batch,
+    seq_len and vocab_size 0 for the defaults."""
     from fastformer.kernels.threads import configure_threads
 
     configure_threads(threads)
-    shape = (batch or None, seq_len or None)
+    shape = (batch or None, seq_len or None, vocab_size or None)
     serve(lambda: (train_call if part == "train" else generate_call)(backend, preset, shape))
 
 
-def write_inputs(part, preset, inputs, shape=(None, None)):
+def write_inputs(part, preset, inputs, shape=(None, None, None)):
     """Write into the directory `inputs` what the PyTorch contenders of `part` need for `preset`,
     as plain files (see torch_contenders.py): fastformer's model, inputs and settings; `shape`
-    (batch, seq_len) of a training step, None for the preset's."""
+    (batch, seq_len, vocab_size) of a training step, None for the defaults."""
     if part == "train":
-        s = bench.train_setup(preset, batch=shape[0], seq_len=shape[1])
+        s = bench.train_setup(preset, batch=shape[0], seq_len=shape[1], vocab_size=shape[2] or bench.VOCAB)
         cfg, opt, flat = s.model.config, s.optimizer, s.model.flat
         assert cfg.tie_embeddings, "TorchGPT models the tied LM head of the presets"
         spec = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
@@ -111,7 +112,7 @@ class Contender:
         self.name = name
         if name in FASTFORMER:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads),
-                   str(shape[0] or 0), str(shape[1] or 0)]
+                   *(str(x or 0) for x in shape)]
         else:
             cmd = [sys.executable, os.path.join(HERE, "torch_contenders.py"), part, name, str(threads), inputs]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -123,19 +124,21 @@ class Contender:
         return json.loads(line)
 
     def times(self, n):
+        """{"times": seconds of n calls, "peak_rss_mb": the process's peak resident memory}."""
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
-        return self.answer()["times"]
+        return self.answer()
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
 
 
-def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None, None)):
+def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None, None, None)):
     """({name: 1 / median seconds per call}, {name: ready check}, {name: error text}), and
     records each contender's BLAS in BLAS_SEEN. calls(name) is the number of timed calls a turn;
-    env the environment of the contenders' processes; shape (batch, seq_len) of a training step."""
+    env the environment of the contenders' processes; shape (batch, seq_len, vocab_size) of a
+    training step. Each contender's peak RSS goes into PEAK_RSS."""
     with tempfile.TemporaryDirectory() as inputs:
         write_inputs(part, preset, inputs, shape)
         started = [Contender(part, name, preset, threads, inputs, env, shape) for name in names]
@@ -153,7 +156,9 @@ def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None
             for _ in range(rounds):
                 for c in running:
                     time.sleep(PAUSE)
-                    times[c.name] += c.times(calls(c.name))
+                    answer = c.times(calls(c.name))
+                    times[c.name] += answer["times"]
+                    PEAK_RSS[c.name] = answer["peak_rss_mb"]
         finally:
             for c in started:
                 c.close()
@@ -161,6 +166,7 @@ def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None
 
 
 BLAS_SEEN = {}  # {BLAS description: [contenders that reported it]}, filled by run_contenders
+PEAK_RSS = {}  # {contender: peak RSS in MB of its process}, filled by run_contenders
 
 
 def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env, shape, with_numpy=True):
@@ -200,7 +206,7 @@ def ratio(a, b, width=9):
 
 
 def main():
-    if len(sys.argv) == 8 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 9 and sys.argv[1] == "--worker":
         return worker(sys.argv[2], sys.argv[3], sys.argv[4], *map(int, sys.argv[5:]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"], choices=list(PRESETS))
@@ -213,6 +219,8 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="rows of a training step (default: the preset's)")
     ap.add_argument("--seq-len", type=int, nargs="+", default=[None],
                     help="tokens per row of a training step, one table row each (default: the preset's)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help=f"vocabulary of a training step (default {bench.VOCAB}; 50257 is GPT-2's)")
     ap.add_argument("--no-numpy", action="store_true", help="leave out the NumPy backend (slow at long T)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of every contender (default: FASTFORMER_NUM_THREADS, else the cores)")
@@ -244,19 +252,21 @@ def main():
 
 def print_training(args, n, env):
     """The training table of every preset; returns the torch.compile failures."""
-    failures = []
+    failures, rss = [], []
     shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p, args.batch, T)) for p in args.presets
                                for T in args.seq_len}))
-    print(f"training steps/s, batch x seq {shapes}, vocab {bench.VOCAB}, the presets' AdamW; "
+    print(f"training steps/s, batch x seq {shapes}, vocab {args.vocab or bench.VOCAB}, the presets' AdamW; "
           f"median over {args.rounds} rounds of {args.steps} steps ({args.numpy_steps} for numpy)")
     print("torch as users run it (its own process, its defaults), and '+s' with fastformer's process "
           "settings (allocator policy, OpenBLAS spin)")
     print(f"{'preset':8s} {'numpy':>7s} {'numba':>7s} {'eager':>7s} {'eager+s':>7s} {'compile':>7s} "
           f"{'comp+s':>7s}  {'/numpy':>7s} {'/eager':>7s} {'/eager+s':>8s} {'/compile':>8s} {'/comp+s':>8s}")
     for preset, T in [(p, T) for p in args.presets for T in args.seq_len]:
+        PEAK_RSS.clear()
         r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n, env,
-                             (args.batch, T), not args.no_numpy)
-        label = preset if T is None and args.batch is None else "{}@{}x{}".format(preset, *bench.batch_shape(preset, args.batch, T))
+                             (args.batch, T, args.vocab), not args.no_numpy)
+        label = preset if T is None and args.batch is None else \
+            "{}@{}x{}".format(preset, *bench.batch_shape(preset, args.batch, T))
         comp = [r.get(name, "not run") for name in ("torch.compile", "torch.compile" + SETTINGS)]
         failures += [f"{label}: torch.compile {c}" for c in comp if isinstance(c, str) and c != "not run"]
         eager, eager_s = r["torch eager"], r["torch eager" + SETTINGS]
@@ -264,6 +274,11 @@ def print_training(args, n, env):
               f"{cell(comp[0], 7)} {cell(comp[1], 7)}  {ratio(r['numba'], r.get('numpy'), 7)} "
               f"{ratio(r['numba'], eager, 7)} {ratio(r['numba'], eager_s, 8)} {ratio(r['numba'], comp[0], 8)} "
               f"{ratio(r['numba'], comp[1], 8)}", flush=True)
+        rss.append(f"{label:8s} " + ", ".join(f"{name} {mb:,.0f}" for name, mb in PEAK_RSS.items())
+                   + f"; numba/torch eager {PEAK_RSS['numba'] / PEAK_RSS['torch eager']:.2f}x")
+    print("peak RSS (MB) of each contender's process:")
+    for line in rss:
+        print("  " + line)
     return failures
 
 

@@ -22,6 +22,7 @@ can tell the kernels apart from the process settings.
 import json
 import os
 import re
+import resource
 import sys
 import time
 
@@ -71,7 +72,8 @@ def keep_freed_memory():
 def serve(setup):
     """Make the contender -- setup() returns (function to time, check) -- and say
     {"ready": check, "blas": the BLAS in use} (or {"error": text}) on stdout; then, for each line
-    N on stdin, time N calls and answer {"times": [seconds, ...]}, until stdin closes."""
+    N on stdin, time N calls and answer {"times": [seconds, ...], "peak_rss_mb": the process's
+    peak resident memory}, until stdin closes."""
     try:
         fn, check = setup()
     except Exception as e:  # reported by the parent: fatal but for torch.compile
@@ -80,7 +82,9 @@ def serve(setup):
         return
     print(json.dumps({"ready": check, "blas": blas_in_use()}), flush=True)
     for line in sys.stdin:
-        print(json.dumps({"times": time_calls(fn, int(line))}), flush=True)
+        times = time_calls(fn, int(line))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        print(json.dumps({"times": times, "peak_rss_mb": peak}), flush=True)
 
 
 def read_spec(inputs):

@@ -126,6 +126,8 @@ def test_compare_torch_runs_every_contender_on_tiny():
     # numpy, numba, eager as users run it, eager with fastformer's process settings; compile left out
     assert all(float(v) > 0 for v in train[1:5]) and train[5:7] == ["-", "-"]
     assert all(float(v) > 0 for v in gen[1:4])  # numpy, numba, transformers
+    rss = proc.stdout.split("peak RSS (MB) of each contender's process:")[1].splitlines()[1]
+    assert rss.split()[0] == "tiny" and "numba/torch eager" in rss, rss
     blas = proc.stdout.split("BLAS in each contender's process:")[1].splitlines()
     assert any("torch eager" in line and "torch:" in line for line in blas), blas  # torch's own BLAS named
     assert any(line.strip().startswith("numba") and "kernels" in line for line in blas), blas
@@ -151,7 +153,7 @@ def test_torch_contenders_never_import_fastformer(tmp_path, part, contender):
     ready, timed = (json.loads(line) for line in proc.stdout.splitlines())
     assert "ready" in ready, ready
     assert "torch:" in ready["blas"] and "kernels" in ready["blas"], ready  # which BLAS and kernel set ran
-    assert len(timed["times"]) == 1 and timed["times"][0] > 0
+    assert len(timed["times"]) == 1 and timed["times"][0] > 0 and timed["peak_rss_mb"] > 0
     if part == "generate":
         assert ready["ready"] < 1e-3  # transformers' prompt logits are fastformer's
 

@@ -82,11 +82,11 @@ def gemm_peak_gflops(n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
-def synthetic_batch(name, seed=0, batch=None, seq_len=None):
+def synthetic_batch(name, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     """A fixed batch of random ids of the preset `name` and its next-token targets, each
-    (B, T) int64 (batch_shape), ids below VOCAB."""
+    (B, T) int64 (batch_shape), ids below vocab_size."""
     B, T = batch_shape(name, batch, seq_len)
-    ids = seeds.bench_stream(seed).integers(0, VOCAB, size=(B, T + 1))
+    ids = seeds.bench_stream(seed).integers(0, vocab_size, size=(B, T + 1))
     return ids[:, :-1], ids[:, 1:]
 
 
@@ -101,23 +101,23 @@ class TrainSetup(NamedTuple):
     targets: np.ndarray  # (B, T)
 
 
-def train_setup(name, seed=0, batch=None, seq_len=None):
+def train_setup(name, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     """The TrainSetup of the preset `name`: its model (preset_config, weights from `seed`), its
     AdamW (make_optimizer) and the synthetic batch (synthetic_batch), of the preset's shape or
-    of `batch` rows of `seq_len` tokens."""
-    model = TransformerLM(preset_config(name, seq_len=seq_len), seed=seed)
+    of `batch` rows of `seq_len` tokens, over `vocab_size` ids."""
+    model = TransformerLM(preset_config(name, check_int("vocab_size", vocab_size), seq_len), seed=seed)
     optimizer, lr = make_optimizer(model, name)
-    return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed, batch, seq_len))
+    return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed, batch, seq_len, vocab_size))
 
 
-def make_train_step(preset, backend=None, seed=0, batch=None, seq_len=None):
+def make_train_step(preset, backend=None, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     """(model, step) for one preset: `step()` runs one training step -- forward, backward and
-    AdamW -- on a fixed synthetic batch (the preset's shape, or `batch` x `seq_len`) with
-    `backend` (default: the current one) and returns the loss. Nothing is run yet: call
-    `step()` once to warm up (load or compile the kernels)."""
+    AdamW -- on a fixed synthetic batch (the preset's shape, or `batch` x `seq_len`, over
+    `vocab_size` ids) with `backend` (default: the current one) and returns the loss. Nothing is
+    run yet: call `step()` once to warm up (load or compile the kernels)."""
     backend = backend or get_backend()
     with use_backend(backend):
-        s = train_setup(preset, seed, batch, seq_len)
+        s = train_setup(preset, seed, batch, seq_len, vocab_size)
 
     def step():
         with use_backend(backend):
