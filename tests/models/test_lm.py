@@ -81,8 +81,8 @@ def test_training_and_loss_never_make_the_logits(backend):
 
     cfg = LMConfig(vocab_size=8192, max_seq_len=64, d_model=16, n_heads=2, d_ff=32, n_layers=1)
     model = TransformerLM(cfg, seed=0)
-    ids, targets = _batch(np.random.default_rng(0), 8, 64, V=8192)
-    logits_bytes = 8 * 64 * 8192 * 4  # 16 MiB in float32
+    ids, targets = _batch(np.random.default_rng(0), 32, 64, V=8192)
+    logits_bytes = 32 * 64 * 8192 * 4  # 64 MiB in float32
     model.loss_and_grads(ids, targets)  # compiles, warms up
 
     def traced_peak(fn):
