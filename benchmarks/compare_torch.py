@@ -60,9 +60,10 @@ def train_call(backend, preset, shape):
     return fn, float(fn())
 
 
-def generate_call(backend, preset, shape=None):
-    """(generate function, 0: the reference the others are checked against) of `backend`, warmed up."""
-    _, _, fn = bench.make_generate(preset, backend)
+def generate_call(backend, preset, shape):
+    """(generate function, 0: the reference the others are checked against) of `backend`, warmed
+    up; shape[0] is the number of prompts (None: 1, greedy)."""
+    _, _, fn = bench.make_generate(preset, backend, rows=shape[0] or 1)
     fn()
     return fn, 0.0
 
@@ -93,11 +94,11 @@ def write_inputs(part, preset, inputs, shape=(None, None, None)):
     else:
         from fastformer.models.hf import save_hf
 
-        model, prompt, _ = bench.make_generate(preset, "numpy")
+        model, prompt, _ = bench.make_generate(preset, "numpy", rows=shape[0] or 1)
         save_hf(model, os.path.join(inputs, "hf"))
         np.save(os.path.join(inputs, "prompt.npy"), prompt)
         np.save(os.path.join(inputs, "logits.npy"), model.forward(prompt[0]))
-        spec = dict(new_tokens=bench.GEN_NEW)
+        spec = dict(new_tokens=bench.GEN_NEW, top_k=bench.GEN_TOP_K)
     with open(os.path.join(inputs, "spec.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
 
@@ -183,14 +184,16 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, 
     return {**rates, **failed}
 
 
-def compare_generation(preset, rounds, threads, env):
-    """{contender: tokens/s} of batch-1 greedy generation after the benchmark prompt."""
-    rates, diffs, failed = run_contenders("generate", GEN_CONTENDERS, preset, threads, rounds, lambda name: 1, env)
+def compare_generation(preset, rounds, threads, env, rows=1):
+    """{contender: tokens/s} of generation after the benchmark prompt: batch-1 greedy, or `rows`
+    prompts side by side, sampled (tokens of all rows counted)."""
+    rates, diffs, failed = run_contenders("generate", GEN_CONTENDERS, preset, threads, rounds, lambda name: 1, env,
+                                          (rows, None, None))
     if failed:
         raise SystemExit(f"{preset}: {failed}")
     if diffs["transformers"] > 1e-3:
         raise SystemExit(f"{preset}: fastformer and transformers logits differ by {diffs['transformers']:.2e}")
-    return {name: bench.GEN_NEW * r for name, r in rates.items()}
+    return {name: rows * bench.GEN_NEW * r for name, r in rates.items()}
 
 
 def cell(value, width):
@@ -214,6 +217,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per round (numba, torch)")
     ap.add_argument("--numpy-steps", type=int, default=1, help="timed training steps per round (numpy backend)")
     ap.add_argument("--gen-rounds", type=int, default=5, help="alternating generation rounds (default 5)")
+    ap.add_argument("--gen-batch", type=int, default=1,
+                    help="prompts generated side by side; more than 1 samples (default 1: greedy)")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     ap.add_argument("--parts", nargs="+", default=["train", "generate"], choices=["train", "generate"])
     ap.add_argument("--batch", type=int, default=None, help="rows of a training step (default: the preset's)")
@@ -283,12 +288,14 @@ def print_training(args, n, env):
 
 
 def print_generation(args, n, env):
-    print(f"generation tokens/s, batch 1, greedy, {bench.GEN_NEW} new tokens after {bench.GEN_PROMPT}; "
+    how = "batch 1, greedy" if args.gen_batch == 1 else \
+        f"{args.gen_batch} prompts side by side, sampled (temperature 1, top-k {bench.GEN_TOP_K}), all rows' tokens"
+    print(f"generation tokens/s, {how}, {bench.GEN_NEW} new tokens after {bench.GEN_PROMPT}; "
           f"median over {args.gen_rounds} rounds; transformers = GPT2LMHeadModel.generate(use_cache=True)")
     print(f"{'preset':8s} {'numpy':>9s} {'numba':>9s} {'transformers':>12s}   "
           f"{'numba/transformers':>18s} {'numpy/transformers':>18s}")
     for preset in args.presets:
-        r = compare_generation(preset, args.gen_rounds, n, env)
+        r = compare_generation(preset, args.gen_rounds, n, env, args.gen_batch)
         print(f"{preset:8s} {r['numpy']:9.1f} {r['numba']:9.1f} {r['transformers']:12.1f}   "
               f"{ratio(r['numba'], r['transformers'], 17)} {ratio(r['numpy'], r['transformers'], 17)}",
               flush=True)

@@ -157,22 +157,25 @@ def train_call(contender, inputs):
 
 def generate_call(contender, inputs):
     """(generate function, the largest difference of its prompt logits to fastformer's) of
-    "transformers": GPT2LMHeadModel.generate, greedy, with the key/value cache."""
+    "transformers": GPT2LMHeadModel.generate with the key/value cache, greedy for one prompt,
+    sampled (temperature 1, the spec's top-k) for several."""
     import torch
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     hf = GPT2LMHeadModel.from_pretrained(os.path.join(inputs, "hf"), local_files_only=True).eval()
-    new_tokens = read_spec(inputs)["new_tokens"]
-    prompt = torch.from_numpy(np.load(os.path.join(inputs, "prompt.npy")))  # (1, P)
+    spec = read_spec(inputs)
+    new_tokens = spec["new_tokens"]
+    prompt = torch.from_numpy(np.load(os.path.join(inputs, "prompt.npy")))  # (rows, P)
+    sampled = dict(do_sample=True, temperature=1.0, top_k=spec["top_k"]) if len(prompt) > 1 else dict(do_sample=False)
     with torch.inference_mode():
         diff = float(np.abs(hf(prompt).logits[0].numpy() - np.load(os.path.join(inputs, "logits.npy"))).max())
 
     def fn():
         with torch.inference_mode():
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+                               min_new_tokens=new_tokens, use_cache=True, pad_token_id=0, **sampled)
 
     fn()
     return fn, diff

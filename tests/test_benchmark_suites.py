@@ -133,9 +133,10 @@ def test_compare_torch_runs_every_contender_on_tiny():
     assert any(line.strip().startswith("numba") and "kernels" in line for line in blas), blas
 
 
-@pytest.mark.parametrize("part, contender", [("train", "torch eager"), ("train", "torch eager + fastformer's settings"),
-                                             ("generate", "transformers")])
-def test_torch_contenders_never_import_fastformer(tmp_path, part, contender):
+@pytest.mark.parametrize("part, contender, rows", [("train", "torch eager", None),
+                                                   ("train", "torch eager + fastformer's settings", None),
+                                                   ("generate", "transformers", None), ("generate", "transformers", 2)])
+def test_torch_contenders_never_import_fastformer(tmp_path, part, contender, rows):
     """A PyTorch contender runs from the files compare_torch writes, with fastformer unimportable."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -144,7 +145,7 @@ def test_torch_contenders_never_import_fastformer(tmp_path, part, contender):
         import compare_torch
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    compare_torch.write_inputs(part, "tiny", str(tmp_path))
+    compare_torch.write_inputs(part, "tiny", str(tmp_path), (rows, None, None))  # rows: prompts, sampled
     code = ("import runpy, sys; sys.modules['fastformer'] = None; "  # any import of fastformer fails
             f"sys.argv = ['torch_contenders.py', {part!r}, {contender!r}, '1', {str(tmp_path)!r}]; "
             f"runpy.run_path({str(ROOT / 'benchmarks' / 'torch_contenders.py')!r}, run_name='__main__')")

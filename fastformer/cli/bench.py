@@ -145,21 +145,26 @@ def generation_model(preset, seed=0):
     return TransformerLM(cfg, seed=seed)
 
 
-def generation_prompt(cfg, seed=0):
-    """The generation benchmark's prompt: (1, GEN_PROMPT) random ids, int64."""
-    return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(1, GEN_PROMPT))
+GEN_TOP_K = 50  # sampled generation (rows > 1): temperature 1 and transformers' default top-k
 
 
-def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW):
-    """(model, prompt, gen): `gen()` greedily generates `new_tokens` tokens after the benchmark
-    prompt with `backend` (default: the current one), batch 1, and returns the ids."""
+def generation_prompt(cfg, seed=0, rows=1):
+    """The generation benchmark's prompts: (rows, GEN_PROMPT) random ids, int64."""
+    return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(check_int("rows", rows), GEN_PROMPT))
+
+
+def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW, rows=1):
+    """(model, prompt, gen): `gen()` generates `new_tokens` tokens after the benchmark prompt
+    with `backend` (default: the current one) and returns the ids: greedily for one row, and for
+    `rows` > 1 prompts side by side sampled (temperature 1, top-k GEN_TOP_K)."""
     backend = backend or get_backend()
     model = generation_model(preset, seed)
-    prompt = generation_prompt(model.config, seed)
+    prompt = generation_prompt(model.config, seed, rows)
+    sampled = dict(temperature=1.0, top_k=GEN_TOP_K, seed=seed) if rows > 1 else dict(temperature=0.0)
 
     def gen():
         with use_backend(backend):
-            return model.generate(prompt, new_tokens, temperature=0.0)
+            return model.generate(prompt, new_tokens, **sampled)
 
     return model, prompt, gen
 
