@@ -333,6 +333,14 @@ def _softmax_row(sc, last, n, kpm, b, has_mask):
             if kpm[b, j]:
                 sc[j] = F(-np.inf)
     m = _row_max(sc, last)
+    return m, _exp_row(sc, last, n, m)
+
+
+@_inline
+def _exp_row(sc, last, n, m):
+    """sc[j] = exp(sc[j] - m) in place for j < last, 0 for last <= j < n (all 0 when m = -inf:
+    no key left); returns their sum."""
+    F = sc.dtype.type
     total = F(0.0)
     if m == F(-np.inf):
         last = 0
@@ -342,7 +350,7 @@ def _softmax_row(sc, last, n, kpm, b, has_mask):
         total += p
     for j in range(last, n):
         sc[j] = F(0.0)
-    return m, total
+    return total
 
 
 @_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
@@ -525,16 +533,8 @@ def _flash_softmax_block(sc, m, total, acc, row0, c0, mask, has_mask):
                 if mask[c0 + j]:
                     row[j] = F(-np.inf)
         new = max(m[r], _row_max(row, last))
-        if new == F(-np.inf):  # no key seen yet: m stays -inf, total and acc 0
-            last = 0
-        t = F(0.0)
-        for j in range(last):
-            e = _exp(row[j] - new)
-            row[j] = e
-            t += e
-        for j in range(last, n):
-            row[j] = F(0.0)
-        if last > 0:
+        t = _exp_row(row, last, n, new)
+        if last > 0 and new != F(-np.inf):  # else no key seen yet: m stays -inf, total and acc 0
             alpha = _exp(m[r] - new)  # 0 while m = -inf
             total[r] = total[r] * alpha + t
             for d in range(hs):

@@ -199,13 +199,6 @@ def check_attention(ops, ref, q, k, v, causal, kpm, dtype):
         close(g, g_ref, "attention", dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
-                                            (False, "random", 3, 6), (True, "all", 5, 5)])
-def test_attention(fast_ops, ref, dtype, causal, pad, T, S):
-    rng = np.random.default_rng(3)
-    q, k, v, kpm = _attention_case(rng, 2, 3, T, S, 4, causal, pad, dtype)
-    check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
 
 
 @PROPERTY
@@ -233,8 +226,12 @@ def tiled(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
                                             (False, "random", 3, 6), (True, "all", 5, 5), (True, "random", 10, 10)])
-def test_attention_tiled(fast_ops, ref, tiled, dtype, causal, pad, T, S):
-    """The backend's tiled attention, forward and backward, against the reference's plain one."""
+@pytest.mark.parametrize("tiles", [False, True])
+def test_attention(fast_ops, ref, request, tiles, dtype, causal, pad, T, S):
+    """The backend's attention -- its row kernels, or on BLAS tiles -- forward and backward,
+    against the reference's plain one."""
+    if tiles:
+        request.getfixturevalue("tiled")
     rng = np.random.default_rng(3)
     q, k, v, kpm = _attention_case(rng, 2, 3, T, S, 4, causal, pad, dtype)
     check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
@@ -269,28 +266,16 @@ def test_attention_tiled_property(ref, B, H, T, extra, hs, causal, pad, seed, dt
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,hs", [(2, 3), (3, 1)])
-def test_attention_qkv_tiled(fast_ops, ref, tiled, dtype, H, hs):
-    """The fused-QKV entry point on tiles (strided heads read and written in place) equals the
-    reference's split heads, forward and backward."""
-    rng = np.random.default_rng(5)
-    B, T, C = 2, 8, H * hs
-    qkv = normal(rng, (B, T, 3 * C), dtype)
-    kpm = np.zeros((B, T), dtype=bool)
-    kpm[1, :2] = True
-    out, cache = fast_ops.attention_qkv_forward(qkv, H, causal=True, key_padding_mask=kpm)
-    out_ref, cache_ref = ref.attention_qkv_forward(qkv, H, causal=True, key_padding_mask=kpm)
-    close(out, out_ref, "attention", dtype)
-    dout = normal(rng, out.shape, dtype)
-    close(fast_ops.attention_qkv_backward(dout, cache), ref.attention_qkv_backward(dout, cache_ref),
-          "attention", dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,hs", [(2, 3), (3, 1)])
-def test_attention_qkv_matches_split_heads(ops, ref, dtype, H, hs):
-    """The fused-QKV entry point equals attention_forward on the split heads (reference)."""
+@pytest.mark.parametrize("tiles", [False, True])
+def test_attention_qkv_matches_split_heads(ops, ref, request, tiles, dtype, H, hs):
+    """The fused-QKV entry point equals attention_forward on the split heads (reference); with
+    tiles, a backend's tiled form reads and writes the strided heads in place."""
+    if tiles:
+        if ops.name == "numpy":
+            pytest.skip("the reference has no tiled path to select")
+        request.getfixturevalue("tiled")
     rng = np.random.default_rng(4)
-    B, T, C = 2, 6, H * hs
+    B, T, C = 2, 8, H * hs
     qkv = normal(rng, (B, T, 3 * C), dtype)
     kpm = np.zeros((B, T), dtype=bool)
     kpm[1, :2] = True
