@@ -7,6 +7,9 @@ the environment variable FASTFORMER_BACKEND (read when kernels are first asked f
     numpy  the reference kernels in numpy_ops.py (the specification)
     numba  the jitted kernels in numba_ops.py
     auto   numba when it imports, else numpy
+
+Both accept and refuse the same inputs (checks.py), read-only arrays included, and treat NaN and
+infinity alike; numpy_ops.py's docstring states the rules.
 """
 
 import contextlib

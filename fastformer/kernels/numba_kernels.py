@@ -1,10 +1,13 @@
 """The jitted kernels of the Numba backend: private functions that fill preallocated arrays.
 
-Nothing here validates anything: the wrappers in numba_ops.py check dtypes, shapes and
-contiguity, allocate the outputs and call these. Each kernel is compiled for exactly two
-signatures, float32 and float64 (`_sigs`; float64 at the first call with float64 arrays, see
-`compile_float64`), with the flags set once in `_kernel`; compiled code is cached on disk, so
-only the first process on a machine pays for the compilation.
+Nothing here validates anything: the wrappers in numba_ops.py check dtypes, shapes, ids and
+contiguity (fastformer.kernels.checks), allocate the outputs and call these; an index a kernel
+reads is one the checks bounded. Each kernel is compiled for exactly two signatures, float32
+and float64 (`_sigs`; float64 at the first call with float64 arrays, see `compile_float64`),
+in which the arrays a kernel only reads are read-only types, so read-only arrays
+(np.memmap(mode="r"), np.frombuffer) are used in place, and writeable ones convert to them.
+The flags are set once in `_kernel`; compiled code is cached on disk, so only the first process
+on a machine pays for the compilation.
 
 Parallel kernels split rows (or (batch, head) pairs) over threads with `prange`; a reduction over
 rows (a weight or bias gradient) is summed per chunk of rows into `part[chunk]` and the few
@@ -28,14 +31,30 @@ from fastformer.kernels.numpy_ops import GPT2_LAYER_SLOTS  # the layout of Packe
 SLOTS = len(GPT2_LAYER_SLOTS)
 
 # Fast-math without "nnan" and "ninf": LLVM may reassociate sums (so reductions vectorise) and
-# fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning.
+# fuse multiply-adds, while -inf (masked attention scores) and NaN keep their IEEE meaning, so
+# that the NaN rules of numpy_ops hold here too (tests/kernels/test_kernel_nan.py). "arcp" lets
+# a float32 1 / sqrt(x) become an estimate that is NaN at x = 0 and x = inf: write sqrt(1 / x).
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 FLOAT_TYPES = ("float32", "float64")
 
 
+class _ReadOnly:
+    """`readonly(int64)[::1]` in a signature: the array type of an input the kernel only reads.
+    A read-only array matches it and a writeable one converts to it."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __getitem__(self, index):
+        return self.dtype[index].copy(readonly=True)
+
+
 def _sigs(template):
-    """The float32 and the float64 signature of a kernel: `template` with F replaced."""
-    return [template.replace("F", f) for f in FLOAT_TYPES]
+    """The float32 and the float64 signature of a kernel: `template` with F replaced by the float
+    type and R by the same type read-only (an input array the kernel never writes), evaluated
+    with Numba's type names as Numba evaluates a signature string."""
+    names = {**vars(types), "readonly": _ReadOnly}
+    return [eval(template.replace("R", "readonly(F)").replace("F", f), names) for f in FLOAT_TYPES]
 
 
 _KERNELS = []  # every _Kernel, for compile_float64
@@ -187,25 +206,25 @@ def _row_max(x, n):
 
 
 # --------------------------------------------------------------------- softmax
-@_kernel("void(F[:, ::1], F[:, ::1])")
+@_kernel("void(R[:, ::1], F[:, ::1])")
 def _softmax_fwd(x, y):
     N, C = x.shape
     F = x.dtype.type
     for n in prange(N):
-        m = _row_max(x[n], C)
-        if not math.isfinite(m):  # an all -inf row: every exp below is exactly 0
+        m = _row_max(x[n], C)  # +inf when the row holds one: exp(inf - inf) below is NaN
+        if m == F(-np.inf):  # an all -inf row: every exp below is exactly 0
             m = F(0.0)
         s = F(0.0)
         for c in range(C):
             e = _exp(x[n, c] - m)
             y[n, c] = e
             s += e
-        inv = F(1.0) / s if s > F(0.0) else F(1.0)
+        inv = F(1.0) / s if s != F(0.0) else F(1.0)  # s is NaN when the row held a NaN or +inf
         for c in range(C):
             y[n, c] *= inv
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[:, ::1])")
+@_kernel("void(R[:, ::1], R[:, ::1], F[:, ::1])")
 def _softmax_bwd(dy, y, dx):
     # forward: y = exp(x - max) / sum(exp(x - max))  ->  dx = y * (dy - sum(dy * y))
     N, C = y.shape
@@ -232,19 +251,21 @@ def _normalize_row(s, w, b, eps, y):
     for c in range(C):
         d = s[c] - mean
         var += d * d
-    rstd = F(1.0) / math.sqrt(var / F(C) + eps)
+    # not 1 / sqrt(...): with "arcp" LLVM computes that from a float32 estimate whose Newton step
+    # gives NaN where the variance is 0 or infinite (the reference gives inf and 0)
+    rstd = math.sqrt(F(1.0) / (var / F(C) + eps))
     for c in range(C):
         y[c] = (s[c] - mean) * rstd * w[c] + b[c]
     return mean, rstd
 
 
-@_kernel("void(F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[::1], F[::1])", serial_twin=True)
+@_kernel("void(R[:, ::1], R[::1], R[::1], F, F[:, ::1], F[::1], F[::1])", serial_twin=True)
 def _layernorm_fwd(x, w, b, eps, y, mean, rstd):
     for n in prange(x.shape[0]):
         mean[n], rstd[n] = _normalize_row(x[n], w, b, eps, y[n])
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F, F[:, ::1], F[:, ::1], F[::1], F[::1])", serial_twin=True)
+@_kernel("void(R[:, ::1], R[:, ::1], R[::1], R[::1], F, F[:, ::1], F[:, ::1], F[::1], F[::1])", serial_twin=True)
 def _residual_layernorm_fwd(x, branch, w, b, eps, s, y, mean, rstd):
     N, C = x.shape
     for n in prange(N):
@@ -253,7 +274,7 @@ def _residual_layernorm_fwd(x, branch, w, b, eps, s, y, mean, rstd):
         mean[n], rstd[n] = _normalize_row(s[n], w, b, eps, y[n])
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[::1], F[::1], F[::1], F[:, ::1], boolean, "
+@_kernel("void(R[:, ::1], R[:, ::1], R[::1], R[::1], R[::1], R[:, ::1], boolean, "
          "F[:, ::1], F[:, ::1], F[:, ::1])")
 def _layernorm_bwd(dy, x, w, mean, rstd, ds, add_ds, dx, dw_part, db_part):
     # forward: y = xhat * w + b with xhat = (x - mean) * rstd
@@ -326,7 +347,8 @@ def _scores(qi, kt, n, sc):
 @_inline
 def _softmax_row(sc, last, n, kpm, b, has_mask):
     """p = exp(s - max) in place over the keys j < last of one row of scores sc, zero for
-    last <= j < n; returns (max, sum(p)), max = -inf when no key is left (then p = 0)."""
+    last <= j < n; returns (max, sum(p)). The sum is 0 when no key is left (then p = 0) and NaN
+    when a score is NaN or +inf (then p is NaN at the row's unmasked keys), as in the reference."""
     F = sc.dtype.type
     if has_mask:
         for j in range(last):
@@ -338,12 +360,12 @@ def _softmax_row(sc, last, n, kpm, b, has_mask):
 
 @_inline
 def _exp_row(sc, last, n, m):
-    """sc[j] = exp(sc[j] - m) in place for j < last, 0 for last <= j < n (all 0 when m = -inf:
-    no key left); returns their sum."""
+    """sc[j] = exp(sc[j] - m) in place for j < last, 0 for last <= j < n; returns their sum. m =
+    -inf (no key left, or every score NaN) shifts by 0: the masked scores give 0, a NaN stays NaN."""
     F = sc.dtype.type
     total = F(0.0)
-    if m == F(-np.inf):
-        last = 0
+    if m == F(-np.inf):  # every key masked, or every score NaN: exp(s - 0) is 0, or NaN
+        m = F(0.0)
     for j in range(last):
         p = _exp(sc[j] - m)
         sc[j] = p
@@ -353,7 +375,7 @@ def _exp_row(sc, last, n, m):
     return total
 
 
-@_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], boolean[:, ::1], boolean, boolean, F, "
+@_kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
          "F[:, :, :, :], F[:, :, ::1])", serial_twin=True)
 def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     """Per query row: scores against the keys it may see, their max, p = exp(s - max) and
@@ -410,16 +432,16 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
                 else:
                     for j in range(n):
                         pv0 += s0[j] * vt[d, j]
-                out[b, h, i0, d] = pv0 / total0 if m0 != F(-np.inf) else F(0.0)
+                out[b, h, i0, d] = pv0 / total0 if total0 != F(0.0) else F(0.0)
                 if rows == 2:
-                    out[b, h, i0 + 1, d] = pv1 / total1 if m1 != F(-np.inf) else F(0.0)
-            lse[b, h, i0] = m0 + math.log(total0) if m0 != F(-np.inf) else F(-np.inf)
+                    out[b, h, i0 + 1, d] = pv1 / total1 if total1 != F(0.0) else F(0.0)
+            lse[b, h, i0] = m0 + math.log(total0) if total0 != F(0.0) else F(-np.inf)
             if rows == 2:
-                lse[b, h, i0 + 1] = m1 + math.log(total1) if m1 != F(-np.inf) else F(-np.inf)
+                lse[b, h, i0 + 1] = m1 + math.log(total1) if total1 != F(0.0) else F(-np.inf)
 
 
-@_kernel("void(F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], F[:, :, :, :], "
-         "F[:, :, ::1], boolean[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])")
+@_kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
+         "readonly(boolean)[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])")
 def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
     """Gradients of one (batch, head) per task, two query rows at a time, from probabilities
     recomputed as p = exp(s - lse); dk and dv accumulate (transposed) in buffers the task owns.
@@ -476,14 +498,15 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
                     D = F(0.0)
                     for d in range(hs):
                         D += gr[r, d] * out[b, h, i, d]
-                    if has_mask:
-                        for j in range(last):
-                            if kpm[b, j]:
-                                pr[j] = F(-np.inf)  # p = 0 below, and so ds = 0
                     for j in range(last):
                         pj = _exp(pr[j] - L)
                         pr[j] = pj
                         dsr[j] = pj * (dsr[j] - D) * scale
+                    if has_mask:  # a padded key gets p = ds = 0, even in a row whose lse is NaN
+                        for j in range(last):
+                            if kpm[b, j]:
+                                pr[j] = F(0.0)
+                                dsr[j] = F(0.0)
                 for j in range(last, n):
                     pr[j] = F(0.0)
                     dsr[j] = F(0.0)
@@ -534,7 +557,8 @@ def _flash_softmax_block(sc, m, total, acc, row0, c0, mask, has_mask):
                     row[j] = F(-np.inf)
         new = max(m[r], _row_max(row, last))
         t = _exp_row(row, last, n, new)
-        if last > 0 and new != F(-np.inf):  # else no key seen yet: m stays -inf, total and acc 0
+        # no key seen yet leaves m -inf, total and acc 0; a NaN score makes t, and so the row, NaN
+        if last > 0 and (new != F(-np.inf) or t != t):
             alpha = _exp(m[r] - new)  # 0 while m = -inf
             total[r] = total[r] * alpha + t
             for d in range(hs):
@@ -597,14 +621,14 @@ def _cross_entropy_row(x, tn, ignore_index, inv_n, dx):
     return m + math.log(total) - xt
 
 
-@_kernel("void(F[:, ::1], int64[::1], int64, F, F[:, ::1], float64[::1])")
+@_kernel("void(R[:, ::1], readonly(int64)[::1], int64, F, F[:, ::1], float64[::1])")
 def _cross_entropy_fwd(x, t, ignore_index, inv_n, dx, nll):
     """Per row: nll and, in the same pass, the gradient of the mean loss dx (`_cross_entropy_row`)."""
     for n in prange(x.shape[0]):
         nll[n] = _cross_entropy_row(x[n], t[n], ignore_index, inv_n, dx[n])
 
 
-@_kernel("void(F[:, ::1], int64[::1], int64, F, float64[::1])", serial_twin=True)
+@_kernel("void(F[:, ::1], readonly(int64)[::1], int64, F, float64[::1])", serial_twin=True)
 def _cross_entropy_fwd_inplace(x, t, ignore_index, inv_n, nll):
     """`_cross_entropy_fwd` with dx = x: the gradient overwrites the logits. A kernel of its own
     because Numba tells LLVM that the array arguments of a parallel loop never alias, so
@@ -652,7 +676,7 @@ def _gelu_grad(u, exact):
     return s + u * F(2.0) * s * (F(1.0) - s) * dz
 
 
-@_kernel("void(F[:, ::1], F[::1], boolean, F[:, ::1])", serial_twin=True)
+@_kernel("void(R[:, ::1], R[::1], boolean, F[:, ::1])", serial_twin=True)
 def _gelu_fwd(x, bias, exact, y):
     N, C = x.shape
     for n in prange(N):
@@ -660,7 +684,7 @@ def _gelu_fwd(x, bias, exact, y):
             y[n, c] = _gelu(x[n, c] + bias[c], exact)
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[::1], boolean, F[:, ::1], F[:, ::1])")
+@_kernel("void(R[:, ::1], R[:, ::1], R[::1], boolean, F[:, ::1], F[:, ::1])")
 def _gelu_bwd(dy, x, bias, exact, dx, db_part):
     # forward: y = gelu(u) with u = x + bias  ->  dx = dy * gelu'(u), dbias = sum over rows of dx
     N, C = x.shape
@@ -677,7 +701,7 @@ def _gelu_bwd(dy, x, bias, exact, dx, db_part):
 
 
 # ------------------------------------------------------------------------ ReLU
-@_kernel("void(F[:, ::1], F[::1], F[:, ::1])", serial_twin=True)
+@_kernel("void(R[:, ::1], R[::1], F[:, ::1])", serial_twin=True)
 def _relu_fwd(x, bias, y):
     N, C = x.shape
     F = x.dtype.type
@@ -686,7 +710,7 @@ def _relu_fwd(x, bias, y):
             y[n, c] = max(x[n, c] + bias[c], F(0.0))
 
 
-@_kernel("void(F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1])")
+@_kernel("void(R[:, ::1], R[:, ::1], F[:, ::1], F[:, ::1])")
 def _relu_bwd(dy, y, dx, db_part):
     # forward: y = max(u, 0) with u = x + bias  ->  dx = dy where y > 0, dbias = sum over rows of dx
     N, C = y.shape
@@ -703,7 +727,7 @@ def _relu_bwd(dy, y, dx, db_part):
 
 
 # ------------------------------------------------------------------- embedding
-@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])", serial_twin=True)
+@_kernel("void(R[:, ::1], readonly(int64)[::1], F[:, ::1])", serial_twin=True)
 def _embedding_fwd(w, ids, out):
     N, C = out.shape
     for n in prange(N):
@@ -715,7 +739,7 @@ def _embedding_fwd(w, ids, out):
 COLUMN_BLOCK = 16  # columns per task in the scatter-add: one 64-byte cache line of float32
 
 
-@_kernel("void(F[:, ::1], int64[::1], F[:, ::1])")
+@_kernel("void(R[:, ::1], readonly(int64)[::1], F[:, ::1])")
 def _embedding_bwd(dout, ids, dw):
     # forward: out[n] = w[ids[n]]  ->  dw[ids[n]] += dout[n]. Each task owns a block of columns
     # and walks every row in order, so repeated ids never race and the sum order is fixed.
@@ -730,7 +754,7 @@ def _embedding_bwd(dout, ids, dw):
 
 
 # ----------------------------------------------------------------------- AdamW
-@_kernel("void(F[::1], F[::1], F[::1], F[::1], F, F, F, F, F, F, F, F)")
+@_kernel("void(F[::1], R[::1], F[::1], F[::1], F, F, F, F, F, F, F, F)")
 def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2):
     # p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2
     # p -= lr / bc1 * m / (sqrt(v / bc2) + eps)
@@ -783,8 +807,8 @@ def _param(flat, offsets, i, rows, cols):
     return flat[o:o + rows * cols].reshape((rows, cols))
 
 
-@_kernel("void(F[::1], int64[::1], int64, int64[::1], int64[::1], F[:, :, :, :, ::1], F[:, :, :, :, ::1], "
-         "boolean[:, ::1], int64, F, F[:, ::1])", parallel=False)
+@_kernel("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+         "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1])", parallel=False)
 def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
     L, R, H, _, hs = kc.shape
     C, V = H * hs, logits.shape[1]
@@ -819,10 +843,10 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
                     for d in range(hs):
                         sc += qkv[r, hd * hs + d] * kh[j, d]
                     p[j] = sc * scale
-                m, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
+                _, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
                 ah = a[r, hd * hs:(hd + 1) * hs]
                 ah[:] = F(0.0)
-                if m == F(-np.inf):  # every key is padding: the output is 0, as in attention_forward
+                if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
                     continue
                 for j in range(t + 1):
                     for d in range(hs):

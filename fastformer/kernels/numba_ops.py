@@ -1,37 +1,43 @@
 """The Numba backend: the kernel interface of numpy_ops.py on the jitted kernels of numba_kernels.py.
 
 Each public method checks its inputs with the reference's own check (fastformer.kernels.checks:
-float32/float64 only, one dtype per call; non-contiguous arrays are copied to contiguous ones),
-allocates the outputs, and calls one private kernel. Inputs a kernel does not handle (empty arrays, in-place updates of
-non-contiguous arrays) go to the reference implementation inherited from `NumpyOps`.
-Caches have the reference's layout wherever the backward needs the same things, so either
-backward accepts the other's forward cache for layernorm and attention.
+float32/float64 only, one dtype per call, every id and every array of a backward's cache
+checked against the sizes the kernel loops over; non-contiguous or unaligned inputs are copied,
+read-only ones used in place), allocates the outputs, and calls one private kernel. Inputs a
+kernel does not handle (empty arrays, in-place updates of non-contiguous or unaligned arrays)
+go to the reference implementation inherited from `NumpyOps`. Caches have the reference's
+layout, so either backward accepts the other's forward cache, and both refuse the same bad ones.
 
 Importing this module raises ImportError when Numba is not installed.
 """
 
 import concurrent.futures
-from collections import namedtuple
 
 import numpy as np
 
 from fastformer.kernels.checks import (
     activation_inputs,
     adamw_inputs,
+    attention_grad_inputs,
     attention_inputs,
     cached_attention_inputs,
     check_gpt2_decode,
-    check_grad,
     cross_entropy_inputs,
     embedding_grad_inputs,
     embedding_inputs,
+    gelu_grad_inputs,
+    gelu_inputs,
+    layernorm_grad_inputs,
     layernorm_inputs,
+    qkv_attention_grad_inputs,
     qkv_attention_inputs,
+    relu_grad_inputs,
     residual_layernorm_grads,
     residual_layernorm_inputs,
+    softmax_grad_inputs,
     softmax_inputs,
 )
-from fastformer.kernels.numpy_ops import NumpyOps, write_kv_cache
+from fastformer.kernels.numpy_ops import GeluCache, NumpyOps, ReluCache, write_kv_cache
 from fastformer.kernels.threads import blas_threads, configure_threads, configured_threads
 
 configure_threads()  # before the kernels load: compiling them starts Numba's thread pool
@@ -40,20 +46,21 @@ from fastformer.kernels import numba_kernels as K  # noqa: E402
 # Query rows from which attention runs on BLAS tiles (NumpyOps._attention_tiled) instead of the
 # row kernels: the crossover measured by benchmarks/attention_crossover.py.
 ATTENTION_TILED_FROM = 1024
-_head_pool = None  # the threads of NumbaOps._run_heads, made at the first tiled attention
+_head_pool = None  # the threads of NumbaOps._run_tasks, made at their first use
 
 ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at the end
 
-# GELU keeps x and the bias rather than u = x + bias (one array fewer written; the backward
-# recomputes u), so its cache differs from the reference's (u, approximate, has_bias).
-GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
-ReluCache = namedtuple("ReluCache", "y has_bias")
+
+def _jit_writable(*arrays):
+    """Whether a kernel can update these arrays in place: C-contiguous and aligned, as its
+    signature requires (the reference updates any other array)."""
+    return all(a.flags.c_contiguous and a.flags.aligned for a in arrays)
 
 
 def _bias_activation_backward(kernel, dy, saved, args, has_bias):
     """(dx, dbias or None) of y = act(x + bias) from `kernel`(dy, saved, *args, dx, db_part),
-    `saved` being the array the forward kept (shaped like x), dbias summed over row chunks."""
-    dy = check_grad(dy, "dy", saved.shape, saved.dtype)
+    `saved` being the array the forward kept (shaped like x, not empty), dy checked against it,
+    dbias summed over row chunks."""
     N, C = saved.size // saved.shape[-1], saved.shape[-1]
     dx = np.empty_like(saved)
     db_part = np.empty((min(N, ROW_CHUNKS), C), saved.dtype)
@@ -81,8 +88,7 @@ class NumbaOps(NumpyOps):
         return y, y
 
     def softmax_backward(self, dy, cache):
-        y = cache
-        dy = check_grad(dy, "dy", y.shape, y.dtype)
+        dy, y = softmax_grad_inputs(dy, cache)
         if y.size == 0:
             return super().softmax_backward(dy, cache)
         dx = np.empty_like(y)
@@ -102,8 +108,8 @@ class NumbaOps(NumpyOps):
         return y, (x, weight, mean, rstd)
 
     def layernorm_backward(self, dy, cache):
-        x = cache[0]
-        return self._layernorm_backward(check_grad(dy, "dy", x.shape, x.dtype), None, cache)
+        dy, cache = layernorm_grad_inputs(dy, cache)
+        return self._layernorm_backward(dy, None, cache)
 
     def residual_layernorm_forward(self, x, branch, weight, bias, eps=1e-5):
         x, branch, weight, bias = residual_layernorm_inputs(x, branch, weight, bias, eps)
@@ -117,11 +123,11 @@ class NumbaOps(NumpyOps):
         return (s, y), (s, weight, mean, rstd)
 
     def residual_layernorm_backward(self, dy, ds, cache):
-        return self._layernorm_backward(*residual_layernorm_grads(dy, ds, cache[0]), cache)
+        return self._layernorm_backward(*residual_layernorm_grads(dy, ds, cache))
 
     def _layernorm_backward(self, dy, ds, cache):
         """dx of layernorm, plus `ds` (the residual stream's gradient) when given, in one pass;
-        dy and ds as the checks return them."""
+        dy, ds and the cache as the checks return them."""
         x, weight, mean, rstd = cache
         if x.size == 0:
             dx, dw, db = super().layernorm_backward(dy, cache)
@@ -131,8 +137,8 @@ class NumbaOps(NumpyOps):
         dx = np.empty_like(x)
         dw_part = np.empty((P, C), x.dtype)
         db_part = np.empty((P, C), x.dtype)
-        K._layernorm_bwd(_rows(dy), _rows(x), weight, np.ascontiguousarray(mean).reshape(-1),
-                         np.ascontiguousarray(rstd).reshape(-1), _rows(dy if ds is None else ds),
+        K._layernorm_bwd(_rows(dy), _rows(x), weight, mean.reshape(-1), rstd.reshape(-1),
+                         _rows(dy if ds is None else ds),
                          ds is not None, _rows(dx), dw_part, db_part)
         return dx, dw_part.sum(axis=0), db_part.sum(axis=0)
 
@@ -156,6 +162,8 @@ class NumbaOps(NumpyOps):
     def attention_cached(self, qkv, k_cache, v_cache, start, n_heads, key_padding_mask=None, scale=None):
         qkv, (B, T, C, hs), end, kpm, scale = cached_attention_inputs(qkv, k_cache, v_cache, start, n_heads,
                                                                       key_padding_mask, scale)
+        if not (k_cache.flags.aligned and v_cache.flags.aligned):  # the kernel reads them in place
+            return super().attention_cached(qkv, k_cache, v_cache, start, n_heads, kpm, scale)
         q = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
         k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # strided views: the kernel reads the cache in place
         out = np.empty((B, T, C), qkv.dtype)
@@ -163,11 +171,13 @@ class NumbaOps(NumpyOps):
         return out
 
     def gpt2_decode_step(self, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
-        flat, offsets, ids, positions, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
-                                                             padding, start)
-        logits = np.empty((ids.shape[0], weights.vocab_size), flat.dtype)
-        K._gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache,
-                       np.ascontiguousarray(padding), int(start), flat.dtype.type(eps), logits)
+        flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
+                                                                      padding, start, eps)
+        if not _jit_writable(k_cache, v_cache):
+            return super().gpt2_decode_step(weights, ids, positions, k_cache, v_cache, padding, start, eps)
+        logits = np.empty((ids.shape[0], int(weights.vocab_size)), flat.dtype)
+        K._gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start),
+                       flat.dtype.type(eps), logits)
         return logits
 
     def _attention(self, q, k, v, causal, key_padding_mask, scale, out):
@@ -185,23 +195,23 @@ class NumbaOps(NumpyOps):
         return lse
 
     def attention_backward(self, dout, cache):
-        q = cache[0]
-        dout = check_grad(dout, "dout", q.shape, q.dtype)
-        dq, dk, dv = np.empty_like(q), np.empty_like(cache[1]), np.empty_like(cache[2])
+        dout, cache = attention_grad_inputs(dout, cache)
+        dq, dk, dv = (np.empty_like(a) for a in cache[:3])
         self._attention_grads(dout, cache, dq, dk, dv)
         return dq, dk, dv
 
     def attention_qkv_backward(self, dout, cache):
+        dout, cache = qkv_attention_grad_inputs(dout, cache)
         q = cache[0]
         B, H, T, hs = q.shape
-        dout = check_grad(dout, "dout", (B, T, H * hs), q.dtype)
         dqkv = np.empty((B, T, 3 * H * hs), q.dtype)
         dq, dk, dv = dqkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)
         self._attention_grads(dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3), cache, dq, dk, dv)
         return dqkv
 
     def _attention_grads(self, dout, cache, dq, dk, dv):
-        """Run the backward kernel, writing every entry of dq, dk, dv (any strides)."""
+        """Run the backward kernel, writing every entry of dq, dk, dv (any strides); the cache as
+        attention_cache returns it."""
         q, k, v, out, lse, causal, key_padding_mask, scale = cache
         if q.size == 0 or k.shape[2] == 0:
             dq[...] = 0.0
@@ -212,7 +222,7 @@ class NumbaOps(NumpyOps):
             return self._attention_tiled_grads(dout, cache, dq, dk, dv)
         B, S = q.shape[0], k.shape[2]
         kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, S), bool)
-        K._attention_bwd(q, k, v, out, dout, np.ascontiguousarray(lse), np.ascontiguousarray(kpm),
+        K._attention_bwd(q, k, v, out, dout, lse, np.ascontiguousarray(kpm),
                          key_padding_mask is not None, bool(causal), q.dtype.type(scale), dq, dk, dv)
 
     def _task_threads(self):
@@ -248,7 +258,7 @@ class NumbaOps(NumpyOps):
         kept in the cache (one (N, V) array, no separate probabilities): `out` when given,
         which may be `logits` itself, else a new array."""
         logits, t, counted = cross_entropy_inputs(logits, targets, ignore_index, out)
-        if logits.size == 0:
+        if logits.size == 0 or (out is not None and not out.flags.aligned):
             return super().cross_entropy_forward(logits, targets, ignore_index, out)
         n = int(counted.sum())
         inv_n = logits.dtype.type(1.0 / max(n, 1))
@@ -273,7 +283,7 @@ class NumbaOps(NumpyOps):
 
     # --------------------------------------------------------------------- GELU
     def gelu_forward(self, x, bias=None, approximate="tanh"):
-        x, bias = activation_inputs(x, bias, approximate)
+        x, bias = gelu_inputs(x, bias, approximate)
         if x.size == 0:
             return super().gelu_forward(x, bias, approximate)
         b = np.zeros(x.shape[-1], x.dtype) if bias is None else bias
@@ -282,9 +292,9 @@ class NumbaOps(NumpyOps):
         return y, GeluCache(x, b, approximate, bias is not None)
 
     def gelu_backward(self, dy, cache):
-        if not isinstance(cache, GeluCache):  # a reference forward's cache
+        dy, (x, b, approximate, has_bias) = gelu_grad_inputs(dy, cache)
+        if x.size == 0:
             return super().gelu_backward(dy, cache)
-        x, b, approximate, has_bias = cache
         return _bias_activation_backward(K._gelu_bwd, dy, x, (b, approximate == "none"), has_bias)
 
     # --------------------------------------------------------------------- ReLU
@@ -298,9 +308,9 @@ class NumbaOps(NumpyOps):
         return y, ReluCache(y, bias is not None)  # y > 0 exactly where x + bias > 0
 
     def relu_backward(self, dy, cache):
-        if not isinstance(cache, ReluCache):  # a reference forward's cache
+        dy, (y, has_bias) = relu_grad_inputs(dy, cache)
+        if y.size == 0:
             return super().relu_backward(dy, cache)
-        y, has_bias = cache
         return _bias_activation_backward(K._relu_bwd, dy, y, (), has_bias)
 
     # ---------------------------------------------------------------- embedding
@@ -313,11 +323,10 @@ class NumbaOps(NumpyOps):
         return out, (ids, weight.shape, weight.dtype)
 
     def embedding_backward(self, dout, cache, dweight=None):
-        ids, shape, dtype = cache
-        dout = embedding_grad_inputs(dout, ids, shape, dtype, dweight)
+        dout, ids, shape, dtype = embedding_grad_inputs(dout, cache, dweight)
         if dweight is None:
             dweight = np.zeros(shape, dtype=dtype)
-        elif not dweight.flags.c_contiguous:
+        elif not _jit_writable(dweight):
             return super().embedding_backward(dout, cache, dweight)  # accumulate into any view
         if ids.size and shape[1]:
             K._embedding_bwd(dout.reshape(-1, shape[1]), ids.reshape(-1), dweight)
@@ -327,7 +336,7 @@ class NumbaOps(NumpyOps):
     def adamw_update(self, param, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                      weight_decay=0.0, step=1):
         step = adamw_inputs(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
-        if not all(a.flags.c_contiguous for a in (param, grad, m, v)):  # strided views: updated in place there
+        if not _jit_writable(param, grad, m, v):  # strided or unaligned: updated in place by the reference
             return super().adamw_update(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                         weight_decay=weight_decay, step=step)
         F = param.dtype.type

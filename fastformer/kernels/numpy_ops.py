@@ -8,6 +8,22 @@ models -- arrays in, arrays out -- except `gpt2_decode_step`, which fuses a whol
 step because at batch 1 the calls, not the arithmetic, are what a step costs. What each kernel
 accepts is written once, in checks.py, and every backend calls the same check.
 
+Inputs may be read-only (np.memmap(mode="r"), np.frombuffer, arrays with writeable=False),
+strided or unaligned on every backend; only the arrays a kernel updates in place (KV caches,
+AdamW's param, m and v, `out`, `dweight`) must be writeable.
+
+NaN and infinity, the same on every backend:
+- softmax, and the probabilities of attention: -inf is a masked entry and gets exactly 0; a row
+  that is all -inf gives zeros (attention: a zero output and lse = -inf). A row holding a NaN
+  or +inf gives a row of NaN (in attention: NaN at the keys it may attend to, 0 at the others).
+- cross-entropy: a counted row holding a NaN or +inf gives a NaN loss and a NaN gradient row;
+  an ignored row gives 0 and a zero gradient whatever it holds.
+- everything else propagates NaN and inf as IEEE arithmetic does. A NaN or inf that meets a
+  zero probability (a masked key's value, say) may make a product NaN on the reference (a
+  matrix product computes 0 * NaN) and not on Numba (which skips masked keys): the rows and
+  gradients that depend on a non-finite value are non-finite on both.
+- a NaN or infinite attention scale, eps, learning rate or other setting is refused.
+
 Shape letters: B batch, H heads, T query length, S key length, hs head size, C channels, V vocab.
 """
 
@@ -16,23 +32,30 @@ from collections import namedtuple
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int
+from fastformer.errors import check_int
 from fastformer.kernels.checks import (
     activation_inputs,
     adamw_inputs,
+    attention_grad_inputs,
     attention_inputs,
     cached_attention_inputs,
-    check_eps,
     check_gpt2_decode,
-    check_grad,
+    cross_entropy_grad_inputs,
     cross_entropy_inputs,
     embedding_grad_inputs,
     embedding_inputs,
+    gelu_grad_inputs,
+    gelu_inputs,
+    layernorm_grad_inputs,
     layernorm_inputs,
+    linear_cross_entropy_grad_inputs,
     linear_cross_entropy_inputs,
+    qkv_attention_grad_inputs,
     qkv_attention_inputs,
+    relu_grad_inputs,
     residual_layernorm_grads,
     residual_layernorm_inputs,
+    softmax_grad_inputs,
     softmax_inputs,
 )
 
@@ -116,6 +139,11 @@ def _layernorm_grads(dy, cache):
 # (the token embedding again when tied). The model that packs itself names its parameters for
 # these slots (TransformerLM.decode_layout).
 PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
+# What gelu_forward and relu_forward keep, on every backend: GELU keeps x and the bias (zeros when
+# there is none) rather than u = x + bias (the backward recomputes u), ReLU its output (y > 0
+# exactly where x + bias > 0).
+GeluCache = namedtuple("GeluCache", "x bias approximate has_bias")
+ReluCache = namedtuple("ReluCache", "y has_bias")
 GPT2_LAYER_SLOTS = ("norm1 gain", "norm1 bias", "qkv weight", "qkv bias", "attention output weight",
                     "attention output bias", "norm2 gain", "norm2 bias", "hidden weight", "hidden bias",
                     "output weight", "output bias")
@@ -130,19 +158,18 @@ class NumpyOps:
     # ------------------------------------------------------------------ softmax
     def softmax_forward(self, x):
         """Softmax over the last axis. Entries equal to -inf get exactly 0; a row that is all
-        -inf gives all zeros (not NaN). Returns (y, cache)."""
+        -inf gives all zeros (not NaN); a row holding a NaN or +inf gives all NaN. Returns (y, cache)."""
         x = softmax_inputs(x)
-        m = x.max(axis=-1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0).astype(x.dtype)
+        m = x.max(axis=-1, keepdims=True)  # NaN when the row holds one: exp(x - m) is then NaN
+        m = np.where(m == -np.inf, 0.0, m).astype(x.dtype)
         e = np.exp(x - m)
         s = e.sum(axis=-1, keepdims=True)
-        y = e / np.where(s > 0, s, 1.0).astype(x.dtype)
+        y = e / np.where(s == 0, 1.0, s).astype(x.dtype)
         return y, y
 
     def softmax_backward(self, dy, cache):
         # forward: y = exp(x - max) / sum(exp(x - max))
-        y = cache
-        dy = check_grad(dy, "dy", y.shape, y.dtype)
+        dy, y = softmax_grad_inputs(dy, cache)
         return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
 
     # ---------------------------------------------------------------- layernorm
@@ -152,8 +179,7 @@ class NumpyOps:
 
     def layernorm_backward(self, dy, cache):
         """Returns (dx, dweight, dbias)."""
-        x = cache[0]
-        return _layernorm_grads(check_grad(dy, "dy", x.shape, x.dtype), cache)
+        return _layernorm_grads(*layernorm_grad_inputs(dy, cache))
 
     def residual_layernorm_forward(self, x, branch, weight, bias, eps=1e-5):
         """The pre-LN step `s = x + branch; y = layernorm(s)`. Returns ((s, y), cache)."""
@@ -166,7 +192,7 @@ class NumpyOps:
         """`dy` is the gradient of y, `ds` (or None) the gradient reaching s along the residual
         stream. Returns (dsum, dweight, dbias); dsum is the gradient of both x and branch."""
         # forward: s = x + branch; y = layernorm(s)
-        dy, ds = residual_layernorm_grads(dy, ds, cache[0])
+        dy, ds, cache = residual_layernorm_grads(dy, ds, cache)
         dsum, dweight, dbias = _layernorm_grads(dy, cache)
         if ds is not None:
             dsum += ds
@@ -177,7 +203,8 @@ class NumpyOps:
         """Multi-head scaled dot-product attention.
 
         q (B, H, T, hs), k and v (B, H, S >= 1, hs); `key_padding_mask` (B, S) bool, True = padding.
-        A query with no key left to attend to gets a zero output and lse = -inf.
+        A query with no key left to attend to gets a zero output and lse = -inf; one whose scores
+        hold a NaN or +inf gets a NaN output and lse (see the module's docstring).
         Returns (out (B, H, T, hs), cache); the cache keeps the inputs, the output and the row
         log-sum-exp (B, H, T) only -- the backward recomputes the probabilities.
         """
@@ -198,19 +225,19 @@ class NumpyOps:
         if allowed is not None:
             s = np.where(allowed, s, -np.inf)
         if lse is None:
-            m = s.max(axis=-1)
-            m = np.where(np.isfinite(m), m, 0.0).astype(q.dtype)
+            m = s.max(axis=-1)  # NaN or +inf in a row make its lse NaN, and so its probabilities
+            m = np.where(m == -np.inf, 0.0, m).astype(q.dtype)
             total = np.exp(s - m[..., None]).sum(axis=-1)
             with np.errstate(divide="ignore"):
                 lse = (m + np.log(total)).astype(q.dtype)  # -inf where every key is masked
-        lse_safe = np.where(np.isfinite(lse), lse, 0.0).astype(q.dtype)
-        return np.exp(s - lse_safe[..., None]), lse
+        lse_safe = np.where(lse == -np.inf, np.inf, lse).astype(q.dtype)  # p = 0 where no key is left
+        p = np.exp(s - lse_safe[..., None])
+        return (p if allowed is None else np.where(allowed, p, 0.0).astype(q.dtype)), lse
 
     def attention_backward(self, dout, cache):
         """Returns (dq, dk, dv)."""
         # forward: p = softmax(q @ k^T * scale + mask); out = p @ v
-        q = cache[0]
-        return self._attention_grads_reference(check_grad(dout, "dout", q.shape, q.dtype), cache)
+        return self._attention_grads_reference(*attention_grad_inputs(dout, cache))
 
     def _attention_grads_reference(self, dout, cache):
         """(dq, dk, dv) of attention for a checked dout (B, H, T, hs)."""
@@ -321,7 +348,7 @@ class NumpyOps:
         keys = c0 + np.arange(n)
         allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :]
         sc[~allowed] = -np.inf
-        new = np.maximum(m, sc.max(axis=1))
+        new = np.maximum(m, sc.max(axis=1))  # NaN where a score is NaN: the row stays NaN
         base = np.where(np.isfinite(new), new, 0).astype(sc.dtype)
         alpha = np.exp(m - base)  # 0 while nothing was seen (m = -inf)
         np.exp(sc - base[:, None], out=sc)
@@ -331,20 +358,21 @@ class NumpyOps:
         m[...] = new
 
     def _flash_finish(self, acc, m, total, out, lse):
-        """out (R, hs) = acc / total and lse = m + log(total); a row that saw no key gets 0 and -inf."""
-        seen = total > 0
+        """out (R, hs) = acc / total and lse = m + log(total); a row that saw no key (total 0)
+        gets 0 and -inf, a row that met a NaN (total NaN) NaN."""
+        seen = total != 0
         out[...] = np.where(seen[:, None], acc / np.where(seen, total, 1)[:, None], 0)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             lse[...] = np.where(seen, m + np.log(np.where(seen, total, 1)), -np.inf)
 
     def _flash_probs_block(self, sc, lse, row0, c0, mask):
         """sc (R, n) scores -> p = exp(score - lse) in place, 0 where left out (as in
-        `_flash_softmax_block`) and on rows with lse = -inf."""
+        `_flash_softmax_block`) and on rows with lse = -inf (they saw no key)."""
         R, n = sc.shape
         keys = c0 + np.arange(n)
-        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :] \
-            & np.isfinite(lse)[:, None]
-        np.exp(np.where(allowed, sc - np.where(np.isfinite(lse), lse, 0)[:, None], -np.inf), out=sc)
+        seen = lse != -np.inf  # a NaN lse gives NaN probabilities, as on the row kernels
+        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :] & seen[:, None]
+        np.exp(np.where(allowed, sc - np.where(seen, lse, 0)[:, None], -np.inf), out=sc)
 
     def _flash_dscores_block(self, p, dp, D, scale):
         """dp (R, n) -> ds = p * (dp - D) * scale in place."""
@@ -387,9 +415,8 @@ class NumpyOps:
         k_cache, v_cache (L, B, H, Tmax, hs), whose keys and values [0, start) are used and which
         receive the new ones at `start`; padding (B, Tmax) True at padded positions, read for
         [0, start]. Inference only. Returns logits (B, V)."""
-        flat, offsets, ids, positions, shapes = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
-                                                                  padding, start)
-        check_eps(eps)
+        flat, offsets, ids, positions, padding, shapes = check_gpt2_decode(weights, ids, positions, k_cache,
+                                                                           v_cache, padding, start, eps)
         P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]
         wte, wpe, ln_fw, ln_fb, head = P[-5:]
         x = (wte[ids] + wpe[positions])[:, None]  # (B, 1, C)
@@ -409,8 +436,9 @@ class NumpyOps:
     def attention_qkv_backward(self, dout, cache):
         """Returns dqkv (B, T, 3C), the gradient of the fused projection."""
         # forward: q, k, v = split(qkv); out = merge(attention(q, k, v))
+        dout, cache = qkv_attention_grad_inputs(dout, cache)
         B, H, T, hs = cache[0].shape
-        dout = check_grad(dout, "dout", (B, T, H * hs), cache[0].dtype).reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+        dout = dout.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
         dq, dk, dv = self._attention_grads_reference(np.ascontiguousarray(dout), cache)  # dout (B, H, T, hs)
         return np.stack((dq, dk, dv)).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hs)
 
@@ -444,15 +472,16 @@ class NumpyOps:
         """Returns dlogits, shaped like logits; when the forward had `out` and dloss is 1, that
         array itself."""
         # forward: loss = sum_counted (lse - x[target]) / n
+        dloss, cache = cross_entropy_grad_inputs(dloss, cache)
         if isinstance(cache, np.ndarray):  # the gradient of the mean loss, written by the forward
-            dloss = float(dloss)
             return cache if dloss == 1.0 else cache * cache.dtype.type(dloss)
         logits, t, counted, lse, n = cache
         V = logits.shape[-1]
         x = logits.reshape(-1, V)
         dx = np.exp(x - lse[:, None])
         dx[np.arange(len(t)), np.where(counted, t, 0)] -= 1.0
-        dx *= (counted * (float(dloss) / max(n, 1)))[:, None].astype(x.dtype)
+        dx *= x.dtype.type(dloss / max(n, 1))
+        dx[~counted] = 0.0  # an ignored row's gradient is 0, even where its logits are not finite
         return dx.reshape(logits.shape)
 
     def _cross_entropy_rows(self, x, t, ignore_index, inv_n):
@@ -467,8 +496,9 @@ class NumpyOps:
         np.exp(x, out=x)
         total = x.sum(axis=-1)
         nll = np.where(counted, np.log(total) - xt, 0.0)
-        x *= (counted * inv_n / total)[:, None].astype(x.dtype)
+        x *= (inv_n / total)[:, None].astype(x.dtype)
         x[rows, tc] -= np.where(counted, inv_n, 0).astype(x.dtype)
+        x[~counted] = 0  # an ignored row's gradient is 0, even where its logits are not finite
         return nll
 
     # ------------------------------------------- LM head fused with cross-entropy
@@ -532,10 +562,7 @@ class NumpyOps:
         """Returns (dh, dweight) of `linear_cross_entropy_forward(..., grad=True)` scaled by
         dloss: the forward's arrays themselves when dloss is 1."""
         # forward: loss = sum_counted (lse(h @ w.T) - (h @ w.T)[target]) / n
-        if cache is None:
-            raise FastformerError("linear_cross_entropy_backward needs the cache of a forward with grad=True")
-        dh, dw = cache
-        dloss = float(dloss)
+        dloss, (dh, dw) = linear_cross_entropy_grad_inputs(dloss, cache)
         if dloss != 1.0:
             dh *= dh.dtype.type(dloss)
             dw *= dw.dtype.type(dloss)
@@ -544,20 +571,20 @@ class NumpyOps:
     # --------------------------------------------------------------------- GELU
     def gelu_forward(self, x, bias=None, approximate="tanh"):
         """y = gelu(x + bias). `approximate` is "tanh" (GPT-2) or "none" (exact erf, as
-        torch.nn.functional.gelu). Returns (y, cache)."""
-        u, bias = activation_inputs(x, bias, approximate)
-        if bias is not None:
-            u = u + bias
+        torch.nn.functional.gelu). Returns (y, GeluCache)."""
+        x, bias = gelu_inputs(x, bias, approximate)
+        b = np.zeros(x.shape[-1], x.dtype) if bias is None else bias
+        u = x + b
         if approximate == "tanh":
             y = 0.5 * u * (1.0 + np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3)))
         else:
             y = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)).astype(u.dtype))
-        return y.astype(u.dtype), (u, approximate, bias is not None)
+        return y.astype(u.dtype), GeluCache(x, b, approximate, bias is not None)
 
     def gelu_backward(self, dy, cache):
         """Returns (dx, dbias); dbias is None when the forward had no bias."""
-        u, approximate, has_bias = cache
-        dy = check_grad(dy, "dy", u.shape, u.dtype)
+        dy, (x, b, approximate, has_bias) = gelu_grad_inputs(dy, cache)
+        u = x + b
         if approximate == "tanh":
             # forward: y = 0.5 * u * (1 + tanh(a * (u + 0.044715 u^3)))
             th = np.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u ** 3))
@@ -573,18 +600,18 @@ class NumpyOps:
 
     # --------------------------------------------------------------------- ReLU
     def relu_forward(self, x, bias=None):
-        """y = max(x + bias, 0), the signature of `gelu_forward` without its form. Returns (y, cache)."""
+        """y = max(x + bias, 0), the signature of `gelu_forward` without its form. Returns (y, ReluCache)."""
         u, bias = activation_inputs(x, bias)
         if bias is not None:
             u = u + bias
-        return np.maximum(u, 0).astype(u.dtype), (u > 0, u.dtype, bias is not None)
+        y = np.maximum(u, 0).astype(u.dtype)
+        return y, ReluCache(y, bias is not None)
 
     def relu_backward(self, dy, cache):
         """Returns (dx, dbias); dbias is None when the forward had no bias."""
-        keep, dtype, has_bias = cache
-        dy = check_grad(dy, "dy", keep.shape, dtype)
+        dy, (y, has_bias) = relu_grad_inputs(dy, cache)
         # forward: y = max(u, 0) with u = x + bias  ->  dx = dy where u > 0, dbias = sum over rows of dx
-        dx = np.where(keep, dy, 0).astype(dy.dtype)
+        dx = np.where(y > 0, dy, 0).astype(dy.dtype)
         return dx, (dx.reshape(-1, dx.shape[-1]).sum(axis=0) if has_bias else None)
 
     # ---------------------------------------------------------------- embedding
@@ -597,8 +624,7 @@ class NumpyOps:
         """Scatter-add of `dout` into the rows named by the forward's ids. When `dweight` is
         given the gradient is added into it in place (for tied weights); returns dweight."""
         # forward: out = weight[ids]
-        ids, shape, dtype = cache
-        dout = embedding_grad_inputs(dout, ids, shape, dtype, dweight)
+        dout, ids, shape, dtype = embedding_grad_inputs(dout, cache, dweight)
         if dweight is None:
             dweight = np.zeros(shape, dtype=dtype)
         np.add.at(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))

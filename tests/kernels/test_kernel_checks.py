@@ -81,6 +81,10 @@ CASES = {
         x24(), np.ones(4, f32), np.ones(4, f32), np.zeros(4, f32)), r"branch must have the shape of x \(2, 4\)"),
     "gelu form": (lambda ops: lambda: ops.gelu_forward(x24(), approximate="sigmoid"),
                   "approximate must be one of tanh, none, got 'sigmoid'"),
+    "gelu form None": (lambda ops: lambda: ops.gelu_forward(x24(), approximate=None),
+                       "approximate must be one of tanh, none, got None"),  # was: tanh on numba, erf on numpy
+    "gelu form array": (lambda ops: lambda: ops.gelu_forward(x24(), approximate=np.array(["tanh", "none"])),
+                        "approximate must be one of tanh, none, got array"),  # was: NumPy's ambiguous truth value
     "gelu bias dtype": (lambda ops: lambda: ops.gelu_forward(x24(), np.zeros(4, f64)),
                         "bias must have dtype float32 like the other inputs, got float64"),
     "relu bias shape": (lambda ops: lambda: ops.relu_forward(x24(), np.zeros(2, f32)),
@@ -123,6 +127,10 @@ CASES = {
                              r"key_padding_mask must have shape \(B, S\) = \(1, 3\), got \(1, 4\)"),
     "attention scale 0": (lambda ops: lambda: ops.attention_forward(heads(), heads(), heads(), scale=0),
                           r"scale must be a number > 0, got 0"),
+    "attention scale inf": (lambda ops: lambda: ops.attention_forward(heads(), heads(), heads(), scale=np.inf),
+                            r"scale must be a finite number > 0, got inf"),  # was: NaN on numba, inf on numpy
+    "attention scale nan": (lambda ops: lambda: ops.attention_forward(heads(), heads(), heads(), scale=np.nan),
+                            r"scale must be a number > 0, got nan"),
     "qkv n_heads bool": (lambda ops: lambda: ops.attention_qkv_forward(qkv(), True),
                          "n_heads must be an integer >= 1, got True"),
     "qkv n_heads float": (lambda ops: lambda: ops.attention_qkv_forward(qkv(), 2.0),
@@ -160,6 +168,15 @@ CASES = {
                         r"targets must lie in \[0, 4\) or equal ignore_index=-100, got 4"),
     "ce ignore_index float": (lambda ops: lambda: ops.cross_entropy_forward(x24(), np.array([0, 1]), ignore_index=1.5),
                               "ignore_index must be an integer, got 1.5"),  # was: numba truncated it to 1
+    "ce ignore_index huge": (lambda ops: lambda: ops.cross_entropy_forward(x24(), np.array([0, 1]),
+                                                                           ignore_index=2 ** 70),
+                             "ignore_index must fit int64, got 1180591620717411303424"),  # was: OverflowError on numba
+    "ce targets uint64": (lambda ops: lambda: ops.cross_entropy_forward(x24(), np.array([0, 2 ** 63 + 1], np.uint64)),
+                          "targets must hold values that fit int64, got 9223372036854775809"),
+    "ce dloss nan": (lambda ops: lambda: ops.cross_entropy_backward(np.nan, ops.cross_entropy_forward(
+        x24(), np.array([0, 1]))[1]), "dloss must be a finite number, got nan"),
+    "ce dloss text": (lambda ops: lambda: ops.cross_entropy_backward("1", ops.cross_entropy_forward(
+        x24(), np.array([0, 1]))[1]), "dloss must be a finite number, got '1'"),
     "ce no classes": (lambda ops: lambda: ops.cross_entropy_forward(np.ones((2, 0), f32), np.full(2, -100)),
                       r"logits must have a non-empty last axis, got shape \(2, 0\)"),  # was: NumPy's error
     "ce out shape": (lambda ops: lambda: ops.cross_entropy_forward(x24(), np.array([0, 1]), out=np.ones((2, 5), f32)),
@@ -198,6 +215,9 @@ CASES = {
     "adamw lr": (lambda ops: adamw(ops, lr=-1.0), "lr must be a number >= 0, got -1.0"),
     "adamw beta1": (lambda ops: adamw(ops, beta1=1.0), r"beta1 must be a number in \[0, 1\), got 1.0"),
     "adamw lr text": (lambda ops: adamw(ops, lr="fast"), "lr must be a number >= 0, got 'fast'"),
+    "adamw lr inf": (lambda ops: adamw(ops, lr=np.inf), "lr must be a finite number >= 0, got inf"),
+    "adamw weight_decay inf": (lambda ops: adamw(ops, weight_decay=np.inf),
+                               "weight_decay must be a finite number >= 0, got inf"),
 }
 
 

@@ -111,6 +111,12 @@ def test_linear_cross_entropy_refuses_bad_inputs(ops):
             ops.linear_cross_entropy_forward(*args, **kw)
     with pytest.raises(FastformerError, match="grad=True"):
         ops.linear_cross_entropy_backward(1.0, None)
+    _, cache = ops.linear_cross_entropy_forward(h, w, t, grad=True)
+    for dloss in (np.nan, np.inf, "x", None):
+        with pytest.raises(FastformerError, match="dloss must be a finite number"):
+            ops.linear_cross_entropy_backward(dloss, cache)
+    with pytest.raises(FastformerError, match="the cache of linear_cross_entropy_forward must be"):
+        ops.linear_cross_entropy_backward(1.0, (cache[0], cache[1].astype(np.float64)))
 
 
 # ---------------------------------------------------------------- softmax
