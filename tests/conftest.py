@@ -79,3 +79,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """Attention on BLAS tiles (NumpyOps._attention_tiled) from the first query row, in blocks
+    of 3 rows and keys, so that small cases cross block edges, the causal diagonal inside
+    a block, and padding in a block of their own."""
+    from fastformer.kernels import numpy_ops
+
+    numba_ops = pytest.importorskip("fastformer.kernels.numba_ops")
+    monkeypatch.setattr(numba_ops, "ATTENTION_TILED_FROM", 1)
+    monkeypatch.setattr(numpy_ops, "ATTENTION_BLOCK", 3)

@@ -47,9 +47,17 @@ def _qkv(rng, dtype, B=2, H=2, T=5, hs=4):
     return [rng.standard_normal((B, H, T, hs)).astype(dtype) for _ in range(3)]
 
 
+@pytest.fixture(params=[False, True], ids=["rows", "tiles"])
+def tiles(request):
+    """Attention by a backend's row kernels, then on BLAS tiles (conftest's `tiled`)."""
+    if request.param:
+        request.getfixturevalue("tiled")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_nan_query_gives_a_nan_row_and_leaves_the_others(fast_ops, ref, dtype, causal):
+def test_a_nan_query_gives_a_nan_row_and_leaves_the_others(fast_ops, ref, tiles, dtype, causal):
     rng = np.random.default_rng(1)
     q, k, v = _qkv(rng, dtype)
     kpm = np.zeros((2, 5), bool)
@@ -68,22 +76,22 @@ def test_a_nan_query_gives_a_nan_row_and_leaves_the_others(fast_ops, ref, dtype,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_nan_at_a_padded_or_future_key_changes_nothing(ops, dtype):
+def test_a_nan_at_a_padded_or_future_key_changes_nothing(fast_ops, tiles, dtype):
     """-inf masking survives: a key a query may not see has no say, even when it is NaN."""
     rng = np.random.default_rng(2)
     q, k, v = _qkv(rng, dtype)
     kpm = np.zeros((2, 5), bool)
     kpm[:, 0] = True
-    clean, _ = ops.attention_forward(q, k, v, True, kpm)
+    clean, _ = fast_ops.attention_forward(q, k, v, True, kpm)
     k[:, :, 0] = np.nan  # padded for every query
     k[:, :, 4] = np.inf  # the future of every query but the last
-    out, _ = ops.attention_forward(q, k, v, True, kpm)
+    out, _ = fast_ops.attention_forward(q, k, v, True, kpm)
     np.testing.assert_allclose(out[:, :, :4], clean[:, :, :4], rtol=1e-6)
     assert np.isnan(out[:, :, 4]).all()  # the last query sees the inf key: a NaN row
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fully_masked_queries_still_give_zeros(fast_ops, ref, dtype):
+def test_fully_masked_queries_still_give_zeros(fast_ops, ref, tiles, dtype):
     q, k, v = _qkv(np.random.default_rng(3), dtype)
     kpm = np.zeros((2, 5), bool)
     kpm[1] = True
@@ -119,6 +127,22 @@ def test_cross_entropy_nan_rows(fast_ops, ref, dtype):
         assert np.isnan(grad[1:][counted[1:]]).all()
         assert (grad[~counted] == 0).all()  # an ignored row: zero gradient, whatever it holds
         assert np.isnan(loss) == counted[1:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_head_nan_rows(fast_ops, ref, dtype):
+    """The LM head fused with the cross-entropy: a counted row of h holding NaN makes the loss
+    NaN; an ignored one leaves the loss alone and its dh row 0; both backends alike."""
+    rng = np.random.default_rng(5)
+    h, w = rng.standard_normal((6, 4)).astype(dtype), rng.standard_normal((9, 4)).astype(dtype)
+    h[2, 1] = np.nan
+    for targets, nan_loss in (([0, 1, -100, 3, 4, 5], False), ([0, 1, 2, 3, 4, 5], True)):
+        results = [ops.linear_cross_entropy_forward(h, w, np.array(targets), grad=True) for ops in (ref, fast_ops)]
+        (loss, (dh, _)), (loss_fast, (dh_fast, _)) = results
+        assert np.isnan(loss) == np.isnan(loss_fast) == nan_loss
+        same(dh_fast, dh)
+        if not nan_loss:
+            assert (dh[2] == 0).all() and np.isfinite(dh).all()
 
 
 # --------------------------------------------------------------- LayerNorm

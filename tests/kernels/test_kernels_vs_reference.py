@@ -217,18 +217,6 @@ def test_attention_property(fast_ops, ref, B, H, T, extra, hs, causal, pad, seed
     check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
 
 
-@pytest.fixture
-def tiled(monkeypatch):
-    """Attention on BLAS tiles (NumpyOps._attention_tiled) from the first query row, in blocks
-    of 3 rows and keys, so that small cases cross block edges, the causal diagonal inside
-    a block, and padding in a block of their own."""
-    from fastformer.kernels import numpy_ops
-
-    numba_ops = pytest.importorskip("fastformer.kernels.numba_ops")
-    monkeypatch.setattr(numba_ops, "ATTENTION_TILED_FROM", 1)
-    monkeypatch.setattr(numpy_ops, "ATTENTION_BLOCK", 3)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
                                             (False, "random", 3, 6), (True, "all", 5, 5), (True, "random", 10, 10)])
