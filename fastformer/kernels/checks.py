@@ -579,10 +579,11 @@ def linear_cross_entropy_grad_inputs(dloss, cache):
     return dloss, cache
 
 
-def linear_cross_entropy_inputs(h, weight, targets, ignore_index, dweight):
-    """(h2 (N, C), weight (V, C), t (N,) int64, counted (N,) bool) of
-    `linear_cross_entropy_forward`; `dweight`, when given, is checked as the (V, C) array the
-    weight's gradient is written into."""
+def linear_cross_entropy_inputs(h, weight, targets, ignore_index, grad, dweight):
+    """(h (..., C), weight (V, C), t (N,) int64, counted (N,) bool) of
+    `linear_cross_entropy_forward`; `dweight`, when given with grad, is checked as the (V, C)
+    array the weight's gradient is written into."""
+    check_bool("grad", grad)
     h = as_float_array(h, "h")
     weight = as_float_array(weight, "weight", h.dtype)
     if weight.ndim != 2 or weight.shape[1] != h.shape[-1] or weight.shape[0] == 0:
@@ -595,4 +596,4 @@ def linear_cross_entropy_inputs(h, weight, targets, ignore_index, dweight):
     V = weight.shape[0]
     logits = np.broadcast_to(np.zeros((), h.dtype), (*h.shape[:-1], V))  # the logits' shape, no memory
     t, counted = check_targets(logits, targets, ignore_index)
-    return h.reshape(-1, h.shape[-1]), weight, t, counted
+    return h, weight, t, counted

@@ -104,7 +104,7 @@ def _padding_rows(key_padding_mask, B, S):
     """Each batch row's key padding (S,) bool, C-contiguous (all False without a mask)."""
     if key_padding_mask is None:
         return [np.zeros(S, np.bool_)] * B
-    return [np.ascontiguousarray(row) for row in key_padding_mask]
+    return [np.array(row, np.bool_) for row in key_padding_mask]  # writeable copies: S bools each
 
 
 def _layernorm(x, weight, bias, eps):
@@ -516,7 +516,8 @@ class NumpyOps:
         `linear_cross_entropy_backward(dloss, cache)` returns them. With grad=False (an
         evaluation) the cache is None. Returns (loss: float, cache).
         """
-        h2, w, t, counted = linear_cross_entropy_inputs(h, weight, targets, ignore_index, dweight)
+        h, w, t, counted = linear_cross_entropy_inputs(h, weight, targets, ignore_index, grad, dweight)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, C)
         N, V = h2.shape[0], w.shape[0]
         n = int(counted.sum())
         inv_n = h2.dtype.type(1.0 / max(n, 1))

@@ -197,12 +197,54 @@ def _adamw(ops, rng, dt):
     return {**a, "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "step": 3}, call
 
 
+def _head(ops, rng, dt):
+    """The LM head fused with the cross-entropy: loss and both gradients, in chunks of 1 to 3 rows."""
+    d = _dims(rng, N=(1, 5), C=(1, 3), V=(1, 6), chunk=(1, 3))
+    t = rng.integers(0, d["V"], d["N"])
+    t[rng.random(d["N"]) < 0.2] = -100
+
+    def call(ops, a):
+        loss, cache = ops.linear_cross_entropy_forward(**a)
+        return (loss, *ops.linear_cross_entropy_backward(1.0, cache))
+    return ({"h": _normal(rng, (d["N"], d["C"]), dt), "weight": _normal(rng, (d["V"], d["C"]), dt), "targets": t,
+             "ignore_index": -100, "grad": True, "dweight": None, "chunk_rows": d["chunk"]}, call)
+
+
+def _on_tiles(builder):
+    """`builder`'s case with a backend's attention on BLAS tiles from the first query row, in
+    blocks of 2, forward and backward (the reference keeps its plain form)."""
+    def build(ops, rng, dt):
+        args, _ = builder(ops, rng, dt)
+        forward = "attention_forward" if "q" in args else "attention_qkv_forward"
+
+        def call(ops, a):
+            from fastformer.kernels import numpy_ops
+
+            numba_ops = sys.modules.get("fastformer.kernels.numba_ops")
+            saved = numpy_ops.ATTENTION_BLOCK, getattr(numba_ops, "ATTENTION_TILED_FROM", None)
+            numpy_ops.ATTENTION_BLOCK = 2
+            if numba_ops is not None:
+                numba_ops.ATTENTION_TILED_FROM = 1
+            try:
+                out, cache = getattr(ops, forward)(**a)
+                backward = getattr(ops, forward.replace("forward", "backward"))
+                grads = backward(np.ones_like(out), cache)
+                return (out, *(grads if isinstance(grads, tuple) else (grads,)))
+            finally:
+                numpy_ops.ATTENTION_BLOCK = saved[0]
+                if numba_ops is not None:
+                    numba_ops.ATTENTION_TILED_FROM = saved[1]
+        return args, call
+    return build
+
+
 FORWARDS = {  # kernel -> builder(ops, rng, dt) -> (args, call(ops, args))
     "softmax_forward": _softmax, "layernorm_forward": _layernorm, "residual_layernorm_forward": _residual,
     "attention_forward": _attention, "attention_qkv_forward": _qkv, "attention_cached": _cached,
     "gpt2_decode_step": _decode, "cross_entropy_forward": _ce, "cross_entropy_forward(out)": _ce_out,
     "gelu_forward": lambda *a: _activation("gelu", *a), "relu_forward": lambda *a: _activation("relu", *a),
-    "embedding_forward": _embedding, "adamw_update": _adamw,
+    "embedding_forward": _embedding, "adamw_update": _adamw, "linear_cross_entropy_forward": _head,
+    "attention_forward(tiles)": _on_tiles(_attention), "attention_qkv_forward(tiles)": _on_tiles(_qkv),
 }
 
 
@@ -230,7 +272,7 @@ OPS = [*FORWARDS, *BACKWARDS]
 # Kernels whose non-finite inputs may give NaN in more places on the reference (a zero
 # probability times a non-finite value in a matrix product) than on Numba; see numpy_ops.
 LOOSE_NONFINITE = {"attention_forward", "attention_backward", "attention_qkv_forward", "attention_qkv_backward",
-                   "attention_cached", "gpt2_decode_step"}
+                   "attention_cached", "gpt2_decode_step", "attention_forward(tiles)", "attention_qkv_forward(tiles)"}
 
 # ------------------------------------------------------------------ mutations
 _TMP = []  # the directory of the memory-mapped inputs
@@ -341,6 +383,8 @@ def _id_bound(op, target, args):
         return args["weights"].vocab_size if target == "ids" else args["k_cache"].shape[3]
     if op.startswith("cross_entropy_backward"):
         return args["cache"][0].shape[-1]
+    if op.startswith("linear_cross_entropy"):
+        return args["weight"].shape[0]
     return args["logits"].shape[-1]
 
 
