@@ -361,12 +361,16 @@ def cross_entropy_inputs(logits, targets, ignore_index, out):
     logits = as_rows(logits, "logits")
     if out is not None:
         check_out(out, logits, "out")
-    targets = as_int_array(targets, "targets")
+    return (logits, *check_targets(logits, as_int_array(targets, "targets"), check_ignore_index(ignore_index)))
+
+
+def check_ignore_index(ignore_index):
+    """The target id a cross-entropy leaves out: an integer that fits int64."""
     if not is_int(ignore_index):
         raise FastformerError(f"ignore_index must be an integer, got {ignore_index!r}")
     if not -_INT64_MAX - 1 <= ignore_index <= _INT64_MAX:
         raise FastformerError(f"ignore_index must fit int64, got {ignore_index}")
-    return (logits, *check_targets(logits, targets, ignore_index))
+    return ignore_index
 
 
 def check_dloss(dloss):
@@ -590,9 +594,7 @@ def linear_cross_entropy_inputs(h, weight, targets, ignore_index, grad, dweight)
         raise FastformerError(f"weight must have shape (V >= 1, C={h.shape[-1]}) for h {h.shape}, got {weight.shape}")
     if dweight is not None:
         check_out(dweight, weight, "dweight")
-    targets = as_int_array(targets, "targets")
-    if not is_int(ignore_index):
-        raise FastformerError(f"ignore_index must be an integer, got {ignore_index!r}")
+    targets, ignore_index = as_int_array(targets, "targets"), check_ignore_index(ignore_index)
     V = weight.shape[0]
     logits = np.broadcast_to(np.zeros((), h.dtype), (*h.shape[:-1], V))  # the logits' shape, no memory
     t, counted = check_targets(logits, targets, ignore_index)
