@@ -72,9 +72,7 @@ class DataConfig:
             if self.tokenizer is not None:
                 raise FastformerError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
                                       f"its strings are tokenized per character of data.alphabet; leave it unset")
-        if self.task == "pairs":
-            if not self.path:
-                raise FastformerError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
+        if self.task == "pairs":  # data.path is checked where the pairs are read: a recipe leaves it to --data
             if self.tokenizer not in (None, *PAIR_TOKENIZERS):
                 raise FastformerError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
                                       f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")
