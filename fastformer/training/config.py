@@ -40,7 +40,7 @@ class DataConfig:
     #                                         prepared directory's own); pairs: word (None) | char
     min_len: int = 1  # copy/reverse/sort: shortest string
     max_len: int = 16  # copy/reverse/sort: longest string
-    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: see seq2seq_data.parse_alphabet
+    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: names joined by +, see data/pairs.parse_alphabet
     lowercase: bool = False  # pairs: lower-case both sides
     unique_sources: bool = False  # pairs: keep only the first pair of each source sentence (a source
     #                               with several translations cannot be reproduced exactly)
