@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from fastformer.kernels import _resolve
 from fastformer.training.config import load_config
 
