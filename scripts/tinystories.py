@@ -1,9 +1,10 @@
-"""TinyStories end to end: BPE tokenizer, prepared tokens, the `small` preset, evaluation and
-sample stories, with the figures a report needs (validation perplexity, bits per byte, training
-wall time, generation tokens/s).
+"""TinyStories end to end: BPE tokenizer, prepared tokens, the recipe
+experiments/configs/tinystories_bpe.yaml (the `small` model), evaluation and sample stories, with
+the figures a report needs (validation perplexity, bits per byte, training wall time, generation
+tokens/s).
 
-    python scripts/tinystories.py ../shared/data/tinystories [--out runs/tinystories]
-        [--backend numpy|numba] [--max-steps 1000] [--time-limit 900]
+    python scripts/tinystories.py DATA_DIR [--out runs/tinystories]
+        [--backend auto|numpy|numba] [--max-steps N] [--time-limit 900]
 
 DATA_DIR holds tinystories_train_10k_lines.txt (stories separated by `<|endoftext|>` lines) and
 tinystories_valid_sample.txt (stories separated by blank lines). Both are first rewritten to one
@@ -27,6 +28,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+SOURCES = ("tinystories_train_10k_lines.txt", "tinystories_valid_sample.txt")
+RECIPE = os.path.join(REPO, "experiments", "configs", "tinystories_bpe.yaml")
 PROMPTS = ("Once upon a time", "Tom and Lily went to the park.", "One day, a little bird")
 
 
@@ -64,30 +67,34 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data_dir")
     ap.add_argument("--out", default=os.path.join("runs", "tinystories"))
-    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--backend", default="auto", help="kernel backend: auto (default: numba when it imports), "
+                                                      "numpy or numba")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--max-steps", type=int, default=600)
+    ap.add_argument("--max-steps", type=int, help="optimizer steps (default: the recipe's train.max_steps)")
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds of training before it is stopped")
     ap.add_argument("--new-tokens", type=int, default=120)
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
     out = os.path.abspath(args.out)
+    sources = [os.path.join(args.data_dir, name) for name in SOURCES]
+    missing = [p for p in sources if not os.path.isfile(p)]
+    if missing:  # checked before anything is written
+        sys.exit(f"tinystories.py: error: {', '.join(missing)} not found: DATA_DIR must hold {' and '.join(SOURCES)}")
     if os.path.exists(os.path.join(out, "run")):
-        sys.exit(f"{out}/run already exists: remove it or pass another --out")
+        sys.exit(f"tinystories.py: error: {out}/run already exists: remove it or pass another --out")
     os.makedirs(out, exist_ok=True)
 
-    (train_txt, valid_txt), n_stories = normalise(os.path.join(args.data_dir, "tinystories_train_10k_lines.txt"),
-                                                  os.path.join(args.data_dir, "tinystories_valid_sample.txt"), out)
+    (train_txt, valid_txt), n_stories = normalise(*sources, out)
     print(f"normalised: {n_stories} training stories -> {train_txt}; validation -> {valid_txt}")
     tok, data, run = (os.path.join(out, d) for d in ("tokenizer", "data", "run"))
     fastformer("tokenizer", "train", "--data", train_txt, "--vocab-size", args.vocab_size, "--out", tok)
     fastformer("prepare", "--data", train_txt, "--val-data", valid_txt, "--tokenizer", tok, "--out", data)
 
     start = time.perf_counter()
-    status, _ = fastformer("train", "--preset", "small", "--data", data, "--out", run, "--backend", args.backend,
-                           "--max-steps", args.max_steps, "--set", "train.checkpoint_interval=100",
-                           timeout=args.time_limit)
+    steps = ["--max-steps", args.max_steps] if args.max_steps else []
+    status, _ = fastformer("train", "--config", RECIPE, "--data", data, "--out", run, "--backend", args.backend,
+                           *steps, timeout=args.time_limit)
     train_seconds = time.perf_counter() - start
     if status is None:
         print(f"training stopped by the {args.time_limit:.0f} s limit; evaluating the newest checkpoint")
@@ -95,10 +102,12 @@ def main():
     _, ev = fastformer("eval", "--checkpoint", run, "--data", data, "--json", "--backend", args.backend)
     metrics = json.loads(ev.strip().splitlines()[-1])
 
-    from fastformer import set_backend
+    from fastformer import get_backend, set_backend
+    from fastformer.atomic import write_json_atomic
     from fastformer.training.checkpoint import load_model
 
     set_backend(args.backend)
+    backend = get_backend()  # the one `auto` chose
     model, tokenizer, _ = load_model(run)
     new_tokens, gen_seconds, samples = 0, 0.0, []
     for i, prompt in enumerate(PROMPTS):
@@ -110,16 +119,15 @@ def main():
         samples.append(tokenizer.decode(outp))
     with open(os.path.join(run, "metrics.jsonl")) as f:
         last_step = [json.loads(line) for line in f][-1]["step"]
-    report = {"backend": args.backend, "steps": last_step, "train_wall_seconds": round(train_seconds, 1),
+    report = {"backend": backend, "steps": last_step, "train_wall_seconds": round(train_seconds, 1),
               "val_loss": metrics["loss"], "val_ppl": metrics["ppl"], "val_bits_per_byte": metrics["bits_per_byte"],
               "val_acc": metrics["acc"], "val_tokens": metrics["tokens"],
               "generate_tokens_per_sec": new_tokens / gen_seconds, "samples": samples}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json_atomic(report, os.path.join(out, "report.json"))
     print("\n".join(f"\n--- sample {i + 1} ---\n{s}" for i, s in enumerate(samples)))
     print(f"\nsteps {last_step} | train wall time {train_seconds:.0f} s | val ppl {metrics['ppl']:.2f} | "
           f"bits/byte {metrics['bits_per_byte']:.4f} | val acc {metrics['acc']:.3f} | generation "
-          f"{report['generate_tokens_per_sec']:.1f} tokens/s (batch 1, {args.backend})")
+          f"{report['generate_tokens_per_sec']:.1f} tokens/s (batch 1, {backend})")
     print(f"report: {os.path.join(out, 'report.json')}")
 
 

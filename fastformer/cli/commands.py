@@ -787,10 +787,9 @@ def cmd_bench(args):
 
 # ------------------------------------------------------------------------------ plot
 def cmd_plot(args):
-    from fastformer.cli.plot import plot_runs
+    from fastformer.cli.plot import main
 
-    print(f"wrote {plot_runs(args.runs, args.out)}")
-    return 0
+    return main(args)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -969,9 +968,10 @@ def build_parser():
                                                         "parameter count lies in this range, e.g. 2M-3M")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("plot", help="plot train and validation loss of runs against step")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    from fastformer.cli.plot import add_arguments as plot_arguments
+
+    p = sub.add_parser("plot", help="plot metrics of runs against step (loss, val_bpb, lr, ...)")
+    plot_arguments(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="time full training steps of a preset model")

@@ -70,8 +70,8 @@ class Seq2SeqConfig:
     d_model: int = 64  # C, the width of the residual stream
     n_heads: int = 4  # H; d_model must be divisible by it
     d_ff: int = 256  # hidden width of the feed-forward sublayer
-    n_encoder_layers: int = 2
-    n_decoder_layers: int = 2
+    n_encoder_layers: int = 2  # encoder blocks (self-attention, feed-forward)
+    n_decoder_layers: int = 2  # decoder blocks (self-attention, cross-attention, feed-forward)
     activation: str = "gelu"  # "gelu" (exact erf form, as torch) or "relu"
     norm_first: bool = True  # pre-LN; False is the post-LN of the original paper
     positional: str = "learned"  # "learned" position rows or the fixed "sinusoidal" table

@@ -40,7 +40,7 @@ class DataConfig:
     #                                         prepared directory's own); pairs: word (None) | char
     min_len: int = 1  # copy/reverse/sort: shortest string
     max_len: int = 16  # copy/reverse/sort: longest string
-    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: see seq2seq_data.parse_alphabet
+    alphabet: str = "letters+digits+punctuation"  # copy/reverse/sort: names joined by +, see data/pairs.parse_alphabet
     lowercase: bool = False  # pairs: lower-case both sides
     unique_sources: bool = False  # pairs: keep only the first pair of each source sentence (a source
     #                               with several translations cannot be reproduced exactly)
@@ -72,9 +72,7 @@ class DataConfig:
             if self.tokenizer is not None:
                 raise FastformerError(f"data.tokenizer={self.tokenizer!r} does not apply to data.task={self.task}: "
                                       f"its strings are tokenized per character of data.alphabet; leave it unset")
-        if self.task == "pairs":
-            if not self.path:
-                raise FastformerError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
+        if self.task == "pairs":  # data.path is checked where the pairs are read: a recipe leaves it to --data
             if self.tokenizer not in (None, *PAIR_TOKENIZERS):
                 raise FastformerError(f"data.tokenizer={self.tokenizer!r} for data.task=pairs: valid values are "
                                       f"{', '.join(PAIR_TOKENIZERS)} (built from the training pairs)")

@@ -94,6 +94,8 @@ class Seq2SeqTask:
         d, t, s = config.data, config.train, config.seq2seq
         self.skipped = {}  # reason: count, for pairs files
         if d.task == "pairs":
+            if not d.path:
+                raise FastformerError("data.task=pairs needs data.path: a file of source<TAB>target lines (--data)")
             pairs, read_skips = read_pairs(d.path, lowercase=d.lowercase)
             self.skipped = {k: v for k, v in read_skips.items() if v}
             if d.unique_sources:

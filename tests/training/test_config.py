@@ -83,8 +83,8 @@ def test_bad_yaml_is_rejected(tmp_path, text, message):
 def test_config_files_match_presets():
     for name in PRESETS:
         assert load_config(os.path.join(REPO, "experiments", "configs", f"{name}.yaml")) == preset(name)
-    shakespeare = load_config(os.path.join(REPO, "experiments", "configs", "shakespeare_small.yaml"))
-    assert shakespeare.model == preset("small").model and shakespeare.data.path.endswith("input.txt")
+    tinystories = load_config(os.path.join(REPO, "experiments", "configs", "tinystories_bpe.yaml"))
+    assert tinystories.model == preset("small").model and tinystories.data.path is None  # --data gives it
     p = preset("tiny")
     assert (p.train.batch_size, p.train.seq_len, p.model.d_model, p.model.n_heads, p.model.d_ff,
             p.model.n_layers) == (32, 128, 64, 2, 256, 2)

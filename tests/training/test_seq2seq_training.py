@@ -189,7 +189,6 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
 @pytest.mark.parametrize("overrides, message", [
     (["data.task=translate"],
      r"data\.task 'translate' is not known: valid values are text, copy, reverse, sort, pairs"),
-    (["data.task=pairs"], r"data\.task=pairs needs data\.path"),
     (["data.task=reverse", "data.min_len=5", "data.max_len=3"], r"need 1 <= min_len <= max_len, got 5 and 3"),
     (["data.task=reverse", "data.max_len=80"], r"data\.max_len=80 needs seq2seq\.max_src_len >= 80"),
     (["data.task=sort", "data.alphabet=greek"], r"unknown alphabet name\(s\) \['greek'\]"),
@@ -205,6 +204,16 @@ def test_pairs_with_bad_lines_train_and_eval(tmp_path, capsys):
 def test_config_validation_of_the_seq2seq_keys(overrides, message):
     with pytest.raises(FastformerError, match=message):
         apply_overrides(RunConfig(), overrides)
+
+
+def test_a_pairs_recipe_loads_without_a_path_and_training_asks_for_data(tmp_path, capsys):
+    recipe = os.path.join(REPO, "experiments", "configs", "tiny_enfr.yaml")
+    assert load_config(recipe).data.path is None  # the data path is given on the command line
+    with pytest.raises(FastformerError, match=r"data\.task=pairs needs data\.path: .*\(--data\)"):
+        Trainer(apply_overrides(RunConfig(), ["data.task=pairs"]), str(tmp_path / "run"))
+    assert main(["train", "--config", recipe, "--out", str(tmp_path / "enfr")]) == 2
+    assert "data.task=pairs needs data.path" in capsys.readouterr().err
+    assert not (tmp_path / "enfr").exists()
 
 
 def test_seq2seq_configs_round_trip_and_cli_refuses_presets(tmp_path, capsys):
