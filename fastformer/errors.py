@@ -7,6 +7,9 @@ allowed; the CLI prints that message as one line and exits with status 2. Anythi
 escapes is a bug and keeps its traceback.
 """
 
+import json
+import os
+
 import numpy as np
 
 
@@ -40,11 +43,12 @@ def check_choice(name, value, choices):
 
 
 def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    """`value` as a float within the given bounds (closed unless `*_open`), or FastformerError."""
+    """`value` as a finite float within the given bounds (closed unless `*_open`), or
+    FastformerError. NaN and +-inf are always refused: no setting of fastformer means them."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     v = float(value) if ok else None
-    if ok and v != v:
-        ok = False  # NaN
+    if ok and not np.isfinite(v):
+        ok = False  # NaN or +-inf
     if ok and low is not None:
         ok = v > low if low_open else v >= low
     if ok and high is not None:
@@ -53,7 +57,8 @@ def check_number(name, value, low=None, high=None, low_open=False, high_open=Fal
         lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
         hi = "" if high is None else f"{high}" + (")" if high_open else "]")
         allowed = f"in {lo}, {hi}" if low is not None and high is not None else \
-            (f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
+            (f"{'>' if low_open else '>='} {low}" if low is not None else
+             f"{'<' if high_open else '<='} {high}" if high is not None else "that is finite")
         raise FastformerError(f"{name} must be a number {allowed}, got {value!r}")
     return v
 
@@ -113,3 +118,94 @@ def error_line(e):
     else:
         return None
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def read_utf8(path, what="file"):
+    """The text of the UTF-8 file `path`; other bytes raise FastformerError naming `what` and the path."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FastformerError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def load_json(path, what="JSON file"):
+    """The parsed contents of the JSON file `path`; a file that is not UTF-8 JSON (truncated,
+    binary, nested too deep to parse) raises FastformerError naming `what` and the path."""
+    text = read_utf8(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FastformerError(f"{what} {path} is not valid JSON (corrupt or truncated): {e}") from None
+    except RecursionError:
+        raise FastformerError(f"{what} {path} is nested too deeply to be a file fastformer wrote") from None
+
+
+def check_fields(where, d, types):
+    """Check that the mapping `d` (read from `where`) has each key of `types` with a value of
+    that type or tuple of types (a bool is an int only where `bool` is named); returns `d`."""
+    if not isinstance(d, dict):
+        raise FastformerError(f"{where} must hold a JSON object, got {type(d).__name__}")
+    for key, t in types.items():
+        t = t if isinstance(t, tuple) else (t,)
+        value = d.get(key)
+        ok = bool in t if isinstance(value, (bool, np.bool_)) else \
+            any(is_int(value) if x is int else isinstance(value, x) for x in t)
+        if not ok:
+            names = " or ".join("null" if x is type(None) else x.__name__ for x in t)
+            raise FastformerError(f"{where}: field {key!r} must be {names}, got {value!r}")
+    return d
+
+
+def _fmt_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def available_memory():
+    """Bytes this process may still allocate: the least of the kernel's MemAvailable, the cgroup
+    memory limit less its usage, and the address-space rlimit; None when none can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        if cap != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                limits.append(int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:  # less the address space already mapped
+            with open("/proc/self/status") as f:
+                mapped = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+            limits.append(soft - mapped)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return max(min(limits), 0) if limits else None
+
+
+def check_memory(what, nbytes, advice=""):
+    """Refuse, before anything is allocated, work whose estimated memory `nbytes` exceeds what
+    the machine has available (available_memory()); `what` names it ("training a model of ..."),
+    `advice` says what to change."""
+    have = available_memory()
+    if have is not None and nbytes > have:
+        raise FastformerError(f"{what} needs about {_fmt_bytes(nbytes)} of memory, but only {_fmt_bytes(have)} is "
+                              f"available{': ' + advice if advice else ''}")
+    return nbytes

@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 
-from fastformer.errors import FastformerError, error_line
+from fastformer.errors import FastformerError, check_int, check_memory, error_line
 
 
 # ----------------------------------------------------------------------------- train
@@ -41,7 +41,7 @@ def resolve_train_config(args):
     from fastformer.training.config import RunConfig, apply_overrides, load_config, preset
 
     if args.resume:
-        if args.preset or args.config or args.seed is not None or args.task or args.init_from:
+        if args.preset is not None or args.config is not None or args.seed is not None or args.task or args.init_from:
             raise FastformerError("--resume continues with the run's saved config: drop --preset/--config/--seed/"
                                   "--task/--init-from (change settings with --set or --max-steps)")
         config = load_config(os.path.join(latest_checkpoint(args.out), "config.yaml"))
@@ -53,20 +53,20 @@ def resolve_train_config(args):
                 raise FastformerError(f"--init-from takes the model and its tokenizer from {args.init_from!r}: drop "
                                       f"{flag} (training settings: --config, --set)")
         config = init_config(args.init_from)
-        if args.config:
+        if args.config is not None:
             config = load_config(args.config, base=config)
     else:
         # the presets size language models; an encoder-decoder task starts from the defaults
-        task = args.task or (load_config(args.config).data.task if args.config else "text")
+        task = args.task or (load_config(args.config).data.task if args.config is not None else "text")
         if task == "text":
-            config = preset(args.preset or "tiny")
-        elif args.preset:
+            config = preset("tiny" if args.preset is None else args.preset)  # '' is refused by name
+        elif args.preset is not None:
             raise FastformerError(f"--preset sizes language models, not the {task} task: size an encoder-decoder "
                                   f"with --config (e.g. experiments/configs/tiny_reverse.yaml) or "
                                   f"--set seq2seq.KEY=VALUE")
         else:
             config = RunConfig()
-        if args.config:
+        if args.config is not None:
             config = load_config(args.config, base=config)
     flags = [f"data.task={args.task}"] if args.task else []
     if args.data is not None:
@@ -77,13 +77,17 @@ def resolve_train_config(args):
         flags.append(f"train.seed={args.seed}")
     if args.max_steps is not None:
         flags.append(f"train.max_steps={args.max_steps}")
-    return apply_overrides(config, flags + list(args.set))
+    resolved = apply_overrides(config, flags + list(args.set))
+    if args.resume and resolved.data.tokenizer != config.data.tokenizer:
+        raise FastformerError(f"--resume continues with the run's own tokenizer (data.tokenizer="
+                              f"{config.data.tokenizer!r}): drop --tokenizer / --set data.tokenizer")
+    return resolved
 
 
 def default_out_dir(args):
     if args.init_from and not args.config:
         return os.path.join("runs", os.path.basename(os.path.normpath(args.init_from)) + "-finetune")
-    if args.config:
+    if args.config is not None:
         return os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     return os.path.join("runs", args.preset or args.task or "tiny")
 
@@ -115,7 +119,7 @@ def cmd_train(args):
             raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
         args.out = default_out_dir(args)
     config = resolve_train_config(args)
-    if args.backend:
+    if args.backend is not None:  # '' is refused by name, not taken for the default
         set_backend(args.backend)
     comm = get_comm(True if args.distributed else None)  # MPI under mpiexec; mpi4py imported only then
     trainer = Trainer(config, args.out, resume=args.resume, comm=comm, init_from=args.init_from)
@@ -149,6 +153,33 @@ def cmd_train(args):
         print(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                            f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", "))
     return 0
+
+
+def refuse_options(args, names, applies_to):
+    """FastformerError naming the options of `names` the user gave (not None): they apply to
+    `applies_to` only, and ignoring them would answer another question than the one asked."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+    if given:
+        raise FastformerError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies_to}")
+
+
+def check_finite_weights(model, path):
+    """Refuse a model holding NaN or inf weights: whatever it printed would be garbage."""
+    bad = int(np.count_nonzero(~np.isfinite(model.flat.data)))
+    if bad:
+        raise FastformerError(f"{path} holds {bad:,} non-finite (NaN or inf) weights of {model.flat.data.size:,}: "
+                              f"it cannot give results; use an earlier checkpoint")
+
+
+def check_finite_loss(m, what):
+    if not np.isfinite(m["loss"]):
+        raise FastformerError(f"the loss on {what} is not finite ({m['loss']}): the model overflows on this data")
+
+
+def option_int(args, name, default, maximum=None):
+    """The integer option `name` as given (in [1, maximum]) or, when not given, `default`."""
+    value = getattr(args, name)
+    return default if value is None else check_int(f"--{name.replace('_', '-')}", value, maximum=maximum)
 
 
 # -------------------------------------------------------------------------- generate
@@ -206,20 +237,23 @@ def cmd_generate(args):
                               f"{'beam search' if args.beam != 1 else 'greedy decoding'} gives the same "
                               f"continuation every time")
     text = read_prompt(args)
-    if args.backend:
+    if args.backend is not None:  # '' is refused by name, not taken for the default
         set_backend(args.backend)
     model, tokenizer, _ = load_model(args.checkpoint)
+    check_finite_weights(model, args.checkpoint)
+    if "" in (args.stop or ()):
+        raise FastformerError("--stop '' would stop before the first token: give a non-empty stop string")
     prompt = tokenizer.encode(text)
     if prompt.size == 0:
         raise FastformerError("the prompt is empty: give at least one character to continue")
     stop = args.stop or ()
     if args.beam != 1:  # beam search: the whole continuation at once, then cut at a stop string
-        if args.repetition_penalty is not None:
-            raise FastformerError("--repetition-penalty applies to sampling, not to --beam")
+        refuse_options(args, ("repetition_penalty", "top_k", "top_p", "seed"), "sampling, not to --beam")
         out = model.generate(prompt, args.max_new_tokens, beam_size=args.beam, eos_id=tokenizer.eos_id,
-                             length_penalty=args.length_penalty)
+                             length_penalty=1.0 if args.length_penalty is None else args.length_penalty)
         samples = [out[prompt.size:].tolist()]
     else:
+        refuse_options(args, ("length_penalty",), "beam search (--beam N > 1), not to sampling")
         # the samples are the rows of one batch: one prompt, n rows, one sampling stream
         steps = generate_tokens(model, np.tile(prompt, (n, 1)), args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
@@ -311,10 +345,11 @@ def cmd_translate(args):
     from fastformer.errors import check_int
     from fastformer.generation.search import translate
 
-    if args.backend:
+    if args.backend is not None:  # '' is refused by name, not taken for the default
         set_backend(args.backend)
     check_int("--batch-size", args.batch_size)
     model, ckpt = load_seq2seq(args.checkpoint)
+    check_finite_weights(model, args.checkpoint)
     src_tok, tgt_tok = ckpt.tokenizers["src"], ckpt.tokenizers["tgt"]
     lower, S = ckpt.config.data.lowercase, model.config.max_src_len
     what = "words" if src_tok.kind == "word" else "characters"
@@ -375,7 +410,7 @@ def cmd_prepare(args):
     if (args.data is None) == (args.dataset is None):
         raise FastformerError("prepare needs either --data FILE... or --dataset NAME")
     files, val_files = args.data, args.val_data
-    if args.dataset:
+    if args.dataset is not None:
         if val_files:
             raise FastformerError("--val-data does not apply to --dataset, which brings its own split")
         files, val_files = fetch_dataset(args.dataset, args.cache_dir)
@@ -416,7 +451,7 @@ def check_run_data(ckpt, fingerprint, what):
                      f"held-out split is not the one the trainer scored")
 
 
-def lm_eval_tokens(args, model, tokenizer, config, ckpt):
+def lm_eval_tokens(args, model, tokenizer, config, ckpt, seq_len):
     """(ids, description, default max_batches) of what `eval` scores for a language model: the
     run's own validation split (the trainer's windows by default) without --data, else --split
     of a text file (split as training splits it) or of a prepared directory."""
@@ -455,7 +490,6 @@ def lm_eval_tokens(args, model, tokenizer, config, ckpt):
     ids = tokenizer.encode(load_text(args.data))
     if split == "all":
         return ids, f"all of {args.data}", None
-    seq_len = min(args.seq_len or t.seq_len, model.config.max_seq_len)
     train, val = split_ids(ids, config.data.val_fraction, seq_len)
     what = f"the {split} split of {args.data} " + (f"({fraction}; --split all scores the whole file)"
                                                    if split == "val" else "(all but its validation tokens)")
@@ -469,25 +503,28 @@ def cmd_eval(args):
     from fastformer.training.checkpoint import load_checkpoint, load_model
     from fastformer.training.evaluate import evaluate_lm
 
-    if args.backend:
+    if args.backend is not None:  # '' is refused by name, not taken for the default
         set_backend(args.backend)
     if is_seq2seq_checkpoint(args.checkpoint):
         return eval_seq2seq(args)
     if args.examples is not None:
         raise FastformerError("--examples applies to an encoder-decoder; a language model's share is --max-batches")
+    refuse_options(args, ("beam", "length_penalty"), "an encoder-decoder")
     if is_hf_dir(args.checkpoint):
         (model, tokenizer, config), ckpt = load_model(args.checkpoint), None
     else:
         ckpt = load_checkpoint(args.checkpoint)  # a language model: is_seq2seq_checkpoint said so
         model, tokenizer, config = ckpt.new_model(), ckpt.tokenizer, ckpt.config
-    ids, what, default_batches = lm_eval_tokens(args, model, tokenizer, config, ckpt)
-    batch_size = args.batch_size or config.train.batch_size
-    seq_len = min(args.seq_len or config.train.seq_len, model.config.max_seq_len)
-    max_batches = args.max_batches or default_batches
+    check_finite_weights(model, args.checkpoint)
+    batch_size = option_int(args, "batch_size", config.train.batch_size)
+    seq_len = option_int(args, "seq_len", min(config.train.seq_len, model.config.max_seq_len), model.config.max_seq_len)
+    ids, what, default_batches = lm_eval_tokens(args, model, tokenizer, config, ckpt, seq_len)
+    max_batches = option_int(args, "max_batches", default_batches)
     m = evaluate_lm(model, ids, batch_size, seq_len, max_batches, tokenizer.byte_lengths())
+    check_finite_loss(m, what)
     windows = m["tokens"] // seq_len
     share = (f"the trainer's {max_batches} batches of {batch_size}; --max-batches N for more"
-             if default_batches and not args.max_batches else "evenly spread")
+             if default_batches and args.max_batches is None else "evenly spread")
     m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, seq_len=seq_len, windows=windows,
              split_tokens=len(ids))
     if args.json:
@@ -530,6 +567,11 @@ def seq2seq_eval_pairs(args, ckpt, model):
     config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
     split, d, t = args.split or "val", ckpt.config.data, ckpt.config.train
     n_trainer = t.eval_batches * t.batch_size
+    if args.data is not None and d.task != "pairs":  # a synthetic run trained on no file: all of it is scored
+        if split != "all" and args.split is not None:
+            raise FastformerError(f"--split {split} splits a pairs file as its run's training did, but a {d.task} run "
+                                  f"trained on no file: leave --split out (or --split all) to score all of {args.data}")
+        split = "all"
     if args.data is None and d.task != "pairs":
         if split != "val":
             raise FastformerError(f"--split {split} needs --data FILE: a {d.task} run's training strings are drawn "
@@ -537,8 +579,9 @@ def seq2seq_eval_pairs(args, ckpt, model):
         if args.examples is None:
             return (Seq2SeqTask(config, ckpt.tokenizers).val_pairs,
                     f"the trainer's {n_trainer:,} held-out {d.task} strings (--examples N for another number)", {})
+        check_memory(f"--examples {args.examples:,} held-out strings", args.examples * 2 * (d.max_len + 64))
         return Seq2SeqTask(config, ckpt.tokenizers).heldout(args.examples), f"held-out {d.task} strings", {}
-    path = args.data or run_data_path(config, ckpt.path)
+    path = run_data_path(config, ckpt.path) if args.data is None else args.data
     if split == "all":
         if args.data is None:
             raise FastformerError("--split all applies to a pairs file (--data FILE); the run's data has a train "
@@ -576,15 +619,22 @@ def eval_seq2seq(args):
     if args.max_batches is not None or args.seq_len is not None:
         raise FastformerError("--max-batches and --seq-len apply to a language model; an encoder-decoder scores "
                               "--examples N pairs")
+    option_int(args, "examples", None)
+    beam = option_int(args, "beam", 1)
+    if beam == 1:
+        refuse_options(args, ("length_penalty",), "beam search (--beam N > 1), not to greedy decoding")
     model, ckpt = load_seq2seq(args.checkpoint)
+    check_finite_weights(model, args.checkpoint)
     config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
+    batch_size = option_int(args, "batch_size", config.train.batch_size)
     pairs, what, skipped = seq2seq_eval_pairs(args, ckpt, model)
     skipped = {k: v for k, v in skipped.items() if v}
     if not pairs:
         raise FastformerError(f"no pair of {what} fits the model (skipped: {skipped or 'none'})")
-    m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, args.batch_size or config.train.batch_size,
-                         beam_size=args.beam, length_penalty=args.length_penalty, lang=args.lang)
-    decoding = "greedy" if args.beam == 1 else f"beam {args.beam}"
+    m = evaluate_seq2seq(model, pairs, src_tok, tgt_tok, batch_size, beam_size=beam,
+                         length_penalty=1.0 if args.length_penalty is None else args.length_penalty, lang=args.lang)
+    check_finite_loss(m, what)
+    decoding = "greedy" if beam == 1 else f"beam {beam}"
     m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
     if args.json:
         print(json.dumps(m))
@@ -683,10 +733,10 @@ def info_config(args):
     vocabulary sizes come from."""
     from fastformer.training.config import apply_overrides, load_config, preset
 
-    config = preset(args.preset or "tiny")
-    if args.config:
+    config = preset("tiny" if args.preset is None else args.preset)
+    if args.config is not None:
         config = load_config(args.config, base=config)
-    config = apply_overrides(config, ([f"data.path={args.data}"] if args.data else []) + list(args.set))
+    config = apply_overrides(config, ([f"data.path={args.data}"] if args.data is not None else []) + list(args.set))
     d = config.data
     if config.kind == "seq2seq" and d.task != "pairs":
         from fastformer.training.tasks import Seq2SeqTask
@@ -740,7 +790,7 @@ def cmd_info(args):
     comm = get_comm()  # first: under mpiexec it sets the ranks' share of the cores before the kernels load
     if comm.rank:
         return 0
-    sizing = args.preset or args.config or args.data or args.set or args.params
+    sizing = any(v is not None for v in (args.preset, args.config, args.data, args.params)) or args.set
     budget = parse_budget(args.params) if args.params else None
     config, vocab_note = info_config(args) if sizing else (None, None)  # bad input fails before any output
     print(f"fastformer {__version__}  python {platform.python_version()}  numpy {np.__version__}")
@@ -825,6 +875,9 @@ class Parser(argparse.ArgumentParser):
             action.help = "(default: %(default)s)"
         return super()._add_action(action)
 
+    def error(self, message):  # one line on stderr and exit status 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser():
     from fastformer.training.config import PRESETS, TASKS
@@ -881,7 +934,7 @@ def build_parser():
                                                    "which always stops)")
     p.add_argument("--beam", type=int, default=1, help="beam search with this many beams (default 1: sampling, "
                                                        "or greedy at temperature 0)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
+    p.add_argument("--length-penalty", type=float,
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=cmd_generate)
@@ -933,8 +986,8 @@ def build_parser():
     p.add_argument("--data", help="UTF-8 text file or prepared directory (language model), source<TAB>target "
                                   "file (encoder-decoder); default: the run's own validation data, the windows "
                                   "or pairs the trainer scores")
-    p.add_argument("--beam", type=int, default=1, help="encoder-decoder: beam size (default 1: greedy)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
+    p.add_argument("--beam", type=int, help="encoder-decoder: beam size (default 1: greedy)")
+    p.add_argument("--length-penalty", type=float, help="encoder-decoder: beam length penalty (default 1.0)")
     p.add_argument("--lang", default="en", help="encoder-decoder: target language of the detokenizer for the "
                                                 "standard BLEU (default en)")
     p.add_argument("--examples", type=int, help="encoder-decoder: held-out strings of a synthetic task, or at "

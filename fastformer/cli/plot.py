@@ -37,15 +37,17 @@ def read_metrics(run_dir):
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                r = json.loads(line)
+            except (ValueError, RecursionError):
                 continue
+            if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+                records.append(r)  # anything else is not a line fastformer wrote
     return records
 
 
 def series(records, metric):
     """(steps, values) of the records that hold `metric`."""
-    rows = [r for r in records if metric in r]
+    rows = [r for r in records if isinstance(r.get(metric), (int, float))]
     return [r["step"] for r in rows], [r[metric] for r in rows]
 
 
@@ -84,6 +86,8 @@ def plot_data(run_dirs, metrics=DEFAULT_METRICS):
 
 def plot_runs(run_dirs, out, metrics=DEFAULT_METRICS, logy=False):
     """Draw each metric of each run against step into the PNG `out` (see plot_data); returns `out`."""
+    if not out.lower().endswith(".png"):
+        raise FastformerError(f"--out {out!r} must name a .png file: the plot is written as PNG")
     data = plot_data(run_dirs, metrics)
     try:
         import matplotlib

@@ -13,11 +13,14 @@ import os
 import numpy as np
 
 from fastformer.atomic import atomic_open
-from fastformer.data.checks import check_text, decode_ids
-from fastformer.errors import FastformerError, check_int, is_int
+from fastformer.data.checks import check_text, decode_ids, read_text_chunks, text_files
+from fastformer.errors import FastformerError, check_int, load_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 in a trained vocabulary
 GPT2_SPECIAL = "<|endoftext|>"  # GPT-2's one special token: its <pad>, <bos> and <eos> at once
+# Far beyond what any corpus fills (GPT-2 has 50,257 ids); the Rust trainer aborts the whole
+# process, rather than raising, when it cannot reserve room for a vocabulary of 10**9.
+MAX_VOCAB_SIZE = 1 << 24
 
 
 def byte_level_chars():
@@ -62,6 +65,11 @@ class BPETokenizer:
             self.pad_id, self.bos_id, self.eos_id = ids
             self.special_tokens = dict(zip(SPECIAL_TOKENS, ids))
         self.vocab_size = tokenizer.get_vocab_size()
+        used = set(tokenizer.get_vocab(with_added_tokens=True).values())
+        if len(used) != self.vocab_size or min(used) != 0 or max(used) != self.vocab_size - 1:
+            gaps = sorted(set(range(max(used) + 1)) - used)[:5]
+            raise FastformerError(f"the tokenizer's ids must be 0..{self.vocab_size - 1} without gaps (a model has "
+                                  f"one embedding row per id), but they run to {max(used)} (missing: {gaps}...)")
         # text that spells "<eos>" is text, not the special id: specials enter only via bos=/eos=
         tokenizer.encode_special_tokens = True
 
@@ -69,17 +77,17 @@ class BPETokenizer:
     def train(cls, files, vocab_size, min_frequency=2, show_progress=False):
         """Learn merges from text files until the vocabulary holds `vocab_size` tokens."""
         tk = _tokenizers()
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]
-        files = [os.fspath(f) for f in files]
-        for f in files:
-            if not os.path.isfile(f):
-                raise FastformerError(f"no such text file to train the tokenizer on: {f}")
-        minimum = 256 + len(SPECIAL_TOKENS)
-        if not is_int(vocab_size) or vocab_size < minimum:
-            raise FastformerError(f"vocab_size must be an integer >= {minimum} (256 bytes + specials), "
-                                  f"got {vocab_size!r}")
+        files = text_files(files)
+        check_int("vocab_size", vocab_size, minimum=256 + len(SPECIAL_TOKENS), maximum=MAX_VOCAB_SIZE)
         check_int("min_frequency", min_frequency)
+        # the Rust trainer stops on bytes that are not UTF-8 without naming the file, and learns
+        # nothing from a corpus of blanks: read each file once first
+        blank = True
+        for path in files:
+            for chunk in read_text_chunks(path):
+                blank = blank and not chunk.strip()
+        if blank:
+            raise FastformerError(f"the files {files} hold no text to learn merges from")
         tokenizer = tk.Tokenizer(tk.models.BPE())
         tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tk.decoders.ByteLevel()
@@ -134,9 +142,4 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FastformerError(f"{path} is not a readable Hugging Face tokenizer.json: {e}") from None
-        return cls.from_dict(d, where=path)
+        return cls.from_dict(load_json(path, "Hugging Face tokenizer file"), where=path)

@@ -1,5 +1,8 @@
 """The checks every tokenizer's `encode` and `decode` share, so that the four kinds refuse the
-same inputs with the same FastformerError."""
+same inputs with the same FastformerError, and the reading of the text files they learn from."""
+
+import codecs
+import os
 
 import numpy as np
 
@@ -24,3 +27,32 @@ def decode_ids(ids, vocab_size, vocabulary):
         bad = ids[(ids < 0) | (ids >= vocab_size)][0]
         raise FastformerError(f"token id {bad} is outside {vocabulary} [0, {vocab_size})")
     return ids
+
+
+def text_files(files):
+    """`files` (one path or several) as a list of paths of existing files, or FastformerError."""
+    files = [os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
+    if not files:
+        raise FastformerError("no text files given to train the tokenizer on")
+    for path in files:
+        if not os.path.isfile(path):
+            raise FastformerError(f"no such text file to train the tokenizer on: {path}")
+    return files
+
+
+def read_text_chunks(path, chunk_bytes=1 << 20):
+    """Yield the text of the UTF-8 file `path` in chunks, never the whole file at once; a byte
+    that is not UTF-8 raises FastformerError naming the file and the byte's offset."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise FastformerError(f"text file {path} is not UTF-8 (byte {offset + e.start}: {e.reason})") from None
+            offset += len(block)
+            if text:
+                yield text
+            if not block:
+                return

@@ -23,7 +23,6 @@ names and renamed into place, `meta.json` last: a directory with a meta.json is 
 """
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from fastformer.atomic import AtomicFile, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from fastformer.errors import FastformerError, check_bool, check_int
+from fastformer.errors import FastformerError, check_bool, check_fields, check_int, load_json
 
 META_FILE = "meta.json"
 FORMAT = "fastformer-tokens"
@@ -219,19 +218,16 @@ def load_prepared(directory):
     if not os.path.isfile(meta_path):
         raise FastformerError(f"{directory!r} is not a prepared data directory: no {META_FILE} (make one with "
                               f"fastformer prepare, or pass a UTF-8 text file)")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        dtype = np.dtype(meta["dtype"])
-        vocab_size, splits = meta["vocab_size"], meta["splits"]
-        counts = {s: int(splits[s]["tokens"]) for s in SPLITS}
-    except (ValueError, KeyError, TypeError) as e:
-        raise FastformerError(f"{meta_path} is corrupt: {type(e).__name__} {e}") from None
+    meta = check_fields(meta_path, load_json(meta_path, "prepared-data file"), {"splits": dict})
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FastformerError(f"{meta_path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"this fastformer reads {FORMAT!r} version {VERSION}")
-    if dtype not in (np.uint16, np.uint32):
-        raise FastformerError(f"{meta_path}: dtype {dtype.name!r} is not allowed (uint16 or uint32)")
+    check_fields(meta_path, meta, {"dtype": str, "vocab_size": int})
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise FastformerError(f"{meta_path}: dtype {meta['dtype']!r} is not allowed (uint16 or uint32)")
+    dtype, vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
+    counts = {s: check_fields(f"{meta_path} split {s!r}", meta["splits"].get(s), {"tokens": int})["tokens"]
+              for s in SPLITS}
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size != vocab_size:
         raise FastformerError(f"{meta_path} says vocab_size={vocab_size} but its {TOKENIZER_FILE} has "

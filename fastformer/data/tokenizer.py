@@ -19,7 +19,6 @@ tokenizer is saved as a standard Hugging Face tokenizer.json (no "kind", a "mode
 `load_tokenizer` recognises as well.
 """
 
-import json
 import os
 import re
 from collections import Counter
@@ -28,8 +27,8 @@ import numpy as np
 
 from fastformer.atomic import write_json_atomic
 from fastformer.data.bpe import BPETokenizer
-from fastformer.data.checks import check_text, decode_ids
-from fastformer.errors import FastformerError, check_bool, check_int
+from fastformer.data.checks import check_text, decode_ids, read_text_chunks, text_files
+from fastformer.errors import FastformerError, check_bool, check_int, load_json
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -102,20 +101,14 @@ class CharTokenizer:
         return cls(sorted(set(text)))
 
     @classmethod
-    def train(cls, files, chunk_chars=1 << 20):
+    def train(cls, files, chunk_bytes=1 << 20):
         """The tokenizer whose vocabulary is every character of the UTF-8 text files, read in chunks."""
-        chars = set()
-        for path in [os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]:
-            if not os.path.isfile(path):
-                raise FastformerError(f"no such text file to train the tokenizer on: {path}")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    while chunk := f.read(chunk_chars):
-                        chars.update(chunk)
-            except UnicodeDecodeError as e:
-                raise FastformerError(f"text file {path} is not UTF-8 ({e})") from None
+        chars, files = set(), text_files(files)
+        for path in files:
+            for chunk in read_text_chunks(path, chunk_bytes):
+                chars.update(chunk)
         if not chars:
-            raise FastformerError(f"the files {list(files)} hold no text to take characters from")
+            raise FastformerError(f"the files {files} hold no text to take characters from")
         return cls(sorted(chars))
 
     def encode(self, text, bos=False, eos=False):
@@ -273,17 +266,13 @@ def load_tokenizer(directory):
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(path):
         raise FastformerError(f"no tokenizer at {path}: expected a {TOKENIZER_FILE} written by tokenizer.save()")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FastformerError(f"tokenizer file {path} is corrupt or truncated: {e}") from None
+    d = load_json(path, "tokenizer file")
     if not isinstance(d, dict):
         raise FastformerError(f"tokenizer file {path} holds a {type(d).__name__}, not a JSON object")
     kind = d.get("kind")
     if kind is None and isinstance(d.get("model"), dict):
         kind = "bpe"  # a Hugging Face tokenizer.json
-    if kind not in TOKENIZER_KINDS:
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
         raise FastformerError(f"tokenizer file {path} has kind {kind!r}; known kinds are {sorted(TOKENIZER_KINDS)} "
                               f"(or a Hugging Face tokenizer.json with a \"model\" object)")
     try:

@@ -12,7 +12,7 @@ finished hypotheses by score / length ** length_penalty (length counts <eos>).
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int
+from fastformer.errors import FastformerError, check_int, check_number
 from fastformer.generation.sampling import finish, log_softmax, prompt_batch, sample_decode
 
 
@@ -92,6 +92,7 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
     Returns (sequences: n lists of new ids without <eos>, normalised scores (n,)).
     """
     _check_search_args(bos_id, eos_id, max_len, beam_size)
+    check_number("length_penalty", length_penalty)
     K = beam_size
     tokens = _first_tokens(bos_id, n * K)
     parents = None

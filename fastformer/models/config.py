@@ -1,10 +1,12 @@
 """The model configs: LMConfig (the GPT-2 language model) and Seq2SeqConfig (the encoder-decoder).
-Each checks every field when it is made, so a bad value fails before any array is allocated."""
+Each checks every field when it is made, so a bad value fails before any array is allocated, and
+`count_parameters` / `check_model_memory` size a model from its config alone, so one too large
+for the machine is refused before its buffers are."""
 
 import dataclasses
 from dataclasses import dataclass
 
-from fastformer.errors import FastformerError, check_bool, check_choice, check_int, check_number
+from fastformer.errors import FastformerError, check_bool, check_choice, check_int, check_memory, check_number
 
 ACTIVATIONS = ("gelu", "relu")
 POSITIONALS = ("learned", "sinusoidal")
@@ -124,3 +126,51 @@ def _attention_parameters(C):
 
 def _feed_forward_parameters(C, F):
     return C * F + F + F * C + C  # up and down projections, with biases
+
+
+def activation_floats(cfg, batch_size, seq_len=None):
+    """About how many floats one training step's forward keeps for its backward (its caches),
+    for `batch_size` rows of `seq_len` tokens (a language model) or of max_src_len source and
+    max_tgt_len target tokens (an encoder-decoder), from the shapes alone. Per token and layer:
+    the normed inputs, q/k/v, attention output and projections (about 9 C), the feed-forward's
+    pre- and post-activation (2 F) and a row of attention weights per head (H x keys); then the
+    logits and their gradient (2 V per token)."""
+    C, F, H, B = cfg.d_model, cfg.d_ff, cfg.n_heads, batch_size
+    if isinstance(cfg, LMConfig):
+        T = cfg.max_seq_len if seq_len is None else seq_len
+        return B * T * (cfg.n_layers * (9 * C + 2 * F + H * T) + 3 * C + 2 * cfg.vocab_size)
+    S, T = cfg.max_src_len, cfg.max_tgt_len
+    encoder = S * (cfg.n_encoder_layers * (9 * C + 2 * F + H * S) + 2 * C)
+    decoder = T * (cfg.n_decoder_layers * (13 * C + 2 * F + H * (T + S)) + 3 * C + 2 * cfg.tgt_vocab_size)
+    return B * (encoder + decoder + cfg.n_decoder_layers * 2 * S * C)  # + each layer's cross keys/values
+
+
+def training_memory(cfg, batch_size, seq_len=None, copies=4, itemsize=4):
+    """Estimated bytes to train the model of `cfg`: `copies` buffers of every parameter (weights,
+    gradients and the optimizer's state: 4 for Adam's two moments) and the activations of a
+    batch (activation_floats), `itemsize` bytes each."""
+    return itemsize * (copies * count_parameters(cfg) + activation_floats(cfg, batch_size, seq_len))
+
+
+def check_model_memory(cfg, what="the model"):
+    """Refuse a model whose weights and gradient buffers (2 x 4 bytes a parameter) do not fit in
+    the memory available, before any of it is allocated."""
+    n = count_parameters(cfg)
+    check_memory(f"{what} ({n:,} parameters, float32 weights and gradients)", 8 * n, "make the model smaller")
+    return n
+
+
+def check_decoding_memory(cfg, rows, max_len=None):
+    """Refuse decoding `rows` sequences at once (the batch times the beams or samples) when its
+    estimated memory exceeds what is available: the key/value caches of every layer, the
+    activations of a full-window forward and a few (rows, V) float64 arrays of log-probabilities."""
+    C, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
+    if isinstance(cfg, LMConfig):
+        T, S, L, V = cfg.max_seq_len if max_len is None else max_len, 0, cfg.n_layers, cfg.vocab_size
+    else:
+        T, S, L, V = cfg.max_tgt_len if max_len is None else max_len, cfg.max_src_len, cfg.n_decoder_layers, \
+            cfg.tgt_vocab_size
+    caches = 2 * L * rows * (T + S) * C  # self- (and cross-) attention keys and values
+    forward = rows * T * (9 * C + 2 * F + H * (T + S))  # one layer of a forward over the window
+    check_memory(f"decoding {rows:,} sequences at once", 4 * (caches + forward) + 9 * rows * T + 32 * rows * V,
+                 "decode fewer texts, beams or samples at once")

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from fastformer.errors import FastformerError
-from fastformer.models.config import LMConfig
+from fastformer.errors import FastformerError, check_bool, check_int, check_number, load_json
+from fastformer.models.config import LMConfig, check_model_memory
 
 # GPT2Config activation names that mean the tanh-approximated GELU fastformer's LM uses
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -50,25 +50,36 @@ def gpt2_config(config, bos_id=None, eos_id=None):
 
 
 def lm_config_from_gpt2(cfg, path="config.json"):
-    """An LMConfig from a GPT2Config dict; anything fastformer's LM cannot represent is refused."""
+    """An LMConfig from a GPT2Config dict; anything fastformer's LM cannot represent is refused,
+    and a model too large for the memory available is refused before it is built."""
+    if not isinstance(cfg, dict):
+        raise FastformerError(f"{path} must hold a JSON object (a GPT2Config), got {type(cfg).__name__}")
     if cfg.get("model_type") != "gpt2":
         raise FastformerError(f"{path}: model_type must be 'gpt2' (GPT-2 architecture), got {cfg.get('model_type')!r}")
     act = cfg.get("activation_function", "gelu_new")
-    if act not in _TANH_GELU:
+    if not isinstance(act, str) or act not in _TANH_GELU:
         raise FastformerError(f"{path}: activation_function {act!r} is not supported; allowed: {', '.join(_TANH_GELU)}")
-    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    eps = check_number(f"{path}: layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5), low=0)
     if abs(eps - 1e-5) > 1e-12:
         raise FastformerError(f"{path}: layer_norm_epsilon must be 1e-5, got {eps}")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-        if cfg.get(flag):
+        if check_bool(f"{path}: {flag}", cfg.get(flag, False)):
             raise FastformerError(f"{path}: {flag}=true is not supported by fastformer's GPT-2")
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if k not in cfg]
+    if missing:
+        raise FastformerError(f"{path}: missing GPT2Config field(s) {missing}")
+    sizes = {k: check_int(f"{path}: {k}", cfg[k]) for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")}
+    n_inner = cfg.get("n_inner")  # null: 4 * n_embd, as GPT2Config
     try:
-        n_embd = cfg["n_embd"]
-        return LMConfig(vocab_size=cfg["vocab_size"], max_seq_len=cfg["n_positions"], d_model=n_embd,
-                        n_heads=cfg["n_head"], d_ff=cfg.get("n_inner") or 4 * n_embd, n_layers=cfg["n_layer"],
-                        tie_embeddings=cfg.get("tie_word_embeddings", True))
-    except KeyError as e:
-        raise FastformerError(f"{path}: missing GPT2Config field {e.args[0]!r}") from None
+        config = LMConfig(vocab_size=sizes["vocab_size"], max_seq_len=sizes["n_positions"], d_model=sizes["n_embd"],
+                          n_heads=sizes["n_head"], n_layers=sizes["n_layer"],
+                          d_ff=4 * sizes["n_embd"] if n_inner is None else check_int(f"{path}: n_inner", n_inner),
+                          tie_embeddings=check_bool(f"{path}: tie_word_embeddings",
+                                                    cfg.get("tie_word_embeddings", True)))
+    except FastformerError as e:
+        raise FastformerError(f"{path}: {e}") from None
+    check_model_memory(config, f"the GPT-2 of {path}")
+    return config
 
 
 def save_hf(model, out_dir, bos_id=None, eos_id=None):
@@ -97,8 +108,7 @@ def read_hf(path, dtype=np.float32):
         found = [f for f in ("pytorch_model.bin", "tf_model.h5") if os.path.isfile(os.path.join(path, f))]
         raise FastformerError(f"{path}: no model.safetensors (found {found or 'no weights'}); only safetensors "
                          "weights are loaded, since pickle files can run code")
-    with open(cfg_path) as f:
-        config = lm_config_from_gpt2(json.load(f), cfg_path)
+    config = lm_config_from_gpt2(load_json(cfg_path, "Hugging Face config"), cfg_path)
     try:
         raw = load_file(weights)
     except (SafetensorError, OSError, TypeError) as e:

@@ -22,7 +22,7 @@ import numpy as np
 from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
 from fastformer.kernels import get_ops
 from fastformer.kernels.numpy_ops import PackedGPT2
-from fastformer.models.config import LMConfig
+from fastformer.models.config import LMConfig, check_decoding_memory, check_model_memory
 from fastformer.nn.blocks import (
     Context,
     Embedding,
@@ -58,6 +58,7 @@ class TransformerLM(FlatModel):
     def __init__(self, config, seed=0, dtype=np.float32):
         if not isinstance(config, LMConfig):
             raise FastformerError(f"config must be an LMConfig, got {type(config).__name__}")
+        check_model_memory(config)
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
         learned = c.positions == "learned"
@@ -176,7 +177,8 @@ class TransformerLM(FlatModel):
         With use_cache=False every step runs a full forward over the sequence (slower, the
         same tokens: a reference for the cached path)."""
         c = self.config
-        state = KVCache(c.n_layers, check_int("batch_size", batch_size), c.n_heads, c.max_seq_len,
+        check_decoding_memory(c, check_int("batch_size", batch_size))
+        state = KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len,
                         c.d_model // c.n_heads, self.flat.dtype)
         state.use_cache = bool(use_cache)
         return state

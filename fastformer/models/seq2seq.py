@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
-from fastformer.models.config import Seq2SeqConfig
+from fastformer.models.config import Seq2SeqConfig, check_decoding_memory, check_model_memory
 from fastformer.nn.blocks import (
     Context,
     CrossAttention,
@@ -58,6 +58,7 @@ class Seq2SeqTransformer(FlatModel):
     def __init__(self, config, seed=0, dtype=np.float32):
         if not isinstance(config, Seq2SeqConfig):
             raise FastformerError(f"config must be a Seq2SeqConfig, got {type(config).__name__}")
+        check_model_memory(config)
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
         learned = c.positional == "learned"
@@ -219,6 +220,7 @@ class Seq2SeqTransformer(FlatModel):
         max_len = c.max_tgt_len if max_len is None else check_int("max_len", max_len, 1, c.max_tgt_len)
         repeat = check_int("repeat", repeat)
         memory, src_kpm = self.encode(src_ids, src_mask)  # (B, S, C)
+        check_decoding_memory(c, memory.shape[0] * repeat, max_len)
         if repeat > 1:
             memory = np.repeat(memory, repeat, axis=0)  # (B * repeat, S, C)
             src_kpm = None if src_kpm is None else np.repeat(src_kpm, repeat, axis=0)

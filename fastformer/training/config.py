@@ -20,8 +20,8 @@ import yaml
 from fastformer.atomic import atomic_open
 from fastformer.data.pairs import TASKS as SYNTHETIC_TASKS
 from fastformer.data.pairs import parse_alphabet
-from fastformer.errors import FastformerError, check_bool, check_int, check_number, is_int
-from fastformer.models.config import LMConfig, Seq2SeqConfig
+from fastformer.errors import FastformerError, check_bool, check_int, check_memory, check_number, is_int, read_utf8
+from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters, training_memory
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
 
 ModelConfig = LMConfig
@@ -57,6 +57,9 @@ class DataConfig:
         self.val_fraction = vf = check_number("data.val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         if vf == 0 and self.task != "pairs":
             raise FastformerError(f"data.val_fraction must lie in (0, 1) for data.task={self.task}, got {vf}")
+        if self.path == "":  # None is the default corpus; an empty name is a mistake, not a request for it
+            raise FastformerError("data.path is empty: give a text file or prepared directory, or leave it unset "
+                                  "for the embedded default corpus")
         if self.tokenizer == "":  # a directory is checked when the tokenizer is loaded
             raise FastformerError("data.tokenizer is empty: valid values are byte, char or a tokenizer directory")
         self.min_len = check_int("data.min_len", self.min_len)
@@ -300,15 +303,31 @@ def match_tokenizer(config, tokenizer, field="vocab_size"):
                           f"drop {section}.{field} (it follows the tokenizer) or set it to {tokenizer.vocab_size}")
 
 
+def check_training_memory(config, ranks=1):
+    """Refuse, before anything is allocated, a run whose estimated memory per process (weights,
+    gradients, the optimizer's state and a micro-batch's activations; models.config.training_memory)
+    exceeds what the machine has available. Returns the estimate in bytes."""
+    t, m = config.train, config.model_config()
+    rows = max(t.batch_size // (t.grad_accum_steps * ranks), 1)  # a micro-batch of one rank
+    copies = 2 + (1 if t.optimizer == "sgd" else 2) + (t.grad_accum_steps > 1)  # + the accumulation buffer
+    seq_len = t.seq_len if config.kind == "lm" else None
+    shape = f"{rows} x {seq_len} tokens" if seq_len else f"{rows} pairs of {m.max_src_len}/{m.max_tgt_len} tokens"
+    return check_memory(f"training a model of {count_parameters(m):,} parameters on micro-batches of {shape}",
+                        training_memory(m, rows, seq_len, copies),
+                        "make the model, train.batch_size or train.seq_len smaller, or raise train.grad_accum_steps")
+
+
 def load_config(path, base=None):
     """A RunConfig from a YAML file (sections model or seq2seq, data, train; missing keys from `base`)."""
     if not os.path.isfile(path):
         raise FastformerError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise FastformerError(f"config file {path!r} is not valid YAML: {e}") from None
+    text = read_utf8(path, "config file")
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise FastformerError(f"config file {path!r} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise FastformerError(f"config file {path!r} is nested too deeply to be a run config") from None
     try:
         return RunConfig.from_dict(d or {}, base=base)
     except FastformerError as e:

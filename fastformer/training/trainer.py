@@ -69,7 +69,7 @@ from fastformer.training.checkpoint import (
     save_checkpoint,
     sweep_run_dir,
 )
-from fastformer.training.config import RunConfig, save_config
+from fastformer.training.config import RunConfig, check_training_memory, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.finetune import check_init_config, init_config, load_init_source
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
@@ -219,6 +219,7 @@ class Trainer:
         # the model's vocabulary sizes follow the tokenizers
         self.task = make_task(config, text=text, tokenizers=tokenizers)
         self.config = cfg = self.task.config
+        check_training_memory(cfg, comm.size)  # before the model and optimizer allocate a byte
 
         # model and optimizer (the model takes its init and dropout streams of t.seed, fastformer.seeds)
         self.model = self.task.new_model(t.seed)
@@ -231,6 +232,10 @@ class Trainer:
             del init_weights  # the flat buffer holds them now
         if ckpt is not None:
             self._restore(ckpt)
+            if self.step >= t.max_steps:  # before anything in the run directory is rewritten
+                raise FastformerError(f"the run in {out_dir!r} is at step {self.step}, and train.max_steps="
+                                      f"{t.max_steps} leaves nothing to train: give --max-steps above {self.step} "
+                                      f"to continue it")
         if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
             comm.bcast(self.model.flat.data)
             state = self.optimizer.state_dict()

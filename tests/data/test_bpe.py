@@ -61,11 +61,40 @@ def test_bad_training_input(tmp_path):
     with pytest.raises(FastformerError, match="no such text file"):
         BPETokenizer.train([tmp_path / "missing.txt"], vocab_size=300)
     (tmp_path / "c.txt").write_text("abc")
-    with pytest.raises(FastformerError, match="vocab_size must be an integer >= 259"):
+    with pytest.raises(FastformerError, match=r"vocab_size must be an integer in \[259, 16777216\], got 100"):
         BPETokenizer.train([tmp_path / "c.txt"], vocab_size=100)
+    # a size the Rust trainer would abort the process on is refused before it runs
+    with pytest.raises(FastformerError, match=r"vocab_size must be an integer in \[259, 16777216\], got 1000000000"):
+        BPETokenizer.train([tmp_path / "c.txt"], vocab_size=10 ** 9)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(FastformerError, match="not a readable Hugging Face tokenizer.json"):
+    with pytest.raises(FastformerError, match=r"bad.json is not valid JSON \(corrupt or truncated\)"):
         BPETokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_training_text_must_be_utf8_and_not_empty(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "latin1.txt"
+    good.write_text("some text\n" * 20)
+    bad.write_bytes(b"ok so far\n" * 1000 + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(FastformerError, match=r"latin1.txt is not UTF-8 \(byte 10003: invalid continuation byte\)"):
+        BPETokenizer.train([good, bad], vocab_size=300)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n\t")
+    with pytest.raises(FastformerError, match="hold no text to learn merges from"):
+        BPETokenizer.train([tmp_path / "empty.txt", tmp_path / "blank.txt"], vocab_size=300)
+    with pytest.raises(FastformerError, match="no text files given"):
+        BPETokenizer.train([], vocab_size=300)
+
+
+def test_ids_with_gaps_are_refused(bpe):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "a": 7, "b": 1000}  # 5 tokens, ids up to 1000
+    sparse = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    with pytest.raises(FastformerError,
+                       match=r"ids must be 0\.\.4 without gaps.*run to 1000 \(missing: \[3, 4, 5, 6, 8\]"):
+        BPETokenizer(sparse)
+    dense = Tokenizer(models.WordLevel({**vocab, "a": 3, "b": 4}, unk_token="<pad>"))
+    assert BPETokenizer(dense).vocab_size == 5
 
 
 @settings(max_examples=60, deadline=None)

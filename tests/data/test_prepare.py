@@ -87,8 +87,25 @@ def test_broken_prepared_directories(tmp_path, text_file):
     prepare([text_file], ByteTokenizer(), str(out))
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text('{"dtype": "uint16", "vocab')
-    with pytest.raises(FastformerError, match="meta.json is corrupt"):
+    with pytest.raises(FastformerError, match=r"meta.json is not valid JSON \(corrupt or truncated\)"):
         load_prepared(str(out))
+    # parseable but malformed: each refused naming the file and the field
+    splits = meta["splits"]
+    for bad, message in ((json.dumps([meta]), "meta.json must hold a JSON object, got list"),
+                         ("[" * 100_000 + "]" * 100_000, "meta.json is nested too deeply"),
+                         (b"\xff\xfe", r"meta.json is not UTF-8 text \(byte 0"),
+                         (json.dumps({**meta, "splits": []}), "meta.json: field 'splits' must be dict, got \\[\\]"),
+                         (json.dumps({**meta, "dtype": ["uint16"]}), "meta.json: field 'dtype' must be str"),
+                         (json.dumps({**meta, "vocab_size": "259"}), "meta.json: field 'vocab_size' must be int"),
+                         (json.dumps({**meta, "splits": {**splits, "val": {**splits["val"], "tokens": 2.5}}}),
+                          "meta.json split 'val': field 'tokens' must be int, got 2.5"),
+                         (json.dumps({**meta, "splits": {**splits, "train": None}}),
+                          "meta.json split 'train' must hold a JSON object, got NoneType"),
+                         (json.dumps({**meta, "splits": {**splits, "val": {**splits["val"], "tokens": -5}}}),
+                          "the val split holds -5 tokens")):
+        (out / "meta.json").write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        with pytest.raises(FastformerError, match=message):
+            load_prepared(str(out))
     (out / "meta.json").write_text(json.dumps({**meta, "vocab_size": 300}))
     with pytest.raises(FastformerError, match="says vocab_size=300 but its tokenizer.json has 259 ids"):
         load_prepared(str(out))

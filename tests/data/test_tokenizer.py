@@ -90,7 +90,7 @@ def test_char_round_trip_and_byte_lengths(text):
 def test_char_unknown_characters_become_unk(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("world 😀", encoding="utf-8")
-    tok = CharTokenizer.train([tmp_path / "a.txt", tmp_path / "b.txt"], chunk_chars=3)
+    tok = CharTokenizer.train([tmp_path / "a.txt", tmp_path / "b.txt"], chunk_bytes=3)  # an emoji split across chunks
     assert tok.chars == sorted(set("hello\nworld 😀")) and tok.vocab_size == 4 + len(tok.chars)
     ids = tok.encode("hex😀")
     assert ids[2] == tok.unk_id and ids[3] != tok.unk_id  # 'x' unseen; the emoji (beyond U+FFFF) seen

@@ -1,0 +1,85 @@
+"""The memory checks that refuse a model, a training run or a decoding batch before allocating
+it, from its shapes alone (count_parameters itself: tests/models/test_count_parameters.py)."""
+
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from fastformer import FastformerError, Seq2SeqTransformer, TransformerLM
+from fastformer.errors import available_memory, check_memory, check_number, load_json
+from fastformer.models.config import LMConfig, Seq2SeqConfig, check_decoding_memory, count_parameters, training_memory
+from fastformer.models.hf import lm_config_from_gpt2
+from fastformer.training.config import RunConfig, TrainConfig, check_training_memory
+
+
+def test_a_model_too_large_is_refused_before_allocation():
+    huge = LMConfig(max_seq_len=10 ** 12)  # 64 * 10**12 position weights: 233 TiB of float32
+    assert count_parameters(huge) == count_parameters(LMConfig()) + (10 ** 12 - 128) * 64
+    with pytest.raises(FastformerError, match=r"the model \(64,000,000,\d{3},\d{3} parameters.*needs about "
+                                              r"465\.7 TiB of memory, but only"):
+        TransformerLM(huge)
+    with mock.patch("fastformer.errors.available_memory", return_value=10 ** 6):  # 1 MB: even the defaults fail
+        with pytest.raises(FastformerError, match="make the model smaller"):
+            Seq2SeqTransformer(Seq2SeqConfig())
+    cfg = {"model_type": "gpt2", "vocab_size": 259, "n_positions": 32, "n_embd": 16, "n_head": 2, "n_layer": 10 ** 6}
+    with pytest.raises(FastformerError, match=r"the GPT-2 of hf/config.json \(.* parameters"):
+        lm_config_from_gpt2(cfg, "hf/config.json")  # refused from the shapes: nothing built
+
+
+def test_training_memory_grows_with_the_batch_and_is_checked_against_what_is_available():
+    cfg = LMConfig(max_seq_len=128)
+    small, large = training_memory(cfg, 32, 128), training_memory(cfg, 64, 128)
+    assert 4 * 4 * count_parameters(cfg) < small < large < 2 * small
+    run = RunConfig(model=cfg, train=TrainConfig(batch_size=100_000, seq_len=128))
+    with mock.patch("fastformer.errors.available_memory", return_value=8 << 30):
+        with pytest.raises(FastformerError, match=r"micro-batches of 100000 x 128 tokens needs about 16\d\.\d GiB "
+                                                  r"of memory, but only 8\.0 GiB is available: .*grad_accum_steps"):
+            check_training_memory(run)
+        # accumulation over micro-batches, or ranks, shrink the activations that must fit at once
+        fits = RunConfig(model=cfg, train=TrainConfig(batch_size=32, seq_len=128))
+        assert check_training_memory(fits) == training_memory(cfg, 32, 128)
+        assert check_training_memory(fits, ranks=4) == training_memory(cfg, 8, 128)
+
+
+def test_decoding_memory():
+    cfg = LMConfig()
+    check_decoding_memory(cfg, 4)
+    with pytest.raises(FastformerError, match="decoding 10,000,000 sequences at once needs about .* fewer texts"):
+        check_decoding_memory(cfg, 10 ** 7)
+    with pytest.raises(FastformerError, match="decoding 10,000,000 sequences"):
+        TransformerLM(LMConfig(d_model=8, n_heads=2, d_ff=8, n_layers=1)).init_state(10 ** 7)
+
+
+def test_available_memory_and_check_memory():
+    have = available_memory()
+    assert have is None or have > 0
+    assert check_memory("a little", 1024) == 1024
+    with mock.patch("fastformer.errors.available_memory", return_value=1 << 20):
+        with pytest.raises(FastformerError, match=r"^x needs about 2\.0 MiB of memory, but only 1\.0 MiB is "
+                                                  r"available: smaller$"):
+            check_memory("x", 2 << 20, "smaller")
+    with mock.patch("fastformer.errors.available_memory", return_value=None):  # unknown: not refused
+        assert check_memory("x", 10 ** 18) == 10 ** 18
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("inf")])
+def test_check_number_refuses_non_finite_values(value):
+    with pytest.raises(FastformerError, match=r"lr must be a number >= 0, got"):
+        check_number("lr", value, low=0)
+    with pytest.raises(FastformerError, match=r"a must be a number that is finite, got"):
+        check_number("a", value)
+    assert check_number("a", -1e300) == -1e300
+
+
+def test_load_json_names_the_file(tmp_path):
+    p = tmp_path / "f.json"
+    for raw, message in ((b'{"a": ', r"f.json is not valid JSON \(corrupt or truncated\)"),
+                         (b"\xff{}", r"f.json is not UTF-8 text \(byte 0: invalid start byte\)"),
+                         (b"[" * 100_000 + b"]" * 100_000, "f.json is nested too deeply")):
+        p.write_bytes(raw)
+        with pytest.raises(FastformerError, match=f"^thing .*{message}"):
+            load_json(str(p), "thing")
+    p.write_text(json.dumps({"a": [1]}))
+    assert load_json(str(p)) == {"a": [1]}
