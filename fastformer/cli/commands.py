@@ -149,6 +149,9 @@ def cmd_train(args):
                   f"{newest[-1] if newest else 'none'}"
                   + (f"\nresume with: {resume_command(args, comm)}" if newest else ""), file=sys.stderr)
         return 130
+    if not losses and trainer.is_main:  # a resumed run that had already finished
+        print(f"nothing to train: the run in {args.out} is at step {trainer.step} = train.max_steps; give "
+              f"--max-steps above {trainer.step} to continue it")
     if losses and trainer.is_main:
         print(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                            f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", "))

@@ -232,10 +232,9 @@ class Trainer:
             del init_weights  # the flat buffer holds them now
         if ckpt is not None:
             self._restore(ckpt)
-            if self.step >= t.max_steps:  # before anything in the run directory is rewritten
-                raise FastformerError(f"the run in {out_dir!r} is at step {self.step}, and train.max_steps="
-                                      f"{t.max_steps} leaves nothing to train: give --max-steps above {self.step} "
-                                      f"to continue it")
+            if self.step > t.max_steps:  # before anything in the run directory is rewritten
+                raise FastformerError(f"the run in {out_dir!r} is at step {self.step}, past train.max_steps="
+                                      f"{t.max_steps}: give --max-steps above {self.step} to continue it")
         if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
             comm.bcast(self.model.flat.data)
             state = self.optimizer.state_dict()

@@ -83,8 +83,7 @@ MESSAGES = [  # (argv, what the one line must say)
     (["train", "--resume", "--out", "{RUN}", "--tokenizer", "char"],
      r"--resume continues with the run's own tokenizer"),
     (["train", "--resume", "--out", "{RUN}", "--max-steps", "2"],
-     r"is at step 4, and train.max_steps=2 leaves nothing to train: give --max-steps above 4"),
-    (["train", "--resume", "--out", "{RUN}"], r"is at step 4, and train.max_steps=4 leaves nothing to train"),
+     r"is at step 4, past train.max_steps=2: give --max-steps above 4 to continue it"),
     (["train", "--max-steps", "abc"],
      r"argument --max-steps: invalid int value: 'abc' \(see fastformer train --help\)"),
 ]
@@ -114,3 +113,15 @@ def test_the_one_line_says_what_is_wrong(root, tmp_path, words, message):
     assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
     assert re.search(message, err.getvalue()), err.getvalue()
     assert probes.snapshot(run, None) == before  # a refused resume leaves the run as it was
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(root, tmp_path, capsys):
+    import shutil
+
+    from fastformer.cli.commands import main
+
+    run = str(tmp_path / "run")
+    shutil.copytree(os.path.join(root, "lm"), run)
+    assert main(["train", "--resume", "--out", run]) == 0
+    assert f"nothing to train: the run in {run} is at step 4 = train.max_steps; give --max-steps above 4" in \
+        capsys.readouterr().out
