@@ -42,13 +42,14 @@ def check_choice(name, value, choices):
     return value
 
 
-def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
-    """`value` as a finite float within the given bounds (closed unless `*_open`), or
-    FastformerError. NaN and +-inf are always refused: no setting of fastformer means them."""
+def check_number(name, value, low=None, high=None, low_open=False, high_open=False, finite=False):
+    """`value` as a float within the given bounds (closed unless `*_open`), or FastformerError.
+    NaN is always refused; +-inf too when `finite` (a setting such as a learning rate or a length
+    penalty, where inf means nothing)."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     v = float(value) if ok else None
-    if ok and not np.isfinite(v):
-        ok = False  # NaN or +-inf
+    if ok and (v != v or (finite and not np.isfinite(v))):
+        ok = False  # NaN, or +-inf where only finite values mean something
     if ok and low is not None:
         ok = v > low if low_open else v >= low
     if ok and high is not None:
@@ -56,10 +57,10 @@ def check_number(name, value, low=None, high=None, low_open=False, high_open=Fal
     if not ok:
         lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
         hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-        allowed = f"in {lo}, {hi}" if low is not None and high is not None else \
-            (f"{'>' if low_open else '>='} {low}" if low is not None else
-             f"{'<' if high_open else '<='} {high}" if high is not None else "that is finite")
-        raise FastformerError(f"{name} must be a number {allowed}, got {value!r}")
+        allowed = f" in {lo}, {hi}" if low is not None and high is not None else \
+            (f" {'>' if low_open else '>='} {low}" if low is not None else
+             f" {'<' if high_open else '<='} {high}" if high is not None else "")
+        raise FastformerError(f"{name} must be a {'finite ' if finite else ''}number{allowed}, got {value!r}")
     return v
 
 

@@ -126,13 +126,13 @@ def prompt_batch(prompt_ids, attention_mask, vocab_size):
 
 def check_sampling(temperature, top_k, top_p, repetition_penalty):
     """Validate the sampling options once, before any step."""
-    check_number("temperature", temperature, 0)
+    check_number("temperature", temperature, 0, finite=True)
     if top_k is not None:
         check_int("top_k", top_k)
     if top_p is not None:
         check_number("top_p", top_p, 0, 1, low_open=True)
     if repetition_penalty is not None:
-        check_number("repetition_penalty", repetition_penalty, 0, low_open=True)
+        check_number("repetition_penalty", repetition_penalty, 0, low_open=True, finite=True)
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,

@@ -92,7 +92,7 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
     Returns (sequences: n lists of new ids without <eos>, normalised scores (n,)).
     """
     _check_search_args(bos_id, eos_id, max_len, beam_size)
-    check_number("length_penalty", length_penalty)
+    check_number("length_penalty", length_penalty, finite=True)
     K = beam_size
     tokens = _first_tokens(bos_id, n * K)
     parents = None

@@ -124,7 +124,7 @@ class TrainConfig:
         for name in ("warmup_steps", "seed", "check_sync_interval"):
             setattr(self, name, check_int(f"train.{name}", getattr(self, name), minimum=0))
         for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
-            setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0))
+            setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, finite=True))
         for name in ("beta1", "beta2", "momentum"):
             setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True))
         if self.optimizer not in OPTIMIZERS:

@@ -26,7 +26,7 @@ class SGD:
 
     def __init__(self, flat, momentum=0.9, weight_decay=0.0, nesterov=False):
         check_number("momentum", momentum, low=0, high=1, high_open=True)
-        check_number("weight_decay", weight_decay, low=0)
+        check_number("weight_decay", weight_decay, low=0, finite=True)
         check_bool("nesterov", nesterov)
         self.flat, self.momentum, self.weight_decay, self.nesterov = flat, momentum, weight_decay, nesterov
         self.buf = aligned_zeros(flat.data.shape, flat.dtype)  # momentum buffer, the layout of flat.data
@@ -62,8 +62,8 @@ class AdamW:
     def __init__(self, flat, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True):
         check_number("beta1", beta1, low=0, high=1, high_open=True)
         check_number("beta2", beta2, low=0, high=1, high_open=True)
-        check_number("eps", eps, low=0)
-        check_number("weight_decay", weight_decay, low=0)
+        check_number("eps", eps, low=0, finite=True)
+        check_number("weight_decay", weight_decay, low=0, finite=True)
         check_bool("decoupled", decoupled)
         self.flat, self.beta1, self.beta2, self.eps = flat, beta1, beta2, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled

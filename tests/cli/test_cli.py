@@ -74,7 +74,7 @@ def test_train_resume_generate(files, capsys):
     assert "beam_size must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--prompt", "To", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "temperature must be a number >= 0, got -1.0" in err
+    assert err.count("\n") == 1 and "temperature must be a finite number >= 0, got -1.0" in err
     assert main(["generate", "--checkpoint", run, "--prompt", "To", "--top-p", "1.5"]) == 2
     assert "top_p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", run, "--prompt", ""]) == 2

@@ -97,7 +97,7 @@ def test_bad_arguments(model):
         model.generate(np.array([], dtype=np.int64), 3)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(np.array([1]), 3, temperature=1.0, top_k=0)
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         model.generate(np.array([1]), 3, temperature=-1.0)
     with pytest.raises(ValueError, match="ids must lie in"):
         model.generate(np.array([CFG.vocab_size]), 3)
