@@ -202,6 +202,9 @@ class Trainer:
             if config.model_config() != ckpt.config.model_config():
                 raise FastformerError(f"cannot resume {ckpt.path}: its model config {ckpt.config.model_config()} "
                                       f"differs from the requested {config.model_config()}")
+            if ckpt.step > config.train.max_steps:  # before anything in the run directory is rewritten
+                raise FastformerError(f"the run in {out_dir!r} is at step {ckpt.step}, past train.max_steps="
+                                      f"{config.train.max_steps}: give --max-steps above {ckpt.step} to continue it")
             _warn_schedule_change(ckpt.config.train, config.train, ckpt.step)
         elif checkpoint_dirs(out_dir):
             raise FastformerError(f"run directory {out_dir!r} already holds checkpoints: resume it (--resume) "
@@ -232,9 +235,6 @@ class Trainer:
             del init_weights  # the flat buffer holds them now
         if ckpt is not None:
             self._restore(ckpt)
-            if self.step > t.max_steps:  # before anything in the run directory is rewritten
-                raise FastformerError(f"the run in {out_dir!r} is at step {self.step}, past train.max_steps="
-                                      f"{t.max_steps}: give --max-steps above {self.step} to continue it")
         if comm.size > 1:  # every rank starts from rank 0's weights and optimizer state
             comm.bcast(self.model.flat.data)
             state = self.optimizer.state_dict()
