@@ -61,9 +61,9 @@ from fastformer.kernels.checks import (
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
-ATTENTION_BLOCK = 256  # query and key rows of a block of `_attention_tiled`: (256, 256) scores fit L2
-HEAD_CHUNK_BYTES = 2 << 20  # logits per chunk of the fused LM head: a few L2-sized tiles, in L3
-HEAD_CHUNK_MIN_ROWS = 128  # fewer rows make dweight's GEMM (K = rows) memory-bound
+ATTENTION_BLOCK = 512  # query and key rows of a block of `_attention_tiled` (benchmarks/attention_crossover.py)
+HEAD_CHUNK_BYTES = 8 << 20  # logits per chunk of the fused LM head, per thread: in L3 beside the other's
+HEAD_CHUNK_MIN_ROWS = 256  # fewer rows make dweight's GEMM (K = rows) and its sum memory-bound
 
 
 def head_chunk_rows(V, dtype):
