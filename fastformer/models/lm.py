@@ -37,6 +37,11 @@ from fastformer.nn.blocks import (
 from fastformer.nn.cache import KVCache
 from fastformer.nn.params import FlatModel
 
+# Rows up to which a decoding step of one token a row runs the fused, single-threaded
+# ops.gpt2_decode_step; more rows take the composed forward, whose GEMMs use every BLAS thread
+# (the crossover measured by benchmarks/decode_crossover.py).
+FUSED_DECODE_MAX_ROWS = 32
+
 
 def _positions(mask, start):
     """Position ids (B, T) that count real tokens only, continuing from `start` (B,)."""
@@ -208,9 +213,10 @@ class TransformerLM(FlatModel):
         n = state.length
         state.tokens[:, n:n + T] = tokens
         state.padding[:, n:n + T] = False if kpm is None else kpm
-        if T > 1 or self.pos_table is not None:
-            # a prompt: the composed forward, whose matrix products batch over its tokens (the fused
-            # kernel reads learned positions from the flat buffer, so sinusoidal ones decode here too)
+        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
+            # a prompt, or many rows: the composed forward, whose matrix products batch over the
+            # tokens on every BLAS thread (the fused kernel reads learned positions from the flat
+            # buffer, so sinusoidal ones decode here too)
             h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
             logits = self.head.forward(self.params, h)
         else:  # one token a row: the whole model in one fused kernel call

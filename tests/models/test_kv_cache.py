@@ -32,6 +32,21 @@ def test_decode_step_by_step_matches_forward(model):
     assert cache.length == 10 and cache.next_position.tolist() == [10, 10, 10]
 
 
+def test_many_rows_decode_through_the_composed_forward_alike(model, monkeypatch):
+    """Past FUSED_DECODE_MAX_ROWS rows a one-token step takes the composed forward: the same
+    logits as the fused kernel's."""
+    from fastformer.models import lm
+
+    ids = np.random.default_rng(2).integers(0, 50, size=(3, 8))
+    runs = []
+    for max_rows in (lm.FUSED_DECODE_MAX_ROWS, 2):  # 3 rows: fused, then composed
+        monkeypatch.setattr(lm, "FUSED_DECODE_MAX_ROWS", max_rows)
+        cache = model.init_state(3)
+        runs.append([model.step(ids[:, :4], cache)] + [model.step(ids[:, t:t + 1], cache) for t in range(4, 8)])
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_step_past_the_context_window_runs_the_last_window(model):
     """Once the cache is full, a step is a forward over the last max_seq_len tokens."""
     ids = np.random.default_rng(5).integers(0, 50, size=(2, 30))

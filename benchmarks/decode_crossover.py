@@ -1,0 +1,65 @@
+"""Where batched decoding should leave the fused single-threaded decode kernel
+(ops.gpt2_decode_step) for the composed forward, whose matrix products run on every BLAS thread:
+one new token for each of R rows after a 16-token prompt, by both paths, taking turns in one
+process; prints the median microseconds of a step of each and the faster.
+
+The crossover it finds is models.lm.FUSED_DECODE_MAX_ROWS.
+
+    python benchmarks/decode_crossover.py --preset medium --rows 1 2 4 8 16
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+import fastformer
+from fastformer.cli import bench
+from fastformer.models import lm
+from fastformer.training.config import PRESETS
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="medium", choices=list(PRESETS))
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps a turn (default 20)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    args = ap.parse_args()
+
+    fastformer.set_backend("numba")
+    model = bench.generation_model(args.preset)
+    print(f"{args.preset}: one decoding step of R rows after a {bench.GEN_PROMPT}-token prompt; "
+          f"median us per step over {args.rounds} rounds of {args.steps}")
+    print(f"{'R':>4s} {'fused':>10s} {'composed':>10s}   faster")
+    for R in args.rows:
+        prompt = bench.generation_prompt(model.config, rows=R)
+        token = prompt[:, -1:]
+
+        def run(fused):
+            saved = lm.FUSED_DECODE_MAX_ROWS
+            lm.FUSED_DECODE_MAX_ROWS = R if fused else 0
+            try:
+                state = model.init_state(R)
+                model.step(prompt, state)
+                times = []
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    model.step(token, state)
+                    times.append(time.perf_counter() - t)
+                return times
+            finally:
+                lm.FUSED_DECODE_MAX_ROWS = saved
+
+        run(True), run(False)  # compile, warm up
+        times = {True: [], False: []}
+        for _ in range(args.rounds):
+            for fused in (True, False):
+                times[fused] += run(fused)
+        us = {k: 1e6 * float(np.median(v)) for k, v in times.items()}
+        print(f"{R:4d} {us[True]:10.0f} {us[False]:10.0f}   {'fused' if us[True] <= us[False] else 'composed'}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
