@@ -1050,6 +1050,8 @@ def main(argv=None):
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"fastformer {args.command}: warning: {message}\n"
     try:
+        if getattr(args, "out", None) == "":  # every command's --out names a path to write
+            raise FastformerError(f"the output of {args.command} (--out) is an empty path: name what to write")
         return args.func(args)
     except (FastformerError, OSError) as e:  # bad input or a file error; anything else is a bug
         message = error_line(e)

@@ -224,12 +224,18 @@ def test_out_that_cannot_be_a_directory(run, tmp_path, where, capsys):
     afile = tmp_path / "afile.txt"
     afile.write_text("mine")
     out = {"a file": str(afile), "under a file": str(afile / "sub"), "empty": ""}[where]
+    data = tmp_path / "text.txt" if where == "empty" else None  # the tokenizer and prepare commands too
+    if data:
+        data.write_text("hello world\n")
+    more = [["tokenizer", "train", "--kind", "char", "--data", str(data), "--out", out],
+            ["prepare", "--data", str(data), "--out", out]] if data else []
     for argv in (["train", "--max-steps", "1", "--out", out], ["export", "--checkpoint", run, "--format", "hf",
-                                                                "--out", out]):
+                                                                "--out", out], *more):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and (repr(out) in err if out else "(--out) is an empty path" in err), err
-    assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile.txt", "run"]
+    assert afile.read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["afile.txt", "run"] + (["text.txt"] if data else [])
 
 
 # ----------------------------------------------------------------------------------- sweeping
