@@ -18,28 +18,9 @@ import signal
 import sys
 
 import numpy as np
+from small_runs import TEXT, make_config
 
 import fastformer.training.trainer as trainer_module
-from fastformer.models.config import Seq2SeqConfig
-from fastformer.training.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-
-WORDS = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
-TEXT = " ".join(np.random.default_rng(0).choice(WORDS, size=1500)) + "\n"
-
-
-def make_config(kind, dropout, train):
-    if kind == "lm":
-        t = dict(batch_size=4, seq_len=16, max_steps=10, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=1,
-                 eval_interval=5, eval_batches=2, checkpoint_interval=100)
-        t.update(train)
-        model = ModelConfig(max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1, dropout=dropout)
-        return RunConfig(model=model, train=TrainConfig(**t))
-    t = dict(batch_size=8, max_steps=10, warmup_steps=1, log_interval=1, eval_interval=5, eval_batches=1,
-             checkpoint_interval=100)
-    t.update(train)
-    model = Seq2SeqConfig(max_src_len=8, max_tgt_len=9, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
-                          n_decoder_layers=1, dropout=dropout)
-    return RunConfig(data=DataConfig(task="reverse", max_len=8), seq2seq=model, train=TrainConfig(**t))
 
 
 def refuse_writes():
@@ -60,7 +41,7 @@ def refuse_writes():
 
 
 def main(spec):
-    config = make_config(spec["kind"], spec.get("dropout", 0.0), spec.get("train", {}))
+    config = make_config(spec["kind"], spec.get("dropout", 0.0), **spec.get("train", {}))
     comm = trainer_module.get_comm()
     if spec.get("rank0_writes_only") and comm.rank > 0:
         refuse_writes()

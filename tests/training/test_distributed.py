@@ -134,9 +134,9 @@ def test_a_global_batch_the_ranks_do_not_divide_is_refused(tmp_path, capsys):
 def test_evaluation_split_in_shards_gives_the_one_process_numbers(tmp_path, kind, monkeypatch):
     # what the ranks do, in one process: each shard's sums, then the metrics of all the parts
     monkeypatch.syspath_prepend(os.path.dirname(WORKER))
-    from distributed_worker import TEXT, make_config
+    from small_runs import TEXT, make_config
 
-    config = make_config(kind, 0.0, {"eval_batches": 3})
+    config = make_config(kind, 0.0, eval_batches=3)
     trainer = Trainer(config, str(tmp_path / "r"), text=TEXT if kind == "lm" else None, verbose=False)
     whole = trainer.evaluate()
     for ranks in (2, 3, 4):  # 4: one shard has no batch

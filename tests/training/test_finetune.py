@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from small_runs import TEXT
 
 from fastformer.cli.commands import main
 from fastformer.data.bpe import GPT2_SPECIAL, BPETokenizer
@@ -18,8 +19,6 @@ from fastformer.training.export import hf_tokenizer
 from fastformer.training.finetune import init_config
 from fastformer.training.trainer import Trainer
 
-WORDS = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
-TEXT = " ".join(np.random.default_rng(0).choice(WORDS, size=1500)) + "\n"
 SMALL = ["--set", "train.batch_size=4", "--set", "train.seq_len=16", "--set", "train.warmup_steps=1",
          "--set", "train.log_interval=1", "--set", "train.eval_interval=3", "--set", "train.eval_batches=1"]
 

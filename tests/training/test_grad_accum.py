@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from small_runs import TEXT, make_config
 
 from fastformer.cli.commands import main
 from fastformer.data.pairs import make_batch
@@ -14,7 +15,7 @@ from fastformer.models.config import LMConfig, Seq2SeqConfig
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.accumulate import accumulated_loss_and_grads, counted_tokens, split_batch
-from fastformer.training.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, preset
+from fastformer.training.config import TrainConfig, apply_overrides, preset
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
 from fastformer.training.tasks import make_task
 from fastformer.training.trainer import Trainer
@@ -136,31 +137,6 @@ def test_split_batch_rows():
 
 
 # ---------------------------------------------------------------------- through the trainer
-WORDS = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
-TEXT = " ".join(np.random.default_rng(0).choice(WORDS, size=1500)) + "\n"
-
-
-def lm_config(dropout=0.0, **train):
-    t = dict(batch_size=4, seq_len=16, max_steps=10, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_interval=1,
-             eval_interval=5, eval_batches=2, checkpoint_interval=100)
-    t.update(train)
-    return RunConfig(model=ModelConfig(max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1, dropout=dropout),
-                     train=TrainConfig(**t))
-
-
-def reverse_config(dropout=0.0, **train):
-    t = dict(batch_size=8, max_steps=10, warmup_steps=1, log_interval=1, eval_interval=5, eval_batches=1,
-             checkpoint_interval=100)
-    t.update(train)
-    model = Seq2SeqConfig(max_src_len=8, max_tgt_len=9, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
-                          n_decoder_layers=1, dropout=dropout)
-    return RunConfig(data=DataConfig(task="reverse", max_len=8), seq2seq=model, train=TrainConfig(**t))
-
-
-def make_config(kind, dropout=0.0, **train):
-    return lm_config(dropout, **train) if kind == "lm" else reverse_config(dropout, **train)
-
-
 def run(tmp_path, name, config, steps=None):
     trainer = Trainer(config, str(tmp_path / name), text=TEXT if config.kind == "lm" else None, verbose=False)
     return trainer, trainer.train(steps)

@@ -12,8 +12,8 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import pytest
+from small_runs import TEXT
 
 from fastformer.cli.commands import main
 from fastformer.training import trainer as trainer_module
@@ -23,8 +23,6 @@ from fastformer.training.optim import learning_rate
 from fastformer.training.trainer import Trainer, TrainingInterrupted, fit_columns, stop_on_signals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORDS = "the cat sat on a mat while one dog ran to its red ball and every bird sang".split()
-TEXT = " ".join(np.random.default_rng(0).choice(WORDS, size=1500)) + "\n"
 MAX_STEPS = 400  # the interrupted child is stopped after its first logged step, far before this
 SETTINGS = ["--set", "model.max_seq_len=16", "--set", "model.d_model=16", "--set", "model.n_heads=2",
             "--set", "model.d_ff=32", "--set", "model.n_layers=1", "--set", "model.dropout=0.1",
