@@ -46,7 +46,8 @@ from fastformer.kernels import numba_kernels as K  # noqa: E402
 # Query rows from which attention runs on BLAS tiles (NumpyOps._attention_tiled) instead of the
 # row kernels: the crossover measured by benchmarks/attention_crossover.py.
 ATTENTION_TILED_FROM = 1024
-_head_pool = None  # the threads of NumbaOps._run_tasks, made at their first use
+_head_pool = None  # (threads, executor) of NumbaOps._run_tasks, made at their first use
+_NO_PADDING = np.zeros(0, np.bool_)  # the tiled attention's block kernels, without a mask: never read
 
 ROW_CHUNKS = 64  # chunks of rows whose partial weight gradients are summed at the end
 
@@ -237,17 +238,18 @@ class NumbaOps(NumpyOps):
         if threads < 2:
             return super()._run_tasks(tasks)
         global _head_pool
-        if _head_pool is None or _head_pool._max_workers != threads:
-            _head_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-heads")
+        if _head_pool is None or _head_pool[0] != threads:
+            _head_pool = threads, concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-tasks")
         with blas_threads(1):
-            for f in [_head_pool.submit(fn, *args) for fn, args in tasks]:
+            for f in [_head_pool[1].submit(fn, *args) for fn, args in tasks]:
                 f.result()
 
     def _flash_softmax_block(self, sc, m, total, acc, row0, c0, mask):
-        K._flash_softmax_block(sc, m, total, acc, row0, c0, mask, bool(mask.any()))
+        K._flash_softmax_block(sc, m, total, acc, row0, c0, _NO_PADDING if mask is None else mask, mask is not None)
 
     def _flash_probs_block(self, sc, lse, row0, c0, mask):
-        K._flash_probs_block(sc, np.ascontiguousarray(lse), row0, c0, mask, bool(mask.any()))
+        K._flash_probs_block(sc, np.ascontiguousarray(lse), row0, c0, _NO_PADDING if mask is None else mask,
+                             mask is not None)
 
     def _flash_dscores_block(self, p, dp, D, scale):
         K._flash_dscores_block(p, dp, np.ascontiguousarray(D), scale)

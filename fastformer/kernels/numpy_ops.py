@@ -100,11 +100,21 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     return q
 
 
-def _padding_rows(key_padding_mask, B, S):
-    """Each batch row's key padding (S,) bool, C-contiguous (all False without a mask)."""
+def _padding_rows(key_padding_mask, B):
+    """Each batch row's key padding (S,) bool, C-contiguous, or None for every row without a mask."""
     if key_padding_mask is None:
-        return [np.zeros(S, np.bool_)] * B
+        return [None] * B
     return [np.array(row, np.bool_) for row in key_padding_mask]  # writeable copies: S bools each
+
+
+def _keys_allowed(shape, row0, c0, mask):
+    """(R, n) bool of a tiled attention block: rows at key positions row0.. against keys
+    c0..c0+n, True where a key is at or before the row's position and not padding (mask (S,) or
+    None)."""
+    R, n = shape
+    keys = c0 + np.arange(n)
+    allowed = keys[None, :] <= (row0 + np.arange(R))[:, None]
+    return allowed if mask is None else allowed & ~mask[c0:c0 + n][None, :]
 
 
 def _layernorm(x, weight, bias, eps):
@@ -266,13 +276,13 @@ class NumpyOps:
         convention as `attention_forward`."""
         B, H, T, hs = q.shape
         lse = np.empty((B, H, T), q.dtype)
-        masks = _padding_rows(key_padding_mask, B, k.shape[2])
+        masks = _padding_rows(key_padding_mask, B)
         self._run_tasks([(self._tiled_head, (q[b, h], k[b, h], v[b, h], masks[b], causal, scale, out[b, h], lse[b, h]))
                          for b in range(B) for h in range(H)])
         return lse
 
     def _tiled_head(self, q, k, v, mask, causal, scale, out, lse):
-        """One head of `_attention_tiled`: q (T, hs), k, v (S, hs), mask (S,) -> out, lse."""
+        """One head of `_attention_tiled`: q (T, hs), k, v (S, hs), mask (S,) or None -> out, lse."""
         (T, hs), S = q.shape, k.shape[0]
         off, dt, block = S - T, q.dtype, ATTENTION_BLOCK  # query i is at key position i + off
         scores = np.empty(block * block, dt)  # one block of scores, then of p
@@ -296,13 +306,13 @@ class NumpyOps:
         (any strides with unit last stride)."""
         q, k, v, out, lse, causal, key_padding_mask, scale = cache
         B, H = q.shape[:2]
-        masks = _padding_rows(key_padding_mask, B, k.shape[2])
+        masks = _padding_rows(key_padding_mask, B)
         self._run_tasks([(self._tiled_head_grads, (q[b, h], k[b, h], v[b, h], out[b, h], lse[b, h], dout[b, h],
                                                    masks[b], causal, scale, dq[b, h], dk[b, h], dv[b, h]))
                          for b in range(B) for h in range(H)])
 
     def _tiled_head_grads(self, q, k, v, out, lse, dout, mask, causal, scale, dq, dk, dv):
-        """One head of `_attention_tiled_grads`: (T, hs) and (S, hs) arrays, mask (S,)."""
+        """One head of `_attention_tiled_grads`: (T, hs) and (S, hs) arrays, mask (S,) or None."""
         # forward: p = softmax(q k^T * scale + mask); out = p v
         #   dv = p^T dout;  dp = dout v^T;  ds = p * (dp - D) * scale, D = rowsum(dout * out)
         #   dq = ds k;  dk = ds^T q
@@ -344,9 +354,7 @@ class NumpyOps:
         after the row's own position or padded (mask (S,) True) is left out. Updates the
         running max m (R,), total (R,) and acc (R, hs) (rescaled to the new max) and turns sc
         into exp(score - new max), 0 where left out."""
-        R, n = sc.shape
-        keys = c0 + np.arange(n)
-        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :]
+        allowed = _keys_allowed(sc.shape, row0, c0, mask)
         sc[~allowed] = -np.inf
         new = np.maximum(m, sc.max(axis=1))  # NaN where a score is NaN: the row stays NaN
         base = np.where(np.isfinite(new), new, 0).astype(sc.dtype)
@@ -368,10 +376,8 @@ class NumpyOps:
     def _flash_probs_block(self, sc, lse, row0, c0, mask):
         """sc (R, n) scores -> p = exp(score - lse) in place, 0 where left out (as in
         `_flash_softmax_block`) and on rows with lse = -inf (they saw no key)."""
-        R, n = sc.shape
-        keys = c0 + np.arange(n)
         seen = lse != -np.inf  # a NaN lse gives NaN probabilities, as on the row kernels
-        allowed = (keys[None, :] <= (row0 + np.arange(R))[:, None]) & ~mask[c0:c0 + n][None, :] & seen[:, None]
+        allowed = _keys_allowed(sc.shape, row0, c0, mask) & seen[:, None]
         np.exp(np.where(allowed, sc - np.where(seen, lse, 0)[:, None], -np.inf), out=sc)
 
     def _flash_dscores_block(self, p, dp, D, scale):
