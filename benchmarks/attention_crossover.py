@@ -11,21 +11,12 @@ The crossover it finds is numba_ops.ATTENTION_TILED_FROM.
 """
 
 import argparse
-import time
 
 import numpy as np
 
 import fastformer
+from fastformer.cli import bench
 from fastformer.kernels import numba_ops, numpy_ops
-
-
-def timed(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main():
@@ -69,7 +60,7 @@ def main():
         times = [[] for _ in fns]
         for _ in range(args.rounds):
             for i, fn in enumerate(fns):
-                times[i] += timed(fn, 1)
+                times[i] += bench.time_calls(fn, 1)[0]
         ms = [1e3 * float(np.median(t)) for t in times]
         print(f"{B:4d} x {T:5d} " + " ".join(f"{m:10.1f}" for m in ms) + f"   {names[int(np.argmin(ms))]}",
               flush=True)
