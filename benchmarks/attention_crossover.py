@@ -1,10 +1,10 @@
 """Where the Numba backend's attention should switch from its row kernels to BLAS tiles
-(NumpyOps._attention_tiled): forward + backward of causal self-attention from a fused QKV
+(kernels/ops/attention_tiled.py): forward + backward of causal self-attention from a fused QKV
 (`attention_qkv_forward` / `attention_qkv_backward`) at a fixed number of tokens per call,
 B x T = --tokens, for each T, by the row kernels and by the tiled form at each block size,
 taking turns in one process; prints the median milliseconds of each and the fastest.
 
-The crossover it finds is numba_ops.ATTENTION_TILED_FROM.
+The crossover it finds is kernels/ops/attention.py's ATTENTION_TILED_FROM.
 
     python benchmarks/attention_crossover.py                       # small's width: H 4, hs 32
     python benchmarks/attention_crossover.py --heads 8 --head-size 32 --seq 256 1024
@@ -16,7 +16,7 @@ import numpy as np
 
 import fastformer
 from fastformer.cli import bench
-from fastformer.kernels import numba_ops, numpy_ops
+from fastformer.kernels.ops import attention, attention_tiled
 
 
 def main():
@@ -44,14 +44,14 @@ def main():
 
         def run(block):
             def fn():
-                saved = numba_ops.ATTENTION_TILED_FROM, numpy_ops.ATTENTION_BLOCK
-                numba_ops.ATTENTION_TILED_FROM = T + 1 if block is None else 1
-                numpy_ops.ATTENTION_BLOCK = block or saved[1]
+                saved = attention.ATTENTION_TILED_FROM, attention_tiled.ATTENTION_BLOCK
+                attention.ATTENTION_TILED_FROM = T + 1 if block is None else 1
+                attention_tiled.ATTENTION_BLOCK = block or saved[1]
                 try:
                     _, cache = ops.attention_qkv_forward(qkv, H)
                     ops.attention_qkv_backward(dout, cache)
                 finally:
-                    numba_ops.ATTENTION_TILED_FROM, numpy_ops.ATTENTION_BLOCK = saved
+                    attention.ATTENTION_TILED_FROM, attention_tiled.ATTENTION_BLOCK = saved
             return fn
 
         fns = [run(None)] + [run(b) for b in args.blocks]

@@ -24,6 +24,11 @@ contender's timed calls.
 
     python benchmarks/compare_torch.py                                  # everything (~3 min here)
     python benchmarks/compare_torch.py --presets tiny --rounds 1 --no-compile   # a quick look
+
+With `--baseline DIR` (another checkout of fastformer, e.g. `git worktree add DIR main`), that
+checkout's backends take their turns too, as "numba@base" and "numpy@base", each in its own process
+importing DIR's fastformer, and a last table gives this checkout's rates over the baseline's:
+before and after a change, measured side by side.
 """
 
 import argparse
@@ -38,7 +43,7 @@ import numpy as np
 from torch_contenders import SETTINGS, serve
 
 from fastformer.cli import bench
-from fastformer.kernels.threads import num_threads
+from fastformer.kernels.process import num_threads
 from fastformer.training.config import PRESETS
 
 TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch eager" + SETTINGS, "torch.compile",
@@ -46,6 +51,8 @@ TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch eager" + SETTINGS, "
 BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # variables that choose OpenBLAS's kernels for it
 GEN_CONTENDERS = ("numpy", "numba", "transformers")
 FASTFORMER = ("numpy", "numba")  # the contenders run by this file; the others by torch_contenders.py
+BASE = "@base"  # suffix of the contenders run from the --baseline checkout
+BASELINE = {}  # {"dir": the --baseline checkout} when given
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAUSE = 0.2  # seconds between two contenders' turns, so one's idle threads are asleep before the next
 
@@ -71,9 +78,9 @@ def generate_call(backend, preset, shape):
 def worker(part, backend, preset, threads, batch, seq_len, vocab_size):
     """One fastformer contender, answering the parent through torch_contenders.serve; batch,
     seq_len and vocab_size 0 for the defaults."""
-    from fastformer.kernels.threads import configure_threads
+    from fastformer.kernels.process import apply_process_settings
 
-    configure_threads(threads)
+    apply_process_settings(threads)
     shape = (batch or None, seq_len or None, vocab_size or None)
     serve(lambda: (train_call if part == "train" else generate_call)(backend, preset, shape))
 
@@ -111,7 +118,12 @@ class Contender:
 
     def __init__(self, part, name, preset, threads, inputs, env, shape):
         self.name = name
-        if name in FASTFORMER:
+        if name.endswith(BASE):  # the same worker, from the baseline checkout and importing its fastformer
+            base = BASELINE["dir"]
+            cmd = [sys.executable, os.path.join(base, "benchmarks", "compare_torch.py"), "--worker", part,
+                   name.removesuffix(BASE), preset, str(threads), *(str(x or 0) for x in shape)]
+            env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (base, env.get("PYTHONPATH")) if p)}
+        elif name in FASTFORMER:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads),
                    *(str(x or 0) for x in shape)]
         else:
@@ -174,8 +186,10 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, 
     """{contender: steps/s, or the error text of a torch.compile that failed}."""
     names = [n for n in TRAIN_CONTENDERS if (with_compile or not n.startswith("torch.compile"))
              and (with_numpy or n != "numpy")]
+    names += [n + BASE for n in FASTFORMER if BASELINE and n in names]
     rates, first, failed = run_contenders("train", names, preset, threads, rounds,
-                                          lambda name: numpy_steps if name == "numpy" else steps, env, shape)
+                                          lambda name: numpy_steps if name.startswith("numpy") else steps, env,
+                                          shape)
     for name in failed:
         if not name.startswith("torch.compile"):
             raise SystemExit(f"{preset}: {name} {failed[name]}")
@@ -187,7 +201,8 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, 
 def compare_generation(preset, rounds, threads, env, rows=1):
     """{contender: tokens/s} of generation after the benchmark prompt: batch-1 greedy, or `rows`
     prompts side by side, sampled (tokens of all rows counted)."""
-    rates, diffs, failed = run_contenders("generate", GEN_CONTENDERS, preset, threads, rounds, lambda name: 1, env,
+    names = list(GEN_CONTENDERS) + [n + BASE for n in FASTFORMER if BASELINE]
+    rates, diffs, failed = run_contenders("generate", names, preset, threads, rounds, lambda name: 1, env,
                                           (rows, None, None))
     if failed:
         raise SystemExit(f"{preset}: {failed}")
@@ -229,7 +244,14 @@ def main():
     ap.add_argument("--no-numpy", action="store_true", help="leave out the NumPy backend (slow at long T)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of every contender (default: FASTFORMER_NUM_THREADS, else the cores)")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="another fastformer checkout whose backends take their turns too (numba@base, numpy@base)")
     args = ap.parse_args()
+    if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "benchmarks", "compare_torch.py")):
+            raise SystemExit(f"--baseline {args.baseline!r}: not a fastformer checkout "
+                             f"(no benchmarks/compare_torch.py)")
+        BASELINE["dir"] = os.path.abspath(args.baseline)
 
     n = args.threads or num_threads()
     torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
@@ -253,6 +275,8 @@ def main():
             print(f"  {', '.join(sorted(set(names)))}: {blas}")
     for line in failures:
         print(line)
+    if BASELINE:
+        print_against_baseline()
 
 
 def print_training(args, n, env):
@@ -279,6 +303,7 @@ def print_training(args, n, env):
               f"{cell(comp[0], 7)} {cell(comp[1], 7)}  {ratio(r['numba'], r.get('numpy'), 7)} "
               f"{ratio(r['numba'], eager, 7)} {ratio(r['numba'], eager_s, 8)} {ratio(r['numba'], comp[0], 8)} "
               f"{ratio(r['numba'], comp[1], 8)}", flush=True)
+        AGAINST_BASE.append((f"train {label}", r))
         rss.append(f"{label:8s} " + ", ".join(f"{name} {mb:,.0f}" for name, mb in PEAK_RSS.items())
                    + f"; numba/torch eager {PEAK_RSS['numba'] / PEAK_RSS['torch eager']:.2f}x")
     print("peak RSS (MB) of each contender's process:")
@@ -296,9 +321,28 @@ def print_generation(args, n, env):
           f"{'numba/transformers':>18s} {'numpy/transformers':>18s}")
     for preset in args.presets:
         r = compare_generation(preset, args.gen_rounds, n, env, args.gen_batch)
+        AGAINST_BASE.append((f"generate {preset}", r))
         print(f"{preset:8s} {r['numpy']:9.1f} {r['numba']:9.1f} {r['transformers']:12.1f}   "
               f"{ratio(r['numba'], r['transformers'], 17)} {ratio(r['numpy'], r['transformers'], 17)}",
               flush=True)
+
+AGAINST_BASE = []  # (row label, {contender: rate}) of every table, for print_against_baseline
+
+
+def print_against_baseline():
+    """This checkout's rates over the --baseline checkout's, from the rounds above."""
+    print(f"\nthis checkout against --baseline {BASELINE['dir']} (rates of the same rounds; >1 is faster)")
+    print(f"{'':20s} {'numba':>9s} {'numba@base':>10s} {'ratio':>7s}   {'numpy':>9s} {'numpy@base':>10s} {'ratio':>7s}")
+    for label, r in AGAINST_BASE:
+        cells = []
+        for name in FASTFORMER[::-1]:
+            mine, base = r.get(name), r.get(name + BASE)
+            if isinstance(mine, float) and isinstance(base, float):
+                cells.append(f"{mine:9.2f} {base:10.2f} {mine / base:6.3f}x")
+            else:
+                cells.append(f"{'-':>9s} {'-':>10s} {'-':>7s}")
+        print(f"{label:20s} " + "   ".join(cells))
+
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,13 @@
 """Where a training step's time goes, by kernel: wraps every kernel method of the selected
-backend and the linear layers with timers, runs a few steps of a bench preset (the step of
+backend (the linear layers' included) with timers, runs a few steps of a bench preset (the step of
 `fastformer bench`: bench.train_setup), and prints milliseconds per step for each, with the
 remainder (Python, reshapes, NumPy glue) last, and then the time of every BLAS matrix product of
 the step together (they lie inside the rows above): those of the main thread, and apart those that
 a backend runs on threads of its own, side by side (the fused LM head's chunk groups, the tiled
 attention's heads), whose times add up to more than the wall time they take.
 
-A kernel that calls another one (the NumPy reference's residual_layernorm_forward calls its
-layernorm_forward) is one row: only the outermost timed call counts, so no time is in two rows
+A kernel that calls another one (the linear layers and the fused LM head call ops.matmul) is one row:
+only the outermost timed call counts, so no time is in two rows
 and the rows with "other" add up to the step.
 
     python benchmarks/profile_step.py --preset tiny --backend numba
@@ -18,12 +18,8 @@ import collections
 import threading
 import time
 
-import numpy as np
-
 import fastformer
 from fastformer.cli import bench
-from fastformer.kernels import numpy_ops
-from fastformer.nn import blocks, layers
 from fastformer.training.config import PRESETS
 
 
@@ -60,24 +56,16 @@ def main():
     for name in dir(ops):
         if name.endswith(("_forward", "_backward", "_update")) and not name.startswith("_"):
             setattr(ops, name, timed(name, getattr(ops, name)))
-    for name in ("linear_forward", "linear_backward"):
-        setattr(blocks, name, timed(name, getattr(layers, name)))
-
-    def numpy_with(matmul):
-        """numpy, but for its matmul."""
-        return type("np_proxy", (), {"__getattr__": staticmethod(lambda a: getattr(np, a)),
-                                     "matmul": staticmethod(matmul)})()
-
-    gemms = collections.defaultdict(float)  # every np.matmul of the layers, the fused LM head, tiled attention
+    gemms = collections.defaultdict(float)  # every ops.matmul: the layers, the fused LM head, tiled attention
     main_thread = threading.get_ident()
-    on_main, on_tasks = timed("main", np.matmul, into=gemms), timed("tasks", np.matmul, into=gemms)
+    on_main, on_tasks = timed("main", ops.matmul, into=gemms), timed("tasks", ops.matmul, into=gemms)
 
     def gemm(*a, **kw):
-        """np.matmul, timed apart on the main thread and on the threads of a backend's _run_tasks
-        (the fused LM head's chunk groups and the tiled attention's heads run side by side)."""
+        """ops.matmul, timed apart on the main thread and on the threads of the task pool (the
+        fused LM head's chunk groups and the tiled attention's heads run side by side)."""
         return (on_main if threading.get_ident() == main_thread else on_tasks)(*a, **kw)
 
-    layers.np = numpy_ops.np = numpy_with(gemm)
+    ops.matmul = gemm
 
     setup = bench.train_setup(args.preset, batch=args.batch, seq_len=args.seq_len)
 

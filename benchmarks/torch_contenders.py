@@ -13,7 +13,7 @@ process, in either direction.
 
 A contender named with the suffix " + fastformer's settings" first applies to its own process
 what fastformer applies to itself (the glibc allocator policy of
-fastformer.kernels.threads.keep_freed_memory and the short OpenBLAS spin), so that a comparison
+fastformer.kernels.process.keep_freed_memory and the short OpenBLAS spin), so that a comparison
 can tell the kernels apart from the process settings.
 
     python benchmarks/torch_contenders.py PART CONTENDER THREADS INPUTS    # started by compare_torch.py
@@ -59,7 +59,7 @@ def blas_in_use():
 
 
 def keep_freed_memory():
-    """The allocator policy fastformer sets in its own process (fastformer.kernels.threads'
+    """The allocator policy fastformer sets in its own process (fastformer.kernels.process'
     function of the same name, which this process cannot import): glibc serves large arrays from
     its heap and keeps freed memory. For the "+ fastformer's settings" torch contenders only."""
     import ctypes
@@ -186,7 +186,7 @@ SETTINGS = " + fastformer's settings"  # the suffix of a contender run with fast
 
 def main():
     part, contender, threads, inputs = sys.argv[1:]
-    if contender.endswith(SETTINGS):  # what fastformer.kernels.threads.configure_threads does to its process
+    if contender.endswith(SETTINGS):  # what fastformer.kernels.process.apply_process_settings does to its process
         contender = contender[:-len(SETTINGS)]
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")  # before any BLAS loads
         keep_freed_memory()

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -68,8 +70,14 @@ def pytest_addoption(parser):
                                                          "suites)")
 
 
+NUMPY_ONLY = "FASTFORMER_TEST_NUMPY_ONLY"  # =1: run without Numba, every comparison with the reference skipped
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: many-trial tests, run only with --slow")
+    if "numba" not in BACKENDS and os.environ.get(NUMPY_ONLY) != "1":
+        raise pytest.UsageError(f"numba is not installed, so no kernel can be compared with the NumPy reference: "
+                                f"install it (pip install -e .), or set {NUMPY_ONLY}=1 to run the NumPy-only suite")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,11 +91,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tiled(monkeypatch):
-    """Attention on BLAS tiles (NumpyOps._attention_tiled) from the first query row, in blocks
-    of 3 rows and keys, so that small cases cross block edges, the causal diagonal inside
+    """Attention on BLAS tiles (kernels/ops/attention_tiled.py) from the first query row, in
+    blocks of 3 rows and keys, so that small cases cross block edges, the causal diagonal inside
     a block, and padding in a block of their own."""
-    from fastformer.kernels import numpy_ops
+    from fastformer.kernels.ops import attention, attention_tiled
 
-    numba_ops = pytest.importorskip("fastformer.kernels.numba_ops")
-    monkeypatch.setattr(numba_ops, "ATTENTION_TILED_FROM", 1)
-    monkeypatch.setattr(numpy_ops, "ATTENTION_BLOCK", 3)
+    monkeypatch.setattr(attention, "ATTENTION_TILED_FROM", 1)
+    monkeypatch.setattr(attention_tiled, "ATTENTION_BLOCK", 3)

@@ -117,7 +117,7 @@ def test_compare_torch_runs_every_contender_on_tiny():
     pytest.importorskip("transformers")
     pytest.importorskip("numba")
     proc = subprocess.run([sys.executable, "benchmarks/compare_torch.py", "--presets", "tiny", "--rounds", "1",
-                           "--steps", "1", "--gen-rounds", "1", "--no-compile"],
+                           "--steps", "1", "--gen-rounds", "1", "--no-compile", "--baseline", ROOT],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("tiny")]
@@ -131,6 +131,10 @@ def test_compare_torch_runs_every_contender_on_tiny():
     blas = proc.stdout.split("BLAS in each contender's process:")[1].splitlines()
     assert any("torch eager" in line and "torch:" in line for line in blas), blas  # torch's own BLAS named
     assert any(line.strip().startswith("numba") and "kernels" in line for line in blas), blas
+    # --baseline: this checkout against itself, run as two more contenders each in their own process
+    base = proc.stdout.split("this checkout against --baseline")[1].splitlines()[2:4]
+    assert [line.split()[:2] for line in base] == [["train", "tiny"], ["generate", "tiny"]], base
+    assert all(float(v.rstrip("x")) > 0 for line in base for v in line.split()[2:]), base
 
 
 @pytest.mark.parametrize("part, contender, rows", [("train", "torch eager", None),

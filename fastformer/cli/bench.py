@@ -289,7 +289,7 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=No
     step_s = float(np.median(times))
     flops = model_flops_per_step(cfg, B, T)
     peak = gemm_peak_gflops()
-    from fastformer.kernels.threads import thread_info
+    from fastformer.kernels.process import process_info
 
     return {
         "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": B, "seq_len": T,
@@ -298,7 +298,7 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=No
         "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
         "gemm_peak_gflops_per_s": peak, "fraction_of_gemm_peak": flops / step_s / 1e9 / peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "first_step_s": first_step_s, "final_loss": float(loss), "threads": thread_info(),
+        "first_step_s": first_step_s, "final_loss": float(loss), "threads": process_info(),
     }
 
 

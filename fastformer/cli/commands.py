@@ -800,9 +800,9 @@ def cmd_info(args):
     if comm.size > 1:
         print(f"mpi: {comm.size} ranks, {comm.local_size} on this node (rank 0's)")
     print(f"backend: {get_backend()}  (FASTFORMER_BACKEND={os.environ.get('FASTFORMER_BACKEND', 'unset')})")
-    from fastformer.kernels.threads import thread_info
+    from fastformer.kernels.process import process_info
 
-    for key, value in thread_info().items():
+    for key, value in process_info().items():
         print(f"{key}: {value}")
     if config is None:
         return 0

@@ -27,8 +27,8 @@ import numpy as np
 
 from fastformer.data.tokenizer import CharTokenizer
 from fastformer.errors import FastformerError, check_bool, check_choice, check_int, check_number, is_int
+from fastformer.kernels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ALPHABETS = {"lower": string.ascii_lowercase, "upper": string.ascii_uppercase,
              "letters": string.ascii_letters, "digits": string.digits, "punctuation": string.punctuation}
 TASKS = ("copy", "reverse", "sort")

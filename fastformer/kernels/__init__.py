@@ -4,19 +4,23 @@ Models and the trainer call `get_ops()` and use the object it returns; they neve
 backend it is. The backend comes from, in order: `set_backend(name)` / `use_backend(name)`, else
 the environment variable FASTFORMER_BACKEND (read when kernels are first asked for), else "auto".
 
-    numpy  the reference kernels in numpy_ops.py (the specification)
-    numba  the jitted kernels in numba_ops.py
+    numpy  the NumPy references of the op modules (the specification)
+    numba  their Numba kernels
     auto   numba when it imports, else numpy
 
-Both accept and refuse the same inputs (checks.py), read-only arrays included, and treat NaN and
-infinity alike; numpy_ops.py's docstring states the rules.
+Both accept and refuse the same inputs, read-only arrays included, and treat NaN and infinity
+alike (docs/architecture.md states the rules). The op modules live in `ops/`, one per op;
+`backends.py` binds them.
+
+Choosing a backend the first time also applies the process settings (threads, allocator, BLAS
+spin: `process.apply_process_settings`); nothing is applied when this package is imported.
 """
 
 import contextlib
 import os
 
 from fastformer.errors import FastformerError
-from fastformer.kernels.numpy_ops import NumpyOps
+from fastformer.kernels.checks import IGNORE_INDEX  # noqa: F401 (the kernel interface's constant)
 
 BACKENDS = ("auto", "numpy", "numba")
 ENV_VAR = "FASTFORMER_BACKEND"
@@ -25,18 +29,23 @@ _ops = None  # the resolved backend object, made on first use
 
 
 def _numba_ops():
-    from fastformer.kernels.numba_ops import NumbaOps  # raises ImportError when numba is not installed
+    from fastformer.kernels.backends import NumbaOps  # raises ImportError when numba is not installed
 
-    return NumbaOps()
+    ops = NumbaOps()
+    from fastformer.kernels.process import apply_process_settings, numba_threads_started
+
+    if not numba_threads_started():  # before any kernel runs: a parallel kernel starts Numba's threads
+        apply_process_settings()
+    return ops
 
 
 def _numpy_ops():
-    """The reference backend; the first time, FASTFORMER_NUM_THREADS (or the cores) is applied
-    to BLAS, as the Numba backend does when it loads (fastformer.threads)."""
-    from fastformer.kernels.threads import configure_threads, configured_threads
+    """The reference backend; the first time, the process settings without Numba's threads."""
+    from fastformer.kernels.backends import NumpyOps
+    from fastformer.kernels.process import applied_threads, apply_process_settings
 
-    if configured_threads() is None:
-        configure_threads(numba_threads=False)
+    if applied_threads() is None:
+        apply_process_settings(numba_threads=False)
     return NumpyOps()
 
 
@@ -55,14 +64,14 @@ def _resolve(name):
 
 
 def set_backend(name):
-    """Select the kernel backend: "auto", "numpy" or "numba". Child processes inherit it."""
+    """Select the kernel backend: "auto", "numpy" or "numba", for this process. (A child process
+    reads FASTFORMER_BACKEND; set that to choose its backend.)"""
     global _ops
     _ops = _resolve(name)
-    os.environ[ENV_VAR] = name
 
 
 def get_ops():
-    """The kernel object of the current backend (NumpyOps or a subclass)."""
+    """The kernel object of the current backend (NumpyOps or NumbaOps)."""
     if _ops is None:
         set_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
     return _ops
@@ -77,13 +86,9 @@ def get_backend():
 def use_backend(name):
     """Context manager: run a block with another backend, then restore the previous one."""
     global _ops
-    prev_ops, prev_env = get_ops(), os.environ.get(ENV_VAR)
+    prev = get_ops()
     set_backend(name)
     try:
         yield get_ops()
     finally:
-        _ops = prev_ops
-        if prev_env is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = prev_env
+        _ops = prev

@@ -21,7 +21,6 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_ids, check_int, check_targets, check_token_mask
 from fastformer.kernels import get_ops
-from fastformer.kernels.numpy_ops import PackedGPT2
 from fastformer.models.config import LMConfig, check_decoding_memory, check_model_memory
 from fastformer.nn.blocks import (
     Context,
@@ -244,23 +243,31 @@ class TransformerLM(FlatModel):
         return self.head.forward(self.params, h[:, -tokens.shape[1]:])
 
     def decode_layout(self):
-        """The parameter names in the order of the fused decoding kernel's offsets table: per
-        layer one name for each of kernels.numpy_ops.GPT2_LAYER_SLOTS, then wte, wpe, ln_f and
-        the head -- the one place the packed layout meets GPT-2's names."""
+        """The parameter names in the order of the fused decoding kernel's offsets table: each
+        slot of kernels/ops/gpt2_decode.py named by GPT-2's parameter, per layer and then
+        model-wide -- the one place the packed layout meets GPT-2's names."""
+        from fastformer.kernels.ops import gpt2_decode as D  # here: it loads Numba, which import fastformer does not
+
         if self.embed.pos is None:
             raise FastformerError("the fused decoding kernel reads learned position rows (wpe); a model with "
                                   "model.positions=sinusoidal has none and decodes through the composed forward")
         names = []
         for (attn, ln_1), (mlp, ln_2) in self.layers:
-            names += [ln_1.weight, ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                      ln_2.weight, ln_2.bias, mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias]
-        return names + [self.embed.tok, self.embed.pos, self.stack.final.weight, self.stack.final.bias,
-                        self.head.weight]
+            slots = {D.LN1_W: ln_1.weight, D.LN1_B: ln_1.bias, D.QKV_W: attn.qkv.weight, D.QKV_B: attn.qkv.bias,
+                     D.ATTN_W: attn.proj.weight, D.ATTN_B: attn.proj.bias, D.LN2_W: ln_2.weight,
+                     D.LN2_B: ln_2.bias, D.FC_W: mlp.fc.weight, D.FC_B: mlp.fc.bias, D.MLP_W: mlp.proj.weight,
+                     D.MLP_B: mlp.proj.bias}
+            names += [slots[i] for i in range(D.LAYER_SLOTS)]
+        model = {D.WTE: self.embed.tok, D.WPE: self.embed.pos, D.LNF_W: self.stack.final.weight,
+                 D.LNF_B: self.stack.final.bias, D.HEAD: self.head.weight}
+        return names + [model[i] for i in range(D.MODEL_SLOTS)]
 
     def packed_weights(self):
         """The parameters as ops.gpt2_decode_step takes them: the flat buffer, read in place,
         and where each parameter of `decode_layout` starts in it (computed once)."""
         if self._packed is None:
+            from fastformer.kernels.ops.gpt2_decode import PackedGPT2
+
             offsets = np.array([self.flat.offsets[n] for n in self.decode_layout()], dtype=np.int64)
             self._packed = PackedGPT2(self.flat.data, offsets, self.config.vocab_size, self.config.d_ff)
         return self._packed

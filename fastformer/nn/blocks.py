@@ -5,7 +5,8 @@ model's state dict) and their layout; it holds no arrays. `forward(P, ...)` read
 views `P` and returns (out, cache), the cache a NamedTuple of what the backward needs;
 `backward(G, dout, cache)` writes the block's gradients into the gradient views `G` and returns
 the gradient of its input. Every array operation goes through the kernel interface
-(`get_ops()`) or the BLAS matmuls of `fastformer.nn.layers`.
+(`get_ops()`), the matrix products included (`ops.linear_forward`, `ops.linear_backward`);
+`fastformer.nn.layers` adds dropout and the head reshapes.
 
     Linear         x @ W + b, W stored (in, out) as GPT-2's Conv1D or (out, in) as torch.nn.Linear
     LayerNorm      a gain and a bias of C
@@ -27,14 +28,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from fastformer.kernels import get_ops
-from fastformer.nn.layers import (
-    dropout_backward,
-    dropout_forward,
-    linear_backward,
-    linear_forward,
-    merge_heads,
-    split_heads,
-)
+from fastformer.nn.layers import dropout_backward, dropout_forward, merge_heads, split_heads
 
 
 # ------------------------------------------------------------------ parameters
@@ -178,24 +172,24 @@ class SelfAttention:
         """h (B, T, C) -> (o (B, T, C), AttentionCache). With ctx.cache the new keys and values
         are appended to the cache and the queries attend to every cached position."""
         ops = get_ops()
-        qkv, qkv_c = linear_forward(h, self.qkv.w(P), self.qkv.b(P))  # (B, T, 3C)
+        qkv, qkv_c = ops.linear_forward(h, self.qkv.w(P), self.qkv.b(P))  # (B, T, 3C)
         kv = ctx.cache
         if kv is None:
             a, att_c = ops.attention_qkv_forward(qkv, self.n_heads, causal=self.causal, key_padding_mask=ctx.kpm)
         else:  # inference only: no backward
             a, att_c = ops.attention_cached(qkv, kv.k[self.layer], kv.v[self.layer], kv.length, self.n_heads,
                                             kv.padding), None
-        o, proj_c = linear_forward(a, self.proj.w(P), self.proj.b(P))  # (B, T, C)
+        o, proj_c = ops.linear_forward(a, self.proj.w(P), self.proj.b(P))  # (B, T, C)
         return o, AttentionCache(qkv_c, att_c, proj_c)
 
     def backward(self, G, do, cache):
         ops = get_ops()
         # o = a @ W_proj + b_proj
-        da = linear_backward(do, cache.proj, self.proj.w(G), self.proj.b(G))  # (B, T, C)
+        da = ops.linear_backward(do, cache.proj, self.proj.w(G), self.proj.b(G))  # (B, T, C)
         # a = attention(split(qkv))
         dqkv = ops.attention_qkv_backward(da, cache.att)  # (B, T, 3C)
         # qkv = h @ W_qkv + b_qkv
-        return linear_backward(dqkv, cache.qkv, self.qkv.w(G), self.qkv.b(G))
+        return ops.linear_backward(dqkv, cache.qkv, self.qkv.w(G), self.qkv.b(G))
 
 
 class CrossAttentionCache(NamedTuple):
@@ -228,33 +222,35 @@ class CrossAttention:
         """Keys and values (B, H, S, hs) of the encoder output memory (B, S, C), and the cache
         of their projection."""
         _, (Wkv, bkv) = self._parts(P)
-        kv, kv_c = linear_forward(memory, Wkv, bkv)  # (B, S, 2C)
+        kv, kv_c = get_ops().linear_forward(memory, Wkv, bkv)  # (B, S, 2C)
         k, v = split_heads(kv, 2, self.n_heads)
         return k, v, kv_c
 
     def forward(self, P, h, ctx):
+        ops = get_ops()
         (Wq, bq), _ = self._parts(P)
-        q, q_c = linear_forward(h, Wq, bq)  # (B, T, C)
+        q, q_c = ops.linear_forward(h, Wq, bq)  # (B, T, C)
         if ctx.cache is not None:
             k, v, kv_c = ctx.cache.cross_k[self.layer], ctx.cache.cross_v[self.layer], None
         else:
             k, v, kv_c = self.kv_forward(P, ctx.memory)
-        a, att_c = get_ops().attention_forward(split_heads(q, 1, self.n_heads)[0], k, v, causal=False,
+        a, att_c = ops.attention_forward(split_heads(q, 1, self.n_heads)[0], k, v, causal=False,
                                                key_padding_mask=ctx.memory_kpm)
-        o, proj_c = linear_forward(merge_heads(a), self.proj.w(P), self.proj.b(P))
+        o, proj_c = ops.linear_forward(merge_heads(a), self.proj.w(P), self.proj.b(P))
         return o, CrossAttentionCache(q_c, att_c, proj_c, kv_c)
 
     def backward(self, G, do, cache):
         """Returns (dh, dmemory)."""
+        ops = get_ops()
         # o = merge(a) @ W_proj + b_proj
-        da = linear_backward(do, cache.proj, self.proj.w(G), self.proj.b(G))
+        da = ops.linear_backward(do, cache.proj, self.proj.w(G), self.proj.b(G))
         # a = attention(q, k, v, key_padding_mask=memory_kpm)
-        dq, dk, dv = get_ops().attention_backward(split_heads(da, 1, self.n_heads)[0], cache.att)
+        dq, dk, dv = ops.attention_backward(split_heads(da, 1, self.n_heads)[0], cache.att)
         (Wq, bq), (Wkv, bkv) = self._parts(G)
         # q = h @ W_q + b_q
-        dh = linear_backward(merge_heads(dq), cache.q, Wq, bq)
+        dh = ops.linear_backward(merge_heads(dq), cache.q, Wq, bq)
         # kv = memory @ W_kv + b_kv
-        dmem = linear_backward(merge_heads(np.stack((dk, dv))), cache.kv, Wkv, bkv)
+        dmem = ops.linear_backward(merge_heads(np.stack((dk, dv))), cache.kv, Wkv, bkv)
         return dh, dmem
 
 
@@ -281,24 +277,24 @@ class FeedForward:
 
     def forward(self, P, h, ctx=None):
         ops = get_ops()
-        f, fc_c = linear_forward(h, self.fc.w(P))  # (B, T, F)
+        f, fc_c = ops.linear_forward(h, self.fc.w(P))  # (B, T, F)
         if self.activation == "relu":
             g, act_c = ops.relu_forward(f, self.fc.b(P))
         else:
             form = "tanh" if self.activation == "gelu_tanh" else "none"
             g, act_c = ops.gelu_forward(f, self.fc.b(P), approximate=form)
-        m, proj_c = linear_forward(g, self.proj.w(P), self.proj.b(P))  # (B, T, C)
+        m, proj_c = ops.linear_forward(g, self.proj.w(P), self.proj.b(P))  # (B, T, C)
         return m, FeedForwardCache(fc_c, act_c, proj_c)
 
     def backward(self, G, dm, cache):
         ops = get_ops()
         # m = g @ W_proj + b_proj
-        dg = linear_backward(dm, cache.proj, self.proj.w(G), self.proj.b(G))
+        dg = ops.linear_backward(dm, cache.proj, self.proj.w(G), self.proj.b(G))
         # g = act(f + b_fc)
         act_backward = ops.relu_backward if self.activation == "relu" else ops.gelu_backward
         df, G[self.fc.bias][...] = act_backward(dg, cache.act)
         # f = h @ W_fc
-        return linear_backward(df, cache.fc, self.fc.w(G))
+        return ops.linear_backward(df, cache.fc, self.fc.w(G))
 
 
 # ------------------------------------------------------ residual + layernorm
@@ -402,7 +398,7 @@ class OutputHead:
 
     def forward(self, P, h, out=None):
         """h (B, T, C) -> logits (B, T, V), for inference; `out` (B, T, V) receives them."""
-        return linear_forward(h, P[self.weight].T, out=out)[0]
+        return get_ops().linear_forward(h, P[self.weight].T, out=out)[0]
 
     def loss(self, P, h, targets):
         """Mean cross-entropy of the logits of h (B, T, C) against targets (B, T) (-100 ignored)."""

@@ -1,39 +1,11 @@
-"""Layers built from BLAS matmuls and NumPy reshapes, shared by every model.
+"""Dropout and the head reshapes, shared by every block.
 
-The memory-bound math (softmax, layernorm, attention, GELU, ...) lives in `fastformer.kernels`;
-what stays here is the linear layer (one GEMM on a 2-D view), dropout, and moving attention
-heads between (B, T, C) and (B, H, T, hs). Backward functions write weight gradients straight
-into the caller's gradient views, so a step allocates no gradient arrays.
+The math of a layer, its matrix products included (`ops.linear_forward`, `ops.linear_backward`),
+lives in `fastformer.kernels`; what stays here is dropout and moving attention heads between
+(B, T, C) and (B, H, T, hs).
 """
 
 import numpy as np
-
-from fastformer.errors import FastformerError
-
-
-def linear_forward(x, weight, bias=None, out=None):
-    """out = x @ weight + bias, with x (..., Cin), weight (Cin, Cout) as in GPT-2's Conv1D.
-    `out`, when given, is a C-contiguous (..., Cout) array to write the result into (a buffer
-    kept across steps). Returns (out (..., Cout), cache)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
-    if out is not None and not (out.flags.c_contiguous and out.size == x2.shape[0] * weight.shape[1]):
-        raise FastformerError(f"out must be a C-contiguous array of {x2.shape[0] * weight.shape[1]} elements "
-                         f"{(*x.shape[:-1], weight.shape[1])}, got shape {out.shape}")
-    y = np.matmul(x2, weight, out=None if out is None else out.reshape(x2.shape[0], weight.shape[1]))  # (N, Cout)
-    if bias is not None:
-        y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[1]), (x2, weight)
-
-
-def linear_backward(dout, cache, dweight, dbias=None):
-    """Writes dweight (and dbias) in place; returns dx shaped like the forward's x."""
-    # forward: out = x @ weight + bias
-    x2, weight = cache
-    d2 = dout.reshape(-1, weight.shape[1])  # (N, Cout)
-    np.matmul(x2.T, d2, out=dweight)
-    if dbias is not None:
-        d2.sum(axis=0, out=dbias)
-    return np.matmul(d2, weight.T).reshape(*dout.shape[:-1], weight.shape[0])
 
 
 def dropout_forward(x, p, rng):

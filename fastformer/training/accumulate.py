@@ -19,7 +19,7 @@ weight each rank's gradient the same way, by its counted tokens over the global 
 
 import numpy as np
 
-from fastformer.data.pairs import IGNORE_INDEX
+from fastformer.kernels import IGNORE_INDEX
 
 
 def batch_rows(batch, i, k):

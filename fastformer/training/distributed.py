@@ -15,7 +15,7 @@ process was started by an MPI launcher (one of LAUNCHER_VARS is set) or when ask
 
 Threads: ranks on one machine share its cores. Unless FASTFORMER_NUM_THREADS is set, an MPIComm
 sets it to this process's cores / ranks on this node (from a shared-memory split of the
-communicator), which kernels/threads.py applies when the kernels load -- so get the communicator
+communicator), which kernels/process.py applies when the kernels load -- so get the communicator
 before the first kernel call (the CLI and the Trainer do).
 """
 
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from fastformer.errors import FastformerError, error_line
-from fastformer.kernels.threads import ENV_VAR, available_cores
+from fastformer.kernels.process import ENV_VAR, available_cores
 
 # set by MPICH/Hydra (PMI_*), Open MPI (OMPI_*), PMIx launchers and Intel MPI (MPI_LOCALNRANKS)
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")

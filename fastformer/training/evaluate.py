@@ -23,11 +23,11 @@ import math
 
 import numpy as np
 
-from fastformer.data.pairs import IGNORE_INDEX, make_batch, readable
+from fastformer.data.pairs import make_batch, readable
 from fastformer.data.text import eval_batches
 from fastformer.errors import FastformerError, check_int
 from fastformer.generation.search import beam_decode, greedy_decode
-from fastformer.kernels import get_ops
+from fastformer.kernels import IGNORE_INDEX, get_ops
 from fastformer.training.bleu import corpus_bleu, detokenized_bleu
 
 

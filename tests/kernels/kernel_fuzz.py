@@ -110,8 +110,7 @@ def _cached(ops, rng, dt):
 
 
 def _decode(ops, rng, dt):
-    from fastformer.kernels.checks import gpt2_param_shapes
-    from fastformer.kernels.numpy_ops import PackedGPT2
+    from fastformer.kernels.ops.gpt2_decode import PackedGPT2, gpt2_param_shapes
 
     d = _dims(rng, L=(1, 2), B=(1, 2), H=(1, 2), hs=(1, 3), V=(2, 7), F=(1, 5), start=(0, 3), spare=(1, 2))
     L, B, H, hs, V, Fd, start = d["L"], d["B"], d["H"], d["hs"], d["V"], d["F"], d["start"]
@@ -218,22 +217,17 @@ def _on_tiles(builder):
         forward = "attention_forward" if "q" in args else "attention_qkv_forward"
 
         def call(ops, a):
-            from fastformer.kernels import numpy_ops
+            from fastformer.kernels.ops import attention, attention_tiled
 
-            numba_ops = sys.modules.get("fastformer.kernels.numba_ops")
-            saved = numpy_ops.ATTENTION_BLOCK, getattr(numba_ops, "ATTENTION_TILED_FROM", None)
-            numpy_ops.ATTENTION_BLOCK = 2
-            if numba_ops is not None:
-                numba_ops.ATTENTION_TILED_FROM = 1
+            saved = attention_tiled.ATTENTION_BLOCK, attention.ATTENTION_TILED_FROM
+            attention_tiled.ATTENTION_BLOCK, attention.ATTENTION_TILED_FROM = 2, 1
             try:
                 out, cache = getattr(ops, forward)(**a)
                 backward = getattr(ops, forward.replace("forward", "backward"))
                 grads = backward(np.ones_like(out), cache)
                 return (out, *(grads if isinstance(grads, tuple) else (grads,)))
             finally:
-                numpy_ops.ATTENTION_BLOCK = saved[0]
-                if numba_ops is not None:
-                    numba_ops.ATTENTION_TILED_FROM = saved[1]
+                attention_tiled.ATTENTION_BLOCK, attention.ATTENTION_TILED_FROM = saved
         return args, call
     return build
 
@@ -270,7 +264,7 @@ BACKWARDS = {  # kernel -> (builder(ops, rng, dt, pre), its forward's builder); 
 }
 OPS = [*FORWARDS, *BACKWARDS]
 # Kernels whose non-finite inputs may give NaN in more places on the reference (a zero
-# probability times a non-finite value in a matrix product) than on Numba; see numpy_ops.
+# probability times a non-finite value in a matrix product) than on Numba; see kernels/ops/__init__.py.
 LOOSE_NONFINITE = {"attention_forward", "attention_backward", "attention_qkv_forward", "attention_qkv_backward",
                    "attention_cached", "gpt2_decode_step", "attention_forward(tiles)", "attention_qkv_forward(tiles)"}
 

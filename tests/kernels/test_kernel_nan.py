@@ -1,4 +1,4 @@
-"""NaN, infinity and read-only inputs: the rules of numpy_ops' docstring, on every backend, and
+"""NaN, infinity and read-only inputs: the rules of kernels/ops/__init__.py's docstring, on every backend, and
 the same results from the reference and Numba (`fast_ops` against `ref`)."""
 
 import numpy as np

@@ -60,12 +60,12 @@ def test_residual_layernorm_backward(ops):
                                                (True, True, 4, 6), (False, True, 3, 5)])
 def test_attention_backward(ops, causal, padded, T, S, tiles, monkeypatch):
     if tiles:  # a backend's attention on BLAS tiles, in blocks of 2 (the reference keeps its plain form)
-        from fastformer.kernels import numpy_ops
+        from fastformer.kernels.ops import attention, attention_tiled
 
-        monkeypatch.setattr(numpy_ops, "ATTENTION_BLOCK", 2)
         if ops.name == "numpy":
             pytest.skip("the reference has no tiled path to select")
-        monkeypatch.setattr(pytest.importorskip("fastformer.kernels.numba_ops"), "ATTENTION_TILED_FROM", 1)
+        monkeypatch.setattr(attention_tiled, "ATTENTION_BLOCK", 2)
+        monkeypatch.setattr(attention, "ATTENTION_TILED_FROM", 1)
     rng = np.random.default_rng(3)
     B, H, hs = 2, 2, 3
     q, k, v = rng.normal(size=(B, H, T, hs)), rng.normal(size=(B, H, S, hs)), rng.normal(size=(B, H, S, hs))

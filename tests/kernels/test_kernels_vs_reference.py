@@ -236,22 +236,22 @@ def test_attention(fast_ops, ref, request, tiles, dtype, causal, pad, T, S):
        hs=st.integers(1, 5), causal=st.booleans(), pad=st.sampled_from([None, "random", "all"]),
        seed=st.integers(0, 2 ** 16), dtype=st.sampled_from(DTYPES))
 def test_attention_tiled_property(ref, B, H, T, extra, hs, causal, pad, seed, dtype):
-    """The reference's own tiled form (the loops every backend shares, with the reference's
-    block steps) equals its plain attention, in blocks of 4."""
-    from fastformer.kernels import numpy_ops
+    """The tiled form with the NumPy block steps (the steps' specification) equals the plain
+    reference attention, in blocks of 4."""
+    from fastformer.kernels.ops import attention_tiled as tiled
 
     rng = np.random.default_rng(seed)
     q, k, v, kpm = _attention_case(rng, B, H, T, T + extra, hs, causal, pad, dtype)
     out_ref, cache = ref.attention_forward(q, k, v, causal, kpm)
     dout = normal(rng, out_ref.shape, dtype)
-    saved, numpy_ops.ATTENTION_BLOCK = numpy_ops.ATTENTION_BLOCK, 4
+    saved, tiled.ATTENTION_BLOCK = tiled.ATTENTION_BLOCK, 4
     try:
         out = np.empty_like(q)
-        lse = ref._attention_tiled(q, k, v, causal, kpm, cache[-1], out)
+        lse = tiled.attention_tiled(ref, q, k, v, causal, kpm, cache[-1], out, steps=tiled.NUMPY_STEPS)
         grads = [np.empty_like(a) for a in (q, k, v)]
-        ref._attention_tiled_grads(dout, (*cache[:4], lse, *cache[5:]), *grads)
+        tiled.attention_tiled_grads(ref, dout, (*cache[:4], lse, *cache[5:]), *grads, steps=tiled.NUMPY_STEPS)
     finally:
-        numpy_ops.ATTENTION_BLOCK = saved
+        tiled.ATTENTION_BLOCK = saved
     close(out, out_ref, "attention", dtype)
     close(lse, cache[4], "attention", dtype)
     for g, g_ref in zip(grads, ref.attention_backward(dout, cache)):
@@ -467,16 +467,24 @@ def test_adamw(fast_ops, ref, dtype, step):
         close(a, b, "adamw", dtype)
 
 
-def test_adamw_non_contiguous_updates_in_place(ops, ref):
+def test_adamw_non_contiguous_updates_in_place(ops):
+    """Strided views are updated in place (not copies), by the AdamW step written out in float64,
+    and the entries between them are left alone."""
     rng = np.random.default_rng(9)
     arrays = [normal(rng, (6, 8), np.float32) for _ in range(4)]
     arrays[3] = np.abs(arrays[3])
-    views = [a[:, ::2] for a in arrays]  # strided views must be updated in place, not copied
-    expect = [v.copy() for v in views]
-    ops.adamw_update(*views, lr=1e-2, weight_decay=0.1, step=2)
-    ref.adamw_update(*expect, lr=1e-2, weight_decay=0.1, step=2)
-    for v, e in zip(views, expect):
-        close(v, e, "adamw", np.float32)
+    views = [a[:, ::2] for a in arrays]
+    between = [a[:, 1::2].copy() for a in arrays]
+    p, g, m, v = (a.astype(np.float64) for a in views)
+    lr, wd, step, b1, b2, eps = 1e-2, 0.1, 2, 0.9, 0.999, 1e-8
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p * (1 - lr * wd) - lr / (1 - b1 ** step) * m / (np.sqrt(v / (1 - b2 ** step)) + eps)
+    ops.adamw_update(*views, lr=lr, weight_decay=wd, step=step)
+    for got, want in zip((views[0], views[2], views[3]), (p, m, v)):
+        close(got, want, "adamw", np.float32)
+    for a, b in zip(arrays, between):
+        np.testing.assert_array_equal(a[:, 1::2], b)
 
 
 # ------------------------------------------------------------- bad inputs

@@ -266,12 +266,12 @@ def test_stream_text_holds_back_partial_characters_and_stops():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_decode_layout_names_every_parameter_for_the_kernel_slots(tied):
-    from fastformer.kernels.numpy_ops import GPT2_LAYER_SLOTS
+    from fastformer.kernels.ops.gpt2_decode import LAYER_SLOTS, MODEL_SLOTS
 
     m = TransformerLM(LMConfig(vocab_size=11, max_seq_len=6, d_model=8, n_heads=2, d_ff=12, n_layers=3,
                                tie_embeddings=tied))
     names = m.decode_layout()
-    assert len(names) == 3 * len(GPT2_LAYER_SLOTS) + 5
+    assert len(names) == 3 * LAYER_SLOTS + MODEL_SLOTS
     assert set(names) == set(m.state_dict()) and len(set(names)) == len(names) - tied  # a tied head is wte again
     offsets = m.packed_weights().offsets
     assert [m.flat.offsets[n] for n in names] == offsets.tolist()

@@ -99,19 +99,6 @@ def test_training_and_loss_never_make_the_logits(backend):
         assert peak < logits_bytes / 3, f"{peak / 2**20:.1f} MiB traced"
 
 
-def test_linear_forward_writes_into_out():
-    from fastformer.nn.layers import linear_forward
-
-    rng = np.random.default_rng(4)
-    x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
-    out = np.full((2, 3, 5), np.nan)
-    y, _ = linear_forward(x, w, b, out=out)
-    np.testing.assert_allclose(out, x @ w + b, rtol=1e-12)
-    assert np.shares_memory(y, out)
-    with pytest.raises(ValueError, match="out must be a C-contiguous array of 30 elements"):
-        linear_forward(x, w, b, out=np.zeros((5, 6)).T)
-
-
 def test_initial_loss_is_close_to_log_vocab(backend):
     V = 256
     model = TransformerLM(LMConfig(vocab_size=V, max_seq_len=32, d_model=32, n_heads=4, d_ff=64, n_layers=2))

@@ -275,7 +275,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 @needs_mpi
 def test_ranks_of_one_machine_share_its_cores(tmp_path):
     code = ("from fastformer.training.distributed import get_comm; "
-            "from fastformer.kernels.threads import available_cores, num_threads; c = get_comm(); "
+            "from fastformer.kernels.process import available_cores, num_threads; c = get_comm(); "
             "assert c.local_size == 2, c.local_size; "
             "assert num_threads() == max(1, available_cores() // 2), num_threads()")
     env = clean_env()

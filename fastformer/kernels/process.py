@@ -1,18 +1,23 @@
-"""The one place that decides how many threads fastformer's kernels and BLAS use.
+"""Process-wide settings: thread counts, the allocator policy and the BLAS spin.
 
-Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at the same time
-(no BLAS call sits inside a `prange`), so each may use every core without the two competing:
-both get `num_threads()` threads, which is the number of cores this process may run on, or
-FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
+They are applied by one call, `apply_process_settings`, made when a backend is first chosen
+(`fastformer.kernels.get_ops`, `set_backend`, `use_backend`: the NumPy backend without Numba's
+part), never when a module is imported; `fastformer info` reports them (`process_info`).
+
+Threads. Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at the
+same time (no BLAS call sits inside a `prange`), so each may use every core without the two
+competing: both get `num_threads()` threads, which is the number of cores this process may run
+on, or FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
 (`_threading_layer_chosen`), else "workqueue", unless NUMBA_THREADING_LAYER says otherwise:
 OpenMP's default workers keep spinning after a parallel loop and steal the cores from the GEMM
 that follows it, and workqueue starts each parallel loop more slowly.
 
-It also sets the one allocator policy a step needs (`keep_freed_memory`): glibc gives every
-large freed block back to the OS, so each training step's fresh activations and gradients
-page-fault again (a third of a `small` step here); told to keep them, it reuses the memory.
-And it makes OpenBLAS's idle threads go to sleep soon after a call (`shorten_blas_spin`), so
-that they leave the cores to the Numba kernel that follows.
+Allocator (`keep_freed_memory`): glibc gives every large freed block back to the OS, so each
+training step's fresh activations and gradients page-fault again (a third of a `small` step
+here); told to keep them, it reuses the memory.
+
+BLAS spin (`shorten_blas_spin`): OpenBLAS's idle threads go to sleep soon after a call, so that
+they leave the cores to the Numba kernel that follows.
 """
 
 import contextlib
@@ -21,8 +26,9 @@ import os
 from fastformer.errors import FastformerError, check_int
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
-_configured = None  # the thread count applied by configure_threads, once it ran
-_numba_started = False  # whether configure_threads has started Numba's threads
+_applied = None  # the thread count apply_process_settings applied, once it ran
+_kept_memory = None  # whether keep_freed_memory took effect, once it ran
+_numba_started = False  # whether apply_process_settings has started Numba's threads
 
 
 def available_cores():
@@ -142,15 +148,15 @@ def _threading_layer_chosen():
         del os.environ["OMP_WAIT_POLICY"]
 
 
-def configure_threads(n=None, numba_threads=True):
+def apply_process_settings(n=None, numba_threads=True):
     """Apply `n` threads (default `num_threads()`) to BLAS and, unless numba_threads is False,
     to Numba; set the allocator policy and the short BLAS spin; returns n.
 
-    Called by the Numba backend when it is created, and without the Numba part when the NumPy
-    backend is first chosen (its kernels are BLAS and NumPy: Numba's threads are not started);
-    call it again to change the count.
+    fastformer.kernels calls it when a backend is first chosen: with numba_threads=False for
+    the NumPy backend (its kernels are BLAS and NumPy: Numba's threads are not started). Call
+    it again to change the count.
     """
-    global _configured, _numba_started
+    global _applied, _kept_memory, _numba_started
     n = num_threads() if n is None else check_int("the thread count n", n)
     import threadpoolctl
 
@@ -161,9 +167,9 @@ def configure_threads(n=None, numba_threads=True):
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # starts the threads once
         _numba_started = True
     threadpoolctl.threadpool_limits(n, user_api="blas")
-    keep_freed_memory()
+    _kept_memory = keep_freed_memory()
     shorten_blas_spin()
-    _configured = n
+    _applied = n
     return n
 
 
@@ -180,9 +186,14 @@ def blas_threads(n):
     return _blas_controller.limit(limits=n, user_api="blas")
 
 
-def configured_threads():
-    """The thread count configure_threads applied last, or None before it ran."""
-    return _configured
+def numba_threads_started():
+    """Whether apply_process_settings has set (and so started) Numba's threads."""
+    return _numba_started
+
+
+def applied_threads():
+    """The thread count apply_process_settings applied last, or None before it ran."""
+    return _applied
 
 
 def cpu_vector_isa():
@@ -199,10 +210,11 @@ def cpu_vector_isa():
     return None
 
 
-def thread_info():
-    """{name: value} describing the threads and libraries in use, for `fastformer info`."""
+def process_info():
+    """{name: value} describing the threads, libraries and process settings in use, for
+    `fastformer info`."""
     info = {"cores_available": available_cores(), ENV_VAR: os.environ.get(ENV_VAR),
-            "threads_configured": _configured}
+            "threads_configured": _applied, "keep_freed_memory": _kept_memory}
     try:
         import numba
 

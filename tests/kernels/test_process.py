@@ -1,4 +1,4 @@
-"""The thread and allocator policy of threads.py: the short OpenBLAS spin keeps BLAS working."""
+"""The process settings of process.py (threads, allocator, BLAS spin): the short OpenBLAS spin keeps BLAS working."""
 
 import ctypes
 import os
@@ -9,7 +9,7 @@ import pytest
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
-from fastformer.kernels import threads  # noqa: E402
+from fastformer.kernels import process  # noqa: E402
 
 
 def _pthreads_openblas():
@@ -19,7 +19,7 @@ def _pthreads_openblas():
 
 def test_a_timeout_the_user_set_is_left_alone(monkeypatch):
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "25")
-    assert threads.shorten_blas_spin() is False
+    assert process.shorten_blas_spin() is False
     assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "25"
 
 
@@ -28,12 +28,12 @@ def test_short_spin_is_applied_and_blas_still_works():
     # in a child process: the policy is per process and must not leak into this one
     code = """
 import ctypes, numpy as np, threadpoolctl
-from fastformer.kernels import threads
+from fastformer.kernels import process
 rng = np.random.default_rng(0)
 a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 100))
 before = a @ b
 n = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"]
-assert threads.shorten_blas_spin(16)
+assert process.shorten_blas_spin(16)
 path = [d["filepath"] for d in threadpoolctl.threadpool_info() if d.get("internal_api") == "openblas"][0]
 assert ctypes.CDLL(path).openblas_thread_timeout() == 16
 assert np.allclose(a @ b, before, rtol=1e-12, atol=1e-12)
@@ -51,11 +51,11 @@ def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
-    assert threads.cpu_vector_isa() == "AVX2"
+    assert process.cpu_vector_isa() == "AVX2"
     cpuinfo.write_text("flags\t\t: avx2 avx512f\n")
-    assert threads.cpu_vector_isa() == "AVX-512"
+    assert process.cpu_vector_isa() == "AVX-512"
     cpuinfo.write_text("model name\t: something without flags\n")
-    assert threads.cpu_vector_isa() is None
+    assert process.cpu_vector_isa() is None
 
 
 @pytest.mark.parametrize("preset_env, preload, layer, policy", [
@@ -71,8 +71,8 @@ import ctypes, os, numpy as np, numba
 if {preload}:
     ctypes.CDLL("libgomp.so.1")
 import fastformer
-from fastformer.kernels import threads
-assert threads.openmp_already_loaded() == {preload}
+from fastformer.kernels import process
+assert process.openmp_already_loaded() == {preload}
 fastformer.set_backend("numba")
 fastformer.get_ops().softmax_forward(np.ones((512, 512), np.float32))  # a parallel launch
 print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
@@ -97,10 +97,32 @@ def test_numpy_backend_applies_the_thread_count_to_blas_without_starting_numba()
 import sys, threadpoolctl
 import fastformer
 fastformer.get_ops()
-from fastformer.kernels import threads
+from fastformer.kernels import process
 blas = {d["num_threads"] for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"}
-print(threads.configured_threads(), sorted(blas), sys.modules.get("numba") is not None)
+pool = sys.modules.get("numba.np.ufunc.parallel")  # Numba's thread pool, when anything imported it
+print(process.applied_threads(), sorted(blas), bool(pool and pool._is_initialized))
 """
     env = dict(os.environ, FASTFORMER_NUM_THREADS="1", FASTFORMER_BACKEND="numpy")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "[1]", "False"]
+
+
+def test_importing_fastformer_applies_no_process_setting():
+    # every module of the package imported, no backend asked for: threads, allocator and BLAS spin untouched
+    code = """
+import os, pkgutil, importlib, sys
+import fastformer
+for m in pkgutil.walk_packages(fastformer.__path__, "fastformer."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+from fastformer.kernels import process
+pool = sys.modules.get("numba.np.ufunc.parallel")
+print(process.applied_threads(), os.environ.get("OPENBLAS_THREAD_TIMEOUT"), bool(pool and pool._is_initialized))
+fastformer.get_ops()
+print(process.applied_threads())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["FASTFORMER_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None", "False", "1"]

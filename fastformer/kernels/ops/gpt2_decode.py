@@ -1,0 +1,266 @@
+"""One GPT-2 decoding step fused into one call, and the one home of its packed layout.
+
+At batch 1 a decoding step is a chain of matrix-vector products over weights that fit in the L3
+cache, so the forty-odd kernel calls of the composed path cost more in Python than in arithmetic.
+`gpt2_decode_step` runs a whole step -- embedding, L pre-LN blocks (causal attention over the
+key/value cache, GELU-tanh MLP), ln_f and the LM head -- for one new token per row, reading every
+weight in place from the model's flat parameter buffer through a table of offsets.
+
+The layout of that table is named here once: the slot constants below are what the kernel, the
+checks, the reference and the model (TransformerLM.decode_layout) all index it with. Per layer,
+LAYER_SLOTS entries in the order of the constants, then the model-wide ones; matrices are stored
+(in, out). The model names its own parameters for each slot; this module knows shapes, not names.
+
+Shapes: L layers, C width, F hidden, V vocabulary, Tmax positions, B rows, H heads, hs head size;
+caches (L, B, H, Tmax, hs).
+"""
+
+import functools
+import math
+from collections import namedtuple
+
+import numpy as np
+
+from fastformer.errors import FastformerError, check_int, is_int
+from fastformer.kernels._jit import inline, jit_writable, kernel
+from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array
+from fastformer.kernels.ops.activations import _gelu
+from fastformer.kernels.ops.attention import _softmax_row
+from fastformer.kernels.ops.layernorm import layernorm, normalize_row
+
+# each layer's slots, in this order              shape
+LN1_W, LN1_B = 0, 1                              # (C,), (C,)       the attention's layernorm
+QKV_W, QKV_B = 2, 3                              # (C, 3C), (3C,)   the fused q, k, v projection
+ATTN_W, ATTN_B = 4, 5                            # (C, C), (C,)     the attention's output projection
+LN2_W, LN2_B = 6, 7                              # (C,), (C,)       the MLP's layernorm
+FC_W, FC_B = 8, 9                                # (C, F), (F,)     the MLP's hidden layer
+MLP_W, MLP_B = 10, 11                            # (F, C), (C,)     the MLP's output layer
+LAYER_SLOTS = 12
+# after the L layers' slots, at L * LAYER_SLOTS + ...
+WTE, WPE, LNF_W, LNF_B, HEAD = 0, 1, 2, 3, 4     # (V, C), (Tmax, C), (C,), (C,), (V, C)
+MODEL_SLOTS = 5
+
+# The weights of gpt2_decode_step: `flat` the 1-D parameter buffer, `offsets` (L * LAYER_SLOTS +
+# MODEL_SLOTS,) int64 where each slot's array starts in it (the head may be the token embedding
+# again, when tied).
+PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
+
+
+@functools.lru_cache(maxsize=16)
+def gpt2_param_shapes(L, C, F, V, Tmax):
+    """The shape of each slot, in the order of PackedGPT2.offsets, and their sizes."""
+    layer = [None] * LAYER_SLOTS
+    layer[LN1_W] = layer[LN1_B] = layer[ATTN_B] = layer[LN2_W] = layer[LN2_B] = layer[MLP_B] = (C,)
+    layer[QKV_W], layer[QKV_B], layer[ATTN_W] = (C, 3 * C), (3 * C,), (C, C)
+    layer[FC_W], layer[FC_B], layer[MLP_W] = (C, F), (F,), (F, C)
+    model = [None] * MODEL_SLOTS
+    model[WTE], model[WPE], model[LNF_W], model[LNF_B], model[HEAD] = (V, C), (Tmax, C), (C,), (C,), (V, C)
+    shapes = tuple(layer * L + model)
+    return shapes, np.array([math.prod(s) for s in shapes])
+
+
+# ------------------------------------------------------------------- checks
+@functools.lru_cache(maxsize=64)
+def _offsets_inside(offsets_bytes, dims, flat_size):
+    """Whether every parameter at these offsets (int64 bytes) lies inside a flat buffer of
+    flat_size values. Cached on the bytes themselves: a decoding loop passes the same table
+    every token, and a changed table is a new key."""
+    offsets = np.frombuffer(offsets_bytes, dtype=np.int64)
+    return bool(offsets.min() >= 0 and (offsets + gpt2_param_shapes(*dims)[1]).max() <= flat_size)
+
+
+def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps):
+    """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
+    Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), padding, shapes)."""
+    if not all(hasattr(weights, f) for f in ("flat", "offsets", "vocab_size", "d_ff")):
+        raise FastformerError(f"weights must be a PackedGPT2 (flat, offsets, vocab_size, d_ff), got "
+                              f"{type(weights).__name__}")
+    flat = np.asarray(weights.flat)
+    if flat.ndim != 1 or flat.dtype not in FLOAT_DTYPES or not flat.flags.c_contiguous:
+        raise FastformerError(f"weights.flat must be a contiguous 1-D float32/float64 array, got {flat.dtype} "
+                              f"{flat.shape}")
+    flat = aligned(flat)
+    V = check_int("weights.vocab_size", weights.vocab_size)
+    d_ff = check_int("weights.d_ff", weights.d_ff)
+    if not all(isinstance(c, np.ndarray) and c.ndim == 5 and c.dtype == flat.dtype and c.flags.c_contiguous
+               and c.flags.writeable for c in (k_cache, v_cache)) or k_cache.shape != v_cache.shape:
+        raise FastformerError(f"k_cache and v_cache must be contiguous {flat.dtype} arrays (L, B, H, Tmax, hs), "
+                              f"writeable and of one shape, got {describe(k_cache)} and {describe(v_cache)}")
+    L, B, H, Tmax, hs = k_cache.shape
+    if H == 0 or hs == 0:
+        raise FastformerError(f"k_cache and v_cache must have H >= 1 heads of size hs >= 1, got {k_cache.shape}")
+    dims = (L, H * hs, d_ff, V, Tmax)
+    shapes, _ = gpt2_param_shapes(*dims)
+    offsets = as_int_array(weights.offsets, "weights.offsets")
+    if offsets.shape != (len(shapes),) or not _offsets_inside(offsets.tobytes(), dims, flat.size):
+        raise FastformerError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
+                              f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={d_ff}, "
+                              f"V={V}, Tmax={Tmax}")
+    ids = np.array(as_int_array(ids, "ids"))  # (B,) copies, writeable whatever they were
+    positions = np.array(as_int_array(positions, "positions"))
+    if ids.shape != (B,) or positions.shape != (B,):
+        raise FastformerError(f"ids and positions must have shape (B,) = ({B},), got {ids.shape} and {positions.shape}")
+    id_list, pos_list = ids.tolist(), positions.tolist()  # B is small: Python's min and max are quicker
+    if B and (min(id_list) < 0 or max(id_list) >= V or min(pos_list) < 0 or max(pos_list) >= Tmax):
+        raise FastformerError(f"ids must lie in [0, {V}) and positions in [0, {Tmax}), "
+                              f"got ids {id_list} and positions {pos_list}")
+    padding = np.asarray(padding)
+    if padding.shape != (B, Tmax) or padding.dtype != bool:
+        raise FastformerError(f"padding must be a bool array (B, Tmax) = {(B, Tmax)}, got {padding.dtype} "
+                              f"{padding.shape}")
+    if not is_int(start) or not 0 <= start < Tmax:
+        raise FastformerError(f"start must lie in [0, {Tmax}) (an integer): the cache holds {Tmax} positions, "
+                              f"got {start!r}")
+    check_eps(eps)
+    return flat, offsets, ids, positions, kernel_array(padding), shapes
+
+
+# ---------------------------------------------------------------- reference
+def gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+    """One new token per row through a GPT-2 model that continues the sequences in a
+    key/value cache: embedding, L pre-LN blocks (causal attention over the cache, GELU-tanh
+    MLP), ln_f and the LM head. weights: a PackedGPT2; ids and positions (B,) ints;
+    k_cache, v_cache (L, B, H, Tmax, hs), whose keys and values [0, start) are used and which
+    receive the new ones at `start`; padding (B, Tmax) True at padded positions, read for
+    [0, start]. Inference only. Returns logits (B, V)."""
+    flat, offsets, ids, positions, padding, shapes = check_gpt2_decode(weights, ids, positions, k_cache,
+                                                                       v_cache, padding, start, eps)
+    P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]  # views of the buffer
+    L = k_cache.shape[0]
+    M = P[L * LAYER_SLOTS:]  # the model-wide slots
+    x = (M[WTE][ids] + M[WPE][positions])[:, None]  # (B, 1, C)
+    for i in range(L):
+        W = P[i * LAYER_SLOTS:(i + 1) * LAYER_SLOTS]
+        h, _ = layernorm(x, W[LN1_W], W[LN1_B], eps)
+        a = ops.attention_cached(h @ W[QKV_W] + W[QKV_B], k_cache[i], v_cache[i], start, k_cache.shape[2], padding)
+        x = x + (a @ W[ATTN_W] + W[ATTN_B])
+        h, _ = layernorm(x, W[LN2_W], W[LN2_B], eps)
+        g, _ = ops.gelu_forward(h @ W[FC_W], W[FC_B], approximate="tanh")
+        x = x + (g @ W[MLP_W] + W[MLP_B])
+    h, _ = layernorm(x, M[LNF_W], M[LNF_B], eps)
+    return h[:, 0] @ M[HEAD].T
+
+
+# -------------------------------------------------------------------- Numba
+@inline
+def _affine(x, w, bias, y):
+    """y (R, N) = x (R, K) @ w (K, N) + bias (N,), streaming w once for all R rows."""
+    R, K = x.shape
+    N = w.shape[1]
+    for r in range(R):
+        for n in range(N):
+            y[r, n] = bias[n]
+    k = 0
+    while k + 4 <= K:  # four rows of w a pass: y is loaded and stored a quarter as often
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        for r in range(R):
+            x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+            yr = y[r]
+            for n in range(N):
+                yr[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
+        k += 4
+    while k < K:
+        wk = w[k]
+        for r in range(R):
+            xk = x[r, k]
+            yr = y[r]
+            for n in range(N):
+                yr[n] += xk * wk[n]
+        k += 1
+
+
+@inline
+def _matrix(flat, offsets, slot, rows, cols):
+    """The (rows, cols) array of a slot, read in place from the flat buffer."""
+    o = offsets[slot]
+    return flat[o:o + rows * cols].reshape((rows, cols))
+
+
+@inline
+def _vector(flat, offsets, slot, n):
+    """The (n,) array of a slot, read in place from the flat buffer."""
+    o = offsets[slot]
+    return flat[o:o + n]
+
+
+@kernel("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+        "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1])", parallel=False)
+def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
+    L, R, H, _, hs = kc.shape
+    C, V = H * hs, logits.shape[1]
+    F = flat.dtype.type
+    scale = F(1.0 / math.sqrt(hs))
+    g = L * LAYER_SLOTS  # the model-wide slots follow the layers'
+    wte = _matrix(flat, offsets, g + WTE, V, C)
+    wpe = _matrix(flat, offsets, g + WPE, kc.shape[3], C)
+    x = np.empty((R, C), flat.dtype)  # the residual stream
+    h = np.empty((R, C), flat.dtype)
+    qkv = np.empty((R, 3 * C), flat.dtype)
+    a = np.empty((R, C), flat.dtype)
+    o = np.empty((R, C), flat.dtype)
+    f = np.empty((R, d_ff), flat.dtype)
+    p = np.empty(t + 1, flat.dtype)
+    for r in range(R):
+        for c in range(C):
+            x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
+    for layer in range(L):
+        s = layer * LAYER_SLOTS
+        for r in range(R):
+            normalize_row(x[r], _vector(flat, offsets, s + LN1_W, C), _vector(flat, offsets, s + LN1_B, C), eps, h[r])
+        _affine(h, _matrix(flat, offsets, s + QKV_W, C, 3 * C), _vector(flat, offsets, s + QKV_B, 3 * C), qkv)
+        for r in range(R):
+            for hd in range(H):
+                kh, vh = kc[layer, r, hd], vc[layer, r, hd]
+                for d in range(hs):
+                    kh[t, d] = qkv[r, C + hd * hs + d]
+                    vh[t, d] = qkv[r, 2 * C + hd * hs + d]
+                for j in range(t + 1):
+                    sc = F(0.0)
+                    for d in range(hs):
+                        sc += qkv[r, hd * hs + d] * kh[j, d]
+                    p[j] = sc * scale
+                _, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
+                ah = a[r, hd * hs:(hd + 1) * hs]
+                ah[:] = F(0.0)
+                if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
+                    continue
+                for j in range(t + 1):
+                    for d in range(hs):
+                        ah[d] += p[j] * vh[j, d]
+                inv = F(1.0) / total
+                for d in range(hs):
+                    ah[d] *= inv
+        _affine(a, _matrix(flat, offsets, s + ATTN_W, C, C), _vector(flat, offsets, s + ATTN_B, C), o)
+        for r in range(R):
+            for c in range(C):
+                x[r, c] += o[r, c]
+            normalize_row(x[r], _vector(flat, offsets, s + LN2_W, C), _vector(flat, offsets, s + LN2_B, C), eps, h[r])
+        _affine(h, _matrix(flat, offsets, s + FC_W, C, d_ff), _vector(flat, offsets, s + FC_B, d_ff), f)
+        for r in range(R):
+            for c in range(d_ff):
+                f[r, c] = _gelu(f[r, c], False)
+        _affine(f, _matrix(flat, offsets, s + MLP_W, d_ff, C), _vector(flat, offsets, s + MLP_B, C), o)
+        for r in range(R):
+            for c in range(C):
+                x[r, c] += o[r, c]
+    for r in range(R):
+        normalize_row(x[r], _vector(flat, offsets, g + LNF_W, C), _vector(flat, offsets, g + LNF_B, C), eps, h[r])
+    head = _matrix(flat, offsets, g + HEAD, V, C)
+    for v in range(V):  # logits = h @ head.T: one dot product of C per id, head read once
+        hv = head[v]
+        for r in range(R):
+            total = F(0.0)
+            for c in range(C):
+                total += h[r, c] * hv[c]
+            logits[r, v] = total
+
+
+def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+    flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
+                                                                  padding, start, eps)
+    if not jit_writable(k_cache, v_cache):
+        return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
+    logits = np.empty((ids.shape[0], int(weights.vocab_size)), flat.dtype)
+    _gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start),
+                 flat.dtype.type(eps), logits)
+    return logits
