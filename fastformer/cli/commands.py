@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int, check_memory, error_line
+from fastformer.errors import FastformerError, check_int, check_memory, error_line, format_bytes
 
 
 # ----------------------------------------------------------------------------- train
@@ -767,10 +767,6 @@ def info_config(args):
         text = (load_text(d.path) if d.path else default_corpus()) if d.tokenizer == "char" else None
         tok = make_tokenizer(d.tokenizer or "byte", text)
     return match_tokenizer(config, tok), f"the {tok.kind} tokenizer's vocabulary ({d.path or 'embedded corpus'})"
-
-
-def format_bytes(n):
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def describe_model(m):

@@ -40,7 +40,7 @@ MESSAGES = [  # (argv, what the one line must say)
     (["tokenizer", "train", "--data", "{R}/data.txt", "--vocab-size", "1000000000", "--out", "{O}"],
      r"vocab_size must be an integer in \[259, 16777216\], got 1000000000"),
     (["generate", "--checkpoint", "{R}/hf_positions", "--prompt", "To"],
-     r"the GPT-2 of .*hf_positions/config.json \(16,000,000,006,400 parameters.*needs about .* TiB of memory"),
+     r"the GPT-2 of .*hf_positions/config.json \(16,000,000,006,400 parameters.*needs about [\d,]+\.\d\d GB of memory"),
     (["generate", "--checkpoint", "{R}/hf_eps_str", "--prompt", "To"],
      r"hf_eps_str/config.json: layer_norm_epsilon must be a number >= 0, got 'abc'"),
     (["generate", "--checkpoint", "{R}/hf_list", "--prompt", "To"],
