@@ -231,7 +231,7 @@ def read_prompt(args):
 def cmd_generate(args):
     from fastformer import set_backend
     from fastformer.errors import check_int
-    from fastformer.generation.sampling import generate_tokens
+    from fastformer.generation.sampling import cut_at_eos, generate_tokens
     from fastformer.training.checkpoint import load_model
 
     n = check_int("--num-samples", args.num_samples)
@@ -265,8 +265,7 @@ def cmd_generate(args):
             samples = [(nxt[0] for nxt in steps)]  # streamed, as each token comes
         else:
             rows = np.stack(list(steps), axis=1) if args.max_new_tokens else np.zeros((n, 0), np.int64)
-            samples = [row[:int(np.argmax(row == tokenizer.eos_id))] if (row == tokenizer.eos_id).any() else row
-                       for row in rows]
+            samples = [cut_at_eos(row, tokenizer.eos_id) for row in rows]
     for i, ids in enumerate(samples):
         if i:
             sys.stdout.write(SAMPLE_SEPARATOR + "\n")
