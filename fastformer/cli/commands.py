@@ -512,6 +512,8 @@ def cmd_eval(args):
     if args.examples is not None:
         raise FastformerError("--examples applies to an encoder-decoder; a language model's share is --max-batches")
     refuse_options(args, ("beam", "length_penalty"), "an encoder-decoder")
+    from fastformer.models.hf import is_hf_dir
+
     if is_hf_dir(args.checkpoint):
         (model, tokenizer, config), ckpt = load_model(args.checkpoint), None
     else:
@@ -539,15 +541,9 @@ def cmd_eval(args):
     return 0
 
 
-def is_hf_dir(path):
-    """Whether `path` is a Hugging Face model directory rather than a fastformer checkpoint or run."""
-    from fastformer.training.checkpoint import STATE_FILE
-
-    return not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
-
-
 def is_seq2seq_checkpoint(path):
     """Whether `path` is an encoder-decoder checkpoint (or run) directory, from its config alone."""
+    from fastformer.models.hf import is_hf_dir
     from fastformer.training.checkpoint import resolve_checkpoint
     from fastformer.training.config import load_config
 

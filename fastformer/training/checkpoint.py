@@ -37,12 +37,13 @@ from safetensors.numpy import load_file, save_file
 from fastformer.atomic import atomic_dir, remove_dir, remove_stale_temps, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, is_int
+from fastformer.models.hf import is_hf_dir
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import load_config, save_config
 
 FORMAT_VERSION = 1
-STATE_FILE = "state.json"
+STATE_FILE = "state.json"  # models/hf.is_hf_dir knows the name too: a checkpoint is not a Hugging Face directory
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 _LEGACY_TMP_RE = re.compile(r"^ckpt-\d+\.tmp$")  # the fixed temporary name of older fastformers
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -304,7 +305,7 @@ def load_model(path):
     """(TransformerLM, tokenizer, RunConfig) for inference, from a checkpoint or run directory or
     a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json; e.g. one
     written by `fastformer export`). A directory of another architecture is refused by name."""
-    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+    if is_hf_dir(path):
         from fastformer.training.config import RunConfig, TrainConfig
 
         model = TransformerLM.from_pretrained(path)

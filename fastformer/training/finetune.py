@@ -17,17 +17,12 @@ import os
 
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError
-from fastformer.models.hf import lm_config_from_gpt2, read_hf
-from fastformer.training.checkpoint import STATE_FILE, load_checkpoint, resolve_checkpoint
+from fastformer.models.hf import is_hf_dir, lm_config_from_gpt2, read_hf
+from fastformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from fastformer.training.config import RunConfig, TrainConfig, load_config
 
 TUNABLE = ("dropout",)  # model settings a fine-tuning run may change
 KINDS = {"lm": "a language model", "seq2seq": "an encoder-decoder"}
-
-
-def is_hf_dir(path):
-    """Whether `path` is a Hugging Face model directory (config.json, no fastformer state.json)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, STATE_FILE))
 
 
 def _check_dir(path):
