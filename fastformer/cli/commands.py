@@ -280,10 +280,7 @@ def load_seq2seq(path):
     """(Seq2SeqTransformer, Checkpoint) from an encoder-decoder checkpoint or run directory."""
     from fastformer.training.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path)
-    if ckpt.config.kind != "seq2seq":
-        raise FastformerError(f"{ckpt.path} holds a language model (data.task=text), not an encoder-decoder: "
-                              f"use fastformer generate with it")
+    ckpt = load_checkpoint(path, "seq2seq")
     return ckpt.new_model(), ckpt
 
 
@@ -472,7 +469,7 @@ def lm_eval_tokens(args, model, tokenizer, config, ckpt, seq_len):
             raise FastformerError("--split all applies to a text file (--data FILE); the run's data has a train and "
                                   "a val split")
         path = run_data_path(config, ckpt.path)
-        task = LMTask(config, tokenizer=tokenizer)  # the trainer's data and split
+        task = LMTask(config, {"tokenizer": tokenizer})  # the trainer's data and split
         check_run_data(ckpt, task.fingerprint, f"the run's data {path or '(the embedded corpus)'}")
         ids = task.val_ids if split == "val" else task.train_ids
         what = f"the {split} split of the run's data, {path or 'the embedded stdlib-documentation corpus'}"

@@ -22,7 +22,6 @@ from fastformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from fastformer.training.config import RunConfig, TrainConfig, load_config
 
 TUNABLE = ("dropout",)  # model settings a fine-tuning run may change
-KINDS = {"lm": "a language model", "seq2seq": "an encoder-decoder"}
 
 
 def _check_dir(path):
@@ -69,8 +68,8 @@ def load_init_source(path):
 def check_init_config(path, base, config):
     """Refuse a run `config` whose model cannot take the weights of `path` (its config `base`)."""
     if config.kind != base.kind:
-        raise FastformerError(f"--init-from {path!r} holds {KINDS[base.kind]}, but data.task={config.data.task} "
-                              f"trains {KINDS[config.kind]}")
+        raise FastformerError(f"--init-from {path!r} holds {base.model_config().noun}, but data.task="
+                              f"{config.data.task} trains {config.model_config().noun}")
     section, mine, theirs = config.model_section, config.model_config(), base.model_config()
     for f in dataclasses.fields(mine):
         a, b = getattr(mine, f.name), getattr(theirs, f.name)

@@ -59,7 +59,7 @@ def test_a_pairs_config_is_counted_with_the_vocabularies_training_builds(pairs_c
     (["--preset", "tiny", "--set", "model.tie_embeddings=false", "--set", "model.n_layers=3"],
      lambda: LMConfig(max_seq_len=128, d_model=64, n_heads=2, d_ff=256, n_layers=3, tie_embeddings=False)),
     (["--set", "data.task=reverse", "--set", "seq2seq.positional=sinusoidal", "--set", "data.alphabet=digits"],
-     lambda: Seq2SeqConfig(src_vocab_size=14, tgt_vocab_size=14, positional="sinusoidal")),  # 10 digits + 4
+     lambda: Seq2SeqConfig(src_vocab_size=14, tgt_vocab_size=14, positions="sinusoidal")),  # 10 digits + 4
 ])
 def test_info_counts_exactly_as_the_model_would(flags, expected, capsys):
     assert main(["info", *flags]) == 0
