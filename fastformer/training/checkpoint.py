@@ -302,6 +302,14 @@ def load_checkpoint(path, kind=None):
     return Checkpoint(path, config, tokenizers, weights, optimizer_state, state)
 
 
+def checkpoint_kind(path):
+    """The model kind ("lm", "seq2seq") of a checkpoint or run directory, from its config alone;
+    a Hugging Face GPT-2 directory holds a language model."""
+    if is_hf_dir(path):
+        return "lm"
+    return load_config(os.path.join(resolve_checkpoint(path), "config.yaml")).kind
+
+
 def load_model(path):
     """(TransformerLM, tokenizer, RunConfig) for inference, from a checkpoint or run directory or
     a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json; e.g. one

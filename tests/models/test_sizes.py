@@ -88,3 +88,21 @@ def test_load_json_names_the_file(tmp_path):
             load_json(str(p), "thing")
     p.write_text(json.dumps({"a": [1]}))
     assert load_json(str(p)) == {"a": [1]}
+
+
+def test_configs_in_budget_without_the_command_line():
+    from fastformer.models.sizes import BUDGET_ASPECT, configs_in_budget, default_heads
+
+    found = configs_in_budget(LMConfig(), 2_000_000, 3_000_000)
+    assert found and [n for n, _ in found] == sorted(n for n, _ in found)
+    for n, c in found:
+        assert 2_000_000 <= n <= 3_000_000 and n == count_parameters(c)
+        assert c.d_ff == 4 * c.d_model and c.n_heads == default_heads(c.d_model)
+        assert BUDGET_ASPECT[0] <= c.d_model / c.n_layers <= BUDGET_ASPECT[1]
+    pinned = configs_in_budget(LMConfig(), 2_000_000, 3_000_000, pinned={"n_layers"})
+    assert pinned and all(c.n_layers == LMConfig().n_layers for _, c in pinned)
+    seq2seq = configs_in_budget(Seq2SeqConfig(), 1_000_000, 2_000_000)
+    assert seq2seq and all(c.n_encoder_layers == c.n_decoder_layers for _, c in seq2seq)
+    fixed = configs_in_budget(Seq2SeqConfig(), 1_000_000, 2_000_000, pinned={"n_decoder_layers"})
+    assert fixed and all(c.n_decoder_layers == Seq2SeqConfig().n_decoder_layers for _, c in fixed)
+    assert default_heads(768) == 12 and default_heads(100) == 2
