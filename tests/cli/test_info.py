@@ -6,8 +6,8 @@ import re
 import pytest
 
 from fastformer import Seq2SeqTransformer, TransformerLM
-from fastformer.cli import commands
-from fastformer.cli.commands import main
+from fastformer.cli import info as info_command
+from fastformer.cli import main
 from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters
 from fastformer.training.config import apply_overrides, load_config
 from fastformer.training.tasks import make_task
@@ -134,9 +134,9 @@ def test_bad_budgets_are_refused(budget, message, capsys):
 
 
 def test_parse_budget():
-    assert commands.parse_budget("500k-1.5M") == (500_000, 1_500_000)
-    assert commands.parse_budget("2e6-3000000") == (2_000_000, 3_000_000)
-    assert commands.parse_budget("1G-2g") == (10 ** 9, 2 * 10 ** 9)
+    assert info_command.parse_budget("500k-1.5M") == (500_000, 1_500_000)
+    assert info_command.parse_budget("2e6-3000000") == (2_000_000, 3_000_000)
+    assert info_command.parse_budget("1G-2g") == (10 ** 9, 2 * 10 ** 9)
 
 
 def test_gpt2_small_is_124m(capsys):

@@ -97,7 +97,7 @@ def test_the_one_line_says_what_is_wrong(root, tmp_path, words, message):
     import shutil
     from unittest import mock
 
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     run = str(tmp_path / "run")
     shutil.copytree(os.path.join(root, "lm"), run)
@@ -118,7 +118,7 @@ def test_the_one_line_says_what_is_wrong(root, tmp_path, words, message):
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(root, tmp_path, capsys):
     import shutil
 
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     run = str(tmp_path / "run")
     shutil.copytree(os.path.join(root, "lm"), run)

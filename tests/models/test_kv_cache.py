@@ -240,7 +240,7 @@ def test_gpt2_decode_step_refuses_bad_input(ops):
 def test_stream_text_holds_back_partial_characters_and_stops():
     import io
 
-    from fastformer.cli.commands import stream_text
+    from fastformer.cli.generate import stream_text
     from fastformer.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

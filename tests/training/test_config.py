@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training.config import (
     PRESETS,
