@@ -159,11 +159,10 @@ def check_fields(where, d, types):
     return d
 
 
-def _fmt_bytes(n):
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
+def format_bytes(n):
+    """A byte count for people, in SI units (1 GB = 10**9 bytes) as the docs' memory figures are:
+    "0.50 MB", "3.41 GB"."""
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def available_memory():
@@ -207,6 +206,6 @@ def check_memory(what, nbytes, advice=""):
     `advice` says what to change."""
     have = available_memory()
     if have is not None and nbytes > have:
-        raise FastformerError(f"{what} needs about {_fmt_bytes(nbytes)} of memory, but only {_fmt_bytes(have)} is "
+        raise FastformerError(f"{what} needs about {format_bytes(nbytes)} of memory, but only {format_bytes(have)} is "
                               f"available{': ' + advice if advice else ''}")
     return nbytes

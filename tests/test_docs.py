@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from fastformer.cli.commands import build_parser
+from fastformer.cli import build_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from fastformer.cli import commands
-from fastformer.cli.commands import main
+from fastformer.cli import info as info_command
+from fastformer.cli import main
 from fastformer.errors import FastformerError, error_line
 
 
@@ -31,6 +31,6 @@ def test_an_os_error_without_errno_keeps_its_traceback(monkeypatch):
     def bug(args):
         raise io.UnsupportedOperation("not readable")
 
-    monkeypatch.setattr(commands, "cmd_info", bug)
+    monkeypatch.setattr(info_command, "main", bug)
     with pytest.raises(io.UnsupportedOperation, match="not readable"):
         main(["info"])

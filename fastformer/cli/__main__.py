@@ -1,5 +1,5 @@
 import sys
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 
 sys.exit(main())

@@ -339,3 +339,17 @@ def cpu_line(info):
 def main(args):
     r = run(args.preset, backend=args.backend, steps=args.steps, batch=args.batch, seq_len=args.seq_len)
     print(json.dumps(r) if args.json else format_report(r))
+
+
+def add_parser(sub):
+    from fastformer.training.config import PRESETS
+
+    p = sub.add_parser("bench", help="time full training steps of a preset model")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--backend", choices=["auto", "numpy", "numba"], default=None)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's batch size)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (default: the preset's; longer ones get positions of their own)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=main)

@@ -130,3 +130,9 @@ def add_arguments(p):
 def main(args):
     print(f"wrote {plot_runs(args.runs, args.out, args.metric, args.logy)}")
     return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("plot", help="plot metrics of runs against step (loss, val_bpb, lr, ...)")
+    add_arguments(p)
+    p.set_defaults(func=main)

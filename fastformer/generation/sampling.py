@@ -87,6 +87,14 @@ def apply_repetition_penalty(logits, seen, penalty):
     return np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def cut_at_eos(row, eos_id, keep=False):
+    """The ids of `row` (1-D) before its first `eos_id` (through it with keep=True); the whole row
+    when it holds none or eos_id is None."""
+    if eos_id is None or not (row == eos_id).any():
+        return row
+    return row[:int(np.argmax(row == eos_id)) + (1 if keep else 0)]
+
+
 def prompt_batch(prompt_ids, attention_mask, vocab_size):
     """(ids (B, T0) int64, mask (B, T0) int64, how to return the result)."""
     ragged = isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0 and not np.isscalar(prompt_ids[0])
@@ -205,9 +213,7 @@ def finish(prompt_ids, ids, new, kind, eos_id):
     if kind == "list":
         out = []
         for p, row in zip(prompt_ids, new):
-            if eos_id is not None and (row == eos_id).any():
-                row = row[:int(np.argmax(row == eos_id)) + 1]
-            out.append(np.concatenate([np.asarray(p, dtype=np.int64), row]))
+            out.append(np.concatenate([np.asarray(p, dtype=np.int64), cut_at_eos(row, eos_id, keep=True)]))
         return out
     full = np.concatenate([ids, new], axis=1)
     return full if kind == "2d" else full[0]
@@ -263,5 +269,4 @@ def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=Non
         scores += np.where(done, 0.0, log_softmax(last["logits"])[np.arange(B), nxt])
         done |= nxt == eos_id
         out = np.concatenate([out, nxt[:, None]], axis=1)
-    seqs = [row[:int(np.argmax(row == eos_id))] if (row == eos_id).any() else row for row in out]
-    return [s.tolist() for s in seqs], scores
+    return [cut_at_eos(row, eos_id).tolist() for row in out], scores

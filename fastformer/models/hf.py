@@ -20,6 +20,12 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
 
 
+def is_hf_dir(path):
+    """Whether `path` is a Hugging Face model directory (a config.json) rather than a fastformer
+    checkpoint (whose state.json, training/checkpoint.STATE_FILE, decides when both are there)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "state.json"))
+
+
 def gpt2_config(config, bos_id=None, eos_id=None):
     """The GPT2Config dict (config.json) for an LMConfig; FastformerError for a model GPT-2
     cannot represent (sinusoidal positions)."""

@@ -203,8 +203,8 @@ class TransformerLM(FlatModel):
         else:
             kpm = None if attention_mask is None else np.asarray(attention_mask) == 0
         B, T = tokens.shape
-        Tmax = self.config.max_seq_len
-        if state.length + T > Tmax or not state.use_cache:
+        path = self.decode_path(B, T, state)
+        if path in ("uncached", "window"):
             return self._window_step(tokens, kpm, state)
         real = None if kpm is None else ~kpm
         positions = (state.next_position[:, None] + np.arange(T)) if kpm is None else \
@@ -212,18 +212,37 @@ class TransformerLM(FlatModel):
         n = state.length
         state.tokens[:, n:n + T] = tokens
         state.padding[:, n:n + T] = False if kpm is None else kpm
-        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
-            # a prompt, or many rows: the composed forward, whose matrix products batch over the
-            # tokens on every BLAS thread (the fused kernel reads learned positions from the flat
-            # buffer, so sinusoidal ones decode here too)
+        if path == "composed":
             h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
             logits = self.head.forward(self.params, h)
-        else:  # one token a row: the whole model in one fused kernel call
+        else:  # "fused"
             logits = get_ops().gpt2_decode_step(self.packed_weights(), tokens[:, 0], positions[:, 0], state.k,
                                                 state.v, state.padding, n)[:, None]
         state.length += T
         state.next_position += T if real is None else real.sum(axis=1)
         return logits
+
+    def decode_path(self, B, T, state):
+        """How `step` runs T new tokens in each of B rows over `state` -- the one decision:
+
+            "uncached"  the state keeps no cache (init_state(use_cache=False)): every step runs a
+                        plain forward over the window, the reference for the cached paths
+            "window"    the tokens would pass the context window: the last max_seq_len tokens
+                        run again as one window from position 0, filling the cache anew
+            "composed"  a prompt (T > 1), sinusoidal positions (the fused kernel reads learned
+                        rows, wpe, from the flat buffer) or more than FUSED_DECODE_MAX_ROWS rows:
+                        the blocks' forward over the cache, whose matrix products batch over the
+                        tokens on every BLAS thread
+            "fused"     one token a row, learned positions, few rows: the whole model in one
+                        gpt2_decode_step call, since at small batches the per-call cost dominates
+        """
+        if not state.use_cache:
+            return "uncached"
+        if state.length + T > self.config.max_seq_len:
+            return "window"
+        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
+            return "composed"
+        return "fused"
 
     def _window_step(self, tokens, kpm, state):
         """The new tokens after the cached ones, cropped to the last max_seq_len, run as one

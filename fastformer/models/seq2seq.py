@@ -61,7 +61,7 @@ class Seq2SeqTransformer(FlatModel):
         check_model_memory(config)
         self.config = c = config
         C, F, H = c.d_model, c.d_ff, c.n_heads
-        learned = c.positional == "learned"
+        learned = c.positions == "learned"
         self.src_embed = Embedding("src_embed.weight", c.src_vocab_size, C, "src_pos_embed.weight" if learned else None,
                                    c.max_src_len, scale=math.sqrt(C))
         self.tgt_embed = Embedding("tgt_embed.weight", c.tgt_vocab_size, C, "tgt_pos_embed.weight" if learned else None,

@@ -37,23 +37,22 @@ from safetensors.numpy import load_file, save_file
 from fastformer.atomic import atomic_dir, remove_dir, remove_stale_temps, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, is_int
+from fastformer.models.hf import is_hf_dir
 from fastformer.models.lm import TransformerLM
-from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import load_config, save_config
+from fastformer.training.tasks import KINDS, new_model
 
 FORMAT_VERSION = 1
-STATE_FILE = "state.json"
+STATE_FILE = "state.json"  # models/hf.is_hf_dir knows the name too: a checkpoint is not a Hugging Face directory
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 _LEGACY_TMP_RE = re.compile(r"^ckpt-\d+\.tmp$")  # the fixed temporary name of older fastformers
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# the tokenizers of each model kind: name -> directory inside the checkpoint
-TOKENIZER_DIRS = {"lm": {"tokenizer": "."}, "seq2seq": {"src": "src_tokenizer", "tgt": "tgt_tokenizer"}}
 
 
 def checkpoint_files(kind):
     """The files a checkpoint of a `kind` model holds besides state.json, in the order written:
     the keys its state.json's "files" must have, no more and no fewer."""
-    tokenizers = [os.path.normpath(os.path.join(sub, TOKENIZER_FILE)) for sub in TOKENIZER_DIRS[kind].values()]
+    tokenizers = [os.path.normpath(os.path.join(sub, TOKENIZER_FILE)) for sub in KINDS[kind].tokenizers.values()]
     return ["model.safetensors", "optimizer.safetensors", "config.yaml", *tokenizers]
 
 
@@ -135,7 +134,7 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_sta
     """Write RUN/ckpt-<step> atomically and delete all but the newest `keep` checkpoints.
 
     Args:
-        tokenizers: {name: tokenizer} with the names of TOKENIZER_DIRS[config.kind].
+        tokenizers: {name: tokenizer} with the names of KINDS[config.kind].tokenizers.
         rng_states: {name: bit_generator.state dict} of every generator the run uses.
         extra: more JSON-able fields for state.json (e.g. the data fingerprint).
     Returns the checkpoint directory. A file-system error (a full disk) raises OSError naming
@@ -150,7 +149,7 @@ def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_sta
                       os.path.join(tmp, "optimizer.safetensors"),
                       metadata={"optimizer": type(optimizer).__name__})
         save_config(config, os.path.join(tmp, "config.yaml"))
-        for name, sub in TOKENIZER_DIRS[config.kind].items():
+        for name, sub in KINDS[config.kind].tokenizers.items():
             tokenizers[name].save(os.path.join(tmp, sub))
         files = {}
         for name in checkpoint_files(config.kind):
@@ -172,7 +171,7 @@ def prune_checkpoints(run_dir, keep):
 
 class Checkpoint:
     """A loaded checkpoint: `config` (RunConfig), `tokenizers` ({name: tokenizer}, see
-    TOKENIZER_DIRS), `weights` and `optimizer_state` ({name: array}), `state` (the state.json
+    tasks.KINDS), `weights` and `optimizer_state` ({name: array}), `state` (the state.json
     dict) and `path`."""
 
     def __init__(self, path, config, tokenizers, weights, optimizer_state, state):
@@ -190,9 +189,7 @@ class Checkpoint:
 
     def new_model(self):
         """The checkpoint's model (TransformerLM or Seq2SeqTransformer) with its weights."""
-        c = self.config
-        model = (TransformerLM(c.model, seed=c.train.seed) if c.kind == "lm"
-                 else Seq2SeqTransformer(c.seq2seq, seed=c.train.seed))
+        model = new_model(self.config, self.config.train.seed)
         model.load_state_dict(self.weights)
         return model
 
@@ -221,8 +218,8 @@ def _read_state(path):
         raise FastformerError(f"checkpoint file {state_path!r} has format_version {version!r}; this fastformer "
                               f"reads version {FORMAT_VERSION}")
     kind = state.get("model_kind", "lm")
-    if kind not in TOKENIZER_DIRS:
-        raise bad(f"model_kind must be one of {', '.join(TOKENIZER_DIRS)}, got {kind!r}")
+    if kind not in KINDS:
+        raise bad(f"model_kind must be one of {', '.join(KINDS)}, got {kind!r}")
     step = state.get("step")
     if not is_int(step) or step < 0:
         raise bad(f"step must be an integer >= 0, got {step!r}")
@@ -268,8 +265,9 @@ def _is_generator_state(s):
     return True
 
 
-def load_checkpoint(path):
-    """Load and verify a checkpoint (a checkpoint directory, or a run directory: its newest).
+def load_checkpoint(path, kind=None):
+    """Load and verify a checkpoint (a checkpoint directory, or a run directory: its newest);
+    with `kind` ("lm", "seq2seq"), one of another kind is refused, naming the commands for it.
 
     The files a checkpoint must have are fixed by its model kind (checkpoint_files); each is
     checked against the SHA-256 in state.json. A missing, truncated or altered file, or a
@@ -296,15 +294,27 @@ def load_checkpoint(path):
         raise FastformerError(f"checkpoint {path!r} is corrupt: state.json says model kind "
                               f"{state.get('model_kind')!r} but its config trains a {config.kind} "
                               f"(data.task={config.data.task})")
-    tokenizers = {name: load_tokenizer(os.path.join(path, sub)) for name, sub in TOKENIZER_DIRS[config.kind].items()}
+    if kind is not None and config.kind != kind:
+        have = KINDS[config.kind]
+        raise FastformerError(f"{path} holds {have.config.noun} (data.task={config.data.task}), not "
+                              f"{KINDS[kind].config.noun}: use {have.commands} with it")
+    tokenizers = {name: load_tokenizer(os.path.join(path, sub)) for name, sub in KINDS[config.kind].tokenizers.items()}
     return Checkpoint(path, config, tokenizers, weights, optimizer_state, state)
+
+
+def checkpoint_kind(path):
+    """The model kind ("lm", "seq2seq") of a checkpoint or run directory, from its config alone;
+    a Hugging Face GPT-2 directory holds a language model."""
+    if is_hf_dir(path):
+        return "lm"
+    return load_config(os.path.join(resolve_checkpoint(path), "config.yaml")).kind
 
 
 def load_model(path):
     """(TransformerLM, tokenizer, RunConfig) for inference, from a checkpoint or run directory or
     a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json; e.g. one
     written by `fastformer export`). A directory of another architecture is refused by name."""
-    if not os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+    if is_hf_dir(path):
         from fastformer.training.config import RunConfig, TrainConfig
 
         model = TransformerLM.from_pretrained(path)
@@ -314,9 +324,6 @@ def load_model(path):
                                   f"{model.config.vocab_size}")
         seq_len = min(TrainConfig.seq_len, model.config.max_seq_len)
         return model, tokenizer, RunConfig(model=model.config, train=TrainConfig(seq_len=seq_len))
-    ckpt = load_checkpoint(path)
-    if ckpt.config.kind != "lm":
-        raise FastformerError(f"{ckpt.path} holds an encoder-decoder (data.task={ckpt.config.data.task}), not a "
-                              f"language model: use fastformer translate or eval with it")
+    ckpt = load_checkpoint(path, "lm")
     return ckpt.new_model(), ckpt.tokenizer, ckpt.config
 

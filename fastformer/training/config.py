@@ -25,7 +25,11 @@ from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters, 
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
 
 ModelConfig = LMConfig
-TASKS = ("text", *SYNTHETIC_TASKS, "pairs")  # "text": language model; the others: encoder-decoder
+# data.task -> the section of the model it trains: "text" the language model of `model`, every
+# other task the encoder-decoder of `seq2seq`. The one place a task picks its model kind; the
+# section's config class names the kind (models/config.py).
+TASK_SECTIONS = {"text": "model", **{task: "seq2seq" for task in (*SYNTHETIC_TASKS, "pairs")}}
+TASKS = tuple(TASK_SECTIONS)
 PAIR_TOKENIZERS = ("word", "char")
 
 
@@ -150,7 +154,7 @@ class RunConfig:
             if not isinstance(getattr(self, name), klass):
                 raise FastformerError(f"RunConfig.{name} must be a {klass.__name__}, got "
                                       f"{type(getattr(self, name)).__name__}")
-        if self.kind == "lm" and self.train.seq_len > self.model.max_seq_len:
+        if self.model_config().trains_on_windows and self.train.seq_len > self.model.max_seq_len:
             raise FastformerError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                                   f"{self.model.max_seq_len}: the model has no positions beyond it")
         d, s = self.data, self.seq2seq
@@ -161,13 +165,13 @@ class RunConfig:
 
     @property
     def kind(self):
-        """The model the run trains: "lm" (data.task text) or "seq2seq"."""
-        return "lm" if self.data.task == "text" else "seq2seq"
+        """The model the run trains: "lm" (data.task text) or "seq2seq" (its config's kind)."""
+        return self.model_config().kind
 
     @property
     def model_section(self):
         """The name of the section configuring the model in use: "model" or "seq2seq"."""
-        return "model" if self.kind == "lm" else "seq2seq"
+        return TASK_SECTIONS[self.data.task]
 
     def model_config(self):
         """The LMConfig or Seq2SeqConfig of the model in use."""
@@ -195,7 +199,9 @@ class RunConfig:
             if not isinstance(values, dict):
                 raise FastformerError(f"config section {section!r} must be a mapping of keys to values, "
                                       f"got {values!r}")
+            renamed = getattr(SECTIONS[section], "renamed", {})  # a model section's older key names
             for key, value in values.items():
+                key = renamed.get(key, key)
                 merged[section][key] = _coerce(section, key, value)
         return cls(**{name: klass(**merged[name]) for name, klass in SECTIONS.items()})
 
@@ -310,7 +316,7 @@ def check_training_memory(config, ranks=1):
     t, m = config.train, config.model_config()
     rows = max(t.batch_size // (t.grad_accum_steps * ranks), 1)  # a micro-batch of one rank
     copies = 2 + (1 if t.optimizer == "sgd" else 2) + (t.grad_accum_steps > 1)  # + the accumulation buffer
-    seq_len = t.seq_len if config.kind == "lm" else None
+    seq_len = t.seq_len if m.trains_on_windows else None
     shape = f"{rows} x {seq_len} tokens" if seq_len else f"{rows} pairs of {m.max_src_len}/{m.max_tgt_len} tokens"
     return check_memory(f"training a model of {count_parameters(m):,} parameters on micro-batches of {shape}",
                         training_memory(m, rows, seq_len, copies),

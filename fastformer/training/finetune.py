@@ -17,17 +17,11 @@ import os
 
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError
-from fastformer.models.hf import lm_config_from_gpt2, read_hf
-from fastformer.training.checkpoint import STATE_FILE, load_checkpoint, resolve_checkpoint
+from fastformer.models.hf import is_hf_dir, lm_config_from_gpt2, read_hf
+from fastformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from fastformer.training.config import RunConfig, TrainConfig, load_config
 
 TUNABLE = ("dropout",)  # model settings a fine-tuning run may change
-KINDS = {"lm": "a language model", "seq2seq": "an encoder-decoder"}
-
-
-def is_hf_dir(path):
-    """Whether `path` is a Hugging Face model directory (config.json, no fastformer state.json)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, STATE_FILE))
 
 
 def _check_dir(path):
@@ -74,8 +68,8 @@ def load_init_source(path):
 def check_init_config(path, base, config):
     """Refuse a run `config` whose model cannot take the weights of `path` (its config `base`)."""
     if config.kind != base.kind:
-        raise FastformerError(f"--init-from {path!r} holds {KINDS[base.kind]}, but data.task={config.data.task} "
-                              f"trains {KINDS[config.kind]}")
+        raise FastformerError(f"--init-from {path!r} holds {base.model_config().noun}, but data.task="
+                              f"{config.data.task} trains {config.model_config().noun}")
     section, mine, theirs = config.model_section, config.model_config(), base.model_config()
     for f in dataclasses.fields(mine):
         a, b = getattr(mine, f.name), getattr(theirs, f.name)

@@ -19,12 +19,16 @@ sees the same batches and every evaluation the same examples.
 
 import hashlib
 import json
+import os
+from typing import NamedTuple
 
 from fastformer import seeds
 from fastformer.data.pairs import PairBatches, SyntheticTask, encode_pairs, fit_pairs, read_pairs, split_pairs
-from fastformer.data.text import get_batch, load_training_data
-from fastformer.data.tokenizer import CharTokenizer, WordTokenizer
+from fastformer.data.prepare import is_prepared_dir, load_prepared
+from fastformer.data.text import default_corpus, get_batch, load_text, load_training_data
+from fastformer.data.tokenizer import CharTokenizer, WordTokenizer, make_tokenizer
 from fastformer.errors import FastformerError
+from fastformer.models.config import LMConfig, Seq2SeqConfig
 from fastformer.models.lm import TransformerLM
 from fastformer.models.seq2seq import Seq2SeqTransformer
 from fastformer.training.config import match_tokenizer
@@ -34,27 +38,50 @@ from fastformer.training.evaluate import lm_metrics, lm_sums, seq2seq_metrics, s
 def make_task(config, text=None, tokenizers=None):
     """The task of `config.data.task`. `tokenizers` (a resumed run's) replace building new ones;
     `text` replaces the language model's data file."""
-    if config.kind == "lm":
-        return LMTask(config, text=text, tokenizer=(tokenizers or {}).get("tokenizer"))
-    return Seq2SeqTask(config, tokenizers)
+    return KINDS[config.kind].task(config, tokenizers, text=text)
+
+
+def new_model(config, seed):
+    """A fresh model of the kind `config` (a RunConfig) trains."""
+    return KINDS[config.kind].model(config.model_config(), seed=seed)
+
+
+def sized_config(config, data_given=False):
+    """(config, note): `config` with the vocabulary sizes training would give it -- from the
+    data's tokenizer, a task's alphabet or the pairs' words -- and a note on where they came from,
+    for sizing a model (`fastformer info`) without building it. A data.path that is not here keeps
+    the configured sizes, unless it was given on the command line (`data_given`): then it is an
+    error."""
+    return KINDS[config.kind].task.sized_config(config, data_given)
+
+
+def _absent_data(config, data_given):
+    """(config, note) when data.path names nothing here, else None."""
+    path = config.data.path
+    if path and not os.path.exists(path):
+        if data_given:
+            raise FastformerError(f"--data {path!r} does not exist")
+        return config, (f"vocabularies as configured: data.path {path} is not here, give --data FILE to take "
+                        f"them from the data")
+    return None
 
 
 class LMTask:
     """Random windows of a token stream (data.path, a prepared directory or the default corpus)."""
 
-    def __init__(self, config, text=None, tokenizer=None):
+    def __init__(self, config, tokenizers=None, text=None):
         t = config.train
         # the tokenizer and the train/validation token streams (text is encoded once; a prepared
         # directory is memory-mapped); model.vocab_size follows the tokenizer
         tok, self.train_ids, self.val_ids, self.fingerprint = load_training_data(
-            config.data, t.seq_len, text=text, tokenizer=tokenizer)
+            config.data, t.seq_len, text=text, tokenizer=(tokenizers or {}).get("tokenizer"))
         self.config = match_tokenizer(config, tok)
         self.tokenizers = {"tokenizer": tok}
         self.byte_lengths = tok.byte_lengths()  # (V,) for bits per byte
         self.rng = seeds.run_streams(t.seed).data
 
     def new_model(self, seed):
-        return TransformerLM(self.config.model, seed=seed)
+        return new_model(self.config, seed)
 
     def next_batch(self):
         t = self.config.train
@@ -80,6 +107,22 @@ class LMTask:
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state
 
+    @staticmethod
+    def sized_config(config, data_given=False):
+        """See `sized_config`: only a char vocabulary needs the text read."""
+        d = config.data
+        absent = _absent_data(config, data_given)
+        if absent:
+            return absent
+        if not d.path and d.tokenizer in (None, "byte") and config.model.vocab_size != type(config.model).vocab_size:
+            return config, "vocabulary as configured (model.vocab_size; no data given)"
+        if is_prepared_dir(d.path):
+            tok = load_prepared(d.path).tokenizer
+        else:
+            text = (load_text(d.path) if d.path else default_corpus()) if d.tokenizer == "char" else None
+            tok = make_tokenizer(d.tokenizer or "byte", text)
+        return match_tokenizer(config, tok), f"the {tok.kind} tokenizer's vocabulary ({d.path or 'embedded corpus'})"
+
     def describe(self):
         tok = self.tokenizers["tokenizer"]
         return (f"{len(self.train_ids):,} tokens ({self.config.data.path or 'embedded stdlib-documentation corpus'}; "
@@ -90,7 +133,8 @@ class Seq2SeqTask:
     """Padded source/target batches for the encoder-decoder: synthetic strings, or pairs read from
     data.path (split into training and validation pairs; too-long pairs skipped and counted)."""
 
-    def __init__(self, config, tokenizers=None):
+    def __init__(self, config, tokenizers=None, text=None):
+        """`text` is the language model's: the pairs come from data.path or a synthetic task."""
         d, t, s = config.data, config.train, config.seq2seq
         self.skipped = {}  # reason: count, for pairs files
         if d.task == "pairs":
@@ -148,7 +192,7 @@ class Seq2SeqTask:
         return self.source.sample(n, rng=seeds.run_streams(config.train.seed).heldout)
 
     def new_model(self, seed):
-        return Seq2SeqTransformer(self.config.seq2seq, seed=seed)
+        return new_model(self.config, seed)
 
     def next_batch(self):
         return self.source.next_batch()
@@ -175,6 +219,15 @@ class Seq2SeqTask:
     def load_state_dict(self, state):
         self.source.load_state_dict(state)
 
+    @classmethod
+    def sized_config(cls, config, data_given=False):
+        """See `sized_config`: the tokenizers built as training builds them."""
+        d = config.data
+        if d.task != "pairs":
+            return cls(config).config, f"vocabularies from the {d.task} task's alphabet"
+        return (_absent_data(config, data_given)
+                or (cls(config).config, f"{d.tokenizer or 'word'} vocabularies built from {d.path} as training does"))
+
     def describe(self):
         d, (src, tgt) = self.config.data, self.tokenizers.values()
         if d.task != "pairs":
@@ -183,3 +236,22 @@ class Seq2SeqTask:
         skipped = ", ".join(f"{n:,} {why}" for why, n in self.skipped.items()) or "none"
         return (f"{self.n_train:,} training and {len(self.val_pairs):,} validation pairs ({d.path}; skipped: "
                 f"{skipped}; {src.kind} tokenizers, {src.vocab_size} source and {tgt.vocab_size} target ids)")
+
+
+class Kind(NamedTuple):
+    """What a model kind is made of."""
+    config: type  # its model config, a section of RunConfig (whose class attributes answer the
+    #               other questions: noun, size_keys, trains_on_windows, ...)
+    model: type  # the model class, built as model(config, seed=...)
+    task: type  # what a run of it trains on
+    tokenizers: dict  # its tokenizers: name -> directory inside a checkpoint
+    commands: str  # the commands that run a trained one, for a message refusing it elsewhere
+
+
+# The one answer to "which model kind": RunConfig.kind (the config class's `kind`) -> its parts.
+# A third kind adds its config class (and section), model, task and a line here.
+KINDS = {
+    "lm": Kind(LMConfig, TransformerLM, LMTask, {"tokenizer": "."}, "fastformer generate"),
+    "seq2seq": Kind(Seq2SeqConfig, Seq2SeqTransformer, Seq2SeqTask, {"src": "src_tokenizer", "tgt": "tgt_tokenizer"},
+                    "fastformer translate or eval"),
+}

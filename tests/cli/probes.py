@@ -53,7 +53,7 @@ GPT2_CONFIG = {"model_type": "gpt2", "vocab_size": 259, "n_positions": 32, "n_em
 def _cli(args):
     """Run the command in this process (fixture building): raises on failure."""
     from fastformer import use_backend
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     with use_backend("numpy"), contextlib.redirect_stdout(io.StringIO()):
         if main(args):
@@ -414,7 +414,7 @@ def run_case_inprocess(case, root, memory=2 << 30):
     from unittest import mock
 
     from fastformer import use_backend
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     out = os.path.join(root, "out", str(CASES.index(case)))
     shutil.rmtree(out, ignore_errors=True)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from fastformer import FastformerError, TransformerLM, use_backend
-from fastformer.cli import commands
-from fastformer.cli.commands import main
+from fastformer.cli import info as info_command
+from fastformer.cli import main, plot
 from fastformer.training.checkpoint import checkpoint_dirs, load_model
 from fastformer.training.config import preset
 
@@ -124,7 +124,7 @@ def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys):
     def bad_input(args):
         raise FastformerError("the first line\n  and the second")
 
-    monkeypatch.setattr(commands, "cmd_info", bad_input)
+    monkeypatch.setattr(info_command, "main", bad_input)
     assert main(["info"]) == 2
     assert capsys.readouterr().err == "fastformer info: error: the first line and the second\n"
 
@@ -135,7 +135,7 @@ def test_any_other_exception_is_a_bug_and_keeps_its_traceback(monkeypatch, bug):
     def command(args):
         raise bug
 
-    monkeypatch.setattr(commands, "cmd_info", command)
+    monkeypatch.setattr(info_command, "main", command)
     with pytest.raises(type(bug), match=re.escape(str(bug))):
         main(["info"])
 
@@ -149,6 +149,6 @@ def test_file_errors_are_one_line_and_exit_status_2(files, monkeypatch, capsys):
     def missing(args):
         raise FileNotFoundError(2, "No such file or directory", "corpus.txt")
 
-    monkeypatch.setattr(commands, "cmd_plot", missing)
+    monkeypatch.setattr(plot, "main", missing)
     assert main(["plot", "run", "--out", "loss.png"]) == 2
     assert capsys.readouterr().err == "fastformer plot: error: 'corpus.txt': No such file or directory\n"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastformer import use_backend
-from fastformer.cli.commands import build_parser, main
+from fastformer.cli import build_parser, main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probes  # noqa: E402

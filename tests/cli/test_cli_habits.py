@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from fastformer.cli.commands import SAMPLE_SEPARATOR, build_parser, main
+from fastformer.cli import build_parser, main
+from fastformer.cli.generate import SAMPLE_SEPARATOR
 
 
 @pytest.fixture(scope="module")

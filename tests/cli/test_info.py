@@ -6,8 +6,8 @@ import re
 import pytest
 
 from fastformer import Seq2SeqTransformer, TransformerLM
-from fastformer.cli import commands
-from fastformer.cli.commands import main
+from fastformer.cli import info as info_command
+from fastformer.cli import main
 from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters
 from fastformer.training.config import apply_overrides, load_config
 from fastformer.training.tasks import make_task
@@ -59,7 +59,7 @@ def test_a_pairs_config_is_counted_with_the_vocabularies_training_builds(pairs_c
     (["--preset", "tiny", "--set", "model.tie_embeddings=false", "--set", "model.n_layers=3"],
      lambda: LMConfig(max_seq_len=128, d_model=64, n_heads=2, d_ff=256, n_layers=3, tie_embeddings=False)),
     (["--set", "data.task=reverse", "--set", "seq2seq.positional=sinusoidal", "--set", "data.alphabet=digits"],
-     lambda: Seq2SeqConfig(src_vocab_size=14, tgt_vocab_size=14, positional="sinusoidal")),  # 10 digits + 4
+     lambda: Seq2SeqConfig(src_vocab_size=14, tgt_vocab_size=14, positions="sinusoidal")),  # 10 digits + 4
 ])
 def test_info_counts_exactly_as_the_model_would(flags, expected, capsys):
     assert main(["info", *flags]) == 0
@@ -134,9 +134,9 @@ def test_bad_budgets_are_refused(budget, message, capsys):
 
 
 def test_parse_budget():
-    assert commands.parse_budget("500k-1.5M") == (500_000, 1_500_000)
-    assert commands.parse_budget("2e6-3000000") == (2_000_000, 3_000_000)
-    assert commands.parse_budget("1G-2g") == (10 ** 9, 2 * 10 ** 9)
+    assert info_command.parse_budget("500k-1.5M") == (500_000, 1_500_000)
+    assert info_command.parse_budget("2e6-3000000") == (2_000_000, 3_000_000)
+    assert info_command.parse_budget("1G-2g") == (10 ** 9, 2 * 10 ** 9)
 
 
 def test_gpt2_small_is_124m(capsys):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from fastformer import FastformerError, use_backend
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.cli.plot import METRICS, panels, plot_data
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -40,7 +40,7 @@ MESSAGES = [  # (argv, what the one line must say)
     (["tokenizer", "train", "--data", "{R}/data.txt", "--vocab-size", "1000000000", "--out", "{O}"],
      r"vocab_size must be an integer in \[259, 16777216\], got 1000000000"),
     (["generate", "--checkpoint", "{R}/hf_positions", "--prompt", "To"],
-     r"the GPT-2 of .*hf_positions/config.json \(16,000,000,006,400 parameters.*needs about .* TiB of memory"),
+     r"the GPT-2 of .*hf_positions/config.json \(16,000,000,006,400 parameters.*needs about [\d,]+\.\d\d GB of memory"),
     (["generate", "--checkpoint", "{R}/hf_eps_str", "--prompt", "To"],
      r"hf_eps_str/config.json: layer_norm_epsilon must be a number >= 0, got 'abc'"),
     (["generate", "--checkpoint", "{R}/hf_list", "--prompt", "To"],
@@ -97,7 +97,7 @@ def test_the_one_line_says_what_is_wrong(root, tmp_path, words, message):
     import shutil
     from unittest import mock
 
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     run = str(tmp_path / "run")
     shutil.copytree(os.path.join(root, "lm"), run)
@@ -118,7 +118,7 @@ def test_the_one_line_says_what_is_wrong(root, tmp_path, words, message):
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(root, tmp_path, capsys):
     import shutil
 
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     run = str(tmp_path / "run")
     shutil.copytree(os.path.join(root, "lm"), run)

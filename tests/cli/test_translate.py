@@ -7,7 +7,8 @@ import io
 import pytest
 
 from fastformer import use_backend
-from fastformer.cli.commands import main, recase
+from fastformer.cli import main
+from fastformer.cli.translate import recase
 from fastformer.data.pairs import readable
 from fastformer.generation.search import translate
 from fastformer.training.checkpoint import load_checkpoint

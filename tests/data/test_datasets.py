@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.data import datasets
 from fastformer.errors import FastformerError
 

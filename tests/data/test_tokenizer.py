@@ -143,7 +143,7 @@ def test_unknown_tokenizer_file(tmp_path):
 
 
 def test_cli_tokenizer_train(tmp_path, capsys):
-    from fastformer.cli.commands import main
+    from fastformer.cli import main
 
     (tmp_path / "a.txt").write_text("abc cab\n", encoding="utf-8")
     assert main(["tokenizer", "train", "--kind", "char", "--data", str(tmp_path / "a.txt"), "--out",

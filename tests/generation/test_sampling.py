@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fastformer import LMConfig, TransformerLM
-from fastformer.generation.sampling import filter_top_k, filter_top_p, next_token_probs, sample_next
+from fastformer.generation.sampling import cut_at_eos, filter_top_k, filter_top_p, next_token_probs, sample_next
 
 CFG = LMConfig(vocab_size=13, max_seq_len=8, d_model=16, n_heads=2, d_ff=32, n_layers=1)
 
@@ -90,6 +90,14 @@ def test_stops_at_eos(model):
     out = model.generate(prompt, 10, temperature=0.0, eos_id=eos)
     first = int(np.flatnonzero(greedy[3:] == eos)[0]) + 3
     assert np.array_equal(out, greedy[:first + 1]) and out[-1] == eos
+
+
+def test_cut_at_eos():
+    row = np.array([5, 2, 7, 2, 9])
+    assert cut_at_eos(row, 2).tolist() == [5]
+    assert cut_at_eos(row, 2, keep=True).tolist() == [5, 2]  # the first <eos> only, kept
+    assert cut_at_eos(row, 4).tolist() == row.tolist() and cut_at_eos(row, None).tolist() == row.tolist()
+    assert cut_at_eos(np.array([2, 5]), 2).tolist() == []
 
 
 def test_bad_arguments(model):

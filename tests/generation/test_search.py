@@ -55,7 +55,7 @@ def uncached_greedy(model, src, mask, max_len):
     return out
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(positional="sinusoidal", norm_first=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(positions="sinusoidal", norm_first=False)])
 def test_cached_greedy_equals_uncached(kw):
     model = small_model(**kw)
     src, mask = sources()

@@ -16,9 +16,9 @@ SEQ2SEQ_CONFIGS = [
     Seq2SeqConfig(src_vocab_size=31, tgt_vocab_size=57, max_src_len=9, max_tgt_len=13, d_model=12, n_heads=3,
                   d_ff=20, n_encoder_layers=1, n_decoder_layers=3, tie_embeddings=False),
     Seq2SeqConfig(src_vocab_size=40, tgt_vocab_size=40, d_model=16, n_heads=2, d_ff=24, n_encoder_layers=3,
-                  n_decoder_layers=1, positional="sinusoidal", activation="relu", norm_first=False),
+                  n_decoder_layers=1, positions="sinusoidal", activation="relu", norm_first=False),
     Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=300, max_src_len=3, max_tgt_len=4, d_model=10, n_heads=5,
-                  d_ff=6, n_encoder_layers=2, n_decoder_layers=1, positional="sinusoidal", dropout=0.2),
+                  d_ff=6, n_encoder_layers=2, n_decoder_layers=1, positions="sinusoidal", dropout=0.2),
 ]
 
 
@@ -28,7 +28,7 @@ def test_lm_count_matches_the_model(cfg):
     assert count_parameters(cfg) == model.num_parameters() == sum(p.size for p in model.state_dict().values())
 
 
-@pytest.mark.parametrize("cfg", SEQ2SEQ_CONFIGS, ids=lambda c: f"s2s-tied{c.tie_embeddings}-{c.positional}")
+@pytest.mark.parametrize("cfg", SEQ2SEQ_CONFIGS, ids=lambda c: f"s2s-tied{c.tie_embeddings}-{c.positions}")
 def test_seq2seq_count_matches_the_model(cfg):
     model = Seq2SeqTransformer(cfg)
     assert count_parameters(cfg) == model.num_parameters() == sum(p.size for p in model.state_dict().values())

@@ -240,7 +240,7 @@ def test_gpt2_decode_step_refuses_bad_input(ops):
 def test_stream_text_holds_back_partial_characters_and_stops():
     import io
 
-    from fastformer.cli.commands import stream_text
+    from fastformer.cli.generate import stream_text
     from fastformer.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
@@ -275,3 +275,20 @@ def test_decode_layout_names_every_parameter_for_the_kernel_slots(tied):
     assert set(names) == set(m.state_dict()) and len(set(names)) == len(names) - tied  # a tied head is wte again
     offsets = m.packed_weights().offsets
     assert [m.flat.offsets[n] for n in names] == offsets.tolist()
+
+
+def test_decode_path_names_each_way_a_step_runs():
+    from fastformer.models.lm import FUSED_DECODE_MAX_ROWS
+
+    m = TransformerLM(CFG, seed=0)
+    state = m.init_state(2)
+    assert m.decode_path(2, 5, state) == "composed"  # a prompt
+    m.step(np.ones((2, 5), np.int64), state)
+    assert m.decode_path(2, 1, state) == "fused"
+    assert m.decode_path(FUSED_DECODE_MAX_ROWS + 1, 1, state) == "composed"
+    assert m.decode_path(2, CFG.max_seq_len - 4, state) == "window"  # 5 + 20 > 24
+    assert m.decode_path(2, 1, m.init_state(2, use_cache=False)) == "uncached"
+    sinusoidal = TransformerLM(dataclasses.replace(CFG, positions="sinusoidal"), seed=0)
+    state = sinusoidal.init_state(1)
+    sinusoidal.step(np.ones((1, 3), np.int64), state)
+    assert sinusoidal.decode_path(1, 1, state) == "composed"  # the fused kernel reads wpe

@@ -27,10 +27,10 @@ def padded_batch(cfg, seed=0):
 
 
 @pytest.mark.parametrize("variant", [
-    dict(tie_embeddings=True, positional="learned"),
-    dict(tie_embeddings=False, positional="learned"),
-    dict(tie_embeddings=True, positional="sinusoidal"),
-    dict(tie_embeddings=False, positional="sinusoidal", activation="relu"),
+    dict(tie_embeddings=True, positions="learned"),
+    dict(tie_embeddings=False, positions="learned"),
+    dict(tie_embeddings=True, positions="sinusoidal"),
+    dict(tie_embeddings=False, positions="sinusoidal", activation="relu"),
     dict(norm_first=False),
 ])
 def test_gradients_match_finite_differences(variant):
@@ -121,7 +121,7 @@ def test_dropout_is_deterministic_from_seed():
 @pytest.mark.parametrize("field,value,message", [
     ("d_model", 9, "divisible by n_heads"),
     ("activation", "swish", "activation must be one of"),
-    ("positional", "rotary", "positional must be one of"),
+    ("positions", "rotary", "positions must be one of"),
     ("dropout", 1.0, "dropout must be"),
     ("n_decoder_layers", 0, "n_decoder_layers must be an integer >= 1"),
     ("norm_first", 1, "norm_first must be True or False"),

@@ -26,7 +26,7 @@ def make_batch(cfg, rng, B=3, S=6, T=5):
 
 @pytest.mark.parametrize("variant", [
     dict(),  # the configuration: gelu, pre-LN, learned positions, tied
-    dict(tie_embeddings=False, positional="sinusoidal"),
+    dict(tie_embeddings=False, positions="sinusoidal"),
     dict(activation="relu", norm_first=False),
 ])
 def test_logits_and_grads_match_torch(backend, variant):

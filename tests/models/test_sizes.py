@@ -15,10 +15,10 @@ from fastformer.training.config import RunConfig, TrainConfig, check_training_me
 
 
 def test_a_model_too_large_is_refused_before_allocation():
-    huge = LMConfig(max_seq_len=10 ** 12)  # 64 * 10**12 position weights: 233 TiB of float32
+    huge = LMConfig(max_seq_len=10 ** 12)  # 64 * 10**12 position weights: 256 TB of float32
     assert count_parameters(huge) == count_parameters(LMConfig()) + (10 ** 12 - 128) * 64
     with pytest.raises(FastformerError, match=r"the model \(64,000,000,\d{3},\d{3} parameters.*needs about "
-                                              r"465\.7 TiB of memory, but only"):
+                                              r"512,000\.\d\d GB of memory, but only"):
         TransformerLM(huge)
     with mock.patch("fastformer.errors.available_memory", return_value=10 ** 6):  # 1 MB: even the defaults fail
         with pytest.raises(FastformerError, match="make the model smaller"):
@@ -34,8 +34,8 @@ def test_training_memory_grows_with_the_batch_and_is_checked_against_what_is_ava
     assert 4 * 4 * count_parameters(cfg) < small < large < 2 * small
     run = RunConfig(model=cfg, train=TrainConfig(batch_size=100_000, seq_len=128))
     with mock.patch("fastformer.errors.available_memory", return_value=8 << 30):
-        with pytest.raises(FastformerError, match=r"micro-batches of 100000 x 128 tokens needs about 16\d\.\d GiB "
-                                                  r"of memory, but only 8\.0 GiB is available: .*grad_accum_steps"):
+        with pytest.raises(FastformerError, match=r"micro-batches of 100000 x 128 tokens needs about 17\d\.\d\d GB "
+                                                  r"of memory, but only 8\.59 GB is available: .*grad_accum_steps"):
             check_training_memory(run)
         # accumulation over micro-batches, or ranks, shrink the activations that must fit at once
         fits = RunConfig(model=cfg, train=TrainConfig(batch_size=32, seq_len=128))
@@ -57,7 +57,7 @@ def test_available_memory_and_check_memory():
     assert have is None or have > 0
     assert check_memory("a little", 1024) == 1024
     with mock.patch("fastformer.errors.available_memory", return_value=1 << 20):
-        with pytest.raises(FastformerError, match=r"^x needs about 2\.0 MiB of memory, but only 1\.0 MiB is "
+        with pytest.raises(FastformerError, match=r"^x needs about 2\.10 MB of memory, but only 1\.05 MB is "
                                                   r"available: smaller$"):
             check_memory("x", 2 << 20, "smaller")
     with mock.patch("fastformer.errors.available_memory", return_value=None):  # unknown: not refused
@@ -88,3 +88,21 @@ def test_load_json_names_the_file(tmp_path):
             load_json(str(p), "thing")
     p.write_text(json.dumps({"a": [1]}))
     assert load_json(str(p)) == {"a": [1]}
+
+
+def test_configs_in_budget_without_the_command_line():
+    from fastformer.models.sizes import BUDGET_ASPECT, configs_in_budget, default_heads
+
+    found = configs_in_budget(LMConfig(), 2_000_000, 3_000_000)
+    assert found and [n for n, _ in found] == sorted(n for n, _ in found)
+    for n, c in found:
+        assert 2_000_000 <= n <= 3_000_000 and n == count_parameters(c)
+        assert c.d_ff == 4 * c.d_model and c.n_heads == default_heads(c.d_model)
+        assert BUDGET_ASPECT[0] <= c.d_model / c.n_layers <= BUDGET_ASPECT[1]
+    pinned = configs_in_budget(LMConfig(), 2_000_000, 3_000_000, pinned={"n_layers"})
+    assert pinned and all(c.n_layers == LMConfig().n_layers for _, c in pinned)
+    seq2seq = configs_in_budget(Seq2SeqConfig(), 1_000_000, 2_000_000)
+    assert seq2seq and all(c.n_encoder_layers == c.n_decoder_layers for _, c in seq2seq)
+    fixed = configs_in_budget(Seq2SeqConfig(), 1_000_000, 2_000_000, pinned={"n_decoder_layers"})
+    assert fixed and all(c.n_decoder_layers == Seq2SeqConfig().n_decoder_layers for _, c in fixed)
+    assert default_heads(768) == 12 and default_heads(100) == 2

@@ -73,7 +73,7 @@ def torch_seq2seq_module(config):
             self.config = c
             self.src_embed = nn.Embedding(c.src_vocab_size, C)
             self.tgt_embed = nn.Embedding(c.tgt_vocab_size, C)
-            if c.positional == "learned":
+            if c.positions == "learned":
                 self.src_pos_embed = nn.Embedding(c.max_src_len, C)
                 self.tgt_pos_embed = nn.Embedding(c.max_tgt_len, C)
             else:
@@ -92,7 +92,7 @@ def torch_seq2seq_module(config):
         def _embed(self, ids, side):
             L = ids.shape[1]
             tok = getattr(self, side + "_embed")(ids) * self.config.d_model ** 0.5
-            if self.config.positional == "learned":
+            if self.config.positions == "learned":
                 pos = getattr(self, side + "_pos_embed").weight[:L]
             else:
                 pos = self.pos_table[:L].to(tok.dtype)

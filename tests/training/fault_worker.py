@@ -15,7 +15,7 @@ from safetensors.numpy import save
 
 import fastformer.atomic as atomic
 import fastformer.training.checkpoint as checkpoint
-from fastformer.cli.commands import main
+from fastformer.cli import main
 
 LOG, SLEEP = sys.argv[1], float(sys.argv[2])
 

@@ -16,7 +16,7 @@ from test_trainer import TEXT, tiny_config
 import fastformer.atomic as atomic
 import fastformer.training.checkpoint as checkpoint
 from fastformer.atomic import temp_target
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training.checkpoint import checkpoint_dirs, checkpoint_files, load_checkpoint, load_model
 from fastformer.training.export import export_hf

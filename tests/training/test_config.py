@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training.config import (
     PRESETS,
@@ -137,3 +137,30 @@ def test_checked_values_come_back_as_python_numbers():
     t = TrainConfig(batch_size=np.int64(8), lr=1)
     assert type(t.batch_size) is int and type(t.lr) is float
     assert yaml.safe_load(yaml.safe_dump(dataclasses.asdict(t)))["batch_size"] == 8
+
+
+def test_the_old_name_of_seq2seq_positions_is_still_read(tmp_path):
+    """seq2seq.positional is seq2seq.positions, as the language model names it; configs and
+    checkpoints written before the rename still load, and are written back with the new name."""
+    path = tmp_path / "old.yaml"
+    path.write_text("seq2seq: {positional: sinusoidal}\ndata: {task: reverse}\n")
+    config = load_config(str(path))
+    assert config.seq2seq.positions == "sinusoidal"
+    assert apply_overrides(RunConfig(), ["seq2seq.positional=sinusoidal"]).seq2seq.positions == "sinusoidal"
+    from fastformer.models.config import Seq2SeqConfig
+
+    assert Seq2SeqConfig.from_dict({"positional": "sinusoidal"}).positions == "sinusoidal"
+    save_config(config, str(tmp_path / "new.yaml"))
+    saved = yaml.safe_load((tmp_path / "new.yaml").read_text())["seq2seq"]
+    assert saved["positions"] == "sinusoidal" and "positional" not in saved
+
+
+def test_each_kind_is_answered_by_its_config_and_one_table():
+    from fastformer.training.tasks import KINDS, make_task
+
+    for task in ("text", "reverse", "pairs"):
+        config = RunConfig(data=DataConfig(task=task))
+        assert type(config.model_config()) is KINDS[config.kind].config
+        assert config.model_config().kind == config.kind
+    run = make_task(RunConfig(data=DataConfig(task="reverse")))
+    assert type(run) is KINDS["seq2seq"].task and type(run.new_model(0)) is KINDS["seq2seq"].model

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training import distributed
 from fastformer.training.config import ModelConfig, RunConfig, TrainConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastformer import LMConfig, TransformerLM
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.data.tokenizer import ByteTokenizer
 from fastformer.errors import FastformerError
 from fastformer.training.evaluate import evaluate_lm

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from small_runs import TEXT
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.data.bpe import GPT2_SPECIAL, BPETokenizer
 from fastformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from fastformer.errors import FastformerError

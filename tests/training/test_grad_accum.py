@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from small_runs import TEXT, make_config
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.data.pairs import make_batch
 from fastformer.errors import FastformerError
 from fastformer.models.config import LMConfig, Seq2SeqConfig

@@ -15,7 +15,7 @@ import warnings
 import pytest
 from small_runs import TEXT
 
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.training import trainer as trainer_module
 from fastformer.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
 from fastformer.training.config import ModelConfig, RunConfig, TrainConfig

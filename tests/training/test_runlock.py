@@ -13,7 +13,7 @@ import pytest
 from test_trainer import TEXT, tiny_config
 
 import fastformer.training.runlock as runlock
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training.runlock import LOCK_FILE, lock_run_dir
 from fastformer.training.trainer import Trainer

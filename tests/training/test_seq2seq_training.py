@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastformer import Seq2SeqTransformer, use_backend
-from fastformer.cli.commands import main
+from fastformer.cli import main
 from fastformer.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer, load_tokenizer
 from fastformer.errors import FastformerError
 from fastformer.models.seq2seq import Seq2SeqConfig
