@@ -33,6 +33,9 @@ def add_parser(sub):
                    help="data-parallel over MPI even if no MPI launcher is detected (mpiexec -n N is "
                         "detected by itself); needs pip install \"fastformer[mpi]\"")
     p.add_argument("--seed", type=int, help="train.seed (default: the config's, 0)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="train.precision: the matrix products in float32 "
+                                                                 "or with bfloat16 products (a CPU with AVX-512 "
+                                                                 "BF16; default: the config's, fp32)")
     add_backend(p)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable; default: none)")
@@ -81,6 +84,8 @@ def resolve_train_config(args):
         flags.append(f"train.seed={args.seed}")
     if args.max_steps is not None:
         flags.append(f"train.max_steps={args.max_steps}")
+    if args.precision is not None:
+        flags.append(f"train.precision={args.precision}")
     resolved = apply_overrides(config, flags + list(args.set))
     if args.resume and resolved.data.tokenizer != config.data.tokenizer:
         raise FastformerError(f"--resume continues with the run's own tokenizer (data.tokenizer="
@@ -130,7 +135,8 @@ def main(args):
     if trainer.is_main:
         source = [f"weights from {trainer.init_from}"] if trainer.init_from else []
         print(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
-                           f"{trainer.task.describe()}", *source, f"backend {get_backend()}{ranks}",
+                           f"{trainer.task.describe()}", *source,
+                           f"backend {get_backend()}{ranks}, precision {trainer.config.train.precision}",
                            f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
                           sep="; "), flush=True)
     start = time.perf_counter()

@@ -12,6 +12,11 @@ Both accept and refuse the same inputs, read-only arrays included, and treat NaN
 alike (docs/architecture.md states the rules). The op modules live in `ops/`, one per op;
 `backends.py` binds them.
 
+The precision of the matrix products on float32 arrays (`set_precision`, `use_precision`):
+"float32" (BLAS) by default, or "bfloat16" (bfloat16 products, float32 sums: kernels/ops/gemm_bf16.py),
+which the Numba backend runs on a CPU with AVX-512 BF16 and the reference emulates anywhere.
+Everything else (layernorm, softmax, the loss, the optimizer) stays float32 either way.
+
 Choosing a backend the first time also applies the process settings (threads, allocator, BLAS
 spin: `process.apply_process_settings`); nothing is applied when this package is imported.
 """
@@ -23,9 +28,11 @@ from fastformer.errors import FastformerError
 from fastformer.kernels.checks import IGNORE_INDEX  # noqa: F401 (the kernel interface's constant)
 
 BACKENDS = ("auto", "numpy", "numba")
+PRECISIONS = ("float32", "bfloat16")  # of the matrix products of float32 arrays
 ENV_VAR = "FASTFORMER_BACKEND"
 
 _ops = None  # the resolved backend object, made on first use
+_precision = "float32"  # of the matrix products of float32 arrays: set_precision
 
 
 def _numba_ops():
@@ -92,3 +99,37 @@ def use_backend(name):
         yield get_ops()
     finally:
         _ops = prev
+
+
+def check_precision(name):
+    """`name` when the current backend can multiply float32 arrays in it here; else one line
+    saying what is missing (an unknown name, or the CPU feature bfloat16 needs)."""
+    if name not in PRECISIONS:
+        raise FastformerError(f"unknown precision {name!r}: valid values are {', '.join(PRECISIONS)}")
+    if name not in get_ops().matmul_precisions["float32"]:
+        get_ops().require_precision(name)
+    return name
+
+
+def set_precision(name):
+    """The precision of every matrix product of float32 arrays that does not name its own:
+    "float32" or "bfloat16" (refused, in one line, on a backend or CPU that cannot run it)."""
+    global _precision
+    _precision = check_precision(name)
+
+
+def get_precision():
+    """The precision of the matrix products of float32 arrays: "float32" or "bfloat16"."""
+    return _precision
+
+
+@contextlib.contextmanager
+def use_precision(name):
+    """Context manager: run a block with another matmul precision, then restore the previous one."""
+    global _precision
+    prev = _precision
+    set_precision(name)
+    try:
+        yield name
+    finally:
+        _precision = prev

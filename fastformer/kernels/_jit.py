@@ -65,12 +65,12 @@ class _ReadOnly:
         return self.dtype[index].copy(readonly=True)
 
 
-def _sigs(template):
-    """The float32 and the float64 signature of a kernel: `template` with F replaced by the float
-    type and R by the same type read-only, evaluated with Numba's type names as Numba evaluates
-    a signature string."""
+def _sigs(template, floats=FLOAT_TYPES):
+    """The float32 and the float64 signature of a kernel (those of `floats`): `template` with F
+    replaced by the float type and R by the same type read-only, evaluated with Numba's type
+    names as Numba evaluates a signature string."""
     names = {**vars(types), "readonly": _ReadOnly}
-    return [eval(template.replace("R", "readonly(F)").replace("F", f), names) for f in FLOAT_TYPES]
+    return [eval(template.replace("R", "readonly(F)").replace("F", f), names) for f in floats]
 
 
 _KERNELS = []  # every Kernel, for compile_float64
@@ -82,9 +82,9 @@ class Kernel:
     cache), and for float64 as well once `compile_float64` has run, which the first call with
     float64 arrays does. No other type ever compiles."""
 
-    def __init__(self, fn, template, parallel):
+    def __init__(self, fn, template, parallel, floats=FLOAT_TYPES):
         self.py_func, self.__name__ = fn, fn.__name__
-        self.template, self.parallel = template, parallel
+        self.template, self.parallel, self.floats = template, parallel, floats
         self.dispatcher = None
         _KERNELS.append(self)
 
@@ -96,7 +96,7 @@ class Kernel:
         if numba.config.DISABLE_JIT:  # the kernels run as plain Python functions
             self.dispatcher = self.py_func
             return self.py_func
-        sigs = _sigs(self.template)
+        sigs = _sigs(self.template, self.floats)
         if not _float64_ready:
             sigs = sigs[:1]
         # numba.njit(sigs, cache=True), with the cache entry stamped by the kernel's dependencies
@@ -141,15 +141,16 @@ def compile_float64():
         return
     _float64_ready = True
     for k in _KERNELS:
-        if k.dispatcher is not None:
+        if k.dispatcher is not None and len(k.floats) > 1:
             k.jit()
 
 
 _SERIAL = {}  # kernel name -> its serial twin
 
 
-def kernel(template, parallel=True, serial_twin=False):
-    """Make `fn` a `Kernel` with the float32 and float64 signatures of `template`.
+def kernel(template, parallel=True, serial_twin=False, floats=FLOAT_TYPES):
+    """Make `fn` a `Kernel` with the float32 and float64 signatures of `template` (those of
+    `floats`: ("float32",) for a kernel that exists for float32 only).
 
     With `serial_twin`, the same function also becomes a kernel without threads (prange runs as
     range) for `sized()` to pick on small inputs: starting a parallel region costs tens of
@@ -160,8 +161,8 @@ def kernel(template, parallel=True, serial_twin=False):
             twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
             twin.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in the disk cache
             twin.__module__ = fn.__module__
-            _SERIAL[fn.__name__] = Kernel(twin, template, parallel=False)
-        return Kernel(fn, template, parallel)
+            _SERIAL[fn.__name__] = Kernel(twin, template, parallel=False, floats=floats)
+        return Kernel(fn, template, parallel, floats)
 
     return make
 

@@ -16,6 +16,7 @@ from fastformer.kernels.ops import (
     attention_cached,
     cross_entropy,
     embedding,
+    gemm_bf16,
     gpt2_decode,
     layernorm,
     matmul,
@@ -27,10 +28,12 @@ class NumpyOps:
     """The reference kernels (pure NumPy, GEMMs on NumPy's BLAS)."""
 
     name = "numpy"
-    matmul_precisions = {"float32": ("float32",), "float64": ("float64",)}  # what `precision=` may ask
+    matmul_precisions = {"float32": ("float32", "bfloat16"), "float64": ("float64",)}  # what `precision=` may ask
 
     linear_forward = matmul.linear_forward
     linear_backward = matmul.linear_backward
+    pack = matmul.pack
+    require_precision = matmul.require_precision
     matmul = matmul.matmul  # last: the name is the method's from here on
     softmax_forward = softmax.softmax_forward
     softmax_backward = softmax.softmax_backward
@@ -59,14 +62,19 @@ class NumpyOps:
 
 class NumbaOps(NumpyOps):
     """The jitted, fused and parallel kernels; the same signatures and results. What is not
-    bound here (the matrix products, the backwards that return what the forward already made)
-    is the reference's."""
+    bound here (the linear pair, built on `matmul`; the backwards that return what the forward
+    already made) is the reference's."""
 
     name = "numba"
 
     def __init__(self):
         if numba is None:
             raise ImportError("No module named 'numba'")
+        bf16 = ("bfloat16",) if gemm_bf16.cpu_has_bf16() else ()  # nothing of it is compiled otherwise
+        self.matmul_precisions = {"float32": ("float32", *bf16), "float64": ("float64",)}
+
+    pack = matmul.pack_numba
+    matmul = matmul.matmul_numba  # last: the name is the method's from here on
 
     softmax_forward = softmax.softmax_forward_numba
     softmax_backward = softmax.softmax_backward_numba

@@ -8,10 +8,26 @@ the BLAS and the Numba thread pools, which on a busy machine wait for each other
 """
 
 import concurrent.futures
+import threading
 
 from fastformer.kernels.process import applied_threads, blas_threads
 
 _pool = None  # (threads, executor), made at the first call that needs two threads or more
+_here = threading.local()  # .inside: this thread runs a task of the pool
+
+
+def in_task():
+    """Whether the calling thread is running a task of the pool: its kernels should not start
+    threads of their own."""
+    return getattr(_here, "inside", False)
+
+
+def _run(fn, args):
+    _here.inside = True
+    try:
+        fn(*args)
+    finally:
+        _here.inside = False
 
 
 def task_threads():
@@ -31,5 +47,5 @@ def run_tasks(tasks):
     if _pool is None or _pool[0] != threads:
         _pool = threads, concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-tasks")
     with blas_threads(1):
-        for f in [_pool[1].submit(fn, *args) for fn, args in tasks]:
+        for f in [_pool[1].submit(_run, fn, args) for fn, args in tasks]:
             f.result()

@@ -20,9 +20,20 @@ import yaml
 from fastformer.atomic import atomic_open
 from fastformer.data.pairs import TASKS as SYNTHETIC_TASKS
 from fastformer.data.pairs import parse_alphabet
-from fastformer.errors import FastformerError, check_bool, check_int, check_memory, check_number, is_int, read_utf8
+from fastformer.errors import (
+    FastformerError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_memory,
+    check_number,
+    is_int,
+    read_utf8,
+)
 from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters, training_memory
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
+
+MATMUL_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}  # train.precision -> the kernels' name
 
 ModelConfig = LMConfig
 # data.task -> the section of the model it trains: "text" the language model of `model`, every
@@ -114,6 +125,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
     check_sync_interval: int = 0  # data parallel: steps between comparing a checksum of the weights across
     #                               ranks (a drift stops the run); 0 turns it off
+    precision: str = "fp32"  # fp32 | bf16: the matrix products of the forward and backward (bf16: bfloat16
+    #                          products, float32 sums, on a CPU with AVX-512 BF16; weights, optimizer and the
+    #                          other math stay float32)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval", "eval_interval",
@@ -134,6 +148,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise FastformerError(f"train.optimizer {self.optimizer!r} is not known: "
                                   f"valid values are {', '.join(OPTIMIZERS)}")
+        check_choice("train.precision", self.precision, tuple(MATMUL_PRECISION))
         if self.schedule not in SCHEDULES:
             raise FastformerError(f"train.schedule {self.schedule!r} is not known: "
                                   f"valid values are {', '.join(SCHEDULES)}")

@@ -61,6 +61,7 @@ from tqdm import tqdm
 from fastformer import seeds
 from fastformer.atomic import atomic_open
 from fastformer.errors import FastformerError, check_bool, check_int
+from fastformer.kernels import check_precision, use_precision
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
 from fastformer.training.checkpoint import (
     checkpoint_dirs,
@@ -69,7 +70,7 @@ from fastformer.training.checkpoint import (
     save_checkpoint,
     sweep_run_dir,
 )
-from fastformer.training.config import RunConfig, check_training_memory, save_config
+from fastformer.training.config import MATMUL_PRECISION, RunConfig, check_training_memory, save_config
 from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.finetune import check_init_config, init_config, load_init_source
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
@@ -217,6 +218,7 @@ class Trainer:
                 f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps} "
                 f"x {comm.size} ranks: the global batch is a per-rank micro-batch x grad_accum_steps x ranks; "
                 f"choose a batch_size that is a multiple of {t.grad_accum_steps * comm.size}")
+        check_precision(MATMUL_PRECISION[t.precision])  # a CPU without bfloat16 refuses bf16 now, not mid-run
 
         # data: the task's tokenizers (a resumed run's own), its batches and validation data;
         # the model's vocabulary sizes follow the tokenizers
@@ -333,10 +335,13 @@ class Trainer:
                     # forward and backward: the batch's mean loss, its gradient into the flat buffer
                     # (in train.grad_accum_steps micro-batches, weighted by their counted tokens;
                     # with several ranks, this rank's rows, then summed over the ranks)
-                    if comm.size == 1:
-                        loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
-                    else:
-                        loss = self._data_parallel_loss_and_grads(batch_rows(batch, comm.rank, comm.size), grad_acc)
+                    # (train.precision: the matrix products in float32 or with bfloat16 products)
+                    with use_precision(MATMUL_PRECISION[t.precision]):
+                        if comm.size == 1:
+                            loss = accumulated_loss_and_grads(model, batch, t.grad_accum_steps, grad_acc)
+                        else:
+                            loss = self._data_parallel_loss_and_grads(batch_rows(batch, comm.rank, comm.size),
+                                                                      grad_acc)
                     # clip the global gradient norm; a non-finite loss or norm stops before the update
                     # (the same numbers on every rank, so every rank stops at this step)
                     grad_norm = clip_grad_norm(flat.grad, t.grad_clip)

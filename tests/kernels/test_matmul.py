@@ -47,6 +47,6 @@ def test_precision_is_the_arrays_own_or_refused(ops, dtype):
     np.testing.assert_array_equal(ops.matmul(a, b, precision=own), ops.matmul(a, b))
     y, cache = ops.linear_forward(a, b, precision=own)
     assert cache.precision == own
-    with pytest.raises(FastformerError, match=f"precision must be None or one of '{own}' for {own} arrays on the "
-                                              f"{ops.name} backend, got 'bfloat16'"):
-        ops.linear_forward(a, b, precision="bfloat16")
+    with pytest.raises(FastformerError, match=f"precision must be None or one of '{own}'.* for {own} arrays on "
+                                              f"the {ops.name} backend, got 'float16'"):
+        ops.linear_forward(a, b, precision="float16")

@@ -28,8 +28,9 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
                 ops.relu_forward(x, b)[0]]
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
-                              "_attention_fwd", "_relu_fwd", "_cross_entropy_fwd_inplace"}
-    direct = {"_cross_entropy_fwd_inplace"}  # the fused LM head's threads call this twin themselves (K.serial)
+                              "_attention_fwd", "_relu_fwd", "_cross_entropy_fwd_inplace", "_gemm"}
+    # called through K.serial by their op: the fused LM head's threads, and the bf16 GEMM below its threshold
+    direct = {"_cross_entropy_fwd_inplace", "_gemm"}
     picked = []  # the kernel of each call: the two runs must really take different paths
     sized = K.sized
     for module in SIZED_CALLERS:

@@ -40,9 +40,18 @@ def metrics(run):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("dropout, optimizer", [(0.0, "adamw"), (0.2, "adamw"), (0.1, "sgd")])
-def test_resume_is_bit_for_bit(tmp_path, dropout, optimizer):
-    config = tiny_config(dropout, optimizer)
+def _bf16_here():
+    from fastformer.kernels import get_ops
+
+    return "bfloat16" in get_ops().matmul_precisions["float32"]
+
+
+@pytest.mark.parametrize("dropout, optimizer, precision", [(0.0, "adamw", "fp32"), (0.2, "adamw", "fp32"),
+                                                           (0.1, "sgd", "fp32"), (0.2, "adamw", "bf16")])
+def test_resume_is_bit_for_bit(tmp_path, dropout, optimizer, precision):
+    if precision == "bf16" and not _bf16_here():
+        pytest.skip("this backend and CPU have no bfloat16 matrix products")
+    config = tiny_config(dropout, optimizer, precision=precision)
     full = Trainer(config, str(tmp_path / "full"), text=TEXT, verbose=False)
     losses_full = full.train()
     assert len(losses_full) == 8
@@ -60,6 +69,16 @@ def test_resume_is_bit_for_bit(tmp_path, dropout, optimizer):
     assert resumed.model.rng.bit_generator.state == full.model.rng.bit_generator.state
     strip = lambda recs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in recs]  # noqa: E731
     assert strip(metrics(str(tmp_path / "part"))) == strip(metrics(str(tmp_path / "full")))
+
+
+def test_bf16_changes_the_losses_a_little(tmp_path):
+    # guards the bf16 case above: the products really are bfloat16 (and the run records it)
+    if not _bf16_here():
+        pytest.skip("this backend and CPU have no bfloat16 matrix products")
+    a = Trainer(tiny_config(), str(tmp_path / "a"), text=TEXT, verbose=False).train(steps=3)
+    b = Trainer(tiny_config(precision="bf16"), str(tmp_path / "b"), text=TEXT, verbose=False).train(steps=3)
+    assert a != b and max(abs(x - y) for x, y in zip(a, b)) < 0.01 * a[0]
+    assert load_checkpoint(str(tmp_path / "b")).config.train.precision == "bf16"
 
 
 def test_dropout_changes_the_losses(tmp_path):

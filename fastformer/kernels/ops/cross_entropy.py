@@ -250,7 +250,8 @@ def _linear_cross_entropy(ops, h, weight, targets, ignore_index, grad, dweight, 
     workers = max(1, min(workers, len(starts)))
     groups = [g.tolist() for g in np.array_split(np.array(starts, np.int64), workers)]
     parts = [dw] + [np.empty_like(w) for _ in groups[1:]] if grad else [None] * workers
-    run_tasks([(_head_chunks, (ops, rows_loss, h2, w, t, ignore_index, inv_n, chunk, group, nll, dh, part))
+    wt, wn = ops.pack(w.T), (ops.pack(w) if grad else None)  # once for every chunk's products
+    run_tasks([(_head_chunks, (ops, rows_loss, h2, wt, wn, V, t, ignore_index, inv_n, chunk, group, nll, dh, part))
                for group, part in zip(groups, parts)])
     for part in parts[1:] if grad else ():
         dw += part
@@ -258,20 +259,20 @@ def _linear_cross_entropy(ops, h, weight, targets, ignore_index, grad, dweight, 
     return loss, ((dh.reshape(h.shape), dw) if grad else None)
 
 
-def _head_chunks(ops, rows_loss, h2, w, t, ignore_index, inv_n, chunk, starts, nll, dh, dw):
+def _head_chunks(ops, rows_loss, h2, wt, wn, V, t, ignore_index, inv_n, chunk, starts, nll, dh, dw):
     """The chunks of `chunk` rows of `linear_cross_entropy_forward` beginning at `starts`, one
     after another: their nll and, when dh is given, their dh and dw (overwritten, then summed
-    over the chunks)."""
-    N, V = h2.shape[0], w.shape[0]
+    over the chunks). wt and wn are the (V, C) weight transposed and not, as ops.pack made them."""
+    N = h2.shape[0]
     buf = np.empty((max(1, min(chunk, N)), V), h2.dtype)  # (R, V): a chunk's logits, then their gradient
-    part = np.empty_like(w) if dh is not None and len(starts) > 1 else None
+    part = np.empty_like(dw) if dh is not None and len(starts) > 1 else None  # (V, C)
     for i, s in enumerate(starts):
         e = min(N, s + chunk)
-        x = ops.matmul(h2[s:e], w.T, out=buf[:e - s])  # logits of rows s..e
+        x = ops.matmul(h2[s:e], wt, out=buf[:e - s])  # logits of rows s..e
         nll[s:e] = rows_loss(x, t[s:e], ignore_index, inv_n)  # x is now dlogits
         if dh is not None:
             # logits = h @ w.T  ->  dh = dlogits @ w, dw = sum over the chunks of dlogits^T @ h
-            ops.matmul(x, w, out=dh[s:e])
+            ops.matmul(x, wn, out=dh[s:e])
             ops.matmul(x.T, h2[s:e], out=dw if i == 0 else part)
             if i:
                 dw += part

@@ -1,11 +1,16 @@
 """Matrix products: the GEMMs of the linear layers, of the fused LM head and of the attention tiles.
 
 Every matrix product of a training step goes through these, so a backend chooses how (and in
-which precision) the model multiplies without a change to the layers or the models. Both
-backends run them on NumPy's BLAS in the arrays' own dtype today; a backend that brings its own
-GEMM binds its own `matmul` (and, if it keeps packed weights, its own linear pair) and lists
-what it offers in `ops.matmul_precisions`, {array dtype: precisions}. `precision=None` is the
-arrays' own dtype, which every backend offers.
+which precision) the model multiplies without a change to the layers or the models. float32
+and float64 arrays multiply on NumPy's BLAS in their own dtype; float32 arrays may instead
+multiply in "bfloat16" (bfloat16 products, float32 sums: gemm_bf16.py), on the Numba backend with
+its own kernel where the CPU has AVX-512 BF16, on the reference by rounding the inputs exactly as
+that kernel does. `precision=None` is the process's setting (`fastformer.kernels.set_precision`)
+for float32 arrays, the dtype's own for float64; `ops.matmul_precisions` lists what a backend
+offers, {array dtype: precisions}.
+
+`ops.pack(b)` prepares a right operand used by several products (the LM head's weight across its
+chunks): in bfloat16 it is rounded (reference) or packed into the kernel's panels (Numba) once.
 
 Shapes: x (..., Cin), weight (Cin, Cout) (a transposed view of a (Cout, Cin) weight is fine),
 bias (Cout,), out (..., Cout).
@@ -16,6 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from fastformer.errors import FastformerError
+from fastformer.kernels.ops import gemm_bf16
 
 
 class LinearCache(NamedTuple):
@@ -25,23 +31,43 @@ class LinearCache(NamedTuple):
 
 
 def check_precision(ops, precision, dtype):
-    """`precision` when the backend's GEMM offers it for arrays of `dtype` (None: the dtype's own)."""
+    """The precision a product of `dtype` arrays runs in: None for the dtype's own (BLAS), else
+    "bfloat16". `precision` None takes the process's setting for float32 arrays."""
+    dtype = np.dtype(dtype)
     if precision is None:
-        return None
-    offered = ops.matmul_precisions.get(np.dtype(dtype).name, ())
-    if precision not in offered:
+        from fastformer.kernels import get_precision
+
+        precision = get_precision() if dtype == np.float32 else None
+    elif precision not in ops.matmul_precisions.get(dtype.name, ()):
+        offered = ops.matmul_precisions.get(dtype.name, ())
         raise FastformerError(f"precision must be None or one of {', '.join(map(repr, offered))} for "
-                              f"{np.dtype(dtype)} arrays on the {ops.name} backend, got {precision!r}")
-    return precision
+                              f"{dtype} arrays on the {ops.name} backend, got {precision!r}")
+    return None if precision == dtype.name else precision
 
 
+def require_precision(ops, precision):
+    """Refuse, in one line, a precision this backend cannot run here."""
+    if precision == "bfloat16":
+        gemm_bf16.require_bf16()
+    raise FastformerError(f"precision {precision!r} is not offered by the {ops.name} backend")
+
+
+# ---------------------------------------------------------------- reference
 def matmul(ops, a, b, out=None, precision=None):
     """a @ b for 2-D float arrays of one dtype (any strides), written into `out` (a view NumPy can
-    write, such as a slice of a buffer kept across calls) when given. Returns the product.
-    Callers inside the kernel layer pass checked shapes."""
-    if precision is not None:
-        check_precision(ops, precision, a.dtype)
+    write, such as a slice of a buffer kept across calls) when given; b may be what `pack`
+    returned. Returns the product. Callers inside the kernel layer pass checked shapes."""
+    if check_precision(ops, precision, a.dtype) == "bfloat16":
+        return gemm_bf16.matmul_bf16_reference(a, b, out=out)
     return np.matmul(a, b, out=out)
+
+
+def pack(ops, b, precision=None):
+    """b (K, N) ready to be the right operand of several products: rounded to bfloat16 once when
+    the products are, else b itself."""
+    if check_precision(ops, precision, b.dtype) == "bfloat16":
+        return gemm_bf16.round_to_bf16(b)
+    return b
 
 
 def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
@@ -53,7 +79,7 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
     if out is not None and not (out.flags.c_contiguous and out.size == N * Cout):
         raise FastformerError(f"out must be a C-contiguous array of {N * Cout} elements "
                               f"{(*x.shape[:-1], Cout)}, got shape {out.shape}")
-    precision = check_precision(ops, precision, x2.dtype)
+    precision = check_precision(ops, precision, x2.dtype) or x2.dtype.name  # fixed now, for the backward too
     y = ops.matmul(x2, weight, out=None if out is None else out.reshape(N, Cout), precision=precision)  # (N, Cout)
     if bias is not None:
         y += bias
@@ -62,7 +88,7 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
 
 def linear_backward(ops, dout, cache, dweight, dbias=None):
     """Writes dweight (Cin, Cout) and dbias (Cout,), when given, in place (views of the gradient
-    buffer); returns dx shaped like the forward's x."""
+    buffer); returns dx shaped like the forward's x. The products run in the forward's precision."""
     # forward: out = x @ weight + bias
     x2, weight, precision = cache
     d2 = dout.reshape(-1, weight.shape[1])  # (N, Cout)
@@ -70,3 +96,18 @@ def linear_backward(ops, dout, cache, dweight, dbias=None):
     if dbias is not None:
         d2.sum(axis=0, out=dbias)
     return ops.matmul(d2, weight.T, precision=precision).reshape(*dout.shape[:-1], weight.shape[0])  # dout W^T
+
+
+# -------------------------------------------------------------------- Numba
+def matmul_numba(ops, a, b, out=None, precision=None):
+    """As the reference, bfloat16 on the kernel of gemm_bf16.py."""
+    if isinstance(b, gemm_bf16.PackedB) or check_precision(ops, precision, a.dtype) == "bfloat16":
+        return gemm_bf16.matmul_bf16(a, b, out=out)
+    return np.matmul(a, b, out=out)
+
+
+def pack_numba(ops, b, precision=None):
+    """As the reference; bfloat16 operands packed into the kernel's panels."""
+    if check_precision(ops, precision, b.dtype) == "bfloat16":
+        return gemm_bf16.pack_b(b)
+    return b

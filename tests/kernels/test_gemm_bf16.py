@@ -1,0 +1,159 @@
+"""bfloat16 matrix products: the rounding, the packers, the kernel against the reference (which
+rounds the inputs exactly as it does and sums in float32), and the precision setting."""
+
+import numpy as np
+import pytest
+
+import fastformer
+from fastformer import FastformerError
+from fastformer.kernels import use_precision
+from fastformer.kernels.ops import gemm_bf16 as G
+
+needs_bf16 = pytest.mark.skipif(not G.cpu_has_bf16(), reason="this CPU has no AVX-512 BF16: the kernel is not "
+                                                             "compiled here (the reference parts still run)")
+
+
+def test_round_to_bf16_ties_to_even_and_keeps_nan_and_inf():
+    one = 1.0
+    cases = {one + 2.0 ** -8: one,  # halfway between 1 and 1 + 2^-7: to the even 1
+             one + 3 * 2.0 ** -8: one + 2.0 ** -6,  # halfway between 1 + 2^-7 and 1 + 2^-6: to the even one
+             one + 2.0 ** -7: one + 2.0 ** -7,  # exact
+             -2.5: -2.5, 0.0: 0.0, np.inf: np.inf, -np.inf: -np.inf,
+             3.4e38: np.inf}  # past bfloat16's largest finite value: rounds to infinity as torch's does
+    x = np.array(list(cases), np.float32)
+    np.testing.assert_array_equal(G.round_to_bf16(x), np.array(list(cases.values()), np.float32))
+    nan = G.round_to_bf16(np.array([np.nan, -np.nan], np.float32))
+    assert np.isnan(nan).all()
+    assert not (G.round_to_bf16(np.random.default_rng(0).standard_normal(1000).astype(np.float32))
+                .view(np.uint32) & 0xFFFF).any()
+
+
+def test_round_to_bf16_agrees_with_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal(10000).astype(np.float32) * 10.0 ** np.arange(-5, 5).repeat(1000)
+    np.testing.assert_array_equal(G.round_to_bf16(x), torch.from_numpy(x).bfloat16().float().numpy())
+
+
+def _operand(rng, shape, transposed, strided):
+    """A float32 (rows, cols) operand stored plainly, as a transposed view, or as a strided slice."""
+    rows, cols = shape
+    if transposed:
+        return rng.standard_normal((cols, rows)).astype(np.float32).T
+    if strided:
+        return rng.standard_normal((rows, 2 * cols + 1)).astype(np.float32)[:, 1::2]
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 33), (8, 2, 32), (9, 5, 31), (65, 129, 97), (300, 40, 70)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False)])
+def test_kernel_matches_the_reference(M, K, N, ta, tb):
+    """Shapes across every tile edge (8 rows, 32 columns, odd K), A @ B, A @ B.T, A.T @ B."""
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    a, b = _operand(rng, (M, K), ta, strided=not ta), _operand(rng, (K, N), tb, strided=False)
+    want = G.matmul_bf16_reference(a, b).astype(np.float64)
+    got = G.matmul_bf16(a, b)
+    # float32 sums of K exact products, in another order: a few ulps of the sum of |products|
+    bound = 4 * K * np.finfo(np.float32).eps * (np.abs(G.round_to_bf16(a)) @ np.abs(G.round_to_bf16(b)))
+    assert (np.abs(got - want) <= bound + 1e-30).all()
+
+
+@needs_bf16
+def test_bias_accumulate_read_only_and_packed_operands():
+    rng = np.random.default_rng(2)
+    a, b, bias = (rng.standard_normal(s).astype(np.float32) for s in ((40, 70), (70, 50), (50,)))
+    a.setflags(write=False)
+    b.setflags(write=False)
+    want = G.matmul_bf16_reference(a, b)
+    out = rng.standard_normal((40, 50)).astype(np.float32)
+    before = out.copy()
+    G.matmul_bf16(a, b, out=out, bias=bias, accumulate=True)
+    np.testing.assert_allclose(out, before + want + bias, rtol=1e-5, atol=1e-4)
+    packed = G.pack_b(b)
+    np.testing.assert_allclose(G.matmul_bf16(a, packed), want, rtol=1e-5, atol=1e-4)
+    view = np.zeros((50, 40), np.float32).T  # an output written through a transposed view
+    G.matmul_bf16(a, packed, out=view)
+    np.testing.assert_allclose(view, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_bf16
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packers_hold_the_rounded_values_in_pairs(transposed):
+    rng = np.random.default_rng(3)
+    b = _operand(rng, (5, 37), transposed, strided=False)  # K = 5: an odd row of pairs, N = 37: two panels
+    panels = G.pack_b(b).panels  # (2, 3, 32)
+    lo = (panels & 0xFFFF).astype(np.uint32) << 16
+    hi = panels & np.uint32(0xFFFF0000)
+    unpacked = np.stack((lo, hi), axis=2).view(np.float32)  # (2, 3, 2, 32): panel, pair, row of the pair, column
+    rows = unpacked.transpose(1, 2, 0, 3).reshape(6, 64)[:5, :37]
+    np.testing.assert_array_equal(rows, G.round_to_bf16(b))
+    assert not unpacked.transpose(1, 2, 0, 3).reshape(6, 64)[5].any() and not rows.size == 0
+    a = _operand(rng, (11, 5), transposed, strided=False)
+    words = G.pack_a(a)  # (16, 3)
+    pairs = np.stack(((words & 0xFFFF).astype(np.uint32) << 16, words & np.uint32(0xFFFF0000)), axis=2)
+    np.testing.assert_array_equal(pairs.view(np.float32).reshape(16, 6)[:11, :5], G.round_to_bf16(a))
+    assert not words[11:].any()
+
+
+@needs_bf16
+def test_nan_and_inf_propagate_as_in_the_reference():
+    a = np.ones((9, 4), np.float32)
+    b = np.ones((4, 33), np.float32)
+    a[2, 1] = np.nan
+    b[3, 5] = np.inf
+    got, want = G.matmul_bf16(a, b), G.matmul_bf16_reference(a, b)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+
+
+def test_reference_linear_layer_in_bfloat16_rounds_its_inputs(ref):
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((6, 10)).astype(np.float32), rng.standard_normal((10, 3)).astype(np.float32)
+    with use_precision("bfloat16"):
+        y, cache = ref.linear_forward(x, w)
+    assert cache.precision == "bfloat16"
+    np.testing.assert_array_equal(y, G.round_to_bf16(x) @ G.round_to_bf16(w))
+    y32, _ = ref.linear_forward(x, w)  # float32 again outside the block
+    np.testing.assert_array_equal(y32, x @ w)
+
+
+@needs_bf16
+def test_a_model_step_in_bfloat16_matches_the_reference(fast_ops, ref):
+    """Loss and every gradient of a small LM in bfloat16: Numba's kernel against the reference's
+    rounding, to float32 summation error; and both near the float32 step."""
+    from fastformer import LMConfig, TransformerLM
+
+    cfg = LMConfig(vocab_size=50, max_seq_len=16, d_model=32, n_heads=2, d_ff=64, n_layers=2)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 50, size=(3, 16))
+    results = {}
+    for name in ("numpy", "numba"):
+        with fastformer.use_backend(name), use_precision("bfloat16"):
+            m = TransformerLM(cfg, seed=0)
+            loss, grads = m.loss_and_grads(ids[:, :-1], ids[:, 1:])
+            results[name] = (loss, m.flat.grad.copy())
+    m = TransformerLM(cfg, seed=0)
+    loss32, _ = m.loss_and_grads(ids[:, :-1], ids[:, 1:])
+    (l_ref, g_ref), (l_nb, g_nb) = results["numpy"], results["numba"]
+    assert abs(l_nb - l_ref) < 1e-5 * abs(l_ref)
+    np.testing.assert_allclose(g_nb, g_ref, rtol=1e-3, atol=1e-5 * np.abs(g_ref).max())
+    assert l_ref != loss32 and abs(l_ref - loss32) < 1e-2 * loss32  # bfloat16 inputs: close, not equal
+
+
+def test_precision_setting_is_checked():
+    with pytest.raises(FastformerError, match="unknown precision 'fp16': valid values are float32, bfloat16"):
+        fastformer.kernels.set_precision("fp16")
+    assert fastformer.kernels.get_precision() == "float32"
+
+
+def test_numba_backend_without_the_cpu_feature_refuses_bfloat16(monkeypatch):
+    pytest.importorskip("numba")
+    from fastformer.kernels.backends import NumbaOps
+
+    monkeypatch.setattr(G, "cpu_has_bf16", lambda: False)
+    ops = NumbaOps()
+    assert ops.matmul_precisions["float32"] == ("float32",)
+    with fastformer.use_backend("numba"):
+        monkeypatch.setattr(fastformer.kernels, "_ops", ops)
+        with pytest.raises(FastformerError, match="bfloat16 needs a CPU with AVX-512 BF16"):
+            fastformer.kernels.set_precision("bfloat16")
