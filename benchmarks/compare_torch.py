@@ -40,7 +40,7 @@ import tempfile
 import time
 
 import numpy as np
-from torch_contenders import SETTINGS, serve
+from torch_contenders import BF16, SETTINGS, serve
 
 from fastformer.cli import bench
 from fastformer.kernels.process import num_threads
@@ -48,6 +48,7 @@ from fastformer.training.config import PRESETS
 
 TRAIN_CONTENDERS = ("numpy", "numba", "torch eager", "torch eager" + SETTINGS, "torch.compile",
                     "torch.compile" + SETTINGS)
+BF16_CONTENDERS = ("numba" + BF16, "torch eager" + BF16, "torch.compile" + BF16)  # --bf16: train.precision, autocast
 BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # variables that choose OpenBLAS's kernels for it
 GEN_CONTENDERS = ("numpy", "numba", "transformers")
 FASTFORMER = ("numpy", "numba")  # the contenders run by this file; the others by torch_contenders.py
@@ -62,8 +63,9 @@ PAUSE = 0.2  # seconds between two contenders' turns, so one's idle threads are 
 def train_call(backend, preset, shape):
     """(step function, the first step's loss) of fastformer's `backend`, warmed up; `shape` is
     (batch, seq_len, vocab_size), None for the preset's (the benchmarks' vocabulary)."""
+    backend, precision = (backend.removesuffix(BF16), "bf16") if backend.endswith(BF16) else (backend, "fp32")
     _, fn = bench.make_train_step(preset, backend, batch=shape[0], seq_len=shape[1],
-                                  vocab_size=shape[2] or bench.VOCAB)
+                                  vocab_size=shape[2] or bench.VOCAB, precision=precision)
     return fn, float(fn())
 
 
@@ -123,7 +125,7 @@ class Contender:
             cmd = [sys.executable, os.path.join(base, "benchmarks", "compare_torch.py"), "--worker", part,
                    name.removesuffix(BASE), preset, str(threads), *(str(x or 0) for x in shape)]
             env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (base, env.get("PYTHONPATH")) if p)}
-        elif name in FASTFORMER:
+        elif name.removesuffix(BF16) in FASTFORMER:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, name, preset, str(threads),
                    *(str(x or 0) for x in shape)]
         else:
@@ -182,10 +184,11 @@ BLAS_SEEN = {}  # {BLAS description: [contenders that reported it]}, filled by r
 PEAK_RSS = {}  # {contender: peak RSS in MB of its process}, filled by run_contenders
 
 
-def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env, shape, with_numpy=True):
+def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, env, shape, with_numpy=True,
+                     bf16=False):
     """{contender: steps/s, or the error text of a torch.compile that failed}."""
-    names = [n for n in TRAIN_CONTENDERS if (with_compile or not n.startswith("torch.compile"))
-             and (with_numpy or n != "numpy")]
+    names = [n for n in TRAIN_CONTENDERS + (BF16_CONTENDERS if bf16 else ())
+             if (with_compile or not n.startswith("torch.compile")) and (with_numpy or n != "numpy")]
     names += [n + BASE for n in FASTFORMER if BASELINE and n in names]
     rates, first, failed = run_contenders("train", names, preset, threads, rounds,
                                           lambda name: numpy_steps if name.startswith("numpy") else steps, env,
@@ -193,8 +196,10 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, 
     for name in failed:
         if not name.startswith("torch.compile"):
             raise SystemExit(f"{preset}: {name} {failed[name]}")
-    if max(first.values()) - min(first.values()) > 1e-3 * abs(first["torch eager"]):
-        raise SystemExit(f"{preset}: the first losses disagree: {first}")
+    for tol, group in ((1e-3, [n for n in first if not n.endswith(BF16)]), (1e-2, list(first))):
+        losses = [first[n] for n in group]  # bfloat16 products: the first losses agree to 1%, not 0.1%
+        if max(losses) - min(losses) > tol * abs(first["torch eager"]):
+            raise SystemExit(f"{preset}: the first losses disagree: {first}")
     return {**rates, **failed}
 
 
@@ -244,6 +249,8 @@ def main():
     ap.add_argument("--no-numpy", action="store_true", help="leave out the NumPy backend (slow at long T)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of every contender (default: FASTFORMER_NUM_THREADS, else the cores)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also train in bfloat16: fastformer's train.precision=bf16, torch under autocast")
     ap.add_argument("--baseline", metavar="DIR", default=None,
                     help="another fastformer checkout whose backends take their turns too (numba@base, numpy@base)")
     args = ap.parse_args()
@@ -282,6 +289,7 @@ def main():
 def print_training(args, n, env):
     """The training table of every preset; returns the torch.compile failures."""
     failures, rss = [], []
+    bf16_rows = []  # (label, rates) for the bfloat16 table
     shapes = ", ".join(sorted({"{} x {}".format(*bench.batch_shape(p, args.batch, T)) for p in args.presets
                                for T in args.seq_len}))
     print(f"training steps/s, batch x seq {shapes}, vocab {args.vocab or bench.VOCAB}, the presets' AdamW; "
@@ -293,7 +301,7 @@ def print_training(args, n, env):
     for preset, T in [(p, T) for p in args.presets for T in args.seq_len]:
         PEAK_RSS.clear()
         r = compare_training(preset, args.rounds, args.steps, args.numpy_steps, not args.no_compile, n, env,
-                             (args.batch, T, args.vocab), not args.no_numpy)
+                             (args.batch, T, args.vocab), not args.no_numpy, args.bf16)
         label = preset if T is None and args.batch is None else \
             "{}@{}x{}".format(preset, *bench.batch_shape(preset, args.batch, T))
         comp = [r.get(name, "not run") for name in ("torch.compile", "torch.compile" + SETTINGS)]
@@ -304,12 +312,29 @@ def print_training(args, n, env):
               f"{ratio(r['numba'], eager, 7)} {ratio(r['numba'], eager_s, 8)} {ratio(r['numba'], comp[0], 8)} "
               f"{ratio(r['numba'], comp[1], 8)}", flush=True)
         AGAINST_BASE.append((f"train {label}", r))
+        if args.bf16:
+            bf16_rows.append((label, r))
         rss.append(f"{label:8s} " + ", ".join(f"{name} {mb:,.0f}" for name, mb in PEAK_RSS.items())
                    + f"; numba/torch eager {PEAK_RSS['numba'] / PEAK_RSS['torch eager']:.2f}x")
+    if bf16_rows:
+        print_bf16(bf16_rows)
     print("peak RSS (MB) of each contender's process:")
     for line in rss:
         print("  " + line)
     return failures
+
+
+def print_bf16(rows):
+    """The bfloat16 table: fastformer's train.precision=bf16 against PyTorch's CPU autocast, and
+    against the float32 contenders of the same rounds."""
+    print("bfloat16 training steps/s: fastformer train.precision=bf16, torch under torch.autocast('cpu', "
+          "torch.bfloat16) (eager and compiled), same rounds")
+    print(f"{'preset':8s} {'numba':>7s} {'eager':>7s} {'compile':>7s}  {'/eager':>8s} {'/compile':>9s} "
+          f"{'/numba fp32':>11s} {'/comp fp32':>10s}")
+    for label, r in rows:
+        mine, eager, comp = r["numba" + BF16], r["torch eager" + BF16], r.get("torch.compile" + BF16, "not run")
+        print(f"{label:8s} {mine:7.2f} {eager:7.2f} {cell(comp, 7)}  {ratio(mine, eager, 7)} {ratio(mine, comp, 8)} "
+              f"{ratio(mine, r['numba'], 10)} {ratio(mine, r.get('torch.compile', 'not run'), 9)}", flush=True)
 
 
 def print_generation(args, n, env):

@@ -97,10 +97,10 @@ class TorchGPT:
     PyTorch eager ops, weights (in, out) as in GPT-2, with torch.optim.AdamW over the same decay
     and no-decay groups as fastformer's optimizer."""
 
-    def __init__(self, spec, state, compile=False):
+    def __init__(self, spec, state, compile=False, autocast=False):
         import torch
 
-        self.spec = spec
+        self.spec, self.autocast = spec, autocast
         self.loss_fn = torch.compile(self.loss) if compile else self.loss
         self.p = {n: torch.nn.Parameter(torch.tensor(a)) for n, a in state.items()}
         decay = set(spec["decay"])
@@ -135,22 +135,28 @@ class TorchGPT:
         return TF.cross_entropy(logits.view(-1, s["vocab_size"]), targets.reshape(-1))
 
     def step(self, ids, targets):
+        import torch
+
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(ids, targets)
+        # PyTorch's documented CPU mixed precision: the forward under autocast, the backward outside it
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss_fn(ids, targets)
         loss.backward()
         self.opt.step()
         return float(loss.detach())
 
 
 def train_call(contender, inputs):
-    """(step function, the first step's loss) of "torch eager" or "torch.compile", warmed up."""
+    """(step function, the first step's loss) of "torch eager" or "torch.compile", warmed up; with
+    the suffix BF16, under torch.autocast to bfloat16."""
     import torch
 
     with np.load(os.path.join(inputs, "weights.npz")) as w:
         state = dict(w)
     with np.load(os.path.join(inputs, "batch.npz")) as b:
         x, y = torch.from_numpy(b["ids"]), torch.from_numpy(b["targets"])
-    net = TorchGPT(read_spec(inputs), state, compile=contender == "torch.compile")
+    net = TorchGPT(read_spec(inputs), state, compile=contender.startswith("torch.compile"),
+                   autocast=contender.endswith(BF16))
     first = net.step(x, y)  # compiles for torch.compile
     return (lambda: net.step(x, y)), first
 
@@ -182,6 +188,7 @@ def generate_call(contender, inputs):
 
 
 SETTINGS = " + fastformer's settings"  # the suffix of a contender run with fastformer's process settings
+BF16 = " bf16"  # the suffix of a training contender in bfloat16: fastformer's train.precision, torch's autocast
 
 
 def main():

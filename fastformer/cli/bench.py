@@ -29,10 +29,10 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer import seeds
-from fastformer.errors import FastformerError, check_int
-from fastformer.kernels import get_backend, get_ops, set_backend, use_backend
+from fastformer.errors import FastformerError, check_choice, check_int
+from fastformer.kernels import get_backend, get_ops, set_backend, use_backend, use_precision
 from fastformer.models.lm import TransformerLM
-from fastformer.training.config import preset
+from fastformer.training.config import MATMUL_PRECISION, preset
 from fastformer.training.optim import AdamW
 
 VOCAB = 4096  # the benchmarks' vocabulary: the LM head of a model with a BPE tokenizer
@@ -68,16 +68,18 @@ def model_flops_per_step(cfg, B, T):
     return 3 * per_token * B * T
 
 
-def gemm_peak_gflops(n=2048, repeats=5):
-    """Best float32 GFLOP/s of an (n, n) @ (n, n) np.matmul in this process."""
+def gemm_peak_gflops(n=2048, repeats=5, precision="fp32"):
+    """Best GFLOP/s of an (n, n) @ (n, n) float32 product in this process: NumPy's BLAS, or with
+    bf16 the kernel interface's bfloat16 product (its packing included)."""
     rng = seeds.bench_stream()
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = a @ b
+    ops = get_ops()
     best = np.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        np.matmul(a, b, out=c)
+        ops.matmul(a, b, out=c, precision=MATMUL_PRECISION[precision])
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -110,17 +112,18 @@ def train_setup(name, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     return TrainSetup(model, optimizer, lr, *synthetic_batch(name, seed, batch, seq_len, vocab_size))
 
 
-def make_train_step(preset, backend=None, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
+def make_train_step(preset, backend=None, seed=0, batch=None, seq_len=None, vocab_size=VOCAB, precision="fp32"):
     """(model, step) for one preset: `step()` runs one training step -- forward, backward and
     AdamW -- on a fixed synthetic batch (the preset's shape, or `batch` x `seq_len`, over
-    `vocab_size` ids) with `backend` (default: the current one) and returns the loss. Nothing is
-    run yet: call `step()` once to warm up (load or compile the kernels)."""
-    backend = backend or get_backend()
+    `vocab_size` ids) with `backend` (default: the current one), its matrix products in
+    `precision` (fp32 or bf16, train.precision's names), and returns the loss. Nothing is run yet:
+    call `step()` once to warm up (load or compile the kernels)."""
+    backend, matmul = backend or get_backend(), MATMUL_PRECISION[check_choice("precision", precision, ("fp32", "bf16"))]
     with use_backend(backend):
         s = train_setup(preset, seed, batch, seq_len, vocab_size)
 
     def step():
-        with use_backend(backend):
+        with use_backend(backend), use_precision(matmul):
             loss, _ = s.model.loss_and_grads(s.ids, s.targets)
             s.optimizer.step(s.lr)
         return loss
@@ -269,7 +272,7 @@ def make_kernel_call(op, preset, backend=None, seed=0, seq_len=None):
     return call
 
 
-def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=None):
+def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=None, precision="fp32"):
     """Time `steps` training steps of `preset` (on `batch` rows of `seq_len` tokens when given);
     returns a dict of the figures."""
     check_int("steps", steps)
@@ -278,7 +281,7 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=No
     if backend is not None:
         set_backend(backend)
     ops = get_ops()
-    model, step = make_train_step(preset, seed=seed, batch=batch, seq_len=seq_len)
+    model, step = make_train_step(preset, seed=seed, batch=batch, seq_len=seq_len, precision=precision)
     cfg, (B, T) = model.config, batch_shape(preset, batch, seq_len)
 
     step()
@@ -288,11 +291,12 @@ def run(preset, backend=None, steps=10, warmup=2, seed=0, batch=None, seq_len=No
     times, loss = time_calls(step, steps)
     step_s = float(np.median(times))
     flops = model_flops_per_step(cfg, B, T)
-    peak = gemm_peak_gflops()
+    peak = gemm_peak_gflops(precision=precision)
     from fastformer.kernels.process import process_info
 
     return {
-        "preset": preset, "backend": ops.name, "config": dataclasses.asdict(cfg), "batch": B, "seq_len": T,
+        "preset": preset, "backend": ops.name, "precision": precision, "config": dataclasses.asdict(cfg),
+        "batch": B, "seq_len": T,
         "steps": steps, "step_s_median": step_s, "step_s_min": float(min(times)),
         "steps_per_s": 1.0 / step_s, "tokens_per_s": B * T / step_s,
         "model_flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
@@ -306,13 +310,14 @@ def format_report(r):
     return "\n".join([
         f"fastformer bench: preset {r['preset']} ({r['config']['d_model']}d, {r['config']['n_heads']} heads, "
         f"d_ff {r['config']['d_ff']}, {r['config']['n_layers']} layers, vocab {r['config']['vocab_size']}), "
-        f"batch {r['batch']} x seq {r['seq_len']}, backend {r['backend']}",
+        f"batch {r['batch']} x seq {r['seq_len']}, backend {r['backend']}, precision {r['precision']}",
         f"  steps/s           {r['steps_per_s']:.2f}   "
         f"(median of {r['steps']} steps: {r['step_s_median'] * 1e3:.1f} ms)",
         f"  tokens/s          {r['tokens_per_s']:,.0f}",
         f"  model FLOPs/step  {r['model_flops_per_step'] / 1e9:.2f} GFLOP",
         f"  achieved          {r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_gemm_peak']:.1f}% of the "
-        f"measured float32 GEMM peak ({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
+        f"measured {'bfloat16' if r['precision'] == 'bf16' else 'float32'} GEMM peak "
+        f"({r['gemm_peak_gflops_per_s']:.1f} GFLOP/s)",
         f"  peak RSS          {r['peak_rss_mb']:.0f} MB",
         f"  first step        {r['first_step_s']:.2f} s after start (backend load/compile + model + step)",
         f"  threads           {numba_line(r['threads'])}",
@@ -337,7 +342,8 @@ def cpu_line(info):
 
 
 def main(args):
-    r = run(args.preset, backend=args.backend, steps=args.steps, batch=args.batch, seq_len=args.seq_len)
+    r = run(args.preset, backend=args.backend, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
+            precision=args.precision)
     print(json.dumps(r) if args.json else format_report(r))
 
 
@@ -351,5 +357,7 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's batch size)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per row (default: the preset's; longer ones get positions of their own)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the step's matrix products: fp32, or bf16 (bfloat16 products; default fp32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=main)
