@@ -35,6 +35,12 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
         assert f"test_generate[{backend}-tiny]" in names
         assert f"test_kernel[{backend}-tiny-attention_backward]" in names
         assert f"test_kernel[{backend}-tiny-lm_head_cross_entropy]" in names
+    from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+    for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
+        assert f"test_gemm[tiny-head-{precision}]" in names
+    if cpu_has_bf16():
+        assert "test_train_step_bf16[tiny]" in names
     for b in results:
         assert b["stats"]["rounds"] == 1
         if b["name"].startswith("test_train_step"):
@@ -43,6 +49,8 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
             assert b["extra_info"]["tokens_per_s"] == pytest.approx(tokens * b["extra_info"]["steps_per_s"])
         if b["name"].startswith("test_generate"):
             assert b["extra_info"]["tokens_per_s"] > 0
+        if b["name"].startswith("test_gemm"):
+            assert b["extra_info"]["gflops_per_s"] > 0
 
 
 def test_asv_suite_discovers_every_benchmark():
@@ -60,6 +68,8 @@ def test_asv_suite_discovers_every_benchmark():
                "AdamW"}
     assert list(bench_kernels.LongAttention.params) == [["numpy", "numba"], [1024, 4096]]
     assert kernels <= set(dir(bench_kernels))
+    assert bench_kernels.Gemm.params[1] == ["fp32", "bf16"] and bench_kernels.Gemm.track_gflops.unit == "GFLOP/s"
+    assert bench_train.TrainStepBF16.params == (["tiny", "small", "medium"],)
 
 
 def test_bench_command_reports_every_figure(capsys):

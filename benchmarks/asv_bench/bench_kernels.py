@@ -108,3 +108,30 @@ class DecodeStep(_Kernel):
 
     def time_step(self, backend):
         self.calls["step"]()
+
+
+class Gemm:
+    """The matrix products of a medium step (bench.gemm_shapes) on the Numba backend, in float32
+    (NumPy's BLAS) and bfloat16 (fastformer's kernel, packing included), as GFLOP/s."""
+
+    params = (["qkv", "ffn_in", "ffn_out", "head", "head_dweight"], ["fp32", "bf16"])
+    param_names = ["gemm", "precision"]
+
+    def setup(self, gemm, precision):
+        from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+        if precision == "bf16" and not cpu_has_bf16():
+            raise NotImplementedError("this CPU has no AVX-512 BF16")  # asv: skipped
+        self.call = bench.make_gemm(PRESET, gemm, precision, backend="numba")
+        self.call()
+
+    def time_gemm(self, gemm, precision):
+        self.call()
+
+    def track_gflops(self, gemm, precision):
+        from .common import calls_per_second
+
+        M, K, N = bench.gemm_shapes(PRESET)[gemm]
+        return 2 * M * K * N * calls_per_second(self.call) / 1e9
+
+    track_gflops.unit = "GFLOP/s"

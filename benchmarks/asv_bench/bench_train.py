@@ -34,3 +34,31 @@ class TrainStep:
         return B * T * calls_per_second(self.step)
 
     track_tokens_per_sec.unit = "tokens/s"
+
+
+class TrainStepBF16:
+    """The step of TrainStep with train.precision=bf16 (bfloat16 products) on the Numba backend;
+    skipped on a CPU without AVX-512 BF16."""
+
+    params = (PRESETS,)
+    param_names = ["preset"]
+    number = 1
+    repeat = (1, 10, 20.0)
+    warmup_time = 0.0
+    timeout = 600
+
+    def setup(self, preset):
+        from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            raise NotImplementedError("this CPU has no AVX-512 BF16")  # asv: skipped
+        self.model, self.step = bench.make_train_step(preset, "numba", precision="bf16")
+        self.step()
+
+    def time_train_step(self, preset):
+        self.step()
+
+    def track_steps_per_sec(self, preset):
+        return calls_per_second(self.step)
+
+    track_steps_per_sec.unit = "steps/s"

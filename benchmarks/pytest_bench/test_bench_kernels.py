@@ -20,3 +20,18 @@ def test_long_attention(benchmark, op, backend, seq_len):
     benchmark.group = f"kernel {op} T={seq_len}"
     run(benchmark, bench.make_kernel_call(op, "medium", backend, seq_len=seq_len), backend, "medium")
     benchmark.extra_info["shapes"] = bench.kernel_shapes("medium", seq_len)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("gemm", ["qkv", "ffn_in", "ffn_out", "head", "head_dweight"])
+def test_gemm(benchmark, gemm, precision, preset):
+    """A matrix product of the preset's step (bench.gemm_shapes) on the Numba backend: float32 on
+    NumPy's BLAS, bfloat16 on fastformer's kernel (packing included); GFLOP/s in extra_info."""
+    from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    benchmark.group = f"gemm {gemm} {preset}"
+    median_s = run(benchmark, bench.make_gemm(preset, gemm, precision, backend="numba"), "numba", preset)
+    M, K, N = bench.gemm_shapes(preset)[gemm]
+    benchmark.extra_info["gflops_per_s"] = 2 * M * K * N / median_s / 1e9

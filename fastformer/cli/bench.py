@@ -84,6 +84,33 @@ def gemm_peak_gflops(n=2048, repeats=5, precision="fp32"):
     return 2 * n ** 3 / best / 1e9
 
 
+def gemm_shapes(preset):
+    """{name: (M, K, N)} of the matrix products of a preset's training step: the rows of its batch
+    (B x T) through the QKV, first FFN and head layers, and the head's weight gradient."""
+    cfg = preset_config(preset)
+    B, T = batch_shape(preset)
+    C, F, N = cfg.d_model, cfg.d_ff, B * T
+    return {"qkv": (N, C, 3 * C), "ffn_in": (N, C, F), "ffn_out": (N, F, C), "head": (N, C, VOCAB),
+            "head_dweight": (VOCAB, N, C)}
+
+
+def make_gemm(preset, name, precision="fp32", backend=None, seed=0):
+    """A call of one matrix product of `gemm_shapes(preset)` (float32 arrays, out reused) in
+    `precision` on `backend` (default: the current one); its packing included in bf16."""
+    M, K, N = gemm_shapes(preset)[name]
+    rng = seeds.bench_stream(seed)
+    a, b = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+    out = np.empty((M, N), np.float32)
+    matmul = MATMUL_PRECISION[check_choice("precision", precision, ("fp32", "bf16"))]
+    backend = backend or get_backend()
+
+    def call():
+        with use_backend(backend) as ops:
+            ops.matmul(a, b, out=out, precision=matmul)
+
+    return call
+
+
 def synthetic_batch(name, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     """A fixed batch of random ids of the preset `name` and its next-token targets, each
     (B, T) int64 (batch_shape), ids below vocab_size."""
