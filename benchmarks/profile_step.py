@@ -20,7 +20,7 @@ import time
 
 import fastformer
 from fastformer.cli import bench
-from fastformer.training.config import PRESETS
+from fastformer.training.config import MATMUL_PRECISION, PRESETS
 
 
 def main():
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the step's matrix products")
     args = ap.parse_args()
 
     fastformer.set_backend(args.backend)
@@ -70,7 +71,8 @@ def main():
     setup = bench.train_setup(args.preset, batch=args.batch, seq_len=args.seq_len)
 
     def step():
-        setup.model.loss_and_grads(setup.ids, setup.targets)
+        with fastformer.kernels.use_precision(MATMUL_PRECISION[args.precision]):
+            setup.model.loss_and_grads(setup.ids, setup.targets)
         setup.optimizer.step(setup.lr)
 
     step()
@@ -80,7 +82,7 @@ def main():
     for _ in range(args.steps):
         step()
     total = (time.perf_counter() - t) / args.steps
-    print(f"{args.preset} / {args.backend}: {total * 1e3:.1f} ms per step")
+    print(f"{args.preset} / {args.backend} / {args.precision}: {total * 1e3:.1f} ms per step")
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28s} {s / args.steps * 1e3:8.1f} ms  {100 * s / args.steps / total:5.1f}%")
     rest = total - sum(spent.values()) / args.steps

@@ -150,76 +150,107 @@ else:
 
 @inline
 def _bf16(x):
-    """The bfloat16 bits of float32 x in the low half of a uint32 (ties to even; NaN quieted)."""
+    """The bfloat16 bits of float32 x in the low half of a uint32 (ties to even; NaN quieted).
+    Both results are computed and one selected: no branch, so the packers' loops vectorise."""
     u = _float32_bits(x)
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return (u >> np.uint32(16)) | np.uint32(0x40)
-    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet = (u >> np.uint32(16)) | np.uint32(0x40)
+    return quiet if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
 
-@kernel("void(R[:, :], uint32[:, ::1])", floats=("float32",))
+@inline
+def _pair(lo, hi):
+    """One word of two bfloat16 values: lo in the low half, as vdpbf16ps takes them."""
+    return _bf16(lo) | (_bf16(hi) << np.uint32(16))
+
+
+# The packers read row-major (C-contiguous) arrays; a transposed operand is read as the row-major
+# array it is the transpose of (pack_a, pack_b choose). Each loop nest writes its output in order
+# and reads what it needs from cache lines it has just loaded: a transposing loop that walked one
+# array with a stride of 4 KiB would have its loads alias in the cache.
+CHUNK = 64  # pairs of k per pass of the transposing packers: their reads stay in L1
+
+
+@kernel("void(R[:, ::1], uint32[:, ::1])", floats=("float32",))
 def _pack_a_rows(x, out):
     """A = x (M, K): out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1])."""
     M, K = x.shape
     Mp, K2 = out.shape
     for m in prange(Mp):
-        for kk in range(K2):
-            out[m, kk] = 0
-        if m < M:
-            for kk in range(K // 2):
-                out[m, kk] = _bf16(x[m, 2 * kk]) | (_bf16(x[m, 2 * kk + 1]) << np.uint32(16))
-            if K % 2:
-                out[m, K2 - 1] = _bf16(x[m, K - 1])
+        if m >= M:
+            for kk in range(K2):
+                out[m, kk] = 0
+            continue
+        for kk in range(K // 2):
+            out[m, kk] = _pair(x[m, 2 * kk], x[m, 2 * kk + 1])
+        if K % 2:
+            out[m, K2 - 1] = _bf16(x[m, K - 1])
 
 
-@kernel("void(R[:, :], uint32[:, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, ::1])", floats=("float32",))
 def _pack_a_cols(x, out):
-    """A = x.T for x (K, M): out[m, kk] = the pair (x[2kk, m], x[2kk + 1, m]), 16 rows of A a task."""
+    """A = x.T for x (K, M): out[m, kk] = the pair (x[2kk, m], x[2kk + 1, m]), in blocks of 16
+    rows of A (one cache line of each row of x) by CHUNK pairs."""
     K, M = x.shape
     Mp, K2 = out.shape
+    F = x.dtype.type
     for blk in prange((Mp + 15) // 16):
         m0, m1 = blk * 16, min(Mp, blk * 16 + 16)
-        for kk in range(K2):
+        for k0 in range(0, K2, CHUNK):
+            k1 = min(K2, k0 + CHUNK)
             for m in range(m0, m1):
-                lo = _bf16(x[2 * kk, m]) if m < M else np.uint32(0)
-                hi = _bf16(x[2 * kk + 1, m]) if m < M and 2 * kk + 1 < K else np.uint32(0)
-                out[m, kk] = lo | (hi << np.uint32(16))
+                if m >= M:
+                    for kk in range(k0, k1):
+                        out[m, kk] = 0
+                    continue
+                for kk in range(k0, k1):
+                    hi = x[2 * kk + 1, m] if 2 * kk + 1 < K else F(0.0)
+                    out[m, kk] = _pair(x[2 * kk, m], hi)
 
 
-@kernel("void(R[:, :], uint32[:, :, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, :, ::1])", floats=("float32",))
 def _pack_b_rows(x, out):
-    """B = x (K, N): out[p, kk, j] = the pair (x[2kk, 32p + j], x[2kk + 1, 32p + j])."""
+    """B = x (K, N): out[p, kk, j] = the pair (x[2kk, 32p + j], x[2kk + 1, 32p + j]), in passes of
+    8 pairs (16 rows of x, in L1/L2) over every panel: walking one panel down all of x would read
+    128 bytes a row from rows that lie 4 KiB apart at the presets' widths."""
     K, N = x.shape
     NP, K2, _ = out.shape
+    F = x.dtype.type
+    for c in prange((K2 + 7) // 8):
+        k0, k1 = c * 8, min(K2, c * 8 + 8)
+        for p in range(NP):
+            n0 = p * TILE_N
+            w = min(TILE_N, N - n0)
+            for kk in range(k0, k1):
+                for j in range(w, TILE_N):
+                    out[p, kk, j] = 0
+                if 2 * kk + 1 < K:
+                    for j in range(w):
+                        out[p, kk, j] = _pair(x[2 * kk, n0 + j], x[2 * kk + 1, n0 + j])
+                else:
+                    for j in range(w):
+                        out[p, kk, j] = _pair(x[2 * kk, n0 + j], F(0.0))
+
+
+@kernel("void(R[:, ::1], uint32[:, :, ::1])", floats=("float32",))
+def _pack_b_cols(x, out):
+    """B = x.T for x (N, K): out[p, kk, j] = the pair (x[32p + j, 2kk], x[32p + j, 2kk + 1]), in
+    passes of 8 pairs (one cache line of each of the panel's 32 rows of x)."""
+    N, K = x.shape
+    NP, K2, _ = out.shape
+    F = x.dtype.type
     for p in prange(NP):
         n0 = p * TILE_N
         w = min(TILE_N, N - n0)
-        for kk in range(K2):
-            for j in range(TILE_N):
-                out[p, kk, j] = 0
-            for j in range(w):
-                lo = _bf16(x[2 * kk, n0 + j])
-                hi = _bf16(x[2 * kk + 1, n0 + j]) if 2 * kk + 1 < K else np.uint32(0)
-                out[p, kk, j] = lo | (hi << np.uint32(16))
-
-
-@kernel("void(R[:, :], uint32[:, :, ::1])", floats=("float32",))
-def _pack_b_cols(x, out):
-    """B = x.T for x (N, K): out[p, kk, j] = the pair (x[32p + j, 2kk], x[32p + j, 2kk + 1])."""
-    N, K = x.shape
-    NP, K2, _ = out.shape
-    for p in prange(NP):
-        n0 = p * TILE_N
-        for j in range(TILE_N):
-            n = n0 + j
-            if n >= N:
-                for kk in range(K2):
+        for k0 in range(0, K2, 8):
+            k1 = min(K2, k0 + 8)
+            for kk in range(k0, k1):
+                for j in range(w, TILE_N):
                     out[p, kk, j] = 0
-                continue
-            for kk in range(K // 2):
-                out[p, kk, j] = _bf16(x[n, 2 * kk]) | (_bf16(x[n, 2 * kk + 1]) << np.uint32(16))
-            if K % 2:
-                out[p, K2 - 1, j] = _bf16(x[n, K - 1])
+            for j in range(w):
+                for kk in range(k0, k1):
+                    hi = x[n0 + j, 2 * kk + 1] if 2 * kk + 1 < K else F(0.0)
+                    out[p, kk, j] = _pair(x[n0 + j, 2 * kk], hi)
 
 
 # ------------------------------------------------------------------ the GEMM
@@ -251,8 +282,16 @@ class PackedB(NamedTuple):
     N: int
 
 
-def _unit_stride(x, axis):
-    return x.strides[axis] == x.itemsize or x.shape[axis] <= 1
+def _pack(x, rows, cols, out):
+    """Run the packer `rows` on x when it is row-major, `cols` on x.T when x is the transpose of
+    a row-major array, else `rows` on a row-major copy (a strided slice)."""
+    if x.flags.c_contiguous:
+        rows(x, out)
+    elif x.T.flags.c_contiguous:
+        cols(x.T, out)
+    else:
+        rows(np.ascontiguousarray(x), out)
+    return out
 
 
 def pack_b(b):
@@ -260,22 +299,14 @@ def pack_b(b):
     require_bf16()
     K, N = b.shape
     panels = np.empty(((N + TILE_N - 1) // TILE_N, (K + 1) // 2, TILE_N), np.uint32)
-    if _unit_stride(b, 1) or not _unit_stride(b, 0):
-        _pack_b_rows(b, panels)
-    else:  # b is the transpose of a row-major (N, K) array: read that one row by row
-        _pack_b_cols(b.T, panels)
-    return PackedB(panels, K, N)
+    return PackedB(_pack(b, _pack_b_rows, _pack_b_cols, panels), K, N)
 
 
 def pack_a(a):
     """A (M, K) float32, any strides, packed into rows of bfloat16 pairs, padded to 8 rows."""
     M, K = a.shape
     words = np.empty(((M + TILE_M - 1) // TILE_M * TILE_M, (K + 1) // 2), np.uint32)
-    if _unit_stride(a, 1) or not _unit_stride(a, 0):
-        _pack_a_rows(a, words)
-    else:
-        _pack_a_cols(a.T, words)
-    return words
+    return _pack(a, _pack_a_rows, _pack_a_cols, words)
 
 
 _NO_BIAS = np.zeros(0, np.float32)
