@@ -1,0 +1,104 @@
+"""fastformer's bfloat16 GEMM against NumPy's float32 matmul and PyTorch's bfloat16 matmul, at
+the matrix products of each preset's training step (fastformer.cli.bench.gemm_shapes), on one and
+on two threads.
+
+Every contender runs in a process of its own (this file again, with --worker): fastformer's never
+imports torch and PyTorch's never imports fastformer. fastformer's bf16 figure includes rounding
+and packing both float32 inputs on every call; PyTorch's is `torch.matmul` on bfloat16 tensors
+made beforehand (what autocast runs once its casts are done), so the comparison does not flatter
+fastformer. Each figure is the GFLOP/s of the median of --repeats calls.
+
+    python benchmarks/compare_gemm.py                        # every preset, 1 and 2 threads
+    python benchmarks/compare_gemm.py --presets medium --threads 2
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+
+
+def median_seconds(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def worker(contender, shapes, repeats):
+    """{shape name: GFLOP/s} of one contender in this process (its threads set by the parent)."""
+    rng = np.random.default_rng(0)
+    rates = {}
+    if contender == "torch bf16":
+        import torch
+
+        for name, (M, K, N) in shapes.items():
+            a = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32)).bfloat16()
+            b = torch.from_numpy(rng.standard_normal((K, N), dtype=np.float32)).bfloat16()
+            rates[name] = 2 * M * K * N / median_seconds(lambda: torch.matmul(a, b), repeats) / 1e9
+        return rates
+    import fastformer
+    from fastformer.kernels.process import apply_process_settings
+
+    apply_process_settings(int(os.environ["GEMM_THREADS"]))
+    fastformer.set_backend("numba")
+    ops = fastformer.get_ops()
+    precision = "bfloat16" if contender == "fastformer bf16" else "float32"
+    for name, (M, K, N) in shapes.items():
+        a, b = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+        out = np.empty((M, N), np.float32)
+        rates[name] = 2 * M * K * N / median_seconds(lambda: ops.matmul(a, b, out=out, precision=precision),
+                                                     repeats) / 1e9
+    return rates
+
+
+def run(contender, shapes, threads, repeats):
+    env = dict(os.environ, GEMM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    if contender == "torch bf16":
+        env["TORCH_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, HERE, "--worker", contender, json.dumps(shapes), str(repeats)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"{contender}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        if sys.argv[2] == "torch bf16":
+            import torch
+
+            torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
+        print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    from fastformer.cli import bench
+
+    print("GFLOP/s, median of", args.repeats, "calls; fastformer bf16 includes rounding and packing both inputs")
+    print(f"{'preset':7s} {'gemm':13s} {'M x K x N':>18s} {'thr':>3s} {'numpy f32':>9s} {'ff bf16':>8s} "
+          f"{'torch bf16':>10s}  {'ff/numpy':>8s} {'ff/torch':>8s}")
+    for preset in args.presets:
+        shapes = bench.gemm_shapes(preset)
+        for threads in args.threads:
+            r = {c: run(c, shapes, threads, args.repeats) for c in ("numpy f32", "fastformer bf16", "torch bf16")}
+            for name, (M, K, N) in shapes.items():
+                f32, mine, torch = (r[c][name] for c in ("numpy f32", "fastformer bf16", "torch bf16"))
+                print(f"{preset:7s} {name:13s} {f'{M} x {K} x {N}':>18s} {threads:3d} {f32:9.1f} {mine:8.1f} "
+                      f"{torch:10.1f}  {mine / f32:7.2f}x {mine / torch:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
