@@ -157,3 +157,21 @@ def test_numba_backend_without_the_cpu_feature_refuses_bfloat16(monkeypatch):
         monkeypatch.setattr(fastformer.kernels, "_ops", ops)
         with pytest.raises(FastformerError, match="bfloat16 needs a CPU with AVX-512 BF16"):
             fastformer.kernels.set_precision("bfloat16")
+
+
+@needs_bf16
+def test_tiled_attention_in_bfloat16_stays_near_float32(fast_ops, ref, tiled):
+    """The tiled attention's block products in bfloat16 (the row kernels and the reference have
+    none): within bfloat16's rounding of the float32 result, forward and backward."""
+    rng = np.random.default_rng(6)
+    B, T, H, hs = 2, 11, 2, 8
+    qkv = rng.standard_normal((B, T, 3 * H * hs)).astype(np.float32)
+    dout = rng.standard_normal((B, T, H * hs)).astype(np.float32)
+    want, cache = ref.attention_qkv_forward(qkv, H)
+    dwant = ref.attention_qkv_backward(dout, cache)
+    with use_precision("bfloat16"):
+        got, cache = fast_ops.attention_qkv_forward(qkv, H)
+        dgot = fast_ops.attention_qkv_backward(dout, cache)
+    assert not np.array_equal(got, want)  # the products really were bfloat16
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
+    np.testing.assert_allclose(dgot, dwant, rtol=0, atol=3e-2 * np.abs(dwant).max())
