@@ -96,21 +96,21 @@ def run_measured(cmd, env, log):
     return proc.returncode, usage.ru_maxrss * 1024, time.perf_counter() - start  # ru_maxrss: KiB on Linux
 
 
-def fastformer_side(args, model_dir, text, work, env):
-    run = os.path.join(work, "fastformer-run")
+def fastformer_side(args, model_dir, text, work, env, precision="fp32"):
+    run = os.path.join(work, f"fastformer-run-{precision}")
     sets = {"train.batch_size": args.batch_size, "train.seq_len": args.seq_len, "train.lr": LR,
             "train.schedule": "constant", "train.warmup_steps": 0, "train.log_interval": 1,
             "train.eval_interval": args.steps, "train.eval_batches": 1, "train.checkpoint_interval": args.steps,
             "train.keep_checkpoints": 1, "model.dropout": 0.0}
     cmd = [sys.executable, "-m", "fastformer.cli", "train", "--init-from", model_dir, "--data", text, "--out", run,
-           "--max-steps", str(args.steps)]
+           "--max-steps", str(args.steps), "--precision", precision]
     if args.backend:
         cmd += ["--backend", args.backend]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
-    code, rss, wall = run_measured(cmd, env, os.path.join(work, "fastformer.log"))
+    code, rss, wall = run_measured(cmd, env, os.path.join(work, f"fastformer-{precision}.log"))
     if code:
-        with open(os.path.join(work, "fastformer.log")) as f:
+        with open(os.path.join(work, f"fastformer-{precision}.log")) as f:
             raise SystemExit(f"the fastformer run failed (status {code}):\n{f.read()}")
     with open(os.path.join(run, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -205,6 +205,7 @@ def main():
     parser.add_argument("--backend", help="fastformer's kernel backend (default: auto)")
     parser.add_argument("--data", help="text file to fine-tune on (default: fastformer's embedded corpus)")
     parser.add_argument("--keep", help="directory to keep the model, runs and logs in (default: a temporary one)")
+    parser.add_argument("--bf16", action="store_true", help="also fastformer with train.precision=bf16")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.vocab < 257 or args.steps < 1 or args.seq_len > args.context:
@@ -220,8 +221,10 @@ def main():
             write_text(text)
         env = {**os.environ, "FASTFORMER_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
                "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-        rows = [summary("fastformer", fastformer_side(args, model_dir, text, work, env)),
-                summary("PyTorch", torch_side(args, model_dir, text, work, env))]
+        rows = [summary("fastformer", fastformer_side(args, model_dir, text, work, env))]
+        if args.bf16:
+            rows.append(summary("ff bf16", fastformer_side(args, model_dir, text, work, env, "bf16")))
+        rows.append(summary("PyTorch", torch_side(args, model_dir, text, work, env)))
     shape = {"parameters": n_params, "layers": args.layers, "heads": args.heads, "width": args.width,
              "context": args.context, "vocab": args.vocab, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "steps": args.steps, "threads": args.threads}
