@@ -152,3 +152,17 @@ def test_file_errors_are_one_line_and_exit_status_2(files, monkeypatch, capsys):
     monkeypatch.setattr(plot, "main", missing)
     assert main(["plot", "run", "--out", "loss.png"]) == 2
     assert capsys.readouterr().err == "fastformer plot: error: 'corpus.txt': No such file or directory\n"
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("numba")
+    from fastformer.kernels.ops import gemm_bf16
+
+    monkeypatch.setattr(gemm_bf16, "cpu_has_bf16", lambda: False)  # as on a CPU without AVX-512 BF16
+    run = str(tmp_path / "run")
+    with use_backend("numpy"):  # restores the backend that --backend changes
+        assert main(["train", "--preset", "tiny", "--max-steps", "1", "--precision", "bf16", "--backend", "numba",
+                     "--out", run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bfloat16 needs a CPU with AVX-512 BF16" in err, err
+    assert not os.path.exists(os.path.join(run, "ckpt-000001"))
