@@ -28,9 +28,10 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
                 ops.relu_forward(x, b)[0]]
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
-                              "_attention_fwd", "_relu_fwd", "_cross_entropy_fwd_inplace", "_gemm"}
-    # called through K.serial by their op: the fused LM head's threads, and the bf16 GEMM below its threshold
-    direct = {"_cross_entropy_fwd_inplace", "_gemm"}
+                              "_attention_fwd", "_relu_fwd", "_cross_entropy_fwd_inplace", "_gemm", "_pack_a_rows",
+                              "_pack_a_cols", "_pack_b_rows", "_pack_b_cols"}
+    # called through K.serial by their op: the fused LM head's threads; the bf16 GEMM and its packers
+    direct = {"_cross_entropy_fwd_inplace", "_gemm", "_pack_a_rows", "_pack_a_cols", "_pack_b_rows", "_pack_b_cols"}
     picked = []  # the kernel of each call: the two runs must really take different paths
     sized = K.sized
     for module in SIZED_CALLERS:

@@ -35,7 +35,7 @@ from fastformer.kernels.tasks import in_task
 
 TILE_M, TILE_N = 8, 32  # rows and columns of C per micro-kernel call
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
-PARALLEL_FLOPS = 1 << 23  # products below this many flops run on one thread (a parallel start costs more)
+PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
 FEATURE = "avx512bf16"  # llvmlite's name of the CPU feature
 
 
@@ -171,7 +171,7 @@ def _pair(lo, hi):
 CHUNK = 64  # pairs of k per pass of the transposing packers: their reads stay in L1
 
 
-@kernel("void(R[:, ::1], uint32[:, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
 def _pack_a_rows(x, out):
     """A = x (M, K): out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1])."""
     M, K = x.shape
@@ -187,7 +187,7 @@ def _pack_a_rows(x, out):
             out[m, K2 - 1] = _bf16(x[m, K - 1])
 
 
-@kernel("void(R[:, ::1], uint32[:, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
 def _pack_a_cols(x, out):
     """A = x.T for x (K, M): out[m, kk] = the pair (x[2kk, m], x[2kk + 1, m]), in blocks of 16
     rows of A (one cache line of each row of x) by CHUNK pairs."""
@@ -208,7 +208,7 @@ def _pack_a_cols(x, out):
                     out[m, kk] = _pair(x[2 * kk, m], hi)
 
 
-@kernel("void(R[:, ::1], uint32[:, :, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _pack_b_rows(x, out):
     """B = x (K, N): out[p, kk, j] = the pair (x[2kk, 32p + j], x[2kk + 1, 32p + j]), in passes of
     8 pairs (16 rows of x, in L1/L2) over every panel: walking one panel down all of x would read
@@ -232,7 +232,7 @@ def _pack_b_rows(x, out):
                         out[p, kk, j] = _pair(x[2 * kk, n0 + j], F(0.0))
 
 
-@kernel("void(R[:, ::1], uint32[:, :, ::1])", floats=("float32",))
+@kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _pack_b_cols(x, out):
     """B = x.T for x (N, K): out[p, kk, j] = the pair (x[32p + j, 2kk], x[32p + j, 2kk + 1]), in
     passes of 8 pairs (one cache line of each of the panel's 32 rows of x)."""
@@ -282,15 +282,22 @@ class PackedB(NamedTuple):
     N: int
 
 
+def _threads(k, work):
+    """`k`, or its serial twin on a thread of the task pool (whose tasks run serial kernels side by
+    side: a parallel region started from two Python threads at once is what Numba's workqueue
+    layer cannot take) or for a small `work` (flops, or elements packed)."""
+    return serial(k) if in_task() or work < PARALLEL_WORK else k
+
+
 def _pack(x, rows, cols, out):
     """Run the packer `rows` on x when it is row-major, `cols` on x.T when x is the transpose of
     a row-major array, else `rows` on a row-major copy (a strided slice)."""
     if x.flags.c_contiguous:
-        rows(x, out)
+        _threads(rows, x.size)(x, out)
     elif x.T.flags.c_contiguous:
-        cols(x.T, out)
+        _threads(cols, x.size)(x.T, out)
     else:
-        rows(np.ascontiguousarray(x), out)
+        _threads(rows, x.size)(np.ascontiguousarray(x), out)
     return out
 
 
@@ -333,6 +340,6 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
             out += bias
         return out
     words = pack_a(a)
-    run = _gemm if 2 * M * packed.N * K >= PARALLEL_FLOPS and not in_task() else serial(_gemm)
-    run(words, packed.panels, out, M, packed.N, _NO_BIAS if bias is None else bias, bias is not None, accumulate)
+    _threads(_gemm, 2 * M * packed.N * K // 64)(words, packed.panels, out, M, packed.N,
+                                                _NO_BIAS if bias is None else bias, bias is not None, accumulate)
     return out
