@@ -43,11 +43,13 @@ resume step. The trainer warns when one of these settings changed, with the rate
 under the old and the new settings.
 """
 
+import errno
 import json
 import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -59,10 +61,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fastformer import seeds
-from fastformer.atomic import atomic_open
-from fastformer.errors import FastformerError, check_bool, check_int
+from fastformer.atomic import atomic_open, file_mode
+from fastformer.errors import FastformerError, check_bool, check_int, is_int
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
 from fastformer.training.checkpoint import (
+    check_run_dir,
     checkpoint_dirs,
     load_checkpoint,
     prune_checkpoints,
@@ -183,14 +186,18 @@ class Trainer:
         self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
             raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
+        if init_from is not None and check_bool("resume", resume):
+            raise FastformerError("init_from starts a new run from another model's weights and resume continues "
+                                  "this run: give one of them")
         if self.is_main:  # the one writer of the run directory: lock it, then sweep what a killed run left
+            if not resume:  # a folder fastformer did not make is refused before anything is written in it
+                check_run_dir(out_dir)
             self._release = weakref.finalize(self, lock_run_dir(out_dir).release)
+            if resume:
+                check_run_dir(out_dir, resume=True)  # a directory without a checkpoint is not swept
             sweep_run_dir(out_dir)
         ckpt, tokenizers, self.init_from = None, None, init_from
         if init_from is not None:
-            if resume:
-                raise FastformerError("init_from starts a new run from another model's weights and resume continues "
-                                      "this run: give one of them")
             base = init_config(init_from)
             config = config or base
             check_init_config(init_from, base, config)
@@ -243,8 +250,8 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
         if self.is_main:
+            self._trim_metrics()  # first: a metrics log that is not a file refuses the run before any write
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
-            self._trim_metrics()
             prune_checkpoints(out_dir, cfg.train.keep_checkpoints)  # a prune a killed run had not finished
 
     # ---------------------------------------------------------------- state
@@ -271,7 +278,7 @@ class Trainer:
                               f"{size}: the data order is the same, the dropout masks of ranks other than 0 "
                               f"are not those of the original run", stacklevel=3)
             self.task.load_state_dict(rng["data"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FastformerError(f"checkpoint file {os.path.join(ckpt.path, 'state.json')!r} is corrupt: its rng "
                                   f"states cannot be restored ({type(e).__name__}: {e})") from None
         self.step = ckpt.step
@@ -282,19 +289,12 @@ class Trainer:
     def _trim_metrics(self):
         """Drop metrics lines past the current step (left by a run that died after its last checkpoint)."""
         path = os.path.join(self.out_dir, METRICS_FILE)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return
-        with open(path, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                if json.loads(ln)["step"] <= self.step:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut by a crash
+        lines = read_metrics_lines(path)
+        keep = [raw for raw, record in lines if record is not None and record["step"] <= self.step]
         if len(keep) != len(lines):
-            with atomic_open(path) as f:  # a new file replaces the old one: a failed write loses no line
+            with atomic_open(path, "wb") as f:  # a new file replaces the old one: a failed write loses no line
                 f.writelines(keep)
 
     # ------------------------------------------------------------- evaluate
@@ -414,8 +414,8 @@ class Trainer:
         """Append one metrics line (and print a line on evaluation steps). Rank 0 only."""
         if not self.is_main:
             return
-        with open(os.path.join(self.out_dir, METRICS_FILE), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with _open_metrics(os.path.join(self.out_dir, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
+            f.write((json.dumps(record) + "\n").encode("utf-8"))
         if self.verbose and "val_loss" in record:
             fields = [f"step {record['step']}/{self.config.train.max_steps}", f"loss {record['loss']:.4f}"]
             fields += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]
@@ -431,6 +431,48 @@ class Trainer:
                                self.task.tokenizers, rng_states,
                                extra={"data_sha256": self.task.fingerprint, "init_from": self.init_from},
                                keep=self.config.train.keep_checkpoints)
+
+
+def _open_metrics(path, flags):
+    """The metrics log `path` opened (binary) with os.open `flags`, refusing anything but a regular
+    file: a symlink is not followed (it could point anywhere) and a FIFO or device is not opened
+    for good (it would block), each a FastformerError naming the file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, file_mode())
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader (for writing)
+            raise _not_metrics(path, "a symlink" if e.errno == errno.ELOOP else "not a regular file") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise _not_metrics(path, "a directory" if stat.S_ISDIR(kind) else "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab" if flags & (os.O_WRONLY | os.O_RDWR) else "rb")
+
+
+def _not_metrics(path, what):
+    return FastformerError(f"{path!r} is {what}, not the metrics log fastformer writes: remove it (or choose "
+                           f"another --out)")
+
+
+def read_metrics_lines(path):
+    """The lines of the metrics log `path` as [(raw bytes, record or None)]: a record is a JSON
+    object with an integer "step" (a line fastformer wrote); None for anything else (a line cut
+    by a crash, bytes that are not UTF-8, JSON nested too deeply). FastformerError when `path`
+    is not a regular file (see _open_metrics)."""
+    with _open_metrics(path, os.O_RDONLY) as f:
+        raw_lines = [ln for ln in f if ln.strip()]
+    out = []
+    for raw in raw_lines:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            record = None
+        if not (isinstance(record, dict) and is_int(record.get("step"))):
+            record = None
+        out.append((raw, record))
+    return out
 
 
 def _warn_schedule_change(old, new, step):
