@@ -30,7 +30,7 @@ DEFAULT_METRICS = ("loss", "val_loss")
 def read_metrics(run_dir):
     """The records of RUN/metrics.jsonl as a list of dicts (a line cut by a crash, or any line
     fastformer did not write, is skipped)."""
-    from fastformer.training.trainer import METRICS_FILE, read_metrics_lines
+    from fastformer.training.checkpoint import METRICS_FILE, read_metrics_lines
 
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.lexists(path):

@@ -24,17 +24,19 @@ and YAML are read: loading never executes code.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fastformer.atomic import atomic_dir, remove_dir, remove_stale_temps, temp_target, write_json_atomic
+from fastformer.atomic import atomic_dir, file_mode, remove_dir, remove_stale_temps, temp_target, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, is_int
 from fastformer.models.hf import is_hf_dir
@@ -43,6 +45,7 @@ from fastformer.training.config import load_config, save_config
 from fastformer.training.tasks import KINDS, new_model
 
 FORMAT_VERSION = 1
+METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON object per line, written by the trainer
 STATE_FILE = "state.json"  # models/hf.is_hf_dir knows the name too: a checkpoint is not a Hugging Face directory
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 _LEGACY_TMP_RE = re.compile(r"^ckpt-\d+\.tmp$")  # the fixed temporary name of older fastformers
@@ -178,11 +181,52 @@ def check_run_dir(run_dir, resume=False):
         except (FastformerError, OSError):
             raise refuse("its config.yaml is not a run config") from None
     if "metrics.jsonl" in entries:
-        from fastformer.training.trainer import read_metrics_lines
-
         records = [r for _, r in read_metrics_lines(os.path.join(run_dir, "metrics.jsonl"))]
         if None in records[:-1]:  # only the last line may be one cut by a crash
             raise refuse("its metrics.jsonl holds lines fastformer did not write")
+
+
+def open_metrics(path, flags):
+    """The metrics log `path` opened (binary) with os.open `flags`, refusing anything but a regular
+    file: a symlink is not followed (it could point anywhere) and a FIFO or device is not opened
+    for good (it would block), each a FastformerError naming the file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, file_mode())
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader (for writing)
+            raise _not_metrics(path, "a symlink" if e.errno == errno.ELOOP else "not a regular file") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise _not_metrics(path, "a directory" if stat.S_ISDIR(kind) else "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab" if flags & (os.O_WRONLY | os.O_RDWR) else "rb")
+
+
+def _not_metrics(path, what):
+    return FastformerError(f"{path!r} is {what}, not the metrics log fastformer writes: remove it (or choose "
+                           f"another --out)")
+
+
+def read_metrics_lines(path):
+    """The lines of the metrics log `path` as [(raw bytes, record or None)]: a record is a JSON
+    object with an integer "step" (a line fastformer wrote); None for anything else (a line cut
+    by a crash, bytes that are not UTF-8, JSON nested too deeply). FastformerError when `path`
+    is not a regular file (see open_metrics)."""
+    with open_metrics(path, os.O_RDONLY) as f:
+        raw_lines = [ln for ln in f if ln.strip()]
+    out = []
+    for raw in raw_lines:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            record = None
+        if not (isinstance(record, dict) and is_int(record.get("step"))):
+            record = None
+        out.append((raw, record))
+    return out
+
 
 
 def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_states, extra=None,

@@ -43,13 +43,11 @@ resume step. The trainer warns when one of these settings changed, with the rate
 under the old and the new settings.
 """
 
-import errno
 import json
 import math
 import os
 import shutil
 import signal
-import stat
 import sys
 import threading
 import time
@@ -61,14 +59,17 @@ import numpy as np
 from tqdm import tqdm
 
 from fastformer import seeds
-from fastformer.atomic import atomic_open, file_mode
-from fastformer.errors import FastformerError, check_bool, check_int, is_int
+from fastformer.atomic import atomic_open
+from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
 from fastformer.training.checkpoint import (
+    METRICS_FILE,
     check_run_dir,
     checkpoint_dirs,
     load_checkpoint,
+    open_metrics,
     prune_checkpoints,
+    read_metrics_lines,
     save_checkpoint,
     sweep_run_dir,
 )
@@ -79,7 +80,6 @@ from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimi
 from fastformer.training.runlock import lock_run_dir
 from fastformer.training.tasks import make_task
 
-METRICS_FILE = "metrics.jsonl"
 SCHEDULE_KEYS = ("lr", "min_lr", "schedule", "warmup_steps", "max_steps")  # what the rate of a step depends on
 
 
@@ -414,7 +414,7 @@ class Trainer:
         """Append one metrics line (and print a line on evaluation steps). Rank 0 only."""
         if not self.is_main:
             return
-        with _open_metrics(os.path.join(self.out_dir, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
+        with open_metrics(os.path.join(self.out_dir, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
             f.write((json.dumps(record) + "\n").encode("utf-8"))
         if self.verbose and "val_loss" in record:
             fields = [f"step {record['step']}/{self.config.train.max_steps}", f"loss {record['loss']:.4f}"]
@@ -431,48 +431,6 @@ class Trainer:
                                self.task.tokenizers, rng_states,
                                extra={"data_sha256": self.task.fingerprint, "init_from": self.init_from},
                                keep=self.config.train.keep_checkpoints)
-
-
-def _open_metrics(path, flags):
-    """The metrics log `path` opened (binary) with os.open `flags`, refusing anything but a regular
-    file: a symlink is not followed (it could point anywhere) and a FIFO or device is not opened
-    for good (it would block), each a FastformerError naming the file."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, file_mode())
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader (for writing)
-            raise _not_metrics(path, "a symlink" if e.errno == errno.ELOOP else "not a regular file") from None
-        raise
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
-        os.close(fd)
-        raise _not_metrics(path, "a directory" if stat.S_ISDIR(kind) else "not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "ab" if flags & (os.O_WRONLY | os.O_RDWR) else "rb")
-
-
-def _not_metrics(path, what):
-    return FastformerError(f"{path!r} is {what}, not the metrics log fastformer writes: remove it (or choose "
-                           f"another --out)")
-
-
-def read_metrics_lines(path):
-    """The lines of the metrics log `path` as [(raw bytes, record or None)]: a record is a JSON
-    object with an integer "step" (a line fastformer wrote); None for anything else (a line cut
-    by a crash, bytes that are not UTF-8, JSON nested too deeply). FastformerError when `path`
-    is not a regular file (see _open_metrics)."""
-    with _open_metrics(path, os.O_RDONLY) as f:
-        raw_lines = [ln for ln in f if ln.strip()]
-    out = []
-    for raw in raw_lines:
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            record = None
-        if not (isinstance(record, dict) and is_int(record.get("step"))):
-            record = None
-        out.append((raw, record))
-    return out
 
 
 def _warn_schedule_change(old, new, step):
