@@ -82,3 +82,15 @@ def test_config_fields_fastformer_does_not_implement_are_refused_by_name(hf_dir,
         json.dump(cfg, f)
     with pytest.raises(FastformerError, match=f"{field}={str(value).lower()} is not supported"):
         TransformerLM.from_pretrained(path)
+
+
+def test_save_hf_never_writes_through_a_planted_config_json(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").symlink_to(victim)
+    save_hf(TransformerLM(LMConfig(vocab_size=40, max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1)),
+            str(out))
+    assert victim.read_text() == "precious\n"
+    assert not (out / "config.json").is_symlink() and json.loads((out / "config.json").read_text())["n_embd"] == 16

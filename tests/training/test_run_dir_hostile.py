@@ -218,3 +218,21 @@ def test_a_reader_racing_the_pruner_takes_the_next_newest_checkpoint(run, monkey
     monkeypatch.setattr(checkpoint, "_read_state", read_state)
     assert checkpoint.load_checkpoint(run).step == 2
     assert pruned == [os.path.join(run, "ckpt-000004")]
+
+
+def test_a_prepare_failing_on_its_second_split_leaves_no_temporary(tmp_path, monkeypatch):
+    import fastformer.data.prepare as prepare_module
+
+    good = tmp_path / "good.txt"
+    good.write_text("some text to prepare\n" * 200)
+    real = prepare_module._SplitWriter.close
+
+    def close(self):
+        if self.path.endswith("val.bin"):
+            raise OSError(28, "No space left on device", self.path)
+        return real(self)
+
+    monkeypatch.setattr(prepare_module._SplitWriter, "close", close)
+    with pytest.raises(OSError):
+        prepare([str(good)], ByteTokenizer(), str(tmp_path / "prep"), progress=False)
+    assert not [n for n in os.listdir(tmp_path / "prep") if ".tmp-" in n]
