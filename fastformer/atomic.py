@@ -67,6 +67,16 @@ def _named(e, path, tmp=None):
     return e
 
 
+NAME_MAX = 255  # bytes in a file name on Linux's file systems
+
+
+def _temp_prefix(name):
+    """`<name>.tmp-`, the name cut so that the temporary's (8 random characters after it) fits
+    in NAME_MAX bytes: a target whose own name is legal always gets a temporary."""
+    raw = os.fsencode(name)[:NAME_MAX - len(TEMP_MARK) - 8]
+    return os.fsdecode(raw) + TEMP_MARK
+
+
 def temp_target(name):
     """The target name of a temporary made here (`<target>.tmp-XXXXXXXX`), or None."""
     m = _TEMP_RE.match(name)
@@ -83,7 +93,7 @@ class AtomicFile:
         self.path = path
         parent, name = _split(path)
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=name + TEMP_MARK, suffix="", dir=parent)
+            fd, self.tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix="", dir=parent)
         except OSError as e:
             raise _named(e, path) from None
         try:
@@ -163,7 +173,7 @@ def atomic_dir(path, replace=False):
     `replace=True` (moved aside under a temporary name, then deleted)."""
     parent, name = _split(path)
     try:
-        tmp = tempfile.mkdtemp(prefix=name + TEMP_MARK, suffix="", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix="", dir=parent)
     except OSError as e:
         raise _named(e, path) from None
     try:
@@ -193,7 +203,7 @@ def _aside(path):
     """Move the directory `path` to a fresh temporary name beside it, in one rename (onto the
     empty directory mkdtemp makes); returns that name."""
     parent, name = _split(path)
-    trash = tempfile.mkdtemp(prefix=name + TEMP_MARK, suffix="", dir=parent)
+    trash = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix="", dir=parent)
     os.replace(path, trash)
     return trash
 

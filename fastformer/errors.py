@@ -9,6 +9,8 @@ escapes is a bug and keeps its traceback.
 
 import json
 import os
+import re
+import reprlib
 
 import numpy as np
 
@@ -119,6 +121,43 @@ def error_line(e):
     else:
         return None
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # controls but tab and newline; surrogates
+
+
+def printable(text):
+    """`text` safe to print on a terminal: control characters (an escape sequence from a
+    hand-edited file would drive the terminal) and lone surrogates (bytes of a path that are not
+    UTF-8, which a strict stdout cannot encode) written as Python escapes, e.g. "\\x1b"."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 60, 60
+
+
+def short_repr(value):
+    """repr(value) bounded in length and depth, for a message about a value read from a file: a
+    YAML alias bomb or a deeply nested JSON value is named in a line, never formatted whole."""
+    try:
+        return _SHORT.repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply>"
+
+
+def check_input_file(path, what, hint=""):
+    """Refuse, naming `what`, a path that names no file to read: missing (FastformerError ending
+    with `hint`), a directory, or a FIFO or device that could block for good. A pipe the shell
+    passes as /dev/fd/N (`<(command)`) is read like a file."""
+    if not os.path.exists(path):
+        raise FastformerError(f"{what} {path!r} does not exist{hint}")
+    if os.path.isdir(path):
+        raise FastformerError(f"{what} {path!r} is a directory, not a file{hint}")
+    shell_pipe = re.match(r"^/(dev|proc/self)/fd/\d+$", os.fspath(path)) is not None
+    if not (os.path.isfile(path) or shell_pipe):
+        raise FastformerError(f"{what} {path!r} is not a regular file (a FIFO or a device){hint}")
+    return path
 
 
 def read_utf8(path, what="file"):

@@ -28,7 +28,7 @@ import sys
 import warnings
 
 from fastformer.cli.generate import stream_text
-from fastformer.errors import FastformerError, error_line
+from fastformer.errors import FastformerError, error_line, printable
 
 __all__ = ["build_parser", "main", "stream_text"]
 
@@ -48,13 +48,35 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    from fastformer.training.trainer import NonFiniteLossError
+def _end_mpi_job_on_bad_arguments(argv, code):
+    """Under an MPI launcher, a `train` rank whose command line is refused ends the whole job (the
+    other ranks would wait for it in their first collective); the parser has printed why."""
+    from fastformer.training.distributed import get_comm, launched_by_mpi
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if code not in (0, None) and argv[:1] == ["train"] and launched_by_mpi():
+        try:
+            comm = get_comm(True)
+        except FastformerError:
+            return  # no mpi4py: there is no job to end
+        comm.abort(code if isinstance(code, int) else 2)
+
+
+def main(argv=None):
+    try:  # Ctrl-C while the modules load and the arguments are parsed is one line too
+        from fastformer.training.trainer import NonFiniteLossError
+
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:
+            _end_mpi_job_on_bad_arguments(argv, e.code)
+            raise
+    except KeyboardInterrupt:
+        print("\nfastformer: interrupted", file=sys.stderr)
+        return 130
     # a warning is a line for the user, not a source location
     formatwarning = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_, **__: f"fastformer {args.command}: warning: {message}\n"
+    warnings.formatwarning = lambda message, *_, **__: f"fastformer {args.command}: warning: {printable(message)}\n"
     try:
         if getattr(args, "out", None) == "":  # every command's --out names a path to write
             raise FastformerError(f"the output of {args.command} (--out) is an empty path: name what to write")
@@ -63,10 +85,14 @@ def main(argv=None):
         message = error_line(e)
         if message is None:
             raise
-        print(f"fastformer {args.command}: error: {message}", file=sys.stderr)
+        print(f"fastformer {args.command}: error: {printable(message)}", file=sys.stderr)
+        return 2
+    except MemoryError:  # the machine, not fastformer: one line, as a full disk is
+        print(f"fastformer {args.command}: error: out of memory: make the model, batch or sequence smaller",
+              file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        print(f"fastformer {args.command}: {e}", file=sys.stderr)
+        print(f"fastformer {args.command}: {printable(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nfastformer {args.command}: interrupted; a training run continues from its newest "

@@ -1,7 +1,7 @@
 """`fastformer export`: write a checkpoint in another format (a Hugging Face GPT-2 directory)."""
 
 from fastformer.cli.options import CHECKPOINT_HELP
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, printable
 
 EXPORT_FORMATS = ("hf",)
 
@@ -23,5 +23,5 @@ def main(args):
                               f"{', '.join(EXPORT_FORMATS)}")
     model, tokenizer, _ = load_model(args.checkpoint)
     wrote = export_hf(model, tokenizer, args.out)
-    print(f"wrote {', '.join(wrote)} to {args.out}")
+    print(printable(f"wrote {', '.join(wrote)} to {args.out}"))
     return 0

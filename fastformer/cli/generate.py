@@ -106,7 +106,7 @@ def main(args):
         # the samples are the rows of one batch: one prompt, n rows, one sampling stream
         steps = generate_tokens(model, np.tile(prompt, (n, 1)), args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
-                                repetition_penalty=args.repetition_penalty)
+                                repetition_penalty=args.repetition_penalty, id_limit=tokenizer.vocab_size)
         if n == 1:
             samples = [(nxt[0] for nxt in steps)]  # streamed, as each token comes
         else:

@@ -1,6 +1,7 @@
 """`fastformer info`: the backend, versions and threads; a config's exact parameter count; the
 model shapes within a parameter budget (`--params LOW-HIGH`, models/sizes.py)."""
 
+import math
 import os
 import platform
 import re
@@ -32,7 +33,10 @@ def parse_budget(text):
     if len(parts) != 2 or not all(counts):
         raise FastformerError(f"--params {text!r} must be a range LOW-HIGH such as 2M-3M or 500k-1.5M "
                               f"(suffixes k, M, G)")
-    low, high = (round(float(m[1]) * 1000 ** " kmg".index(m[2].lower() or " ")) for m in counts)
+    values = [float(m[1]) * 1000 ** " kmg".index(m[2].lower() or " ") for m in counts]
+    if not all(math.isfinite(v) and v < 1e15 for v in values):  # 1e400 is inf: no model has that many
+        raise FastformerError(f"--params {text!r}: LOW and HIGH must be below 1e15 parameters")
+    low, high = (round(v) for v in values)
     if not 0 < low <= high:
         raise FastformerError(f"--params {text!r} needs 0 < LOW <= HIGH, got {low:,} and {high:,}")
     return low, high

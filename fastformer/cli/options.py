@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int
+from fastformer.errors import FastformerError, check_int, printable
 
 BACKEND_HELP = "kernel backend: auto, numpy or numba (default: FASTFORMER_BACKEND, else auto)"
 CHECKPOINT_HELP = "run directory (newest checkpoint) or checkpoint directory"
@@ -76,7 +76,7 @@ def refuse_options(args, names, applies_to):
 
 def warn(command, message):
     """One warning line on stderr."""
-    print(f"fastformer {command}: warning: {message}", file=sys.stderr)
+    print(f"fastformer {command}: warning: {printable(message)}", file=sys.stderr)
 
 
 def check_finite_weights(model, path):

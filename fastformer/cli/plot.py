@@ -10,11 +10,10 @@ validation loss, nats per token); the others get a panel each, side by side. Bit
 model predict different tokens, but the same bytes.
 """
 
-import json
 import os
 
 from fastformer.atomic import atomic_open
-from fastformer.errors import FastformerError, check_choice
+from fastformer.errors import FastformerError, check_choice, printable
 
 # metric: (legend suffix, the y-axis label: metrics with the same label share a panel)
 METRICS = {
@@ -29,20 +28,14 @@ DEFAULT_METRICS = ("loss", "val_loss")
 
 
 def read_metrics(run_dir):
-    """The records of RUN/metrics.jsonl as a list of dicts (a line cut by a crash is skipped)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    """The records of RUN/metrics.jsonl as a list of dicts (a line cut by a crash, or any line
+    fastformer did not write, is skipped)."""
+    from fastformer.training.checkpoint import METRICS_FILE, read_metrics_lines
+
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.lexists(path):
         raise FastformerError(f"no metrics in {run_dir!r}: expected {path} (written by fastformer train)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
-                records.append(r)  # anything else is not a line fastformer wrote
-    return records
+    return [r for _, r in read_metrics_lines(path) if r is not None]
 
 
 def series(records, metric):
@@ -128,7 +121,7 @@ def add_arguments(p):
 
 
 def main(args):
-    print(f"wrote {plot_runs(args.runs, args.out, args.metric, args.logy)}")
+    print(printable(f"wrote {plot_runs(args.runs, args.out, args.metric, args.logy)}"))
     return 0
 
 

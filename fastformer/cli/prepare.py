@@ -2,7 +2,7 @@
 
 import os
 
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, printable
 
 
 def add_parser(sub):
@@ -39,6 +39,6 @@ def main(args):
                               f"tokenizer.json (make one with fastformer tokenizer train)")
     meta = prepare(files, tok, args.out, val_fraction=args.val_fraction, val_files=val_files)
     s = meta["splits"]
-    print(f"wrote {s['train']['tokens']:,} training and {s['val']['tokens']:,} validation tokens "
-          f"({meta['dtype']}, {tok.kind} tokenizer, {tok.vocab_size} ids) to {args.out}")
+    print(printable(f"wrote {s['train']['tokens']:,} training and {s['val']['tokens']:,} validation tokens "
+                    f"({meta['dtype']}, {tok.kind} tokenizer, {tok.vocab_size} ids) to {args.out}"))
     return 0

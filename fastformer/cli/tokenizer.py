@@ -3,7 +3,7 @@
 import os
 import sys
 
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, printable
 
 
 def add_parser(sub):
@@ -31,5 +31,6 @@ def main(args):
                                   "of the data")
         tok = CharTokenizer.train(args.data)
     tok.save(args.out)
-    print(f"wrote a {tok.kind} tokenizer with {tok.vocab_size} ids to {os.path.join(args.out, 'tokenizer.json')}")
+    where = os.path.join(args.out, "tokenizer.json")
+    print(printable(f"wrote a {tok.kind} tokenizer with {tok.vocab_size} ids to {where}"))
     return 0

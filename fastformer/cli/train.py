@@ -4,7 +4,7 @@ import os
 import sys
 
 from fastformer.cli.options import add_backend, apply_backend
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, printable
 
 
 def add_parser(sub):
@@ -120,25 +120,30 @@ def main(args):
 
     from fastformer import get_backend
     from fastformer.training.checkpoint import checkpoint_dirs
-    from fastformer.training.distributed import get_comm
+    from fastformer.training.distributed import abort_on_error, check_same_on_every_rank, get_comm
     from fastformer.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, fit_columns
 
-    if args.out is None:
-        if args.resume:
-            raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
-        args.out = default_out_dir(args)
-    config = resolve_train_config(args)
-    apply_backend(args)
-    comm = get_comm(True if args.distributed else None)  # MPI under mpiexec; mpi4py imported only then
+    # MPI under mpiexec (mpi4py imported only then), first: a rank refused from here on ends the
+    # whole job instead of leaving the others waiting for it
+    comm = get_comm(True if args.distributed else None)
+    with abort_on_error(comm):
+        if args.out is None:
+            if args.resume:
+                raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
+            args.out = default_out_dir(args)
+        config = resolve_train_config(args)
+        check_same_on_every_rank(comm, "arguments and config", {
+            "args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config.to_dict()})
+        apply_backend(args)
     trainer = Trainer(config, args.out, resume=args.resume, comm=comm, init_from=args.init_from)
     ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
     if trainer.is_main:
         source = [f"weights from {trainer.init_from}"] if trainer.init_from else []
-        print(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) on "
-                           f"{trainer.task.describe()}", *source,
-                           f"backend {get_backend()}{ranks}, precision {trainer.config.train.precision}",
-                           f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
-                          sep="; "), flush=True)
+        print(printable(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) "
+                                     f"on {trainer.task.describe()}", *source,
+                                     f"backend {get_backend()}{ranks}, precision {trainer.config.train.precision}",
+                                     f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
+                                    sep="; ")), flush=True)
     start = time.perf_counter()
     try:
         losses = trainer.train()
@@ -148,20 +153,22 @@ def main(args):
         return 1 if isinstance(e, NonFiniteLossError) else 2
     except TrainingInterrupted as e:  # the first Ctrl-C: every rank stopped after the same step, checkpointed
         if trainer.is_main:
-            print(f"\nfastformer train: stopped by {e.signal} at step {e.step} of {config.train.max_steps}; "
-                  f"wrote {e.checkpoint}\nresume with: {resume_command(args, comm)}", file=sys.stderr)
+            print(printable(f"\nfastformer train: stopped by {e.signal} at step {e.step} of "
+                            f"{config.train.max_steps}; wrote {e.checkpoint}\n"
+                            f"resume with: {resume_command(args, comm)}"),
+                  file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the newest complete checkpoint stands
         if trainer.is_main:
             newest = checkpoint_dirs(args.out)
-            print(f"\nfastformer train: stopped at once at step {trainer.step}; the newest complete checkpoint is "
-                  f"{newest[-1] if newest else 'none'}"
-                  + (f"\nresume with: {resume_command(args, comm)}" if newest else ""), file=sys.stderr)
+            print(printable(f"\nfastformer train: stopped at once at step {trainer.step}; the newest complete "
+                            f"checkpoint is {newest[-1] if newest else 'none'}"
+                            + (f"\nresume with: {resume_command(args, comm)}" if newest else "")), file=sys.stderr)
         return 130
     if not losses and trainer.is_main:  # a resumed run that had already finished
-        print(f"nothing to train: the run in {args.out} is at step {trainer.step} = train.max_steps; give "
-              f"--max-steps above {trainer.step} to continue it")
+        print(printable(f"nothing to train: the run in {args.out} is at step {trainer.step} = train.max_steps; "
+                        f"give --max-steps above {trainer.step} to continue it"))
     if losses and trainer.is_main:
-        print(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
-                           f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", "))
+        print(printable(fit_columns([f"done: step {trainer.step}", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                                     f"{time.perf_counter() - start:.1f} s", f"checkpoint in {args.out}"], sep=", ")))
     return 0

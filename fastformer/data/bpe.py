@@ -52,6 +52,10 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tokenizer):
+        # fastformer encodes whole texts and pads its batches itself: a tokenizer.json's truncation
+        # (which would cut every encoded text, e.g. a block of `prepare`, to max_length) or padding is turned off
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self._tk = tokenizer
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if None in ids and tokenizer.token_to_id(GPT2_SPECIAL) is not None:  # GPT-2's own tokenizer
@@ -124,6 +128,10 @@ class BPETokenizer:
             if i not in special:
                 out[i] = len(token)
         return out
+
+    def to_dict(self):
+        """The parsed JSON of its standard tokenizer.json."""
+        return json.loads(self._tk.to_str())
 
     def save(self, directory, filename="tokenizer.json"):
         """Write the standard `tokenizer.json` (atomically: temp file then rename)."""

@@ -3,16 +3,23 @@ same inputs with the same FastformerError, and the reading of the text files the
 
 import codecs
 import os
+import re
 
 import numpy as np
 
 from fastformer.errors import FastformerError, check_bool
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_text(text, bos=False, eos=False):
     """What `encode(text, bos, eos)` takes: a str and two bools; returns (bos, eos)."""
     if not isinstance(text, str):
         raise FastformerError(f"encode needs a str, got {type(text).__name__}")
+    bad = _SURROGATE.search(text)
+    if bad is not None:  # e.g. a command-line argument whose bytes are not UTF-8 (Python keeps them as surrogates)
+        raise FastformerError(f"the text holds a lone surrogate {ascii(bad.group())[1:-1]} at character {bad.start()}, "
+                              f"which is not a character: give UTF-8 text")
     return check_bool("bos", bos), check_bool("eos", eos)
 
 

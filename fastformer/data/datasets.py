@@ -1,8 +1,8 @@
 """Optional downloaders for public corpora (`fastformer prepare --dataset NAME`).
 
 Each file is fetched once with urllib into a cache directory (`--cache-dir`, else
-$FASTFORMER_CACHE, else ~/.cache/fastformer/datasets), under a temporary name that is renamed
-only after its size and SHA-256 check out. Checksums:
+$FASTFORMER_CACHE, else ~/.cache/fastformer/datasets), under a fresh temporary name
+(fastformer.atomic) that is renamed only after its size and SHA-256 check out. Checksums:
 
 - tinyshakespeare: the char-rnn `input.txt`, 1,115,394 bytes, with its well-known SHA-256.
 - tinystories: the TinyStoriesV2-GPT4 train and validation files from the dataset's Hugging Face
@@ -19,6 +19,7 @@ import os
 import urllib.error
 import urllib.request
 
+from fastformer.atomic import AtomicFile, atomic_open
 from fastformer.errors import FastformerError
 
 TIMEOUT = 30  # seconds without data before a download gives up
@@ -73,26 +74,25 @@ def download(url, path, size=None, sha256=None):
         _check(path, size, sha256, f"cached file {path} (delete it to fetch it again)")
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".part"
+    out = AtomicFile(path, "wb")  # a fresh temporary beside it (fastformer.atomic), never a fixed name
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as r, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
             for block in iter(lambda: r.read(1 << 20), b""):
-                f.write(block)
+                out.file.write(block)
+        out.file.flush()
+        _check(out.tmp, size, sha256, f"the download of {url}")
     except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timeout, HTTP error
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        out.discard()
         reason = getattr(e, "reason", None) or e
         raise FastformerError(f"cannot download {url} ({reason}): is the machine offline? Fetch the file "
                               f"elsewhere and pass it with --data FILE") from None
-    try:
-        _check(tmp, size, sha256, f"the download of {url}")
-    except FastformerError:
-        os.remove(tmp)
+    except BaseException:
+        out.discard()
         raise
-    os.replace(tmp, path)
+    out.commit()
     if sha256 is None:
         got_size, got_sha = _file_digest(path)
-        with open(record, "w") as f:
+        with atomic_open(record) as f:
             f.write(f"{got_size} {got_sha}\n")
     return path
 

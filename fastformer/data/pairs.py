@@ -44,8 +44,8 @@ def read_pairs(path, lowercase=False):
     pairs = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            rows = (csv.reader(f) if str(path).lower().endswith(".csv")
-                    else (line.rstrip("\r\n").split("\t") for line in f))
+            reader = csv.reader(f) if str(path).lower().endswith(".csv") else None
+            rows = _csv_rows(reader, path) if reader else (line.rstrip("\r\n").split("\t") for line in f)
             for row in rows:
                 if not row or not "".join(row).strip():
                     skipped["empty line"] += 1
@@ -61,6 +61,25 @@ def read_pairs(path, lowercase=False):
     except UnicodeDecodeError as e:
         raise FastformerError(f"pairs file {path} is not UTF-8 text: {e}") from None
     return pairs, skipped
+
+
+def _csv_rows(reader, path):
+    """The rows of a csv.reader over a pairs file, one pair per line: a quoted field that runs
+    over a line end (an unbalanced quote, which would swallow the lines after it) or that the csv
+    module refuses is a FastformerError naming the line."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise FastformerError(f"pairs file {path} line {start}: not valid CSV ({e}); an unbalanced "
+                                  f"quote?") from None
+        if reader.line_num != start:
+            raise FastformerError(f"pairs file {path} line {start}: a quoted field runs on to line "
+                                  f"{reader.line_num}, but a pair is one line (an unbalanced quote?)")
+        yield row
 
 
 def encode_pairs(pairs, src_tok, tgt_tok, max_src_len, max_tgt_len):

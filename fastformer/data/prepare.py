@@ -19,7 +19,9 @@ the cut may be split differently.
 
 The validation split is either separate files (`val_files`) or the last `val_fraction` of the
 bytes (cut at the first piece boundary past the mark). All files are written under temporary
-names and renamed into place, `meta.json` last: a directory with a meta.json is complete.
+names and renamed into place, `meta.json` last: a directory with a meta.json is complete. Over an
+earlier prepared directory, its meta.json is removed only once the new token files are complete
+(a refused input leaves it usable); temporaries a killed prepare left are removed at the start.
 """
 
 import hashlib
@@ -30,7 +32,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from fastformer.atomic import AtomicFile, write_json_atomic
+from fastformer.atomic import AtomicFile, remove_stale_temps, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, check_bool, check_fields, check_int, load_json
 
@@ -38,6 +40,7 @@ META_FILE = "meta.json"
 FORMAT = "fastformer-tokens"
 VERSION = 1
 SPLITS = ("train", "val")
+_TEMPS = r"(train|val)\.bin|meta\.json|tokenizer\.json"  # the targets of a prepared directory's temporaries
 _CUT = re.compile(r"(?=\n\S)")  # a cut before a newline that a non-space character follows
 
 
@@ -141,9 +144,8 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
     check_int("block_bytes", block_bytes)
     check_bool("progress", progress)
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temps(out_dir, _TEMPS)  # what a killed prepare left
     meta_path = os.path.join(out_dir, META_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out_dir, s, dtype) for s in SPLITS}
     jobs = [(f, "train") for f in files] + [(f, "val") for f in val_files]
@@ -178,11 +180,20 @@ def prepare(files, tokenizer, out_dir, val_fraction=0.1, val_files=None, block_b
         raise
     finally:
         bar.close()
-    splits = {s: w.close() for s, w in writers.items()}
-    for s in SPLITS:
-        if splits[s]["tokens"] == 0:
-            raise FastformerError(f"the {s} split of {out_dir!r} came out empty: give more text"
-                                  f"{' or a larger --val-fraction' if s == 'val' and not val_files else ''}")
+    try:  # the new splits are complete: check them, then replace the old directory's files, meta.json first
+        for s in SPLITS:
+            if writers[s].tokens == 0:
+                raise FastformerError(f"the {s} split of {out_dir!r} came out empty: give more text"
+                                      f"{' or a larger --val-fraction' if s == 'val' and not val_files else ''}")
+        if os.path.lexists(meta_path):
+            os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
+        splits = {}
+        for s, w in writers.items():
+            splits[s] = w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()  # a temporary not committed yet (a committed one is gone already)
+        raise
     tokenizer.save(out_dir)
     meta = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer_kind": tokenizer.kind, "tokenizer": TOKENIZER_FILE,

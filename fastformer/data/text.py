@@ -25,8 +25,8 @@ import sys
 import numpy as np
 
 from fastformer.data.prepare import is_prepared_dir, load_prepared
-from fastformer.data.tokenizer import make_tokenizer
-from fastformer.errors import FastformerError
+from fastformer.data.tokenizer import make_tokenizer, same_tokenizer
+from fastformer.errors import FastformerError, check_input_file
 
 
 def default_corpus():
@@ -49,8 +49,7 @@ def default_corpus():
 def load_text(path, what="data file", hint=" (pass a UTF-8 text file with --data)"):
     """The contents of a UTF-8 text file; a missing, empty or non-UTF-8 file raises FastformerError
     naming it as `what` (the missing file's message ends with `hint`)."""
-    if not os.path.isfile(path):
-        raise FastformerError(f"{what} {path!r} does not exist{hint}")
+    check_input_file(path, what, hint)
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -123,6 +122,10 @@ def load_training_data(data, seq_len, text=None, tokenizer=None):
         if tokenizer is not None and tokenizer.vocab_size != tok.vocab_size:
             raise FastformerError(f"the prepared directory {data.path!r} has a {tok.kind} tokenizer of "
                                   f"{tok.vocab_size} ids, but the run's tokenizer has {tokenizer.vocab_size}")
+        if tokenizer is not None and not same_tokenizer(tokenizer, tok):
+            raise FastformerError(f"the prepared directory {data.path!r} was made by another {tok.kind} tokenizer "
+                                  f"than the run's (the same {tok.vocab_size} ids, another vocabulary): prepare "
+                                  f"the text with the run's tokenizer")
         for name, ids in (("train", prepared.train), ("val", prepared.val)):
             if len(ids) < seq_len + 1:
                 raise FastformerError(f"the {name} split of {data.path!r} has {len(ids)} tokens, fewer than "

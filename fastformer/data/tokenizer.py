@@ -281,6 +281,12 @@ def load_tokenizer(directory):
         raise FastformerError(f"tokenizer file {path}: {e}") from None
 
 
+def same_tokenizer(a, b):
+    """Whether the tokenizers `a` and `b` give every text the same ids: the same kind, size and
+    vocabulary (a size alone does not tell two BPE tokenizers apart)."""
+    return a.kind == b.kind and a.vocab_size == b.vocab_size and a.to_dict() == b.to_dict()
+
+
 def make_tokenizer(spec, text=None):
     """The tokenizer a config's `data.tokenizer` names: "byte", "char" (vocabulary from `text`)
     or the path of a directory holding a tokenizer.json."""

@@ -143,14 +143,24 @@ def check_sampling(temperature, top_k, top_p, repetition_penalty):
         check_number("repetition_penalty", repetition_penalty, 0, low_open=True, finite=True)
 
 
+def check_seed_and_eos(seed, eos_id, vocab_size):
+    """A sampling seed (None or an int >= 0) and an <eos> id (None or an id of the vocabulary),
+    or FastformerError naming them."""
+    if seed is not None:
+        check_int("seed", seed, minimum=0)
+    if eos_id is not None:
+        check_int("eos_id", eos_id, minimum=0, maximum=vocab_size - 1)
+
+
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None):
+                  repetition_penalty=None, seen=None, id_limit=None):
     """Yield the next ids (N,) of every row for up to `n_steps` steps.
 
     `logits` (N, V) are the first step's (what the prompt or <bos> gave); `step(ids (N,))`
     feeds the ids just chosen and returns the next logits (N, V). `seen` (N, V) bool marks
     the ids each row already holds, for the repetition penalty. Rows that have produced
-    `eos_id` keep yielding it; the generator stops when all have.
+    `eos_id` keep yielding it; the generator stops when all have. `id_limit`: only ids below it
+    are chosen (a model whose embedding is padded past its tokenizer's ids).
     """
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
@@ -160,6 +170,12 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     for i in range(n_steps):
         if i:
             logits = step(nxt)
+        if np.isnan(logits).any():  # finite weights can still overflow on some text: stop, not pick garbage
+            raise FastformerError(f"the model's logits became NaN at new token {i + 1}: it overflows on this "
+                                  f"text; use an earlier checkpoint or another prompt")
+        if id_limit is not None and id_limit < V:
+            logits = np.array(logits)
+            logits[:, id_limit:] = -np.inf
         if repetition_penalty is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, rng)  # (N,)
@@ -182,19 +198,23 @@ def lm_step_fn(model, state):
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-                    eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True):
+                    eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True, id_limit=None):
     """Yield the next ids (B,) of every row, step by step (see `generate` for the arguments).
-    Rows that have produced `eos_id` keep yielding it; the generator stops when all have."""
+    Rows that have produced `eos_id` keep yielding it; the generator stops when all have.
+    `id_limit`: choose only ids below it (a tokenizer with fewer ids than the model's embedding)."""
     ids, mask, _ = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
+    if id_limit is not None:
+        check_int("id_limit", id_limit, maximum=model.config.vocab_size)
     yield from _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                             repetition_penalty, use_cache)
+                             repetition_penalty, use_cache, id_limit)
 
 
 def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
-                  use_cache):
+                  use_cache, id_limit=None):
     """`generate_tokens` for a prompt batch already made by `prompt_batch`."""
     check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
+    check_seed_and_eos(seed, eos_id, model.config.vocab_size)
     if max_new_tokens == 0:
         return
     B, V = ids.shape[0], model.config.vocab_size
@@ -205,7 +225,7 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
     state = model.init_state(B, use_cache=use_cache)
     logits = model.step(ids, state, attention_mask=mask, validate=False)[:, -1]  # (B, V): the prompt
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
-                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen)
+                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit)
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):

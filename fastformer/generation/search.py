@@ -13,7 +13,7 @@ finished hypotheses by score / length ** length_penalty (length counts <eos>).
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, check_number
-from fastformer.generation.sampling import finish, log_softmax, prompt_batch, sample_decode
+from fastformer.generation.sampling import check_seed_and_eos, finish, log_softmax, prompt_batch, sample_decode
 
 
 def search_step(model, state, first_mask=None):
@@ -170,6 +170,7 @@ def beam_generate(model, prompt_ids, max_new_tokens, beam_size, eos_id=None, len
     ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_int("max_new_tokens", max_new_tokens)
     check_int("beam_size", beam_size)
+    check_seed_and_eos(None, eos_id, model.config.vocab_size)
     B, K = ids.shape[0], beam_size
     state = model.init_state(B * K, use_cache=use_cache)
     step = search_step(model, state, np.repeat(mask, K, axis=0))

@@ -8,7 +8,8 @@ Threads. Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, 
 same time (no BLAS call sits inside a `prange`), so each may use every core without the two
 competing: both get `num_threads()` threads, which is the number of cores this process may run
 on, or FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
-(`_threading_layer_chosen`), else "workqueue", unless NUMBA_THREADING_LAYER says otherwise:
+(`_threading_layer_chosen`), else TBB, else "workqueue" (which two Python threads must not call at
+once), unless NUMBA_THREADING_LAYER says otherwise:
 OpenMP's default workers keep spinning after a parallel loop and steal the cores from the GEMM
 that follows it, and workqueue starts each parallel loop more slowly.
 
@@ -26,6 +27,7 @@ import os
 from fastformer.errors import FastformerError, check_int
 
 ENV_VAR = "FASTFORMER_NUM_THREADS"
+MAX_THREADS = 4096  # what FASTFORMER_NUM_THREADS may ask for: more than any machine's cores
 _applied = None  # the thread count apply_process_settings applied, once it ran
 _kept_memory = None  # whether keep_freed_memory took effect, once it ran
 _numba_started = False  # whether apply_process_settings has started Numba's threads
@@ -43,8 +45,8 @@ def num_threads():
     """Threads for Numba and BLAS: FASTFORMER_NUM_THREADS, else the cores we may run on."""
     value = os.environ.get(ENV_VAR, "").strip()
     if value:
-        if not value.isdigit() or int(value) < 1:
-            raise FastformerError(f"{ENV_VAR} must be a positive integer, got {value!r}")
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_THREADS:
+            raise FastformerError(f"{ENV_VAR} must be an integer in [1, {MAX_THREADS}], got {value!r}")
         return int(value)
     return available_cores()
 
@@ -117,26 +119,26 @@ def openmp_already_loaded():
 @contextlib.contextmanager
 def _threading_layer_chosen():
     """Around Numba's thread start: choose its threading layer, unless NUMBA_THREADING_LAYER
-    did. OpenMP where it loads, its workers waiting passively (OMP_WAIT_POLICY=passive, unless
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT is set); workqueue when another library has already
-    loaded an OpenMP runtime, whose functions Numba's would then share, spin policy and all.
+    did. OpenMP first, then TBB, then workqueue: the first two may be called from several Python
+    threads at once, workqueue may not (two threads in a parallel kernel abort the process), so
+    it is taken only where neither loads. OpenMP stays first when another library (torch) has
+    already loaded an OpenMP runtime: that is when a program is most likely to run threads of
+    its own. OpenMP's workers wait passively (OMP_WAIT_POLICY=passive, unless OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT is set).
 
     Passive workers sleep as soon as a parallel loop ends, so the GEMM that follows has the
     cores to itself. Measured here, alternating processes (`fastformer bench`, steps/s,
     medians of 4): tiny 14.1 against 11.4 with workqueue; small and medium about 4% faster.
     The runtime reads OMP_WAIT_POLICY once, when it loads at the thread start, so the variable
-    is set only for that moment: a runtime loaded later by another library keeps its default.
+    is set only for that moment: a runtime loaded earlier or later by another library keeps its
+    own policy.
     """
     import numba
 
     if "NUMBA_THREADING_LAYER" in os.environ:
         yield
         return
-    if openmp_already_loaded():
-        numba.config.THREADING_LAYER = "workqueue"
-        yield
-        return
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]  # a permutation of all three
+    numba.config.THREADING_LAYER_PRIORITY = list(THREADING_LAYERS)
     numba.config.THREADING_LAYER = "default"  # the first of the priority list that loads
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         yield
@@ -146,6 +148,9 @@ def _threading_layer_chosen():
         yield
     finally:
         del os.environ["OMP_WAIT_POLICY"]
+
+
+THREADING_LAYERS = ("omp", "tbb", "workqueue")  # Numba's layers, the thread-safe ones first
 
 
 def apply_process_settings(n=None, numba_threads=True):

@@ -2,17 +2,19 @@
 
 A Hugging Face GPT-2 directory holds `config.json` (a GPT2Config) and `model.safetensors` whose
 tensor names and (in, out) layouts are exactly fastformer's, so moving weights is a matter of
-translating the config. Only safetensors weights are read: `pytorch_model.bin` is a pickle, and
-loading a file must never run code. Nothing here imports torch or transformers; the tokenizer side of an export is
-`fastformer.training.export`.
+translating the config. Float16 and bfloat16 weights are read as float32. Only safetensors weights
+are read: `pytorch_model.bin` is a pickle, and loading a file must never run code. Nothing here
+imports torch or transformers; the tokenizer side of an export is `fastformer.training.export`.
 """
 
 import json
+import math
 import os
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_bool, check_int, check_number, load_json
+from fastformer.atomic import write_json_atomic
+from fastformer.errors import FastformerError, check_bool, check_int, check_number, is_int, load_json, short_repr
 from fastformer.models.config import LMConfig, check_model_memory
 
 # GPT2Config activation names that mean the tanh-approximated GELU fastformer's LM uses
@@ -68,6 +70,9 @@ def lm_config_from_gpt2(cfg, path="config.json"):
     eps = check_number(f"{path}: layer_norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5), low=0)
     if abs(eps - 1e-5) > 1e-12:
         raise FastformerError(f"{path}: layer_norm_epsilon must be 1e-5, got {eps}")
+    if not check_bool(f"{path}: scale_attn_weights", cfg.get("scale_attn_weights", True)):
+        raise FastformerError(f"{path}: scale_attn_weights=false is not supported: fastformer's GPT-2 always scales "
+                              f"the attention scores by 1/sqrt(head size)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if check_bool(f"{path}: {flag}", cfg.get(flag, False)):
             raise FastformerError(f"{path}: {flag}=true is not supported by fastformer's GPT-2")
@@ -96,8 +101,7 @@ def save_hf(model, out_dir, bos_id=None, eos_id=None):
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json_atomic(config, os.path.join(out_dir, "config.json"), indent=2)
 
 
 def read_hf(path, dtype=np.float32):
@@ -117,7 +121,9 @@ def read_hf(path, dtype=np.float32):
     config = lm_config_from_gpt2(load_json(cfg_path, "Hugging Face config"), cfg_path)
     try:
         raw = load_file(weights)
-    except (SafetensorError, OSError, TypeError) as e:
+    except TypeError:  # a dtype NumPy has no type for: bfloat16 is read here, others are refused by name
+        raw = _read_float_safetensors(weights)
+    except (SafetensorError, OSError) as e:
         raise FastformerError(f"{weights} is not a readable float safetensors file: {e}") from None
     state = {}
     for name, arr in raw.items():
@@ -129,3 +135,49 @@ def read_hf(path, dtype=np.float32):
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # a tied head may be stored as a duplicate
     return config, state
+
+
+# safetensors dtypes read by _read_float_safetensors: little-endian floats; BF16 as its 16 bits
+_SAFETENSORS_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _read_float_safetensors(path):
+    """{name: float32 array} of a safetensors file of float tensors, BF16 (the upper half of a
+    float32, which NumPy has no type for) included; anything else is a FastformerError naming
+    the file. The layout is checked before a byte of data is read: an 8-byte header length, a
+    JSON header of {name: {dtype, shape, data_offsets}}, then the data."""
+    def bad(what):
+        return FastformerError(f"{path} is not a readable float safetensors file: {what}")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 0 < n <= size - 8:
+            raise bad(f"its header length {n} does not fit its {size} bytes")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            known = isinstance(dtype, str) and dtype in _SAFETENSORS_FLOATS
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {short_repr(name)} has no dtype, shape and data_offsets") from None
+        if not known:
+            raise bad(f"tensor {short_repr(name)} has dtype {short_repr(dtype)}; allowed: "
+                      f"{', '.join(_SAFETENSORS_FLOATS)}")
+        itemsize = np.dtype(_SAFETENSORS_FLOATS[dtype]).itemsize
+        if not (all(is_int(v) and v >= 0 for v in (*shape, start, end)) and start <= end <= data.size
+                and end - start == itemsize * math.prod(shape)):
+            raise bad(f"tensor {short_repr(name)} of shape {short_repr(shape)} lies outside the file or has the "
+                      f"wrong size")
+        a = data[start:end].view(_SAFETENSORS_FLOATS[dtype]).reshape(shape)
+        out[name] = (a.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else a.astype(np.float32)
+    return out

@@ -24,17 +24,19 @@ and YAML are read: loading never executes code.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fastformer.atomic import atomic_dir, remove_dir, remove_stale_temps, write_json_atomic
+from fastformer.atomic import atomic_dir, file_mode, remove_dir, remove_stale_temps, temp_target, write_json_atomic
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fastformer.errors import FastformerError, is_int
 from fastformer.models.hf import is_hf_dir
@@ -43,6 +45,7 @@ from fastformer.training.config import load_config, save_config
 from fastformer.training.tasks import KINDS, new_model
 
 FORMAT_VERSION = 1
+METRICS_FILE = "metrics.jsonl"  # the run's log: one JSON object per line, written by the trainer
 STATE_FILE = "state.json"  # models/hf.is_hf_dir knows the name too: a checkpoint is not a Hugging Face directory
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 _LEGACY_TMP_RE = re.compile(r"^ckpt-\d+\.tmp$")  # the fixed temporary name of older fastformers
@@ -117,16 +120,113 @@ def sweep_run_dir(run_dir):
     fastformers' `ckpt-NNNNNN.tmp`, and checkpoint directories whose state.json is gone (a prune
     cut short). Only real directories and files of those names; a symlink is never followed.
     Returns the names removed."""
-    removed = remove_stale_temps(run_dir, r"ckpt-\d+|config\.yaml|metrics\.jsonl")
+    removed = remove_stale_temps(run_dir, _RUN_TEMPS)
     for entry in os.scandir(run_dir):
         if not entry.is_dir(follow_symlinks=False):
             continue
         legacy = _LEGACY_TMP_RE.match(entry.name)
         orphan = _CKPT_RE.match(entry.name) and not os.path.lexists(os.path.join(entry.path, STATE_FILE))
+        if orphan and not _holds_checkpoint_files_only(entry.path):
+            continue  # a folder of someone else's that happens to be called ckpt-N: never deleted
         if legacy or orphan:
             shutil.rmtree(entry.path)
             removed.append(entry.name)
     return removed
+
+
+_RUN_TEMPS = r"ckpt-\d+|config\.yaml|metrics\.jsonl"  # the targets of a run directory's temporaries
+_CHECKPOINT_NAMES = {"model.safetensors", "optimizer.safetensors", "config.yaml", STATE_FILE, TOKENIZER_FILE,
+                     *(sub for kind in KINDS.values() for sub in kind.tokenizers.values() if sub != ".")}
+
+
+def _holds_checkpoint_files_only(path):
+    """Whether every entry of the directory `path` is a name a checkpoint holds."""
+    try:
+        return set(os.listdir(path)) <= _CHECKPOINT_NAMES
+    except OSError:
+        return False
+
+
+def _is_run_entry(name):
+    """Whether `name` is one fastformer writes in a run directory (its files, checkpoints and their temporaries)."""
+    target = temp_target(name)
+    if target is not None:
+        return re.fullmatch(_RUN_TEMPS, target) is not None
+    return name in (".lock", "config.yaml", "metrics.jsonl") or bool(_CKPT_RE.match(name) or _LEGACY_TMP_RE.match(name))
+
+
+def check_run_dir(run_dir, resume=False):
+    """Refuse a run directory that fastformer would clean or overwrite without owning it, before
+    anything is written there: to start a run, `run_dir` must be new, empty or a run of
+    fastformer's own (only the names it writes, a config.yaml it reads, a metrics log of its
+    lines); to resume, it must hold a checkpoint."""
+    if resume:
+        latest_checkpoint(run_dir)
+        return
+    if not os.path.isdir(run_dir) or os.path.islink(run_dir):
+        return  # lock_run_dir makes it, or refuses what is not a directory
+    entries = os.listdir(run_dir)
+    foreign = sorted(name for name in entries if not _is_run_entry(name))
+
+    def refuse(what):
+        return FastformerError(f"--out {run_dir!r} is not a fastformer run directory ({what}): training would "
+                               f"overwrite it; choose a new or empty directory")
+
+    if foreign:
+        shown = ", ".join(map(repr, foreign[:3])) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise refuse(f"it holds {shown}")
+    if "config.yaml" in entries:
+        try:
+            load_config(os.path.join(run_dir, "config.yaml"))
+        except (FastformerError, OSError):
+            raise refuse("its config.yaml is not a run config") from None
+    if "metrics.jsonl" in entries:
+        records = [r for _, r in read_metrics_lines(os.path.join(run_dir, "metrics.jsonl"))]
+        if None in records[:-1]:  # only the last line may be one cut by a crash
+            raise refuse("its metrics.jsonl holds lines fastformer did not write")
+
+
+def open_metrics(path, flags):
+    """The metrics log `path` opened (binary) with os.open `flags`, refusing anything but a regular
+    file: a symlink is not followed (it could point anywhere) and a FIFO or device is not opened
+    for good (it would block), each a FastformerError naming the file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, file_mode())
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader (for writing)
+            raise _not_metrics(path, "a symlink" if e.errno == errno.ELOOP else "not a regular file") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise _not_metrics(path, "a directory" if stat.S_ISDIR(kind) else "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab" if flags & (os.O_WRONLY | os.O_RDWR) else "rb")
+
+
+def _not_metrics(path, what):
+    return FastformerError(f"{path!r} is {what}, not the metrics log fastformer writes: remove it (or choose "
+                           f"another --out)")
+
+
+def read_metrics_lines(path):
+    """The lines of the metrics log `path` as [(raw bytes, record or None)]: a record is a JSON
+    object with an integer "step" (a line fastformer wrote); None for anything else (a line cut
+    by a crash, bytes that are not UTF-8, JSON nested too deeply). FastformerError when `path`
+    is not a regular file (see open_metrics)."""
+    with open_metrics(path, os.O_RDONLY) as f:
+        raw_lines = [ln for ln in f if ln.strip()]
+    out = []
+    for raw in raw_lines:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            record = None
+        if not (isinstance(record, dict) and is_int(record.get("step"))):
+            record = None
+        out.append((raw, record))
+    return out
+
 
 
 def save_checkpoint(run_dir, step, model, optimizer, config, tokenizers, rng_states, extra=None,
@@ -273,7 +373,21 @@ def load_checkpoint(path, kind=None):
     checked against the SHA-256 in state.json. A missing, truncated or altered file, or a
     malformed state.json, raises FastformerError naming it.
     """
-    path = resolve_checkpoint(path)
+    for _ in range(3):  # a run directory's newest checkpoint can be pruned while it is read: take the next newest
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _load_checkpoint(ckpt, kind)
+        except (FastformerError, OSError):
+            if os.path.isdir(ckpt):
+                raise
+            if ckpt == path:
+                raise FastformerError(f"checkpoint {path!r} was deleted while it was read (a running train prunes "
+                                      f"its old checkpoints: train.keep_checkpoints)") from None
+    return _load_checkpoint(resolve_checkpoint(path), kind)
+
+
+def _load_checkpoint(path, kind):
+    """load_checkpoint of the checkpoint directory `path`."""
     state = _read_state(path)
     step = state["step"]
     for name, digest in state["files"].items():
@@ -287,7 +401,7 @@ def load_checkpoint(path, kind=None):
     try:
         weights = load_file(os.path.join(path, "model.safetensors"))
         optimizer_state = load_file(os.path.join(path, "optimizer.safetensors"))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype NumPy has no type for (BF16, F8)
         raise FastformerError(f"checkpoint {path!r} holds an unreadable safetensors file: {e}") from None
     config = load_config(os.path.join(path, "config.yaml"))
     if state.get("model_kind", "lm") != config.kind:

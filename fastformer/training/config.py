@@ -11,7 +11,6 @@ keys. Fields left out of a file keep their defaults.
 """
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 
@@ -24,11 +23,13 @@ from fastformer.errors import (
     FastformerError,
     check_bool,
     check_choice,
+    check_input_file,
     check_int,
     check_memory,
     check_number,
     is_int,
     read_utf8,
+    short_repr,
 )
 from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters, training_memory
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
@@ -205,7 +206,8 @@ class RunConfig:
                                   f"got {type(d).__name__}")
         unknown = [k for k in d if k not in SECTIONS]
         if unknown:
-            raise FastformerError(f"unknown config section(s) {unknown}: valid sections are {list(SECTIONS)}")
+            raise FastformerError(f"unknown config section(s) {short_repr(unknown)}: valid sections are "
+                                  f"{list(SECTIONS)}")
         base = base or cls()
         merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
         for section, values in d.items():
@@ -213,7 +215,7 @@ class RunConfig:
                 continue
             if not isinstance(values, dict):
                 raise FastformerError(f"config section {section!r} must be a mapping of keys to values, "
-                                      f"got {values!r}")
+                                      f"got {short_repr(values)}")
             renamed = getattr(SECTIONS[section], "renamed", {})  # a model section's older key names
             for key, value in values.items():
                 key = renamed.get(key, key)
@@ -238,7 +240,7 @@ def _coerce(section, key, value):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
     bad = FastformerError(f"config key {section}.{key} must be {t.__name__}"
-                          f"{' or null' if optional else ''}, got {value!r}")
+                          f"{' or null' if optional else ''}, got {short_repr(value)}")
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -340,8 +342,7 @@ def check_training_memory(config, ranks=1):
 
 def load_config(path, base=None):
     """A RunConfig from a YAML file (sections model or seq2seq, data, train; missing keys from `base`)."""
-    if not os.path.isfile(path):
-        raise FastformerError(f"config file {path!r} does not exist")
+    check_input_file(path, "config file")
     text = read_utf8(path, "config file")
     try:
         d = yaml.safe_load(text)

@@ -19,6 +19,8 @@ communicator), which kernels/process.py applies when the kernels load -- so get 
 before the first kernel call (the CLI and the Trainer do).
 """
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -127,6 +129,20 @@ def get_comm(distributed=None):
     except ImportError:
         raise FastformerError(f"distributed training needs mpi4py and an MPI: {INSTALL_HINT}") from None
     return MPIComm()
+
+
+def check_same_on_every_rank(comm, what, value):
+    """Refuse, on every rank at once, a job whose ranks hold different `value`s (JSON-able; e.g.
+    the arguments a rank was started with): compared by a SHA-256 against rank 0's, so ranks
+    started differently (another seed, another file) never train apart or wait for each other."""
+    if comm.size == 1:
+        return
+    text = json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "surrogateescape")
+    mine = np.frombuffer(hashlib.sha256(text).digest(), dtype=np.uint8).copy()
+    differ = comm.allreduce_scalar(int(not np.array_equal(mine, comm.bcast(mine.copy()))))
+    if differ:
+        raise FastformerError(f"{differ} of {comm.size} ranks were started with {what} other than rank 0's: "
+                              f"every rank of a run must be started with the same command line and files")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from fastformer.data.pairs import fit_pairs, read_pairs
 from fastformer.data.prepare import is_prepared_dir, load_prepared
 from fastformer.data.text import load_text, split_ids
+from fastformer.data.tokenizer import same_tokenizer
 from fastformer.errors import FastformerError, check_memory
 from fastformer.training.tasks import LMTask, Seq2SeqTask
 
@@ -71,10 +72,12 @@ def lm_eval_tokens(config, tokenizer, ckpt, seq_len, data=None, split=None, chec
         return EvalTokens(ids, what, t.eval_batches if split == "val" else None, warning)
     if is_prepared_dir(data):
         prepared = load_prepared(data)
-        if prepared.tokenizer.vocab_size != tokenizer.vocab_size or prepared.tokenizer.kind != tokenizer.kind:
+        if not same_tokenizer(prepared.tokenizer, tokenizer):
+            other = " (another vocabulary)" if prepared.tokenizer.vocab_size == tokenizer.vocab_size else ""
             raise FastformerError(f"{data!r} was prepared with a {prepared.tokenizer.kind} tokenizer of "
                                   f"{prepared.tokenizer.vocab_size} ids, but the checkpoint's is {tokenizer.kind} "
-                                  f"with {tokenizer.vocab_size}: prepare the text with the checkpoint's tokenizer")
+                                  f"with {tokenizer.vocab_size}{other}: prepare the text with the checkpoint's "
+                                  f"tokenizer")
         if split == "all":
             raise FastformerError(f"--split all applies to a text file; the prepared directory {data} has "
                                   f"a train and a val split: choose one")

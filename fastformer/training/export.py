@@ -3,8 +3,9 @@
 
 import json
 import os
+import shutil
 
-from fastformer.atomic import atomic_dir
+from fastformer.atomic import atomic_dir, temp_target
 from fastformer.data.bpe import byte_level_chars
 from fastformer.errors import FastformerError
 from fastformer.models.hf import save_hf
@@ -46,12 +47,29 @@ def hf_tokenizer(tokenizer):
     return out
 
 
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+def _remove_killed_exports(out_dir):
+    """Delete the temporary directories of `out_dir` a killed export left (`<out_dir>.tmp-XXXXXXXX`
+    holding only files an export writes); any other file or directory of such a name is left alone."""
+    parent, name = os.path.split(os.path.normpath(out_dir))
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        return
+    for entry in os.scandir(parent):
+        if temp_target(entry.name) == name and entry.is_dir(follow_symlinks=False) \
+                and set(os.listdir(entry.path)) <= EXPORT_FILES:
+            shutil.rmtree(entry.path)
+
+
 def export_hf(model, tokenizer, out_dir):
     """Write `model` and its tokenizer as a Hugging Face directory: model.safetensors, config.json,
     tokenizer.json and tokenizer_config.json (for PreTrainedTokenizerFast / AutoTokenizer).
 
     The directory is built under a fresh temporary name beside `out_dir` and renamed into place
-    (fastformer.atomic.atomic_dir): nothing else is created or deleted. An existing non-empty
+    (fastformer.atomic.atomic_dir); the temporary directories of `out_dir` a killed export left are
+    deleted first (`_remove_killed_exports`), nothing else is created or deleted. An existing non-empty
     `out_dir`, or one that is not a directory, is refused. A tokenizer kind without an equivalent
     is left out (with a warning). Returns the names of the files written.
     """
@@ -64,6 +82,7 @@ def export_hf(model, tokenizer, out_dir):
         raise FastformerError(f"export directory {out_dir!r} exists and is not a directory: choose a new one")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FastformerError(f"export directory {out_dir!r} already exists and is not empty: choose a new one")
+    _remove_killed_exports(out_dir)
     with atomic_dir(out_dir) as tmp:
         with safetensors_errors(out_dir):
             save_hf(model, tmp, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)

@@ -12,11 +12,10 @@ others -- widths, depth, heads, context, vocabulary, positions -- are refused by
 """
 
 import dataclasses
-import json
 import os
 
 from fastformer.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, load_json
 from fastformer.models.hf import is_hf_dir, lm_config_from_gpt2, read_hf
 from fastformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from fastformer.training.config import RunConfig, TrainConfig, load_config
@@ -36,11 +35,7 @@ def init_config(path):
     _check_dir(path)
     if is_hf_dir(path):
         cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                model = lm_config_from_gpt2(json.load(f), cfg_path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FastformerError(f"{cfg_path} is not valid JSON: {e}") from None
+        model = lm_config_from_gpt2(load_json(cfg_path, "Hugging Face config"), cfg_path)
         return RunConfig(model=model, train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.max_seq_len)))
     config = load_config(os.path.join(resolve_checkpoint(path), "config.yaml"))
     # the tokenizer comes with the weights, not from data.tokenizer

@@ -101,6 +101,10 @@ def _check_state(opt, state, names):
         if state[n].shape != opt.flat.data.shape:
             raise FastformerError(f"{type(opt).__name__} state {n!r} has shape {state[n].shape}, "
                                   f"the model's flat buffer is {opt.flat.data.shape}")
+    t = np.asarray(state["t"])
+    if t.shape != (1,) or t.dtype.kind not in "iu" or t[0] < 0:
+        raise FastformerError(f"{type(opt).__name__} state 't' (the step counter) must hold one integer >= 0, got "
+                              f"shape {t.shape} of {t.dtype}")
 
 
 def make_optimizer(flat, train):

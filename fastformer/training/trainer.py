@@ -64,9 +64,13 @@ from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.kernels import check_precision, use_precision
 from fastformer.training.accumulate import accumulated_loss_and_grads, batch_rows, counted_tokens
 from fastformer.training.checkpoint import (
+    METRICS_FILE,
+    check_run_dir,
     checkpoint_dirs,
     load_checkpoint,
+    open_metrics,
     prune_checkpoints,
+    read_metrics_lines,
     save_checkpoint,
     sweep_run_dir,
 )
@@ -77,7 +81,6 @@ from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimi
 from fastformer.training.runlock import lock_run_dir
 from fastformer.training.tasks import make_task
 
-METRICS_FILE = "metrics.jsonl"
 SCHEDULE_KEYS = ("lr", "min_lr", "schedule", "warmup_steps", "max_steps")  # what the rate of a step depends on
 
 
@@ -184,14 +187,18 @@ class Trainer:
         self.out_dir, self.verbose, self.is_main = out_dir, check_bool("verbose", verbose), comm.rank == 0
         if config is not None and not isinstance(config, RunConfig):
             raise FastformerError(f"Trainer needs a RunConfig, got {type(config).__name__}")
+        if init_from is not None and check_bool("resume", resume):
+            raise FastformerError("init_from starts a new run from another model's weights and resume continues "
+                                  "this run: give one of them")
         if self.is_main:  # the one writer of the run directory: lock it, then sweep what a killed run left
+            if not resume:  # a folder fastformer did not make is refused before anything is written in it
+                check_run_dir(out_dir)
             self._release = weakref.finalize(self, lock_run_dir(out_dir).release)
+            if resume:
+                check_run_dir(out_dir, resume=True)  # a directory without a checkpoint is not swept
             sweep_run_dir(out_dir)
         ckpt, tokenizers, self.init_from = None, None, init_from
         if init_from is not None:
-            if resume:
-                raise FastformerError("init_from starts a new run from another model's weights and resume continues "
-                                      "this run: give one of them")
             base = init_config(init_from)
             config = config or base
             check_init_config(init_from, base, config)
@@ -245,8 +252,8 @@ class Trainer:
             self.optimizer.load_state_dict(state)
 
         if self.is_main:
+            self._trim_metrics()  # first: a metrics log that is not a file refuses the run before any write
             save_config(cfg, os.path.join(out_dir, "config.yaml"))
-            self._trim_metrics()
             prune_checkpoints(out_dir, cfg.train.keep_checkpoints)  # a prune a killed run had not finished
 
     # ---------------------------------------------------------------- state
@@ -273,7 +280,7 @@ class Trainer:
                               f"{size}: the data order is the same, the dropout masks of ranks other than 0 "
                               f"are not those of the original run", stacklevel=3)
             self.task.load_state_dict(rng["data"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FastformerError(f"checkpoint file {os.path.join(ckpt.path, 'state.json')!r} is corrupt: its rng "
                                   f"states cannot be restored ({type(e).__name__}: {e})") from None
         self.step = ckpt.step
@@ -284,19 +291,12 @@ class Trainer:
     def _trim_metrics(self):
         """Drop metrics lines past the current step (left by a run that died after its last checkpoint)."""
         path = os.path.join(self.out_dir, METRICS_FILE)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return
-        with open(path, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                if json.loads(ln)["step"] <= self.step:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut by a crash
+        lines = read_metrics_lines(path)
+        keep = [raw for raw, record in lines if record is not None and record["step"] <= self.step]
         if len(keep) != len(lines):
-            with atomic_open(path) as f:  # a new file replaces the old one: a failed write loses no line
+            with atomic_open(path, "wb") as f:  # a new file replaces the old one: a failed write loses no line
                 f.writelines(keep)
 
     # ------------------------------------------------------------- evaluate
@@ -419,8 +419,8 @@ class Trainer:
         """Append one metrics line (and print a line on evaluation steps). Rank 0 only."""
         if not self.is_main:
             return
-        with open(os.path.join(self.out_dir, METRICS_FILE), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with open_metrics(os.path.join(self.out_dir, METRICS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
+            f.write((json.dumps(record) + "\n").encode("utf-8"))
         if self.verbose and "val_loss" in record:
             fields = [f"step {record['step']}/{self.config.train.max_steps}", f"loss {record['loss']:.4f}"]
             fields += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]

@@ -117,6 +117,12 @@ def build_fixtures(root):
     _write(os.path.join(root, "latin1.yaml"), "train: {max_steps: 4}  # caf\xe9\n".encode("latin-1"))
     _write(os.path.join(root, "deep.yaml"), "model: " + "[" * 10_000 + "]" * 10_000 + "\n")
     _write(os.path.join(root, "list.yaml"), "- 1\n- 2\n")
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    _write(os.path.join(root, "bomb.yaml"), "model:\n  d_model: [" + ", ".join(levels) + "]\n")  # 9**8 leaves
+    _write(os.path.join(root, "foreign", "notes.txt"), "my notes\n")  # a folder fastformer did not write
+    _write(os.path.join(root, "foreign", "config.yaml"), "learning_rate: 3\n")
+    _write(os.path.join(root, "foreign", "ckpt-1", "data.csv"), "a,b\n")
     _write(os.path.join(root, "pairs.tsv"), "hello\tolleh\nabc\tcba\n" * 5)
     data, cfg = os.path.join(root, "data.txt"), os.path.join(root, "tiny.yaml")
     _cli(["train", "--config", cfg, "--data", data, "--out", os.path.join(root, "lm")])
@@ -140,7 +146,8 @@ def build_fixtures(root):
                       "hf_flag_str": {**hf, "add_cross_attention": "no"},
                       "hf_model_type_list": {**hf, "model_type": ["gpt2"]},
                       "hf_act_list": {**hf, "activation_function": []},
-                      "hf_inner_zero": {**hf, "n_inner": 0}}.items():
+                      "hf_inner_zero": {**hf, "n_inner": 0},
+                      "hf_noscale": {**hf, "scale_attn_weights": False}}.items():
         _hf_variant(root, name, cfg)
 
     with open(os.path.join(root, "prep", "meta.json")) as f:
@@ -324,6 +331,11 @@ def _cases():
     add("wrong success", "generate from NaN weights (HF dir)",
         ["generate", "--checkpoint", f"{R}/hfnan", "--prompt", "To", "--max-new-tokens", "4"], expect="fail")
     add("wrong success", "plot into a non-PNG name", ["plot", lm, "--out", f"{O}/loss.txt"])
+    add("wrong success", "HF config.json scale_attn_weights=false", ["generate", "--checkpoint", f"{R}/hf_noscale",
+                                                                     "--prompt", "To", "--max-new-tokens", "2"])
+    add("hang", "YAML alias bomb in --config", ["train", "--config", f"{R}/bomb.yaml", "--out", O])
+    add("data loss", "train --out a folder fastformer did not write",
+        ["train", "--config", f"{R}/tiny.yaml", "--data", data, "--out", f"{R}/foreign"])
     add("wrong success", "prepare --val-fraction 1", ["prepare", "--data", data, "--val-fraction", "1", "--out", O])
 
     # ------------------------------------------------------- valid inputs still work

@@ -77,3 +77,15 @@ def test_unknown_checksum_is_recorded_on_first_download(fake_shakespeare, tmp_pa
     (tmp_path / "file.txt").write_bytes(TEXT[:-1])  # later altered: caught against the record
     with pytest.raises(FastformerError, match="cached file .* does not match its checksum"):
         datasets.download("https://example.invalid/x", path)
+
+
+def test_a_download_never_writes_through_a_planted_temporary_name(fake_shakespeare, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    target.parent.mkdir(parents=True)
+    (target.parent / "input.txt.part").symlink_to(victim)  # the fixed temporary name of older fastformers
+    datasets.download("https://example.invalid/input.txt", str(target), len(TEXT), hashlib.sha256(TEXT).hexdigest())
+    assert target.read_bytes() == TEXT and not target.is_symlink()
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["input.txt", "input.txt.part"]

@@ -60,7 +60,7 @@ def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("preset_env, preload, layer, policy", [
     ({}, False, ("omp", "workqueue"), None),  # OpenMP where it loads; its passive policy not left in the environment
-    ({}, True, ("workqueue",), None),  # another library's OpenMP runtime is loaded: not shared
+    ({}, True, ("omp",), None),  # another library's OpenMP runtime is loaded: still OpenMP, which is thread-safe
     ({"NUMBA_THREADING_LAYER": "workqueue"}, False, ("workqueue",), None),  # the user's choice stands
     ({"OMP_WAIT_POLICY": "active"}, False, ("omp", "workqueue"), "active"),
 ])
@@ -126,3 +126,33 @@ print(process.applied_threads())
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "None", "False", "1"]
+
+
+def test_numba_kernels_from_two_threads_after_torch():
+    """torch loads an OpenMP runtime of its own; Numba's layer must stay a thread-safe one (not
+    workqueue, which aborts the process when two threads launch parallel kernels at once)."""
+    pytest.importorskip("numba")
+    pytest.importorskip("torch")
+    code = """
+import threading, numpy as np, torch, numba
+import fastformer
+fastformer.set_backend("numba")
+ops = fastformer.get_ops()
+x = np.ones((256, 512), np.float32)
+ops.softmax_forward(x)
+def work():
+    for _ in range(200):
+        ops.softmax_forward(x)
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(numba.threading_layer())
+"""
+    unset = ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(FASTFORMER_BACKEND="numba", FASTFORMER_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() in (["omp"], ["tbb"])

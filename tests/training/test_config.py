@@ -164,3 +164,19 @@ def test_each_kind_is_answered_by_its_config_and_one_table():
         assert config.model_config().kind == config.kind
     run = make_task(RunConfig(data=DataConfig(task="reverse")))
     assert type(run) is KINDS["seq2seq"].task and type(run.new_model(0)) is KINDS["seq2seq"].model
+
+
+def alias_bomb(levels=8, width=6):
+    """A YAML flow sequence whose last element has width**levels leaves, built from aliases."""
+    items = ["&l0 [" + ", ".join(["x"] * width) + "]"]
+    items += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels + 1)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("template", ["model:\n  d_model: {bomb}\n", "model: {bomb}\n", "train:\n  schedule: {bomb}\n"])
+def test_a_yaml_alias_bomb_is_named_in_a_short_line(tmp_path, template):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(template.format(bomb=alias_bomb()))  # 1.7 million leaves: never formatted whole
+    with pytest.raises(FastformerError, match="bomb.yaml") as e:
+        load_config(str(path))
+    assert len(str(e.value)) < 1000

@@ -377,3 +377,50 @@ def test_the_train_command_on_two_ranks_follows_one_process(tmp_path, source):
     assert "2 ranks" in proc.stdout
     np.testing.assert_allclose([r["loss"] for r in out[2]], [r["loss"] for r in out[1]], rtol=1e-5)
     assert out[2][-1]["val_loss"] == pytest.approx(out[1][-1]["val_loss"], rel=1e-5)
+
+
+# ------------------------------------------------- a rank refused before and after MPI starts
+TINY_MPI = ["--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
+            "--set", "model.n_layers=1", "--set", "model.max_seq_len=16", "--set", "train.seq_len=16",
+            "--set", "train.batch_size=4", "--set", "train.eval_batches=1", "--max-steps", "2"]
+
+
+def mpmd(tmp_path, rank0, rank1):
+    """Run `fastformer train` on two ranks with the arguments of each (mpiexec's MPMD form);
+    returns (exit status, stderr). A job still running at TIMEOUT is killed, ranks included,
+    and fails the test: the ranks waited for each other."""
+    cli = [sys.executable, "-m", "fastformer.cli", "train"]
+    cmd = [MPIEXEC, "-n", "1", *cli, *rank0, ":", "-n", "1", *cli, *rank1]
+    env = dict(clean_env(), FASTFORMER_BACKEND="numpy")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=tmp_path)
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the job hung: the other rank waited for the one that failed")
+    return proc.returncode, err
+
+
+@needs_mpi
+@pytest.mark.parametrize("bad, message", [
+    (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["--resume"], "no checkpoint in"),
+    (["--set", "train.lrr=1"], "unknown config key train.lrr"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+], ids=["config", "resume", "set", "argv"])
+def test_a_rank_refused_before_mpi_starts_ends_the_job(tmp_path, bad, message):
+    good = [*TINY_MPI, "--out", "r"]
+    code, err = mpmd(tmp_path, good, [*good, *bad])
+    assert code != 0 and message in err
+    assert not os.path.exists(tmp_path / "r" / "ckpt-000002")
+
+
+@needs_mpi
+@pytest.mark.parametrize("other", [["--seed", "1"], ["--max-steps", "3"], ["--out", "elsewhere"]])
+def test_ranks_started_with_different_arguments_are_refused(tmp_path, other):
+    code, err = mpmd(tmp_path, [*TINY_MPI, "--out", "r"], [*TINY_MPI, "--out", "r", *other])
+    assert code == 2, err
+    assert "1 of 2 ranks were started with arguments and config other than rank 0's" in err
+    assert not os.path.exists(tmp_path / "r" / "ckpt-000002")
