@@ -32,7 +32,6 @@ PRECISIONS = ("float32", "bfloat16")  # of the matrix products of float32 arrays
 ENV_VAR = "FASTFORMER_BACKEND"
 
 _ops = None  # the resolved backend object, made on first use
-_precision = "float32"  # of the matrix products of float32 arrays: set_precision
 
 
 def _numba_ops():
@@ -114,22 +113,26 @@ def check_precision(name):
 def set_precision(name):
     """The precision of every matrix product of float32 arrays that does not name its own:
     "float32" or "bfloat16" (refused, in one line, on a backend or CPU that cannot run it)."""
-    global _precision
-    _precision = check_precision(name)
+    from fastformer.kernels.ops import matmul  # the setting lives where the products read it
+
+    matmul._setting["precision"] = check_precision(name)
 
 
 def get_precision():
     """The precision of the matrix products of float32 arrays: "float32" or "bfloat16"."""
-    return _precision
+    from fastformer.kernels.ops.matmul import current_precision
+
+    return current_precision()
 
 
 @contextlib.contextmanager
 def use_precision(name):
     """Context manager: run a block with another matmul precision, then restore the previous one."""
-    global _precision
-    prev = _precision
+    prev = get_precision()
     set_precision(name)
     try:
         yield name
     finally:
-        _precision = prev
+        from fastformer.kernels.ops import matmul
+
+        matmul._setting["precision"] = prev

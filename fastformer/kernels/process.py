@@ -22,6 +22,7 @@ they leave the cores to the Numba kernel that follows.
 """
 
 import contextlib
+import functools
 import os
 
 from fastformer.errors import FastformerError, check_int
@@ -201,6 +202,19 @@ def applied_threads():
     return _applied
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16():
+    """Whether this CPU runs AVX-512 BF16, as LLVM (llvmlite, Numba's) sees it: the kernels that
+    emit its instructions are compiled only then -- LLVM aborts the process, rather than raising,
+    when told to emit them for a CPU without it."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:  # no Numba, no kernel to run it
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512bf16")) and bool(features.get("avx512f"))
+
+
 def cpu_vector_isa():
     """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2", ...), or None when
     /proc/cpuinfo does not say (not Linux, not x86)."""
@@ -240,8 +254,6 @@ def process_info():
     info["blas"] = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')} kernels), "
                     f"{d.get('num_threads')} threads" for d in blas]
     info["cpu_vector_isa"] = cpu_vector_isa()
-    from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
-
     info["bf16_matmul"] = ("available (AVX-512 BF16): train.precision=bf16 runs on the Numba backend; the "
                            "default stays fp32" if cpu_has_bf16() else
                            "not on this CPU (no avx512_bf16): train.precision=fp32 only")

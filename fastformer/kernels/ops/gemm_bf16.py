@@ -24,30 +24,18 @@ NumPy in float32: the kernel matches it to float32 summation error. The instruct
 float32 subnormals as zero, which the reference does not.
 """
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
 
 from fastformer.errors import FastformerError
 from fastformer.kernels._jit import inline, kernel, numba, prange, serial
+from fastformer.kernels.process import cpu_has_bf16
 from fastformer.kernels.tasks import in_task
 
 TILE_M, TILE_N = 8, 32  # rows and columns of C per micro-kernel call
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
-FEATURE = "avx512bf16"  # llvmlite's name of the CPU feature
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16():
-    """Whether this CPU runs AVX-512 BF16 (and Numba is here to emit it)."""
-    if numba is None:
-        return False
-    import llvmlite.binding as llvm
-
-    features = llvm.get_host_cpu_features()
-    return bool(features.get(FEATURE)) and bool(features.get("avx512f"))
 
 
 def require_bf16():

@@ -23,6 +23,13 @@ import numpy as np
 from fastformer.errors import FastformerError
 from fastformer.kernels.ops import gemm_bf16
 
+_setting = {"precision": "float32"}  # of the products of float32 arrays: fastformer.kernels.set_precision
+
+
+def current_precision():
+    """The process's precision of the products of float32 arrays: "float32" or "bfloat16"."""
+    return _setting["precision"]
+
 
 class LinearCache(NamedTuple):
     x2: np.ndarray  # (N, Cin): the forward's input as rows
@@ -35,9 +42,7 @@ def check_precision(ops, precision, dtype):
     "bfloat16". `precision` None takes the process's setting for float32 arrays."""
     dtype = np.dtype(dtype)
     if precision is None:
-        from fastformer.kernels import get_precision
-
-        precision = get_precision() if dtype == np.float32 else None
+        precision = _setting["precision"] if dtype == np.float32 else None
     elif precision not in ops.matmul_precisions.get(dtype.name, ()):
         offered = ops.matmul_precisions.get(dtype.name, ())
         raise FastformerError(f"precision must be None or one of {', '.join(map(repr, offered))} for "
