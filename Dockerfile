@@ -23,7 +23,8 @@ ENV PATH=/opt/fastformer/bin:$PATH \
     NUMBA_CACHE_DIR=/var/cache/fastformer/numba \
     MPLCONFIGDIR=/var/cache/fastformer/matplotlib \
     PYTHONUNBUFFERED=1
-# libgomp: Numba's OpenMP threading layer, which fastformer prefers (without it, the slower workqueue)
+# libgomp: Numba's OpenMP threading layer, fastformer's choice as on the host (kernels/process.py);
+# without it Numba falls back to its workqueue
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
  && apt-get clean && rm -rf /var/lib/apt/lists/* \
