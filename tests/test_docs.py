@@ -49,11 +49,23 @@ def test_the_readme_starts_with_the_two_commands_and_ci_runs_its_test_command():
     first = code_blocks(readme, "bash")[0]
     assert [line.split("#")[0].strip() for line in first.strip().splitlines()] == ["make demo", "make test"]
     ci = read(os.path.join(REPO, ".ci", "run"))
-    assert [line for line in ci.splitlines() if line and not line.startswith("#")][-1] == "make test"
+    steps = [line for line in ci.splitlines() if line and not line.startswith("#")]
+    assert steps[-2:] == ["make test", "bash .ci/docker"]  # the tests, then the container image
     makefile = read(os.path.join(REPO, "Makefile"))
     recipe = makefile[makefile.index("$(VENV)/.installed-test:"):].split("\n\n")[0]
     assert recipe.index('"$(TORCH)"') < recipe.index('-e ".[$(TEST_EXTRAS)]"')  # the CPU torch pin first
     assert "TORCH ?= torch==2.13.0" in makefile and "TEST_EXTRAS := dev,torch,plot,hf,mpi,text" in makefile
+
+
+def test_ci_builds_and_runs_the_image_with_the_readmes_docker_commands():
+    readme = read(os.path.join(REPO, "README.md"))
+    (block,) = [b for b in code_blocks(readme, "bash") if "docker build" in b]
+    build, *runs = [line.split(" # ")[0].strip() for line in block.strip().splitlines()]
+    ci = read(os.path.join(REPO, ".ci", "docker"))
+    assert build == "docker build -t fastformer ." and f"\n{build} " in ci
+    options = 'docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/runs:/runs" fastformer '
+    assert runs and all(options in r for r in runs)
+    assert 'docker run --rm --user "$user" -v "$runs:/runs" fastformer "$@"' in ci  # the README's options
 
 
 def test_the_readmes_python_runs(tmp_path, monkeypatch):
