@@ -14,6 +14,7 @@ the forward's -- from another call, another size, or edited -- is refused instea
 out of bounds. The checks cost O(1) per call, or one vectorised min/max where ids index an array.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -23,6 +24,18 @@ from fastformer.errors import FastformerError, check_number
 FLOAT_DTYPES = (np.float32, np.float64)
 IGNORE_INDEX = -100  # the target id a cross-entropy counts for nothing, as in torch.nn.functional.cross_entropy
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def quiet(fn):
+    """A reference kernel (or a BLAS product) run with NumPy's floating-point warnings off: NaN and
+    infinity follow the rules of ops/__init__.py on both backends, and only the reference would
+    otherwise print a RuntimeWarning where the Numba kernel, computing the same, says nothing."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def describe(a):

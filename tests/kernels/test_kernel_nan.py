@@ -199,3 +199,24 @@ def test_read_only_arrays_on_every_kernel(ops, ref, tmp_path):
         p, m, v = np.zeros(8, np.float32), np.zeros(8, np.float32), np.zeros(8, np.float32)
         ops.adamw_update(p, ro[0], m, v, lr=0.1)
         assert np.isfinite(p).all() and (p != 0).any()
+
+
+def test_no_floating_point_warning_on_nan_and_inf(ops):
+    """NaN and infinity in the inputs give the NaN rules' results silently on both backends: the
+    reference no longer prints NumPy's RuntimeWarnings where the Numba kernels say nothing."""
+    import warnings
+
+    x = np.array([[np.nan, 1.0, np.inf], [-np.inf, -np.inf, -np.inf]], np.float32)
+    w, b, t = np.ones(3, np.float32), np.zeros(3, np.float32), np.array([0, 1])
+    q = x[None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.softmax_backward(np.ones_like(x), ops.softmax_forward(x)[1])
+        ops.cross_entropy_backward(1.0, ops.cross_entropy_forward(x, t)[1])
+        ops.layernorm_backward(np.ones_like(x), ops.layernorm_forward(x, w, b)[1])
+        for form in ("tanh", "none"):
+            ops.gelu_backward(np.ones_like(x), ops.gelu_forward(x, approximate=form)[1])
+        ops.attention_backward(np.ones((1, 1, 2, 3), np.float32), ops.attention_forward(q, q, q)[1])
+        ops.adamw_update(x.copy(), x.copy(), x.copy(), np.abs(x), lr=0.1)
+        ops.linear_cross_entropy_forward(x, x, t, grad=True)
+        ops.linear_backward(np.ones((2, 2), np.float32), ops.linear_forward(x, x.T)[1], np.empty((3, 2), np.float32))

@@ -22,6 +22,7 @@ from fastformer.kernels.checks import (
     cache_root,
     check_grad,
     kernel_array,
+    quiet,
 )
 
 GELU_FORMS = ("tanh", "none")
@@ -74,6 +75,7 @@ def relu_grad_inputs(dy, cache):
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def gelu_forward(ops, x, bias=None, approximate="tanh"):
     """y = gelu(x + bias). `approximate` is "tanh" (GPT-2) or "none" (exact erf, as
     torch.nn.functional.gelu). Returns (y, GeluCache)."""
@@ -87,6 +89,7 @@ def gelu_forward(ops, x, bias=None, approximate="tanh"):
     return y.astype(u.dtype), GeluCache(x, b, approximate, bias is not None)
 
 
+@quiet
 def gelu_backward(ops, dy, cache):
     """Returns (dx, dbias); dbias is None when the forward had no bias."""
     dy, (x, b, approximate, has_bias) = gelu_grad_inputs(dy, cache)
@@ -105,6 +108,7 @@ def gelu_backward(ops, dy, cache):
     return dx, dbias
 
 
+@quiet
 def relu_forward(ops, x, bias=None):
     """y = max(x + bias, 0), the signature of `gelu_forward` without its form. Returns (y, ReluCache)."""
     u, bias = activation_inputs(x, bias)
@@ -114,6 +118,7 @@ def relu_forward(ops, x, bias=None):
     return y, ReluCache(y, bias is not None)
 
 
+@quiet
 def relu_backward(ops, dy, cache):
     """Returns (dx, dbias); dbias is None when the forward had no bias."""
     dy, (y, has_bias) = relu_grad_inputs(dy, cache)

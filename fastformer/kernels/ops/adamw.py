@@ -9,7 +9,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_int, check_number
 from fastformer.kernels._jit import jit_writable, kernel, prange
-from fastformer.kernels.checks import FLOAT_DTYPES, check_finite, describe
+from fastformer.kernels.checks import FLOAT_DTYPES, check_finite, describe, quiet
 
 
 # ------------------------------------------------------------------- checks
@@ -34,6 +34,7 @@ def adamw_inputs(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def adamw_update(ops, param, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                  weight_decay=0.0, step=1):
     """One AdamW step in place on `param`, `m` and `v` (same shape and dtype as `grad`).

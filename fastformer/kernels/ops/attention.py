@@ -25,6 +25,7 @@ from fastformer.kernels.checks import (
     check_finite,
     check_grad,
     kernel_array,
+    quiet,
 )
 from fastformer.kernels.ops.attention_tiled import attention_tiled, attention_tiled_grads
 
@@ -146,6 +147,7 @@ def attention_allowed(T, S, causal, key_padding_mask):
     return allowed
 
 
+@quiet
 def attention_forward(ops, q, k, v, causal=False, key_padding_mask=None, scale=None):
     """Multi-head scaled dot-product attention.
 
@@ -184,6 +186,7 @@ def _attention_probs(q, k, causal, key_padding_mask, scale, lse):
     return (p if allowed is None else np.where(allowed, p, 0.0).astype(q.dtype)), lse
 
 
+@quiet
 def attention_backward(ops, dout, cache):
     """Returns (dq, dk, dv)."""
     # forward: p = softmax(q @ k^T * scale + mask); out = p @ v
@@ -203,6 +206,7 @@ def _attention_grads_reference(dout, cache):
     return dq, dk, dv
 
 
+@quiet
 def attention_qkv_forward(ops, qkv, n_heads, causal=True, key_padding_mask=None, scale=None):
     """Self-attention straight from a fused projection, as GPT-2's c_attn makes it.
 
@@ -216,6 +220,7 @@ def attention_qkv_forward(ops, qkv, n_heads, causal=True, key_padding_mask=None,
     return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
 
 
+@quiet
 def attention_qkv_backward(ops, dout, cache):
     """Returns dqkv (B, T, 3C), the gradient of the fused projection."""
     # forward: q, k, v = split(qkv); out = merge(attention(q, k, v))

@@ -10,7 +10,7 @@ key_padding_mask (B, >= start + Tn) True at padding.
 import numpy as np
 
 from fastformer.errors import FastformerError, is_int
-from fastformer.kernels.checks import as_float_array, describe
+from fastformer.kernels.checks import as_float_array, describe, quiet
 from fastformer.kernels.ops.attention import _attention, _attention_forward, _attention_scale, check_qkv
 
 
@@ -55,6 +55,7 @@ def write_kv_cache(qkv, k_cache, v_cache, start, n_heads):
     return q
 
 
+@quiet
 def attention_cached(ops, qkv, k_cache, v_cache, start, n_heads, key_padding_mask=None, scale=None):
     """Causal self-attention of Tn new tokens over a key/value cache, for decoding.
 

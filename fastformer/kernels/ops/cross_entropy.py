@@ -35,6 +35,7 @@ from fastformer.kernels.checks import (
     check_out,
     describe,
     kernel_array,
+    quiet,
 )
 from fastformer.kernels.tasks import run_tasks, task_threads
 
@@ -151,6 +152,7 @@ def linear_cross_entropy_inputs(h, weight, targets, ignore_index, grad, dweight)
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def cross_entropy_forward(ops, logits, targets, ignore_index=IGNORE_INDEX, out=None):
     """Mean cross-entropy of softmax(logits) against integer targets, over the tokens whose
     target is not `ignore_index`. logits (..., V >= 1), targets (...). If every target is
@@ -177,6 +179,7 @@ def cross_entropy_forward(ops, logits, targets, ignore_index=IGNORE_INDEX, out=N
     return loss, out
 
 
+@quiet
 def cross_entropy_backward(ops, dloss, cache):
     """Returns dlogits, shaped like logits; when the forward had `out` and dloss is 1, that
     array itself."""
@@ -230,6 +233,7 @@ def linear_cross_entropy_forward(ops, h, weight, targets, ignore_index=IGNORE_IN
                                  _cross_entropy_rows, workers=1)
 
 
+@quiet
 def _linear_cross_entropy(ops, h, weight, targets, ignore_index, grad, dweight, chunk_rows, rows_loss, workers):
     """linear_cross_entropy_forward with each chunk's loss and gradient made by `rows_loss`, the
     chunks in `workers` contiguous groups run side by side on the task pool."""
@@ -278,6 +282,7 @@ def _head_chunks(ops, rows_loss, h2, wt, wn, V, t, ignore_index, inv_n, chunk, s
                 dw += part
 
 
+@quiet
 def linear_cross_entropy_backward(ops, dloss, cache):
     """Returns (dh, dweight) of `linear_cross_entropy_forward(..., grad=True)` scaled by
     dloss: the forward's arrays themselves when dloss is 1."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
 from fastformer.kernels._jit import inline, jit_writable, kernel
-from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array
+from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
 from fastformer.kernels.ops.layernorm import layernorm, normalize_row
@@ -116,6 +116,7 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
     """One new token per row through a GPT-2 model that continues the sequences in a
     key/value cache: embedding, L pre-LN blocks (causal attention over the cache, GELU-tanh

@@ -21,6 +21,7 @@ from fastformer.kernels.checks import (
     check_eps,
     check_grad,
     kernel_array,
+    quiet,
 )
 
 
@@ -92,16 +93,19 @@ def _layernorm_grads(dy, cache):
     return dx, dweight, dbias
 
 
+@quiet
 def layernorm_forward(ops, x, weight, bias, eps=1e-5):
     """LayerNorm over the last axis C. Returns (y, cache) with cache = (x, weight, mean, rstd)."""
     return layernorm(*layernorm_inputs(x, weight, bias, eps), eps)
 
 
+@quiet
 def layernorm_backward(ops, dy, cache):
     """Returns (dx, dweight, dbias)."""
     return _layernorm_grads(*layernorm_grad_inputs(dy, cache))
 
 
+@quiet
 def residual_layernorm_forward(ops, x, branch, weight, bias, eps=1e-5):
     """The pre-LN step `s = x + branch; y = layernorm(s)`. Returns ((s, y), cache)."""
     x, branch, weight, bias = residual_layernorm_inputs(x, branch, weight, bias, eps)
@@ -110,6 +114,7 @@ def residual_layernorm_forward(ops, x, branch, weight, bias, eps=1e-5):
     return (s, y), cache
 
 
+@quiet
 def residual_layernorm_backward(ops, dy, ds, cache):
     """`dy` is the gradient of y, `ds` (or None) the gradient reaching s along the residual
     stream. Returns (dsum, dweight, dbias); dsum is the gradient of both x and branch."""

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from fastformer.errors import FastformerError
+from fastformer.kernels.checks import quiet
 from fastformer.kernels.ops import gemm_bf16
 
 _setting = {"precision": "float32"}  # of the products of float32 arrays: fastformer.kernels.set_precision
@@ -58,6 +59,7 @@ def require_precision(ops, precision):
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def matmul(ops, a, b, out=None, precision=None):
     """a @ b for 2-D float arrays of one dtype (any strides), written into `out` (a view NumPy can
     write, such as a slice of a buffer kept across calls) when given; b may be what `pack`
@@ -75,6 +77,7 @@ def pack(ops, b, precision=None):
     return b
 
 
+@quiet
 def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
     """out = x @ weight + bias, with x (..., Cin), weight (Cin, Cout) as in GPT-2's Conv1D.
     `out`, when given, is a C-contiguous (..., Cout) array to write the result into (a buffer
@@ -91,6 +94,7 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
     return y.reshape(*x.shape[:-1], Cout), LinearCache(x2, weight, precision)
 
 
+@quiet
 def linear_backward(ops, dout, cache, dweight, dbias=None):
     """Writes dweight (Cin, Cout) and dbias (Cout,), when given, in place (views of the gradient
     buffer); returns dx shaped like the forward's x. The products run in the forward's precision."""

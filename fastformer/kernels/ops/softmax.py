@@ -7,7 +7,7 @@ holding a NaN or +inf gives a row of NaN. Shapes: x (..., C), read as N rows of 
 import numpy as np
 
 from fastformer.kernels._jit import exp, kernel, prange, row_max, rows
-from fastformer.kernels.checks import as_rows, cache_root, check_grad, kernel_array
+from fastformer.kernels.checks import as_rows, cache_root, check_grad, kernel_array, quiet
 
 
 # ------------------------------------------------------------------- checks
@@ -22,6 +22,7 @@ def softmax_grad_inputs(dy, cache):
 
 
 # ---------------------------------------------------------------- reference
+@quiet
 def softmax_forward(ops, x):
     """Softmax over the last axis. Returns (y, cache); the cache is y."""
     x = softmax_inputs(x)
@@ -33,6 +34,7 @@ def softmax_forward(ops, x):
     return y, y
 
 
+@quiet
 def softmax_backward(ops, dy, cache):
     """Returns dx."""
     # forward: y = exp(x - max) / sum(exp(x - max))
