@@ -34,6 +34,8 @@ import types as pytypes
 
 import numpy as np
 
+from fastformer.kernels.tasks import in_task
+
 try:
     import numba
     from llvmlite import ir
@@ -167,9 +169,12 @@ def kernel(template, parallel=True, serial_twin=False, floats=FLOAT_TYPES):
     return make
 
 
-def sized(k, work):
-    """`k`, or its serial twin when `work` (elements touched) is small."""
-    return _SERIAL.get(k.__name__, k) if work < SMALL_WORK else k
+def sized(k, work, small=None):
+    """`k`, or its serial twin when `work` (elements touched) is below `small` (SMALL_WORK), or when the caller
+    runs on a thread of the task pool: its tasks run serial kernels side by side, and parallel
+    regions started from two Python threads at once are what Numba's workqueue layer (the one it
+    takes after torch has loaded its OpenMP) cannot take."""
+    return _SERIAL.get(k.__name__, k) if work < (SMALL_WORK if small is None else small) or in_task() else k
 
 
 def serial(k):
@@ -226,12 +231,12 @@ def _source_hash(path):
 
 @functools.lru_cache(maxsize=None)
 def _dependencies(module_name):
-    """The source files of `module_name` and of every fastformer.kernels module it takes a
-    function from, transitively, this one included."""
+    """The source files of `module_name` and of every fastformer.kernels module it takes a jitted
+    function (a kernel or an inlined helper) from, transitively, this one included."""
     module = importlib.import_module(module_name)
     files = {module.__file__, __file__}
     for value in list(vars(module).values()):
-        origin = getattr(getattr(value, "py_func", value), "__module__", None)
+        origin = getattr(getattr(value, "py_func", None), "__module__", None)
         if isinstance(origin, str) and origin.startswith("fastformer.kernels") and origin != module_name \
                 and origin in sys.modules:
             files |= _dependencies(origin)

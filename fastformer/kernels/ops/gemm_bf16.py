@@ -29,9 +29,8 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer.errors import FastformerError
-from fastformer.kernels._jit import inline, kernel, numba, prange, serial
+from fastformer.kernels._jit import inline, kernel, numba, prange, sized
 from fastformer.kernels.process import cpu_has_bf16
-from fastformer.kernels.tasks import in_task
 
 TILE_M, TILE_N = 8, 32  # rows and columns of C per micro-kernel call
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
@@ -270,22 +269,15 @@ class PackedB(NamedTuple):
     N: int
 
 
-def _threads(k, work):
-    """`k`, or its serial twin on a thread of the task pool (whose tasks run serial kernels side by
-    side: a parallel region started from two Python threads at once is what Numba's workqueue
-    layer cannot take) or for a small `work` (flops, or elements packed)."""
-    return serial(k) if in_task() or work < PARALLEL_WORK else k
-
-
 def _pack(x, rows, cols, out):
     """Run the packer `rows` on x when it is row-major, `cols` on x.T when x is the transpose of
     a row-major array, else `rows` on a row-major copy (a strided slice)."""
     if x.flags.c_contiguous:
-        _threads(rows, x.size)(x, out)
+        sized(rows, x.size, PARALLEL_WORK)(x, out)
     elif x.T.flags.c_contiguous:
-        _threads(cols, x.size)(x.T, out)
+        sized(cols, x.size, PARALLEL_WORK)(x.T, out)
     else:
-        _threads(rows, x.size)(np.ascontiguousarray(x), out)
+        sized(rows, x.size, PARALLEL_WORK)(np.ascontiguousarray(x), out)
     return out
 
 
@@ -328,6 +320,6 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
             out += bias
         return out
     words = pack_a(a)
-    _threads(_gemm, 2 * M * packed.N * K // 64)(words, packed.panels, out, M, packed.N,
+    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, packed.panels, out, M, packed.N,
                                                 _NO_BIAS if bias is None else bias, bias is not None, accumulate)
     return out
