@@ -170,7 +170,9 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     for i in range(n_steps):
         if i:
             logits = step(nxt)
-        if np.isnan(logits).any():  # finite weights can still overflow on some text: stop, not pick garbage
+        # finite weights can still overflow on some text: stop, not pick garbage (max is NaN when any
+        # logit is: one pass per token, no (N, V) mask)
+        if np.isnan(logits.max()):
             raise FastformerError(f"the model's logits became NaN at new token {i + 1}: it overflows on this "
                                   f"text; use an earlier checkpoint or another prompt")
         if id_limit is not None and id_limit < V:
