@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -48,6 +49,24 @@ def fast_ops(request):
 def ref():
     """The NumPy reference kernels, whatever backend is selected."""
     return _resolve("numpy")
+
+
+def trained_run(directory, config, text):
+    """`directory` holding a run trained to its config's max_steps, its lock released: train it once
+    per module (a module-scoped fixture) and give each test a copy (copy_run)."""
+    from fastformer.training.trainer import Trainer
+
+    trainer = Trainer(config, directory, text=text, verbose=False)
+    trainer.train()
+    trainer.close()
+    return directory
+
+
+def copy_run(run, tmp_path):
+    """A fresh copy of the run directory `run`, for one test to edit."""
+    dst = str(tmp_path / "run")
+    shutil.copytree(run, dst)
+    return dst
 
 
 def numerical_grad(f, x, eps=1e-6):

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import copy_run, trained_run
 from safetensors.numpy import load_file, save_file
 
 import fastformer.cli.bench as bench_command
@@ -35,19 +36,12 @@ def tiny():
 def base(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("base") / "run")
     with use_backend("numpy"):
-        trainer = Trainer(tiny(), run, text=TEXT, verbose=False)
-        trainer.train()
-        trainer.close()
-    return run
+        return trained_run(run, tiny(), TEXT)
 
 
 @pytest.fixture
 def run(base, tmp_path):
-    import shutil
-
-    dst = str(tmp_path / "run")
-    shutil.copytree(base, dst)
-    return dst
+    return copy_run(base, tmp_path)
 
 
 def rehash(ckpt, name):

@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+from conftest import copy_run, trained_run
 from safetensors import SafetensorError
 from test_trainer import TEXT, tiny_config
 
@@ -31,19 +32,14 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("base") / "run")
-    trainer = Trainer(tiny_config(max_steps=4, checkpoint_interval=2), run, text=TEXT, verbose=False)
-    trainer.train()
-    trainer.close()
-    return run
+    return trained_run(str(tmp_path_factory.mktemp("base") / "run"), tiny_config(max_steps=4, checkpoint_interval=2),
+                       TEXT)
 
 
 @pytest.fixture
 def run(base, tmp_path):
     """A fresh copy of a trained run (checkpoints 2 and 4)."""
-    dst = str(tmp_path / "run")
-    shutil.copytree(base, dst)
-    return dst
+    return copy_run(base, tmp_path)
 
 
 def edit_state(run, fn, step=4):

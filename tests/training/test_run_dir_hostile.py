@@ -4,11 +4,11 @@ someone else's cleaned; a prepared directory kept usable when a re-prepare is re
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import copy_run, trained_run
 from test_trainer import TEXT, tiny_config
 
 from fastformer import use_backend
@@ -26,18 +26,13 @@ TIMEOUT = 120  # seconds: a guard against a hang, far above the few seconds a ru
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("base") / "run")
-    trainer = Trainer(tiny_config(max_steps=2, checkpoint_interval=2), run, text=TEXT, verbose=False)
-    trainer.train()
-    trainer.close()
-    return run
+    return trained_run(str(tmp_path_factory.mktemp("base") / "run"), tiny_config(max_steps=2, checkpoint_interval=2),
+                       TEXT)
 
 
 @pytest.fixture
 def run(base, tmp_path):
-    dst = str(tmp_path / "run")
-    shutil.copytree(base, dst)
-    return dst
+    return copy_run(base, tmp_path)
 
 
 def resume(run, steps=3):
