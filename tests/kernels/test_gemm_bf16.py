@@ -89,10 +89,11 @@ def test_packers_hold_the_rounded_values_in_pairs(transposed):
     np.testing.assert_array_equal(rows, G.round_to_bf16(b))
     assert not unpacked.transpose(1, 2, 0, 3).reshape(6, 64)[5].any() and not rows.size == 0
     a = _operand(rng, (11, 5), transposed, strided=False)
-    words = G.pack_a(a)  # (16, 3)
-    pairs = np.stack(((words & 0xFFFF).astype(np.uint32) << 16, words & np.uint32(0xFFFF0000)), axis=2)
-    np.testing.assert_array_equal(pairs.view(np.float32).reshape(16, 6)[:11, :5], G.round_to_bf16(a))
-    assert not words[11:].any()
+    panels = G.pack_a(a)  # (1, 3, 16): one panel of 16 rows, three pairs of k
+    pairs = np.stack(((panels & 0xFFFF).astype(np.uint32) << 16, panels & np.uint32(0xFFFF0000)), axis=2)
+    rows = pairs.view(np.float32).transpose(0, 3, 1, 2).reshape(16, 6)  # panel, row, pair, half
+    np.testing.assert_array_equal(rows[:11, :5], G.round_to_bf16(a))
+    assert not rows[11:].any() and not rows[:, 5].any()
 
 
 @needs_bf16

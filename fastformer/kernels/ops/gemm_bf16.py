@@ -5,16 +5,17 @@ exactly (a product of two bfloat16 values fits a float32) and summed in float32.
 AVX-512 BF16 one `vdpbf16ps` does 32 such products into 16 float32 sums, twice the float32 FMA
 rate; NumPy's BLAS has no such product, so this module brings its own.
 
-Layout. A is packed as (Mp, K2) uint32 words, row m's bfloat16 values of k = 2kk and 2kk + 1
-in word kk (low half first, as the instruction pairs them), Mp = M rounded up to the tile's
-8 rows; B as (NP, K2, 32) words: panel p holds columns 32p .. 32p + 31, each word the pair of
-rows 2kk and 2kk + 1. Padding is zeros, so every tile is full and only its store is cut to C.
+Layout. Both operands are packed in panels of bfloat16 pairs along K: A as (MP, K2, 16) uint32
+words, panel q holding rows 16q .. 16q + 15, B as (NP, K2, 32), panel p holding columns
+32p .. 32p + 31; word kk of a lane is the pair of k = 2kk and 2kk + 1 (low half first, as the
+instruction pairs them). Padding is zeros, so every tile is full and only its store is cut to C.
 The packers read any strides, so A and B may be transposed views (x.T): A @ B, A @ B.T and
 A.T @ B are all a packing away, and a packed operand can serve many products (`pack_b`).
 
 The micro-kernel (`_tile`) keeps an 8 x 32 tile of C in 16 zmm registers over the whole K: per
-pair of k, two loads of B and, per row, one broadcast word of A and two `vdpbf16ps`. The GEMM
-runs 64-row blocks side by side on the threads (`prange`), each over every panel. It is an
+pair of k, two loads of B and, per row, one broadcast word of A and two `vdpbf16ps`; a tile that
+C holds whole is finished in registers (bias, accumulation, store: `_tile_into`). The GEMM runs
+64-row blocks side by side on the threads (`prange`), each over every panel. It is an
 LLVM intrinsic written with llvmlite, compiled only when a product is asked for on a CPU that
 has the instruction (`cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to
 emit it for a CPU without it.
@@ -33,6 +34,7 @@ from fastformer.kernels._jit import inline, kernel, numba, prange, sized
 from fastformer.kernels.process import cpu_has_bf16
 
 TILE_M, TILE_N = 8, 32  # rows and columns of C per micro-kernel call
+A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
 
@@ -78,53 +80,95 @@ if numba is not None:
     _I32x16 = ir.VectorType(ir.IntType(32), 16)
     _I64 = ir.IntType(64)
 
+    def _pointer(context, builder, array_type, array, offset):
+        """The address of element `offset` of a Numba array (counted from its first element)."""
+        return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
+
+    def _vector_at(builder, base, offset):
+        """base + offset (elements) as a pointer to 16 lanes."""
+        return builder.bitcast(builder.gep(base, [offset]), _F32x16.as_pointer())
+
+    def _tile_sums(builder, A, B, kp):
+        """The IR of the tile's loop over k: returns its 16 accumulators (row r, columns 16h..16h+15
+        at 2r + h) once the loop is done, the builder then in the block after it. A holds the
+        tile's 8 rows in a panel of kp x 16 words (row r of pair k at A[16k + r]), B its panel as kp x 32 words.
+        One loop whose phi nodes carry the accumulators; each product one vdpbf16ps."""
+        name = "llvm.x86.avx512bf16.dpbf16ps.512"
+        dot = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(_F32x16, [_F32x16, _I32x16, _I32x16]), name)
+        entry = builder.block
+        head = builder.append_basic_block("tile.head")
+        body = builder.append_basic_block("tile.body")
+        done = builder.append_basic_block("tile.done")
+        builder.branch(head)
+        builder.position_at_end(head)  # every phi first in its block, as the verifier wants
+        k = builder.phi(_I64)
+        acc = [builder.phi(_F32x16) for _ in range(2 * TILE_M)]
+        k.add_incoming(ir.Constant(_I64, 0), entry)
+        for a in acc:
+            a.add_incoming(ir.Constant(_F32x16, None), entry)
+        builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
+        builder.position_at_end(body)
+        b_at = builder.mul(k, ir.Constant(_I64, TILE_N))
+        b0 = builder.load(builder.bitcast(builder.gep(B, [b_at]), _I32x16.as_pointer()), align=4)
+        b1 = builder.load(builder.bitcast(builder.gep(B, [builder.add(b_at, ir.Constant(_I64, 16))]),
+                                          _I32x16.as_pointer()), align=4)
+        a_at = builder.mul(k, ir.Constant(_I64, A_PANEL))
+        new = []
+        for r in range(TILE_M):
+            word = builder.load(builder.gep(A, [builder.add(a_at, ir.Constant(_I64, r))]))
+            one = builder.insert_element(ir.Constant(_I32x16, None), word, ir.Constant(ir.IntType(32), 0))
+            both = builder.shuffle_vector(one, ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * 16))
+            new += [builder.call(dot, [acc[2 * r], both, b0]), builder.call(dot, [acc[2 * r + 1], both, b1])]
+        latch = builder.block
+        k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
+        for a, n in zip(acc, new):
+            a.add_incoming(n, latch)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return acc
+
     @intrinsic
-    def _tile(typingctx, ap, a_off, lda, bp, b_off, kp, acc):
-        """acc (8, 32) = the 8 x 32 tile of A @ B: A's 8 rows of kp words at ap[a_off + r * lda + k],
-        B's panel of kp x 32 words at bp[b_off + 32 k + j]. One loop over k whose phi nodes carry
-        the 16 accumulators; every product one vdpbf16ps."""
-        sig = types.void(ap, types.int64, types.int64, bp, types.int64, types.int64, acc)
+    def _tile(typingctx, ap, a_off, bp, b_off, kp, acc):
+        """acc (8, 32) = the 8 x 32 tile of A @ B over kp pairs of k: A's panel at ap[a_off:],
+        B's at bp[b_off:] (the layouts of `_tile_sums`). For the tiles that C cuts."""
+        sig = types.void(ap, types.int64, bp, types.int64, types.int64, acc)
 
         def codegen(context, builder, signature, args):
-            a_arr, a_off, lda, b_arr, b_off, kp, acc_arr = args
-            A = builder.gep(context.make_array(signature.args[0])(context, builder, a_arr).data, [a_off])
-            B = builder.gep(context.make_array(signature.args[3])(context, builder, b_arr).data, [b_off])
-            C = context.make_array(signature.args[6])(context, builder, acc_arr).data
-            name = "llvm.x86.avx512bf16.dpbf16ps.512"
-            dot = builder.module.globals.get(name) or ir.Function(
-                builder.module, ir.FunctionType(_F32x16, [_F32x16, _I32x16, _I32x16]), name)
-            entry = builder.block
-            head = builder.append_basic_block("tile.head")
-            body = builder.append_basic_block("tile.body")
-            done = builder.append_basic_block("tile.done")
-            builder.branch(head)
-            builder.position_at_end(head)  # every phi first in its block, as the verifier wants
-            k = builder.phi(_I64)
-            acc = [builder.phi(_F32x16) for _ in range(2 * TILE_M)]
-            k.add_incoming(ir.Constant(_I64, 0), entry)
-            for a in acc:
-                a.add_incoming(ir.Constant(_F32x16, None), entry)
-            builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
-            builder.position_at_end(body)
-            b_at = builder.mul(k, ir.Constant(_I64, TILE_N))
-            b0 = builder.load(builder.bitcast(builder.gep(B, [b_at]), _I32x16.as_pointer()), align=4)
-            b1 = builder.load(builder.bitcast(builder.gep(B, [builder.add(b_at, ir.Constant(_I64, 16))]),
-                                              _I32x16.as_pointer()), align=4)
-            new = []
+            a_arr, a_off, b_arr, b_off, kp, acc_arr = args
+            A = _pointer(context, builder, signature.args[0], a_arr, a_off)
+            B = _pointer(context, builder, signature.args[2], b_arr, b_off)
+            C = _pointer(context, builder, signature.args[5], acc_arr, ir.Constant(_I64, 0))
+            for i, a in enumerate(_tile_sums(builder, A, B, kp)):
+                builder.store(a, _vector_at(builder, C, ir.Constant(_I64, 16 * i)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def _tile_into(typingctx, ap, a_off, bp, b_off, kp, c, c_off, ldc, bias, n0, accumulate):
+        """As `_tile`, the epilogue in vector registers: the 8 x 32 block of c whose first element
+        is c_off elements past c's first (rows ldc elements apart, columns adjacent) becomes
+        tile + bias[n0:n0 + 32], or c + (tile + bias[n0:n0 + 32]) with `accumulate`."""
+        sig = types.void(ap, types.int64, bp, types.int64, types.int64, c, types.int64, types.int64,
+                         bias, types.int64, types.boolean)
+
+        def codegen(context, builder, signature, args):
+            a_arr, a_off, b_arr, b_off, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
+            A = _pointer(context, builder, signature.args[0], a_arr, a_off)
+            B = _pointer(context, builder, signature.args[2], b_arr, b_off)
+            C = _pointer(context, builder, signature.args[5], c_arr, c_off)
+            bias = _pointer(context, builder, signature.args[8], bias_arr, n0)
+            flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
+            sums = _tile_sums(builder, A, B, kp)
+            b = [builder.load(_vector_at(builder, bias, ir.Constant(_I64, 16 * h)), align=4) for h in range(2)]
             for r in range(TILE_M):
-                word = builder.load(builder.gep(A, [builder.add(builder.mul(ir.Constant(_I64, r), lda), k)]))
-                one = builder.insert_element(ir.Constant(_I32x16, None), word, ir.Constant(ir.IntType(32), 0))
-                both = builder.shuffle_vector(one, ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * 16))
-                new += [builder.call(dot, [acc[2 * r], both, b0]), builder.call(dot, [acc[2 * r + 1], both, b1])]
-            latch = builder.block
-            k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
-            for a, n in zip(acc, new):
-                a.add_incoming(n, latch)
-            builder.branch(head)
-            builder.position_at_end(done)
-            for i, a in enumerate(acc):
-                builder.store(a, builder.bitcast(builder.gep(C, [ir.Constant(_I64, 16 * i)]), _F32x16.as_pointer()),
-                              align=4)
+                row = builder.mul(ir.Constant(_I64, r), ldc)
+                for h in range(2):
+                    at = _vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)))
+                    v = builder.fadd(sums[2 * r + h], b[h])
+                    v = builder.select(flag, builder.fadd(builder.load(at, align=4), v), v)
+                    builder.store(v, at, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -132,7 +176,7 @@ else:
     def _float32_bits(x):
         return np.float32(x).view(np.uint32)
 
-    _tile = None
+    _tile = _tile_into = None
 
 
 @inline
@@ -151,113 +195,106 @@ def _pair(lo, hi):
     return _bf16(lo) | (_bf16(hi) << np.uint32(16))
 
 
-# The packers read row-major (C-contiguous) arrays; a transposed operand is read as the row-major
-# array it is the transpose of (pack_a, pack_b choose). Each loop nest writes its output in order
-# and reads what it needs from cache lines it has just loaded: a transposing loop that walked one
-# array with a stride of 4 KiB would have its loads alias in the cache.
-CHUNK = 64  # pairs of k per pass of the transposing packers: their reads stay in L1
-
-
-@kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
-def _pack_a_rows(x, out):
-    """A = x (M, K): out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1])."""
-    M, K = x.shape
-    Mp, K2 = out.shape
-    for m in prange(Mp):
-        if m >= M:
-            for kk in range(K2):
-                out[m, kk] = 0
-            continue
-        for kk in range(K // 2):
-            out[m, kk] = _pair(x[m, 2 * kk], x[m, 2 * kk + 1])
-        if K % 2:
-            out[m, K2 - 1] = _bf16(x[m, K - 1])
-
-
-@kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
-def _pack_a_cols(x, out):
-    """A = x.T for x (K, M): out[m, kk] = the pair (x[2kk, m], x[2kk + 1, m]), in blocks of 16
-    rows of A (one cache line of each row of x) by CHUNK pairs."""
-    K, M = x.shape
-    Mp, K2 = out.shape
-    F = x.dtype.type
-    for blk in prange((Mp + 15) // 16):
-        m0, m1 = blk * 16, min(Mp, blk * 16 + 16)
-        for k0 in range(0, K2, CHUNK):
-            k1 = min(K2, k0 + CHUNK)
-            for m in range(m0, m1):
-                if m >= M:
-                    for kk in range(k0, k1):
-                        out[m, kk] = 0
-                    continue
-                for kk in range(k0, k1):
-                    hi = x[2 * kk + 1, m] if 2 * kk + 1 < K else F(0.0)
-                    out[m, kk] = _pair(x[2 * kk, m], hi)
-
-
-@kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
-def _pack_b_rows(x, out):
-    """B = x (K, N): out[p, kk, j] = the pair (x[2kk, 32p + j], x[2kk + 1, 32p + j]), in passes of
-    8 pairs (16 rows of x, in L1/L2) over every panel: walking one panel down all of x would read
-    128 bytes a row from rows that lie 4 KiB apart at the presets' widths."""
+# Both operands are packed in panels: out (NP, K2, W) holds, for panel p, pair kk and lane j, the
+# two values of k = 2kk and 2kk + 1 of row (of A; column of B) Wp + j. B's panels are 32 columns
+# wide, A's 16 rows (two tiles). The packers read row-major (C-contiguous) arrays; a transposed
+# operand is read as the row-major array it is the transpose of (`_pack` chooses). Each body is
+# inlined once per panel width, so that LLVM sees W as a constant and vectorises over it.
+@inline
+def _pairs_down(x, out, c, W):
+    """Pairs k = 2kk, 2kk + 1 from two rows of x (K, N), for kk in chunk c of 8 and every panel:
+    out[p, kk, j] = the pair (x[2kk, Wp + j], x[2kk + 1, Wp + j]). 16 rows of x stay in L1/L2."""
     K, N = x.shape
     NP, K2, _ = out.shape
     F = x.dtype.type
-    for c in prange((K2 + 7) // 8):
-        k0, k1 = c * 8, min(K2, c * 8 + 8)
-        for p in range(NP):
-            n0 = p * TILE_N
-            w = min(TILE_N, N - n0)
-            for kk in range(k0, k1):
-                for j in range(w, TILE_N):
-                    out[p, kk, j] = 0
-                if 2 * kk + 1 < K:
-                    for j in range(w):
-                        out[p, kk, j] = _pair(x[2 * kk, n0 + j], x[2 * kk + 1, n0 + j])
-                else:
-                    for j in range(w):
-                        out[p, kk, j] = _pair(x[2 * kk, n0 + j], F(0.0))
+    k0, k1 = c * 8, min(K2, c * 8 + 8)
+    for p in range(NP):
+        n0 = p * W
+        w = min(W, N - n0)
+        for kk in range(k0, k1):
+            if w == W and 2 * kk + 1 < K:
+                for j in range(W):
+                    out[p, kk, j] = _pair(x[2 * kk, n0 + j], x[2 * kk + 1, n0 + j])
+            else:  # the last panel, or an odd K's last pair: zeros past x
+                for j in range(W):
+                    lo = x[2 * kk, n0 + j] if j < w else F(0.0)
+                    hi = x[2 * kk + 1, n0 + j] if j < w and 2 * kk + 1 < K else F(0.0)
+                    out[p, kk, j] = _pair(lo, hi)
+
+
+@inline
+def _pairs_along(x, out, p, row, W):
+    """Panel p from W rows of x (N, K): out[p, kk, j] = the pair (x[Wp + j, 2kk], x[Wp + j, 2kk + 1]).
+    Each row's pairs are made in `row` (K2 words, a contiguous loop that vectorises) and then
+    written to their lane."""
+    N, K = x.shape
+    K2 = out.shape[1]
+    n0 = p * W
+    for j in range(W):
+        if n0 + j < N:
+            for kk in range(K // 2):
+                row[kk] = _pair(x[n0 + j, 2 * kk], x[n0 + j, 2 * kk + 1])
+            if K % 2:
+                row[K2 - 1] = _bf16(x[n0 + j, K - 1])
+        else:
+            row[:] = 0
+        for kk in range(K2):
+            out[p, kk, j] = row[kk]
 
 
 @kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
-def _pack_b_cols(x, out):
-    """B = x.T for x (N, K): out[p, kk, j] = the pair (x[32p + j, 2kk], x[32p + j, 2kk + 1]), in
-    passes of 8 pairs (one cache line of each of the panel's 32 rows of x)."""
-    N, K = x.shape
-    NP, K2, _ = out.shape
-    F = x.dtype.type
-    for p in prange(NP):
-        n0 = p * TILE_N
-        w = min(TILE_N, N - n0)
-        for k0 in range(0, K2, 8):
-            k1 = min(K2, k0 + 8)
-            for kk in range(k0, k1):
-                for j in range(w, TILE_N):
-                    out[p, kk, j] = 0
-            for j in range(w):
-                for kk in range(k0, k1):
-                    hi = x[n0 + j, 2 * kk + 1] if 2 * kk + 1 < K else F(0.0)
-                    out[p, kk, j] = _pair(x[n0 + j, 2 * kk], hi)
+def _pack_rows(x, out):
+    """Panels of W = 16 or 32 lanes, pairs down the rows of x (K, N): `_pairs_down`."""
+    W = out.shape[2]
+    for c in prange((out.shape[1] + 7) // 8):
+        if W == A_PANEL:
+            _pairs_down(x, out, c, A_PANEL)
+        else:
+            _pairs_down(x, out, c, TILE_N)
+
+
+@kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
+def _pack_cols(x, out):
+    """Panels of W = 16 or 32 lanes, pairs along the rows of x (N, K): `_pairs_along`."""
+    W = out.shape[2]
+    for p in prange(out.shape[0]):
+        row = np.empty(out.shape[1], np.uint32)
+        if W == A_PANEL:
+            _pairs_along(x, out, p, row, A_PANEL)
+        else:
+            _pairs_along(x, out, p, row, TILE_N)
 
 
 # ------------------------------------------------------------------ the GEMM
-@kernel("void(uint32[:, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean, boolean)",
+@kernel("void(uint32[:, :, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
         serial_twin=True, floats=("float32",))
-def _gemm(ap, bp, c, M, N, bias, has_bias, accumulate):
-    """c (M, N) (+)= A @ B (+ bias) from the packed A (Mp, K2) and B (NP, K2, 32)."""
-    Mp, K2 = ap.shape
+def _gemm(ap, bp, c, M, N, bias, accumulate):
+    """c (M, N) = A @ B + bias, or c += that with `accumulate`, from the packed A (MP, K2, 16) and
+    B (NP, K2, 32). Tasks of 64 rows side by side on the threads, each over every panel of B;
+    a tile that c holds whole has its epilogue in registers (when c's columns are adjacent)."""
+    MP, K2, _ = ap.shape
     NP = bp.shape[0]
     F = c.dtype.type
-    for rb in prange((Mp + BLOCK_M - 1) // BLOCK_M):
+    ldc = c.strides[0] // 4
+    direct = c.strides[1] == 4 and c.strides[0] % 4 == 0
+    tiles = (M + TILE_M - 1) // TILE_M
+    step = BLOCK_M // TILE_M
+    for rb in prange((tiles + step - 1) // step):
         acc = np.empty((TILE_M, TILE_N), np.float32)
         for p in range(NP):
             n0 = p * TILE_N
             w = min(TILE_N, N - n0)
-            for m0 in range(rb * BLOCK_M, min(Mp, rb * BLOCK_M + BLOCK_M), TILE_M):
-                _tile(ap, m0 * K2, K2, bp, p * K2 * TILE_N, K2, acc)
-                for r in range(min(TILE_M, M - m0)):
+            for t in range(rb * step, min(tiles, rb * step + step)):
+                m0 = t * TILE_M
+                h = min(TILE_M, M - m0)
+                a_off = m0 // A_PANEL * K2 * A_PANEL + m0 % A_PANEL  # the tile's first row in its panel
+                if direct and h == TILE_M and w == TILE_N:
+                    _tile_into(ap, a_off, bp, p * K2 * TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0, accumulate)
+                    continue
+                _tile(ap, a_off, bp, p * K2 * TILE_N, K2, acc)
+                for r in range(h):
                     for j in range(w):
-                        v = acc[r, j] + bias[n0 + j] if has_bias else acc[r, j]
+                        v = acc[r, j] + bias[n0 + j]
                         c[m0 + r, n0 + j] = c[m0 + r, n0 + j] + v if accumulate else F(v)
 
 
@@ -286,17 +323,14 @@ def pack_b(b):
     require_bf16()
     K, N = b.shape
     panels = np.empty(((N + TILE_N - 1) // TILE_N, (K + 1) // 2, TILE_N), np.uint32)
-    return PackedB(_pack(b, _pack_b_rows, _pack_b_cols, panels), K, N)
+    return PackedB(_pack(b, _pack_rows, _pack_cols, panels), K, N)
 
 
 def pack_a(a):
-    """A (M, K) float32, any strides, packed into rows of bfloat16 pairs, padded to 8 rows."""
+    """A (M, K) float32, any strides, packed into panels of 16 rows (the last padded with zeros)."""
     M, K = a.shape
-    words = np.empty(((M + TILE_M - 1) // TILE_M * TILE_M, (K + 1) // 2), np.uint32)
-    return _pack(a, _pack_a_rows, _pack_a_cols, words)
-
-
-_NO_BIAS = np.zeros(0, np.float32)
+    panels = np.empty(((M + A_PANEL - 1) // A_PANEL, (K + 1) // 2, A_PANEL), np.uint32)
+    return _pack(a.T, _pack_rows, _pack_cols, panels)
 
 
 def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
@@ -320,6 +354,6 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
             out += bias
         return out
     words = pack_a(a)
-    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, packed.panels, out, M, packed.N,
-                                                _NO_BIAS if bias is None else bias, bias is not None, accumulate)
+    bias = np.zeros(packed.N, np.float32) if bias is None else bias
+    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, packed.panels, out, M, packed.N, bias, accumulate)
     return out
