@@ -89,9 +89,12 @@ def test_packers_hold_the_rounded_values_in_pairs(transposed):
     np.testing.assert_array_equal(rows, G.round_to_bf16(b))
     assert not unpacked.transpose(1, 2, 0, 3).reshape(6, 64)[5].any() and not rows.size == 0
     a = _operand(rng, (11, 5), transposed, strided=False)
-    panels = G.pack_a(a)  # (1, 3, 16): one panel of 16 rows, three pairs of k
-    pairs = np.stack(((panels & 0xFFFF).astype(np.uint32) << 16, panels & np.uint32(0xFFFF0000)), axis=2)
-    rows = pairs.view(np.float32).transpose(0, 3, 1, 2).reshape(16, 6)  # panel, row, pair, half
+    words, rows_apart, k_apart = G.pack_a(a)  # 16 rows (11 and zeros) of three pairs of k
+    assert (rows_apart, k_apart) == ((1, 16) if transposed else (3, 1))
+    at = np.arange(16)[:, None] * rows_apart + np.arange(3)[None, :] * k_apart
+    got = words[at]
+    pairs = np.stack(((got & 0xFFFF).astype(np.uint32) << 16, got & np.uint32(0xFFFF0000)), axis=2)
+    rows = pairs.view(np.float32).reshape(16, 6)
     np.testing.assert_array_equal(rows[:11, :5], G.round_to_bf16(a))
     assert not rows[11:].any() and not rows[:, 5].any()
 

@@ -5,12 +5,13 @@ exactly (a product of two bfloat16 values fits a float32) and summed in float32.
 AVX-512 BF16 one `vdpbf16ps` does 32 such products into 16 float32 sums, twice the float32 FMA
 rate; NumPy's BLAS has no such product, so this module brings its own.
 
-Layout. Both operands are packed in panels of bfloat16 pairs along K: A as (MP, K2, 16) uint32
-words, panel q holding rows 16q .. 16q + 15, B as (NP, K2, 32), panel p holding columns
-32p .. 32p + 31; word kk of a lane is the pair of k = 2kk and 2kk + 1 (low half first, as the
-instruction pairs them). Padding is zeros, so every tile is full and only its store is cut to C.
-The packers read any strides, so A and B may be transposed views (x.T): A @ B, A @ B.T and
-A.T @ B are all a packing away, and a packed operand can serve many products (`pack_b`).
+Layout. Both operands are packed as bfloat16 pairs along K: word kk of a row of A (a column of B)
+holds k = 2kk and 2kk + 1 (low half first, as the instruction pairs them). B is packed as
+(NP, K2, 32) uint32 words, panel p holding columns 32p .. 32p + 31; A row by row (Mp, K2), or,
+when it is a transposed view (the x.T of a weight gradient), in panels of 16 rows as B's, so
+that both packers read and write memory in order. Padding is zeros, so every tile is full and
+only its store is cut to C. The packers read any strides, so A @ B, A @ B.T and A.T @ B are all
+a packing away, and a packed operand can serve many products (`pack_b`).
 
 The micro-kernel (`_tile`) keeps an 8 x 32 tile of C in 16 zmm registers over the whole K: per
 pair of k, two loads of B and, per row, one broadcast word of A and two `vdpbf16ps`; a tile that
@@ -88,14 +89,16 @@ if numba is not None:
         """base + offset (elements) as a pointer to 16 lanes."""
         return builder.bitcast(builder.gep(base, [offset]), _F32x16.as_pointer())
 
-    def _tile_sums(builder, A, B, kp):
+    def _tile_sums(builder, A, ars, aks, B, kp):
         """The IR of the tile's loop over k: returns its 16 accumulators (row r, columns 16h..16h+15
-        at 2r + h) once the loop is done, the builder then in the block after it. A holds the
-        tile's 8 rows in a panel of kp x 16 words (row r of pair k at A[16k + r]), B its panel as kp x 32 words.
+        at 2r + h) once the loop is done, the builder then in the block after it. Row r of the tile
+        has its pair k at A[r * ars + k * aks] (a row-major A: ars = K2, aks = 1; a panel: 1, 16),
+        B its panel as kp x 32 words.
         One loop whose phi nodes carry the accumulators; each product one vdpbf16ps."""
         name = "llvm.x86.avx512bf16.dpbf16ps.512"
         dot = builder.module.globals.get(name) or ir.Function(
             builder.module, ir.FunctionType(_F32x16, [_F32x16, _I32x16, _I32x16]), name)
+        rows = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(TILE_M)]
         entry = builder.block
         head = builder.append_basic_block("tile.head")
         body = builder.append_basic_block("tile.body")
@@ -113,10 +116,10 @@ if numba is not None:
         b0 = builder.load(builder.bitcast(builder.gep(B, [b_at]), _I32x16.as_pointer()), align=4)
         b1 = builder.load(builder.bitcast(builder.gep(B, [builder.add(b_at, ir.Constant(_I64, 16))]),
                                           _I32x16.as_pointer()), align=4)
-        a_at = builder.mul(k, ir.Constant(_I64, A_PANEL))
+        a_at = builder.mul(k, aks)
         new = []
         for r in range(TILE_M):
-            word = builder.load(builder.gep(A, [builder.add(a_at, ir.Constant(_I64, r))]))
+            word = builder.load(builder.gep(rows[r], [a_at]))
             one = builder.insert_element(ir.Constant(_I32x16, None), word, ir.Constant(ir.IntType(32), 0))
             both = builder.shuffle_vector(one, ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * 16))
             new += [builder.call(dot, [acc[2 * r], both, b0]), builder.call(dot, [acc[2 * r + 1], both, b1])]
@@ -129,38 +132,38 @@ if numba is not None:
         return acc
 
     @intrinsic
-    def _tile(typingctx, ap, a_off, bp, b_off, kp, acc):
-        """acc (8, 32) = the 8 x 32 tile of A @ B over kp pairs of k: A's panel at ap[a_off:],
-        B's at bp[b_off:] (the layouts of `_tile_sums`). For the tiles that C cuts."""
-        sig = types.void(ap, types.int64, bp, types.int64, types.int64, acc)
+    def _tile(typingctx, ap, a_off, ars, aks, bp, b_off, kp, acc):
+        """acc (8, 32) = the 8 x 32 tile of A @ B over kp pairs of k: A's rows from ap[a_off],
+        B's panel at bp[b_off:] (the layouts of `_tile_sums`). For the tiles that C cuts."""
+        sig = types.void(ap, types.int64, types.int64, types.int64, bp, types.int64, types.int64, acc)
 
         def codegen(context, builder, signature, args):
-            a_arr, a_off, b_arr, b_off, kp, acc_arr = args
+            a_arr, a_off, ars, aks, b_arr, b_off, kp, acc_arr = args
             A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-            B = _pointer(context, builder, signature.args[2], b_arr, b_off)
-            C = _pointer(context, builder, signature.args[5], acc_arr, ir.Constant(_I64, 0))
-            for i, a in enumerate(_tile_sums(builder, A, B, kp)):
+            B = _pointer(context, builder, signature.args[4], b_arr, b_off)
+            C = _pointer(context, builder, signature.args[7], acc_arr, ir.Constant(_I64, 0))
+            for i, a in enumerate(_tile_sums(builder, A, ars, aks, B, kp)):
                 builder.store(a, _vector_at(builder, C, ir.Constant(_I64, 16 * i)), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
     @intrinsic
-    def _tile_into(typingctx, ap, a_off, bp, b_off, kp, c, c_off, ldc, bias, n0, accumulate):
+    def _tile_into(typingctx, ap, a_off, ars, aks, bp, b_off, kp, c, c_off, ldc, bias, n0, accumulate):
         """As `_tile`, the epilogue in vector registers: the 8 x 32 block of c whose first element
         is c_off elements past c's first (rows ldc elements apart, columns adjacent) becomes
         tile + bias[n0:n0 + 32], or c + (tile + bias[n0:n0 + 32]) with `accumulate`."""
-        sig = types.void(ap, types.int64, bp, types.int64, types.int64, c, types.int64, types.int64,
-                         bias, types.int64, types.boolean)
+        sig = types.void(ap, types.int64, types.int64, types.int64, bp, types.int64, types.int64, c, types.int64,
+                         types.int64, bias, types.int64, types.boolean)
 
         def codegen(context, builder, signature, args):
-            a_arr, a_off, b_arr, b_off, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
+            a_arr, a_off, ars, aks, b_arr, b_off, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
             A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-            B = _pointer(context, builder, signature.args[2], b_arr, b_off)
-            C = _pointer(context, builder, signature.args[5], c_arr, c_off)
-            bias = _pointer(context, builder, signature.args[8], bias_arr, n0)
+            B = _pointer(context, builder, signature.args[4], b_arr, b_off)
+            C = _pointer(context, builder, signature.args[7], c_arr, c_off)
+            bias = _pointer(context, builder, signature.args[10], bias_arr, n0)
             flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
-            sums = _tile_sums(builder, A, B, kp)
+            sums = _tile_sums(builder, A, ars, aks, B, kp)
             b = [builder.load(_vector_at(builder, bias, ir.Constant(_I64, 16 * h)), align=4) for h in range(2)]
             for r in range(TILE_M):
                 row = builder.mul(ir.Constant(_I64, r), ldc)
@@ -195,11 +198,12 @@ def _pair(lo, hi):
     return _bf16(lo) | (_bf16(hi) << np.uint32(16))
 
 
-# Both operands are packed in panels: out (NP, K2, W) holds, for panel p, pair kk and lane j, the
-# two values of k = 2kk and 2kk + 1 of row (of A; column of B) Wp + j. B's panels are 32 columns
-# wide, A's 16 rows (two tiles). The packers read row-major (C-contiguous) arrays; a transposed
-# operand is read as the row-major array it is the transpose of (`_pack` chooses). Each body is
-# inlined once per panel width, so that LLVM sees W as a constant and vectorises over it.
+# B is packed in panels: out (NP, K2, W) holds, for panel p, pair kk and lane j, the two values
+# of k = 2kk and 2kk + 1 of column Wp + j; W = 32. A row-major A is packed row by row (Mp, K2);
+# a transposed A (the x.T of a weight gradient) in panels of 16 rows like B's. The packers read
+# row-major (C-contiguous) arrays; a transposed operand is read as the row-major array it is the
+# transpose of. Each body is inlined once per panel width, so that LLVM sees W as a constant and
+# vectorises over it.
 @inline
 def _pairs_down(x, out, c, W):
     """Pairs k = 2kk, 2kk + 1 from two rows of x (K, N), for kk in chunk c of 8 and every panel:
@@ -222,26 +226,6 @@ def _pairs_down(x, out, c, W):
                     out[p, kk, j] = _pair(lo, hi)
 
 
-@inline
-def _pairs_along(x, out, p, row, W):
-    """Panel p from W rows of x (N, K): out[p, kk, j] = the pair (x[Wp + j, 2kk], x[Wp + j, 2kk + 1]).
-    Each row's pairs are made in `row` (K2 words, a contiguous loop that vectorises) and then
-    written to their lane."""
-    N, K = x.shape
-    K2 = out.shape[1]
-    n0 = p * W
-    for j in range(W):
-        if n0 + j < N:
-            for kk in range(K // 2):
-                row[kk] = _pair(x[n0 + j, 2 * kk], x[n0 + j, 2 * kk + 1])
-            if K % 2:
-                row[K2 - 1] = _bf16(x[n0 + j, K - 1])
-        else:
-            row[:] = 0
-        for kk in range(K2):
-            out[p, kk, j] = row[kk]
-
-
 @kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _pack_rows(x, out):
     """Panels of W = 16 or 32 lanes, pairs down the rows of x (K, N): `_pairs_down`."""
@@ -255,25 +239,51 @@ def _pack_rows(x, out):
 
 @kernel("void(R[:, ::1], uint32[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _pack_cols(x, out):
-    """Panels of W = 16 or 32 lanes, pairs along the rows of x (N, K): `_pairs_along`."""
-    W = out.shape[2]
-    for p in prange(out.shape[0]):
-        row = np.empty(out.shape[1], np.uint32)
-        if W == A_PANEL:
-            _pairs_along(x, out, p, row, A_PANEL)
-        else:
-            _pairs_along(x, out, p, row, TILE_N)
+    """Panels of 32 lanes, pairs along the rows of x (N, K): out[p, kk, j] = the pair
+    (x[32p + j, 2kk], x[32p + j, 2kk + 1]). Each row's pairs are made in `row` (a contiguous loop
+    that vectorises) and then written to their lane."""
+    N, K = x.shape
+    NP, K2, _ = out.shape
+    for p in prange(NP):
+        row = np.empty(K2, np.uint32)
+        n0 = p * TILE_N
+        for j in range(TILE_N):
+            if n0 + j < N:
+                for kk in range(K // 2):
+                    row[kk] = _pair(x[n0 + j, 2 * kk], x[n0 + j, 2 * kk + 1])
+                if K % 2:
+                    row[K2 - 1] = _bf16(x[n0 + j, K - 1])
+            else:
+                row[:] = 0
+            for kk in range(K2):
+                out[p, kk, j] = row[kk]
+
+
+@kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
+def _pack_a_rows(x, out):
+    """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero."""
+    M, K = x.shape
+    Mp, K2 = out.shape
+    for m in prange(Mp):
+        if m >= M:
+            for kk in range(K2):
+                out[m, kk] = 0
+            continue
+        for kk in range(K // 2):
+            out[m, kk] = _pair(x[m, 2 * kk], x[m, 2 * kk + 1])
+        if K % 2:
+            out[m, K2 - 1] = _bf16(x[m, K - 1])
 
 
 # ------------------------------------------------------------------ the GEMM
-@kernel("void(uint32[:, :, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
+@kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
         serial_twin=True, floats=("float32",))
-def _gemm(ap, bp, c, M, N, bias, accumulate):
-    """c (M, N) = A @ B + bias, or c += that with `accumulate`, from the packed A (MP, K2, 16) and
-    B (NP, K2, 32). Tasks of 64 rows side by side on the threads, each over every panel of B;
-    a tile that c holds whole has its epilogue in registers (when c's columns are adjacent)."""
-    MP, K2, _ = ap.shape
-    NP = bp.shape[0]
+def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
+    """c (M, N) = A @ B + bias, or c += that with `accumulate`, from the packed A (row m's pair k
+    at ap[m * ars + k * aks] within its panel of 16 rows: `PackedA`) and B (NP, K2, 32). Tasks of
+    64 rows side by side on the threads, each over every panel of B; a tile that c holds whole has
+    its epilogue in registers (when c's columns are adjacent)."""
+    NP, K2, _ = bp.shape
     F = c.dtype.type
     ldc = c.strides[0] // 4
     direct = c.strides[1] == 4 and c.strides[0] % 4 == 0
@@ -284,14 +294,15 @@ def _gemm(ap, bp, c, M, N, bias, accumulate):
         for p in range(NP):
             n0 = p * TILE_N
             w = min(TILE_N, N - n0)
+            b_off = p * K2 * TILE_N
             for t in range(rb * step, min(tiles, rb * step + step)):
                 m0 = t * TILE_M
                 h = min(TILE_M, M - m0)
-                a_off = m0 // A_PANEL * K2 * A_PANEL + m0 % A_PANEL  # the tile's first row in its panel
+                a_off = m0 // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
                 if direct and h == TILE_M and w == TILE_N:
-                    _tile_into(ap, a_off, bp, p * K2 * TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0, accumulate)
+                    _tile_into(ap, a_off, ars, aks, bp, b_off, K2, c, m0 * ldc + n0, ldc, bias, n0, accumulate)
                     continue
-                _tile(ap, a_off, bp, p * K2 * TILE_N, K2, acc)
+                _tile(ap, a_off, ars, aks, bp, b_off, K2, acc)
                 for r in range(h):
                     for j in range(w):
                         v = acc[r, j] + bias[n0 + j]
@@ -306,16 +317,13 @@ class PackedB(NamedTuple):
     N: int
 
 
-def _pack(x, rows, cols, out):
-    """Run the packer `rows` on x when it is row-major, `cols` on x.T when x is the transpose of
-    a row-major array, else `rows` on a row-major copy (a strided slice)."""
-    if x.flags.c_contiguous:
-        sized(rows, x.size, PARALLEL_WORK)(x, out)
-    elif x.T.flags.c_contiguous:
-        sized(cols, x.size, PARALLEL_WORK)(x.T, out)
-    else:
-        sized(rows, x.size, PARALLEL_WORK)(np.ascontiguousarray(x), out)
-    return out
+class PackedA(NamedTuple):
+    """A (M, K) packed for the kernel: row m's pair kk at words[m * rows_apart + kk * k_apart] within
+    its panel of 16 rows (panel q starts at word 16q * K2): row by row (rows_apart K2, k_apart 1)
+    or in panels of 16 lanes (1, 16)."""
+    words: np.ndarray  # 1-D uint32
+    rows_apart: int
+    k_apart: int
 
 
 def pack_b(b):
@@ -323,14 +331,25 @@ def pack_b(b):
     require_bf16()
     K, N = b.shape
     panels = np.empty(((N + TILE_N - 1) // TILE_N, (K + 1) // 2, TILE_N), np.uint32)
-    return PackedB(_pack(b, _pack_rows, _pack_cols, panels), K, N)
+    if b.T.flags.c_contiguous and not b.flags.c_contiguous:
+        sized(_pack_cols, b.size, PARALLEL_WORK)(b.T, panels)
+    else:
+        sized(_pack_rows, b.size, PARALLEL_WORK)(np.ascontiguousarray(b), panels)
+    return PackedB(panels, K, N)
 
 
 def pack_a(a):
-    """A (M, K) float32, any strides, packed into panels of 16 rows (the last padded with zeros)."""
+    """A (M, K) float32, any strides: a transposed view in panels of 16 rows, anything else row
+    by row (rows padded with zeros to a multiple of 16)."""
     M, K = a.shape
-    panels = np.empty(((M + A_PANEL - 1) // A_PANEL, (K + 1) // 2, A_PANEL), np.uint32)
-    return _pack(a.T, _pack_rows, _pack_cols, panels)
+    K2, Mp = (K + 1) // 2, (M + A_PANEL - 1) // A_PANEL * A_PANEL
+    if a.T.flags.c_contiguous and not a.flags.c_contiguous:
+        panels = np.empty((Mp // A_PANEL, K2, A_PANEL), np.uint32)
+        sized(_pack_rows, a.size, PARALLEL_WORK)(a.T, panels)
+        return PackedA(panels.reshape(-1), 1, A_PANEL)
+    words = np.empty((Mp, K2), np.uint32)
+    sized(_pack_a_rows, a.size, PARALLEL_WORK)(np.ascontiguousarray(a), words)
+    return PackedA(words.reshape(-1), K2, 1)
 
 
 def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
@@ -353,7 +372,8 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
         elif bias is not None:
             out += bias
         return out
-    words = pack_a(a)
+    words, ars, aks = pack_a(a)
     bias = np.zeros(packed.N, np.float32) if bias is None else bias
-    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, packed.panels, out, M, packed.N, bias, accumulate)
+    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias,
+                                                             accumulate)
     return out
