@@ -71,6 +71,8 @@ def main():
                                                       "numpy or numba")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--max-steps", type=int, help="optimizer steps (default: the recipe's train.max_steps)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the training step's matrix products (train --precision)")
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds of training before it is stopped")
     ap.add_argument("--new-tokens", type=int, default=120)
     args = ap.parse_args()
@@ -94,7 +96,7 @@ def main():
     start = time.perf_counter()
     steps = ["--max-steps", args.max_steps] if args.max_steps else []
     status, _ = fastformer("train", "--config", RECIPE, "--data", data, "--out", run, "--backend", args.backend,
-                           *steps, timeout=args.time_limit)
+                           "--precision", args.precision, *steps, timeout=args.time_limit)
     train_seconds = time.perf_counter() - start
     if status is None:
         print(f"training stopped by the {args.time_limit:.0f} s limit; evaluating the newest checkpoint")
