@@ -50,3 +50,24 @@ def test_precision_is_the_arrays_own_or_refused(ops, dtype):
     with pytest.raises(FastformerError, match=f"precision must be None or one of '{own}'.* for {own} arrays on "
                                               f"the {ops.name} backend, got 'float16'"):
         ops.linear_forward(a, b, precision="float16")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_matmul_epilogue_adds_bias_and_accumulates(ops, precision):
+    """out = a @ b + bias, and out += a @ b + bias, rounded as out + ((a @ b) + bias) on every
+    backend and precision; whole 8 x 32 tiles of the bf16 kernel and cut ones both."""
+    if precision not in ops.matmul_precisions["float32"]:
+        pytest.skip(f"{precision} is not offered by the {ops.name} backend on this CPU")
+    rng = np.random.default_rng(7)
+    a, b, bias = (rng.normal(size=s).astype(np.float32) for s in ((37, 20), (20, 70), (70,)))
+    product = ops.matmul(a, b, precision=precision)
+    y = ops.matmul(a, b, precision=precision, bias=bias)
+    np.testing.assert_array_equal(y, product + bias)
+    start = rng.normal(size=(37, 70)).astype(np.float32)
+    out = start.copy()
+    got = ops.matmul(a, b, out=out, precision=precision, bias=bias, accumulate=True)
+    assert got is out
+    np.testing.assert_array_equal(out, start + (product + bias))
+    out = start.copy()
+    ops.matmul(a, b, out=out, precision=precision, accumulate=True)
+    np.testing.assert_array_equal(out, start + product)

@@ -269,7 +269,6 @@ def _head_chunks(ops, rows_loss, h2, wt, wn, V, t, ignore_index, inv_n, chunk, s
     over the chunks). wt and wn are the (V, C) weight transposed and not, as ops.pack made them."""
     N = h2.shape[0]
     buf = np.empty((max(1, min(chunk, N)), V), h2.dtype)  # (R, V): a chunk's logits, then their gradient
-    part = np.empty_like(dw) if dh is not None and len(starts) > 1 else None  # (V, C)
     for i, s in enumerate(starts):
         e = min(N, s + chunk)
         x = ops.matmul(h2[s:e], wt, out=buf[:e - s])  # logits of rows s..e
@@ -277,9 +276,7 @@ def _head_chunks(ops, rows_loss, h2, wt, wn, V, t, ignore_index, inv_n, chunk, s
         if dh is not None:
             # logits = h @ w.T  ->  dh = dlogits @ w, dw = sum over the chunks of dlogits^T @ h
             ops.matmul(x, wn, out=dh[s:e])
-            ops.matmul(x.T, h2[s:e], out=dw if i == 0 else part)
-            if i:
-                dw += part
+            ops.matmul(x.T, h2[s:e], out=dw, accumulate=i > 0)
 
 
 @quiet

@@ -60,13 +60,26 @@ def require_precision(ops, precision):
 
 # ---------------------------------------------------------------- reference
 @quiet
-def matmul(ops, a, b, out=None, precision=None):
-    """a @ b for 2-D float arrays of one dtype (any strides), written into `out` (a view NumPy can
-    write, such as a slice of a buffer kept across calls) when given; b may be what `pack`
-    returned. Returns the product. Callers inside the kernel layer pass checked shapes."""
+def matmul(ops, a, b, out=None, precision=None, bias=None, accumulate=False):
+    """a @ b (+ bias) for 2-D float arrays of one dtype (any strides), written into `out` (a view
+    NumPy can write, such as a slice of a buffer kept across calls) when given, or added to it
+    with `accumulate`; b may be what `pack` returned. Returns out. Callers inside the kernel layer
+    pass checked shapes. The sum is rounded as `out + ((a @ b) + bias)`."""
     if check_precision(ops, precision, a.dtype) == "bfloat16":
-        return gemm_bf16.matmul_bf16_reference(a, b, out=out)
-    return np.matmul(a, b, out=out)
+        product = gemm_bf16.matmul_bf16_reference
+    else:
+        product = np.matmul
+    return _finish(product(a, b, out=None if accumulate else out), out, bias, accumulate)
+
+
+def _finish(y, out, bias, accumulate):
+    """The epilogue of a product y computed without it: y + bias, added into out with `accumulate`."""
+    if bias is not None:
+        y += bias
+    if accumulate and out is not None:
+        out += y
+        return out
+    return y
 
 
 def pack(ops, b, precision=None):
@@ -88,9 +101,7 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
         raise FastformerError(f"out must be a C-contiguous array of {N * Cout} elements "
                               f"{(*x.shape[:-1], Cout)}, got shape {out.shape}")
     precision = check_precision(ops, precision, x2.dtype) or x2.dtype.name  # fixed now, for the backward too
-    y = ops.matmul(x2, weight, out=None if out is None else out.reshape(N, Cout), precision=precision)  # (N, Cout)
-    if bias is not None:
-        y += bias
+    y = ops.matmul(x2, weight, out=None if out is None else out.reshape(N, Cout), precision=precision, bias=bias)
     return y.reshape(*x.shape[:-1], Cout), LinearCache(x2, weight, precision)
 
 
@@ -108,11 +119,11 @@ def linear_backward(ops, dout, cache, dweight, dbias=None):
 
 
 # -------------------------------------------------------------------- Numba
-def matmul_numba(ops, a, b, out=None, precision=None):
-    """As the reference, bfloat16 on the kernel of gemm_bf16.py."""
+def matmul_numba(ops, a, b, out=None, precision=None, bias=None, accumulate=False):
+    """As the reference, bfloat16 on the kernel of gemm_bf16.py, its epilogue in the kernel."""
     if isinstance(b, gemm_bf16.PackedB) or check_precision(ops, precision, a.dtype) == "bfloat16":
-        return gemm_bf16.matmul_bf16(a, b, out=out)
-    return np.matmul(a, b, out=out)
+        return gemm_bf16.matmul_bf16(a, b, out=out, bias=bias, accumulate=accumulate and out is not None)
+    return _finish(np.matmul(a, b, out=None if accumulate else out), out, bias, accumulate)
 
 
 def pack_numba(ops, b, precision=None):
