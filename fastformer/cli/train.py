@@ -8,7 +8,7 @@ from fastformer.errors import FastformerError, printable
 
 
 def add_parser(sub):
-    from fastformer.training.config import TASKS
+    from fastformer.training.config import PRECISION_CHOICES, TASKS
 
     p = sub.add_parser("train", help="train a language model or an encoder-decoder")
     p.add_argument("--config", help="YAML run config (sections model or seq2seq, data, train), applied on top of "
@@ -33,9 +33,10 @@ def add_parser(sub):
                    help="data-parallel over MPI even if no MPI launcher is detected (mpiexec -n N is "
                         "detected by itself); needs pip install \"fastformer[mpi]\"")
     p.add_argument("--seed", type=int, help="train.seed (default: the config's, 0)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="train.precision: the matrix products in float32 "
-                                                                 "or with bfloat16 products (a CPU with AVX-512 "
-                                                                 "BF16; default: the config's, fp32)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="train.precision: the matrix products in float32 or with bfloat16 products (a CPU with "
+                        "AVX-512 BF16); auto picks bf16 where it runs natively, else fp32 (default: the config's, "
+                        "fp32)")
     add_backend(p)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable; default: none)")

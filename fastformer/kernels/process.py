@@ -254,9 +254,9 @@ def process_info():
     info["blas"] = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')} kernels), "
                     f"{d.get('num_threads')} threads" for d in blas]
     info["cpu_vector_isa"] = cpu_vector_isa()
-    info["bf16_matmul"] = ("available (AVX-512 BF16): train.precision=bf16 runs on the Numba backend; the "
-                           "default stays fp32" if cpu_has_bf16() else
-                           "not on this CPU (no avx512_bf16): train.precision=fp32 only")
+    info["bf16_matmul"] = ("available (AVX-512 BF16): train.precision=bf16 runs on the Numba backend, and "
+                           "train.precision=auto picks it there; the default stays fp32" if cpu_has_bf16() else
+                           "not on this CPU (no avx512_bf16): train.precision=fp32 only (auto picks fp32)")
     # a kernel set chosen in the environment overrides OpenBLAS's own detection: Haswell's
     # (AVX2) GEMMs run at half the float32 rate of SkylakeX's (AVX-512) on an AVX-512 CPU
     info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")

@@ -35,6 +35,17 @@ from fastformer.models.config import LMConfig, Seq2SeqConfig, count_parameters, 
 from fastformer.training.optim import OPTIMIZERS, SCHEDULES
 
 MATMUL_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}  # train.precision -> the kernels' name
+PRECISION_CHOICES = (*MATMUL_PRECISION, "auto")  # auto: resolved when a run starts (resolve_precision)
+
+
+def resolve_precision(precision):
+    """train.precision with "auto" made concrete: bf16 where the selected backend runs bfloat16
+    products natively on this CPU, else fp32. Other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    from fastformer.kernels import fastest_precision
+
+    return "bf16" if fastest_precision() == "bfloat16" else "fp32"
 
 ModelConfig = LMConfig
 # data.task -> the section of the model it trains: "text" the language model of `model`, every
@@ -126,9 +137,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
     check_sync_interval: int = 0  # data parallel: steps between comparing a checksum of the weights across
     #                               ranks (a drift stops the run); 0 turns it off
-    precision: str = "fp32"  # fp32 | bf16: the matrix products of the forward and backward (bf16: bfloat16
-    #                          products, float32 sums, on a CPU with AVX-512 BF16; weights, optimizer and the
-    #                          other math stay float32)
+    precision: str = "fp32"  # fp32 | bf16 | auto: the matrix products of the forward and backward (bf16:
+    #                          bfloat16 products, float32 sums, on a CPU with AVX-512 BF16; weights, optimizer
+    #                          and the other math stay float32; auto: bf16 where it runs natively, else fp32,
+    #                          decided when the run starts and recorded as that)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval", "eval_interval",
@@ -149,7 +161,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise FastformerError(f"train.optimizer {self.optimizer!r} is not known: "
                                   f"valid values are {', '.join(OPTIMIZERS)}")
-        check_choice("train.precision", self.precision, tuple(MATMUL_PRECISION))
+        check_choice("train.precision", self.precision, PRECISION_CHOICES)
         if self.schedule not in SCHEDULES:
             raise FastformerError(f"train.schedule {self.schedule!r} is not known: "
                                   f"valid values are {', '.join(SCHEDULES)}")

@@ -43,6 +43,7 @@ resume step. The trainer warns when one of these settings changed, with the rate
 under the old and the new settings.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -74,7 +75,13 @@ from fastformer.training.checkpoint import (
     save_checkpoint,
     sweep_run_dir,
 )
-from fastformer.training.config import MATMUL_PRECISION, RunConfig, check_training_memory, save_config
+from fastformer.training.config import (
+    MATMUL_PRECISION,
+    RunConfig,
+    check_training_memory,
+    resolve_precision,
+    save_config,
+)
 from fastformer.training.distributed import abort_on_error, get_comm
 from fastformer.training.finetune import check_init_config, init_config, load_init_source
 from fastformer.training.optim import clip_grad_norm, learning_rate, make_optimizer
@@ -219,6 +226,9 @@ class Trainer:
                                   f"or choose another output directory")
         if config is None:
             raise FastformerError("Trainer needs a RunConfig (or resume=True with a checkpoint to read it from)")
+        if config.train.precision == "auto":  # made concrete once, so the run resumes in it bit for bit
+            config = dataclasses.replace(config, train=dataclasses.replace(
+                config.train, precision=resolve_precision(config.train.precision)))
         t = config.train
         if t.batch_size % (t.grad_accum_steps * comm.size):
             raise FastformerError(

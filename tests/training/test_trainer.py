@@ -81,6 +81,23 @@ def test_bf16_changes_the_losses_a_little(tmp_path):
     assert load_checkpoint(str(tmp_path / "b")).config.train.precision == "bf16"
 
 
+def test_auto_precision_is_decided_once_and_recorded(tmp_path, monkeypatch):
+    """auto: bf16 where the backend runs it natively, else fp32; the run records the concrete value
+    (so it resumes in it bit for bit), and the caller's config keeps "auto"."""
+    from fastformer.kernels import get_ops, use_backend
+
+    config = tiny_config(precision="auto", max_steps=1)
+    native = get_ops().name != "numpy" and _bf16_here()
+    run = Trainer(config, str(tmp_path / "here"), text=TEXT, verbose=False)
+    assert run.config.train.precision == ("bf16" if native else "fp32") and config.train.precision == "auto"
+    run.train()
+    assert load_checkpoint(str(tmp_path / "here")).config.train.precision == run.config.train.precision
+    with use_backend("numpy"):  # the reference's bfloat16 is a specification, not a speed-up
+        assert Trainer(config, str(tmp_path / "ref"), text=TEXT, verbose=False).config.train.precision == "fp32"
+    monkeypatch.setattr(get_ops(), "matmul_precisions", {"float32": ("float32",), "float64": ("float64",)})
+    assert Trainer(config, str(tmp_path / "no-bf16"), text=TEXT, verbose=False).config.train.precision == "fp32"
+
+
 def test_dropout_changes_the_losses(tmp_path):
     # guards the test above: with dropout the dropout generator really is in play
     a = Trainer(tiny_config(0.0), str(tmp_path / "a"), text=TEXT, verbose=False).train(steps=2)
