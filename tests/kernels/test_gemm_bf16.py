@@ -89,7 +89,8 @@ def test_packers_hold_the_rounded_values_in_pairs(transposed):
     np.testing.assert_array_equal(rows, G.round_to_bf16(b))
     assert not unpacked.transpose(1, 2, 0, 3).reshape(6, 64)[5].any() and not rows.size == 0
     a = _operand(rng, (11, 5), transposed, strided=False)
-    words, rows_apart, k_apart = G.pack_a(a)  # 16 rows (11 and zeros) of three pairs of k
+    words, rows_apart, k_apart, M, K = G.pack_a(a)  # 16 rows (11 and zeros) of three pairs of k
+    assert (M, K) == (11, 5)
     assert (rows_apart, k_apart) == ((1, 16) if transposed else (3, 1))
     at = np.arange(16)[:, None] * rows_apart + np.arange(3)[None, :] * k_apart
     got = words[at]
@@ -178,3 +179,4 @@ def test_tiled_attention_in_bfloat16_stays_near_float32(fast_ops, ref, tiled):
     assert not np.array_equal(got, want)  # the products really were bfloat16
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
     np.testing.assert_allclose(dgot, dwant, rtol=0, atol=3e-2 * np.abs(dwant).max())
+

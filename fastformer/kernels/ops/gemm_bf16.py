@@ -183,19 +183,43 @@ else:
 
 
 @inline
-def _bf16(x):
-    """The bfloat16 bits of float32 x in the low half of a uint32 (ties to even; NaN quieted).
-    Both results are computed and one selected: no branch, so the packers' loops vectorise."""
+def _round32(x):
+    """The bits of float32 x rounded to bfloat16 (ties to even; NaN quieted), in the high half of
+    a uint32 whose low half is zero. Both results are computed and one selected: no branch, so
+    the packers' loops vectorise."""
     u = _float32_bits(x)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet = (u >> np.uint32(16)) | np.uint32(0x40)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    quiet = (u & np.uint32(0xFFFF0000)) | np.uint32(0x400000)
     return quiet if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+
+
+@inline
+def _bf16(x):
+    """The bfloat16 bits of float32 x in the low half of a uint32."""
+    return _round32(x) >> np.uint32(16)
 
 
 @inline
 def _pair(lo, hi):
     """One word of two bfloat16 values: lo in the low half, as vdpbf16ps takes them."""
-    return _bf16(lo) | (_bf16(hi) << np.uint32(16))
+    return _bf16(lo) | _round32(hi)
+
+
+@inline
+def _pairs_along_row(x, out, tmp):
+    """out[kk] = the pair (x[2kk], x[2kk + 1]) for a row x (K,) (a zero past an odd K), through
+    tmp (an even number >= K of uint32, a row's scratch): each value rounded in place in a
+    contiguous loop, then two neighbours joined as one 64-bit word. Both loops vectorise, where
+    reading x two by two would not."""
+    K = x.shape[0]
+    for i in range(K):
+        tmp[i] = _round32(x[i])
+    if K % 2:
+        tmp[K] = 0
+    both = tmp.view(np.uint64)
+    for kk in range(out.shape[0]):
+        w = both[kk]
+        out[kk] = np.uint32(((w >> np.uint64(16)) & np.uint64(0xFFFF)) | ((w >> np.uint64(32)) & np.uint64(0xFFFF0000)))
 
 
 # B is packed in panels: out (NP, K2, W) holds, for panel p, pair kk and lane j, the two values
@@ -246,13 +270,11 @@ def _pack_cols(x, out):
     NP, K2, _ = out.shape
     for p in prange(NP):
         row = np.empty(K2, np.uint32)
+        tmp = np.empty(2 * K2, np.uint32)
         n0 = p * TILE_N
         for j in range(TILE_N):
             if n0 + j < N:
-                for kk in range(K // 2):
-                    row[kk] = _pair(x[n0 + j, 2 * kk], x[n0 + j, 2 * kk + 1])
-                if K % 2:
-                    row[K2 - 1] = _bf16(x[n0 + j, K - 1])
+                _pairs_along_row(x[n0 + j], row, tmp)
             else:
                 row[:] = 0
             for kk in range(K2):
@@ -264,15 +286,14 @@ def _pack_a_rows(x, out):
     """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero."""
     M, K = x.shape
     Mp, K2 = out.shape
-    for m in prange(Mp):
-        if m >= M:
-            for kk in range(K2):
-                out[m, kk] = 0
-            continue
-        for kk in range(K // 2):
-            out[m, kk] = _pair(x[m, 2 * kk], x[m, 2 * kk + 1])
-        if K % 2:
-            out[m, K2 - 1] = _bf16(x[m, K - 1])
+    for c in prange((Mp + A_PANEL - 1) // A_PANEL):
+        tmp = np.empty(2 * K2, np.uint32)
+        for m in range(c * A_PANEL, min(Mp, c * A_PANEL + A_PANEL)):
+            if m < M:
+                _pairs_along_row(x[m], out[m], tmp)
+            else:
+                for kk in range(K2):
+                    out[m, kk] = 0
 
 
 # ------------------------------------------------------------------ the GEMM
@@ -324,6 +345,8 @@ class PackedA(NamedTuple):
     words: np.ndarray  # 1-D uint32
     rows_apart: int
     k_apart: int
+    M: int
+    K: int
 
 
 def pack_b(b):
@@ -346,21 +369,21 @@ def pack_a(a):
     if a.T.flags.c_contiguous and not a.flags.c_contiguous:
         panels = np.empty((Mp // A_PANEL, K2, A_PANEL), np.uint32)
         sized(_pack_rows, a.size, PARALLEL_WORK)(a.T, panels)
-        return PackedA(panels.reshape(-1), 1, A_PANEL)
+        return PackedA(panels.reshape(-1), 1, A_PANEL, M, K)
     words = np.empty((Mp, K2), np.uint32)
     sized(_pack_a_rows, a.size, PARALLEL_WORK)(np.ascontiguousarray(a), words)
-    return PackedA(words.reshape(-1), K2, 1)
+    return PackedA(words.reshape(-1), K2, 1, M, K)
 
 
 def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
     """out (M, N) = a (M, K) @ b (K, N) [+ bias (N,)], or out += that with `accumulate`, with
-    bfloat16 products and float32 sums; b may be a PackedB. float32 arrays of any strides (out
-    one NumPy can write); the shapes are the caller's to check. Returns out."""
+    bfloat16 products and float32 sums; a may be a PackedA and b a PackedB. float32 arrays of any
+    strides (out one NumPy can write); the shapes are the caller's to check. Returns out."""
     require_bf16()
     packed = b if isinstance(b, PackedB) else pack_b(b)
-    M, K = a.shape
+    M, K = (a.M, a.K) if isinstance(a, PackedA) else a.shape
     if K != packed.K:
-        raise FastformerError(f"matmul_bf16: a {a.shape} and b ({packed.K}, {packed.N}) do not chain")
+        raise FastformerError(f"matmul_bf16: a {(M, K)} and b ({packed.K}, {packed.N}) do not chain")
     if out is None:
         out = np.empty((M, packed.N), np.float32)
         accumulate = False
@@ -372,7 +395,7 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
         elif bias is not None:
             out += bias
         return out
-    words, ars, aks = pack_a(a)
+    words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     bias = np.zeros(packed.N, np.float32) if bias is None else bias
     sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias,
                                                              accumulate)
