@@ -101,6 +101,14 @@ def default_out_dir(args):
     return os.path.join("runs", args.preset or args.task or "tiny")
 
 
+def describe_schedule(t):
+    """The learning rate of a run in a few words, min_lr resolved: "lr 0.005 -> 0.0005 cosine"."""
+    if t.schedule == "constant":
+        return f"lr {t.lr:g} constant"
+    end = f"{t.final_lr():g}" + (" (lr / 10)" if t.min_lr is None else "")
+    return f"lr {t.lr:g} -> {end} {t.schedule}"
+
+
 def resume_command(args, comm):
     """The command line that continues the run of `args` (under mpiexec with as many ranks)."""
     import shlex
@@ -142,6 +150,7 @@ def main(args):
         print(printable(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) "
                                      f"on {trainer.task.describe()}", *source,
                                      f"backend {get_backend()}{ranks}, precision {trainer.config.train.precision}",
+                                     describe_schedule(trainer.config.train),
                                      f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
                                     sep="; ")), flush=True)
     start = time.perf_counter()
