@@ -128,20 +128,25 @@ def main(args):
 
     from fastformer import get_backend
     from fastformer.training.checkpoint import checkpoint_dirs
-    from fastformer.training.distributed import abort_on_error, check_same_on_every_rank, get_comm
+    from fastformer.training.distributed import RanksDiffer, abort_on_error, check_same_on_every_rank, get_comm
     from fastformer.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, fit_columns
 
     # MPI under mpiexec (mpi4py imported only then), first: a rank refused from here on ends the
     # whole job instead of leaving the others waiting for it
     comm = get_comm(True if args.distributed else None)
-    with abort_on_error(comm):
+    with abort_on_error(comm, passthrough=(RanksDiffer,)):
         if args.out is None:
             if args.resume:
                 raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
             args.out = default_out_dir(args)
         config = resolve_train_config(args)
-        check_same_on_every_rank(comm, "arguments and config", {
-            "args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config.to_dict()})
+        try:
+            check_same_on_every_rank(comm, "arguments and config", {
+                "args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config.to_dict()})
+        except RanksDiffer:  # raised on every rank at once: rank 0 says it, no rank has to abort the others
+            if comm.rank == 0:
+                raise
+            return 2
         apply_backend(args)
     trainer = Trainer(config, args.out, resume=args.resume, comm=comm, init_from=args.init_from)
     ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
