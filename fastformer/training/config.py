@@ -148,7 +148,7 @@ class TrainConfig:
         if self.min_lr is not None:
             self.min_lr = check_number("train.min_lr", self.min_lr, low=0, finite=True)
             if self.min_lr > self.lr:
-                raise FastformerError(f"train.min_lr={self.min_lr:g} is above train.lr={self.lr:g}: a schedule decays "
+                raise FastformerError(f"train.min_lr={self.min_lr!r} is above train.lr={self.lr!r}: a schedule decays "
                                       f"from lr down to min_lr; give a min_lr <= lr, or null for lr / 10")
         for name in ("beta1", "beta2", "momentum"):
             setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True))
