@@ -5,7 +5,7 @@
 # Any Debian-based image whose `python3` (3.10 or later) has venv: the official slim image by default.
 ARG BASE=python:3.11-slim
 
-# ---- build: a virtual environment holding fastformer, its dependencies and the plot extra
+# ---- build: a virtual environment holding fastformer, its dependencies and the plot and datasets extras
 FROM ${BASE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/fastformer
@@ -13,7 +13,7 @@ COPY . /src
 # From PyPI; or, when the build context holds a wheelhouse/ directory (`pip download` on the host:
 # what CI does), from those wheels alone, with no network needed inside the build.
 RUN if [ -d /src/wheelhouse ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/src/wheelhouse; fi \
- && /opt/fastformer/bin/python -m pip install "/src[plot]"
+ && /opt/fastformer/bin/python -m pip install "/src[plot,datasets]"
 
 # ---- the image: the base, the virtual environment, a user, and the compiled kernels
 FROM ${BASE}

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO_RUN ?= runs/demo
 # torch is pinned first: this version's CPU wheel satisfies the `torch` extra without pulling a CUDA build
 TORCH ?= torch==2.13.0
-TEST_EXTRAS := dev,torch,plot,hf,mpi,text
+TEST_EXTRAS := dev,torch,plot,hf,mpi,text,datasets
 
 .PHONY: demo test docs clean
 

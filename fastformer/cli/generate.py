@@ -99,7 +99,8 @@ def main(args):
     if args.beam != 1:  # beam search: the whole continuation at once, then cut at a stop string
         refuse_options(args, ("repetition_penalty", "top_k", "top_p", "seed"), "sampling, not to --beam")
         out = model.generate(prompt, args.max_new_tokens, beam_size=args.beam, eos_id=tokenizer.eos_id,
-                             length_penalty=1.0 if args.length_penalty is None else args.length_penalty)
+                             length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                             id_limit=tokenizer.vocab_size)
         samples = [out[prompt.size:].tolist()]
     else:
         refuse_options(args, ("length_penalty",), "beam search (--beam N > 1), not to sampling")

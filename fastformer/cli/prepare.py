@@ -8,7 +8,8 @@ from fastformer.errors import FastformerError, printable
 def add_parser(sub):
     p = sub.add_parser("prepare", help="encode text once into memory-mapped token files")
     p.add_argument("--data", nargs="+", help="UTF-8 text files, in order")
-    p.add_argument("--dataset", help="download a public corpus instead: tinyshakespeare or tinystories")
+    p.add_argument("--dataset", help="download a public corpus instead: tinyshakespeare or tinystories (needs "
+                                     "pooch: pip install \"fastformer[datasets]\")")
     p.add_argument("--val-data", nargs="+", help="text files for the validation split (default: the last "
                                                  "--val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1)

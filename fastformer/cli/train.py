@@ -102,6 +102,14 @@ def default_out_dir(args):
     return os.path.join("runs", args.preset or args.task or "tiny")
 
 
+def describe_schedule(t):
+    """The learning rate of a run in a few words, min_lr resolved: "lr 0.005 -> 0.0005 cosine"."""
+    if t.schedule == "constant":
+        return f"lr {t.lr:g} constant"
+    end = f"{t.final_lr():g}" + (" (lr / 10)" if t.min_lr is None else "")
+    return f"lr {t.lr:g} -> {end} {t.schedule}"
+
+
 def resume_command(args, comm):
     """The command line that continues the run of `args` (under mpiexec with as many ranks)."""
     import shlex
@@ -121,20 +129,25 @@ def main(args):
 
     from fastformer import get_backend
     from fastformer.training.checkpoint import checkpoint_dirs
-    from fastformer.training.distributed import abort_on_error, check_same_on_every_rank, get_comm
+    from fastformer.training.distributed import RanksDiffer, abort_on_error, check_same_on_every_rank, get_comm
     from fastformer.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, fit_columns
 
     # MPI under mpiexec (mpi4py imported only then), first: a rank refused from here on ends the
     # whole job instead of leaving the others waiting for it
     comm = get_comm(True if args.distributed else None)
-    with abort_on_error(comm):
+    with abort_on_error(comm, passthrough=(RanksDiffer,)):
         if args.out is None:
             if args.resume:
                 raise FastformerError("--resume needs --out RUN_DIR: the run to continue")
             args.out = default_out_dir(args)
         config = resolve_train_config(args)
-        check_same_on_every_rank(comm, "arguments and config", {
-            "args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config.to_dict()})
+        try:
+            check_same_on_every_rank(comm, "arguments and config", {
+                "args": {k: v for k, v in vars(args).items() if k != "func"}, "config": config.to_dict()})
+        except RanksDiffer:  # raised on every rank at once: rank 0 says it, no rank has to abort the others
+            if comm.rank == 0:
+                raise
+            return 2
         apply_backend(args)
     trainer = Trainer(config, args.out, resume=args.resume, comm=comm, init_from=args.init_from)
     ranks = f"; {comm.size} ranks" if comm.size > 1 else ""
@@ -143,6 +156,7 @@ def main(args):
         print(printable(fit_columns([f"training {trainer.model.num_parameters():,} parameters ({trainer.config.kind}) "
                                      f"on {trainer.task.describe()}", *source,
                                      f"backend {get_backend()}{ranks}, precision {trainer.config.train.precision}",
+                                     describe_schedule(trainer.config.train),
                                      f"run directory {args.out}", f"step {trainer.step} of {config.train.max_steps}"],
                                     sep="; ")), flush=True)
     start = time.perf_counter()

@@ -152,6 +152,14 @@ def check_seed_and_eos(seed, eos_id, vocab_size):
         check_int("eos_id", eos_id, minimum=0, maximum=vocab_size - 1)
 
 
+def check_id_limit(id_limit, vocab_size):
+    """`id_limit` (None, or ids below it only: a tokenizer with fewer ids than the model's
+    vocabulary of `vocab_size`), checked."""
+    if id_limit is not None:
+        check_int("id_limit", id_limit, maximum=vocab_size)
+    return id_limit
+
+
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
                   repetition_penalty=None, seen=None, id_limit=None):
     """Yield the next ids (N,) of every row for up to `n_steps` steps.
@@ -205,8 +213,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     Rows that have produced `eos_id` keep yielding it; the generator stops when all have.
     `id_limit`: choose only ids below it (a tokenizer with fewer ids than the model's embedding)."""
     ids, mask, _ = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
-    if id_limit is not None:
-        check_int("id_limit", id_limit, maximum=model.config.vocab_size)
+    check_id_limit(id_limit, model.config.vocab_size)
     yield from _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
                              repetition_penalty, use_cache, id_limit)
 
@@ -242,7 +249,7 @@ def finish(prompt_ids, ids, new, kind, eos_id):
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
-             eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True):
+             eos_id=None, repetition_penalty=None, attention_mask=None, use_cache=True, id_limit=None):
     """Continue prompts with up to max_new_tokens sampled tokens.
 
     Args:
@@ -254,21 +261,24 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         eos_id: stop a row once it has produced this id; finished rows are padded with it.
         repetition_penalty: > 1 discourages ids already in the row (None or 1.0: off).
         use_cache: False runs a full forward per token (slower; the same tokens).
+        id_limit: choose only ids below it (a tokenizer with fewer ids than the model's embedding).
     Returns prompt plus new tokens, int64: (T0 + n,) or (B, T0 + n), n <= max_new_tokens; for a
     list of prompts, a list of 1-D arrays, each cut after its first eos_id.
     """
     ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
+    check_id_limit(id_limit, model.config.vocab_size)
     steps = list(_generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                               repetition_penalty, use_cache))
+                               repetition_penalty, use_cache, id_limit))
     new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
     return finish(prompt_ids, ids, new, kind, eos_id)
 
 
 def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=None, temperature=1.0, top_k=None,
-                  top_p=None, seed=None, repetition_penalty=None):
+                  top_p=None, seed=None, repetition_penalty=None, id_limit=None):
     """Sampled decoding of a batch of sources (B, S) with an encoder-decoder (`init_state(src,
     mask)`, `step(tokens, state)`): <bos>, then up to max_len tokens (default the model's
-    max_tgt_len), <eos> included, each drawn as `generate` draws them. Returns (B lists of
+    max_tgt_len), <eos> included, each drawn as `generate` draws them (`id_limit`: only target
+    ids below it). Returns (B lists of
     target ids without <bos>/<eos>, scores (B,): the summed log-probabilities of the drawn
     tokens under the model, before temperature and filtering)."""
     check_sampling(temperature, top_k, top_p, repetition_penalty)
@@ -276,6 +286,7 @@ def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=Non
     B, V = state.batch_size, model.config.tgt_vocab_size
     check_int("bos_id", bos_id, 0, V - 1)
     check_int("eos_id", eos_id, 0, V - 1)
+    check_id_limit(id_limit, V)
     last = {}
 
     def step(ids):
@@ -287,7 +298,7 @@ def sample_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=Non
     scores = np.zeros(B)
     done = np.zeros(B, dtype=bool)
     for nxt in sample_tokens(step, logits, state.max_len, temperature, top_k, top_p, seeds.sampling_stream(seed),
-                             eos_id, repetition_penalty):
+                             eos_id, repetition_penalty, id_limit=id_limit):
         scores += np.where(done, 0.0, log_softmax(last["logits"])[np.arange(B), nxt])
         done |= nxt == eos_id
         out = np.concatenate([out, nxt[:, None]], axis=1)

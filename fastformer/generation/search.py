@@ -6,6 +6,9 @@ needs), so they can be tested on a hand-made model. An encoder-decoder starts fr
 its sources are encoded once (`greedy_decode`, `beam_decode`, `translate`); a language model
 starts from its prompts (`beam_generate`, `TransformerLM.generate(..., beam_size=N)`).
 
+A model whose vocabulary is padded past its tokenizer's ids is searched over the tokenizer's ids
+only (`id_limit`, as sampling does): the padding ids get log-probability -inf at every step.
+
 Scores are sums of log-probabilities of the generated tokens, <eos> included; beam search ranks
 finished hypotheses by score / length ** length_penalty (length counts <eos>).
 """
@@ -13,15 +16,23 @@ finished hypotheses by score / length ** length_penalty (length counts <eos>).
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, check_number
-from fastformer.generation.sampling import check_seed_and_eos, finish, log_softmax, prompt_batch, sample_decode
+from fastformer.generation.sampling import (
+    check_id_limit,
+    check_seed_and_eos,
+    finish,
+    log_softmax,
+    prompt_batch,
+    sample_decode,
+)
 
 
-def search_step(model, state, first_mask=None):
+def search_step(model, state, first_mask=None, id_limit=None):
     """`step(tokens (N,) or (N, T), parents (N,) or None) -> log-probs (N, V)` of the last
     position, over `model.step` and its decoding `state`. `parents` first reorders the state's
     rows (row r continues from row parents[r]). `first_mask` is the attention mask of the
     first call's tokens (a left-padded prompt). Only the first call's tokens are checked: later
-    ones are the search's own choices."""
+    ones are the search's own choices. `id_limit`: the ids from it on get -inf, so no search
+    picks them (the log-probs are those of the ids below it)."""
     calls = {"n": 0}
 
     def step(tokens, parents=None):
@@ -30,8 +41,11 @@ def search_step(model, state, first_mask=None):
         tokens = tokens[:, None] if tokens.ndim == 1 else tokens
         first = calls["n"] == 0
         calls["n"] += 1
-        logits = model.step(tokens, state, attention_mask=first_mask if first else None, validate=first)
-        return log_softmax(logits[:, -1])  # (N, V)
+        logits = model.step(tokens, state, attention_mask=first_mask if first else None, validate=first)[:, -1]
+        if id_limit is not None and id_limit < logits.shape[-1]:
+            logits = np.array(logits)
+            logits[:, id_limit:] = -np.inf
+        return log_softmax(logits)  # (N, V)
 
     return step
 
@@ -144,36 +158,41 @@ def beam_search(step, n, beam_size, bos_id, eos_id, max_len, length_penalty=1.0)
     return [f[0][1] for f in finished], np.array([f[0][0] for f in finished])
 
 
-def greedy_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=None):
+def greedy_decode(model, src_ids, src_mask=None, bos_id=1, eos_id=2, max_len=None, id_limit=None):
     """Greedy decoding of a batch of sources (B, S) with an encoder-decoder. max_len (default
-    the model's max_tgt_len) bounds the generated tokens, <eos> included.
+    the model's max_tgt_len) bounds the generated tokens, <eos> included; `id_limit`: only
+    target ids below it (a tokenizer with fewer ids than the model's target vocabulary).
     Returns (B lists of target ids without <bos>/<eos>, scores (B,))."""
+    check_id_limit(id_limit, model.config.tgt_vocab_size)
     state = model.init_state(src_ids, src_mask, max_len=max_len)
-    return greedy_search(search_step(model, state), state.batch_size, bos_id, eos_id, state.max_len)
+    return greedy_search(search_step(model, state, id_limit=id_limit), state.batch_size, bos_id, eos_id,
+                         state.max_len)
 
 
 def beam_decode(model, src_ids, src_mask=None, beam_size=4, length_penalty=1.0, bos_id=1, eos_id=2,
-                max_len=None):
-    """Beam-search decoding of a batch of sources (B, S); see `beam_search`.
-    Returns (B lists of target ids without <bos>/<eos>, normalised scores (B,))."""
+                max_len=None, id_limit=None):
+    """Beam-search decoding of a batch of sources (B, S); see `beam_search` (`id_limit` as in
+    `greedy_decode`). Returns (B lists of target ids without <bos>/<eos>, normalised scores (B,))."""
     _check_search_args(bos_id, eos_id, 1, beam_size)
+    check_id_limit(id_limit, model.config.tgt_vocab_size)
     state = model.init_state(src_ids, src_mask, repeat=beam_size, max_len=max_len)
-    return beam_search(search_step(model, state), state.batch_size // beam_size, beam_size, bos_id, eos_id,
-                       state.max_len, length_penalty)
+    return beam_search(search_step(model, state, id_limit=id_limit), state.batch_size // beam_size, beam_size,
+                       bos_id, eos_id, state.max_len, length_penalty)
 
 
 def beam_generate(model, prompt_ids, max_new_tokens, beam_size, eos_id=None, length_penalty=1.0,
-                  attention_mask=None, use_cache=True):
+                  attention_mask=None, use_cache=True, id_limit=None):
     """Beam search continuing language-model prompts (the arguments and the result of
-    `fastformer.generation.sampling.generate`): the most probable continuation of up to
-    max_new_tokens tokens per prompt, <eos> (when given and produced) included."""
+    `fastformer.generation.sampling.generate`, `id_limit` included): the most probable
+    continuation of up to max_new_tokens tokens per prompt, <eos> (when given and produced) included."""
     ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_int("max_new_tokens", max_new_tokens)
     check_int("beam_size", beam_size)
     check_seed_and_eos(None, eos_id, model.config.vocab_size)
+    check_id_limit(id_limit, model.config.vocab_size)
     B, K = ids.shape[0], beam_size
     state = model.init_state(B * K, use_cache=use_cache)
-    step = search_step(model, state, np.repeat(mask, K, axis=0))
+    step = search_step(model, state, np.repeat(mask, K, axis=0), id_limit)
     seqs, _ = beam_search(step, B, K, np.repeat(ids, K, axis=0), eos_id, max_new_tokens, length_penalty)
     # a hypothesis shorter than max_new_tokens ended with <eos>: put it back, and pad with it
     rows = [s + [eos_id] if len(s) < max_new_tokens else s for s in seqs]
@@ -210,10 +229,11 @@ def translate(model, texts, src_tokenizer, tgt_tokenizer, beam_size=1, length_pe
     for b, s in enumerate(seqs):
         src[b, :len(s)], mask[b, :len(s)] = s, 1
     bos, eos = tgt_tokenizer.bos_id, tgt_tokenizer.eos_id
+    limit = min(tgt_tokenizer.vocab_size, model.config.tgt_vocab_size)  # no id the tokenizer cannot decode
     if sampling:
-        out, _ = sample_decode(model, src, mask, bos, eos, max_len, temperature, top_k, top_p, seed)
+        out, _ = sample_decode(model, src, mask, bos, eos, max_len, temperature, top_k, top_p, seed, id_limit=limit)
     elif beam_size == 1:
-        out, _ = greedy_decode(model, src, mask, bos, eos, max_len)
+        out, _ = greedy_decode(model, src, mask, bos, eos, max_len, id_limit=limit)
     else:
-        out, _ = beam_decode(model, src, mask, beam_size, length_penalty, bos, eos, max_len)
+        out, _ = beam_decode(model, src, mask, beam_size, length_penalty, bos, eos, max_len, id_limit=limit)
     return [(decode or tgt_tokenizer.decode)(o) for o in out]

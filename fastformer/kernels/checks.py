@@ -15,7 +15,6 @@ out of bounds. The checks cost O(1) per call, or one vectorised min/max where id
 """
 
 import functools
-import math
 
 import numpy as np
 
@@ -135,12 +134,10 @@ def check_eps(eps):
     return check_number("eps", eps, low=0)
 
 
-def check_finite(name, value, low, low_open=False):
-    """A finite number (not NaN, not +-inf) >= `low` (> when `low_open`)."""
-    v = check_number(name, value, low=low, low_open=low_open)
-    if v == math.inf:
-        raise FastformerError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, got {value!r}")
-    return v
+def check_finite(name, value, low=None, low_open=False):
+    """A finite number (not NaN, not +-inf) >= `low` (> when `low_open`; None: any finite number),
+    refused in check_number's words."""
+    return check_number(name, value, low=low, low_open=low_open, finite=True)
 
 
 # ----------------------------------------------------------------- caches

@@ -121,7 +121,8 @@ class TrainConfig:
     max_steps: int = 2000  # optimizer updates in the whole run (the schedule's length)
     optimizer: str = "adamw"  # sgd | adam | adamw
     lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of a decaying schedule
+    min_lr: typing.Optional[float] = None  # learning rate at the end of a decaying schedule, at most lr;
+    #                                        null: lr / 10 (nanoGPT's rule), so it follows lr
     schedule: str = "cosine"  # constant | cosine | linear (after warm-up)
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
     weight_decay: float = 0.1  # on 2-D weights only (AdamW decoupled; SGD/Adam as L2)
@@ -154,8 +155,13 @@ class TrainConfig:
                                   f"batch_size that is a multiple of {k} (e.g. {near})")
         for name in ("warmup_steps", "seed", "check_sync_interval"):
             setattr(self, name, check_int(f"train.{name}", getattr(self, name), minimum=0))
-        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+        for name in ("lr", "weight_decay", "eps", "grad_clip"):
             setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, finite=True))
+        if self.min_lr is not None:
+            self.min_lr = check_number("train.min_lr", self.min_lr, low=0, finite=True)
+            if self.min_lr > self.lr:
+                raise FastformerError(f"train.min_lr={self.min_lr!r} is above train.lr={self.lr!r}: a schedule decays "
+                                      f"from lr down to min_lr; give a min_lr <= lr, or null for lr / 10")
         for name in ("beta1", "beta2", "momentum"):
             setattr(self, name, check_number(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True))
         if self.optimizer not in OPTIMIZERS:
@@ -165,6 +171,10 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise FastformerError(f"train.schedule {self.schedule!r} is not known: "
                                   f"valid values are {', '.join(SCHEDULES)}")
+
+    def final_lr(self):
+        """The rate a decaying schedule ends at: min_lr, or lr / 10 when min_lr is null."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "seq2seq": Seq2SeqConfig}
@@ -302,14 +312,15 @@ def apply_overrides(config, overrides):
 
 PRESETS = {
     # name: (model sizes, training length and rate); all with batch 32, seq_len 128, context 128.
-    # tiny trains in under two minutes on 2 cores with the Numba kernels.
+    # tiny trains in under two minutes on 2 cores with the Numba kernels. train.min_lr is left null
+    # (lr / 10), so `--set train.lr=...` moves the end of the schedule with it.
     "tiny": (dict(d_model=64, n_heads=2, d_ff=256, n_layers=2),
-             dict(max_steps=2000, lr=5e-3, min_lr=5e-4, warmup_steps=50, eval_interval=250,
+             dict(max_steps=2000, lr=5e-3, warmup_steps=50, eval_interval=250,
                   checkpoint_interval=500)),
     "small": (dict(d_model=128, n_heads=4, d_ff=512, n_layers=2),
-              dict(max_steps=3000, lr=2e-3, min_lr=2e-4, warmup_steps=100, eval_interval=250, checkpoint_interval=250)),
+              dict(max_steps=3000, lr=2e-3, warmup_steps=100, eval_interval=250, checkpoint_interval=250)),
     "medium": (dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4),
-               dict(max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=200, eval_interval=250,
+               dict(max_steps=5000, lr=1e-3, warmup_steps=200, eval_interval=250,
                     checkpoint_interval=500)),
 }
 

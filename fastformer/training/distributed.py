@@ -131,17 +131,22 @@ def get_comm(distributed=None):
     return MPIComm()
 
 
+class RanksDiffer(FastformerError):
+    """The ranks of a job were started differently (check_same_on_every_rank); every rank raises it
+    at the same point, so rank 0 alone need say it."""
+
+
 def check_same_on_every_rank(comm, what, value):
-    """Refuse, on every rank at once, a job whose ranks hold different `value`s (JSON-able; e.g.
-    the arguments a rank was started with): compared by a SHA-256 against rank 0's, so ranks
-    started differently (another seed, another file) never train apart or wait for each other."""
+    """Refuse, on every rank at once (RanksDiffer), a job whose ranks hold different `value`s
+    (JSON-able; e.g. the arguments a rank was started with): compared by a SHA-256 against rank 0's,
+    so ranks started differently (another seed, another file) never train apart or wait for each other."""
     if comm.size == 1:
         return
     text = json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "surrogateescape")
     mine = np.frombuffer(hashlib.sha256(text).digest(), dtype=np.uint8).copy()
     differ = comm.allreduce_scalar(int(not np.array_equal(mine, comm.bcast(mine.copy()))))
     if differ:
-        raise FastformerError(f"{differ} of {comm.size} ranks were started with {what} other than rank 0's: "
+        raise RanksDiffer(f"{differ} of {comm.size} ranks were started with {what} other than rank 0's: "
                               f"every rank of a run must be started with the same command line and files")
 
 

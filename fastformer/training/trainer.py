@@ -36,10 +36,12 @@ rank takes part in the checkpoint, rank 0 writes it. A signal that was ignored w
 started (a job started in the background with `&`) stays ignored.
 
 Learning-rate schedule and resume: the rate of a step is a function of the step and the run's
-*current* train settings (lr, min_lr, schedule, warmup_steps, max_steps). Resuming with another
-max_steps (or any of these) does not stretch the old schedule from where it was: the resumed steps
-follow the schedule of the new settings, so a cosine or linear rate jumps to the new curve at the
-resume step. The trainer warns when one of these settings changed, with the rate at the resume step
+*current* train settings (lr, min_lr, schedule, warmup_steps, max_steps). A null min_lr is
+lr / 10, resolved here (`step_lr`, by `TrainConfig.final_lr`): the run's config.yaml keeps the null,
+`train` prints the rate the schedule ends at, and metrics.jsonl holds the rate of every logged step.
+Resuming with another max_steps (or any of these) does not stretch the old schedule from where it
+was: the resumed steps follow the schedule of the new settings, so a cosine or linear rate jumps to
+the new curve at the resume step. The trainer warns when one of these settings changed, with the rate at the resume step
 under the old and the new settings.
 """
 
@@ -111,7 +113,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 def step_lr(t, step):
     """The learning rate of optimizer step `step` (0-based) under TrainConfig `t`."""
     return learning_rate(step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                         min_lr=t.min_lr)
+                         min_lr=t.final_lr())
 
 
 class _StopRequest:
@@ -450,7 +452,10 @@ class Trainer:
 
 def _warn_schedule_change(old, new, step):
     """Warn when a resumed run's schedule settings differ from its checkpoint's (module docstring)."""
-    changed = [f"train.{k} {getattr(old, k)} -> {getattr(new, k)}" for k in SCHEDULE_KEYS
+    def shown(t, k):
+        return f"null (lr / 10 = {t.final_lr():g})" if getattr(t, k) is None else getattr(t, k)
+
+    changed = [f"train.{k} {shown(old, k)} -> {shown(new, k)}" for k in SCHEDULE_KEYS
                if getattr(old, k) != getattr(new, k)]
     if changed:
         warnings.warn(f"resuming at step {step} with {', '.join(changed)}: the learning rate follows the schedule "

@@ -277,7 +277,9 @@ def test_logits_that_turn_nan_midway_stop_the_generation_by_name():
         next(steps)
 
 
-def test_a_model_padded_past_its_tokenizer_samples_only_the_tokenizer_ids(tmp_path, capsys):
+def padded_model_dir(tmp_path):
+    """A Hugging Face directory of a model with 300 ids and the byte tokenizer's 259, the padding
+    ids getting nearly all the mass."""
     model = TransformerLM(LMConfig(vocab_size=300, max_seq_len=16, d_model=16, n_heads=2, d_ff=32, n_layers=1,
                                    tie_embeddings=False))
     sd = model.state_dict()
@@ -288,7 +290,13 @@ def test_a_model_padded_past_its_tokenizer_samples_only_the_tokenizer_ids(tmp_pa
     model.load_state_dict(sd)
     save_hf(model, str(tmp_path / "hf"))
     ByteTokenizer().save(str(tmp_path / "hf"))
+    return str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("search", [["--temperature", "1", "--seed", "0"], ["--beam", "3"]])
+def test_a_model_padded_past_its_tokenizer_samples_only_the_tokenizer_ids(tmp_path, capsys, search):
+    path = padded_model_dir(tmp_path)
     with use_backend("numpy"):
-        assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "8",
-                     "--temperature", "1", "--seed", "0", "--backend", "numpy"]) == 0
+        assert main(["generate", "--checkpoint", path, "--prompt", "ab", "--max-new-tokens", "8", *search,
+                     "--backend", "numpy"]) == 0
     assert capsys.readouterr().out.startswith("ab")

@@ -1,6 +1,7 @@
 """Greedy and beam-search decoding: the cached decoder against full forward passes, beam size 1
 against greedy, wide beams against exhaustive search, and a case where greedy is myopic."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -242,3 +243,58 @@ def test_seq2seq_sampling_is_seeded_and_top_k_one_is_greedy():
     # greedy decoding through the same loop: a source alone decodes as it does in a batch
     for b in range(len(src)):
         assert sample_decode(model, src[b:b + 1], mask[b:b + 1], BOS, EOS, temperature=1.0, top_k=1)[0] == top1[b:b + 1]
+
+
+# ------------------------------------- a vocabulary padded past the tokenizer's ids
+def cut_vocabulary(model, names, limit):
+    """A copy of `model` whose vocabulary is its first `limit` ids (the rows `names` cut)."""
+    config = dataclasses.replace(model.config, **{
+        ("tgt_vocab_size" if hasattr(model.config, "tgt_vocab_size") else "vocab_size"): limit})
+    cut = type(model)(config, dtype=np.float64)
+    sd = {k: (v[:limit] if k in names else v) for k, v in model.state_dict().items()}
+    cut.load_state_dict(sd)
+    return cut
+
+
+def test_lm_beam_search_picks_only_ids_below_the_limit():
+    """The padding ids (the model's best choices) are never picked; the search is the one over the
+    model cut to the tokenizer's ids, hypothesis for hypothesis."""
+    from fastformer import LMConfig, TransformerLM
+
+    V, limit, eos = 9, 6, 4
+    model = TransformerLM(LMConfig(vocab_size=V, max_seq_len=12, d_model=16, n_heads=2, d_ff=24, n_layers=2,
+                                   tie_embeddings=False), dtype=np.float64)
+    model.flat.data[:] = np.random.default_rng(3).normal(0, 0.5, model.flat.size)
+    model.params["lm_head.weight"][limit:] *= 8  # the padding rows win most steps
+    prompts = [np.array([1, 2, 3]), np.array([5]), np.array([0, 4])]
+    assert any((p[len(q):] >= limit).any() for p, q in zip(model.generate(prompts, 6, beam_size=3), prompts))
+    cut = cut_vocabulary(model, ("transformer.wte.weight", "lm_head.weight"), limit)
+    for kw in (dict(), dict(eos_id=eos)):
+        got = model.generate(prompts, 6, beam_size=3, id_limit=limit, **kw)
+        want = cut.generate(prompts, 6, beam_size=3, **kw)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+        assert all((g < limit).all() for g in got)
+    with pytest.raises(ValueError, match=f"id_limit must be an integer in \\[1, {V}\\], got {V + 1}"):
+        model.generate(prompts, 2, beam_size=2, id_limit=V + 1)
+
+
+def test_seq2seq_search_and_translate_pick_only_the_target_tokenizers_ids():
+    from fastformer.data.tokenizer import WordTokenizer
+    from fastformer.generation.search import translate
+
+    limit = 11
+    model = small_model(V=15, seed=1)
+    model.params["lm_head.weight"][limit:] *= 8
+    src, mask = sources()
+    src = np.maximum(src, 4)
+    assert any(max(s, default=0) >= limit for s in beam_decode(model, src, mask, beam_size=3)[0])
+    cut = cut_vocabulary(model, ("tgt_embed.weight", "lm_head.weight"), limit)
+    for ours, theirs in ((beam_decode(model, src, mask, beam_size=3, id_limit=limit), beam_decode(cut, src, mask,
+                                                                                                 beam_size=3)),
+                         (greedy_decode(model, src, mask, id_limit=limit), greedy_decode(cut, src, mask))):
+        assert ours[0] == theirs[0] and np.allclose(ours[1], theirs[1])
+    tok = WordTokenizer.build(["a b c d e f g h i"])
+    texts = [" ".join(tok.words[i - 4] for i in row[m == 1]) for row, m in zip(src, mask)]
+    out_tok = WordTokenizer([f"w{i}" for i in range(7)])  # 11 ids, the model has 15
+    for kw in (dict(beam_size=3), dict(), dict(temperature=1.0, seed=0)):
+        assert translate(model, texts, tok, out_tok, **kw) == translate(cut, texts, tok, out_tok, **kw)

@@ -64,6 +64,28 @@ def test_available_memory_and_check_memory():
         assert check_memory("x", 10 ** 18) == 10 ** 18
 
 
+@pytest.mark.parametrize("bounds, allowed", [
+    ({}, "a number"), (dict(finite=True), "a finite number"),
+    (dict(low=0), "a number >= 0"), (dict(low=0, low_open=True), "a number > 0"),
+    (dict(high=1), "a number <= 1"), (dict(high=1, high_open=True), "a number < 1"),
+    (dict(low=0, high=1, low_open=True), "a number in (0, 1]"),
+    (dict(low_open=True, high_open=True, finite=True), "a finite number"),  # open ends of no bound: none
+])
+def test_check_number_names_exactly_the_bounds_it_was_given(bounds, allowed):
+    from fastformer.kernels.checks import check_finite
+
+    outside = [2.0] if "high" in bounds else [-1.0] if "low" in bounds else []
+    for value in ("x", float("nan"), *outside):
+        with pytest.raises(FastformerError) as e:
+            check_number("a", value, **bounds)
+        assert str(e.value) == f"a must be {allowed}, got {value!r}"
+    # the kernels' finite checks say it in the same words, with or without a lower bound
+    for low, words in ((None, "a finite number"), (0, "a finite number >= 0")):
+        with pytest.raises(FastformerError) as e:
+            check_finite("scale", float("inf"), low)
+        assert str(e.value) == f"scale must be {words}, got inf"
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("inf")])
 def test_check_number_refuses_non_finite_values_where_asked(value):
     with pytest.raises(FastformerError, match=r"^lr must be a finite number >= 0, got"):

@@ -180,3 +180,54 @@ def test_a_yaml_alias_bomb_is_named_in_a_short_line(tmp_path, template):
     with pytest.raises(FastformerError, match="bomb.yaml") as e:
         load_config(str(path))
     assert len(str(e.value)) < 1000
+
+
+# ------------------------------------------------------------------ min_lr: at most lr, null is lr / 10
+def test_min_lr_above_lr_is_refused_naming_both():
+    with pytest.raises(FastformerError, match=r"^train.min_lr=0.002 is above train.lr=0.001: .*null for lr / 10$"):
+        TrainConfig(lr=1e-3, min_lr=2e-3)
+    with pytest.raises(FastformerError, match=r"train.min_lr=0.01 is above train.lr=0.005"):
+        apply_overrides(preset("tiny"), ["train.min_lr=1e-2"])
+    assert TrainConfig(lr=1e-3, min_lr=1e-3).final_lr() == 1e-3  # equal: a schedule that stays at lr
+
+
+def test_a_null_min_lr_is_a_tenth_of_lr_and_follows_it():
+    from fastformer.training.trainer import step_lr
+
+    c = apply_overrides(preset("tiny"), ["train.lr=3e-4"])  # the tiny preset's end rate no longer trips it
+    t = c.train
+    assert t.min_lr is None and t.final_lr() == 3e-4 / 10
+    assert step_lr(t, t.max_steps) == pytest.approx(3e-5, rel=1e-12)
+    assert yaml.safe_load(yaml.safe_dump(c.to_dict()))["train"]["min_lr"] is None  # config.yaml keeps the null
+    assert apply_overrides(c, ["train.min_lr=1e-5"]).train.final_lr() == 1e-5
+
+
+def test_runs_with_the_old_explicit_min_lr_keep_their_schedule(tmp_path):
+    """A config.yaml written before min_lr could be null holds the preset's value; it loads as it
+    was, and the presets' lr / 10 is that value to the bit, so old and new runs share every rate."""
+    from fastformer.training.trainer import step_lr
+
+    for name, old in (("tiny", 5e-4), ("small", 2e-4), ("medium", 1e-4)):
+        new = preset(name)
+        d = new.to_dict()
+        d["train"]["min_lr"] = old
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        t = load_config(str(path)).train
+        assert t.min_lr == old == new.train.final_lr()
+        assert [step_lr(t, s) for s in range(0, t.max_steps + 1, 97)] == \
+               [step_lr(new.train, s) for s in range(0, t.max_steps + 1, 97)]
+
+
+def test_cli_lowers_the_tiny_presets_lr_and_refuses_min_lr_above_it(tmp_path, capsys):
+    out = tmp_path / "low"
+    assert main(["train", "--preset", "tiny", "--set", "train.lr=3e-4", "--max-steps", "1", "--set",
+                 "train.eval_batches=1", "--out", str(out)]) == 0
+    assert "lr 0.0003 -> 3e-05 (lr / 10) cosine" in capsys.readouterr().out
+    assert load_config(str(out / "config.yaml")).train.min_lr is None
+    bad = tmp_path / "bad"
+    assert main(["train", "--preset", "tiny", "--set", "train.lr=3e-4", "--set", "train.min_lr=1e-3",
+                 "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.min_lr=0.001 is above train.lr=0.0003" in err, err
+    assert not bad.exists()

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from fastformer import use_backend
 from fastformer.cli import main
 from fastformer.errors import FastformerError
 from fastformer.training import distributed
@@ -385,12 +386,16 @@ TINY_MPI = ["--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "m
             "--set", "train.batch_size=4", "--set", "train.eval_batches=1", "--max-steps", "2"]
 
 
-def mpmd(tmp_path, rank0, rank1):
+def mpmd(tmp_path, rank0, rank1, fault=None):
     """Run `fastformer train` on two ranks with the arguments of each (mpiexec's MPMD form);
-    returns (exit status, stderr). A job still running at TIMEOUT is killed, ranks included,
-    and fails the test: the ranks waited for each other."""
-    cli = [sys.executable, "-m", "fastformer.cli", "train"]
-    cmd = [MPIEXEC, "-n", "1", *cli, *rank0, ":", "-n", "1", *cli, *rank1]
+    returns (exit status, stderr). `fault` (rank, step, kind) runs that rank under rank_fault.py,
+    failing at that step. A job still running at TIMEOUT is killed, ranks included, and fails the
+    test: the ranks waited for each other."""
+    cli = [[sys.executable, "-m", "fastformer.cli", "train"] for _ in range(2)]
+    if fault is not None:
+        rank, step, kind = fault
+        cli[rank] = [sys.executable, os.path.join(ROOT, "tests", "training", "rank_fault.py"), str(step), kind, "train"]
+    cmd = [MPIEXEC, "-n", "1", *cli[0], *rank0, ":", "-n", "1", *cli[1], *rank1]
     env = dict(clean_env(), FASTFORMER_BACKEND="numpy")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=tmp_path)
@@ -424,3 +429,73 @@ def test_ranks_started_with_different_arguments_are_refused(tmp_path, other):
     assert code == 2, err
     assert "1 of 2 ranks were started with arguments and config other than rank 0's" in err
     assert not os.path.exists(tmp_path / "r" / "ckpt-000002")
+
+
+def fastformer_lines(err):
+    """What fastformer itself printed on stderr (MPICH adds its own line about MPI_Abort)."""
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("fastformer")]
+
+
+def released(run, timeout=30):
+    """Wait for the run's lock to be free: mpiexec may return while a rank it killed is still exiting."""
+    from fastformer.training.runlock import lock_run_dir
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return lock_run_dir(run).release()
+        except FastformerError:
+            assert time.monotonic() < deadline, "a rank of the ended job still holds the run directory"
+            time.sleep(0.1)
+
+
+def run_files(run):
+    """{relative path: bytes} of every file in a run directory."""
+    out = {}
+    for root, _, files in os.walk(run):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), run)] = f.read()
+    return out
+
+
+@needs_mpi
+@pytest.mark.parametrize("fault, line", [
+    ((1, 3, "error"), "fastformer (rank 1 of 2): error: injected failure at step 3"),
+    ((0, 3, "eio"), "fastformer (rank 0 of 2): error: 'injected.bin': Input/output error"),
+    ((0, 4, "enospc"), "fastformer (rank 0 of 2): error: 'r/ckpt-000004.tmp': No space left on device"),
+], ids=["rank1-error", "rank0-read", "rank0-full-disk"])
+def test_a_rank_failing_mid_run_ends_the_job_in_one_line_and_keeps_the_last_checkpoint(tmp_path, fault, line):
+    from fastformer.training.checkpoint import checkpoint_dirs, load_checkpoint
+
+    args = [*TINY_MPI[:-2], "--max-steps", "6", "--set", "train.checkpoint_interval=2", "--out", "r"]
+    start = time.perf_counter()
+    code, err = mpmd(tmp_path, args, args, fault)
+    assert code == 2 and fastformer_lines(err) == [line], err
+    assert time.perf_counter() - start < 60  # ended by the abort, not by the other rank's wait
+    run = str(tmp_path / "r")
+    assert [os.path.basename(d) for d in checkpoint_dirs(run)] == ["ckpt-000002"]
+    assert load_checkpoint(run).step == 2  # whole: every file against its SHA-256
+    released(run)
+    with pytest.warns(UserWarning, match="written by 2 process"), use_backend("numpy"):  # it continues, on 1 process
+        assert main(["train", "--resume", "--out", run]) == 0
+    assert load_checkpoint(run).step == 6
+
+
+@needs_mpi
+@pytest.mark.parametrize("bad, message", [
+    (["--no-such-option"], "fastformer: error: unrecognized arguments: --no-such-option"),
+    (["--set", "train.lrr=1"], "error: unknown config key train.lrr"),
+    (["--max-steps", "5"], "error: 1 of 2 ranks were started with arguments and config other than rank 0's"),
+], ids=["argv", "set", "other-arguments"])
+def test_a_rank_refused_when_the_job_resumes_a_run_leaves_the_run_as_it_was(tmp_path, bad, message):
+    run = str(tmp_path / "r")
+    with use_backend("numpy"):
+        assert main(["train", *TINY_MPI, "--out", run]) == 0
+    before = run_files(run)
+    resume = ["--resume", "--out", "r", "--max-steps", "4"]
+    code, err = mpmd(tmp_path, resume, [*resume, *bad])
+    lines = fastformer_lines(err)
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert run_files(run) == before  # nothing written, nothing swept: the checkpoint and its log as they were

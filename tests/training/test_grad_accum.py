@@ -206,7 +206,7 @@ def test_one_step_of_accumulation_is_the_loop_without_it_bit_for_bit(tmp_path, k
     expected = []
     for step in range(t.max_steps):
         lr = learning_rate(step, lr=t.lr, schedule=t.schedule, warmup_steps=t.warmup_steps,
-                           max_steps=t.max_steps, min_lr=t.min_lr)
+                           max_steps=t.max_steps, min_lr=t.final_lr())
         loss, _ = model.loss_and_grads(**task.next_batch())
         clip_grad_norm(model.flat.grad, t.grad_clip)
         optimizer.step(lr)
