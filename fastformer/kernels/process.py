@@ -215,6 +215,18 @@ def cpu_has_bf16():
     return bool(features.get("avx512bf16")) and bool(features.get("avx512f"))
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_vnni():
+    """Whether this CPU runs AVX-512 VNNI (`vpdpbusd`, the int8 weights' product), as LLVM sees it;
+    checked, as cpu_has_bf16, before any kernel that emits it is compiled."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni")) and bool(features.get("avx512f"))
+
+
 def cpu_vector_isa():
     """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2", ...), or None when
     /proc/cpuinfo does not say (not Linux, not x86)."""
