@@ -242,7 +242,7 @@ class TransformerLM(FlatModel):
             return "uncached"
         if state.length + T > self.config.max_seq_len:
             return "window"
-        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS or self.quantized is not None:
+        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
             return "composed"
         return "fused"
 
@@ -288,13 +288,24 @@ class TransformerLM(FlatModel):
 
     def packed_weights(self):
         """The parameters as ops.gpt2_decode_step takes them: the flat buffer, read in place,
-        and where each parameter of `decode_layout` starts in it (computed once)."""
+        and where each parameter of `decode_layout` starts in it (computed once); with quantised
+        weights (`quantize`) their matrices packed together as well."""
         if self._packed is None:
-            from fastformer.kernels.ops.gpt2_decode import PackedGPT2
+            from fastformer.kernels.ops.gpt2_decode import PackedGPT2, is_matrix_slot, pack_quantized
 
-            offsets = np.array([self.flat.offsets[n] for n in self.decode_layout()], dtype=np.int64)
-            self._packed = PackedGPT2(self.flat.data, offsets, self.config.vocab_size, self.config.d_ff)
+            names = self.decode_layout()
+            offsets = np.array([self.flat.offsets[n] for n in names], dtype=np.int64)
+            quant = None
+            if self.quantized is not None:  # the layers' matrices and the head are the keys of decoding_matrices
+                L = self.config.n_layers
+                quant = pack_quantized({i: self.quantized[n] for i, n in enumerate(names) if is_matrix_slot(i, L)}, L)
+            self._packed = PackedGPT2(self.flat.data, offsets, self.config.vocab_size, self.config.d_ff, quant)
         return self._packed
+
+    def quantize(self, weight_format):
+        super().quantize(weight_format)
+        self._packed = None  # packed again, with the new weights, at the next decoding step
+        return self
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  eos_id=None, beam_size=1, **kwargs):

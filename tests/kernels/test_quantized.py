@@ -46,8 +46,8 @@ def test_int8_weight_quantisation_is_symmetric_per_column(ref):
     q = Q.unpack_words(qw.words, "int8", 2, 3)
     np.testing.assert_array_equal(q, [[64, -127, 0], [-127, 64, 0]])
     np.testing.assert_array_equal(qw.scale[:3], np.float32([2.0, 0.5, 0.0]) * Q.INV_127)
-    np.testing.assert_array_equal(qw.colsum[:3], [-63, -63, 0])
-    assert not qw.scale[3:].any() and not qw.colsum[3:].any()
+    np.testing.assert_array_equal(qw.correction[:3], [-128 * -63, -128 * -63, 0])  # -128 * the column sums
+    assert not qw.scale[3:].any() and not qw.correction[3:].any()
     assert np.abs(Q.weight_value(qw) - w).max() <= 2.0 / 127 / 2 + 1e-7
 
 

@@ -13,8 +13,9 @@ bias)` computes x @ W + bias from it for x (..., K), with few rows in mind (deco
           s_n = max_k |w[k, n]| / 127. Each row of x is quantised per call the same way (one
           scale s_x per row), stored as u8 = q_x + 128 so that `vpdpbusd` (u8 x s8 -> int32) sums
           them exactly; the column sums of q take the offset out again (CTranslate2's scheme):
-              sum_k q_x q_w = sum_k u8 q_w - 128 * colsum_n     (exact, int32)
+              sum_k q_x q_w = correction_n + sum_k u8 q_w,   correction_n = -128 sum_k q_w[k, n]
               y[r, n] = float32(that) * (s_x[r] * s_n) + bias[n]
+          exact in int32; the kernel starts its sums at the correction.
           A row of x holding NaN or inf gives a NaN row (its scale is NaN); a weight holding one
           is refused at quantisation.
 
@@ -28,7 +29,7 @@ columns (8 panels of 16): words[((g * Kw + kk) * 8 + p) * 16 + j] holds column 1
 at k = 4 kk .. 4 kk + 3 (int8, one byte each, low byte first) or k = 2 kk, 2 kk + 1 (bf16, low
 half first), so one step of kk reads 512 contiguous bytes: eight 64-byte vectors, each one
 `vpdpbusd`/`vdpbf16ps` operand. K and N are padded with zero weights (N to a whole group), scales
-and column sums with zeros; only the stores are cut to N. The kernels are LLVM intrinsics written
+and corrections with zeros; only the stores are cut to N. The kernels are LLVM intrinsics written
 with llvmlite (as `_tile` of gemm_bf16.py) and compiled only on a CPU that has the instruction
 (`cpu_has_vnni`, `cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to emit
 one the CPU lacks. A formats's refusal names the missing feature in one line.
@@ -79,18 +80,18 @@ def require_format(fmt):
 
 class QuantizedWeight(NamedTuple):
     """A (K, N) weight in one of FORMATS. fp32: `words` is the (K, N) float32 weight itself;
-    bf16, int8: the 1-D uint32 words of the layout above, `scale` and `colsum` (Np,) (int8 only:
-    bf16 keeps empty ones)."""
+    bf16, int8: the 1-D uint32 words of the layout above, `scale` and `correction` (Np,) (int8
+    only: bf16 keeps empty ones)."""
     format: str
     K: int
     N: int
     words: np.ndarray
     scale: np.ndarray  # (Np,) float32: int8's column scales
-    colsum: np.ndarray  # (Np,) int32: int8's column sums of q
+    correction: np.ndarray  # (Np,) int32: int8's -128 * the column sums of q
 
     @property
     def nbytes(self):
-        return self.words.nbytes + self.scale.nbytes + self.colsum.nbytes
+        return self.words.nbytes + self.scale.nbytes + self.correction.nbytes
 
 
 def words_per_row(fmt, K):
@@ -158,9 +159,9 @@ def quantize_weight(ops, w, fmt):
         raise FastformerError(f"a weight to quantise to int8 must be finite, got NaN or inf in the {w.shape} weight")
     q, scale = quantize_int8(w)
     Np = groups(N) * GROUP_N
-    scale_p, colsum_p = np.zeros(Np, np.float32), np.zeros(Np, np.int32)
-    scale_p[:N], colsum_p[:N] = scale, q.sum(axis=0, dtype=np.int64)
-    return QuantizedWeight(fmt, K, N, pack_words(q, fmt), scale_p, colsum_p)
+    scale_p, correction = np.zeros(Np, np.float32), np.zeros(Np, np.int32)
+    scale_p[:N], correction[:N] = scale, -INT8_OFFSET * q.sum(axis=0, dtype=np.int64)
+    return QuantizedWeight(fmt, K, N, pack_words(q, fmt), scale_p, correction)
 
 
 def require_weight_format(ops, fmt):
@@ -223,11 +224,11 @@ def quantize_rows_int8(x2):
 
 
 def int8_sums(qx, qw):
-    """The exact integer sums qx (M, K) @ q_w (K, N), int64: through u8 = qx + 128 and the column
-    sums, as the kernel forms them (float64 products of integers are exact below 2**53)."""
+    """The exact integer sums qx (M, K) @ q_w (K, N), int64: through u8 = qx + 128 and the
+    correction, as the kernel forms them (float64 products of integers are exact below 2**53)."""
     q = unpack_words(qw.words, "int8", qw.K, qw.N).astype(np.float64)
     u = qx.astype(np.float64) + INT8_OFFSET
-    return (u @ q).astype(np.int64) - INT8_OFFSET * qw.colsum[:qw.N].astype(np.int64)
+    return qw.correction[:qw.N].astype(np.int64) + (u @ q).astype(np.int64)
 
 
 @quiet
@@ -264,23 +265,31 @@ if numba is not None:
     _I64 = ir.IntType(64)
 
     def _make_tile(fmt, R):
-        """An intrinsic tile(w, w_off, kw, a, a_off, lda, acc): acc (R * GROUP_N,) = the R rows of
-        activation words a[a_off + r * lda + kk] times the group of weight words starting at
-        w[w_off], over kk < kw. Eight vectors of weights a step, each the memory operand of R
-        vpdpbusd (int8: int32 sums) or vdpbf16ps (bf16: float32 sums); 8 R accumulators in registers."""
+        """An intrinsic tile(w, w_off, kw, a, a_off, lda, init, i_off, acc): acc (R * GROUP_N,) =
+        the R rows of activation words a[a_off + r * lda + kk] times the group of weight words
+        starting at w[w_off], over kk < kw, each row's sums started at init[i_off:i_off + GROUP_N]
+        (int8: the correction; bf16: zero, init unread). Eight vectors of weights a step, each the
+        memory operand of R vpdpbusd (int32 sums) or vdpbf16ps (float32 sums); 8 R accumulators in
+        registers."""
         acc_t = _I32x16 if fmt == "int8" else _F32x16
 
         @intrinsic
-        def tile(typingctx, w, w_off, kw, a, a_off, lda, acc):
-            sig = types.void(w, types.int64, types.int64, a, types.int64, types.int64, acc)
+        def tile(typingctx, w, w_off, kw, a, a_off, lda, init, i_off, acc):
+            sig = types.void(w, types.int64, types.int64, a, types.int64, types.int64, init, types.int64, acc)
 
             def codegen(context, builder, signature, args):
-                w_arr, w_off, kw, a_arr, a_off, lda, acc_arr = args
+                w_arr, w_off, kw, a_arr, a_off, lda, init_arr, i_off, acc_arr = args
                 W = builder.gep(context.make_array(signature.args[0])(context, builder, w_arr).data, [w_off])
                 A = builder.bitcast(context.make_array(signature.args[3])(context, builder, a_arr).data,
                                     _I32.as_pointer())  # u8 or uint32 activations, read a word at a time
                 A = builder.gep(A, [a_off])
-                C = context.make_array(signature.args[6])(context, builder, acc_arr).data
+                C = context.make_array(signature.args[8])(context, builder, acc_arr).data
+                if fmt == "int8":
+                    I = builder.gep(context.make_array(signature.args[6])(context, builder, init_arr).data, [i_off])
+                    start = [builder.load(builder.bitcast(builder.gep(I, [ir.Constant(_I64, PANEL_N * p)]),
+                                                          _I32x16.as_pointer()), align=4) for p in range(PANELS)]
+                else:
+                    start = [ir.Constant(acc_t, None)] * PANELS
                 if fmt == "int8":  # LLVM 22's signature; the all-<16 x i32> form is accepted too
                     name, ftype = "llvm.x86.avx512.vpdpbusd.512", ir.FunctionType(_I32x16, [_I32x16, _I8x64, _I8x64])
                 else:
@@ -297,8 +306,8 @@ if numba is not None:
                 k = builder.phi(_I64)
                 accs = [builder.phi(acc_t) for _ in range(R * PANELS)]
                 k.add_incoming(ir.Constant(_I64, 0), entry)
-                for v in accs:
-                    v.add_incoming(ir.Constant(acc_t, None), entry)
+                for i, v in enumerate(accs):
+                    v.add_incoming(start[i % PANELS], entry)
                 builder.cbranch(builder.icmp_signed("<", k, kw), body, done)
                 builder.position_at_end(body)
                 step = builder.mul(k, ir.Constant(_I64, GROUP_N))
@@ -370,9 +379,10 @@ def pack_rows_bf16(x, M, K, aw, lda):
 
 
 @inline
-def int8_product(au8, lda, sx, M, words, w_off, kw, scale, colsum, s_off, bias, b_off, has_bias, y, N, g0, g1, acc):
+def int8_product(au8, lda, sx, M, words, w_off, kw, scale, correction, s_off, bias, b_off, has_bias, y, N, g0, g1,
+                 acc):
     """y[:M, cols of groups g0..g1 (cut to N)] = the int8 product of the u8 rows au8 (lda words a
-    row) and the packed weight at words[w_off], scales and column sums at [s_off], bias at
+    row) and the packed weight at words[w_off], scales and corrections at [s_off], bias at
     [b_off]. acc: an int32 scratch of TILE_ROWS * GROUP_N."""
     for g in range(g0, g1):
         n0 = g * GROUP_N
@@ -382,17 +392,23 @@ def int8_product(au8, lda, sx, M, words, w_off, kw, scale, colsum, s_off, bias, 
         while m0 < M:
             R = min(TILE_ROWS, M - m0)
             if R == 3:
-                _int8_tile3(words, wg, kw, au8, m0 * lda, lda, acc)
+                _int8_tile3(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
             elif R == 2:
-                _int8_tile2(words, wg, kw, au8, m0 * lda, lda, acc)
+                _int8_tile2(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
             else:
-                _int8_tile1(words, wg, kw, au8, m0 * lda, lda, acc)
+                _int8_tile1(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
             for r in range(R):
                 s = sx[m0 + r]
-                for j in range(width):
-                    n = n0 + j
-                    v = np.float32(acc[r * GROUP_N + j] - INT8_OFFSET * colsum[s_off + n]) * (s * scale[s_off + n])
-                    y[m0 + r, n] = v + bias[b_off + n] if has_bias else v
+                yr = y[m0 + r, n0:n0 + width]
+                sums = acc[r * GROUP_N:r * GROUP_N + width]
+                sc = scale[s_off + n0:s_off + n0 + width]
+                if has_bias:
+                    b = bias[b_off + n0:b_off + n0 + width]
+                    for j in range(width):
+                        yr[j] = np.float32(sums[j]) * (s * sc[j]) + b[j]
+                else:
+                    for j in range(width):
+                        yr[j] = np.float32(sums[j]) * (s * sc[j])
             m0 += R
 
 
@@ -407,28 +423,34 @@ def bf16_product(aw, lda, M, words, w_off, kw, bias, b_off, has_bias, y, N, g0, 
         while m0 < M:
             R = min(TILE_ROWS, M - m0)
             if R == 3:
-                _bf16_tile3(words, wg, kw, aw, m0 * lda, lda, acc)
+                _bf16_tile3(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
             elif R == 2:
-                _bf16_tile2(words, wg, kw, aw, m0 * lda, lda, acc)
+                _bf16_tile2(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
             else:
-                _bf16_tile1(words, wg, kw, aw, m0 * lda, lda, acc)
+                _bf16_tile1(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
             for r in range(R):
-                for j in range(width):
-                    n = n0 + j
-                    y[m0 + r, n] = acc[r * GROUP_N + j] + bias[b_off + n] if has_bias else acc[r * GROUP_N + j]
+                yr = y[m0 + r, n0:n0 + width]
+                sums = acc[r * GROUP_N:r * GROUP_N + width]
+                if has_bias:
+                    b = bias[b_off + n0:b_off + n0 + width]
+                    for j in range(width):
+                        yr[j] = sums[j] + b[j]
+                else:
+                    for j in range(width):
+                        yr[j] = sums[j]
             m0 += R
 
 
 @kernel("void(R[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], R[::1], boolean, "
         "F[:, ::1], int64, int64)", parallel=False, floats=("float32",))
-def _linear_int8(x, words, scale, colsum, bias, has_bias, y, g0, g1):
+def _linear_int8(x, words, scale, correction, bias, has_bias, y, g0, g1):
     M, K = x.shape
     kw = (K + 3) // 4
     au8 = np.empty(M * kw * 4, np.uint8)
     sx = np.empty(M, np.float32)
     acc = np.empty(TILE_ROWS * GROUP_N, np.int32)
     quantize_rows_u8(x, M, K, au8, kw * 4, sx)
-    int8_product(au8, kw, sx, M, words, 0, kw, scale, colsum, 0, bias, 0, has_bias, y, y.shape[1], g0, g1, acc)
+    int8_product(au8, kw, sx, M, words, 0, kw, scale, correction, 0, bias, 0, has_bias, y, y.shape[1], g0, g1, acc)
 
 
 @kernel("void(R[:, ::1], readonly(uint32)[::1], R[::1], boolean, F[:, ::1], int64, int64)", parallel=False,
@@ -458,7 +480,7 @@ def linear_quantized_numba(ops, x, qw, bias=None, out=None):
         if qw.K == 0:
             y[...] = 0 if bias is None else bias
         elif qw.format == "int8":
-            _linear_int8(x2, qw.words, qw.scale, qw.colsum, b, bias is not None, y, 0, groups(qw.N))
+            _linear_int8(x2, qw.words, qw.scale, qw.correction, b, bias is not None, y, 0, groups(qw.N))
         else:
             _linear_bf16(x2, qw.words, b, bias is not None, y, 0, groups(qw.N))
     return out if out2 is not None else y.reshape(shape)
