@@ -92,7 +92,8 @@ def pack_quantized(slots, L):
         corrections.append(q.correction)
         w_at += q.words.size
         s_at += q.scale.size
-    return QuantizedGPT2(fmt.pop(), np.concatenate(words), np.concatenate(scales), np.concatenate(corrections), qoffsets)
+    return QuantizedGPT2(fmt.pop(), np.concatenate(words), np.concatenate(scales), np.concatenate(corrections),
+                         qoffsets)
 
 
 @functools.lru_cache(maxsize=16)
@@ -420,7 +421,8 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
                 x[r, c] += o[r, c]
     for r in range(R):
         normalize_row(x[r], _vector(flat, offsets, g + LNF_W, C), _vector(flat, offsets, g + LNF_B, C), eps, h[r])
-    _head(h, C, V, flat, offsets[g + HEAD], words, scales, corrections, qoff[g + HEAD], logits, au8, aw, sx, acc_i, acc_f)
+    _head(h, C, V, flat, offsets[g + HEAD], words, scales, corrections, qoff[g + HEAD], logits, au8, aw, sx, acc_i,
+          acc_f)
 
 
 def _format_kernel(suffix, floats, **products):

@@ -285,8 +285,8 @@ if numba is not None:
                 A = builder.gep(A, [a_off])
                 C = context.make_array(signature.args[8])(context, builder, acc_arr).data
                 if fmt == "int8":
-                    I = builder.gep(context.make_array(signature.args[6])(context, builder, init_arr).data, [i_off])
-                    start = [builder.load(builder.bitcast(builder.gep(I, [ir.Constant(_I64, PANEL_N * p)]),
+                    init = builder.gep(context.make_array(signature.args[6])(context, builder, init_arr).data, [i_off])
+                    start = [builder.load(builder.bitcast(builder.gep(init, [ir.Constant(_I64, PANEL_N * p)]),
                                                           _I32x16.as_pointer()), align=4) for p in range(PANELS)]
                 else:
                     start = [ir.Constant(acc_t, None)] * PANELS
