@@ -266,6 +266,11 @@ def process_info():
     info["blas"] = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')} kernels), "
                     f"{d.get('num_threads')} threads" for d in blas]
     info["cpu_vector_isa"] = cpu_vector_isa()
+    found = [name for name, has in (("avx512_bf16", cpu_has_bf16()), ("avx512_vnni", cpu_has_vnni())) if has]
+    info["cpu_instruction_sets"] = ", ".join(found) or "neither avx512_bf16 nor avx512_vnni"
+    native = ["fp32"] + [fmt for fmt, has in (("bf16", cpu_has_bf16()), ("int8", cpu_has_vnni())) if has]
+    info["weight_formats"] = (f"{', '.join(native)} run natively (--weights; the numba backend)"
+                              + ("" if len(native) == 3 else "; the others only on the numpy reference"))
     info["bf16_matmul"] = ("available (AVX-512 BF16): train.precision=bf16 runs on the Numba backend; the "
                            "default stays fp32" if cpu_has_bf16() else
                            "not on this CPU (no avx512_bf16): train.precision=fp32 only")
