@@ -211,3 +211,16 @@ def test_fp32_is_the_float32_product(ops):
     x, w, b = rng.standard_normal((2, 7)).astype(np.float32), rng.standard_normal((7, 9)).astype(np.float32), \
         rng.standard_normal(9).astype(np.float32)
     np.testing.assert_allclose(ops.linear_quantized(x, ops.quantize_weight(w, "fp32"), b), x @ w + b, rtol=1e-6)
+
+
+def test_a_weight_not_made_by_quantize_weight_is_refused(ops):
+    qw = ops.quantize_weight(np.ones((5, 20), np.float32), "int8") if ops.name == "numpy" or \
+        Q.format_runs_natively("int8") else pytest.skip("no int8 instruction")
+    x = np.ones((1, 5), np.float32)
+    for bad in (qw._replace(words=qw.words[:-1]), qw._replace(K=9), qw._replace(N=200),
+                qw._replace(correction=qw.correction.astype(np.int64)), qw._replace(format="bf16"),
+                qw._replace(scale=None)):
+        with pytest.raises(FastformerError, match="qw must be a QuantizedWeight as ops.quantize_weight makes it"):
+            ops.linear_quantized(x, bad)
+    with pytest.raises(FastformerError, match="at most 32768 rows"):
+        ops.quantize_weight(np.ones((Q.MAX_INT8_K + 1, 1), np.float32), "int8")

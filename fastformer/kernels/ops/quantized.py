@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastformer.errors import FastformerError
+from fastformer.errors import FastformerError, is_int
 from fastformer.kernels._jit import inline, kernel, numba
 from fastformer.kernels.checks import describe, kernel_array, quiet
 from fastformer.kernels.ops.gemm_bf16 import _bf16, _pair, round_to_bf16
@@ -157,6 +157,8 @@ def quantize_weight(ops, w, fmt):
         return QuantizedWeight(fmt, K, N, pack_words(bits, fmt), empty_f, empty_i)
     if not np.isfinite(w).all():
         raise FastformerError(f"a weight to quantise to int8 must be finite, got NaN or inf in the {w.shape} weight")
+    if K > MAX_INT8_K:
+        raise FastformerError(f"an int8 weight may have at most {MAX_INT8_K} rows (K; its int32 sums), got {K}")
     q, scale = quantize_int8(w)
     Np = groups(N) * GROUP_N
     scale_p, correction = np.zeros(Np, np.float32), np.zeros(Np, np.int32)
@@ -185,10 +187,39 @@ def weight_value(qw):
 
 
 # ------------------------------------------------------------------- checks
-def check_linear_quantized(x, qw, bias, out):
-    """Returns (x2 (M, K) float32, bias or None, out (M, N) view or None, out shape)."""
+MAX_INT8_K = 1 << 15  # rows of an int8 weight: the int32 sums of K products of at most 255 * 127 cannot overflow
+
+
+def check_quantized_weight(qw):
+    """qw with every array the kernels read of the dtype and size its format, K and N say (a
+    copy only of one that is not contiguous and aligned): a QuantizedWeight that is not what
+    quantize_weight made is refused before any kernel indexes it."""
     if not isinstance(qw, QuantizedWeight):
         raise FastformerError(f"qw must be a QuantizedWeight (ops.quantize_weight), got {type(qw).__name__}")
+    fmt, K, N = qw.format, qw.K, qw.N
+    arrays = [np.asarray(a) if isinstance(a, np.ndarray) else None for a in (qw.words, qw.scale, qw.correction)]
+    ok = isinstance(fmt, str) and fmt in FORMATS and is_int(K) and is_int(N) and K >= 0 and N >= 0 and \
+        all(a is not None for a in arrays)
+    if ok and fmt == "fp32":
+        shapes = {"words": ((K, N), np.float32), "scale": ((0,), np.float32), "correction": ((0,), np.int32)}
+    elif ok:
+        Np = groups(N) * GROUP_N
+        n_scales = Np if fmt == "int8" else 0
+        shapes = {"words": ((groups(N) * words_per_row(fmt, K) * GROUP_N,), np.uint32),
+                  "scale": ((n_scales,), np.float32), "correction": ((n_scales,), np.int32)}
+        ok = fmt != "int8" or K <= MAX_INT8_K
+    if ok:
+        ok = all(a.shape == shape and a.dtype == dtype for a, (shape, dtype) in zip(arrays, shapes.values()))
+    if not ok:
+        raise FastformerError(f"qw must be a QuantizedWeight as ops.quantize_weight makes it (format fp32, bf16 or "
+                              f"int8, its words, scale and correction sized by K and N), got format {qw.format!r}, "
+                              f"K={qw.K!r}, N={qw.N!r} and arrays {', '.join(describe(a) for a in qw[3:])}")
+    return QuantizedWeight(fmt, int(K), int(N), *(kernel_array(a) for a in arrays))
+
+
+def check_linear_quantized(x, qw, bias, out):
+    """Returns (x2 (M, K) float32, qw checked, bias or None, out (M, N) view or None, out shape)."""
+    qw = check_quantized_weight(qw)
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim == 0 or x.shape[-1] != qw.K:
         raise FastformerError(f"x must be a float32 array (..., {qw.K}) to multiply a ({qw.K}, {qw.N}) weight, "
@@ -206,7 +237,7 @@ def check_linear_quantized(x, qw, bias, out):
             raise FastformerError(f"out must be a writeable C-contiguous float32 array of {x2.shape[0] * qw.N} "
                                   f"elements {shape}, got {describe(out)}")
         out = out.reshape(x2.shape[0], qw.N)
-    return x2, bias, out, shape
+    return x2, qw, bias, out, shape
 
 
 # ---------------------------------------------------------------- reference
@@ -236,7 +267,7 @@ def linear_quantized(ops, x, qw, bias=None, out=None):
     """x (..., K) float32 @ the QuantizedWeight qw (K, N) + bias (N,), in qw's format (the module
     docstring gives each format's arithmetic). `out` (..., N), when given, receives it. Returns
     (..., N) float32."""
-    x2, bias, out2, shape = check_linear_quantized(x, qw, bias, out)
+    x2, qw, bias, out2, shape = check_linear_quantized(x, qw, bias, out)
     if qw.format == "fp32":
         y = ops.matmul(x2, qw.words, precision="float32")
     elif qw.format == "bf16":
@@ -469,10 +500,10 @@ _NO_BIAS = np.zeros(0, np.float32)
 
 def linear_quantized_numba(ops, x, qw, bias=None, out=None):
     """As the reference; bf16 and int8 on the kernels above."""
-    if not isinstance(qw, QuantizedWeight) or qw.format == "fp32":
+    x2, qw, bias, out2, shape = check_linear_quantized(x, qw, bias, out)
+    if qw.format == "fp32":
         return linear_quantized(ops, x, qw, bias, out)
     require_format(qw.format)
-    x2, bias, out2, shape = check_linear_quantized(x, qw, bias, out)
     M = x2.shape[0]
     y = out2 if out2 is not None else np.empty((M, qw.N), np.float32)
     if M and qw.N:
