@@ -9,8 +9,8 @@ bias)` computes x @ W + bias from it for x (..., K), with few rows in mind (deco
     fp32  the weight itself; the product is ops.matmul in float32.
     bf16  the weight rounded to bfloat16 (ties to even); each row of x rounded so too, the
           products exact, the sums float32 (`vdpbf16ps`), as the bfloat16 GEMM of gemm_bf16.py.
-    int8  symmetric, one scale per output column: q = rint(w / s_n) in [-127, 127] with
-          s_n = max_k |w[k, n]| / 127. Each row of x is quantised per call the same way (one
+    int8  symmetric, one scale per output column: q = rint(w * (127 / max_k |w[k, n]|)) in
+          [-127, 127], s_n = max_k |w[k, n]| / 127. Each row of x is quantised per call the same way (one
           scale s_x per row), stored as u8 = q_x + 128 so that `vpdpbusd` (u8 x s8 -> int32) sums
           them exactly; the column sums of q take the offset out again (CTranslate2's scheme):
               sum_k q_x q_w = correction_n + sum_k u8 q_w,   correction_n = -128 sum_k q_w[k, n]
@@ -32,7 +32,7 @@ half first), so one step of kk reads 512 contiguous bytes: eight 64-byte vectors
 and corrections with zeros; only the stores are cut to N. The kernels are LLVM intrinsics written
 with llvmlite (as `_tile` of gemm_bf16.py) and compiled only on a CPU that has the instruction
 (`cpu_has_vnni`, `cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to emit
-one the CPU lacks. A formats's refusal names the missing feature in one line.
+one the CPU lacks. A format's refusal names the missing feature in one line.
 """
 
 from typing import NamedTuple
