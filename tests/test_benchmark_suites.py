@@ -41,6 +41,11 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
         assert f"test_gemm[tiny-head-{precision}]" in names
     if cpu_has_bf16():
         assert "test_train_step_bf16[tiny]" in names
+    from fastformer.kernels.ops.quantized import format_runs_natively
+
+    for weights in ("bf16", "int8"):
+        if format_runs_natively(weights):
+            assert f"test_generate_weights[tiny-{weights}]" in names
     for b in results:
         assert b["stats"]["rounds"] == 1
         if b["name"].startswith("test_train_step"):
@@ -64,6 +69,7 @@ def test_asv_suite_discovers_every_benchmark():
     assert bench_train.TrainStep.track_steps_per_sec.unit == "steps/s"
     assert bench_train.TrainStep.params == (["numpy", "numba"], ["tiny", "small", "medium"])
     assert bench_generate.Generate.track_tokens_per_sec.unit == "tokens/s"
+    assert bench_generate.GenerateWeights.params == (["tiny", "small", "medium"], ["fp32", "bf16", "int8"])
     kernels = {"Softmax", "LayerNorm", "Attention", "LongAttention", "CrossEntropy", "LMHeadCrossEntropy", "Gelu",
                "AdamW"}
     assert list(bench_kernels.LongAttention.params) == [["numpy", "numba"], [1024, 4096]]

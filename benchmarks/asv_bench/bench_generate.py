@@ -26,3 +26,31 @@ class Generate:
         return bench.GEN_NEW * calls_per_second(self.gen, max_calls=5)
 
     track_tokens_per_sec.unit = "tokens/s"
+
+
+class GenerateWeights:
+    """The same on the Numba backend with the model's weights in each format (model.quantize);
+    a format this CPU cannot run is skipped (NotImplementedError, as asv skips)."""
+    params = (PRESETS, ["fp32", "bf16", "int8"])
+    param_names = ["preset", "weights"]
+    number = 1
+    repeat = (1, 10, 20.0)
+    warmup_time = 0.0
+    timeout = 600
+
+    def setup(self, preset, weights):
+        from fastformer.kernels.ops.quantized import format_runs_natively
+
+        if not format_runs_natively(weights):
+            raise NotImplementedError(f"this CPU cannot run {weights} weights")
+        self.model, prompt, self.gen = bench.make_generate(preset, "numba", weights=weights)
+        with use_backend("numba"):
+            self.model.generate(prompt, 4)
+
+    def time_generate(self, preset, weights):
+        self.gen()
+
+    def track_tokens_per_sec(self, preset, weights):
+        return bench.GEN_NEW * calls_per_second(self.gen, max_calls=5)
+
+    track_tokens_per_sec.unit = "tokens/s"

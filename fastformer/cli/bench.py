@@ -183,12 +183,15 @@ def generation_prompt(cfg, seed=0, rows=1):
     return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(check_int("rows", rows), GEN_PROMPT))
 
 
-def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW, rows=1):
+def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW, rows=1, weights="fp32"):
     """(model, prompt, gen): `gen()` generates `new_tokens` tokens after the benchmark prompt
     with `backend` (default: the current one) and returns the ids: greedily for one row, and for
-    `rows` > 1 prompts side by side sampled (temperature 1, top-k GEN_TOP_K)."""
+    `rows` > 1 prompts side by side sampled (temperature 1, top-k GEN_TOP_K). `weights`: the
+    model's weight format (model.quantize)."""
     backend = backend or get_backend()
     model = generation_model(preset, seed)
+    with use_backend(backend):
+        model.quantize(weights)
     prompt = generation_prompt(model.config, seed, rows)
     sampled = dict(temperature=1.0, top_k=GEN_TOP_K, seed=seed) if rows > 1 else dict(temperature=0.0)
 

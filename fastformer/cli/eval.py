@@ -7,7 +7,9 @@ import json
 from fastformer.cli.options import (
     CHECKPOINT_HELP,
     add_backend,
+    add_weights,
     apply_backend,
+    apply_weights,
     check_finite_loss,
     check_finite_weights,
     option_int,
@@ -40,6 +42,7 @@ def add_parser(sub):
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the run's train.seq_len)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_backend(p)
+    add_weights(p)
     p.set_defaults(func=main)
 
 
@@ -67,6 +70,7 @@ def eval_lm(args):
         ckpt = load_checkpoint(args.checkpoint)  # a language model: checkpoint_kind said so
         model, tokenizer, config = ckpt.new_model(), ckpt.tokenizer, ckpt.config
     check_finite_weights(model, args.checkpoint)
+    apply_weights(args, model)
     batch_size = option_int(args, "batch_size", config.train.batch_size)
     seq_len = option_int(args, "seq_len", min(config.train.seq_len, model.config.max_seq_len), model.config.max_seq_len)
     ids, what, default_batches, warning = lm_eval_tokens(config, tokenizer, ckpt, seq_len, args.data, args.split,
@@ -80,14 +84,14 @@ def eval_lm(args):
     share = (f"the trainer's {max_batches} batches of {batch_size}; --max-batches N for more"
              if default_batches and args.max_batches is None else "evenly spread")
     m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, seq_len=seq_len, windows=windows,
-             split_tokens=len(ids))
+             split_tokens=len(ids), weights=args.weights)
     if args.json:
         print(json.dumps(m))
     else:
         print(f"scored {what}:\n  {windows:,} windows of {seq_len} tokens = {m['tokens']:,} of its {len(ids):,} "
               f"({share})")
         print(f"loss {m['loss']:.4f} | ppl {m['ppl']:.3f} | bits/byte {m['bits_per_byte']:.4f} | "
-              f"acc {m['acc']:.4f} | {m['bytes']:,} bytes")
+              f"acc {m['acc']:.4f} | {m['bytes']:,} bytes | weights {args.weights}")
     return 0
 
 
@@ -108,6 +112,7 @@ def eval_seq2seq(args):
     ckpt = load_checkpoint(args.checkpoint, "seq2seq")
     model = ckpt.new_model()
     check_finite_weights(model, args.checkpoint)
+    apply_weights(args, model)
     config, (src_tok, tgt_tok) = ckpt.config, ckpt.tokenizers.values()
     batch_size = option_int(args, "batch_size", config.train.batch_size)
     pairs, what, skipped, warning = seq2seq_eval_pairs(ckpt, model, args.data, args.split, args.examples)
@@ -120,7 +125,8 @@ def eval_seq2seq(args):
                          length_penalty=1.0 if args.length_penalty is None else args.length_penalty, lang=args.lang)
     check_finite_loss(m, what)
     decoding = "greedy" if beam == 1 else f"beam {beam}"
-    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped)
+    m.update(data=what, split=args.split or "val", checkpoint=args.checkpoint, decoding=decoding, skipped=skipped,
+             weights=args.weights)
     if args.json:
         print(json.dumps(m))
     else:
@@ -128,7 +134,7 @@ def eval_seq2seq(args):
               + (f"; skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())}" if skipped else ""))
         standard = ("pip install sacrebleu for it" if m["sacrebleu"] is None else f"{m['sacrebleu']:.2f}")
         print(f"loss {m['loss']:.4f} | token acc {m['token_acc']:.4f} | exact match {m['exact_match']:.4f} "
-              f"({decoding})")
+              f"({decoding}, weights {args.weights})")
         print(f"BLEU {m['bleu']:.2f} on tokens ({m['bleu_impl']}, as val_bleu) | sacreBLEU {standard} on "
               f"detokenized text (13a)")
     return 0

@@ -4,7 +4,15 @@ import sys
 
 import numpy as np
 
-from fastformer.cli.options import CHECKPOINT_HELP, add_backend, apply_backend, check_finite_weights, refuse_options
+from fastformer.cli.options import (
+    CHECKPOINT_HELP,
+    add_backend,
+    add_weights,
+    apply_backend,
+    apply_weights,
+    check_finite_weights,
+    refuse_options,
+)
 from fastformer.errors import FastformerError, check_int
 
 SAMPLE_SEPARATOR = "-" * 40  # between the samples of generate --num-samples
@@ -35,6 +43,7 @@ def add_parser(sub):
     p.add_argument("--length-penalty", type=float,
                    help="beam search ranks hypotheses by score / length ** A (default 1.0)")
     add_backend(p)
+    add_weights(p)
     p.set_defaults(func=main)
 
 
@@ -90,6 +99,7 @@ def main(args):
     apply_backend(args)
     model, tokenizer, _ = load_model(args.checkpoint)
     check_finite_weights(model, args.checkpoint)
+    apply_weights(args, model)
     if "" in (args.stop or ()):
         raise FastformerError("--stop '' would stop before the first token: give a non-empty stop string")
     prompt = tokenizer.encode(text)

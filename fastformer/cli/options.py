@@ -11,6 +11,9 @@ from fastformer.errors import FastformerError, check_int, printable
 
 BACKEND_HELP = "kernel backend: auto, numpy or numba (default: FASTFORMER_BACKEND, else auto)"
 CHECKPOINT_HELP = "run directory (newest checkpoint) or checkpoint directory"
+WEIGHTS_HELP = ("weight format of the model's products: fp32, bf16 (bfloat16) or int8 (8-bit, a scale per output "
+                "column), quantised once at load from the float32 checkpoint; `fastformer info` lists what this CPU "
+                "runs natively")
 
 
 def _has_default(action):
@@ -58,6 +61,18 @@ def apply_backend(args):
         from fastformer import set_backend
 
         set_backend(args.backend)
+
+
+def add_weights(p):
+    """The --weights option of a command that runs a model for inference."""
+    p.add_argument("--weights", default="fp32", help=WEIGHTS_HELP)
+
+
+def apply_weights(args, model):
+    """Quantise the loaded model to --weights (fp32 leaves it as it is); an unknown format, or one
+    the CPU lacks the instructions for, is refused in one line."""
+    model.quantize(args.weights)
+    return model
 
 
 def option_int(args, name, default, maximum=None):

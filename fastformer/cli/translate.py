@@ -3,7 +3,15 @@
 import os
 import sys
 
-from fastformer.cli.options import CHECKPOINT_HELP, add_backend, apply_backend, check_finite_weights, warn
+from fastformer.cli.options import (
+    CHECKPOINT_HELP,
+    add_backend,
+    add_weights,
+    apply_backend,
+    apply_weights,
+    check_finite_weights,
+    warn,
+)
 from fastformer.errors import FastformerError, check_int
 
 
@@ -27,6 +35,7 @@ def add_parser(sub):
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with mass >= p")
     p.add_argument("--seed", type=int, help="seed of the sampling generator")
     add_backend(p)
+    add_weights(p)
     p.set_defaults(func=main)
 
 
@@ -94,6 +103,7 @@ def main(args):
     ckpt = load_checkpoint(args.checkpoint, "seq2seq")
     model = ckpt.new_model()
     check_finite_weights(model, args.checkpoint)
+    apply_weights(args, model)
     src_tok, tgt_tok = ckpt.tokenizers["src"], ckpt.tokenizers["tgt"]
     lower, S = ckpt.config.data.lowercase, model.config.max_src_len
     what = "words" if src_tok.kind == "word" else "characters"

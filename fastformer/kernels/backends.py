@@ -20,6 +20,7 @@ from fastformer.kernels.ops import (
     gpt2_decode,
     layernorm,
     matmul,
+    quantized,
     softmax,
 )
 
@@ -58,6 +59,9 @@ class NumpyOps:
     embedding_backward = embedding.embedding_backward
     adamw_update = adamw.adamw_update
     gpt2_decode_step = gpt2_decode.gpt2_decode_step
+    quantize_weight = quantized.quantize_weight
+    linear_quantized = quantized.linear_quantized
+    require_weight_format = quantized.require_weight_format
 
 
 class NumbaOps(NumpyOps):
@@ -97,3 +101,5 @@ class NumbaOps(NumpyOps):
     embedding_backward = embedding.embedding_backward_numba
     adamw_update = adamw.adamw_update_numba
     gpt2_decode_step = gpt2_decode.gpt2_decode_step_numba
+    linear_quantized = quantized.linear_quantized_numba
+    require_weight_format = quantized.require_weight_format_numba

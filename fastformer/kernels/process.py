@@ -215,6 +215,18 @@ def cpu_has_bf16():
     return bool(features.get("avx512bf16")) and bool(features.get("avx512f"))
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_vnni():
+    """Whether this CPU runs AVX-512 VNNI (`vpdpbusd`, the int8 weights' product), as LLVM sees it;
+    checked, as cpu_has_bf16, before any kernel that emits it is compiled."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return False
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni")) and bool(features.get("avx512f"))
+
+
 def cpu_vector_isa():
     """The widest x86 vector extension the CPU reports ("AVX-512", "AVX2", ...), or None when
     /proc/cpuinfo does not say (not Linux, not x86)."""
@@ -254,6 +266,11 @@ def process_info():
     info["blas"] = [f"{d.get('internal_api')} {d.get('version')} ({d.get('architecture')} kernels), "
                     f"{d.get('num_threads')} threads" for d in blas]
     info["cpu_vector_isa"] = cpu_vector_isa()
+    found = [name for name, has in (("avx512_bf16", cpu_has_bf16()), ("avx512_vnni", cpu_has_vnni())) if has]
+    info["cpu_instruction_sets"] = ", ".join(found) or "neither avx512_bf16 nor avx512_vnni"
+    native = ["fp32"] + [fmt for fmt, has in (("bf16", cpu_has_bf16()), ("int8", cpu_has_vnni())) if has]
+    info["weight_formats"] = (f"{', '.join(native)} run natively (--weights; the numba backend)"
+                              + ("" if len(native) == 3 else "; the others only on the numpy reference"))
     info["bf16_matmul"] = ("available (AVX-512 BF16): train.precision=bf16 runs on the Numba backend, and "
                            "train.precision=auto picks it there; the default stays fp32" if cpu_has_bf16() else
                            "not on this CPU (no avx512_bf16): train.precision=fp32 only (auto picks fp32)")

@@ -137,7 +137,8 @@ class TransformerLM(FlatModel):
         drop = self.config.dropout if train else 0.0
         x, emb_c = self.embed.forward(self.params, ids, positions, table=self.pos_table, drop=drop,
                                       rng=self.rng)  # (B, T, C)
-        h, stack_c = self.stack.forward(self.params, x, Context(kpm=kpm, cache=cache), drop, self.rng)
+        ctx = Context(kpm=kpm, cache=cache, weights=None if train else self.quantized)
+        h, stack_c = self.stack.forward(self.params, x, ctx, drop, self.rng)
         return h, (emb_c, stack_c)
 
     def forward(self, ids, attention_mask=None, position_ids=None):
@@ -146,7 +147,7 @@ class TransformerLM(FlatModel):
         padding keys are never attended to. `position_ids` (like ids) default to 0..T-1."""
         ids2, kpm = self._check_inputs(ids, attention_mask)
         h, _ = self._forward(ids2, kpm, train=False, positions=self._check_positions(position_ids, ids2.shape))
-        logits = self.head.forward(self.params, h)  # (B, T, V)
+        logits = self.head.forward(self.params, h, weights=self.quantized)  # (B, T, V)
         return logits if np.ndim(ids) == 2 else logits[0]
 
     __call__ = forward
@@ -156,7 +157,7 @@ class TransformerLM(FlatModel):
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = check_targets(targets, ids2.shape, "ids")
         h, _ = self._forward(ids2, kpm, train=False)
-        return self.head.loss(self.params, h, targets)
+        return self.head.loss(self.params, h, targets, weights=self.quantized)
 
     # -------------------------------------------------------------- backward
     def loss_and_grads(self, ids, targets, attention_mask=None):
@@ -166,6 +167,7 @@ class TransformerLM(FlatModel):
         Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
         shaped like `state_dict()`, and are overwritten by the next call.
         """
+        self.check_trainable()
         G = self.grads
         ids2, kpm = self._check_inputs(ids, attention_mask)
         targets = check_targets(targets, ids2.shape, "ids")
@@ -214,7 +216,7 @@ class TransformerLM(FlatModel):
         state.padding[:, n:n + T] = False if kpm is None else kpm
         if path == "composed":
             h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
-            logits = self.head.forward(self.params, h)
+            logits = self.head.forward(self.params, h, weights=self.quantized)
         else:  # "fused"
             logits = get_ops().gpt2_decode_step(self.packed_weights(), tokens[:, 0], positions[:, 0], state.k,
                                                 state.v, state.padding, n)[:, None]
@@ -259,7 +261,10 @@ class TransformerLM(FlatModel):
         state.tokens[:, :T], state.padding[:, :T], state.length = ids, pad, T
         positions = _positions(~pad, np.zeros(ids.shape[0], np.int64))
         h, _ = self._forward(ids, pad if pad.any() else None, train=False, positions=positions)
-        return self.head.forward(self.params, h[:, -tokens.shape[1]:])
+        return self.head.forward(self.params, h[:, -tokens.shape[1]:], weights=self.quantized)
+
+    def decoding_matrices(self):
+        return {**self.stack.matrices(self.params), **self.head.matrices(self.params)}
 
     def decode_layout(self):
         """The parameter names in the order of the fused decoding kernel's offsets table: each
@@ -283,13 +288,24 @@ class TransformerLM(FlatModel):
 
     def packed_weights(self):
         """The parameters as ops.gpt2_decode_step takes them: the flat buffer, read in place,
-        and where each parameter of `decode_layout` starts in it (computed once)."""
+        and where each parameter of `decode_layout` starts in it (computed once); with quantised
+        weights (`quantize`) their matrices packed together as well."""
         if self._packed is None:
-            from fastformer.kernels.ops.gpt2_decode import PackedGPT2
+            from fastformer.kernels.ops.gpt2_decode import PackedGPT2, is_matrix_slot, pack_quantized
 
-            offsets = np.array([self.flat.offsets[n] for n in self.decode_layout()], dtype=np.int64)
-            self._packed = PackedGPT2(self.flat.data, offsets, self.config.vocab_size, self.config.d_ff)
+            names = self.decode_layout()
+            offsets = np.array([self.flat.offsets[n] for n in names], dtype=np.int64)
+            quant = None
+            if self.quantized is not None:  # the layers' matrices and the head are the keys of decoding_matrices
+                L = self.config.n_layers
+                quant = pack_quantized({i: self.quantized[n] for i, n in enumerate(names) if is_matrix_slot(i, L)}, L)
+            self._packed = PackedGPT2(self.flat.data, offsets, self.config.vocab_size, self.config.d_ff, quant)
         return self._packed
+
+    def quantize(self, weight_format):
+        super().quantize(weight_format)
+        self._packed = None  # packed again, with the new weights, at the next decoding step
+        return self
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None,
                  eos_id=None, beam_size=1, **kwargs):

@@ -160,7 +160,7 @@ class Seq2SeqTransformer(FlatModel):
         drop = self.config.dropout if train else 0.0
         memory, enc_caches = self._encode(src, src_kpm, train)
         y, tgt_c = self.tgt_embed.forward(self.params, tgt, table=self.pos_table, drop=drop, rng=self.rng)
-        ctx = Context(kpm=tgt_kpm, memory=memory, memory_kpm=src_kpm)
+        ctx = Context(kpm=tgt_kpm, memory=memory, memory_kpm=src_kpm, weights=None if train else self.quantized)
         h, dec_c = self.decoder.forward(self.params, y, ctx, drop, self.rng)  # (B, T, C)
         return h, (enc_caches, tgt_c, dec_c)
 
@@ -170,7 +170,7 @@ class Seq2SeqTransformer(FlatModel):
         their ids, are 1 for tokens and 0 for padding (or None)."""
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
         h, _ = self._forward(src, src_kpm, tgt, tgt_kpm, train=False)
-        return self.head.forward(self.params, h)  # (B, T, V)
+        return self.head.forward(self.params, h, weights=self.quantized)  # (B, T, V)
 
     __call__ = forward
 
@@ -179,7 +179,7 @@ class Seq2SeqTransformer(FlatModel):
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
         targets = check_targets(targets, tgt.shape, "tgt_in")
         h, _ = self._forward(src, src_kpm, tgt, tgt_kpm, train=False)
-        return self.head.loss(self.params, h, targets)
+        return self.head.loss(self.params, h, targets, weights=self.quantized)
 
     # -------------------------------------------------------------- backward
     def loss_and_grads(self, src_ids, src_mask, tgt_in, tgt_mask, targets):
@@ -190,6 +190,7 @@ class Seq2SeqTransformer(FlatModel):
         Returns (loss: float, grads: {name: array}); grads are views into `self.flat.grad`,
         shaped like `state_dict()`, and are overwritten by the next call.
         """
+        self.check_trainable()
         G = self.grads
         src, src_kpm, tgt, tgt_kpm = self._check_inputs(src_ids, src_mask, tgt_in, tgt_mask)
         targets = check_targets(targets, tgt.shape, "tgt_in")
@@ -202,6 +203,10 @@ class Seq2SeqTransformer(FlatModel):
         return loss, self.grads
 
     # -------------------------------------------------------------- decoding
+    def decoding_matrices(self):
+        """The decoder's and the head's: the encoder runs once per source, in float32."""
+        return {**self.decoder.matrices(self.params), **self.head.matrices(self.params)}
+
     def encode(self, src_ids, src_mask=None):
         """Encoder output (B, S, C) and the source key-padding mask (B, S) (True at padding, or
         None), in inference mode: the start of decoding."""
@@ -249,9 +254,9 @@ class Seq2SeqTransformer(FlatModel):
                                       f"{state.length} fed), got {tokens.shape}")
         T, n = tokens.shape[1], state.length
         y, _ = self.tgt_embed.forward(self.params, tokens, positions=n, table=self.pos_table)
-        ctx = Context(memory_kpm=state.cross_padding, cache=state)
+        ctx = Context(memory_kpm=state.cross_padding, cache=state, weights=self.quantized)
         h, _ = self.decoder.forward(self.params, y, ctx)
         state.tokens[:, n:n + T] = tokens
         state.length += T
         state.next_position += T
-        return self.head.forward(self.params, h)  # (N, T, V)
+        return self.head.forward(self.params, h, weights=self.quantized)  # (N, T, V)

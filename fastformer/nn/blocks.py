@@ -18,6 +18,11 @@ the gradient of its input. Every array operation goes through the kernel interfa
     Stack          sublayers with residual + layernorm, pre-LN or post-LN, and a final norm
     OutputHead     logits = h @ W.T (W tied to the token embedding or its own)
 
+Inference may multiply by weights quantised once for it (`ops.quantize_weight`: fp32, bf16,
+int8): `matrices(P)` of a block names each (n_in, n_out) matrix it multiplies by, a model
+quantises them, and the forward that gets them in `Context.weights` (or `weights=` for the head)
+runs those products with `ops.linear_quantized`. Such a forward keeps no cache: inference only.
+
 Shape letters: B batch, T (or L) sequence, S source, C width, F hidden, H heads, hs head size,
 V vocabulary.
 """
@@ -52,6 +57,17 @@ class Linear:
 
     def b(self, P):
         return P[self.bias] if self.bias else None
+
+
+def _linear(lin, P, x, weights, bias=True, key=None):
+    """(x @ W (+ b), LinearCache) of the Linear `lin`; with its quantised weight in `weights`
+    (under `key`, default its weight's name) the product of ops.linear_quantized and no cache."""
+    ops = get_ops()
+    b = lin.b(P) if bias else None
+    qw = weights.get(key or lin.weight) if weights else None
+    if qw is not None:
+        return ops.linear_quantized(x, qw, b), None
+    return ops.linear_forward(x, lin.w(P), b)
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,7 @@ class Context(NamedTuple):
     memory: Optional[np.ndarray] = None  # (B, S, C) encoder output, for cross-attention
     memory_kpm: Optional[np.ndarray] = None  # (B, S) True at source padding
     cache: object = None  # a KVCache while decoding
+    weights: Optional[dict] = None  # quantised weights by the keys of the blocks' `matrices` (inference)
 
 
 class AttentionCache(NamedTuple):
@@ -168,18 +185,21 @@ class SelfAttention:
     def shapes(self):
         return {**self.qkv.shapes(), **self.proj.shapes()}
 
+    def matrices(self, P):
+        return {self.qkv.weight: self.qkv.w(P), self.proj.weight: self.proj.w(P)}
+
     def forward(self, P, h, ctx):
         """h (B, T, C) -> (o (B, T, C), AttentionCache). With ctx.cache the new keys and values
         are appended to the cache and the queries attend to every cached position."""
         ops = get_ops()
-        qkv, qkv_c = ops.linear_forward(h, self.qkv.w(P), self.qkv.b(P))  # (B, T, 3C)
+        qkv, qkv_c = _linear(self.qkv, P, h, ctx.weights)  # (B, T, 3C)
         kv = ctx.cache
         if kv is None:
             a, att_c = ops.attention_qkv_forward(qkv, self.n_heads, causal=self.causal, key_padding_mask=ctx.kpm)
         else:  # inference only: no backward
             a, att_c = ops.attention_cached(qkv, kv.k[self.layer], kv.v[self.layer], kv.length, self.n_heads,
                                             kv.padding), None
-        o, proj_c = ops.linear_forward(a, self.proj.w(P), self.proj.b(P))  # (B, T, C)
+        o, proj_c = _linear(self.proj, P, a, ctx.weights)  # (B, T, C)
         return o, AttentionCache(qkv_c, att_c, proj_c)
 
     def backward(self, G, do, cache):
@@ -190,6 +210,9 @@ class SelfAttention:
         dqkv = ops.attention_qkv_backward(da, cache.att)  # (B, T, 3C)
         # qkv = h @ W_qkv + b_qkv
         return ops.linear_backward(dqkv, cache.qkv, self.qkv.w(G), self.qkv.b(G))
+
+
+QUERY_PART = "[q]"  # after a cross-attention's fused weight name: the key of its query columns
 
 
 class CrossAttentionCache(NamedTuple):
@@ -213,6 +236,11 @@ class CrossAttention:
     def shapes(self):
         return {**self.qkv.shapes(), **self.proj.shapes()}
 
+    def matrices(self, P):
+        """The query part of the fused projection under its own key (the keys and values are
+        projected once per source, by kv_forward, in float32)."""
+        return {self.qkv.weight + QUERY_PART: self._parts(P)[0][0], self.proj.weight: self.proj.w(P)}
+
     def _parts(self, P):
         C = self.qkv.n_in
         W, b = self.qkv.w(P), self.qkv.b(P)  # (C, 3C), (3C,)
@@ -229,14 +257,18 @@ class CrossAttention:
     def forward(self, P, h, ctx):
         ops = get_ops()
         (Wq, bq), _ = self._parts(P)
-        q, q_c = ops.linear_forward(h, Wq, bq)  # (B, T, C)
+        qw = ctx.weights.get(self.qkv.weight + QUERY_PART) if ctx.weights else None
+        if qw is not None:
+            q, q_c = ops.linear_quantized(h, qw, bq), None
+        else:
+            q, q_c = ops.linear_forward(h, Wq, bq)  # (B, T, C)
         if ctx.cache is not None:
             k, v, kv_c = ctx.cache.cross_k[self.layer], ctx.cache.cross_v[self.layer], None
         else:
             k, v, kv_c = self.kv_forward(P, ctx.memory)
         a, att_c = ops.attention_forward(split_heads(q, 1, self.n_heads)[0], k, v, causal=False,
                                                key_padding_mask=ctx.memory_kpm)
-        o, proj_c = ops.linear_forward(merge_heads(a), self.proj.w(P), self.proj.b(P))
+        o, proj_c = _linear(self.proj, P, merge_heads(a), ctx.weights)
         return o, CrossAttentionCache(q_c, att_c, proj_c, kv_c)
 
     def backward(self, G, do, cache):
@@ -275,15 +307,19 @@ class FeedForward:
     def shapes(self):
         return {**self.fc.shapes(), **self.proj.shapes()}
 
+    def matrices(self, P):
+        return {self.fc.weight: self.fc.w(P), self.proj.weight: self.proj.w(P)}
+
     def forward(self, P, h, ctx=None):
         ops = get_ops()
-        f, fc_c = ops.linear_forward(h, self.fc.w(P))  # (B, T, F)
+        weights = ctx.weights if ctx is not None else None
+        f, fc_c = _linear(self.fc, P, h, weights, bias=False)  # (B, T, F)
         if self.activation == "relu":
             g, act_c = ops.relu_forward(f, self.fc.b(P))
         else:
             form = "tanh" if self.activation == "gelu_tanh" else "none"
             g, act_c = ops.gelu_forward(f, self.fc.b(P), approximate=form)
-        m, proj_c = ops.linear_forward(g, self.proj.w(P), self.proj.b(P))  # (B, T, C)
+        m, proj_c = _linear(self.proj, P, g, weights)  # (B, T, C)
         return m, FeedForwardCache(fc_c, act_c, proj_c)
 
     def backward(self, G, dm, cache):
@@ -324,6 +360,10 @@ class Stack:
     sublayers: tuple  # ((block, LayerNorm), ...)
     final: LayerNorm
     norm_first: bool = True
+
+    def matrices(self, P):
+        """{key: (n_in, n_out) view} of every matrix the sublayers multiply by."""
+        return {k: w for block, _ in self.sublayers for k, w in block.matrices(P).items()}
 
     def forward(self, P, x, ctx, drop=0.0, rng=None):
         """x (B, T, C) -> (h (B, T, C), StackCache)."""
@@ -396,12 +436,22 @@ class OutputHead:
     def shapes(self):
         return {self.weight: (self.V, self.C)} if self.own else {}
 
-    def forward(self, P, h, out=None):
-        """h (B, T, C) -> logits (B, T, V), for inference; `out` (B, T, V) receives them."""
+    def matrices(self, P):
+        return {self.weight: P[self.weight].T}
+
+    def forward(self, P, h, out=None, weights=None):
+        """h (B, T, C) -> logits (B, T, V), for inference; `out` (B, T, V) receives them.
+        `weights`: quantised weights, which may hold the head's (`matrices`)."""
+        qw = weights.get(self.weight) if weights else None
+        if qw is not None:
+            return get_ops().linear_quantized(h, qw, out=out)
         return get_ops().linear_forward(h, P[self.weight].T, out=out)[0]
 
-    def loss(self, P, h, targets):
-        """Mean cross-entropy of the logits of h (B, T, C) against targets (B, T) (-100 ignored)."""
+    def loss(self, P, h, targets, weights=None):
+        """Mean cross-entropy of the logits of h (B, T, C) against targets (B, T) (-100 ignored);
+        with the head's quantised weight in `weights`, from the logits of its product."""
+        if weights and self.weight in weights:
+            return get_ops().cross_entropy_forward(self.forward(P, h, weights=weights), targets)[0]
         return get_ops().linear_cross_entropy_forward(h, P[self.weight], targets)[0]
 
     def loss_and_grads(self, G, P, h, targets):

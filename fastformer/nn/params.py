@@ -11,6 +11,7 @@ import numpy as np
 
 from fastformer import seeds
 from fastformer.errors import FastformerError
+from fastformer.kernels import get_ops
 
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
 
@@ -75,7 +76,11 @@ class FlatParams:
 
 
 class FlatModel:
-    """What every fastformer model shares through its `self.flat` (a FlatParams)."""
+    """What every fastformer model shares through its `self.flat` (a FlatParams), and the weight
+    format of its inference (`quantize`)."""
+
+    weight_format = "fp32"  # the weights inference multiplies by: fp32, bf16 or int8 (model.quantize)
+    quantized = None  # {key of `decoding_matrices`: QuantizedWeight}, None for fp32
 
     def _setup(self, shapes, decay, dtype, seed):
         """Lay out the parameters, seed the dropout generator `self.rng` (saved with
@@ -92,8 +97,38 @@ class FlatModel:
         return dict(self.flat.params)
 
     def load_state_dict(self, state):
-        """Copy weights in; a missing or extra key or a wrong shape raises ValueError."""
+        """Copy weights in; a missing or extra key or a wrong shape raises ValueError. Quantised
+        weights are made again from the new ones."""
         self.flat.load(state)
+        if self.quantized is not None:
+            self.quantize(self.weight_format)
+
+    def decoding_matrices(self):
+        """{key: (n_in, n_out) float32 view} of the matrices inference multiplies by: the model's
+        blocks' and head's `matrices`."""
+        raise NotImplementedError
+
+    def quantize(self, weight_format):
+        """Run inference -- decoding, `forward`, `loss` -- with the matrices of `decoding_matrices`
+        in `weight_format`: "fp32" (the parameters themselves), "bf16" or "int8", quantised now,
+        once, from the float32 parameters, which stay as they are ("fp32" goes back to them). The
+        kernel backend refuses a format the CPU cannot run. A quantised model does not train.
+        Returns the model."""
+        ops = get_ops()
+        ops.require_weight_format(weight_format)
+        if weight_format != "fp32" and self.flat.dtype != np.float32:
+            raise FastformerError(f"weight format {weight_format} quantises a float32 model, this one is "
+                                  f"{self.flat.dtype}: use fp32")
+        self.quantized = None if weight_format == "fp32" else {
+            k: ops.quantize_weight(w, weight_format) for k, w in self.decoding_matrices().items()}
+        self.weight_format = weight_format
+        return self
+
+    def check_trainable(self):
+        """Refuse, in one line, to train a model whose inference weights are quantised."""
+        if self.weight_format != "fp32":
+            raise FastformerError(f"this model's weights are quantised to {self.weight_format} for inference and "
+                                  f"do not train: call model.quantize('fp32') first")
 
     def num_parameters(self):
         return self.flat.size

@@ -129,3 +129,23 @@ def test_input_that_is_not_utf8(runs, tmp_path, capsys):
     (tmp_path / "in.txt").write_bytes(b"we run.\n\xff\xfe who?\n")
     assert main(["translate", "--checkpoint", str(runs / "words"), "--input", str(tmp_path / "in.txt")]) == 2
     assert "line 2 is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_weights_option(runs, weights, capsys):
+    from fastformer.kernels.ops.quantized import format_runs_natively
+
+    if not format_runs_natively(weights):
+        pytest.skip(f"no {weights} instruction on this CPU")
+    run = str(runs / "words")
+    capsys.readouterr()
+    with use_backend("numpy"):
+        assert main(["translate", "--checkpoint", run, "--text", "I am here.", "--weights", weights,
+                     "--backend", "numba"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ckpt = load_checkpoint(run)
+    model = ckpt.new_model().quantize(weights)
+    src_tok, tgt_tok = ckpt.tokenizers["src"], ckpt.tokenizers["tgt"]
+    with use_backend("numba"):
+        [want] = translate(model, ["i am here."], src_tok, tgt_tok, decode=lambda ids: readable(tgt_tok, ids))
+    assert out == [recase(want, "I am here.")]

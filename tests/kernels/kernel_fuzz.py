@@ -232,6 +232,27 @@ def _on_tiles(builder):
     return build
 
 
+def _quantized(fmt):
+    """ops.linear_quantized with a weight of `fmt` (float32 only: a float64 call is refused)."""
+    def build(ops, rng, dt):
+        d = _dims(rng, M=(1, 4), K=(1, 9), N=(1, 20))
+        M, K, N = d["M"], d["K"], d["N"]
+        from fastformer.kernels.ops.quantized import format_runs_natively
+
+        if not format_runs_natively(fmt):  # the Numba backend would refuse every case: test the reference's packing
+            ops = _resolve_numpy()
+        qw = ops.quantize_weight(_normal(rng, (K, N), F32), fmt)
+        return ({"x": _normal(rng, (M, K), dt), "qw": qw, "bias": _normal(rng, N, dt)},
+                lambda ops, a: ops.linear_quantized(**a))
+    return build
+
+
+def _resolve_numpy():
+    from fastformer.kernels import _resolve
+
+    return _resolve("numpy")
+
+
 FORWARDS = {  # kernel -> builder(ops, rng, dt) -> (args, call(ops, args))
     "softmax_forward": _softmax, "layernorm_forward": _layernorm, "residual_layernorm_forward": _residual,
     "attention_forward": _attention, "attention_qkv_forward": _qkv, "attention_cached": _cached,
@@ -239,6 +260,8 @@ FORWARDS = {  # kernel -> builder(ops, rng, dt) -> (args, call(ops, args))
     "gelu_forward": lambda *a: _activation("gelu", *a), "relu_forward": lambda *a: _activation("relu", *a),
     "embedding_forward": _embedding, "adamw_update": _adamw, "linear_cross_entropy_forward": _head,
     "attention_forward(tiles)": _on_tiles(_attention), "attention_qkv_forward(tiles)": _on_tiles(_qkv),
+    "linear_quantized(int8)": _quantized("int8"), "linear_quantized(bf16)": _quantized("bf16"),
+    "linear_quantized(fp32)": _quantized("fp32"),
 }
 
 
@@ -379,6 +402,8 @@ def _id_bound(op, target, args):
         return args["cache"][0].shape[-1]
     if op.startswith("linear_cross_entropy"):
         return args["weight"].shape[0]
+    if op.startswith("linear_quantized"):  # the packed words and int8's corrections: values, not ids
+        return 1 << 20
     return args["logits"].shape[-1]
 
 
@@ -390,6 +415,12 @@ def _kinds(value):
             kinds += list(VALUES)
         if value.dtype.kind in "iu":
             kinds += list(IDS)
+            if value.dtype.kind == "u":  # ids that an unsigned array cannot hold
+                kinds = [k for k in kinds if k not in ("id=-1", "id=min")]
+            elif value.dtype.itemsize < 8:
+                kinds = [k for k in kinds if k != "id=min"]
+        if value.size == 0:  # no first entry to take, no bytes to map
+            kinds = [k for k in kinds if k not in ("ndim-1", "memmap")]
         return kinds
     if isinstance(value, tuple):
         return ["none", "list", "short", "long"]

@@ -11,12 +11,20 @@ checks, the reference and the model (TransformerLM.decode_layout) all index it w
 LAYER_SLOTS entries in the order of the constants, then the model-wide ones; matrices are stored
 (in, out). The model names its own parameters for each slot; this module knows shapes, not names.
 
+Inference weights (quantized.py): with `PackedGPT2.quant` (a QuantizedGPT2) the four matrices of
+each layer and the head are multiplied in bf16 or int8 from one buffer of packed words (scales
+and corrections in two more), each slot's start in `qoffsets` (-1 for the slots that are not
+matrices; the head's is its (C, V) transpose); the layernorms, biases, attention and embeddings
+stay float32 in `flat`. Each format is its own kernel (a copy of the same loops with the format's
+product), so a float32 step never compiles an instruction the CPU may lack.
+
 Shapes: L layers, C width, F hidden, V vocabulary, Tmax positions, B rows, H heads, hs head size;
 caches (L, B, H, Tmax, hs).
 """
 
 import functools
 import math
+import types as pytypes
 from collections import namedtuple
 
 import numpy as np
@@ -27,6 +35,18 @@ from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
 from fastformer.kernels.ops.layernorm import layernorm, normalize_row
+from fastformer.kernels.ops.quantized import (
+    GROUP_N,
+    TILE_ROWS,
+    QuantizedWeight,
+    bf16_product,
+    groups,
+    int8_product,
+    pack_rows_bf16,
+    quantize_rows_u8,
+    require_format,
+    words_per_row,
+)
 
 # each layer's slots, in this order              shape
 LN1_W, LN1_B = 0, 1                              # (C,), (C,)       the attention's layernorm
@@ -43,7 +63,37 @@ MODEL_SLOTS = 5
 # The weights of gpt2_decode_step: `flat` the 1-D parameter buffer, `offsets` (L * LAYER_SLOTS +
 # MODEL_SLOTS,) int64 where each slot's array starts in it (the head may be the token embedding
 # again, when tied).
-PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff")
+PackedGPT2 = namedtuple("PackedGPT2", "flat offsets vocab_size d_ff quant", defaults=(None,))
+# The matrices in bf16 or int8 (None: float32, read from flat): `qoffsets` (slots, 2) int64, the
+# start of each matrix slot's words and of its scales / corrections, -1 for the other slots.
+QuantizedGPT2 = namedtuple("QuantizedGPT2", "format words scales corrections qoffsets")
+MATRIX_SLOTS = (QKV_W, ATTN_W, FC_W, MLP_W)  # of each layer; and the model's HEAD
+
+
+def is_matrix_slot(i, L):
+    return i == L * LAYER_SLOTS + HEAD if i >= L * LAYER_SLOTS else i % LAYER_SLOTS in MATRIX_SLOTS
+
+
+def pack_quantized(slots, L):
+    """A QuantizedGPT2 of the QuantizedWeights `slots` ({slot index: weight}, one per matrix slot
+    of L layers and the head: (in, out) for the layers' matrices, (C, V) for the head)."""
+    n = L * LAYER_SLOTS + MODEL_SLOTS
+    fmt = {q.format for q in slots.values()}
+    if len(fmt) != 1 or sorted(slots) != [i for i in range(n) if is_matrix_slot(i, L)]:
+        raise FastformerError(f"quantised decoding weights must hold one format's weight for each of the "
+                              f"{4 * L + 1} matrix slots, got formats {sorted(fmt)} for {len(slots)} slots")
+    qoffsets = np.full((n, 2), -1, np.int64)
+    words, scales, corrections, w_at, s_at = [], [], [], 0, 0
+    for i in sorted(slots):
+        q = slots[i]
+        qoffsets[i] = w_at, s_at
+        words.append(q.words)
+        scales.append(q.scale)
+        corrections.append(q.correction)
+        w_at += q.words.size
+        s_at += q.scale.size
+    return QuantizedGPT2(fmt.pop(), np.concatenate(words), np.concatenate(scales), np.concatenate(corrections),
+                         qoffsets)
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,7 +162,58 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
         raise FastformerError(f"start must lie in [0, {Tmax}) (an integer): the cache holds {Tmax} positions, "
                               f"got {start!r}")
     check_eps(eps)
+    if weights.quant is not None:
+        _check_quant(weights.quant, shapes, L)
     return flat, offsets, ids, positions, kernel_array(padding), shapes
+
+
+def _slot_words(fmt, shape, head):
+    """(words, scales) of a matrix slot's packed weight: its (K, N), the head's (C, V)."""
+    K, N = shape[::-1] if head else shape
+    return groups(N) * words_per_row(fmt, K) * GROUP_N, groups(N) * GROUP_N
+
+
+@functools.lru_cache(maxsize=64)
+def _quant_inside(qoffsets_bytes, fmt, shapes, L, n_words, n_scales, n_corrections):
+    """Whether every matrix slot's words (and int8's scales and corrections) lie inside buffers of
+    these sizes; cached on the table's bytes, as _offsets_inside."""
+    q = np.frombuffer(qoffsets_bytes, dtype=np.int64).reshape(-1, 2)
+    for i in range(len(shapes)):
+        if is_matrix_slot(i, L):
+            need_w, need_s = _slot_words(fmt, shapes[i], i >= L * LAYER_SLOTS)
+            if not 0 <= q[i, 0] <= n_words - need_w:
+                return False
+            if fmt == "int8" and not 0 <= q[i, 1] <= min(n_scales, n_corrections) - need_s:
+                return False
+    return True
+
+
+def _check_quant(quant, shapes, L):
+    """Every matrix slot's words and scales inside the buffers of a well-typed QuantizedGPT2."""
+    if not isinstance(quant, QuantizedGPT2) or quant.format not in ("bf16", "int8"):
+        raise FastformerError(f"weights.quant must be None or a QuantizedGPT2 of format bf16 or int8, got "
+                              f"{getattr(quant, 'format', type(quant).__name__)!r}")
+    require_format(quant.format)
+    n = len(shapes)
+    ok = all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype == d and a.flags.c_contiguous
+             for a, d in ((quant.words, np.uint32), (quant.scales, np.float32), (quant.corrections, np.int32)))
+    q = quant.qoffsets
+    ok = ok and isinstance(q, np.ndarray) and q.dtype == np.int64 and q.shape == (n, 2) and \
+        _quant_inside(q.tobytes(), quant.format, shapes, L, quant.words.size,
+                      quant.scales.size if quant.format == "int8" else 0, quant.corrections.size)
+    if not ok:
+        raise FastformerError(f"weights.quant must hold uint32 words, float32 scales, int32 corrections and "
+                              f"qoffsets int64 ({n}, 2) whose matrix slots lie inside them")
+
+
+def _quantized_slot(quant, shapes, i, head):
+    """The QuantizedWeight of matrix slot i, views of quant's buffers."""
+    K, N = shapes[i][::-1] if head else shapes[i]
+    need_w, need_s = _slot_words(quant.format, shapes[i], head)
+    wo, so = quant.qoffsets[i].tolist()
+    correction = quant.corrections[so:so + need_s] if quant.format == "int8" else quant.corrections[:0]
+    scale = quant.scales[so:so + need_s] if quant.format == "int8" else quant.scales[:0]
+    return QuantizedWeight(quant.format, K, N, quant.words[wo:wo + need_w], scale, correction)
 
 
 # ---------------------------------------------------------------- reference
@@ -129,17 +230,28 @@ def gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, st
     P = [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(offsets.tolist(), shapes)]  # views of the buffer
     L = k_cache.shape[0]
     M = P[L * LAYER_SLOTS:]  # the model-wide slots
+    quant = weights.quant
+
+    def affine(x, i, bias):  # x @ the matrix of slot i (+ bias): float32, or the quantised product
+        if quant is None:
+            return x @ P[i] if bias is None else x @ P[i] + bias
+        return ops.linear_quantized(x, _quantized_slot(quant, shapes, i, head=False), bias)
+
     x = (M[WTE][ids] + M[WPE][positions])[:, None]  # (B, 1, C)
     for i in range(L):
-        W = P[i * LAYER_SLOTS:(i + 1) * LAYER_SLOTS]
+        s = i * LAYER_SLOTS
+        W = P[s:s + LAYER_SLOTS]
         h, _ = layernorm(x, W[LN1_W], W[LN1_B], eps)
-        a = ops.attention_cached(h @ W[QKV_W] + W[QKV_B], k_cache[i], v_cache[i], start, k_cache.shape[2], padding)
-        x = x + (a @ W[ATTN_W] + W[ATTN_B])
+        a = ops.attention_cached(affine(h, s + QKV_W, W[QKV_B]), k_cache[i], v_cache[i], start, k_cache.shape[2],
+                                 padding)
+        x = x + affine(a, s + ATTN_W, W[ATTN_B])
         h, _ = layernorm(x, W[LN2_W], W[LN2_B], eps)
-        g, _ = ops.gelu_forward(h @ W[FC_W], W[FC_B], approximate="tanh")
-        x = x + (g @ W[MLP_W] + W[MLP_B])
+        g, _ = ops.gelu_forward(affine(h, s + FC_W, None), W[FC_B], approximate="tanh")
+        x = x + affine(g, s + MLP_W, W[MLP_B])
     h, _ = layernorm(x, M[LNF_W], M[LNF_B], eps)
-    return h[:, 0] @ M[HEAD].T
+    if quant is None:
+        return h[:, 0] @ M[HEAD].T
+    return ops.linear_quantized(h[:, 0], _quantized_slot(quant, shapes, L * LAYER_SLOTS + HEAD, head=True))
 
 
 # -------------------------------------------------------------------- Numba
@@ -184,9 +296,62 @@ def _vector(flat, offsets, slot, n):
     return flat[o:o + n]
 
 
-@kernel("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
-        "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1])", parallel=False)
-def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits):
+# The products of a step, one set per weight format; the loops below call `_mv` (x @ a matrix slot
+# + its bias) and `_head` (the logits), and each kernel is those loops with one format's pair.
+@inline
+def _mv_fp32(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+    _affine(x, flat[w_off:w_off + K * N].reshape((K, N)), flat[b_off:b_off + N], y)
+
+
+@inline
+def _mv_int8(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+    kw = (K + 3) // 4
+    quantize_rows_u8(x, x.shape[0], K, au8, kw * 4, sx)
+    int8_product(au8, kw, sx, x.shape[0], words, qo[0], kw, scales, corrections, qo[1], flat, b_off, b_off >= 0, y, N,
+                 0, (N + GROUP_N - 1) // GROUP_N, acc_i)
+
+
+@inline
+def _mv_bf16(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+    kw = (K + 1) // 2
+    pack_rows_bf16(x, x.shape[0], K, aw, kw)
+    bf16_product(aw, kw, x.shape[0], words, qo[0], kw, flat, b_off, b_off >= 0, y, N, 0, (N + GROUP_N - 1) // GROUP_N,
+                 acc_f)
+
+
+@inline
+def _head_fp32(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+    head = flat[w_off:w_off + V * C].reshape((V, C))
+    R = h.shape[0]
+    F = flat.dtype.type
+    for v in range(V):  # logits = h @ head.T: one dot product of C per id, head read once
+        hv = head[v]
+        for r in range(R):
+            total = F(0.0)
+            for c in range(C):
+                total += h[r, c] * hv[c]
+            logits[r, v] = total
+
+
+@inline
+def _head_int8(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+    _mv_int8(h, C, V, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
+
+
+@inline
+def _head_bf16(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+    _mv_bf16(h, C, V, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
+
+
+_mv, _head = _mv_fp32, _head_fp32  # the float32 kernel's; the others rebind them (_format_kernel)
+
+_DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+               "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1], "
+               "readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], readonly(int64)[:, ::1])")
+
+
+def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
+                       qoff):
     L, R, H, _, hs = kc.shape
     C, V = H * hs, logits.shape[1]
     F = flat.dtype.type
@@ -201,6 +366,12 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
     o = np.empty((R, C), flat.dtype)
     f = np.empty((R, d_ff), flat.dtype)
     p = np.empty(t + 1, flat.dtype)
+    K = max(C, d_ff) + 4  # the activations of a quantised product: u8 (int8) or bfloat16 pairs (bf16)
+    au8 = np.empty(R * K, np.uint8)
+    aw = np.zeros(R * K, np.uint32)
+    sx = np.empty(R, np.float32)
+    acc_i = np.empty(TILE_ROWS * GROUP_N, np.int32)
+    acc_f = np.empty(TILE_ROWS * GROUP_N, np.float32)
     for r in range(R):
         for c in range(C):
             x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
@@ -208,7 +379,8 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
         s = layer * LAYER_SLOTS
         for r in range(R):
             normalize_row(x[r], _vector(flat, offsets, s + LN1_W, C), _vector(flat, offsets, s + LN1_B, C), eps, h[r])
-        _affine(h, _matrix(flat, offsets, s + QKV_W, C, 3 * C), _vector(flat, offsets, s + QKV_B, 3 * C), qkv)
+        _mv(h, C, 3 * C, flat, offsets[s + QKV_W], offsets[s + QKV_B], words, scales, corrections, qoff[s + QKV_W], qkv,
+            au8, aw, sx, acc_i, acc_f)
         for r in range(R):
             for hd in range(H):
                 kh, vh = kc[layer, r, hd], vc[layer, r, hd]
@@ -231,29 +403,42 @@ def _gpt2_decode(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, l
                 inv = F(1.0) / total
                 for d in range(hs):
                     ah[d] *= inv
-        _affine(a, _matrix(flat, offsets, s + ATTN_W, C, C), _vector(flat, offsets, s + ATTN_B, C), o)
+        _mv(a, C, C, flat, offsets[s + ATTN_W], offsets[s + ATTN_B], words, scales, corrections, qoff[s + ATTN_W], o,
+            au8, aw, sx, acc_i, acc_f)
         for r in range(R):
             for c in range(C):
                 x[r, c] += o[r, c]
             normalize_row(x[r], _vector(flat, offsets, s + LN2_W, C), _vector(flat, offsets, s + LN2_B, C), eps, h[r])
-        _affine(h, _matrix(flat, offsets, s + FC_W, C, d_ff), _vector(flat, offsets, s + FC_B, d_ff), f)
+        _mv(h, C, d_ff, flat, offsets[s + FC_W], offsets[s + FC_B], words, scales, corrections, qoff[s + FC_W], f,
+            au8, aw, sx, acc_i, acc_f)
         for r in range(R):
             for c in range(d_ff):
                 f[r, c] = _gelu(f[r, c], False)
-        _affine(f, _matrix(flat, offsets, s + MLP_W, d_ff, C), _vector(flat, offsets, s + MLP_B, C), o)
+        _mv(f, d_ff, C, flat, offsets[s + MLP_W], offsets[s + MLP_B], words, scales, corrections, qoff[s + MLP_W], o,
+            au8, aw, sx, acc_i, acc_f)
         for r in range(R):
             for c in range(C):
                 x[r, c] += o[r, c]
     for r in range(R):
         normalize_row(x[r], _vector(flat, offsets, g + LNF_W, C), _vector(flat, offsets, g + LNF_B, C), eps, h[r])
-    head = _matrix(flat, offsets, g + HEAD, V, C)
-    for v in range(V):  # logits = h @ head.T: one dot product of C per id, head read once
-        hv = head[v]
-        for r in range(R):
-            total = F(0.0)
-            for c in range(C):
-                total += h[r, c] * hv[c]
-            logits[r, v] = total
+    _head(h, C, V, flat, offsets[g + HEAD], words, scales, corrections, qoff[g + HEAD], logits, au8, aw, sx, acc_i,
+          acc_f)
+
+
+def _format_kernel(suffix, floats, **products):
+    """The loops above as a kernel of their own, with `products` (`_mv`, `_head`) of one format."""
+    fn = _gpt2_decode_loops
+    copy = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **products}, fn.__name__ + suffix)
+    copy.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
+    copy.__module__ = fn.__module__
+    return kernel(_DECODE_SIG, parallel=False, floats=floats)(copy)
+
+
+_gpt2_decode = _format_kernel("", ("float32", "float64"))
+_gpt2_decode_int8 = _format_kernel("_int8", ("float32",), _mv=_mv_int8, _head=_head_int8)
+_gpt2_decode_bf16 = _format_kernel("_bf16", ("float32",), _mv=_mv_bf16, _head=_head_bf16)
+_FORMAT_KERNELS = {"int8": _gpt2_decode_int8, "bf16": _gpt2_decode_bf16}
+_NO_QUANT = (np.zeros(0, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.int32))
 
 
 def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
@@ -262,6 +447,14 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
     if not jit_writable(k_cache, v_cache):
         return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
     logits = np.empty((ids.shape[0], int(weights.vocab_size)), flat.dtype)
-    _gpt2_decode(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start),
-                 flat.dtype.type(eps), logits)
+    quant = weights.quant
+    if quant is None:
+        run, (words, scales, corrections), qoff = _gpt2_decode, _NO_QUANT, np.full((offsets.size, 2), -1, np.int64)
+    elif flat.dtype != np.float32:
+        return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
+    else:
+        run, words, scales, corrections, qoff = _FORMAT_KERNELS[quant.format], quant.words, quant.scales, \
+            quant.corrections, quant.qoffsets
+    run(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start), flat.dtype.type(eps),
+        logits, words, scales, corrections, qoff)
     return logits
