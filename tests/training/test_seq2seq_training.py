@@ -135,7 +135,7 @@ def test_cli_train_translate_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == m  # the same held-out strings every time
     assert main(["eval", "--checkpoint", run, "--examples", "20", "--beam", "2"]) == 0
     out = capsys.readouterr().out
-    assert "exact match" in out and "(beam 2)" in out and "BLEU" in out and "scored 20 examples" in out
+    assert "exact match" in out and "(beam 2, weights fp32)" in out and "BLEU" in out and "scored 20 examples" in out
     assert main(["generate", "--checkpoint", run, "--prompt", "a"]) == 2
     assert "not a language model" in capsys.readouterr().err
 
