@@ -232,11 +232,12 @@ def _source_hash(path):
 @functools.lru_cache(maxsize=None)
 def _dependencies(module_name):
     """The source files of `module_name` and of every fastformer.kernels module it takes a jitted
-    function (a kernel or an inlined helper) from, transitively, this one included."""
+    function (a kernel, an inlined helper or an intrinsic) from, transitively, this one included."""
     module = importlib.import_module(module_name)
     files = {module.__file__, __file__}
     for value in list(vars(module).values()):
-        origin = getattr(getattr(value, "py_func", None), "__module__", None)
+        function = getattr(value, "py_func", None) or getattr(value, "_defn", None)  # a jitted one, an intrinsic
+        origin = getattr(function, "__module__", None)
         if isinstance(origin, str) and origin.startswith("fastformer.kernels") and origin != module_name \
                 and origin in sys.modules:
             files |= _dependencies(origin)

@@ -217,6 +217,38 @@ def test_attention_property(fast_ops, ref, B, H, T, extra, hs, causal, pad, seed
     check_attention(fast_ops, ref, q, k, v, causal, kpm, dtype)
 
 
+@PROPERTY
+@given(B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 70), extra=st.integers(0, 40),
+       hs=st.sampled_from([32, 64]), causal=st.booleans(), pad=st.sampled_from([None, "random", "all"]),
+       seed=st.integers(0, 2 ** 16))
+def test_attention_on_register_tiles_property(fast_ops, ref, B, H, T, extra, hs, causal, pad, seed):
+    """float32 heads of 32 and 64 channels take the register tiles (kernels/_tiles.py): query
+    blocks of 8 and 32 rows and key tiles of 32 cut anywhere, extra keys, padding."""
+    rng = np.random.default_rng(seed)
+    q, k, v, kpm = _attention_case(rng, B, H, T, T + extra, hs, causal, pad, np.float32)
+    check_attention(fast_ops, ref, q, k, v, causal, kpm, np.float32)
+
+
+def test_attention_register_tiles_are_the_path_taken_and_read_strided_heads(fast_ops, ref, monkeypatch):
+    """Guards the property above: hs = 32 float32 runs the tile kernels (and the fused QKV views,
+    whose rows are 3C apart, are read in place), other shapes the row kernels."""
+    from fastformer.kernels.ops import attention as A
+
+    taken, on_tiles = [], A._on_tiles
+    monkeypatch.setattr(A, "_on_tiles", lambda *arrays: taken.append(on_tiles(*arrays)) or taken[-1])
+    rng = np.random.default_rng(11)
+    assert on_tiles(np.zeros((1, 1, 1, 32), np.float32)) and not on_tiles(np.zeros((1, 1, 1, 4), np.float32))
+    assert not on_tiles(np.zeros((1, 1, 1, 32)))  # float64: the row kernels
+    qkv = rng.standard_normal((2, 19, 3 * 64)).astype(np.float32)
+    out, cache = fast_ops.attention_qkv_forward(qkv, 2, True)
+    out_ref, cache_ref = ref.attention_qkv_forward(qkv, 2, True)
+    close(out, out_ref, "attention", np.float32)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    close(fast_ops.attention_qkv_backward(dout, cache), ref.attention_qkv_backward(dout, cache_ref), "attention",
+          np.float32)
+    assert taken == [True, True]  # the forward and the backward
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,pad,T,S", [(False, None, 5, 5), (True, None, 7, 7), (True, "random", 4, 9),
                                             (False, "random", 3, 6), (True, "all", 5, 5), (True, "random", 10, 10)])

@@ -16,6 +16,7 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
     x = rng.normal(size=(4, 9, 32)).astype(np.float32)  # 1152 elements: the serial path
     w, b = rng.normal(size=32).astype(np.float32), rng.normal(size=32).astype(np.float32)
     q = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    q32 = rng.normal(size=(2, 3, 5, 32)).astype(np.float32)  # heads of 32 channels: the register tiles
     kpm = np.zeros((2, 5), bool)
     kpm[1, 0] = True
     ids = rng.integers(0, 7, size=(3, 4))
@@ -24,12 +25,13 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
     def run():
         return [ops.layernorm_forward(x, w, b)[0], ops.residual_layernorm_forward(x, x, w, b)[0][1],
                 ops.gelu_forward(x, b)[0], ops.gelu_forward(x, b, approximate="none")[0],
-                ops.attention_forward(q, q, q, True, kpm)[0], ops.embedding_forward(emb, ids)[0],
+                ops.attention_forward(q, q, q, True, kpm)[0], ops.attention_forward(q32, q32, q32, True, kpm)[0],
+                ops.embedding_forward(emb, ids)[0],
                 ops.relu_forward(x, b)[0]]
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
-                              "_attention_fwd", "_relu_fwd", "_cross_entropy_fwd_inplace", "_gemm", "_pack_rows",
-                              "_pack_cols", "_pack_a_rows"}
+                              "_attention_fwd", "_attention_fwd_tiles", "_relu_fwd", "_cross_entropy_fwd_inplace",
+                              "_gemm", "_pack_rows", "_pack_cols", "_pack_a_rows"}
     # not among the float32 calls below: the fused LM head's threads call K.serial themselves; the bf16
     # GEMM and its packers pick through K.sized with their own threshold
     direct = {"_cross_entropy_fwd_inplace", "_gemm", "_pack_rows", "_pack_cols", "_pack_a_rows"}

@@ -17,6 +17,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.kernels._jit import exp, exp_row, inline, kernel, prange, row_max, sized
+from fastformer.kernels._tiles import TILE_M, TILE_N, f32_tile, f32_tile_into
 from fastformer.kernels.checks import (
     as_float_array,
     cache_array,
@@ -438,6 +439,152 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
                 dv[b, h, j, d] = dvt[d, j]
 
 
+# float32 heads of a multiple of 32 channels (every preset's and GPT-2's) run on register tiles
+# instead (kernels/_tiles.py, "f32"): scores, p @ v and the backward's five products as 8 x 32
+# tiles summed in registers, where the row kernels above load and store a row of scores for
+# every channel. Rows of queries go in blocks (8 forward, 32 backward: the backward's dk and dv
+# sum over a block's rows); the causal mask and the softmax are the row kernels' own.
+QUERY_BLOCK = 32  # query rows of a backward block
+
+
+@inline
+def _strides(x):
+    """x's strides in elements (float32)."""
+    return x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
+
+
+@kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
+        "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
+def _attention_fwd_tiles(q, k, v, kpm, has_mask, causal, scale, out, lse):
+    """`_attention_fwd` on register tiles, 8 query rows at a time: their scores against the keys
+    the block's last row sees (tiles of 32 keys), the softmax of each row, then p @ v tile by
+    tile of 32 channels straight from v's rows. v's channels must be adjacent."""
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    F = q.dtype.type
+    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
+    vb, vh, vj = _strides(v)
+    zero = np.zeros(TILE_N, np.float32)
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        kt = np.zeros((hs, Sp), np.float32)  # k[b, h].T, zero past S
+        _load_transposed(k, b, h, kt)
+        qs = np.empty((TILE_M, hs), np.float32)  # q * scale of the block's rows, zero past T
+        sc = np.empty((TILE_M, Sp), np.float32)  # scores, then p
+        acc = np.empty((TILE_M, TILE_N), np.float32)
+        mx = np.empty(TILE_M, np.float32)
+        total = np.empty(TILE_M, np.float32)
+        for i0 in range(0, T, TILE_M):
+            rows = min(TILE_M, T - i0)
+            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+            for r in range(TILE_M):
+                for d in range(hs):
+                    qs[r, d] = q[b, h, i0 + r, d] * scale if r < rows else F(0.0)
+            for j0 in range(0, n, TILE_N):
+                f32_tile_into(qs, 0, hs, 1, kt, j0, Sp, hs, sc, j0, Sp, zero, 0, False)
+            for r in range(rows):
+                last = S - T + i0 + r + 1 if causal else S
+                mx[r], total[r] = _softmax_row(sc[r], last, n, kpm, b, has_mask)
+            for c0 in range(0, hs, TILE_N):
+                f32_tile(sc, 0, Sp, 1, v, b * vb + h * vh + c0, vj, n, acc)
+                for r in range(rows):
+                    t = total[r]
+                    for c in range(TILE_N):
+                        out[b, h, i0 + r, c0 + c] = acc[r, c] / t if t != F(0.0) else F(0.0)
+            for r in range(rows):
+                lse[b, h, i0 + r] = mx[r] + math.log(total[r]) if total[r] != F(0.0) else F(-np.inf)
+
+
+@kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
+        "readonly(boolean)[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])",
+        floats=("float32",))
+def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
+    """`_attention_bwd` on register tiles, QUERY_BLOCK query rows at a time: scores s = q k^T and
+    dp = dout v^T as tiles, p and ds per row as the row kernel makes them, then dq = ds k, and
+    dk += ds^T q, dv += p^T dout summed over the block's rows in tiles of 8 keys into buffers the
+    task owns. k's channels must be adjacent."""
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    F = q.dtype.type
+    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
+    kb, kh, kj = _strides(k)
+    zero = np.zeros(TILE_N, np.float32)
+    QB = QUERY_BLOCK
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        kt = np.zeros((hs, Sp), np.float32)
+        vt = np.zeros((hs, Sp), np.float32)
+        _load_transposed(k, b, h, kt)
+        _load_transposed(v, b, h, vt)
+        dka = np.zeros((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
+        dva = np.zeros((Sp, hs), np.float32)
+        qr = np.empty((QB, hs), np.float32)  # the block's q, q * scale and dout; zero past T
+        qs = np.empty((QB, hs), np.float32)
+        g = np.empty((QB, hs), np.float32)
+        p = np.empty((QB, Sp), np.float32)  # scores, then p
+        ds = np.empty((QB, Sp), np.float32)  # dp, then ds
+        acc = np.empty((TILE_M, TILE_N), np.float32)
+        for i0 in range(0, T, QB):
+            rows = min(QB, T - i0)
+            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+            nt = (n + TILE_N - 1) // TILE_N * TILE_N
+            tiles = (rows + TILE_M - 1) // TILE_M
+            for r in range(QB):
+                for d in range(hs):
+                    x = q[b, h, i0 + r, d] if r < rows else F(0.0)
+                    qr[r, d] = x
+                    qs[r, d] = x * scale
+                    g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+            for t in range(tiles):
+                for j0 in range(0, n, TILE_N):
+                    f32_tile_into(qs, t * TILE_M * hs, hs, 1, kt, j0, Sp, hs, p, t * TILE_M * Sp + j0, Sp, zero, 0,
+                                  False)
+                    f32_tile_into(g, t * TILE_M * hs, hs, 1, vt, j0, Sp, hs, ds, t * TILE_M * Sp + j0, Sp, zero, 0,
+                                  False)
+            for r in range(QB):
+                i = i0 + r
+                # a missing row, or a query that attended to nothing (its output was a constant 0)
+                last = 0 if r >= rows or lse[b, h, i] == F(-np.inf) else (S - T + i + 1 if causal else S)
+                if last > 0:
+                    L = lse[b, h, i]
+                    D = F(0.0)
+                    for d in range(hs):
+                        D += g[r, d] * out[b, h, i, d]
+                    for j in range(last):
+                        pj = exp(p[r, j] - L)
+                        p[r, j] = pj
+                        ds[r, j] = pj * (ds[r, j] - D) * scale
+                    if has_mask:  # a padded key gets p = ds = 0, even in a row whose lse is NaN
+                        for j in range(last):
+                            if kpm[b, j]:
+                                p[r, j] = F(0.0)
+                                ds[r, j] = F(0.0)
+                for j in range(last, nt):
+                    p[r, j] = F(0.0)
+                    ds[r, j] = F(0.0)
+            for t in range(tiles):  # dq = ds k
+                for c0 in range(0, hs, TILE_N):
+                    f32_tile(ds, t * TILE_M * Sp, Sp, 1, k, b * kb + h * kh + c0, kj, n, acc)
+                    for r in range(min(TILE_M, rows - t * TILE_M)):
+                        for c in range(TILE_N):
+                            dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
+            for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
+                for c0 in range(0, hs, TILE_N):
+                    f32_tile_into(p, j0, 1, Sp, g, c0, hs, QB, dva, j0 * hs + c0, hs, zero, 0, True)
+                    f32_tile_into(ds, j0, 1, Sp, qr, c0, hs, QB, dka, j0 * hs + c0, hs, zero, 0, True)
+        for j in range(S):
+            for d in range(hs):
+                dk[b, h, j, d] = dka[j, d]
+                dv[b, h, j, d] = dva[j, d]
+
+
+def _on_tiles(q, *channels_adjacent):
+    """Whether attention on these arrays runs on the register tiles: float32, heads of a multiple
+    of 32 channels, and the arrays the tiles read by rows with adjacent channels."""
+    return (q.dtype == np.float32 and q.shape[3] % TILE_N == 0 and q.shape[3] > 0
+            and all(a.strides[3] == 4 and all(s % 4 == 0 for s in a.strides) for a in channels_adjacent))
+
+
 def attention_forward_numba(ops, q, k, v, causal=False, key_padding_mask=None, scale=None):
     q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
     out = np.empty_like(q)  # (B, H, T, hs)
@@ -466,8 +613,9 @@ def _attention(ops, q, k, v, causal, key_padding_mask, scale, out):
         return attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, out)
     lse = np.empty((B, H, T), q.dtype)
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, k.shape[2]), bool)
-    sized(_attention_fwd, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
-                                               bool(causal), q.dtype.type(scale), out, lse)
+    kernel = _attention_fwd_tiles if _on_tiles(q, v) else _attention_fwd
+    sized(kernel, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
+                                   bool(causal), q.dtype.type(scale), out, lse)
     return lse
 
 
@@ -501,5 +649,6 @@ def _attention_grads(ops, dout, cache, dq, dk, dv):
         return attention_tiled_grads(ops, dout, cache, dq, dk, dv)
     B, S = q.shape[0], k.shape[2]
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, S), bool)
-    _attention_bwd(q, k, v, out, dout, lse, np.ascontiguousarray(kpm),
-                     key_padding_mask is not None, bool(causal), q.dtype.type(scale), dq, dk, dv)
+    kernel = _attention_bwd_tiles if _on_tiles(q, k) else _attention_bwd
+    kernel(q, k, v, out, dout, lse, np.ascontiguousarray(kpm), key_padding_mask is not None, bool(causal),
+           q.dtype.type(scale), dq, dk, dv)

@@ -13,10 +13,10 @@ that both packers read and write memory in order. Padding is zeros, so every til
 only its store is cut to C. The packers read any strides, so A @ B, A @ B.T and A.T @ B are all
 a packing away, and a packed operand can serve many products (`pack_b`).
 
-The micro-kernel (`_tile`) keeps an 8 x 32 tile of C in 16 zmm registers over the whole K: per
-pair of k, two loads of B and, per row, one broadcast word of A and two `vdpbf16ps`; a tile that
-C holds whole is finished in registers (bias, accumulation, store: `_tile_into`). The GEMM runs
-64-row blocks side by side on the threads (`prange`), each over every panel. It is an
+The micro-kernel (kernels/_tiles.py, "bf16") keeps an 8 x 32 tile of C in 16 zmm registers over
+the whole K: per pair of k, two loads of B and, per row, one broadcast word of A and two
+`vdpbf16ps`; a tile that C holds whole is finished in registers (bias, accumulation, store). The
+GEMM runs 64-row blocks side by side on the threads (`prange`), each over every panel. It is an
 LLVM intrinsic written with llvmlite, compiled only when a product is asked for on a CPU that
 has the instruction (`cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to
 emit it for a CPU without it.
@@ -32,9 +32,9 @@ import numpy as np
 
 from fastformer.errors import FastformerError
 from fastformer.kernels._jit import inline, kernel, numba, prange, sized
+from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into
 from fastformer.kernels.process import cpu_has_bf16
 
-TILE_M, TILE_N = 8, 32  # rows and columns of C per micro-kernel call
 A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
@@ -76,110 +76,9 @@ if numba is not None:
             return builder.bitcast(args[0], ir.IntType(32))
 
         return types.uint32(types.float32), codegen
-
-    _F32x16 = ir.VectorType(ir.FloatType(), 16)
-    _I32x16 = ir.VectorType(ir.IntType(32), 16)
-    _I64 = ir.IntType(64)
-
-    def _pointer(context, builder, array_type, array, offset):
-        """The address of element `offset` of a Numba array (counted from its first element)."""
-        return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
-
-    def _vector_at(builder, base, offset):
-        """base + offset (elements) as a pointer to 16 lanes."""
-        return builder.bitcast(builder.gep(base, [offset]), _F32x16.as_pointer())
-
-    def _tile_sums(builder, A, ars, aks, B, kp):
-        """The IR of the tile's loop over k: returns its 16 accumulators (row r, columns 16h..16h+15
-        at 2r + h) once the loop is done, the builder then in the block after it. Row r of the tile
-        has its pair k at A[r * ars + k * aks] (a row-major A: ars = K2, aks = 1; a panel: 1, 16),
-        B its panel as kp x 32 words.
-        One loop whose phi nodes carry the accumulators; each product one vdpbf16ps."""
-        name = "llvm.x86.avx512bf16.dpbf16ps.512"
-        dot = builder.module.globals.get(name) or ir.Function(
-            builder.module, ir.FunctionType(_F32x16, [_F32x16, _I32x16, _I32x16]), name)
-        rows = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(TILE_M)]
-        entry = builder.block
-        head = builder.append_basic_block("tile.head")
-        body = builder.append_basic_block("tile.body")
-        done = builder.append_basic_block("tile.done")
-        builder.branch(head)
-        builder.position_at_end(head)  # every phi first in its block, as the verifier wants
-        k = builder.phi(_I64)
-        acc = [builder.phi(_F32x16) for _ in range(2 * TILE_M)]
-        k.add_incoming(ir.Constant(_I64, 0), entry)
-        for a in acc:
-            a.add_incoming(ir.Constant(_F32x16, None), entry)
-        builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
-        builder.position_at_end(body)
-        b_at = builder.mul(k, ir.Constant(_I64, TILE_N))
-        b0 = builder.load(builder.bitcast(builder.gep(B, [b_at]), _I32x16.as_pointer()), align=4)
-        b1 = builder.load(builder.bitcast(builder.gep(B, [builder.add(b_at, ir.Constant(_I64, 16))]),
-                                          _I32x16.as_pointer()), align=4)
-        a_at = builder.mul(k, aks)
-        new = []
-        for r in range(TILE_M):
-            word = builder.load(builder.gep(rows[r], [a_at]))
-            one = builder.insert_element(ir.Constant(_I32x16, None), word, ir.Constant(ir.IntType(32), 0))
-            both = builder.shuffle_vector(one, ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * 16))
-            new += [builder.call(dot, [acc[2 * r], both, b0]), builder.call(dot, [acc[2 * r + 1], both, b1])]
-        latch = builder.block
-        k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
-        for a, n in zip(acc, new):
-            a.add_incoming(n, latch)
-        builder.branch(head)
-        builder.position_at_end(done)
-        return acc
-
-    @intrinsic
-    def _tile(typingctx, ap, a_off, ars, aks, bp, b_off, kp, acc):
-        """acc (8, 32) = the 8 x 32 tile of A @ B over kp pairs of k: A's rows from ap[a_off],
-        B's panel at bp[b_off:] (the layouts of `_tile_sums`). For the tiles that C cuts."""
-        sig = types.void(ap, types.int64, types.int64, types.int64, bp, types.int64, types.int64, acc)
-
-        def codegen(context, builder, signature, args):
-            a_arr, a_off, ars, aks, b_arr, b_off, kp, acc_arr = args
-            A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-            B = _pointer(context, builder, signature.args[4], b_arr, b_off)
-            C = _pointer(context, builder, signature.args[7], acc_arr, ir.Constant(_I64, 0))
-            for i, a in enumerate(_tile_sums(builder, A, ars, aks, B, kp)):
-                builder.store(a, _vector_at(builder, C, ir.Constant(_I64, 16 * i)), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _tile_into(typingctx, ap, a_off, ars, aks, bp, b_off, kp, c, c_off, ldc, bias, n0, accumulate):
-        """As `_tile`, the epilogue in vector registers: the 8 x 32 block of c whose first element
-        is c_off elements past c's first (rows ldc elements apart, columns adjacent) becomes
-        tile + bias[n0:n0 + 32], or c + (tile + bias[n0:n0 + 32]) with `accumulate`."""
-        sig = types.void(ap, types.int64, types.int64, types.int64, bp, types.int64, types.int64, c, types.int64,
-                         types.int64, bias, types.int64, types.boolean)
-
-        def codegen(context, builder, signature, args):
-            a_arr, a_off, ars, aks, b_arr, b_off, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
-            A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-            B = _pointer(context, builder, signature.args[4], b_arr, b_off)
-            C = _pointer(context, builder, signature.args[7], c_arr, c_off)
-            bias = _pointer(context, builder, signature.args[10], bias_arr, n0)
-            flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
-            sums = _tile_sums(builder, A, ars, aks, B, kp)
-            b = [builder.load(_vector_at(builder, bias, ir.Constant(_I64, 16 * h)), align=4) for h in range(2)]
-            for r in range(TILE_M):
-                row = builder.mul(ir.Constant(_I64, r), ldc)
-                for h in range(2):
-                    at = _vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)))
-                    v = builder.fadd(sums[2 * r + h], b[h])
-                    v = builder.select(flag, builder.fadd(builder.load(at, align=4), v), v)
-                    builder.store(v, at, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
 else:
     def _float32_bits(x):
         return np.float32(x).view(np.uint32)
-
-    _tile = _tile_into = None
 
 
 @inline
@@ -321,9 +220,10 @@ def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
                 h = min(TILE_M, M - m0)
                 a_off = m0 // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
                 if direct and h == TILE_M and w == TILE_N:
-                    _tile_into(ap, a_off, ars, aks, bp, b_off, K2, c, m0 * ldc + n0, ldc, bias, n0, accumulate)
+                    bf16_tile_into(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0,
+                                   accumulate)
                     continue
-                _tile(ap, a_off, ars, aks, bp, b_off, K2, acc)
+                bf16_tile(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, acc)
                 for r in range(h):
                     for j in range(w):
                         v = acc[r, j] + bias[n0 + j]

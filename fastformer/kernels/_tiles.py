@@ -1,0 +1,149 @@
+"""Register-blocked tile products, written in LLVM IR: an 8 x 32 tile of C = A @ B kept in 16
+zmm accumulators over the whole K, the bfloat16 GEMM's (ops/gemm_bf16.py) and the float32 one of
+the attention kernels (ops/attention.py).
+
+Per step k of the sum: two 16-lane loads of B's row k (32 columns), and per row r of the tile one
+broadcast of A[r, k] and two products into the row's two accumulators. Both operands are read
+through strides, so one intrinsic serves packed panels and plain arrays alike: row r's k-th A
+element at A[a_off + r * ars + k * aks], B's k-th row of 32 at B[b_off + k * bks].
+
+    "bf16": A and B hold uint32 words, each a pair of bfloat16 values along K (as gemm_bf16.py
+            packs them); a product is one `vdpbf16ps` (32 bfloat16 products into 16 float32 sums).
+            Compiled only on a CPU with AVX-512 BF16: LLVM aborts the process, rather than
+            raising, when told to emit it for a CPU without it (gemm_bf16.require_bf16 checks).
+    "f32":  float32 A and B, a product one fused multiply-add of 16 lanes (`llvm.fma`), which
+            LLVM can emit for any x86-64 CPU (in halves without AVX-512).
+
+`tile` stores the tile's sums into an (8, 32) float32 array, for the tiles that C cuts; `tile_into`
+finishes a whole tile in registers: c[c_off + r * ldc + j] = sums (+ bias[n0 + j]) (+ the old c
+with `accumulate`), the sum rounded as c + (sums + bias). LLVM's verifier wants every phi node at
+the top of its block, and Numba's disk cache works with these intrinsics because the kernels
+calling them are module-level functions.
+
+Without Numba this module imports and defines nothing but the tile's shape.
+"""
+
+from fastformer.kernels._jit import numba
+
+TILE_M, TILE_N = 8, 32  # rows and columns of C per tile
+
+if numba is not None:
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    _F32 = ir.FloatType()
+    _F32x16 = ir.VectorType(_F32, 16)
+    _I32x16 = ir.VectorType(ir.IntType(32), 16)
+    _I64 = ir.IntType(64)
+
+    def _pointer(context, builder, array_type, array, offset):
+        """The address of element `offset` of a Numba array (counted from its first element)."""
+        return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
+
+    def _at(builder, base, offset, lanes):
+        """base + offset (elements) as a pointer to a vector of `lanes`' type."""
+        return builder.bitcast(builder.gep(base, [offset]), lanes.as_pointer())
+
+    def _product(builder, kind):
+        """(lanes of A's broadcast and of B, the function acc, a, b -> acc + a . b) of a kind."""
+        if kind == "bf16":
+            name, args, lanes = "llvm.x86.avx512bf16.dpbf16ps.512", [_F32x16, _I32x16, _I32x16], _I32x16
+        else:
+            name, args, lanes = "llvm.fma.v16f32", [_F32x16, _F32x16, _F32x16], _F32x16
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(_F32x16, args), name)
+        if kind == "bf16":
+            return lanes, lambda acc, a, b: builder.call(fn, [acc, a, b])
+        return lanes, lambda acc, a, b: builder.call(fn, [a, b, acc])
+
+    def _tile_sums(builder, kind, A, ars, aks, B, bks, kp):
+        """The IR of the loop over k: returns the 16 accumulators (row r, columns 16h .. 16h + 15
+        at 2r + h) once it is done, the builder then in the block after it. One loop whose phi
+        nodes carry the accumulators."""
+        lanes, product = _product(builder, kind)
+        rows = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(TILE_M)]
+        entry = builder.block
+        head = builder.append_basic_block("tile.head")
+        body = builder.append_basic_block("tile.body")
+        done = builder.append_basic_block("tile.done")
+        builder.branch(head)
+        builder.position_at_end(head)  # every phi first in its block
+        k = builder.phi(_I64)
+        acc = [builder.phi(_F32x16) for _ in range(2 * TILE_M)]
+        k.add_incoming(ir.Constant(_I64, 0), entry)
+        for a in acc:
+            a.add_incoming(ir.Constant(_F32x16, None), entry)
+        builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
+        builder.position_at_end(body)
+        b_at = builder.mul(k, bks)
+        b0 = builder.load(_at(builder, B, b_at, lanes), align=4)
+        b1 = builder.load(_at(builder, B, builder.add(b_at, ir.Constant(_I64, 16)), lanes), align=4)
+        a_at = builder.mul(k, aks)
+        new = []
+        for r in range(TILE_M):
+            word = builder.load(builder.gep(rows[r], [a_at]))
+            one = builder.insert_element(ir.Constant(lanes, None), word, ir.Constant(ir.IntType(32), 0))
+            both = builder.shuffle_vector(one, ir.Constant(lanes, None), ir.Constant(_I32x16, [0] * 16))
+            new += [product(acc[2 * r], both, b0), product(acc[2 * r + 1], both, b1)]
+        latch = builder.block
+        k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
+        for a, n in zip(acc, new):
+            a.add_incoming(n, latch)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return acc
+
+    def _make_tile(kind):
+        def tile(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, acc):
+            """acc (8, 32) = the tile's sums (the module's layout)."""
+            i = types.int64
+            sig = types.void(ap, i, i, i, bp, i, i, i, acc)
+
+            def codegen(context, builder, signature, args):
+                a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, acc_arr = args
+                A = _pointer(context, builder, signature.args[0], a_arr, a_off)
+                B = _pointer(context, builder, signature.args[4], b_arr, b_off)
+                C = _pointer(context, builder, signature.args[8], acc_arr, ir.Constant(_I64, 0))
+                for n, a in enumerate(_tile_sums(builder, kind, A, ars, aks, B, bks, kp)):
+                    builder.store(a, _at(builder, C, ir.Constant(_I64, 16 * n), _F32x16), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        tile.__name__ = tile.__qualname__ = f"{kind}_tile"
+        return intrinsic(tile)
+
+    def _make_tile_into(kind):
+        def tile_into(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, c, c_off, ldc, bias, n0, accumulate):
+            """The 8 x 32 block of c at c_off (rows ldc apart, columns adjacent) = the tile's sums
+            + bias[n0:n0 + 32], or c + (sums + bias[n0:n0 + 32]) with `accumulate`."""
+            i = types.int64
+            sig = types.void(ap, i, i, i, bp, i, i, i, c, i, i, bias, i, types.boolean)
+
+            def codegen(context, builder, signature, args):
+                a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
+                A = _pointer(context, builder, signature.args[0], a_arr, a_off)
+                B = _pointer(context, builder, signature.args[4], b_arr, b_off)
+                C = _pointer(context, builder, signature.args[8], c_arr, c_off)
+                bias = _pointer(context, builder, signature.args[11], bias_arr, n0)
+                flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
+                sums = _tile_sums(builder, kind, A, ars, aks, B, bks, kp)
+                b = [builder.load(_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4) for h in range(2)]
+                for r in range(TILE_M):
+                    row = builder.mul(ir.Constant(_I64, r), ldc)
+                    for h in range(2):
+                        at = _at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
+                        v = builder.fadd(sums[2 * r + h], b[h])
+                        v = builder.select(flag, builder.fadd(builder.load(at, align=4), v), v)
+                        builder.store(v, at, align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        tile_into.__name__ = tile_into.__qualname__ = f"{kind}_tile_into"
+        return intrinsic(tile_into)
+
+    bf16_tile, bf16_tile_into = _make_tile("bf16"), _make_tile_into("bf16")
+    f32_tile, f32_tile_into = _make_tile("f32"), _make_tile_into("f32")
+else:
+    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = None
