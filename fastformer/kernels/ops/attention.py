@@ -350,6 +350,41 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
                 lse[b, h, i0 + 1] = m1 + math.log(total1) if total1 != F(0.0) else F(-np.inf)
 
 
+@inline
+def _grad_row(pr, dsr, gr, out, lse, b, h, i, last, end, scale, kpm, has_mask):
+    """Query row i's probabilities and score gradients in place, over the `last` keys it sees:
+    pr holds its scores and becomes p = exp(s - lse), dsr holds dp = dout . v_j and becomes
+    ds = p * (dp - D) * scale with D = dout . out (gr: the row's dout); both are zero from `last`
+    to `end`. last = 0 for a missing row or a query that attended to nothing (its output was a
+    constant 0)."""
+    F = pr.dtype.type
+    if last > 0:
+        L = lse[b, h, i]
+        D = F(0.0)
+        for d in range(gr.shape[0]):
+            D += gr[d] * out[b, h, i, d]
+        for j in range(last):
+            pj = exp(pr[j] - L)
+            pr[j] = pj
+            dsr[j] = pj * (dsr[j] - D) * scale
+        if has_mask:  # a padded key gets p = ds = 0, even in a row whose lse is NaN
+            for j in range(last):
+                if kpm[b, j]:
+                    pr[j] = F(0.0)
+                    dsr[j] = F(0.0)
+    for j in range(last, end):
+        pr[j] = F(0.0)
+        dsr[j] = F(0.0)
+
+
+@inline
+def _keys_seen(lse, b, h, i, present, S, T, causal):
+    """The keys query row i sees, 0 for a missing row or a query that attended to nothing."""
+    if not present or lse[b, h, i] == lse.dtype.type(-np.inf):
+        return 0
+    return S - T + i + 1 if causal else S
+
+
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
          "readonly(boolean)[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])")
 def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
@@ -399,27 +434,8 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
                     ds0[j] += g0 * vd
                     ds1[j] += g1 * vd
             for r in range(2):
-                i = i0 + r
-                pr, dsr = p[r], ds[r]
-                # a missing row, or a query that attended to nothing (its output was a constant 0)
-                last = 0 if r >= rows or lse[b, h, i] == F(-np.inf) else (S - T + i + 1 if causal else S)
-                if last > 0:
-                    L = lse[b, h, i]
-                    D = F(0.0)
-                    for d in range(hs):
-                        D += gr[r, d] * out[b, h, i, d]
-                    for j in range(last):
-                        pj = exp(pr[j] - L)
-                        pr[j] = pj
-                        dsr[j] = pj * (dsr[j] - D) * scale
-                    if has_mask:  # a padded key gets p = ds = 0, even in a row whose lse is NaN
-                        for j in range(last):
-                            if kpm[b, j]:
-                                pr[j] = F(0.0)
-                                dsr[j] = F(0.0)
-                for j in range(last, n):
-                    pr[j] = F(0.0)
-                    dsr[j] = F(0.0)
+                last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
+                _grad_row(p[r], ds[r], gr[r], out, lse, b, h, i0 + r, last, n, scale, kpm, has_mask)
             for d in range(hs):
                 g0, g1, q0, q1 = gr[0, d], gr[1, d], qr[0, d], qr[1, d]
                 dq0 = F(0.0)
@@ -542,26 +558,8 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
                     f32_tile_into(g, t * TILE_M * hs, hs, 1, vt, j0, Sp, hs, ds, t * TILE_M * Sp + j0, Sp, zero, 0,
                                   False)
             for r in range(QB):
-                i = i0 + r
-                # a missing row, or a query that attended to nothing (its output was a constant 0)
-                last = 0 if r >= rows or lse[b, h, i] == F(-np.inf) else (S - T + i + 1 if causal else S)
-                if last > 0:
-                    L = lse[b, h, i]
-                    D = F(0.0)
-                    for d in range(hs):
-                        D += g[r, d] * out[b, h, i, d]
-                    for j in range(last):
-                        pj = exp(p[r, j] - L)
-                        p[r, j] = pj
-                        ds[r, j] = pj * (ds[r, j] - D) * scale
-                    if has_mask:  # a padded key gets p = ds = 0, even in a row whose lse is NaN
-                        for j in range(last):
-                            if kpm[b, j]:
-                                p[r, j] = F(0.0)
-                                ds[r, j] = F(0.0)
-                for j in range(last, nt):
-                    p[r, j] = F(0.0)
-                    ds[r, j] = F(0.0)
+                last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
+                _grad_row(p[r], ds[r], g[r], out, lse, b, h, i0 + r, last, nt, scale, kpm, has_mask)
             for t in range(tiles):  # dq = ds k
                 for c0 in range(0, hs, TILE_N):
                     f32_tile(ds, t * TILE_M * Sp, Sp, 1, k, b * kb + h * kh + c0, kj, n, acc)
