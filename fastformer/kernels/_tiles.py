@@ -27,6 +27,12 @@ from fastformer.kernels._jit import numba
 
 TILE_M, TILE_N = 8, 32  # rows and columns of C per tile
 
+
+def tiles_run():
+    """Whether the tiles can run here: they are compiled code, so not without Numba nor under
+    NUMBA_DISABLE_JIT (where the kernels run as Python and take their other paths)."""
+    return numba is not None and not numba.config.DISABLE_JIT
+
 if numba is not None:
     from llvmlite import ir
     from numba import types

@@ -17,7 +17,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.kernels._jit import exp, exp_row, inline, kernel, prange, row_max, sized
-from fastformer.kernels._tiles import TILE_M, TILE_N, f32_tile, f32_tile_into
+from fastformer.kernels._tiles import TILE_M, TILE_N, f32_tile, f32_tile_into, tiles_run
 from fastformer.kernels.checks import (
     as_float_array,
     cache_array,
@@ -577,9 +577,10 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
 
 
 def _on_tiles(q, *channels_adjacent):
-    """Whether attention on these arrays runs on the register tiles: float32, heads of a multiple
-    of 32 channels, and the arrays the tiles read by rows with adjacent channels."""
-    return (q.dtype == np.float32 and q.shape[3] % TILE_N == 0 and q.shape[3] > 0
+    """Whether attention on these arrays runs on the register tiles: compiled kernels, float32,
+    heads of a multiple of 32 channels, and the arrays the tiles read by rows with adjacent
+    channels."""
+    return (tiles_run() and q.dtype == np.float32 and q.shape[3] % TILE_N == 0 and q.shape[3] > 0
             and all(a.strides[3] == 4 and all(s % 4 == 0 for s in a.strides) for a in channels_adjacent))
 
 
