@@ -15,7 +15,7 @@ within 0.5 of fp32's for int8. Every figure is deterministic (the kernels sum in
 so one run is the measurement.
 
     python benchmarks/weights_quality.py RUN [--data PREPARED_DIR]
-    python benchmarks/weights_quality.py ENFR_RUN --beam 4 --length-penalty 0.6
+    python benchmarks/weights_quality.py ENFR_RUN --beam 4 --length-penalty 0.6 [--examples 2000]
 """
 
 import argparse
@@ -99,7 +99,8 @@ def seq2seq_quality(args, formats):
     if args.beam and args.beam > 1:
         decodings.append((f"beam {args.beam}", ["--beam", str(args.beam), "--length-penalty",
                                                 str(args.length_penalty)]))
-    options = ["--data", args.data] if args.data else []
+    options = (["--data", args.data] if args.data else []) + \
+        (["--examples", str(args.examples)] if args.examples else [])
     result = {}
     for name, extra in decodings:
         reports = {fmt: run_eval(args.run, fmt, *options, *extra) for fmt in formats}
@@ -131,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128, help="language model: new tokens (default 128)")
     ap.add_argument("--beam", type=int, help="encoder-decoder: also score this beam size")
     ap.add_argument("--length-penalty", type=float, default=1.0, help="encoder-decoder: beam length penalty")
+    ap.add_argument("--examples", type=int, help="encoder-decoder: pairs to score (eval --examples; default the "
+                                                 "trainer's validation set)")
     args = ap.parse_args(argv)
     from fastformer.training.checkpoint import checkpoint_kind
 
