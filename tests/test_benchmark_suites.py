@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import BACKENDS
 
@@ -199,3 +200,75 @@ def test_profile_step_rows_do_not_overlap(backend):
     gemms = float(lines[-1].split(":")[1].split()[0])
     in_gemm_rows = rows["linear_forward"] + rows["linear_backward"] + rows["linear_cross_entropy_forward"]
     assert 0 < gemms <= in_gemm_rows + rounding
+
+
+def _benchmark_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_weights_quality_counts_agreement():
+    """Identical rows and leading agreement of greedy continuations, and prompts taken from the
+    validation ids at evenly spread offsets, first and last included."""
+    wq = _benchmark_module("weights_quality")
+    ref = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    other = np.array([[1, 2, 3, 4], [1, 9, 3, 4], [0, 6, 7, 8]])
+    assert wq.agreement(ref, ref) == (1.0, 4.0)
+    assert wq.agreement(ref, other) == (pytest.approx(1 / 3), pytest.approx((4 + 1 + 0) / 3))
+    prompts = wq.prompts_from(np.arange(100), 4, 10)
+    assert prompts.shape == (4, 10) and prompts[0, 0] == 0 and prompts[-1, -1] == 99
+    assert list(prompts[:, 0]) == [0, 30, 60, 90]
+
+
+def _native_formats():
+    pytest.importorskip("numba")
+    from fastformer.kernels.ops.quantized import format_runs_natively
+
+    return [f for f in ("fp32", "bf16", "int8") if format_runs_natively(f)]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compare_decode_fastformer_part_runs_on_tiny(rows):
+    """compare_decode's fastformer contender: 128 new tokens of the benchmark prompt in every format
+    the CPU runs, greedy for one row (the tokens reported), sampled copies of the prompt for more."""
+    cd = _benchmark_module("compare_decode")
+    from fastformer import use_backend
+    from fastformer.cli import bench
+
+    for fmt in _native_formats():
+        with use_backend("numba"):
+            fn, ready = cd.fastformer_call(fmt, "tiny", rows)
+            out = fn()
+        assert out.shape == (rows, bench.GEN_PROMPT + bench.GEN_NEW)
+        assert len(ready["tokens"]) == bench.GEN_NEW
+        if rows == 1:
+            assert ready["tokens"] == out[0, bench.GEN_PROMPT:].tolist()  # greedy: every call the same
+
+
+def test_compare_decode_ctranslate2_makes_fastformers_greedy_tokens(tmp_path):
+    """CTranslate2 converts fastformer's Hugging Face export and, in a process where fastformer cannot
+    be imported, decodes greedily in float32 the tokens fastformer does."""
+    pytest.importorskip("ctranslate2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    cd = _benchmark_module("compare_decode")
+    cd.write_inputs("tiny", str(tmp_path), 1)
+    contenders = str(ROOT / "benchmarks" / "decode_contenders.py")
+    subprocess.run([sys.executable, contenders, "convert", str(tmp_path)], check=True, capture_output=True,
+                   timeout=300)
+    code = ("import runpy, sys; sys.modules['fastformer'] = None; "
+            f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+            f"sys.argv = ['decode_contenders.py', 'ctranslate2 fp32', '1', {str(tmp_path)!r}]; "
+            f"runpy.run_path({contenders!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], input="1\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ready, timed = (json.loads(line) for line in proc.stdout.splitlines())
+    assert len(timed["times"]) == 1 and timed["times"][0] > 0
+    from fastformer import use_backend
+
+    with use_backend("numba"):
+        _, mine = cd.fastformer_call("fp32", "tiny", 1)
+    assert ready["ready"]["tokens"] == mine["tokens"]

@@ -174,25 +174,33 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
     done = np.zeros(N, dtype=bool)
     rows = np.arange(N)
+    # plain greedy: the argmax is the only pass over the logits (the NaN check reads the chosen ones)
+    plain_greedy = temperature == 0 and repetition_penalty is None and (id_limit is None or id_limit >= V)
     nxt = None
     for i in range(n_steps):
         if i:
             logits = step(nxt)
-        # finite weights can still overflow on some text: stop, not pick garbage (max is NaN when any
-        # logit is: one pass per token, no (N, V) mask)
-        if np.isnan(logits.max()):
+        if plain_greedy:
+            nxt = np.argmax(logits, axis=-1).astype(np.int64, copy=False)  # (N,); a NaN row: its first NaN
+            nan = np.isnan(logits[rows, nxt]).any()
+        else:  # max is NaN when any logit is: one pass per token, no (N, V) mask
+            nan = np.isnan(logits.max())
+        # finite weights can still overflow on some text: stop, not pick garbage
+        if nan:
             raise FastformerError(f"the model's logits became NaN at new token {i + 1}: it overflows on this "
                                   f"text; use an earlier checkpoint or another prompt")
-        if id_limit is not None and id_limit < V:
-            logits = np.array(logits)
-            logits[:, id_limit:] = -np.inf
-        if repetition_penalty is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        nxt = sample_next(logits, temperature, top_k, top_p, rng)  # (N,)
+        if not plain_greedy:
+            if id_limit is not None and id_limit < V:
+                logits = np.array(logits)
+                logits[:, id_limit:] = -np.inf
+            if repetition_penalty is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature, top_k, top_p, rng)  # (N,)
         if eos_id is not None:
             nxt[done] = eos_id
             done |= nxt == eos_id
-        seen[rows, nxt] = True
+        if repetition_penalty is not None:  # only the penalty reads `seen`
+            seen[rows, nxt] = True
         yield nxt
         if eos_id is not None and done.all():
             return

@@ -109,3 +109,21 @@ def test_bad_arguments(model):
         model.generate(np.array([1]), 3, temperature=-1.0)
     with pytest.raises(ValueError, match="ids must lie in"):
         model.generate(np.array([CFG.vocab_size]), 3)
+
+
+@pytest.mark.parametrize("where", [0, 3, 4])
+def test_greedy_stops_at_a_nan_logit_wherever_it_lies(where):
+    """Greedy picks by argmax alone; a NaN anywhere in any row still stops the generation by
+    name, as it does when sampling."""
+    from fastformer.errors import FastformerError
+    from fastformer.generation.sampling import sample_tokens
+
+    def step(ids):
+        logits = np.tile(np.arange(5.0), (2, 1))  # the largest logit is the last one
+        logits[1, where] = np.nan
+        return logits
+
+    steps = sample_tokens(step, np.zeros((2, 5)), 3)
+    assert next(steps).tolist() == [0, 0]
+    with pytest.raises(FastformerError, match="logits became NaN at new token 2"):
+        next(steps)

@@ -163,7 +163,7 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
                               f"got {start!r}")
     check_eps(eps)
     if weights.quant is not None:
-        _check_quant(weights.quant, shapes, L)
+        _check_quant(weights.quant, dims)
     return flat, offsets, ids, positions, kernel_array(padding), shapes
 
 
@@ -174,9 +174,11 @@ def _slot_words(fmt, shape, head):
 
 
 @functools.lru_cache(maxsize=64)
-def _quant_inside(qoffsets_bytes, fmt, shapes, L, n_words, n_scales, n_corrections):
+def _quant_inside(qoffsets_bytes, fmt, dims, n_words, n_scales, n_corrections):
     """Whether every matrix slot's words (and int8's scales and corrections) lie inside buffers of
-    these sizes; cached on the table's bytes, as _offsets_inside."""
+    these sizes, for a model of dims (L, C, F, V, Tmax); cached on the table's bytes and the dims,
+    as _offsets_inside (not on the slots' shapes, whose tuple would be hashed again every call)."""
+    shapes, L = gpt2_param_shapes(*dims)[0], dims[0]
     q = np.frombuffer(qoffsets_bytes, dtype=np.int64).reshape(-1, 2)
     for i in range(len(shapes)):
         if is_matrix_slot(i, L):
@@ -188,18 +190,19 @@ def _quant_inside(qoffsets_bytes, fmt, shapes, L, n_words, n_scales, n_correctio
     return True
 
 
-def _check_quant(quant, shapes, L):
-    """Every matrix slot's words and scales inside the buffers of a well-typed QuantizedGPT2."""
+def _check_quant(quant, dims):
+    """Every matrix slot's words and scales inside the buffers of a well-typed QuantizedGPT2, for a
+    model of dims (L, C, F, V, Tmax)."""
     if not isinstance(quant, QuantizedGPT2) or quant.format not in ("bf16", "int8"):
         raise FastformerError(f"weights.quant must be None or a QuantizedGPT2 of format bf16 or int8, got "
                               f"{getattr(quant, 'format', type(quant).__name__)!r}")
     require_format(quant.format)
-    n = len(shapes)
+    n = dims[0] * LAYER_SLOTS + MODEL_SLOTS  # the slots of gpt2_param_shapes
     ok = all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype == d and a.flags.c_contiguous
              for a, d in ((quant.words, np.uint32), (quant.scales, np.float32), (quant.corrections, np.int32)))
     q = quant.qoffsets
     ok = ok and isinstance(q, np.ndarray) and q.dtype == np.int64 and q.shape == (n, 2) and \
-        _quant_inside(q.tobytes(), quant.format, shapes, L, quant.words.size,
+        _quant_inside(q.tobytes(), quant.format, dims, quant.words.size,
                       quant.scales.size if quant.format == "int8" else 0, quant.corrections.size)
     if not ok:
         raise FastformerError(f"weights.quant must hold uint32 words, float32 scales, int32 corrections and "
