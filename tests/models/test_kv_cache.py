@@ -219,6 +219,39 @@ def test_gpt2_decode_step_property(fast_ops, ref, B, H, hs, F, L, V, start, pad,
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
     np.testing.assert_allclose(cache.v, v2, rtol=tol, atol=tol)
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_fused_step_of_many_rows_in_two_halves_gives_the_same_bits(fast_ops, monkeypatch, weights):
+    """Rows from DECODE_SPLIT_ROWS on run as two halves side by side on the task pool: every
+    logit and every cache entry equal those of one call over all the rows."""
+    from fastformer.kernels.ops import gpt2_decode, quantized
+    from fastformer.kernels.tasks import task_threads
+
+    if task_threads() < 2:
+        pytest.skip("one thread: the step never splits")
+    if weights != "fp32" and not quantized.format_runs_natively(weights):
+        pytest.skip(f"{weights} weights do not run natively on this CPU")
+    m = TransformerLM(CFG, seed=3)
+    m.flat.data[:] = np.random.default_rng(1).normal(0, 0.3, m.flat.size).astype(np.float32)
+    m.quantize(weights)
+    B, start = 5, 4
+    states, run_tasks = [], gpt2_decode.run_tasks
+    for split_from in (B + 1, 2):  # one call, then two halves (2 and 3 rows)
+        monkeypatch.setattr(gpt2_decode, "DECODE_SPLIT_ROWS", split_from)
+        cache = m.init_state(B)
+        cache.k[...] = np.random.default_rng(3).normal(size=cache.k.shape)
+        cache.v[...] = np.random.default_rng(4).normal(size=cache.v.shape)
+        cache.padding[1, :2] = True
+        calls = []
+        monkeypatch.setattr(gpt2_decode, "run_tasks", lambda tasks: calls.append(len(tasks)) or run_tasks(tasks))
+        logits = fast_ops.gpt2_decode_step(m.packed_weights(), np.arange(B) * 7 % 50, np.full(B, start), cache.k,
+                                           cache.v, cache.padding, start)
+        states.append((calls, logits, cache.k.copy(), cache.v.copy()))
+    (one, *a), (two, *b) = states
+    assert one == [1] and two == [2]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_gpt2_decode_step_refuses_bad_input(ops):
     m = TransformerLM(CFG, seed=0)
     cache = m.init_state(1)
