@@ -229,6 +229,17 @@ def test_attention_on_register_tiles_property(fast_ops, ref, B, H, T, extra, hs,
     check_attention(fast_ops, ref, q, k, v, causal, kpm, np.float32)
 
 
+@pytest.mark.parametrize("causal,pad", [(True, None), (False, "random")])
+def test_attention_on_register_tiles_past_the_blas_tiles_crossover(fast_ops, ref, causal, pad):
+    """Heads the register tiles take stay on them past ATTENTION_TILED_FROM query rows."""
+    from fastformer.kernels.ops import attention as A
+
+    rng = np.random.default_rng(12)
+    T = A.ATTENTION_TILED_FROM + 7
+    q, k, v, kpm = _attention_case(rng, 1, 1, T, T, 32, causal, pad, np.float32)
+    check_attention(fast_ops, ref, q, k, v, causal, kpm, np.float32)
+
+
 def test_attention_register_tiles_are_the_path_taken_and_read_strided_heads(fast_ops, ref, monkeypatch):
     """Guards the property above: hs = 32 float32 runs the tile kernels (and the fused QKV views,
     whose rows are 3C apart, are read in place), other shapes the row kernels."""

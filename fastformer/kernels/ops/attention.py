@@ -1,6 +1,7 @@
 """Multi-head scaled dot-product attention: on q, k, v, straight from a fused QKV projection, and
-over a key/value cache while decoding. Its checks, the NumPy reference, the Numba row kernels;
-past ATTENTION_TILED_FROM query rows the Numba backend runs the tiled form of attention_tiled.py.
+over a key/value cache while decoding. Its checks, the NumPy reference, the Numba kernels: float32
+heads of a multiple of 32 channels on register tiles, other heads on row kernels and, past
+ATTENTION_TILED_FROM query rows, in the tiled form of attention_tiled.py.
 
 A query with no key left to attend to gets a zero output and lse = -inf; one whose scores hold
 a NaN or +inf gets a NaN output and lse, NaN at the keys it may attend to and 0 at the others.
@@ -31,7 +32,10 @@ from fastformer.kernels.checks import (
 from fastformer.kernels.ops.attention_tiled import attention_tiled, attention_tiled_grads
 
 # Query rows from which the Numba backend runs attention on BLAS tiles (attention_tiled.py)
-# instead of the row kernels: the crossover measured by benchmarks/attention_crossover.py.
+# instead of the row kernels: the crossover measured by benchmarks/attention_crossover.py. Heads
+# that the register tiles take (`_on_tiles`: float32, 32k channels) stay on those at every length:
+# a training step of `small` ran 1.25-1.36x faster on them than on the BLAS tiles at T = 1024 to
+# 4096 in float32, 1.10-1.20x in bf16.
 ATTENTION_TILED_FROM = 1024
 
 
@@ -608,11 +612,12 @@ def _attention(ops, q, k, v, causal, key_padding_mask, scale, out):
     if q.size == 0 or k.shape[2] == 0:
         out[...] = 0.0
         return np.full((B, H, T), -np.inf, q.dtype)
-    if T >= ATTENTION_TILED_FROM:
+    tiles = _on_tiles(q, v)
+    if T >= ATTENTION_TILED_FROM and not tiles:
         return attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, out)
     lse = np.empty((B, H, T), q.dtype)
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, k.shape[2]), bool)
-    kernel = _attention_fwd_tiles if _on_tiles(q, v) else _attention_fwd
+    kernel = _attention_fwd_tiles if tiles else _attention_fwd
     sized(kernel, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
                                    bool(causal), q.dtype.type(scale), out, lse)
     return lse
@@ -644,10 +649,11 @@ def _attention_grads(ops, dout, cache, dq, dk, dv):
         dk[...] = 0.0
         dv[...] = 0.0
         return
-    if q.shape[2] >= ATTENTION_TILED_FROM:
+    tiles = _on_tiles(q, k)
+    if q.shape[2] >= ATTENTION_TILED_FROM and not tiles:
         return attention_tiled_grads(ops, dout, cache, dq, dk, dv)
     B, S = q.shape[0], k.shape[2]
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, S), bool)
-    kernel = _attention_bwd_tiles if _on_tiles(q, k) else _attention_bwd
+    kernel = _attention_bwd_tiles if tiles else _attention_bwd
     kernel(q, k, v, out, dout, lse, np.ascontiguousarray(kpm), key_padding_mask is not None, bool(causal),
            q.dtype.type(scale), dq, dk, dv)
