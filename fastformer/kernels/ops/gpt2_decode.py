@@ -31,7 +31,6 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
 from fastformer.kernels._jit import inline, jit_writable, kernel
-from fastformer.kernels.tasks import run_tasks, task_threads
 from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
@@ -48,6 +47,7 @@ from fastformer.kernels.ops.quantized import (
     require_format,
     words_per_row,
 )
+from fastformer.kernels.tasks import run_tasks, task_threads
 
 # each layer's slots, in this order              shape
 LN1_W, LN1_B = 0, 1                              # (C,), (C,)       the attention's layernorm
