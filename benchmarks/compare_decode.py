@@ -88,29 +88,6 @@ def write_inputs(preset, inputs, rows):
         json.dump(dict(new_tokens=bench.GEN_NEW, rows=rows, top_k=bench.GEN_TOP_K), f)
 
 
-class Contender:
-    """A worker process driven over its stdin and stdout (torch_contenders.serve's protocol)."""
-
-    def __init__(self, name, cmd):
-        self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def answer(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {self.name} worker ended without an answer (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def times(self, n):
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        return self.answer()["times"]
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def available(name):
     """The rival `name` can run: the modules it needs are installed."""
     return all(importlib.util.find_spec(m) is not None for m in RIVALS[name])
@@ -118,6 +95,8 @@ def available(name):
 
 def compare(preset, rows, rounds, threads, rivals):
     """({contender: tokens/s (all rows)}, {contender: its ready answer})."""
+    from torch_contenders import Worker
+
     from fastformer.cli import bench
 
     names = [f"fastformer {fmt}" for fmt in FORMATS] + rivals
@@ -133,7 +112,7 @@ def compare(preset, rows, rounds, threads, rivals):
                        str(rows)]
             else:
                 cmd = [sys.executable, os.path.join(HERE, "decode_contenders.py"), name, str(threads), inputs]
-            started.append(Contender(name, cmd))
+            started.append(Worker(name, cmd))
         ready, times = {}, {}
         try:
             for c in started:  # they build and warm up side by side; nothing is timed yet
@@ -144,7 +123,7 @@ def compare(preset, rows, rounds, threads, rivals):
             for _ in range(rounds):
                 for c in started:
                     time.sleep(PAUSE)
-                    times[c.name] += c.times(1)
+                    times[c.name] += c.times(1)["times"]
         finally:
             for c in started:
                 c.close()

@@ -40,7 +40,7 @@ import tempfile
 import time
 
 import numpy as np
-from torch_contenders import BF16, SETTINGS, serve
+from torch_contenders import BF16, SETTINGS, Worker, serve
 
 from fastformer.cli import bench
 from fastformer.kernels.process import num_threads
@@ -114,12 +114,11 @@ def write_inputs(part, preset, inputs, shape=(None, None, None)):
 
 # --- the parent side ---
 
-class Contender:
+class Contender(Worker):
     """A worker process -- this script for fastformer, torch_contenders.py for the others --
     driven over its stdin and stdout."""
 
     def __init__(self, part, name, preset, threads, inputs, env, shape):
-        self.name = name
         if name.endswith(BASE):  # the same worker, from the baseline checkout and importing its fastformer
             base = BASELINE["dir"]
             cmd = [sys.executable, os.path.join(base, "benchmarks", "compare_torch.py"), "--worker", part,
@@ -130,23 +129,7 @@ class Contender:
                    *(str(x or 0) for x in shape)]
         else:
             cmd = [sys.executable, os.path.join(HERE, "torch_contenders.py"), part, name, str(threads), inputs]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-    def answer(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {self.name} worker ended without an answer (exit code {self.proc.wait()})")
-        return json.loads(line)
-
-    def times(self, n):
-        """{"times": seconds of n calls, "peak_rss_mb": the process's peak resident memory}."""
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        return self.answer()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
+        super().__init__(name, cmd, env)
 
 
 def run_contenders(part, names, preset, threads, rounds, calls, env, shape=(None, None, None)):

@@ -87,6 +87,32 @@ def serve(setup):
         print(json.dumps({"times": times, "peak_rss_mb": peak}), flush=True)
 
 
+class Worker:
+    """The parent's side of `serve`: a contender's process driven over its stdin and stdout."""
+
+    def __init__(self, name, cmd, env=None):
+        import subprocess
+
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def answer(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.name} worker ended without an answer (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def times(self, n):
+        """{"times": seconds of n calls, "peak_rss_mb": the process's peak resident memory}."""
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def read_spec(inputs):
     with open(os.path.join(inputs, "spec.json"), encoding="utf-8") as f:
         return json.load(f)
