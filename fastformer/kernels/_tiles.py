@@ -1,6 +1,7 @@
 """Register-blocked tile products, written in LLVM IR: an 8 x 32 tile of C = A @ B kept in 16
 zmm accumulators over the whole K, the bfloat16 GEMM's (ops/gemm_bf16.py) and the float32 one of
-the attention kernels (ops/attention.py).
+the attention kernels (ops/attention.py); and few rows by a group of columns, the weight formats'
+products (ops/quantized.py: `make_group_tile`, "int8" on `vpdpbusd` too).
 
 Per step k of the sum: two 16-lane loads of B's row k (32 columns), and per row r of the tile one
 broadcast of A[r, k] and two products into the row's two accumulators. Both operands are read
@@ -33,6 +34,7 @@ def tiles_run():
     NUMBA_DISABLE_JIT (where the kernels run as Python and take their other paths)."""
     return numba is not None and not numba.config.DISABLE_JIT
 
+
 if numba is not None:
     from llvmlite import ir
     from numba import types
@@ -41,33 +43,47 @@ if numba is not None:
     _F32 = ir.FloatType()
     _F32x16 = ir.VectorType(_F32, 16)
     _I32x16 = ir.VectorType(ir.IntType(32), 16)
+    _I8x64 = ir.VectorType(ir.IntType(8), 64)
     _I64 = ir.IntType(64)
 
-    def _pointer(context, builder, array_type, array, offset):
+    def pointer(context, builder, array_type, array, offset):
         """The address of element `offset` of a Numba array (counted from its first element)."""
         return builder.gep(context.make_array(array_type)(context, builder, array).data, [offset])
 
-    def _at(builder, base, offset, lanes):
+    def vector_at(builder, base, offset, lanes):
         """base + offset (elements) as a pointer to a vector of `lanes`' type."""
         return builder.bitcast(builder.gep(base, [offset]), lanes.as_pointer())
 
+    def sums_type(kind):
+        """The accumulators' vector type: 16 int32 sums for "int8", 16 float32 ones otherwise."""
+        return _I32x16 if kind == "int8" else _F32x16
+
     def _product(builder, kind):
-        """(lanes of A's broadcast and of B, the function acc, a, b -> acc + a . b) of a kind."""
-        if kind == "bf16":
+        """(lanes of A's broadcast and of B's loads, the function acc, a, b -> acc + a . b)."""
+        if kind == "int8":  # LLVM 22's signature; the all-<16 x i32> form is accepted too
+            name, args, lanes = "llvm.x86.avx512.vpdpbusd.512", [_I32x16, _I8x64, _I8x64], _I32x16
+        elif kind == "bf16":
             name, args, lanes = "llvm.x86.avx512bf16.dpbf16ps.512", [_F32x16, _I32x16, _I32x16], _I32x16
         else:
             name, args, lanes = "llvm.fma.v16f32", [_F32x16, _F32x16, _F32x16], _F32x16
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(_F32x16, args), name)
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(args[0], args), name)
+        if kind == "int8":  # u8 activations times s8 weights, 4 a lane
+            return lanes, lambda acc, a, b: builder.call(fn, [acc, builder.bitcast(a, _I8x64),
+                                                              builder.bitcast(b, _I8x64)])
         if kind == "bf16":
             return lanes, lambda acc, a, b: builder.call(fn, [acc, a, b])
         return lanes, lambda acc, a, b: builder.call(fn, [a, b, acc])
 
-    def _tile_sums(builder, kind, A, ars, aks, B, bks, kp):
-        """The IR of the loop over k: returns the 16 accumulators (row r, columns 16h .. 16h + 15
-        at 2r + h) once it is done, the builder then in the block after it. One loop whose phi
-        nodes carry the accumulators."""
+    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None):
+        """The IR of the loop over k: returns the rows x vectors accumulators (row r, columns
+        16h .. 16h + 15 at r * vectors + h) once it is done, the builder then in the block after
+        it. Row r's k-th A element (word) at A[r * ars + k * aks], B's k-th row of 16 * vectors at
+        B[k * bks]. `start`: each vector's first value (shared by the rows), zeros by default. One
+        loop whose phi nodes carry the accumulators ("int8": vpdpbusd, as quantized.py uses it)."""
         lanes, product = _product(builder, kind)
-        rows = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(TILE_M)]
+        acc_type = sums_type(kind)
+        start = start or [ir.Constant(acc_type, None)] * vectors
+        row_at = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(rows)]
         entry = builder.block
         head = builder.append_basic_block("tile.head")
         body = builder.append_basic_block("tile.body")
@@ -75,22 +91,22 @@ if numba is not None:
         builder.branch(head)
         builder.position_at_end(head)  # every phi first in its block
         k = builder.phi(_I64)
-        acc = [builder.phi(_F32x16) for _ in range(2 * TILE_M)]
+        acc = [builder.phi(acc_type) for _ in range(rows * vectors)]
         k.add_incoming(ir.Constant(_I64, 0), entry)
-        for a in acc:
-            a.add_incoming(ir.Constant(_F32x16, None), entry)
+        for i, a in enumerate(acc):
+            a.add_incoming(start[i % vectors], entry)
         builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
         builder.position_at_end(body)
         b_at = builder.mul(k, bks)
-        b0 = builder.load(_at(builder, B, b_at, lanes), align=4)
-        b1 = builder.load(_at(builder, B, builder.add(b_at, ir.Constant(_I64, 16)), lanes), align=4)
+        b = [builder.load(vector_at(builder, B, builder.add(b_at, ir.Constant(_I64, 16 * h)), lanes), align=4)
+             for h in range(vectors)]
         a_at = builder.mul(k, aks)
         new = []
-        for r in range(TILE_M):
-            word = builder.load(builder.gep(rows[r], [a_at]))
+        for r in range(rows):
+            word = builder.load(builder.gep(row_at[r], [a_at]))
             one = builder.insert_element(ir.Constant(lanes, None), word, ir.Constant(ir.IntType(32), 0))
             both = builder.shuffle_vector(one, ir.Constant(lanes, None), ir.Constant(_I32x16, [0] * 16))
-            new += [product(acc[2 * r], both, b0), product(acc[2 * r + 1], both, b1)]
+            new += [product(acc[r * vectors + h], both, b[h]) for h in range(vectors)]
         latch = builder.block
         k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
         for a, n in zip(acc, new):
@@ -107,11 +123,11 @@ if numba is not None:
 
             def codegen(context, builder, signature, args):
                 a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, acc_arr = args
-                A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-                B = _pointer(context, builder, signature.args[4], b_arr, b_off)
-                C = _pointer(context, builder, signature.args[8], acc_arr, ir.Constant(_I64, 0))
-                for n, a in enumerate(_tile_sums(builder, kind, A, ars, aks, B, bks, kp)):
-                    builder.store(a, _at(builder, C, ir.Constant(_I64, 16 * n), _F32x16), align=4)
+                A = pointer(context, builder, signature.args[0], a_arr, a_off)
+                B = pointer(context, builder, signature.args[4], b_arr, b_off)
+                C = pointer(context, builder, signature.args[8], acc_arr, ir.Constant(_I64, 0))
+                for n, a in enumerate(tile_sums(builder, kind, A, ars, aks, B, bks, kp)):
+                    builder.store(a, vector_at(builder, C, ir.Constant(_I64, 16 * n), _F32x16), align=4)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -128,17 +144,18 @@ if numba is not None:
 
             def codegen(context, builder, signature, args):
                 a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
-                A = _pointer(context, builder, signature.args[0], a_arr, a_off)
-                B = _pointer(context, builder, signature.args[4], b_arr, b_off)
-                C = _pointer(context, builder, signature.args[8], c_arr, c_off)
-                bias = _pointer(context, builder, signature.args[11], bias_arr, n0)
+                A = pointer(context, builder, signature.args[0], a_arr, a_off)
+                B = pointer(context, builder, signature.args[4], b_arr, b_off)
+                C = pointer(context, builder, signature.args[8], c_arr, c_off)
+                bias = pointer(context, builder, signature.args[11], bias_arr, n0)
                 flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
-                sums = _tile_sums(builder, kind, A, ars, aks, B, bks, kp)
-                b = [builder.load(_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4) for h in range(2)]
+                sums = tile_sums(builder, kind, A, ars, aks, B, bks, kp)
+                b = [builder.load(vector_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4)
+                     for h in range(2)]
                 for r in range(TILE_M):
                     row = builder.mul(ir.Constant(_I64, r), ldc)
                     for h in range(2):
-                        at = _at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
+                        at = vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
                         v = builder.fadd(sums[2 * r + h], b[h])
                         v = builder.select(flag, builder.fadd(builder.load(at, align=4), v), v)
                         builder.store(v, at, align=4)
@@ -149,7 +166,40 @@ if numba is not None:
         tile_into.__name__ = tile_into.__qualname__ = f"{kind}_tile_into"
         return intrinsic(tile_into)
 
+    def make_group_tile(kind, rows, vectors):
+        """An intrinsic tile(b, b_off, kp, a, a_off, lda, init, i_off, acc) for few rows: acc
+        (rows * 16 * vectors,) = rows of A words a[a_off + r * lda + k] times the group of B words
+        b[b_off + k * 16 * vectors ...] over k < kp (the packed weights of quantized.py), each
+        row's sums started at init[i_off:] for "int8" (the column-sum correction), at zero for the
+        float kinds (init unread). Each vector of B is the memory operand of `rows` products."""
+        def group_tile(typingctx, b, b_off, kp, a, a_off, lda, init, i_off, acc):
+            i = types.int64
+            sig = types.void(b, i, i, a, i, i, init, i, acc)
+
+            def codegen(context, builder, signature, args):
+                b_arr, b_off, kp, a_arr, a_off, lda, init_arr, i_off, acc_arr = args
+                B = pointer(context, builder, signature.args[0], b_arr, b_off)
+                A = builder.bitcast(pointer(context, builder, signature.args[3], a_arr, ir.Constant(_I64, 0)),
+                                    ir.IntType(32).as_pointer())  # u8 or uint32 activations, a word at a time
+                A = builder.gep(A, [a_off])
+                C = pointer(context, builder, signature.args[8], acc_arr, ir.Constant(_I64, 0))
+                acc_type, start = sums_type(kind), None
+                if kind == "int8":
+                    first = pointer(context, builder, signature.args[6], init_arr, i_off)
+                    start = [builder.load(vector_at(builder, first, ir.Constant(_I64, 16 * h), acc_type), align=4)
+                             for h in range(vectors)]
+                sums = tile_sums(builder, kind, A, lda, ir.Constant(_I64, 1), B, ir.Constant(_I64, 16 * vectors),
+                                 kp, rows=rows, vectors=vectors, start=start)
+                for n, v in enumerate(sums):
+                    builder.store(v, vector_at(builder, C, ir.Constant(_I64, 16 * n), acc_type), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        group_tile.__name__ = group_tile.__qualname__ = f"{kind}_group_tile{rows}x{vectors}"
+        return intrinsic(group_tile)
+
     bf16_tile, bf16_tile_into = _make_tile("bf16"), _make_tile_into("bf16")
     f32_tile, f32_tile_into = _make_tile("f32"), _make_tile_into("f32")
 else:
-    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = None
+    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = None

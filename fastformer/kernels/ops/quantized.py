@@ -285,91 +285,11 @@ def linear_quantized(ops, x, qw, bias=None, out=None):
 
 # -------------------------------------------------------------------- Numba
 if numba is not None:
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
+    # R rows (1 to 3) by a group of 8 vectors of 16 columns: kernels/_tiles.make_group_tile
+    from fastformer.kernels._tiles import make_group_tile
 
-    _I8x64 = ir.VectorType(ir.IntType(8), 64)
-    _I32x16 = ir.VectorType(ir.IntType(32), 16)
-    _F32x16 = ir.VectorType(ir.FloatType(), 16)
-    _I32 = ir.IntType(32)
-    _I64 = ir.IntType(64)
-
-    def _make_tile(fmt, R):
-        """An intrinsic tile(w, w_off, kw, a, a_off, lda, init, i_off, acc): acc (R * GROUP_N,) =
-        the R rows of activation words a[a_off + r * lda + kk] times the group of weight words
-        starting at w[w_off], over kk < kw, each row's sums started at init[i_off:i_off + GROUP_N]
-        (int8: the correction; bf16: zero, init unread). Eight vectors of weights a step, each the
-        memory operand of R vpdpbusd (int32 sums) or vdpbf16ps (float32 sums); 8 R accumulators in
-        registers."""
-        acc_t = _I32x16 if fmt == "int8" else _F32x16
-
-        @intrinsic
-        def tile(typingctx, w, w_off, kw, a, a_off, lda, init, i_off, acc):
-            sig = types.void(w, types.int64, types.int64, a, types.int64, types.int64, init, types.int64, acc)
-
-            def codegen(context, builder, signature, args):
-                w_arr, w_off, kw, a_arr, a_off, lda, init_arr, i_off, acc_arr = args
-                W = builder.gep(context.make_array(signature.args[0])(context, builder, w_arr).data, [w_off])
-                A = builder.bitcast(context.make_array(signature.args[3])(context, builder, a_arr).data,
-                                    _I32.as_pointer())  # u8 or uint32 activations, read a word at a time
-                A = builder.gep(A, [a_off])
-                C = context.make_array(signature.args[8])(context, builder, acc_arr).data
-                if fmt == "int8":
-                    init = builder.gep(context.make_array(signature.args[6])(context, builder, init_arr).data, [i_off])
-                    start = [builder.load(builder.bitcast(builder.gep(init, [ir.Constant(_I64, PANEL_N * p)]),
-                                                          _I32x16.as_pointer()), align=4) for p in range(PANELS)]
-                else:
-                    start = [ir.Constant(acc_t, None)] * PANELS
-                if fmt == "int8":  # LLVM 22's signature; the all-<16 x i32> form is accepted too
-                    name, ftype = "llvm.x86.avx512.vpdpbusd.512", ir.FunctionType(_I32x16, [_I32x16, _I8x64, _I8x64])
-                else:
-                    name, ftype = "llvm.x86.avx512bf16.dpbf16ps.512", ir.FunctionType(_F32x16, [_F32x16, _I32x16,
-                                                                                                 _I32x16])
-                dot = builder.module.globals.get(name) or ir.Function(builder.module, ftype, name)
-                operand = _I8x64 if fmt == "int8" else _I32x16
-                entry = builder.block
-                head = builder.append_basic_block("qtile.head")
-                body = builder.append_basic_block("qtile.body")
-                done = builder.append_basic_block("qtile.done")
-                builder.branch(head)
-                builder.position_at_end(head)
-                k = builder.phi(_I64)
-                accs = [builder.phi(acc_t) for _ in range(R * PANELS)]
-                k.add_incoming(ir.Constant(_I64, 0), entry)
-                for i, v in enumerate(accs):
-                    v.add_incoming(start[i % PANELS], entry)
-                builder.cbranch(builder.icmp_signed("<", k, kw), body, done)
-                builder.position_at_end(body)
-                step = builder.mul(k, ir.Constant(_I64, GROUP_N))
-                wv = [builder.bitcast(builder.load(builder.bitcast(
-                    builder.gep(W, [builder.add(step, ir.Constant(_I64, PANEL_N * p))]), _I32x16.as_pointer()),
-                    align=4), operand) for p in range(PANELS)]
-                new = []
-                for r in range(R):
-                    word = builder.load(builder.gep(A, [builder.add(builder.mul(ir.Constant(_I64, r), lda), k)]),
-                                        align=4)
-                    one = builder.insert_element(ir.Constant(_I32x16, None), word, ir.Constant(_I32, 0))
-                    both = builder.shuffle_vector(one, ir.Constant(_I32x16, None), ir.Constant(_I32x16, [0] * 16))
-                    both = builder.bitcast(both, operand) if fmt == "int8" else both
-                    new += [builder.call(dot, [accs[r * PANELS + p], both, wv[p]]) for p in range(PANELS)]
-                latch = builder.block
-                k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
-                for v, n in zip(accs, new):
-                    v.add_incoming(n, latch)
-                builder.branch(head)
-                builder.position_at_end(done)
-                for i, v in enumerate(accs):
-                    builder.store(v, builder.bitcast(builder.gep(C, [ir.Constant(_I64, PANEL_N * i)]),
-                                                     acc_t.as_pointer()), align=4)
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-        return tile
-
-    _int8_tile1, _int8_tile2, _int8_tile3 = (_make_tile("int8", r) for r in (1, 2, 3))
-    _bf16_tile1, _bf16_tile2, _bf16_tile3 = (_make_tile("bf16", r) for r in (1, 2, 3))
+    _int8_tile1, _int8_tile2, _int8_tile3 = (make_group_tile("int8", r, PANELS) for r in (1, 2, 3))
+    _bf16_tile1, _bf16_tile2, _bf16_tile3 = (make_group_tile("bf16", r, PANELS) for r in (1, 2, 3))
 else:
     _int8_tile1 = _int8_tile2 = _int8_tile3 = _bf16_tile1 = _bf16_tile2 = _bf16_tile3 = None
 
