@@ -21,6 +21,8 @@ import numpy as np
 
 from fastformer import seeds
 from fastformer.errors import FastformerError, check_ids, check_int, check_number
+from fastformer.kernels import get_ops
+from fastformer.kernels.ops.sampling import filter_top_k, filter_top_p, next_token_probs  # noqa: F401 (the API's)
 
 
 def log_softmax(logits):
@@ -30,55 +32,12 @@ def log_softmax(logits):
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def filter_top_k(logits, k):
-    """Logits (..., V) with every entry below the k-th largest of its row set to -inf."""
-    V = logits.shape[-1]
-    check_int("top_k", k)
-    if k >= V:
-        return logits
-    kth = np.partition(logits, V - k, axis=-1)[..., V - k:V - k + 1]  # (..., 1)
-    return np.where(logits >= kth, logits, -np.inf)
-
-
-def filter_top_p(probs, p):
-    """Probabilities (..., V) restricted to the smallest set of most probable tokens whose total
-    reaches p, renormalised. Ties in probability are broken by lower id."""
-    check_number("top_p", p, 0, 1, low_open=True)
-    order = np.argsort(-probs, axis=-1, kind="stable")  # (..., V) most probable first
-    sorted_p = np.take_along_axis(probs, order, axis=-1)
-    cum = np.cumsum(sorted_p, axis=-1)
-    # keep sorted position j while the mass before it is still short of p
-    keep_sorted = (cum - sorted_p) < p * (1.0 - 1e-12)
-    keep = np.zeros_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    out = np.where(keep, probs, 0.0)
-    return out / out.sum(axis=-1, keepdims=True)
-
-
-def next_token_probs(logits, temperature, top_k=None, top_p=None):
-    """The sampling distribution (B, V) float64 for last-position logits (B, V), temperature > 0."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if top_k is not None:
-        z = filter_top_k(z, top_k)
-    z = z - z.max(axis=-1, keepdims=True)
-    probs = np.exp(z)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p is not None:
-        probs = filter_top_p(probs, top_p)
-    return probs
-
-
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, rng=None):
-    """Next ids (B,) int64 from last-position logits (B, V); rng is needed when temperature > 0."""
+    """Next ids (B,) int64 from last-position logits (B, V); rng is needed when temperature > 0:
+    one uniform draw per row, which the kernel interface's `sample_ids` turns into an id."""
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int64)
-    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-    # inverse-CDF sampling, one uniform draw per row; `<=` steps over zero-probability ids
-    u = rng.random(probs.shape[0])[:, None]  # (B, 1)
-    cdf = np.cumsum(probs, axis=-1)  # (B, V)
-    idx = (cdf <= u * cdf[:, -1:]).sum(axis=-1)
-    last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)  # last id with mass
-    return np.minimum(idx, last).astype(np.int64)
+    return get_ops().sample_ids(logits, rng.random(logits.shape[0]), temperature, top_k, top_p)
 
 
 def apply_repetition_penalty(logits, seen, penalty):

@@ -21,6 +21,7 @@ from fastformer.kernels.ops import (
     layernorm,
     matmul,
     quantized,
+    sampling,
     softmax,
 )
 
@@ -62,6 +63,7 @@ class NumpyOps:
     quantize_weight = quantized.quantize_weight
     linear_quantized = quantized.linear_quantized
     require_weight_format = quantized.require_weight_format
+    sample_ids = sampling.sample_ids
 
 
 class NumbaOps(NumpyOps):
@@ -103,3 +105,4 @@ class NumbaOps(NumpyOps):
     gpt2_decode_step = gpt2_decode.gpt2_decode_step_numba
     linear_quantized = quantized.linear_quantized_numba
     require_weight_format = quantized.require_weight_format_numba
+    sample_ids = sampling.sample_ids_numba
