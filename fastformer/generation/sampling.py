@@ -119,8 +119,11 @@ def check_id_limit(id_limit, vocab_size):
     return id_limit
 
 
+GREEDY_CHUNK = 32  # tokens a model's several-step greedy call makes at most before they are yielded
+
+
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None, id_limit=None):
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None):
     """Yield the next ids (N,) of every row for up to `n_steps` steps.
 
     `logits` (N, V) are the first step's (what the prompt or <bos> gave); `step(ids (N,))`
@@ -128,6 +131,10 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     the ids each row already holds, for the repetition penalty. Rows that have produced
     `eos_id` keep yielding it; the generator stops when all have. `id_limit`: only ids below it
     are chosen (a model whose embedding is padded past its tokenizer's ids).
+    `greedy_steps(ids (N,), n, done)`, when given, feeds ids and makes up to n plain greedy
+    tokens in one call, keeping `done` as this loop does: (tokens (N, m), whether the last
+    column's choice was NaN), or None where it does not run (the fused kernel's loop,
+    TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own.
     """
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
@@ -136,7 +143,21 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     # plain greedy: the argmax is the only pass over the logits (the NaN check reads the chosen ones)
     plain_greedy = temperature == 0 and repetition_penalty is None and (id_limit is None or id_limit >= V)
     nxt = None
-    for i in range(n_steps):
+    i = 0  # tokens yielded
+    while i < n_steps:
+        if i and plain_greedy and greedy_steps is not None:
+            made = greedy_steps(nxt, min(n_steps - i, GREEDY_CHUNK), None if eos_id is None else done)
+            if made is not None:
+                tokens, nan = made
+                for c in range(tokens.shape[1]):
+                    if nan and c == tokens.shape[1] - 1:
+                        _refuse_nan(i + 1)
+                    nxt = tokens[:, c].copy()
+                    i += 1
+                    yield nxt
+                if eos_id is not None and done.all():
+                    return
+                continue
         if i:
             logits = step(nxt)
         if plain_greedy:
@@ -144,10 +165,8 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
             nan = np.isnan(logits[rows, nxt]).any()
         else:  # max is NaN when any logit is: one pass per token, no (N, V) mask
             nan = np.isnan(logits.max())
-        # finite weights can still overflow on some text: stop, not pick garbage
         if nan:
-            raise FastformerError(f"the model's logits became NaN at new token {i + 1}: it overflows on this "
-                                  f"text; use an earlier checkpoint or another prompt")
+            _refuse_nan(i + 1)
         if not plain_greedy:
             if id_limit is not None and id_limit < V:
                 logits = np.array(logits)
@@ -160,9 +179,16 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
             done |= nxt == eos_id
         if repetition_penalty is not None:  # only the penalty reads `seen`
             seen[rows, nxt] = True
+        i += 1
         yield nxt
         if eos_id is not None and done.all():
             return
+
+
+def _refuse_nan(token):
+    # finite weights can still overflow on some text: stop, not pick garbage
+    raise FastformerError(f"the model's logits became NaN at new token {token}: it overflows on this text; use an "
+                          f"earlier checkpoint or another prompt")
 
 
 def lm_step_fn(model, state):
@@ -200,8 +226,10 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
         seen[np.nonzero(real)[0], ids[real]] = True
     state = model.init_state(B, use_cache=use_cache)
     logits = model.step(ids, state, attention_mask=mask, validate=False)[:, -1]  # (B, V): the prompt
+    greedy = getattr(model, "greedy_steps", None)
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
-                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit)
+                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit,
+                             None if greedy is None else lambda ids, n, done: greedy(ids, state, n, done, eos_id))
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):

@@ -60,6 +60,7 @@ class NumpyOps:
     embedding_backward = embedding.embedding_backward
     adamw_update = adamw.adamw_update
     gpt2_decode_step = gpt2_decode.gpt2_decode_step
+    gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy
     quantize_weight = quantized.quantize_weight
     linear_quantized = quantized.linear_quantized
     require_weight_format = quantized.require_weight_format
@@ -103,6 +104,7 @@ class NumbaOps(NumpyOps):
     embedding_backward = embedding.embedding_backward_numba
     adamw_update = adamw.adamw_update_numba
     gpt2_decode_step = gpt2_decode.gpt2_decode_step_numba
+    gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy_numba
     linear_quantized = quantized.linear_quantized_numba
     require_weight_format = quantized.require_weight_format_numba
     sample_ids = sampling.sample_ids_numba

@@ -224,6 +224,26 @@ class TransformerLM(FlatModel):
         state.next_position += T if real is None else real.sum(axis=1)
         return logits
 
+    def greedy_steps(self, ids, state, n, done=None, eos_id=None):
+        """Feed ids (B,) and make up to n greedy tokens per row in one kernel call
+        (ops.gpt2_decode_greedy), where the step would be "fused" and the window has room;
+        rows in `done` (updated in place) get eos_id. Returns (tokens (B, m), whether the last
+        column's choice was NaN), or None where this path does not run: the caller steps instead."""
+        B = ids.shape[0]
+        n = min(n, self.config.max_seq_len - state.length)
+        if n < 1 or self.decode_path(B, 1, state) != "fused":
+            return None
+        start = state.length
+        state.padding[:, start:start + n] = False  # the new tokens' positions
+        tokens, nan = get_ops().gpt2_decode_greedy(self.packed_weights(), ids, state.next_position, state.k, state.v,
+                                                   state.padding, start, n, eos_id, done)
+        m = tokens.shape[1]  # steps made: ids and every chosen token but the last were fed
+        state.tokens[:, start] = ids
+        state.tokens[:, start + 1:start + m] = tokens[:, :m - 1]
+        state.length += m
+        state.next_position += m
+        return tokens, nan
+
     def decode_path(self, B, T, state):
         """How `step` runs T new tokens in each of B rows over `state` -- the one decision:
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastformer import LMConfig, TransformerLM
+from fastformer import FastformerError, LMConfig, TransformerLM
 from fastformer.generation.sampling import cut_at_eos, filter_top_k, filter_top_p, next_token_probs, sample_next
 
 CFG = LMConfig(vocab_size=13, max_seq_len=8, d_model=16, n_heads=2, d_ff=32, n_layers=1)
@@ -127,3 +127,23 @@ def test_greedy_stops_at_a_nan_logit_wherever_it_lies(where):
     assert next(steps).tolist() == [0, 0]
     with pytest.raises(FastformerError, match="logits became NaN at new token 2"):
         next(steps)
+
+
+def test_greedy_steps_chunks_are_yielded_one_by_one_and_a_nan_among_them_is_refused():
+    from fastformer.generation.sampling import sample_tokens
+
+    logits = np.array([[0.0, 1.0, 0.0]])
+    calls = []
+
+    def greedy_steps(ids, n, done):  # makes 2 tokens a call; the third call's last one is NaN
+        calls.append((ids.tolist(), n))
+        return np.array([[len(calls), 2]]), len(calls) == 3
+
+    def step(ids):
+        raise AssertionError("the steps all ran through greedy_steps")
+
+    gen = sample_tokens(step, logits, 7, greedy_steps=greedy_steps)
+    got = [int(next(gen)[0]) for _ in range(6)]
+    assert got == [1, 1, 2, 2, 2, 3] and calls == [([1], 6), ([2], 4), ([2], 2)]
+    with pytest.raises(FastformerError, match="became NaN at new token 7"):
+        next(gen)

@@ -325,3 +325,96 @@ def test_decode_path_names_each_way_a_step_runs():
     state = sinusoidal.init_state(1)
     sinusoidal.step(np.ones((1, 3), np.int64), state)
     assert sinusoidal.decode_path(1, 1, state) == "composed"  # the fused kernel reads wpe
+
+
+def _greedy_case(ops_list, weights, dtype=np.float32, eos=None):
+    """Each backend's gpt2_decode_greedy from one prompt's state: three rows, one left-padded, one
+    already done; returns [(tokens, nan, done, k cache)] per backend."""
+    cfg = dataclasses.replace(CFG, max_seq_len=40, tie_embeddings=False)
+    m = TransformerLM(cfg, seed=2, dtype=dtype)
+    m.flat.data[:] = np.random.default_rng(2).normal(0, 1.0, m.flat.size)  # greedy tokens that vary
+    if weights != "fp32":
+        m.quantize(weights)
+    prompt = np.array([[5, 6, 7, 8], [0, 0, 9, 10], [11, 12, 13, 14]])
+    results = []
+    for ops in ops_list:
+        state = m.init_state(3)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(m, "greedy_steps", lambda *a, **k: None)
+            logits = m.step(prompt, state, attention_mask=np.array([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]]))
+        first = np.argmax(logits[:, -1], axis=-1)
+        done = np.array([False, False, True])
+        tokens, nan = ops.gpt2_decode_greedy(m.packed_weights(), first, state.next_position, state.k, state.v,
+                                             state.padding, state.length, 30, eos, done)
+        results.append((tokens, nan, done, state.k.copy()))
+    return results
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpt2_decode_greedy_matches_reference(fast_ops, ref, weights, dtype):
+    """Every step in one kernel call makes the reference's tokens and cache, <eos> and done rows
+    included."""
+    from fastformer.kernels.ops import quantized
+
+    if weights != "fp32" and (dtype == np.float64 or not quantized.format_runs_natively(weights)):
+        pytest.skip(f"{weights} weights: float32 models on a CPU that runs them natively")
+    (free, nan, _, _), = _greedy_case([ref], weights, dtype)
+    assert free.shape == (3, 30) and not nan and len(np.unique(free[0])) > 1
+    f = int(np.argmax(free[0] != free[0, 0]))  # row 0's first change of token: its eos
+    eos = int(free[0, f])
+    for eos_id in (None, eos):
+        (a, nan_a, done_a, k_a), (b, nan_b, done_b, k_b) = _greedy_case([fast_ops, ref], weights, dtype, eos_id)
+        np.testing.assert_array_equal(a, b)
+        assert nan_a == nan_b is False
+        np.testing.assert_array_equal(done_a, done_b)
+        np.testing.assert_allclose(k_a, k_b, rtol=1e-4, atol=1e-5)
+        if eos_id is not None:  # row 2 was done from the start, row 0 after its eos: they hold eos from then on
+            assert (a[2] == eos).all() and (a[0, f:] == eos).all() and done_a[[0, 2]].all()
+            np.testing.assert_array_equal(a[0, :f], free[0, :f])
+        else:
+            np.testing.assert_array_equal(a, free)
+
+
+def test_gpt2_decode_greedy_stops_at_a_nan_and_refuses_what_does_not_fit(ops):
+    m = TransformerLM(CFG, seed=0)
+    state = m.init_state(2)
+    m.flat.data[m.flat.offsets[m.decode_layout()[-1]]] = np.nan  # a row of the head (tied: of wte)
+    w = m.packed_weights()
+    tokens, nan = ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([0, 0]), state.k, state.v, state.padding, 0, 5)
+    assert nan and tokens.shape == (2, 1)
+    with pytest.raises(ValueError, match="pass the 24 positions of the cache: give at most 4 steps"):
+        ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([20, 3]), state.k, state.v, state.padding, 20, 5)
+    with pytest.raises(ValueError, match="done must be a writeable bool array"):
+        ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([0, 0]), state.k, state.v, state.padding, 0, 5,
+                               done=np.zeros(3, bool))
+    assert ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([0, 0]), state.k, state.v, state.padding, 0,
+                                  0)[0].shape == (2, 0)
+
+
+def test_generate_through_greedy_steps_equals_step_by_step(model, monkeypatch):
+    """Greedy generation in chunks of kernel steps yields the tokens of one step at a time, past
+    the context window (the steps stop at its edge, the window runs, the steps go on) and with
+    <eos>; the cache holds the same tokens after."""
+    prompt = np.array([[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]])
+    init_state, greedy_steps = TransformerLM.init_state, TransformerLM.greedy_steps
+    states, asked = [], []
+
+    def keep_state(self, *a, **k):
+        states.append(init_state(self, *a, **k))
+        return states[-1]
+
+    def run(chunked, eos_id=None):
+        monkeypatch.setattr(TransformerLM, "greedy_steps", greedy_steps if chunked else
+                            lambda self, *a: asked.append(1))  # declines: one step at a time
+        out = model.generate(prompt, 40, eos_id=eos_id)
+        return out, states[-1]
+
+    monkeypatch.setattr(TransformerLM, "init_state", keep_state)
+    (chunked, s1), (stepped, s2) = run(True), run(False)
+    assert asked
+    np.testing.assert_array_equal(chunked, stepped)
+    assert s1.length == s2.length
+    np.testing.assert_array_equal(s1.tokens[:, :s1.length], s2.tokens[:, :s2.length])
+    eos = int(stepped[0, 9])
+    np.testing.assert_array_equal(run(True, eos)[0], run(False, eos)[0])

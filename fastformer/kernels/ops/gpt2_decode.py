@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
-from fastformer.kernels._jit import inline, jit_writable, kernel
+from fastformer.kernels._jit import _JIT_FLAGS, inline, jit_writable, kernel, numba
 from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
@@ -258,6 +258,54 @@ def gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, st
     return ops.linear_quantized(h[:, 0], _quantized_slot(quant, shapes, L * LAYER_SLOTS + HEAD, head=True))
 
 
+def check_greedy(ids, n_steps, eos_id, done):
+    """(n_steps, eos_id as an int, -1 for none, done (B,) bool) of gpt2_decode_greedy."""
+    check_int("n_steps", n_steps, 0)
+    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0)
+    B = np.shape(ids)[0] if np.ndim(ids) == 1 else -1
+    if done is None:
+        done = np.zeros(max(B, 0), bool)
+    if not (isinstance(done, np.ndarray) and done.dtype == bool and done.shape == (B,) and done.flags.writeable
+            and done.flags.c_contiguous):
+        raise FastformerError(f"done must be a writeable bool array (B,) = ({B},), got {describe(done)}")
+    return n_steps, eos, done
+
+
+def check_greedy_room(positions, start, n_steps, Tmax):
+    """The cache and the position table hold every step's new token."""
+    last = max([int(start), *np.asarray(positions).reshape(-1).tolist()]) + n_steps - 1
+    if n_steps and last >= Tmax:
+        raise FastformerError(f"{n_steps} greedy steps from cache position {start} (row positions up to "
+                              f"{last - n_steps + 1}) pass the {Tmax} positions of the cache: give at most "
+                              f"{Tmax - (last - n_steps + 1)} steps")
+
+
+def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id=None,
+                       done=None, eps=1e-5):
+    """Up to n_steps greedy tokens per row, each fed back as the next step's id: gpt2_decode_step
+    at start, start + 1, ... (padding must be False at those positions: they are the new
+    tokens'), the argmax of each step's logits (the lowest id among equal maxima, a NaN where the
+    logits hold one). A row in `done` (B,) bool, or one that has chosen `eos_id`, gets eos_id from
+    then on (`done` is updated in place); the steps stop once every row is done. Returns (tokens
+    (B, m) int64, nan): m <= n_steps steps made, nan True when the last step's choice of some row
+    was NaN (its column is in tokens; the caller refuses it)."""
+    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done)
+    _, _, ids, positions, _, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps)
+    check_greedy_room(positions, start, n_steps, k_cache.shape[3])
+    tokens = np.zeros((ids.shape[0], n_steps), np.int64)
+    for i in range(n_steps):
+        logits = ops.gpt2_decode_step(weights, ids, positions + i, k_cache, v_cache, padding, start + i, eps)
+        nxt = np.argmax(logits, axis=-1)
+        nan = bool(np.isnan(logits[np.arange(ids.shape[0]), nxt]).any())
+        if eos >= 0:
+            nxt[done] = eos
+            done |= nxt == eos
+        tokens[:, i] = ids = nxt
+        if nan or (eos >= 0 and done.all()):
+            return tokens[:, :i + 1], nan
+    return tokens, False
+
+
 # -------------------------------------------------------------------- Numba
 @inline
 def _affine(x, w, bias, y):
@@ -347,7 +395,7 @@ def _head_bf16(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8
     _mv_bf16(h, C, V, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
 
 
-_mv, _head = _mv_fp32, _head_fp32  # the float32 kernel's; the others rebind them (_format_kernel)
+_mv, _head = _mv_fp32, _head_fp32  # the float32 kernel's; the others rebind them (_format_kernels)
 DECODE_SPLIT_ROWS = 16  # rows from which a step runs as two halves side by side on the task pool
 
 _DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
@@ -433,36 +481,90 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
           acc_f)
 
 
-def _format_kernel(suffix, floats, **products):
-    """The loops above as a kernel of their own, with `products` (`_mv`, `_head`) of one format."""
-    fn = _gpt2_decode_loops
-    copy = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **products}, fn.__name__ + suffix)
-    copy.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
-    copy.__module__ = fn.__module__
-    return kernel(_DECODE_SIG, parallel=False, floats=floats)(copy)
+_step_loops = _gpt2_decode_loops  # the greedy loop's step: _format_kernels gives each format's copy its own
+_GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+               "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, int64, boolean[::1], "
+               "F[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], "
+               "readonly(int64)[:, ::1], int64[:, ::1])")
 
 
-_gpt2_decode = _format_kernel("", ("float32", "float64"))
-_gpt2_decode_int8 = _format_kernel("_int8", ("float32",), _mv=_mv_int8, _head=_head_int8)
-_gpt2_decode_bf16 = _format_kernel("_bf16", ("float32",), _mv=_mv_bf16, _head=_head_bf16)
+def _gpt2_greedy_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, eos, done, logits, words,
+                       scales, corrections, qoff, tokens):
+    """gpt2_decode_greedy's steps in one call, each a `_gpt2_decode_loops` step into logits (B, V):
+    tokens (B, n) receives them; returns the steps made, negated when the last one chose a NaN."""
+    B, n = tokens.shape
+    cur = ids.copy()
+    pos = positions.copy()
+    for i in range(n):
+        _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
+                    qoff, 0)
+        nan = False
+        all_done = True
+        for r in range(B):
+            best = 0
+            for j in range(logits.shape[1]):  # np.argmax: the first maximum, or the first NaN
+                if np.isnan(logits[r, j]):
+                    best = j
+                    break
+                if logits[r, j] > logits[r, best]:
+                    best = j
+            nan = nan or np.isnan(logits[r, best])
+            if eos >= 0:
+                if done[r]:
+                    best = eos
+                done[r] = done[r] or best == eos
+                all_done = all_done and done[r]
+            tokens[r, i] = best
+            cur[r] = best
+            pos[r] += 1
+        if nan:
+            return -(i + 1)
+        if eos >= 0 and all_done:
+            return i + 1
+    return n
+
+
+def _format_kernels(suffix, floats, **products):
+    """The loops above as kernels of their own, with `products` (`_mv`, `_head`) of one format:
+    (one step, greedy steps). The greedy loop calls the step's loops as a function of its own
+    (inlined into the loop, it compiled about a third slower)."""
+    def copy(fn, **names):
+        c = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__ + suffix)
+        c.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
+        c.__module__ = fn.__module__
+        return c
+
+    step = kernel(_DECODE_SIG, parallel=False, floats=floats)(copy(_gpt2_decode_loops, **products))
+    loops = copy(_gpt2_decode_loops, **products)
+    greedy = kernel(_GREEDY_SIG, parallel=False, floats=floats)(
+        copy(_gpt2_greedy_loops, _step_loops=loops if numba is None else numba.njit(**_JIT_FLAGS)(loops)))
+    return step, greedy
+
+
+_gpt2_decode, _gpt2_greedy = _format_kernels("", ("float32", "float64"))
+_gpt2_decode_int8, _gpt2_greedy_int8 = _format_kernels("_int8", ("float32",), _mv=_mv_int8, _head=_head_int8)
+_gpt2_decode_bf16, _gpt2_greedy_bf16 = _format_kernels("_bf16", ("float32",), _mv=_mv_bf16, _head=_head_bf16)
 _FORMAT_KERNELS = {"int8": _gpt2_decode_int8, "bf16": _gpt2_decode_bf16}
+_GREEDY_KERNELS = {"int8": _gpt2_greedy_int8, "bf16": _gpt2_greedy_bf16}
 _NO_QUANT = (np.zeros(0, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+
+
+def _format_buffers(weights, offsets):
+    """(format or None for float32, words, scales, corrections, qoffsets) of the kernels' arguments."""
+    quant = weights.quant
+    if quant is None:
+        return None, *_NO_QUANT, np.full((offsets.size, 2), -1, np.int64)
+    return quant.format, quant.words, quant.scales, quant.corrections, quant.qoffsets
 
 
 def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
     flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start, eps)
-    if not jit_writable(k_cache, v_cache):
+    fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
+    if not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32):
         return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
     logits = np.empty((ids.shape[0], int(weights.vocab_size)), flat.dtype)
-    quant = weights.quant
-    if quant is None:
-        run, (words, scales, corrections), qoff = _gpt2_decode, _NO_QUANT, np.full((offsets.size, 2), -1, np.int64)
-    elif flat.dtype != np.float32:
-        return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
-    else:
-        run, words, scales, corrections, qoff = _FORMAT_KERNELS[quant.format], quant.words, quant.scales, \
-            quant.corrections, quant.qoffsets
+    run = _gpt2_decode if fmt is None else _FORMAT_KERNELS[fmt]
     B = ids.shape[0]
     halves = [(0, B)]
     if B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32:
@@ -475,3 +577,26 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
                       int(start), flat.dtype.type(eps), logits[r0:r1], words, scales, corrections, qoff, r0))
                for r0, r1 in halves])
     return logits
+
+
+def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id=None,
+                             done=None, eps=1e-5):
+    """As the reference, every step in one kernel call: at batch 1 the Python around a step costs
+    more than the step's arithmetic on the small presets. Rows that the step would split across
+    the task pool take the reference's loop over steps instead."""
+    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done)
+    flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
+                                                                  padding, start, eps)
+    check_greedy_room(positions, start, n_steps, k_cache.shape[3])
+    fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
+    B = ids.shape[0]
+    if (not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32)
+            or (B >= DECODE_SPLIT_ROWS and task_threads() > 1) or n_steps == 0):
+        return gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id,
+                                  done, eps)
+    tokens = np.zeros((B, n_steps), np.int64)
+    logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
+    run = _gpt2_greedy if fmt is None else _GREEDY_KERNELS[fmt]
+    made = run(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start),
+               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens)
+    return tokens[:, :abs(made)], made < 0
