@@ -40,6 +40,7 @@ def test_pytest_benchmark_suite_runs_on_tiny(tmp_path):
 
     for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
         assert f"test_gemm[tiny-head-{precision}]" in names
+        assert f"test_linear_backward[tiny-ffn_in-{precision}]" in names
     if cpu_has_bf16():
         assert "test_train_step_bf16[tiny]" in names
     from fastformer.kernels.ops.quantized import format_runs_natively
@@ -76,6 +77,7 @@ def test_asv_suite_discovers_every_benchmark():
     assert list(bench_kernels.LongAttention.params) == [["numpy", "numba"], [1024, 4096]]
     assert kernels <= set(dir(bench_kernels))
     assert bench_kernels.Gemm.params[1] == ["fp32", "bf16"] and bench_kernels.Gemm.track_gflops.unit == "GFLOP/s"
+    assert bench_kernels.LinearBackward.params == (["qkv", "ffn_in", "ffn_out"], ["fp32", "bf16"])
     assert bench_train.TrainStepBF16.params == (["tiny", "small", "medium"],)
 
 

@@ -135,3 +135,23 @@ class Gemm:
         return 2 * M * K * N * calls_per_second(self.call) / 1e9
 
     track_gflops.unit = "GFLOP/s"
+
+
+class LinearBackward:
+    """The backward of a medium step's linear layers (bench.gemm_shapes: qkv, ffn_in, ffn_out) on
+    the Numba backend, a bias gradient included: float32 on NumPy's BLAS, bfloat16 on fastformer's
+    kernel with the output gradient packed for both products in one pass."""
+
+    params = (["qkv", "ffn_in", "ffn_out"], ["fp32", "bf16"])
+    param_names = ["gemm", "precision"]
+
+    def setup(self, gemm, precision):
+        from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+        if precision == "bf16" and not cpu_has_bf16():
+            raise NotImplementedError("this CPU has no AVX-512 BF16")  # asv: skipped
+        self.call = bench.make_linear_backward(PRESET, gemm, precision, backend="numba")
+        self.call()
+
+    def time_linear_backward(self, gemm, precision):
+        self.call()

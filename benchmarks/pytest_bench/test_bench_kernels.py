@@ -35,3 +35,16 @@ def test_gemm(benchmark, gemm, precision, preset):
     median_s = run(benchmark, bench.make_gemm(preset, gemm, precision, backend="numba"), "numba", preset)
     M, K, N = bench.gemm_shapes(preset)[gemm]
     benchmark.extra_info["gflops_per_s"] = 2 * M * K * N / median_s / 1e9
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("gemm", ["qkv", "ffn_in", "ffn_out"])
+def test_linear_backward(benchmark, gemm, precision, preset):
+    """ops.linear_backward of a linear layer of the preset's step (bench.gemm_shapes), with a bias
+    gradient, on the Numba backend: float32 on NumPy's BLAS, bfloat16 on fastformer's kernel."""
+    from fastformer.kernels.ops.gemm_bf16 import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    benchmark.group = f"linear_backward {gemm} {preset}"
+    run(benchmark, bench.make_linear_backward(preset, gemm, precision, backend="numba"), "numba", preset)

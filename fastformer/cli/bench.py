@@ -111,6 +111,27 @@ def make_gemm(preset, name, precision="fp32", backend=None, seed=0):
     return call
 
 
+def make_linear_backward(preset, name, precision="fp32", backend=None, seed=0):
+    """A call of ops.linear_backward of the linear layer of `gemm_shapes(preset)[name]` (rows M,
+    inputs K, outputs N), with a bias gradient, in `precision` on `backend` (default: the current
+    one): the weight's and the input's products, and in bf16 the packing of the output gradient."""
+    M, K, N = gemm_shapes(preset)[name]
+    rng = seeds.bench_stream(seed)
+    x, weight = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+    dout = rng.standard_normal((M, N), dtype=np.float32)
+    dweight, dbias = np.empty((K, N), np.float32), np.empty(N, np.float32)
+    matmul = MATMUL_PRECISION[check_choice("precision", precision, ("fp32", "bf16"))]
+    backend = backend or get_backend()
+    with use_backend(backend) as ops:
+        _, cache = ops.linear_forward(x, weight, precision=matmul)
+
+    def call():
+        with use_backend(backend) as ops:
+            ops.linear_backward(dout, cache, dweight, dbias)
+
+    return call
+
+
 def synthetic_batch(name, seed=0, batch=None, seq_len=None, vocab_size=VOCAB):
     """A fixed batch of random ids of the preset `name` and its next-token targets, each
     (B, T) int64 (batch_shape), ids below vocab_size."""

@@ -69,7 +69,7 @@ class NumpyOps:
 
 class NumbaOps(NumpyOps):
     """The jitted, fused and parallel kernels; the same signatures and results. What is not
-    bound here (the linear pair, built on `matmul`; the backwards that return what the forward
+    bound here (linear_forward, built on `matmul`; the backwards that return what the forward
     already made) is the reference's."""
 
     name = "numba"
@@ -80,6 +80,7 @@ class NumbaOps(NumpyOps):
         bf16 = ("bfloat16",) if gemm_bf16.cpu_has_bf16() else ()  # nothing of it is compiled otherwise
         self.matmul_precisions = {"float32": ("float32", *bf16), "float64": ("float64",)}
 
+    linear_backward = matmul.linear_backward_numba
     pack = matmul.pack_numba
     matmul = matmul.matmul_numba  # last: the name is the method's from here on
 

@@ -180,3 +180,96 @@ def test_tiled_attention_in_bfloat16_stays_near_float32(fast_ops, ref, tiled):
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
     np.testing.assert_allclose(dgot, dwant, rtol=0, atol=3e-2 * np.abs(dwant).max())
 
+
+
+def _dout(rng, shape, layout):
+    """A float32 output gradient (rows, cols) stored plainly, as a strided slice, read-only, or as
+    a transposed view."""
+    if layout == "transposed":
+        return rng.standard_normal(shape[::-1]).astype(np.float32).T
+    d = _operand(rng, shape, transposed=False, strided=layout == "strided")
+    d.setflags(write=layout != "read-only")
+    return d
+
+
+@needs_bf16
+@pytest.mark.parametrize("M,N", [(1, 1), (2, 3), (7, 33), (16, 32), (17, 64), (33, 5), (65, 97), (300, 70)])
+@pytest.mark.parametrize("layout", ["plain", "strided", "read-only", "transposed"])
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_pack_a_and_b_makes_both_packers_words_and_the_column_sums(monkeypatch, M, N, layout, threads):
+    """One pass over d gives the words of pack_a(d) and pack_b(d), across the edges of A's panels of
+    16 rows (M), of B's pairs of rows (odd M) and panels of 32 columns (N), and of A's pairs (odd N);
+    on one thread and in chunks of rows on the threads (each with its partial sums)."""
+    if threads == "parallel":
+        monkeypatch.setattr(G, "PARALLEL_WORK", 0)
+    rng = np.random.default_rng(M * 100 + N)
+    d = _dout(rng, (M, N), layout)
+    sums = np.full(N, np.nan, np.float32)
+    packed_a, packed_b = G.pack_a_and_b(d, sums=sums)
+    want_a, want_b = G.pack_a(np.ascontiguousarray(d)), G.pack_b(np.ascontiguousarray(d))
+    np.testing.assert_array_equal(packed_a.words, want_a.words)
+    assert packed_a[1:] == want_a[1:]
+    np.testing.assert_array_equal(packed_b.panels, want_b.panels)
+    assert packed_b[1:] == want_b[1:]
+    # float32 sums of M terms, in any order: within (M - 1) eps * sum |d| of the exact sum, and so
+    # within twice that of NumPy's float32 sum
+    exact = d.astype(np.float64).sum(axis=0)
+    bound = max(M - 1, 1) * np.finfo(np.float32).eps * np.abs(d).astype(np.float64).sum(axis=0)
+    assert (np.abs(sums - exact) <= bound).all()
+    assert (np.abs(sums - d.sum(axis=0)) <= 2 * bound).all()
+    again_a, again_b = G.pack_a_and_b(d)  # without the sums: the same words
+    np.testing.assert_array_equal(again_a.words, packed_a.words)
+    np.testing.assert_array_equal(again_b.panels, packed_b.panels)
+
+
+@needs_bf16
+@pytest.mark.parametrize("N,Cin,Cout", [(1, 1, 1), (7, 3, 33), (9, 5, 31), (16, 32, 32), (65, 129, 97),
+                                        (300, 40, 70)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("layout", ["plain", "strided", "read-only"])
+def test_linear_backward_in_bfloat16_reads_dout_once(fast_ops, ref, N, Cin, Cout, with_bias, layout):
+    """The Numba backend's linear backward (dout packed and summed in one pass) gives the bits of
+    the reference's way on the same GEMM (two packers, then NumPy's sum for dbias, which it
+    matches to float32 summation error), and the reference's results to float32 summation error;
+    a weight stored as torch's (Cout, Cin) too."""
+    from fastformer.kernels.ops import matmul
+
+    rng = np.random.default_rng(N * 10000 + Cin * 100 + Cout)
+    x = rng.standard_normal((N, Cin)).astype(np.float32)
+    if Cout % 2:  # stored (Cout, Cin), read transposed
+        w = rng.standard_normal((Cout, Cin)).astype(np.float32).T
+    else:
+        w = rng.standard_normal((Cin, Cout)).astype(np.float32)
+    dout = _dout(rng, (N, Cout), layout)
+    grads = {}
+    for name, backward in (("fused", fast_ops.linear_backward),
+                           ("two packers", lambda *a: matmul.linear_backward(fast_ops, *a)),
+                           ("reference", ref.linear_backward)):
+        on = ref if name == "reference" else fast_ops
+        _, cache = on.linear_forward(x, w, precision="bfloat16")
+        dw, db = np.full((Cin, Cout), np.nan, np.float32), np.full(Cout, np.nan, np.float32) if with_bias else None
+        dx = backward(dout, cache, dw, db)
+        grads[name] = dx, dw, db
+    (dx, dw, db), (dx2, dw2, db2), (dx_ref, dw_ref, _) = grads["fused"], grads["two packers"], grads["reference"]
+    np.testing.assert_array_equal(dx, dx2)
+    np.testing.assert_array_equal(dw, dw2)
+    eps = np.finfo(np.float32).eps
+    if with_bias:
+        bound = max(N - 1, 1) * eps * np.abs(dout).sum(axis=0)
+        assert (np.abs(db - db2) <= 2 * bound).all()
+    d16, x16, w16 = (np.abs(G.round_to_bf16(a)) for a in (dout, x, w))
+    assert (np.abs(dx - dx_ref) <= 4 * Cout * eps * (d16 @ w16.T) + 1e-30).all()
+    assert (np.abs(dw - dw_ref) <= 4 * N * eps * (x16.T @ d16) + 1e-30).all()
+
+
+def test_linear_backward_in_float32_stays_on_blas(fast_ops, ref):
+    """precision float32: the Numba backend's linear backward is the reference's, BLAS's bits."""
+    rng = np.random.default_rng(8)
+    x, w, dout = (rng.standard_normal(s).astype(np.float32) for s in ((2, 9, 12), (12, 40), (2, 9, 40)))
+    results = []
+    for ops in (fast_ops, ref):
+        _, cache = ops.linear_forward(x, w, precision="float32")
+        dw, db = np.empty_like(w), np.empty(40, np.float32)
+        results.append((ops.linear_backward(dout, cache, dw, db), dw, db))
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)

@@ -11,7 +11,9 @@ holds k = 2kk and 2kk + 1 (low half first, as the instruction pairs them). B is 
 when it is a transposed view (the x.T of a weight gradient), in panels of 16 rows as B's, so
 that both packers read and write memory in order. Padding is zeros, so every tile is full and
 only its store is cut to C. The packers read any strides, so A @ B, A @ B.T and A.T @ B are all
-a packing away, and a packed operand can serve many products (`pack_b`).
+a packing away, and a packed operand can serve many products (`pack_b`). A linear layer's output
+gradient is both the B of its weight gradient and the A of its input gradient: `pack_a_and_b`
+makes both (and the bias gradient, its column sums) in one pass over it.
 
 The micro-kernel (kernels/_tiles.py, "bf16") keeps an 8 x 32 tile of C in 16 zmm registers over
 the whole K: per pair of k, two loads of B and, per row, one broadcast word of A and two
@@ -31,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer.errors import FastformerError
-from fastformer.kernels._jit import inline, kernel, numba, prange, sized
+from fastformer.kernels._jit import ROW_CHUNKS, inline, kernel, numba, prange, sized
 from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into
 from fastformer.kernels.process import cpu_has_bf16
 
@@ -195,6 +197,32 @@ def _pack_a_rows(x, out):
                     out[m, kk] = 0
 
 
+@kernel("void(R[:, ::1], uint32[:, :, ::1], uint32[:, ::1], float32[:, ::1])", serial_twin=True, floats=("float32",))
+def _pack_both(d, b_panels, a_rows, sums_part):
+    """d (M, N) packed both ways: as A of d @ w into a_rows (>= M, N2), as `_pack_a_rows` does, and
+    as B of x.T @ d into b_panels (NP, M2, 32), as `_pack_rows` does; with sums_part (P, N), not
+    (P, 0), also the column sums of the p-th of P chunks of rows into sums_part[p], in float32.
+
+    A block of 16 rows at a time: its rows packed along (and summed) one by one, then its 8 pairs
+    of rows down into the panels. The second read of the block comes from the cache, so d is read
+    from memory once, where the two packers and a sum would read it three times."""
+    M, N = d.shape
+    P = sums_part.shape[0]
+    summed = sums_part.shape[1] > 0
+    blocks = (b_panels.shape[1] + 7) // 8  # of 8 pairs of rows: 16 rows, the chunk of _pairs_down
+    for part in prange(P):
+        tmp = np.empty(2 * a_rows.shape[1], np.uint32)
+        sums = sums_part[part]
+        sums[:] = np.float32(0.0)
+        for c in range(part * blocks // P, (part + 1) * blocks // P):
+            for m in range(c * A_PANEL, min(M, c * A_PANEL + A_PANEL)):
+                _pairs_along_row(d[m], a_rows[m], tmp)
+                if summed:
+                    for n in range(N):
+                        sums[n] += d[m, n]
+            _pairs_down(d, b_panels, c, TILE_N)
+
+
 # ------------------------------------------------------------------ the GEMM
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
         serial_twin=True, floats=("float32",))
@@ -273,6 +301,26 @@ def pack_a(a):
     words = np.empty((Mp, K2), np.uint32)
     sized(_pack_a_rows, a.size, PARALLEL_WORK)(np.ascontiguousarray(a), words)
     return PackedA(words.reshape(-1), K2, 1, M, K)
+
+
+def pack_a_and_b(d, sums=None):
+    """d (M, N) float32 (any strides: copied first unless C-contiguous) packed in one pass as both
+    operands that a linear layer's backward makes of its output gradient: (the PackedA of d @ w,
+    the PackedB of x.T @ d), the words `pack_a` and `pack_b` would make. With `sums` (N,) float32,
+    d's column sums (the bias gradient) are written into it, summed in float32 over chunks of rows."""
+    require_bf16()
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    M, N = d.shape
+    M2, N2, Mp = (M + 1) // 2, (N + 1) // 2, (M + A_PANEL - 1) // A_PANEL * A_PANEL
+    b_panels = np.empty(((N + TILE_N - 1) // TILE_N, M2, TILE_N), np.uint32)
+    a_rows = np.empty((Mp, N2), np.uint32)
+    a_rows[M:] = 0  # the rows that pad A to its panels of 16
+    parts = max(1, min((M2 + 7) // 8, ROW_CHUNKS))
+    sums_part = np.empty((parts, N if sums is not None else 0), np.float32)
+    sized(_pack_both, d.size, PARALLEL_WORK)(d, b_panels, a_rows, sums_part)
+    if sums is not None:
+        sums_part.sum(axis=0, out=sums)
+    return PackedA(a_rows.reshape(-1), N2, 1, M, N), PackedB(b_panels, M, N)
 
 
 def matmul_bf16(a, b, out=None, bias=None, accumulate=False):

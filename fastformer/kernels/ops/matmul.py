@@ -126,6 +126,19 @@ def matmul_numba(ops, a, b, out=None, precision=None, bias=None, accumulate=Fals
     return _finish(np.matmul(a, b, out=None if accumulate else out), out, bias, accumulate)
 
 
+def linear_backward_numba(ops, dout, cache, dweight, dbias=None):
+    """As the reference. In bfloat16 dout is read once: one pass packs it as the right operand of
+    dweight = x^T dout and the left one of dx = dout W^T, and sums its columns into dbias, where
+    the reference's way would read it three times (two packers and the sum)."""
+    x2, weight, precision = cache
+    d2 = dout.reshape(-1, weight.shape[1])  # (N, Cout)
+    if check_precision(ops, precision, x2.dtype) != "bfloat16" or d2.size == 0:
+        return linear_backward(ops, dout, cache, dweight, dbias)
+    d_as_a, d_as_b = gemm_bf16.pack_a_and_b(d2, sums=dbias)
+    gemm_bf16.matmul_bf16(x2.T, d_as_b, out=dweight)  # dweight = x^T dout
+    return gemm_bf16.matmul_bf16(d_as_a, weight.T).reshape(*dout.shape[:-1], weight.shape[0])  # dout W^T
+
+
 def pack_numba(ops, b, precision=None):
     """As the reference; bfloat16 operands packed into the kernel's panels."""
     if check_precision(ops, precision, b.dtype) == "bfloat16":
