@@ -34,6 +34,7 @@ class NumpyOps:
 
     linear_forward = matmul.linear_forward
     linear_backward = matmul.linear_backward
+    linear_gelu_forward = matmul.linear_gelu_forward
     pack = matmul.pack
     require_precision = matmul.require_precision
     matmul = matmul.matmul  # last: the name is the method's from here on
@@ -81,6 +82,7 @@ class NumbaOps(NumpyOps):
         self.matmul_precisions = {"float32": ("float32", *bf16), "float64": ("float64",)}
 
     linear_backward = matmul.linear_backward_numba
+    linear_gelu_forward = matmul.linear_gelu_forward_numba
     pack = matmul.pack_numba
     matmul = matmul.matmul_numba  # last: the name is the method's from here on
 

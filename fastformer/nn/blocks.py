@@ -313,12 +313,16 @@ class FeedForward:
     def forward(self, P, h, ctx=None):
         ops = get_ops()
         weights = ctx.weights if ctx is not None else None
-        f, fc_c = _linear(self.fc, P, h, weights, bias=False)  # (B, T, F)
-        if self.activation == "relu":
-            g, act_c = ops.relu_forward(f, self.fc.b(P))
+        form = "tanh" if self.activation == "gelu_tanh" else "none"
+        if self.activation != "relu" and not (weights and weights.get(self.fc.weight) is not None):
+            # g = gelu(h @ W_fc + b_fc) in one op, which a backend may fuse; its caches are those below
+            g, (fc_c, act_c) = ops.linear_gelu_forward(h, self.fc.w(P), self.fc.b(P), approximate=form)
         else:
-            form = "tanh" if self.activation == "gelu_tanh" else "none"
-            g, act_c = ops.gelu_forward(f, self.fc.b(P), approximate=form)
+            f, fc_c = _linear(self.fc, P, h, weights, bias=False)  # (B, T, F)
+            if self.activation == "relu":
+                g, act_c = ops.relu_forward(f, self.fc.b(P))
+            else:
+                g, act_c = ops.gelu_forward(f, self.fc.b(P), approximate=form)
         m, proj_c = _linear(self.proj, P, g, weights)  # (B, T, C)
         return m, FeedForwardCache(fc_c, act_c, proj_c)
 

@@ -273,3 +273,54 @@ def test_linear_backward_in_float32_stays_on_blas(fast_ops, ref):
         results.append((ops.linear_backward(dout, cache, dw, db), dw, db))
     for got, want in zip(*results):
         np.testing.assert_array_equal(got, want)
+
+
+@needs_bf16
+@pytest.mark.parametrize("N,Cin,Cout", [(1, 1, 1), (7, 3, 33), (9, 5, 31), (16, 32, 32), (65, 129, 97),
+                                        (300, 40, 70)])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_linear_gelu_forward_in_bfloat16_is_the_two_ops(monkeypatch, fast_ops, ref, N, Cin, Cout, approximate,
+                                                        with_bias, threads):
+    """The GELU in the bf16 GEMM's epilogue gives the bits of linear_forward then gelu_forward on the
+    same backend, and its cache the same gradients; and the reference's results to float32
+    summation error (the inputs rounded to bfloat16 alike). On one thread and on the threads."""
+    if threads == "parallel":
+        monkeypatch.setattr(G, "PARALLEL_WORK", 0)
+    rng = np.random.default_rng(N * 10000 + Cin * 100 + Cout)
+    x = rng.standard_normal((1, N, Cin)).astype(np.float32)
+    w = rng.standard_normal((Cin, Cout)).astype(np.float32)
+    bias = rng.standard_normal(Cout).astype(np.float32) if with_bias else None
+    g, cache = fast_ops.linear_gelu_forward(x, w, bias, approximate=approximate, precision="bfloat16")
+    f, linear = fast_ops.linear_forward(x, w, precision="bfloat16")
+    want, gelu = fast_ops.gelu_forward(f, bias, approximate=approximate)
+    np.testing.assert_array_equal(g, want)
+    assert cache.linear.precision == "bfloat16"
+    dg = rng.standard_normal(g.shape).astype(np.float32)
+    for got, expected in zip(fast_ops.gelu_backward(dg, cache.gelu), fast_ops.gelu_backward(dg, gelu)):
+        np.testing.assert_array_equal(got, expected)
+    g_ref, _ = ref.linear_gelu_forward(x, w, bias, approximate=approximate, precision="bfloat16")
+    # u = x @ w + bias within 4 K eps of sum |products|, and GELU's slope is below 1.2
+    bound = 4 * Cin * np.finfo(np.float32).eps * (np.abs(G.round_to_bf16(x)) @ np.abs(G.round_to_bf16(w)))
+    assert (np.abs(g - g_ref) <= 1.2 * bound + 1e-6 * np.abs(g_ref) + 1e-30).all()
+
+
+def test_linear_gelu_forward_checks_the_bias_and_the_form_as_the_two_ops(ops):
+    """A bias of the wrong length or an unknown form is refused in the words of gelu_forward, in
+    float32 and (where the backend offers it) bfloat16, where the kernel checks before its GEMM."""
+    x, w = np.ones((3, 4), np.float32), np.ones((4, 5), np.float32)
+    for precision in ops.matmul_precisions["float32"]:
+        with pytest.raises(FastformerError, match=r"bias must have shape \(5,\)"):
+            ops.linear_gelu_forward(x, w, np.ones(6, np.float32), precision=precision)
+        with pytest.raises(FastformerError, match="approximate must be one of tanh, none, got 'erf'"):
+            ops.linear_gelu_forward(x, w, np.ones(5, np.float32), approximate="erf", precision=precision)
+
+
+def test_linear_gelu_forward_in_float32_is_the_two_ops(ops):
+    rng = np.random.default_rng(9)
+    x, w, bias = (rng.standard_normal(s).astype(np.float32) for s in ((2, 9, 12), (12, 40), (40,)))
+    g, cache = ops.linear_gelu_forward(x, w, bias, precision="float32")
+    f, _ = ops.linear_forward(x, w, precision="float32")
+    np.testing.assert_array_equal(g, ops.gelu_forward(f, bias)[0])
+    np.testing.assert_array_equal(cache.gelu.x, f)

@@ -4,7 +4,9 @@ Numba kernels.
 
 What a forward keeps, on every backend: GELU keeps x and the bias (zeros when there is none)
 rather than u = x + bias (the backward recomputes u), ReLU its output (y > 0 exactly where
-x + bias > 0). Shapes: x (..., C), bias (C,).
+x + bias > 0). The bf16 GEMM that makes u with the GELU in its epilogue (matmul.py,
+`linear_gelu_forward`) keeps u and a zero bias instead: the same u for the backward. Shapes:
+x (..., C), bias (C,).
 """
 
 import math

@@ -35,6 +35,7 @@ import numpy as np
 from fastformer.errors import FastformerError
 from fastformer.kernels._jit import ROW_CHUNKS, inline, kernel, numba, prange, sized
 from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into
+from fastformer.kernels.ops.activations import _gelu, gelu_forward
 from fastformer.kernels.process import cpu_has_bf16
 
 A_PANEL = 16  # rows of A per packed panel: two tiles
@@ -224,6 +225,35 @@ def _pack_both(d, b_panels, a_rows, sums_part):
 
 
 # ------------------------------------------------------------------ the GEMM
+@inline
+def _gemm_task(ap, ars, aks, bp, c, M, N, bias, accumulate, rb, acc):
+    """Rows 64 rb .. 64 rb + 63 of c = A @ B + bias (or c += that), over every panel of B; acc is
+    an (8, 32) float32 scratch for the tiles that c cuts."""
+    NP, K2, _ = bp.shape
+    F = c.dtype.type
+    ldc = c.strides[0] // 4
+    direct = c.strides[1] == 4 and c.strides[0] % 4 == 0
+    tiles = (M + TILE_M - 1) // TILE_M
+    step = BLOCK_M // TILE_M
+    for p in range(NP):
+        n0 = p * TILE_N
+        w = min(TILE_N, N - n0)
+        b_off = p * K2 * TILE_N
+        for t in range(rb * step, min(tiles, rb * step + step)):
+            m0 = t * TILE_M
+            h = min(TILE_M, M - m0)
+            a_off = m0 // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
+            if direct and h == TILE_M and w == TILE_N:
+                bf16_tile_into(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0,
+                               accumulate)
+                continue
+            bf16_tile(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, acc)
+            for r in range(h):
+                for j in range(w):
+                    v = acc[r, j] + bias[n0 + j]
+                    c[m0 + r, n0 + j] = c[m0 + r, n0 + j] + v if accumulate else F(v)
+
+
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
         serial_twin=True, floats=("float32",))
 def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
@@ -231,31 +261,21 @@ def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
     at ap[m * ars + k * aks] within its panel of 16 rows: `PackedA`) and B (NP, K2, 32). Tasks of
     64 rows side by side on the threads, each over every panel of B; a tile that c holds whole has
     its epilogue in registers (when c's columns are adjacent)."""
-    NP, K2, _ = bp.shape
-    F = c.dtype.type
-    ldc = c.strides[0] // 4
-    direct = c.strides[1] == 4 and c.strides[0] % 4 == 0
-    tiles = (M + TILE_M - 1) // TILE_M
-    step = BLOCK_M // TILE_M
-    for rb in prange((tiles + step - 1) // step):
-        acc = np.empty((TILE_M, TILE_N), np.float32)
-        for p in range(NP):
-            n0 = p * TILE_N
-            w = min(TILE_N, N - n0)
-            b_off = p * K2 * TILE_N
-            for t in range(rb * step, min(tiles, rb * step + step)):
-                m0 = t * TILE_M
-                h = min(TILE_M, M - m0)
-                a_off = m0 // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
-                if direct and h == TILE_M and w == TILE_N:
-                    bf16_tile_into(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0,
-                                   accumulate)
-                    continue
-                bf16_tile(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, acc)
-                for r in range(h):
-                    for j in range(w):
-                        v = acc[r, j] + bias[n0 + j]
-                        c[m0 + r, n0 + j] = c[m0 + r, n0 + j] + v if accumulate else F(v)
+    for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
+        _gemm_task(ap, ars, aks, bp, c, M, N, bias, accumulate, rb, np.empty((TILE_M, TILE_N), np.float32))
+
+
+@kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, ::1], int64, int64, R[::1], F[:, ::1], boolean)",
+        serial_twin=True, floats=("float32",))
+def _gemm_gelu(ap, ars, aks, bp, c, M, N, bias, g, exact):
+    """`_gemm` into a C-contiguous c, and g = gelu(c) (the erf form with `exact`, else tanh's): each
+    task's rows once it has made them, while they are still in its core's cache (after its whole
+    rows, not tile by tile: a GELU per tile slows the tiles' loop)."""
+    for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
+        _gemm_task(ap, ars, aks, bp, c, M, N, bias, False, rb, np.empty((TILE_M, TILE_N), np.float32))
+        for m in range(rb * BLOCK_M, min(M, rb * BLOCK_M + BLOCK_M)):
+            for n in range(N):
+                g[m, n] = _gelu(c[m, n], exact)
 
 
 # ----------------------------------------------------------------- the API
@@ -323,10 +343,12 @@ def pack_a_and_b(d, sums=None):
     return PackedA(a_rows.reshape(-1), N2, 1, M, N), PackedB(b_panels, M, N)
 
 
-def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
+def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, approximate="tanh"):
     """out (M, N) = a (M, K) @ b (K, N) [+ bias (N,)], or out += that with `accumulate`, with
     bfloat16 products and float32 sums; a may be a PackedA and b a PackedB. float32 arrays of any
-    strides (out one NumPy can write); the shapes are the caller's to check. Returns out."""
+    strides (out one NumPy can write); the shapes are the caller's to check. With gelu_out (M, N)
+    (it and out C-contiguous; not with `accumulate`) also gelu_out = gelu(out) in GELU's form
+    `approximate` ("tanh" or "none", as activations.py), made by the GEMM's tasks. Returns out."""
     require_bf16()
     packed = b if isinstance(b, PackedB) else pack_b(b)
     M, K = (a.M, a.K) if isinstance(a, PackedA) else a.shape
@@ -342,9 +364,15 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False):
             out[...] = 0 if bias is None else bias
         elif bias is not None:
             out += bias
+        if gelu_out is not None:
+            gelu_out[...] = gelu_forward(None, out, None, approximate)[0]
         return out
     words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     bias = np.zeros(packed.N, np.float32) if bias is None else bias
-    sized(_gemm, 2 * M * packed.N * K // 64, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias,
-                                                             accumulate)
+    work = 2 * M * packed.N * K // 64
+    if gelu_out is None:
+        sized(_gemm, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias, accumulate)
+    else:
+        sized(_gemm_gelu, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias, gelu_out,
+                                               approximate == "none")
     return out

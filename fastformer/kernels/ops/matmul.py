@@ -22,7 +22,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError
 from fastformer.kernels.checks import quiet
-from fastformer.kernels.ops import gemm_bf16
+from fastformer.kernels.ops import activations, gemm_bf16
 
 _setting = {"precision": "float32"}  # of the products of float32 arrays: fastformer.kernels.set_precision
 
@@ -36,6 +36,11 @@ class LinearCache(NamedTuple):
     x2: np.ndarray  # (N, Cin): the forward's input as rows
     weight: np.ndarray  # (Cin, Cout)
     precision: Optional[str]
+
+
+class LinearGeluCache(NamedTuple):
+    linear: LinearCache  # of f = x @ weight
+    gelu: tuple  # activations.GeluCache of g = gelu(f + bias)
 
 
 def check_precision(ops, precision, dtype):
@@ -118,6 +123,16 @@ def linear_backward(ops, dout, cache, dweight, dbias=None):
     return ops.matmul(d2, weight.T, precision=precision).reshape(*dout.shape[:-1], weight.shape[0])  # dout W^T
 
 
+@quiet
+def linear_gelu_forward(ops, x, weight, bias=None, approximate="tanh", precision=None):
+    """g = gelu(x @ weight + bias): a linear layer whose bias is the GELU's after it (a feed-forward
+    block's first layer). Returns (g (..., Cout), LinearGeluCache): the caches of linear_forward and
+    gelu_forward, so the backward is theirs (gelu_backward, then linear_backward)."""
+    f, linear = ops.linear_forward(x, weight, precision=precision)
+    g, gelu = ops.gelu_forward(f, bias, approximate=approximate)
+    return g, LinearGeluCache(linear, gelu)
+
+
 # -------------------------------------------------------------------- Numba
 def matmul_numba(ops, a, b, out=None, precision=None, bias=None, accumulate=False):
     """As the reference, bfloat16 on the kernel of gemm_bf16.py, its epilogue in the kernel."""
@@ -137,6 +152,23 @@ def linear_backward_numba(ops, dout, cache, dweight, dbias=None):
     d_as_a, d_as_b = gemm_bf16.pack_a_and_b(d2, sums=dbias)
     gemm_bf16.matmul_bf16(x2.T, d_as_b, out=dweight)  # dweight = x^T dout
     return gemm_bf16.matmul_bf16(d_as_a, weight.T).reshape(*dout.shape[:-1], weight.shape[0])  # dout W^T
+
+
+def linear_gelu_forward_numba(ops, x, weight, bias=None, approximate="tanh", precision=None):
+    """As the reference. In bfloat16 the bias and the GELU are the GEMM's epilogue: its tasks write
+    u = x @ weight + bias and then, while their rows are still in cache, g = gelu(u). The GELU's
+    cache keeps u and a zero bias where the reference's keeps x @ weight and the bias: the
+    backward's u + bias is the same float32 value either way."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
+    N, Cout = x2.shape[0], weight.shape[1]
+    if check_precision(ops, precision, x2.dtype) != "bfloat16" or x2.size == 0 or Cout == 0:
+        return linear_gelu_forward(ops, x, weight, bias, approximate, precision)
+    _, bias = activations.gelu_inputs(np.empty((0, Cout), x2.dtype), bias, approximate)  # f's checks, before the GEMM
+    u, g = np.empty((N, Cout), x2.dtype), np.empty((N, Cout), x2.dtype)
+    gemm_bf16.matmul_bf16(x2, weight, out=u, bias=bias, gelu_out=g, approximate=approximate)
+    shape = (*x.shape[:-1], Cout)
+    gelu = activations.GeluCache(u.reshape(shape), np.zeros(Cout, x2.dtype), approximate, bias is not None)
+    return g.reshape(shape), LinearGeluCache(LinearCache(x2, weight, "bfloat16"), gelu)
 
 
 def pack_numba(ops, b, precision=None):
