@@ -17,12 +17,13 @@ Each step takes the last position's logits, applies the repetition penalty, and 
         top_p          keeping the smallest set of most probable tokens whose mass reaches p
 """
 
+import time
+
 import numpy as np
 
 from fastformer import seeds
 from fastformer.errors import FastformerError, check_ids, check_int, check_number
 from fastformer.kernels import get_ops
-from fastformer.kernels.ops.sampling import filter_top_k, filter_top_p, next_token_probs  # noqa: F401 (the API's)
 
 
 def log_softmax(logits):
@@ -119,7 +120,10 @@ def check_id_limit(id_limit, vocab_size):
     return id_limit
 
 
-GREEDY_CHUNK = 32  # tokens a model's several-step greedy call makes at most before they are yielded
+# A model's several-step greedy call (greedy_steps) makes at most GREEDY_CHUNK tokens, and as many as
+# take about GREEDY_SECONDS by the last call's pace: a fast model's tokens arrive in chunks, a slow
+# one's stream (and stop at Ctrl-C) as they come.
+GREEDY_CHUNK, GREEDY_SECONDS = 32, 0.02
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
@@ -134,7 +138,8 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     `greedy_steps(ids (N,), n, done)`, when given, feeds ids and makes up to n plain greedy
     tokens in one call, keeping `done` as this loop does: (tokens (N, m), whether the last
     column's choice was NaN), or None where it does not run (the fused kernel's loop,
-    TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own.
+    TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own, and the
+    chunks grow from one token to what GREEDY_SECONDS allows.
     """
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
@@ -144,11 +149,15 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     plain_greedy = temperature == 0 and repetition_penalty is None and (id_limit is None or id_limit >= V)
     nxt = None
     i = 0  # tokens yielded
+    chunk = 1  # of greedy_steps' next call
     while i < n_steps:
         if i and plain_greedy and greedy_steps is not None:
-            made = greedy_steps(nxt, min(n_steps - i, GREEDY_CHUNK), None if eos_id is None else done)
-            if made is not None:
+            began = time.perf_counter()
+            made = greedy_steps(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
+            if made is not None and made[0].shape[1]:
                 tokens, nan = made
+                pace = (time.perf_counter() - began) / tokens.shape[1]  # seconds a token
+                chunk = max(1, min(GREEDY_CHUNK, int(GREEDY_SECONDS / max(pace, 1e-9))))
                 for c in range(tokens.shape[1]):
                     if nan and c == tokens.shape[1] - 1:
                         _refuse_nan(i + 1)
@@ -226,10 +235,9 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
         seen[np.nonzero(real)[0], ids[real]] = True
     state = model.init_state(B, use_cache=use_cache)
     logits = model.step(ids, state, attention_mask=mask, validate=False)[:, -1]  # (B, V): the prompt
-    greedy = getattr(model, "greedy_steps", None)
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
                              seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit,
-                             None if greedy is None else lambda ids, n, done: greedy(ids, state, n, done, eos_id))
+                             lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id))
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):

@@ -281,8 +281,13 @@ def exp(x):
 if numba is None:
     def inline(fn):
         return fn
+
+    def function(fn):
+        return fn
 else:
     inline = numba.njit(inline="always", **_JIT_FLAGS)
+    # a jitted function that kernels call rather than inline: a body too large to copy into its caller
+    function = numba.njit(**_JIT_FLAGS)
 
     @intrinsic
     def _int32_bits_as_float32(typingctx, i):

@@ -128,6 +128,29 @@ def _decode(ops, rng, dt):
              "padding": padding, "start": start, "eps": 1e-5}, call)
 
 
+def _greedy(ops, rng, dt):
+    """gpt2_decode_greedy from _decode's inputs: a few steps, an <eos>, a row already done."""
+    args, _ = _decode(ops, rng, dt)
+    Tmax, B = args["k_cache"].shape[3], args["ids"].shape[0]
+    done = np.zeros(B, bool)
+    done[0] = rng.random() < 0.5
+    args.update(n_steps=int(rng.integers(0, Tmax - args["start"] + 1)), eos_id=int(args["weights"].vocab_size - 1),
+                done=done)
+
+    def call(ops, a):
+        tokens, nan = ops.gpt2_decode_greedy(**a)
+        return tokens, np.array([nan]), a["k_cache"], a["v_cache"], a["done"]
+    return args, call
+
+
+def _sample(ops, rng, dt):
+    d = _dims(rng, N=(1, 4), V=(1, 9))
+    N, V = d["N"], d["V"]
+    top_k = None if rng.random() < 0.3 else int(rng.integers(1, V + 2))
+    return ({"logits": _normal(rng, (N, V), dt, 2.0), "u": rng.random(N), "temperature": 0.8, "top_k": top_k},
+            lambda ops, a: ops.sample_ids(**a))
+
+
 def _ce(ops, rng, dt, out=False):
     d = _dims(rng, N=(1, 4), V=(1, 7))
     N, V = d["N"], d["V"]
@@ -256,7 +279,8 @@ def _resolve_numpy():
 FORWARDS = {  # kernel -> builder(ops, rng, dt) -> (args, call(ops, args))
     "softmax_forward": _softmax, "layernorm_forward": _layernorm, "residual_layernorm_forward": _residual,
     "attention_forward": _attention, "attention_qkv_forward": _qkv, "attention_cached": _cached,
-    "gpt2_decode_step": _decode, "cross_entropy_forward": _ce, "cross_entropy_forward(out)": _ce_out,
+    "gpt2_decode_step": _decode, "gpt2_decode_greedy": _greedy, "sample_ids": _sample,
+    "cross_entropy_forward": _ce, "cross_entropy_forward(out)": _ce_out,
     "gelu_forward": lambda *a: _activation("gelu", *a), "relu_forward": lambda *a: _activation("relu", *a),
     "embedding_forward": _embedding, "adamw_update": _adamw, "linear_cross_entropy_forward": _head,
     "attention_forward(tiles)": _on_tiles(_attention), "attention_qkv_forward(tiles)": _on_tiles(_qkv),

@@ -85,6 +85,12 @@ def test_the_serial_and_the_parallel_kernel_agree(monkeypatch):
     (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.zeros(2), 0.0), "temperature"),
     (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.zeros(2), 1.0, 0), "top_k"),
     (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.zeros(2), 1.0, None, 1.5), "top_p"),
+    (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.array([0.5, 1.0]), 1.0), r"u must hold .* \[0, 1\)"),
+    (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.array([-0.5, 0.1]), 1.0), r"\[0, 1\), got -0.5"),
+    (lambda ops: ops.sample_ids(np.ones((2, 4), np.float32), np.array([np.nan, 0.1]), 1.0), r"\[0, 1\), got nan"),
+    (lambda ops: ops.sample_ids(np.array([[1, np.nan, 3, 0]] * 2), np.zeros(2), 1.0, 2), "a NaN in row 0"),
+    (lambda ops: ops.sample_ids(np.array([[1, 2], [np.inf, 0]]), np.zeros(2), 1.0), r"\+inf in row 1"),
+    (lambda ops: ops.sample_ids(np.array([[1, 2], [-np.inf] * 2]), np.zeros(2), 1.0), "-inf at every id in row 1"),
 ])
 def test_bad_input_is_refused_in_one_line(ops, call, message):
     with pytest.raises(FastformerError, match=message):

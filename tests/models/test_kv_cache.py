@@ -359,7 +359,7 @@ def test_gpt2_decode_greedy_matches_reference(fast_ops, ref, weights, dtype):
 
     if weights != "fp32" and (dtype == np.float64 or not quantized.format_runs_natively(weights)):
         pytest.skip(f"{weights} weights: float32 models on a CPU that runs them natively")
-    (free, nan, _, _), = _greedy_case([ref], weights, dtype)
+    (free, nan, _, _), = _greedy_case([ref], weights, dtype)  # one token repeated would prove little
     assert free.shape == (3, 30) and not nan and len(np.unique(free[0])) > 1
     f = int(np.argmax(free[0] != free[0, 0]))  # row 0's first change of token: its eos
     eos = int(free[0, f])
@@ -385,6 +385,12 @@ def test_gpt2_decode_greedy_stops_at_a_nan_and_refuses_what_does_not_fit(ops):
     assert nan and tokens.shape == (2, 1)
     with pytest.raises(ValueError, match="pass the 24 positions of the cache: give at most 4 steps"):
         ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([20, 3]), state.k, state.v, state.padding, 20, 5)
+    with pytest.raises(ValueError, match="the furthest row at position 21"):
+        ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([21, 3]), state.k, state.v, state.padding, 20, 5)
+    with pytest.raises(ValueError, match="eos_id must be"):  # an id the embedding has: done rows are fed it
+        ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([0, 0]), state.k, state.v, state.padding, 0, 5, 50)
+    with pytest.raises(ValueError, match="ids and positions must have shape"):
+        ops.gpt2_decode_greedy(w, np.array([[1, 2]]), np.array([0, 0]), state.k, state.v, state.padding, 0, 5)
     with pytest.raises(ValueError, match="done must be a writeable bool array"):
         ops.gpt2_decode_greedy(w, np.array([1, 2]), np.array([0, 0]), state.k, state.v, state.padding, 0, 5,
                                done=np.zeros(3, bool))
@@ -398,23 +404,47 @@ def test_generate_through_greedy_steps_equals_step_by_step(model, monkeypatch):
     <eos>; the cache holds the same tokens after."""
     prompt = np.array([[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]])
     init_state, greedy_steps = TransformerLM.init_state, TransformerLM.greedy_steps
-    states, asked = [], []
+    states, chunks = [], []  # each run's state; the tokens each call of the chunked path made (None: declined)
 
     def keep_state(self, *a, **k):
         states.append(init_state(self, *a, **k))
         return states[-1]
 
+    def spy(self, *a):
+        made = greedy_steps(self, *a)
+        chunks.append(None if made is None else made[0].shape[1])
+        return made
+
     def run(chunked, eos_id=None):
-        monkeypatch.setattr(TransformerLM, "greedy_steps", greedy_steps if chunked else
-                            lambda self, *a: asked.append(1))  # declines: one step at a time
+        monkeypatch.setattr(TransformerLM, "greedy_steps", spy if chunked else lambda self, *a: None)
         out = model.generate(prompt, 40, eos_id=eos_id)
         return out, states[-1]
 
     monkeypatch.setattr(TransformerLM, "init_state", keep_state)
     (chunked, s1), (stepped, s2) = run(True), run(False)
-    assert asked
+    if model.config.positions == "learned":  # the fused step: chunks ran, and declined at the window's edge
+        assert max(c or 0 for c in chunks) > 1 and None in chunks
+    else:
+        assert set(chunks) == {None}
     np.testing.assert_array_equal(chunked, stepped)
     assert s1.length == s2.length
     np.testing.assert_array_equal(s1.tokens[:, :s1.length], s2.tokens[:, :s2.length])
     eos = int(stepped[0, 9])
     np.testing.assert_array_equal(run(True, eos)[0], run(False, eos)[0])
+
+
+def test_gpt2_decode_greedy_of_many_rows_matches_reference(fast_ops, ref):
+    """From DECODE_SPLIT_ROWS rows the Numba op loops over its split step: the reference's tokens."""
+    from fastformer.kernels.ops.gpt2_decode import DECODE_SPLIT_ROWS
+
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    m = TransformerLM(cfg, seed=4)
+    m.flat.data[:] = np.random.default_rng(4).normal(0, 1.0, m.flat.size).astype(np.float32)
+    B = DECODE_SPLIT_ROWS + 1
+    got = []
+    for ops in (fast_ops, ref):
+        state = m.init_state(B)
+        tokens, nan = ops.gpt2_decode_greedy(m.packed_weights(), np.arange(B) % 50, np.zeros(B, np.int64), state.k,
+                                             state.v, state.padding, 0, 12)
+        got.append(tokens)
+    np.testing.assert_array_equal(*got)

@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
-from fastformer.kernels._jit import _JIT_FLAGS, inline, jit_writable, kernel, numba
+from fastformer.kernels._jit import function, inline, jit_writable, kernel
 from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
@@ -258,40 +258,37 @@ def gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, st
     return ops.linear_quantized(h[:, 0], _quantized_slot(quant, shapes, L * LAYER_SLOTS + HEAD, head=True))
 
 
-def check_greedy(ids, n_steps, eos_id, done):
-    """(n_steps, eos_id as an int, -1 for none, done (B,) bool) of gpt2_decode_greedy."""
+def check_greedy(ids, n_steps, eos_id, done, V, positions, start, Tmax):
+    """(n_steps, eos_id as an int, -1 for none, done (B,) bool) of gpt2_decode_greedy, whose ids
+    (B,) and positions gpt2_decode_step's checks have passed: every step's new token must fit the
+    cache and the position table."""
     check_int("n_steps", n_steps, 0)
-    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0)
-    B = np.shape(ids)[0] if np.ndim(ids) == 1 else -1
+    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0, V - 1)
+    B = ids.shape[0]
     if done is None:
-        done = np.zeros(max(B, 0), bool)
+        done = np.zeros(B, bool)
     if not (isinstance(done, np.ndarray) and done.dtype == bool and done.shape == (B,) and done.flags.writeable
             and done.flags.c_contiguous):
         raise FastformerError(f"done must be a writeable bool array (B,) = ({B},), got {describe(done)}")
+    first = max([int(start), *positions.tolist()])  # the furthest a row's first new token goes
+    if n_steps and first + n_steps > Tmax:
+        raise FastformerError(f"{n_steps} greedy steps from cache position {start} (the furthest row at position "
+                              f"{first}) pass the {Tmax} positions of the cache: give at most {Tmax - first} steps")
     return n_steps, eos, done
-
-
-def check_greedy_room(positions, start, n_steps, Tmax):
-    """The cache and the position table hold every step's new token."""
-    last = max([int(start), *np.asarray(positions).reshape(-1).tolist()]) + n_steps - 1
-    if n_steps and last >= Tmax:
-        raise FastformerError(f"{n_steps} greedy steps from cache position {start} (row positions up to "
-                              f"{last - n_steps + 1}) pass the {Tmax} positions of the cache: give at most "
-                              f"{Tmax - (last - n_steps + 1)} steps")
 
 
 def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id=None,
                        done=None, eps=1e-5):
     """Up to n_steps greedy tokens per row, each fed back as the next step's id: gpt2_decode_step
     at start, start + 1, ... (padding must be False at those positions: they are the new
-    tokens'), the argmax of each step's logits (the lowest id among equal maxima, a NaN where the
-    logits hold one). A row in `done` (B,) bool, or one that has chosen `eos_id`, gets eos_id from
+    tokens'), the argmax of each step's logits (the lowest id among equal maxima; the first NaN's
+    id where the logits hold one). A row in `done` (B,) bool, or one that has chosen `eos_id`, gets eos_id from
     then on (`done` is updated in place); the steps stop once every row is done. Returns (tokens
     (B, m) int64, nan): m <= n_steps steps made, nan True when the last step's choice of some row
     was NaN (its column is in tokens; the caller refuses it)."""
-    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done)
     _, _, ids, positions, _, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps)
-    check_greedy_room(positions, start, n_steps, k_cache.shape[3])
+    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done, int(weights.vocab_size), positions, start,
+                                      k_cache.shape[3])
     tokens = np.zeros((ids.shape[0], n_steps), np.int64)
     for i in range(n_steps):
         logits = ops.gpt2_decode_step(weights, ids, positions + i, k_cache, v_cache, padding, start + i, eps)
@@ -526,8 +523,8 @@ def _gpt2_greedy_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
 
 def _format_kernels(suffix, floats, **products):
     """The loops above as kernels of their own, with `products` (`_mv`, `_head`) of one format:
-    (one step, greedy steps). The greedy loop calls the step's loops as a function of its own
-    (inlined into the loop, it compiled about a third slower)."""
+    (one step, greedy steps). The greedy loop calls the step's loops as a function of its own:
+    inlined into the loop they took longer to compile and ran no faster."""
     def copy(fn, **names):
         c = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__ + suffix)
         c.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
@@ -535,9 +532,8 @@ def _format_kernels(suffix, floats, **products):
         return c
 
     step = kernel(_DECODE_SIG, parallel=False, floats=floats)(copy(_gpt2_decode_loops, **products))
-    loops = copy(_gpt2_decode_loops, **products)
     greedy = kernel(_GREEDY_SIG, parallel=False, floats=floats)(
-        copy(_gpt2_greedy_loops, _step_loops=loops if numba is None else numba.njit(**_JIT_FLAGS)(loops)))
+        copy(_gpt2_greedy_loops, _step_loops=function(copy(_gpt2_decode_loops, **products))))
     return step, greedy
 
 
@@ -584,14 +580,14 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     """As the reference, every step in one kernel call: at batch 1 the Python around a step costs
     more than the step's arithmetic on the small presets. Rows that the step would split across
     the task pool take the reference's loop over steps instead."""
-    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done)
     flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start, eps)
-    check_greedy_room(positions, start, n_steps, k_cache.shape[3])
+    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done, int(weights.vocab_size), positions, start,
+                                      k_cache.shape[3])
     fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
     B = ids.shape[0]
     if (not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32)
-            or (B >= DECODE_SPLIT_ROWS and task_threads() > 1) or n_steps == 0):
+            or (B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32) or n_steps == 0):
         return gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id,
                                   done, eps)
     tokens = np.zeros((B, n_steps), np.int64)

@@ -12,13 +12,16 @@ For each row n of logits (N, V) and its uniform draw u[n] in [0, 1):
     id      the first id whose cumulative probability exceeds u * (the total), never an id
             without mass
 
-Sampling 16 sequences of a 4096-id vocabulary side by side, the reference spends about 1.7 ms a
-step (a partition, a sort-free filter, exp and cumsum over every id, in float64), as long as the
-model's step itself. The kernel reads each row once to find the k-th largest z (a min-heap of k
-values: most ids fail the first comparison), takes exp of the kept ids only and walks the
-cumulative sum once. Its float64 sums run in another order than NumPy's, so an id can differ
-from the reference's only when u falls within rounding of a boundary between two ids. top-p
-sorts the kept ids: the kernel leaves it to the reference.
+Logits are finite or -inf (a masked id), with at least one finite id a row: NaN, +inf and a row
+with every id masked are refused on both backends.
+
+The reference sorts nothing but passes over every id several times in float64 (a partition,
+exp, cumsum), which at a few rows of a large vocabulary costs as much as the model's decoding
+step. The kernel reads each row once to find the k-th largest z (a min-heap of k values, which
+most ids fail to enter), gathers the kept ids, and takes exp and the cumulative sum over them
+alone. Its float64 sums run in another order than NumPy's, so an id can differ from the
+reference's only when u falls within rounding of a boundary between two ids. top-p sorts the
+kept ids: the kernel leaves it to the reference.
 """
 
 import numpy as np
@@ -34,10 +37,20 @@ def sample_inputs(logits, u, temperature, top_k, top_p):
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.dtype not in (np.float32, np.float64) or logits.shape[1] == 0:
         raise FastformerError(f"logits must be a float32 or float64 array (rows, vocabulary), got {describe(logits)}")
-    u = np.asarray(u, dtype=np.float64)
-    if u.shape != logits.shape[:1]:
-        raise FastformerError(f"u must hold one uniform draw per row of logits, shape ({logits.shape[0]},), "
-                              f"got {u.shape}")
+    u = np.asarray(u)
+    if u.dtype.kind not in "fiu" or u.shape != logits.shape[:1]:
+        raise FastformerError(f"u must be a float array of one uniform draw per row of logits, shape "
+                              f"({logits.shape[0]},), got {describe(u)}")
+    u = u.astype(np.float64)
+    if not ((u >= 0) & (u < 1)).all():  # NaN fails both
+        raise FastformerError(f"u must hold uniform draws in [0, 1), got {float(u[~((u >= 0) & (u < 1))][0])}")
+    top = logits.max(axis=1)  # NaN where a row holds one
+    bad = ~np.isfinite(top)
+    if bad.any():
+        n = int(np.argmax(bad))
+        what = "a NaN" if np.isnan(top[n]) else "+inf" if top[n] > 0 else "-inf at every id"
+        raise FastformerError(f"logits must be finite or -inf (a masked id) with one finite id a row at least, "
+                              f"got {what} in row {n}")
     check_number("temperature", temperature, 0, low_open=True, finite=True)
     if top_k is not None:
         check_int("top_k", top_k)
@@ -167,6 +180,7 @@ def _sample_rows(logits, u, temperature, top_k, ids):
 
 
 def sample_ids_numba(ops, logits, u, temperature, top_k=None, top_p=None):
+    """As the reference; top-p runs the reference."""
     logits, u = sample_inputs(logits, u, temperature, top_k, top_p)
     if top_p is not None or logits.shape[0] == 0:
         return sample_ids(ops, logits, u, temperature, top_k, top_p)
