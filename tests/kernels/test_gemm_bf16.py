@@ -77,6 +77,21 @@ def test_bias_accumulate_read_only_and_packed_operands():
 
 
 @needs_bf16
+def test_outputs_and_bias_of_another_shape_are_refused_before_the_kernel_writes():
+    a, b = np.ones((40, 70), np.float32), np.ones((70, 50), np.float32)
+    f32 = np.float32
+    cases = [({"out": np.zeros((40, 49), f32)}, "out"), ({"out": np.zeros((4, 50), f32)}, "out"),
+             ({"out": np.zeros((40, 50))}, "out"), ({"bias": np.zeros(49, f32)}, "bias"),
+             ({"bias": [0.0] * 50}, "bias"),
+             ({"out": np.zeros((40, 50), f32), "gelu_out": np.zeros((40, 5), f32)}, "gelu_out")]
+    for kwargs, name in cases:
+        with pytest.raises(FastformerError, match=f"{name} must be a float32 array of shape"):
+            G.matmul_bf16(a, b, **kwargs)
+    with use_precision("bfloat16"), pytest.raises(FastformerError, match="out must be"):
+        fastformer.get_ops().matmul(a, b, out=np.zeros((40, 49), np.float32))
+
+
+@needs_bf16
 @pytest.mark.parametrize("transposed", [False, True])
 def test_packers_hold_the_rounded_values_in_pairs(transposed):
     rng = np.random.default_rng(3)

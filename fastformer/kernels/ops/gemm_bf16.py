@@ -35,6 +35,7 @@ import numpy as np
 from fastformer.errors import FastformerError
 from fastformer.kernels._jit import ROW_CHUNKS, inline, kernel, numba, prange, sized
 from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into
+from fastformer.kernels.checks import describe
 from fastformer.kernels.ops.activations import _gelu, gelu_forward
 from fastformer.kernels.process import cpu_has_bf16
 
@@ -357,6 +358,11 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
     if out is None:
         out = np.empty((M, packed.N), np.float32)
         accumulate = False
+    # the kernel writes through raw offsets: an array of another shape would be written past its end
+    N = packed.N
+    for name, x, shape in (("out", out, (M, N)), ("bias", bias, (N,)), ("gelu_out", gelu_out, (M, N))):
+        if x is not None and (not isinstance(x, np.ndarray) or x.shape != shape or x.dtype != np.float32):
+            raise FastformerError(f"matmul_bf16: {name} must be a float32 array of shape {shape}, got {describe(x)}")
     if M == 0 or packed.N == 0:
         return out
     if K == 0:  # an empty sum
