@@ -149,3 +149,20 @@ def test_greedy_steps_chunks_are_yielded_one_by_one_and_a_nan_among_them_is_refu
     assert calls == [([1], 1), ([2], 4), ([2], 2)]  # one token first, then as many as GREEDY_SECONDS allow
     with pytest.raises(FastformerError, match="became NaN at new token 7"):
         next(gen)
+
+
+def test_an_empty_greedy_chunk_falls_back_to_the_step():
+    from fastformer.generation.sampling import sample_tokens
+
+    logits = np.array([[0.0, 1.0, 0.0]])
+    steps = []
+
+    def step(ids):
+        steps.append(ids.tolist())
+        return np.array([[0.0, 0.0, 1.0]])
+
+    def greedy_steps(ids, n, done):  # makes no token: the loop must step instead, not ask again for ever
+        return np.zeros((1, 0), np.int64), False
+
+    got = [int(t[0]) for t in sample_tokens(step, logits, 3, greedy_steps=greedy_steps)]
+    assert got == [1, 2, 2] and steps == [[1], [2]]

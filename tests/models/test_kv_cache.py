@@ -448,3 +448,21 @@ def test_gpt2_decode_greedy_of_many_rows_matches_reference(fast_ops, ref):
                                              state.v, state.padding, 0, 12)
         got.append(tokens)
     np.testing.assert_array_equal(*got)
+
+
+def test_gpt2_decode_greedy_runs_its_kernel_for_float64_rows_the_step_would_not_split(fast_ops, ref, monkeypatch):
+    """Only float32 steps split across the task pool: float64 rows from DECODE_SPLIT_ROWS on still
+    take the one-call kernel, and make the reference's tokens."""
+    from fastformer.kernels.ops import gpt2_decode
+
+    m = TransformerLM(dataclasses.replace(CFG, tie_embeddings=False), seed=4, dtype=np.float64)
+    m.flat.data[:] = np.random.default_rng(4).normal(0, 1.0, m.flat.size)
+    B = gpt2_decode.DECODE_SPLIT_ROWS
+    state = m.init_state(B)
+    want = ref.gpt2_decode_greedy(m.packed_weights(), np.arange(B) % 50, np.zeros(B, np.int64), state.k, state.v,
+                                  state.padding, 0, 6)[0]
+    monkeypatch.setattr(gpt2_decode, "gpt2_decode_greedy", lambda *a, **k: pytest.fail("took the reference's loop"))
+    state = m.init_state(B)
+    got, nan = fast_ops.gpt2_decode_greedy(m.packed_weights(), np.arange(B) % 50, np.zeros(B, np.int64), state.k,
+                                           state.v, state.padding, 0, 6)
+    np.testing.assert_array_equal(got, want)
