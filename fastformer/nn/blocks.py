@@ -59,12 +59,18 @@ class Linear:
         return P[self.bias] if self.bias else None
 
 
+def _quantized(lin, weights, key=None):
+    """The quantised weight of the Linear `lin` in `weights` (under `key`, default its weight's
+    name), or None: it multiplies in float32."""
+    return weights.get(key or lin.weight) if weights else None
+
+
 def _linear(lin, P, x, weights, bias=True, key=None):
     """(x @ W (+ b), LinearCache) of the Linear `lin`; with its quantised weight in `weights`
-    (under `key`, default its weight's name) the product of ops.linear_quantized and no cache."""
+    (`_quantized`) the product of ops.linear_quantized and no cache."""
     ops = get_ops()
     b = lin.b(P) if bias else None
-    qw = weights.get(key or lin.weight) if weights else None
+    qw = _quantized(lin, weights, key)
     if qw is not None:
         return ops.linear_quantized(x, qw, b), None
     return ops.linear_forward(x, lin.w(P), b)
@@ -314,7 +320,7 @@ class FeedForward:
         ops = get_ops()
         weights = ctx.weights if ctx is not None else None
         form = "tanh" if self.activation == "gelu_tanh" else "none"
-        if self.activation != "relu" and not (weights and weights.get(self.fc.weight) is not None):
+        if self.activation != "relu" and _quantized(self.fc, weights) is None:
             # g = gelu(h @ W_fc + b_fc) in one op, which a backend may fuse; its caches are those below
             g, (fc_c, act_c) = ops.linear_gelu_forward(h, self.fc.w(P), self.fc.b(P), approximate=form)
         else:

@@ -363,7 +363,7 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
     for name, x, shape in (("out", out, (M, N)), ("bias", bias, (N,)), ("gelu_out", gelu_out, (M, N))):
         if x is not None and (not isinstance(x, np.ndarray) or x.shape != shape or x.dtype != np.float32):
             raise FastformerError(f"matmul_bf16: {name} must be a float32 array of shape {shape}, got {describe(x)}")
-    if M == 0 or packed.N == 0:
+    if M == 0 or N == 0:
         return out
     if K == 0:  # an empty sum
         if not accumulate:
@@ -374,11 +374,11 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
             gelu_out[...] = gelu_forward(None, out, None, approximate)[0]
         return out
     words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
-    bias = np.zeros(packed.N, np.float32) if bias is None else bias
-    work = 2 * M * packed.N * K // 64
+    bias = np.zeros(N, np.float32) if bias is None else bias
+    work = 2 * M * N * K // 64
     if gelu_out is None:
-        sized(_gemm, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias, accumulate)
+        sized(_gemm, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, N, bias, accumulate)
     else:
-        sized(_gemm_gelu, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, packed.N, bias, gelu_out,
+        sized(_gemm_gelu, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, N, bias, gelu_out,
                                                approximate == "none")
     return out
