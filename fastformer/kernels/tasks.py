@@ -43,9 +43,31 @@ def run_tasks(tasks):
         for fn, args in tasks:
             fn(*args)
         return
+    pool = _executor(threads)
+    with blas_threads(1):
+        for f in [pool.submit(_run, fn, args) for fn, args in tasks]:
+            f.result()
+
+
+def _executor(threads):
+    """The pool, of `threads` threads."""
     global _pool
     if _pool is None or _pool[0] != threads:
         _pool = threads, concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastformer-tasks")
-    with blas_threads(1):
-        for f in [_pool[1].submit(_run, fn, args) for fn, args in tasks]:
+    return _pool[1]
+
+
+def run_together(fn, args, parts):
+    """Run fn(*args, part, parts) for part = 0 .. parts - 1 at once, part 0 on the calling thread
+    and the others on the pool; returns part 0's result. For the parts of one kernel call that
+    share its work as they go (_sync.py): each part must be able to finish alone, since a pool
+    thread may start late, or after the caller's part is done."""
+    if parts > task_threads() or in_task():  # one after the other
+        return [fn(*args, part, parts) for part in range(parts)][0]
+    pool = _executor(task_threads())
+    others = [pool.submit(_run, fn, (*args, part, parts)) for part in range(1, parts)]
+    try:
+        return fn(*args, 0, parts)
+    finally:
+        for f in others:
             f.result()

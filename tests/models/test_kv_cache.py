@@ -466,3 +466,53 @@ def test_gpt2_decode_greedy_runs_its_kernel_for_float64_rows_the_step_would_not_
     got, nan = fast_ops.gpt2_decode_greedy(m.packed_weights(), np.arange(B) % 50, np.zeros(B, np.int64), state.k,
                                            state.v, state.padding, 0, 6)
     np.testing.assert_array_equal(got, want)
+
+
+def _split_order(order):
+    """A run_together that runs the parts one after the other, in `order` (part 0's result back)."""
+    def run(fn, args, parts):
+        results = {p: fn(*args, p, parts) for p in order(parts)}
+        return results[0]
+    return run
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+def test_gpt2_decode_greedy_in_two_parts_makes_the_one_part_bits(fast_ops, weights, monkeypatch):
+    """Two parts sharing each stage's chunks (_sync.py) make the one-part call's tokens, done rows
+    and cache bit for bit: run side by side, and one after the other in either order (the first
+    then does every chunk, the second finds none left)."""
+    from fastformer.kernels import tasks
+    from fastformer.kernels.ops import gpt2_decode, quantized
+
+    if weights != "fp32" and not quantized.format_runs_natively(weights):
+        pytest.skip(f"{weights} weights: a CPU that runs them natively")
+    if not gpt2_decode.tiles_run():
+        pytest.skip("the parts synchronise through compiled atomics")
+    cfg = dataclasses.replace(CFG, d_model=128, n_heads=4, d_ff=512, vocab_size=300, max_seq_len=40,
+                              tie_embeddings=False)  # products of several groups of columns: chunks to share
+    m = TransformerLM(cfg, seed=5)
+    m.flat.data[:] = np.random.default_rng(5).normal(0, 1.0, m.flat.size)
+    if weights != "fp32":
+        m.quantize(weights)
+
+    def greedy(parts, run_together=None, eos=None):
+        monkeypatch.setattr(gpt2_decode, "greedy_parts", lambda *a: parts)
+        if run_together is not None:
+            monkeypatch.setattr(gpt2_decode, "run_together", run_together)
+        state = m.init_state(2)
+        state.padding[:, :] = False
+        done = np.array([False, True])
+        tokens, nan = fast_ops.gpt2_decode_greedy(m.packed_weights(), np.array([3, 4]), np.array([0, 0]), state.k,
+                                                  state.v, state.padding, 0, 24, eos, done)
+        monkeypatch.setattr(gpt2_decode, "run_together", tasks.run_together)
+        return tokens, nan, done, state.k, state.v
+
+    one = greedy(1)
+    assert len(np.unique(one[0][0])) > 1
+    eos = int(one[0][0, 10])
+    for eos_id in (None, eos):
+        want = greedy(1, eos=eos_id)
+        for run in (None, _split_order(lambda n: range(n)), _split_order(lambda n: reversed(range(n)))):
+            got = greedy(2, run, eos_id)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)

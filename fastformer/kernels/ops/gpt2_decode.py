@@ -31,6 +31,17 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
 from fastformer.kernels._jit import function, inline, jit_writable, kernel
+from fastformer.kernels._sync import (
+    chunk_at,
+    chunk_span,
+    claim,
+    finish,
+    stage_chunks,
+    stage_open,
+    sync_words,
+    wait_stage,
+)
+from fastformer.kernels._tiles import tiles_run
 from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
@@ -47,7 +58,7 @@ from fastformer.kernels.ops.quantized import (
     require_format,
     words_per_row,
 )
-from fastformer.kernels.tasks import run_tasks, task_threads
+from fastformer.kernels.tasks import run_tasks, run_together, task_threads
 
 # each layer's slots, in this order              shape
 LN1_W, LN1_B = 0, 1                              # (C,), (C,)       the attention's layernorm
@@ -304,13 +315,19 @@ def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, 
 
 
 # -------------------------------------------------------------------- Numba
+# A step is a chain of stages (_sync.py): the embedding; per layer the fused q, k, v product, the
+# heads' attention over the cache, the output projection (+ the residual), the MLP's hidden layer
+# (+ GELU) and its output layer (+ the residual); then the head. Each stage is cut into chunks:
+# groups of GROUP_N output columns of a product, heads of attention. With parts == 1 (one thread)
+# a stage is one chunk; with two parts, both cores run every step, each on its share of the
+# weights. The layernorm before a product, and the quantisation of its input rows, are made by
+# every part for itself ("prep"), from activations that no chunk of that stage writes.
 @inline
-def _affine(x, w, bias, y):
-    """y (R, N) = x (R, K) @ w (K, N) + bias (N,), streaming w once for all R rows."""
+def _affine(x, w, bias, y, c0, c1):
+    """y[:, c0:c1] = x (R, K) @ w[:, c0:c1] (w (K, N)) + bias[c0:c1], streaming w once for all R rows."""
     R, K = x.shape
-    N = w.shape[1]
     for r in range(R):
-        for n in range(N):
+        for n in range(c0, c1):
             y[r, n] = bias[n]
     k = 0
     while k + 4 <= K:  # four rows of w a pass: y is loaded and stored a quarter as often
@@ -318,7 +335,7 @@ def _affine(x, w, bias, y):
         for r in range(R):
             x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
             yr = y[r]
-            for n in range(N):
+            for n in range(c0, c1):
                 yr[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
         k += 4
     while k < K:
@@ -326,7 +343,7 @@ def _affine(x, w, bias, y):
         for r in range(R):
             xk = x[r, k]
             yr = y[r]
-            for n in range(N):
+            for n in range(c0, c1):
                 yr[n] += xk * wk[n]
         k += 1
 
@@ -345,35 +362,50 @@ def _vector(flat, offsets, slot, n):
     return flat[o:o + n]
 
 
-# The products of a step, one set per weight format; the loops below call `_mv` (x @ a matrix slot
-# + its bias) and `_head` (the logits), and each kernel is those loops with one format's pair.
+# The products of a step, one set per weight format: `_prep` readies a product's input rows x (R, K)
+# (int8: u8 rows and their scales in au8, sx; bf16: pairs of bfloat16 in aw), `_cols` writes the
+# columns of groups g0..g1 of y = x @ a matrix slot (+ its bias, when b_off >= 0), `_head_cols` those
+# of the logits. Each kernel is the loops below with one format's three.
 @inline
-def _mv_fp32(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
-    _affine(x, flat[w_off:w_off + K * N].reshape((K, N)), flat[b_off:b_off + N], y)
+def _prep_fp32(x, K, au8, aw, sx):
+    pass
 
 
 @inline
-def _mv_int8(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+def _prep_int8(x, K, au8, aw, sx):
+    quantize_rows_u8(x, x.shape[0], K, au8, (K + 3) // 4 * 4, sx)
+
+
+@inline
+def _prep_bf16(x, K, au8, aw, sx):
+    pack_rows_bf16(x, x.shape[0], K, aw, (K + 1) // 2)
+
+
+@inline
+def _cols_fp32(x, K, N, g0, g1, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+    _affine(x, flat[w_off:w_off + K * N].reshape((K, N)), flat[b_off:b_off + N], y, g0 * GROUP_N,
+            min(N, g1 * GROUP_N))
+
+
+@inline
+def _cols_int8(x, K, N, g0, g1, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
     kw = (K + 3) // 4
-    quantize_rows_u8(x, x.shape[0], K, au8, kw * 4, sx)
     int8_product(au8, kw, sx, x.shape[0], words, qo[0], kw, scales, corrections, qo[1], flat, b_off, b_off >= 0, y, N,
-                 0, (N + GROUP_N - 1) // GROUP_N, acc_i)
+                 g0, g1, acc_i)
 
 
 @inline
-def _mv_bf16(x, K, N, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
+def _cols_bf16(x, K, N, g0, g1, flat, w_off, b_off, words, scales, corrections, qo, y, au8, aw, sx, acc_i, acc_f):
     kw = (K + 1) // 2
-    pack_rows_bf16(x, x.shape[0], K, aw, kw)
-    bf16_product(aw, kw, x.shape[0], words, qo[0], kw, flat, b_off, b_off >= 0, y, N, 0, (N + GROUP_N - 1) // GROUP_N,
-                 acc_f)
+    bf16_product(aw, kw, x.shape[0], words, qo[0], kw, flat, b_off, b_off >= 0, y, N, g0, g1, acc_f)
 
 
 @inline
-def _head_fp32(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+def _head_cols_fp32(h, C, V, g0, g1, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
     head = flat[w_off:w_off + V * C].reshape((V, C))
     R = h.shape[0]
     F = flat.dtype.type
-    for v in range(V):  # logits = h @ head.T: one dot product of C per id, head read once
+    for v in range(g0 * GROUP_N, min(V, g1 * GROUP_N)):  # logits = h @ head.T: a dot product of C per id
         hv = head[v]
         for r in range(R):
             total = F(0.0)
@@ -383,166 +415,241 @@ def _head_fp32(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8
 
 
 @inline
-def _head_int8(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
-    _mv_int8(h, C, V, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
+def _head_cols_int8(h, C, V, g0, g1, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+    _cols_int8(h, C, V, g0, g1, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
 
 
 @inline
-def _head_bf16(h, C, V, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
-    _mv_bf16(h, C, V, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
+def _head_cols_bf16(h, C, V, g0, g1, flat, w_off, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f):
+    _cols_bf16(h, C, V, g0, g1, flat, w_off, -1, words, scales, corrections, qo, logits, au8, aw, sx, acc_i, acc_f)
 
 
-_mv, _head = _mv_fp32, _head_fp32  # the float32 kernel's; the others rebind them (_format_kernels)
+# the float32 kernel's; the others rebind them (_format_kernels)
+_prep, _cols, _head_cols = _prep_fp32, _cols_fp32, _head_cols_fp32
 DECODE_SPLIT_ROWS = 16  # rows from which a step runs as two halves side by side on the task pool
+PLAIN, GELU, RESIDUAL = 0, 1, 2  # what a product stage does to its columns after the product
 
-_DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
-               "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1], "
-               "readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], readonly(int64)[:, ::1], int64)")
+
+def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, slot_b, head, flat, offsets, words,
+                         scales, corrections, qoff, y, finish_with, res, au8, aw, sx, acc_i, acc_f):
+    """Stage s: y = x (R, K) @ the matrix of slot_w (+ the bias of slot_b; the head's logits when
+    `head`), its columns in chunks of groups; GELU on them, or added into `res` (R, N) after. With
+    ln >= 0, x is first made the layernorm of src by the weight and bias in slots ln, ln + 1."""
+    G = (N + GROUP_N - 1) // GROUP_N
+    n = stage_chunks(G, parts)
+    if stage_open(sync, s, n, parts):
+        if ln >= 0:
+            for r in range(x.shape[0]):
+                normalize_row(src[r], _vector(flat, offsets, ln, K), _vector(flat, offsets, ln + 1, K), eps, x[r])
+        _prep(x, K, au8, aw, sx)
+        for j in range(n):
+            c = chunk_at(j, n, part, parts)
+            if not claim(sync, s, c, parts):
+                continue
+            g0, g1 = chunk_span(c, n, G)
+            if head:
+                _head_cols(x, K, N, g0, g1, flat, offsets[slot_w], words, scales, corrections, qoff[slot_w], y, au8,
+                           aw, sx, acc_i, acc_f)
+            else:
+                _cols(x, K, N, g0, g1, flat, offsets[slot_w], offsets[slot_b], words, scales, corrections,
+                      qoff[slot_w], y, au8, aw, sx, acc_i, acc_f)
+            if finish_with != PLAIN:
+                for r in range(x.shape[0]):
+                    for col in range(g0 * GROUP_N, min(N, g1 * GROUP_N)):
+                        if finish_with == GELU:
+                            y[r, col] = _gelu(y[r, col], False)
+                        else:
+                            res[r, col] += y[r, col]
+            finish(sync, s, parts)
+        wait_stage(sync, s, n, parts)
+
+
+_product_stage = inline(_product_stage_loops)  # the float32 kernel's; _format_kernels makes each format's
+
+
+@inline
+def _attention_stage(sync, s, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p):
+    """Stage s: each row's heads (the chunks' units) over the cache, the new key and value
+    stored at t first; a (R, C) the heads' outputs."""
+    L, _, H, _, hs = kc.shape
+    R, C = a.shape
+    F = a.dtype.type
+    scale = F(1.0 / math.sqrt(hs))
+    n = stage_chunks(R * H, parts)
+    for j in range(n):
+        c = chunk_at(j, n, part, parts)
+        if not claim(sync, s, c, parts):
+            continue
+        u0, u1 = chunk_span(c, n, R * H)
+        for u in range(u0, u1):
+            r, hd = u // H, u % H
+            kh, vh = kc[layer, r0 + r, hd], vc[layer, r0 + r, hd]
+            for d in range(hs):
+                kh[t, d] = qkv[r, C + hd * hs + d]
+                vh[t, d] = qkv[r, 2 * C + hd * hs + d]
+            for j2 in range(t + 1):
+                sc = F(0.0)
+                for d in range(hs):
+                    sc += qkv[r, hd * hs + d] * kh[j2, d]
+                p[j2] = sc * scale
+            _, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
+            ah = a[r, hd * hs:(hd + 1) * hs]
+            ah[:] = F(0.0)
+            if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
+                continue
+            for j2 in range(t + 1):
+                for d in range(hs):
+                    ah[d] += p[j2] * vh[j2, d]
+            inv = F(1.0) / total
+            for d in range(hs):
+                ah[d] *= inv
+        finish(sync, s, parts)
+    wait_stage(sync, s, n, parts)
 
 
 def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
-                       qoff, r0):
+                       qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, s, part, parts):
     """The step of the rows ids (R,) whose caches are rows r0 .. r0 + R - 1 of kc and vc (padding,
-    positions and logits: the R rows themselves)."""
+    positions and logits: the R rows themselves), as stages s, s + 1, ... of `sync`; returns the
+    stage after its last. x (R, C), qkv (R, 3C), a (R, C), f (R, F): the activations every part
+    reads; h, o (R, C), p (Tmax,) and the quantised rows (au8, aw, sx, acc_i, acc_f): this part's."""
     L, _, H, _, hs = kc.shape
     R = ids.shape[0]
     C, V = H * hs, logits.shape[1]
-    F = flat.dtype.type
-    scale = F(1.0 / math.sqrt(hs))
     g = L * LAYER_SLOTS  # the model-wide slots follow the layers'
-    wte = _matrix(flat, offsets, g + WTE, V, C)
-    wpe = _matrix(flat, offsets, g + WPE, kc.shape[3], C)
-    x = np.empty((R, C), flat.dtype)  # the residual stream
-    h = np.empty((R, C), flat.dtype)
-    qkv = np.empty((R, 3 * C), flat.dtype)
-    a = np.empty((R, C), flat.dtype)
-    o = np.empty((R, C), flat.dtype)
-    f = np.empty((R, d_ff), flat.dtype)
-    p = np.empty(t + 1, flat.dtype)
-    K = max(C, d_ff) + 4  # the activations of a quantised product: u8 (int8) or bfloat16 pairs (bf16)
-    au8 = np.empty(R * K, np.uint8)
-    aw = np.zeros(R * K, np.uint32)
-    sx = np.empty(R, np.float32)
-    acc_i = np.empty(TILE_ROWS * GROUP_N, np.int32)
-    acc_f = np.empty(TILE_ROWS * GROUP_N, np.float32)
-    for r in range(R):
-        for c in range(C):
-            x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
+    if claim(sync, s, 0, parts):  # the embedding: one chunk
+        wte = _matrix(flat, offsets, g + WTE, V, C)
+        wpe = _matrix(flat, offsets, g + WPE, kc.shape[3], C)
+        for r in range(R):
+            for c in range(C):
+                x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
+        finish(sync, s, parts)
+    wait_stage(sync, s, 1, parts)
+    s += 1
     for layer in range(L):
-        s = layer * LAYER_SLOTS
-        for r in range(R):
-            normalize_row(x[r], _vector(flat, offsets, s + LN1_W, C), _vector(flat, offsets, s + LN1_B, C), eps, h[r])
-        _mv(h, C, 3 * C, flat, offsets[s + QKV_W], offsets[s + QKV_B], words, scales, corrections, qoff[s + QKV_W], qkv,
-            au8, aw, sx, acc_i, acc_f)
-        for r in range(R):
-            for hd in range(H):
-                kh, vh = kc[layer, r0 + r, hd], vc[layer, r0 + r, hd]
-                for d in range(hs):
-                    kh[t, d] = qkv[r, C + hd * hs + d]
-                    vh[t, d] = qkv[r, 2 * C + hd * hs + d]
-                for j in range(t + 1):
-                    sc = F(0.0)
-                    for d in range(hs):
-                        sc += qkv[r, hd * hs + d] * kh[j, d]
-                    p[j] = sc * scale
-                _, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
-                ah = a[r, hd * hs:(hd + 1) * hs]
-                ah[:] = F(0.0)
-                if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
-                    continue
-                for j in range(t + 1):
-                    for d in range(hs):
-                        ah[d] += p[j] * vh[j, d]
-                inv = F(1.0) / total
-                for d in range(hs):
-                    ah[d] *= inv
-        _mv(a, C, C, flat, offsets[s + ATTN_W], offsets[s + ATTN_B], words, scales, corrections, qoff[s + ATTN_W], o,
-            au8, aw, sx, acc_i, acc_f)
-        for r in range(R):
-            for c in range(C):
-                x[r, c] += o[r, c]
-            normalize_row(x[r], _vector(flat, offsets, s + LN2_W, C), _vector(flat, offsets, s + LN2_B, C), eps, h[r])
-        _mv(h, C, d_ff, flat, offsets[s + FC_W], offsets[s + FC_B], words, scales, corrections, qoff[s + FC_W], f,
-            au8, aw, sx, acc_i, acc_f)
-        for r in range(R):
-            for c in range(d_ff):
-                f[r, c] = _gelu(f[r, c], False)
-        _mv(f, d_ff, C, flat, offsets[s + MLP_W], offsets[s + MLP_B], words, scales, corrections, qoff[s + MLP_W], o,
-            au8, aw, sx, acc_i, acc_f)
-        for r in range(R):
-            for c in range(C):
-                x[r, c] += o[r, c]
-    for r in range(R):
-        normalize_row(x[r], _vector(flat, offsets, g + LNF_W, C), _vector(flat, offsets, g + LNF_B, C), eps, h[r])
-    _head(h, C, V, flat, offsets[g + HEAD], words, scales, corrections, qoff[g + HEAD], logits, au8, aw, sx, acc_i,
-          acc_f)
+        w = layer * LAYER_SLOTS
+        _product_stage(sync, s, parts, part, x, w + LN1_W, eps, h, C, 3 * C, w + QKV_W, w + QKV_B, False, flat, offsets,
+                       words, scales, corrections, qoff, qkv, PLAIN, x, au8, aw, sx, acc_i, acc_f)
+        _attention_stage(sync, s + 1, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p)
+        _product_stage(sync, s + 2, parts, part, x, -1, eps, a, C, C, w + ATTN_W, w + ATTN_B, False, flat, offsets,
+                       words, scales, corrections, qoff, o, RESIDUAL, x, au8, aw, sx, acc_i, acc_f)
+        _product_stage(sync, s + 3, parts, part, x, w + LN2_W, eps, h, C, d_ff, w + FC_W, w + FC_B, False, flat,
+                       offsets, words, scales, corrections, qoff, f, GELU, x, au8, aw, sx, acc_i, acc_f)
+        _product_stage(sync, s + 4, parts, part, x, -1, eps, f, d_ff, C, w + MLP_W, w + MLP_B, False, flat, offsets,
+                       words, scales, corrections, qoff, o, RESIDUAL, x, au8, aw, sx, acc_i, acc_f)
+        s += 5
+    _product_stage(sync, s, parts, part, x, g + LNF_W, eps, h, C, V, g + HEAD, g + HEAD, True, flat, offsets, words,
+                   scales, corrections, qoff, logits, PLAIN, x, au8, aw, sx, acc_i, acc_f)
+    return s + 1
 
 
-_step_loops = _gpt2_decode_loops  # the greedy loop's step: _format_kernels gives each format's copy its own
-_GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+_step_loops = _gpt2_decode_loops  # the kernels' step: _format_kernels gives each format's copy its own
+
+
+@inline
+def _scratch(R, C, d_ff, Tmax, dtype):
+    """A part's own buffers of a step: h, o (R, C), p (Tmax,), au8, aw, sx, acc_i, acc_f."""
+    K = max(C, d_ff) + 4  # the activations of a quantised product: u8 (int8) or bfloat16 pairs (bf16)
+    return (np.empty((R, C), dtype), np.empty((R, C), dtype), np.empty(Tmax, dtype), np.empty(R * K, np.uint8),
+            np.zeros(R * K, np.uint32), np.empty(R, np.float32), np.empty(TILE_ROWS * GROUP_N, np.int32),
+            np.empty(TILE_ROWS * GROUP_N, np.float32))
+
+
+_DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+               "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1], "
+               "readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], readonly(int64)[:, ::1], int64, "
+               "F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[::1], int64, int64)")
+
+
+def _gpt2_decode_kernel(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales,
+                        corrections, qoff, r0, x, qkv, a, f, sync, part, parts):
+    """One step (`_step_loops`) as part `part` of `parts`."""
+    h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(ids.shape[0], x.shape[1], d_ff, kc.shape[3], flat.dtype)
+    _step_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
+                qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, 0, part, parts)
+
+
+_GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1], "
                "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, int64, boolean[::1], "
                "F[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], "
-               "readonly(int64)[:, ::1], int64[:, ::1])")
+               "readonly(int64)[:, ::1], int64[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[:, ::1], "
+               "int64[::1], int64, int64)")
 
 
-def _gpt2_greedy_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, eos, done, logits, words,
-                       scales, corrections, qoff, tokens):
-    """gpt2_decode_greedy's steps in one call, each a `_gpt2_decode_loops` step into logits (B, V):
-    tokens (B, n) receives them; returns the steps made, negated when the last one chose a NaN."""
+def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, eos, done, logits, words,
+                        scales, corrections, qoff, tokens, x, qkv, a, f, status, sync, part, parts):
+    """gpt2_decode_greedy's steps in one call, as part `part` of `parts`: each a `_step_loops` step
+    into logits (B, V), then one stage choosing every row's token. tokens (B, n) receives them,
+    cur and pos (B,) the ids and positions fed (updated as the steps go), status (n, 2) whether
+    step i's choice was NaN and whether every row is then done; returns the steps made, negated when
+    the last one chose a NaN."""
     B, n = tokens.shape
-    cur = ids.copy()
-    pos = positions.copy()
+    h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(B, x.shape[1], d_ff, kc.shape[3], flat.dtype)
+    s = 0
     for i in range(n):
-        _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
-                    qoff, 0)
-        nan = False
-        all_done = True
-        for r in range(B):
-            best = 0
-            for j in range(logits.shape[1]):  # np.argmax: the first maximum, or the first NaN
-                if np.isnan(logits[r, j]):
-                    best = j
-                    break
-                if logits[r, j] > logits[r, best]:
-                    best = j
-            nan = nan or np.isnan(logits[r, best])
-            if eos >= 0:
-                if done[r]:
-                    best = eos
-                done[r] = done[r] or best == eos
-                all_done = all_done and done[r]
-            tokens[r, i] = best
-            cur[r] = best
-            pos[r] += 1
-        if nan:
+        s = _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
+                        qoff, 0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, s, part, parts)
+        if claim(sync, s, 0, parts):  # every row's choice: one chunk
+            nan = False
+            all_done = True
+            for r in range(B):
+                best = 0
+                for j in range(logits.shape[1]):  # np.argmax: the first maximum, or the first NaN
+                    if np.isnan(logits[r, j]):
+                        best = j
+                        break
+                    if logits[r, j] > logits[r, best]:
+                        best = j
+                nan = nan or np.isnan(logits[r, best])
+                if eos >= 0:
+                    if done[r]:
+                        best = eos
+                    done[r] = done[r] or best == eos
+                    all_done = all_done and done[r]
+                tokens[r, i] = best
+                cur[r] = best
+                pos[r] += 1
+            status[i, 0] = 1 if nan else 0
+            status[i, 1] = 1 if eos >= 0 and all_done else 0
+            finish(sync, s, parts)
+        wait_stage(sync, s, 1, parts)
+        s += 1
+        if status[i, 0]:  # step i's own word: another part may have written later steps' already
             return -(i + 1)
-        if eos >= 0 and all_done:
+        if status[i, 1]:
             return i + 1
     return n
 
 
+def greedy_stages(L, n_steps):
+    """The stages of n_steps greedy steps of an L-layer model (the length of their `sync`)."""
+    return n_steps * (5 * L + 3)
+
+
 def _format_kernels(suffix, floats, **products):
-    """The loops above as kernels of their own, with `products` (`_mv`, `_head`) of one format:
-    (one step, greedy steps). The greedy loop calls the step's loops as a function of its own:
-    inlined into the loop they took longer to compile and ran no faster."""
+    """The kernels above as kernels of their own, with `products` (`_prep`, `_cols`, `_head_cols`) of
+    one format in their product stages: (one step, greedy steps). Both call the step's loops as a function of their own:
+    inlined into the greedy loop they took longer to compile and ran no faster."""
     def copy(fn, **names):
         c = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__ + suffix)
         c.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
         c.__module__ = fn.__module__
         return c
 
-    step = kernel(_DECODE_SIG, parallel=False, floats=floats)(copy(_gpt2_decode_loops, **products))
-    greedy = kernel(_GREEDY_SIG, parallel=False, floats=floats)(
-        copy(_gpt2_greedy_loops, _step_loops=function(copy(_gpt2_decode_loops, **products))))
+    stage = inline(copy(_product_stage_loops, **products))
+    loops = function(copy(_gpt2_decode_loops, _product_stage=stage))
+    step = kernel(_DECODE_SIG, parallel=False, floats=floats)(copy(_gpt2_decode_kernel, _step_loops=loops))
+    greedy = kernel(_GREEDY_SIG, parallel=False, floats=floats)(copy(_gpt2_greedy_kernel, _step_loops=loops))
     return step, greedy
 
 
-_gpt2_decode, _gpt2_greedy = _format_kernels("", ("float32", "float64"))
-_gpt2_decode_int8, _gpt2_greedy_int8 = _format_kernels("_int8", ("float32",), _mv=_mv_int8, _head=_head_int8)
-_gpt2_decode_bf16, _gpt2_greedy_bf16 = _format_kernels("_bf16", ("float32",), _mv=_mv_bf16, _head=_head_bf16)
-_FORMAT_KERNELS = {"int8": _gpt2_decode_int8, "bf16": _gpt2_decode_bf16}
-_GREEDY_KERNELS = {"int8": _gpt2_greedy_int8, "bf16": _gpt2_greedy_bf16}
+_KERNELS = {None: _format_kernels("", ("float32", "float64")),
+            "int8": _format_kernels("_int8", ("float32",), _prep=_prep_int8, _cols=_cols_int8,
+                                    _head_cols=_head_cols_int8),
+            "bf16": _format_kernels("_bf16", ("float32",), _prep=_prep_bf16, _cols=_cols_bf16,
+                                    _head_cols=_head_cols_bf16)}
 _NO_QUANT = (np.zeros(0, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+_NO_SYNC = np.zeros(0, np.int64)
 
 
 def _format_buffers(weights, offsets):
@@ -553,6 +660,11 @@ def _format_buffers(weights, offsets):
     return quant.format, quant.words, quant.scales, quant.corrections, quant.qoffsets
 
 
+def _activations(R, C, d_ff, dtype):
+    """x (R, C), qkv (R, 3C), a (R, C), f (R, d_ff): the activations all parts of a step share."""
+    return np.empty((R, C), dtype), np.empty((R, 3 * C), dtype), np.empty((R, C), dtype), np.empty((R, d_ff), dtype)
+
+
 def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
     flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start, eps)
@@ -560,8 +672,8 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
     if not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32):
         return gpt2_decode_step(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
     logits = np.empty((ids.shape[0], int(weights.vocab_size)), flat.dtype)
-    run = _gpt2_decode if fmt is None else _FORMAT_KERNELS[fmt]
-    B = ids.shape[0]
+    run = _KERNELS[fmt][0]
+    B, C, d_ff = ids.shape[0], k_cache.shape[2] * k_cache.shape[4], int(weights.d_ff)
     halves = [(0, B)]
     if B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32:
         # two halves of the rows side by side: each streams every weight, so it pays once the rows'
@@ -569,8 +681,9 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
         # slower below 8, measured by timing the step over rows both ways)
         halves = [(0, B // 2), (B // 2, B)]
         run.dispatcher or run.jit()  # made here, not by two threads at once
-    run_tasks([(run, (flat, offsets, int(weights.d_ff), ids[r0:r1], positions[r0:r1], k_cache, v_cache, padding[r0:r1],
-                      int(start), flat.dtype.type(eps), logits[r0:r1], words, scales, corrections, qoff, r0))
+    run_tasks([(run, (flat, offsets, d_ff, ids[r0:r1], positions[r0:r1], k_cache, v_cache, padding[r0:r1],
+                      int(start), flat.dtype.type(eps), logits[r0:r1], words, scales, corrections, qoff, r0,
+                      *_activations(r1 - r0, C, d_ff, flat.dtype), _NO_SYNC, 0, 1))
                for r0, r1 in halves])
     return logits
 
@@ -590,9 +703,35 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
             or (B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32) or n_steps == 0):
         return gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id,
                                   done, eps)
+    L, C, d_ff = k_cache.shape[0], k_cache.shape[2] * k_cache.shape[4], int(weights.d_ff)
     tokens = np.zeros((B, n_steps), np.int64)
     logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
-    run = _gpt2_greedy if fmt is None else _GREEDY_KERNELS[fmt]
-    made = run(flat, offsets, int(weights.d_ff), ids, positions, k_cache, v_cache, padding, int(start),
-               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens)
+    run = _KERNELS[fmt][1]
+    parts = greedy_parts(weights, k_cache, n_steps)
+    sync = np.zeros(sync_words(greedy_stages(L, n_steps)), np.int64) if parts > 1 else _NO_SYNC
+    if parts > 1:
+        run.dispatcher or run.jit()  # made here, not by two threads at once
+    made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
+                              flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
+                              *_activations(B, C, d_ff, flat.dtype), np.zeros((n_steps, 2), np.int64), sync), parts)
     return tokens[:, :abs(made)], made < 0
+
+
+# Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
+# the hand-offs between stages cost more than half a token saves (benchmarks/compare_decode.py, the
+# presets' models: medium streams 4.2 MB in int8, small 0.9 MB).
+GREEDY_SPLIT_BYTES = 2 << 20
+_WEIGHT_BYTES = {"int8": 1, "bf16": 2}
+
+
+def greedy_parts(weights, k_cache, n_steps):
+    """How many threads share a gpt2_decode_greedy call: two when the task pool has them, the
+    tiles run (compiled code) and each step streams at least GREEDY_SPLIT_BYTES of weights, for
+    more than one step (the pool's hand-off, tens of microseconds, is paid once a call)."""
+    if n_steps < 2 or task_threads() < 2 or not tiles_run():
+        return 1
+    L, _, H, _, hs = k_cache.shape
+    C, F, V = H * hs, int(weights.d_ff), int(weights.vocab_size)
+    fmt = None if weights.quant is None else weights.quant.format
+    size = _WEIGHT_BYTES.get(fmt, np.dtype(weights.flat.dtype).itemsize)
+    return 2 if (L * (4 * C * C + 2 * C * F) + V * C) * size >= GREEDY_SPLIT_BYTES else 1

@@ -1,0 +1,72 @@
+"""The chunk order of the parts that share a kernel call's stages (_sync.py), and tasks.run_together."""
+import threading
+
+import pytest
+
+from fastformer.kernels import _sync, tasks
+
+
+def _py(fn):
+    return getattr(fn, "py_func", fn)  # the Python function of an inlined helper
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_each_part_tries_every_chunk_once_its_own_first(parts, n):
+    chunk_at = _py(_sync.chunk_at)
+    shares = []
+    for part in range(parts):
+        order = [chunk_at(j, n, part, parts) for j in range(n)]
+        assert sorted(order) == list(range(n))
+        own = list(range(part * n // parts, (part + 1) * n // parts))
+        assert order[:len(own)] == own
+        shares += own
+    assert sorted(shares) == list(range(n))  # the shares cut the stage
+    if parts == 2 and n > 1:  # the other's chunks from the far end: the last one it would reach
+        assert chunk_at(n - 1, n, 0, 2) == n // 2 and chunk_at(n - 1, n, 1, 2) == 0
+
+
+def test_stage_chunks_and_spans_cover_the_units():
+    stage_chunks, chunk_span = _py(_sync.stage_chunks), _py(_sync.chunk_span)
+    assert stage_chunks(32, 1) == 1
+    assert stage_chunks(1, 2) == 1 and stage_chunks(3, 2) == 3 and stage_chunks(32, 2) == 2 * _sync.CHUNKS_PER_PART
+    assert stage_chunks(10 ** 6, 64) == _sync.MAX_CHUNKS
+    for items in (1, 5, 32):
+        n = stage_chunks(items, 2)
+        spans = [chunk_span(c, n, items) for c in range(n)]
+        assert spans[0][0] == 0 and spans[-1][1] == items
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_run_together_runs_every_part_and_returns_the_first(monkeypatch):
+    seen, threads = [], set()
+
+    def part_fn(x, part, parts):
+        seen.append((x, part, parts))
+        threads.add(threading.get_ident())
+        return 10 * x + part
+
+    monkeypatch.setattr(tasks, "task_threads", lambda: 2)
+    assert tasks.run_together(part_fn, (4,), 2) == 40
+    assert sorted(seen) == [(4, 0, 2), (4, 1, 2)]
+    assert len(threads) == 2 and threading.get_ident() in threads  # part 0 on the caller, part 1 on the pool
+    seen.clear()
+    monkeypatch.setattr(tasks, "task_threads", lambda: 1)  # one thread: one part after the other
+    assert tasks.run_together(part_fn, (5,), 2) == 50
+    assert seen == [(5, 0, 2), (5, 1, 2)]
+
+
+def test_run_together_waits_for_every_part_when_the_first_raises(monkeypatch):
+    """The pool's part may still be writing the call's arrays: it is waited for, then the error raised."""
+    monkeypatch.setattr(tasks, "task_threads", lambda: 2)
+    finished = []
+
+    def part_fn(part, parts):
+        if part == 0:
+            raise RuntimeError("part 0")
+        threading.Event().wait(0.05)
+        finished.append(part)
+
+    with pytest.raises(RuntimeError, match="part 0"):
+        tasks.run_together(part_fn, (), 2)
+    assert finished == [1]
