@@ -32,6 +32,7 @@ import numpy as np
 from fastformer.errors import FastformerError, check_int, is_int
 from fastformer.kernels._jit import function, inline, jit_writable, kernel
 from fastformer.kernels._sync import (
+    MAX_CHUNKS,
     chunk_at,
     chunk_span,
     claim,
@@ -427,13 +428,15 @@ def _head_cols_bf16(h, C, V, g0, g1, flat, w_off, words, scales, corrections, qo
 # the float32 kernel's; the others rebind them (_format_kernels)
 _prep, _cols, _head_cols = _prep_fp32, _cols_fp32, _head_cols_fp32
 DECODE_SPLIT_ROWS = 16  # rows from which a step runs as two halves side by side on the task pool
-PLAIN, GELU, RESIDUAL = 0, 1, 2  # what a product stage does to its columns after the product
+# what a product stage does to its columns after the product: nothing, GELU, add them into `res`, or
+# write each row's first maximum (or first NaN) among them into best[row, chunk]
+PLAIN, GELU, RESIDUAL, ARGMAX = 0, 1, 2, 3
 
 
 def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, slot_b, head, flat, offsets, words,
-                         scales, corrections, qoff, y, finish_with, res, au8, aw, sx, acc_i, acc_f):
+                         scales, corrections, qoff, y, finish_with, res, best, au8, aw, sx, acc_i, acc_f):
     """Stage s: y = x (R, K) @ the matrix of slot_w (+ the bias of slot_b; the head's logits when
-    `head`), its columns in chunks of groups; GELU on them, or added into `res` (R, N) after. With
+    `head`), its columns in chunks of groups, each then finished as `finish_with` says. With
     ln >= 0, x is first made the layernorm of src by the weight and bias in slots ln, ln + 1."""
     G = (N + GROUP_N - 1) // GROUP_N
     n = stage_chunks(G, parts)
@@ -453,7 +456,10 @@ def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, sl
             else:
                 _cols(x, K, N, g0, g1, flat, offsets[slot_w], offsets[slot_b], words, scales, corrections,
                       qoff[slot_w], y, au8, aw, sx, acc_i, acc_f)
-            if finish_with != PLAIN:
+            if finish_with == ARGMAX:
+                for r in range(x.shape[0]):
+                    best[r, c] = _first_max(y[r], g0 * GROUP_N, min(N, g1 * GROUP_N))
+            elif finish_with != PLAIN:
                 for r in range(x.shape[0]):
                     for col in range(g0 * GROUP_N, min(N, g1 * GROUP_N)):
                         if finish_with == GELU:
@@ -462,6 +468,18 @@ def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, sl
                             res[r, col] += y[r, col]
             finish(sync, s, parts)
         wait_stage(sync, s, n, parts)
+
+
+@inline
+def _first_max(y, c0, c1):
+    """np.argmax of y[c0:c1] (c0 < c1), counted from 0 of y: its first maximum, or its first NaN."""
+    b = c0
+    for j in range(c0, c1):
+        if np.isnan(y[j]):
+            return j
+        if y[j] > y[b]:
+            b = j
+    return b
 
 
 _product_stage = inline(_product_stage_loops)  # the float32 kernel's; _format_kernels makes each format's
@@ -507,39 +525,50 @@ def _attention_stage(sync, s, parts, part, layer, qkv, kc, vc, padding, t, r0, a
     wait_stage(sync, s, n, parts)
 
 
+@inline
+def _embed(flat, offsets, ids, positions, x, L, V, Tmax):
+    """x (R, C) = the token and position embeddings of ids and positions (R,)."""
+    R, C = x.shape
+    wte = _matrix(flat, offsets, L * LAYER_SLOTS + WTE, V, C)
+    wpe = _matrix(flat, offsets, L * LAYER_SLOTS + WPE, Tmax, C)
+    for r in range(R):
+        for c in range(C):
+            x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
+
+
 def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
-                       qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, s, part, parts):
+                       qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, embed, sync, s, part, parts):
     """The step of the rows ids (R,) whose caches are rows r0 .. r0 + R - 1 of kc and vc (padding,
     positions and logits: the R rows themselves), as stages s, s + 1, ... of `sync`; returns the
     stage after its last. x (R, C), qkv (R, 3C), a (R, C), f (R, F): the activations every part
-    reads; h, o (R, C), p (Tmax,) and the quantised rows (au8, aw, sx, acc_i, acc_f): this part's."""
+    reads; h, o (R, C), p (Tmax,) and the quantised rows (au8, aw, sx, acc_i, acc_f): this part's.
+    `embed`: x is first made the rows' embeddings (else it holds them already). With best (R, m)
+    of m >= MAX_CHUNKS columns, each chunk c of the head writes its columns' argmax of each row to
+    best[:, c]; with m == 0, not."""
     L, _, H, _, hs = kc.shape
-    R = ids.shape[0]
     C, V = H * hs, logits.shape[1]
     g = L * LAYER_SLOTS  # the model-wide slots follow the layers'
-    if claim(sync, s, 0, parts):  # the embedding: one chunk
-        wte = _matrix(flat, offsets, g + WTE, V, C)
-        wpe = _matrix(flat, offsets, g + WPE, kc.shape[3], C)
-        for r in range(R):
-            for c in range(C):
-                x[r, c] = wte[ids[r], c] + wpe[positions[r], c]
-        finish(sync, s, parts)
-    wait_stage(sync, s, 1, parts)
-    s += 1
+    if embed:
+        if claim(sync, s, 0, parts):  # the embedding: one chunk
+            _embed(flat, offsets, ids, positions, x, L, V, kc.shape[3])
+            finish(sync, s, parts)
+        wait_stage(sync, s, 1, parts)
+        s += 1
     for layer in range(L):
         w = layer * LAYER_SLOTS
         _product_stage(sync, s, parts, part, x, w + LN1_W, eps, h, C, 3 * C, w + QKV_W, w + QKV_B, False, flat, offsets,
-                       words, scales, corrections, qoff, qkv, PLAIN, x, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, qkv, PLAIN, x, best, au8, aw, sx, acc_i, acc_f)
         _attention_stage(sync, s + 1, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p)
         _product_stage(sync, s + 2, parts, part, x, -1, eps, a, C, C, w + ATTN_W, w + ATTN_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, x, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, o, RESIDUAL, x, best, au8, aw, sx, acc_i, acc_f)
         _product_stage(sync, s + 3, parts, part, x, w + LN2_W, eps, h, C, d_ff, w + FC_W, w + FC_B, False, flat,
-                       offsets, words, scales, corrections, qoff, f, GELU, x, au8, aw, sx, acc_i, acc_f)
+                       offsets, words, scales, corrections, qoff, f, GELU, x, best, au8, aw, sx, acc_i, acc_f)
         _product_stage(sync, s + 4, parts, part, x, -1, eps, f, d_ff, C, w + MLP_W, w + MLP_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, x, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, o, RESIDUAL, x, best, au8, aw, sx, acc_i, acc_f)
         s += 5
     _product_stage(sync, s, parts, part, x, g + LNF_W, eps, h, C, V, g + HEAD, g + HEAD, True, flat, offsets, words,
-                   scales, corrections, qoff, logits, PLAIN, x, au8, aw, sx, acc_i, acc_f)
+                   scales, corrections, qoff, logits, ARGMAX if best.shape[1] else PLAIN, x, best, au8, aw, sx,
+                   acc_i, acc_f)
     return s + 1
 
 
@@ -566,51 +595,59 @@ def _gpt2_decode_kernel(flat, offsets, d_ff, ids, positions, kc, vc, padding, t,
     """One step (`_step_loops`) as part `part` of `parts`."""
     h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(ids.shape[0], x.shape[1], d_ff, kc.shape[3], flat.dtype)
     _step_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
-                qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, 0, part, parts)
+                qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, np.zeros((0, 0), np.int64), True, sync, 0,
+                part, parts)
 
 
 _GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1], "
                "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, int64, boolean[::1], "
                "F[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], "
                "readonly(int64)[:, ::1], int64[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[:, ::1], "
-               "int64[::1], int64, int64)")
+               "int64[:, ::1], int64[::1], int64, int64)")
 
 
 def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, eos, done, logits, words,
-                        scales, corrections, qoff, tokens, x, qkv, a, f, status, sync, part, parts):
+                        scales, corrections, qoff, tokens, x, qkv, a, f, best, status, sync, part, parts):
     """gpt2_decode_greedy's steps in one call, as part `part` of `parts`: each a `_step_loops` step
-    into logits (B, V), then one stage choosing every row's token. tokens (B, n) receives them,
-    cur and pos (B,) the ids and positions fed (updated as the steps go), status (n, 2) whether
-    step i's choice was NaN and whether every row is then done; returns the steps made, negated when
-    the last one chose a NaN."""
+    into logits (B, V) whose head chunks leave their argmax in best (B, MAX_CHUNKS), then one
+    chunk choosing every row's token and embedding it for the next step. tokens (B, n) receives
+    them, cur and pos (B,) the ids and positions fed (updated as the steps go), status (n, 2)
+    whether step i's choice was NaN and whether every row is then done; returns the steps made,
+    negated when the last one chose a NaN."""
     B, n = tokens.shape
+    L, V = kc.shape[0], logits.shape[1]
     h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(B, x.shape[1], d_ff, kc.shape[3], flat.dtype)
+    chunks = stage_chunks((V + GROUP_N - 1) // GROUP_N, parts)  # of the head
     s = 0
     for i in range(n):
         s = _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
-                        qoff, 0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, sync, s, part, parts)
-        if claim(sync, s, 0, parts):  # every row's choice: one chunk
+                        qoff, 0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, i == 0, sync, s,
+                        part, parts)
+        if claim(sync, s, 0, parts):  # every row's choice, and the next step's embedding: one chunk
             nan = False
             all_done = True
             for r in range(B):
-                best = 0
-                for j in range(logits.shape[1]):  # np.argmax: the first maximum, or the first NaN
-                    if np.isnan(logits[r, j]):
-                        best = j
+                pick = best[r, 0]  # np.argmax over the chunks' own: the first maximum, or the first NaN
+                for c in range(chunks):
+                    b = best[r, c]
+                    if np.isnan(logits[r, b]):
+                        pick = b
                         break
-                    if logits[r, j] > logits[r, best]:
-                        best = j
-                nan = nan or np.isnan(logits[r, best])
+                    if logits[r, b] > logits[r, pick]:
+                        pick = b
+                nan = nan or np.isnan(logits[r, pick])
                 if eos >= 0:
                     if done[r]:
-                        best = eos
-                    done[r] = done[r] or best == eos
+                        pick = eos
+                    done[r] = done[r] or pick == eos
                     all_done = all_done and done[r]
-                tokens[r, i] = best
-                cur[r] = best
+                tokens[r, i] = pick
+                cur[r] = pick
                 pos[r] += 1
             status[i, 0] = 1 if nan else 0
             status[i, 1] = 1 if eos >= 0 and all_done else 0
+            if i + 1 < n and not nan and status[i, 1] == 0:
+                _embed(flat, offsets, cur, pos, x, L, V, kc.shape[3])
             finish(sync, s, parts)
         wait_stage(sync, s, 1, parts)
         s += 1
@@ -623,7 +660,7 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
 
 def greedy_stages(L, n_steps):
     """The stages of n_steps greedy steps of an L-layer model (the length of their `sync`)."""
-    return n_steps * (5 * L + 3)
+    return n_steps * (5 * L + 2) + 1
 
 
 def _format_kernels(suffix, floats, **products):
@@ -713,7 +750,8 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
         run.dispatcher or run.jit()  # made here, not by two threads at once
     made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
                               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
-                              *_activations(B, C, d_ff, flat.dtype), np.zeros((n_steps, 2), np.int64), sync), parts)
+                              *_activations(B, C, d_ff, flat.dtype), np.zeros((B, MAX_CHUNKS), np.int64),
+                              np.zeros((n_steps, 2), np.int64), sync), parts)
     return tokens[:, :abs(made)], made < 0
 
 
