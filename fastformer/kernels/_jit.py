@@ -284,13 +284,16 @@ if numba is None:
 
     def function(fn):
         return fn
+
+    def int32_bits_as_float32(i):
+        return np.int32(i).view(np.float32)
 else:
     inline = numba.njit(inline="always", **_JIT_FLAGS)
     # a jitted function that kernels call rather than inline: a body too large to copy into its caller
     function = numba.njit(**_JIT_FLAGS)
 
     @intrinsic
-    def _int32_bits_as_float32(typingctx, i):
+    def int32_bits_as_float32(typingctx, i):
         """Reinterpret the 32 bits of an int32 as a float32 (builds 2**k from its exponent bits)."""
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.FloatType())
@@ -310,7 +313,7 @@ else:
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * (r * r) + r + np.float32(1.0)
-        y = p * _int32_bits_as_float32((np.int32(k) + np.int32(127)) << 23)
+        y = p * int32_bits_as_float32((np.int32(k) + np.int32(127)) << 23)
         return y * np.float32(x >= np.float32(-87.3))  # a select, not a branch: keeps loops vectorised
 
     @overload(exp, inline="always")

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer.errors import FastformerError, is_int
-from fastformer.kernels._jit import inline, kernel, numba
+from fastformer.kernels._jit import inline, int32_bits_as_float32, kernel, numba
 from fastformer.kernels.checks import describe, kernel_array, quiet
 from fastformer.kernels.ops.gemm_bf16 import _bf16, _pair, round_to_bf16
 from fastformer.kernels.process import cpu_has_bf16, cpu_has_vnni
@@ -299,14 +299,14 @@ def quantize_rows_u8(x, M, K, au8, lda_bytes, sx):
     """Rows x[:M, :K] quantised as the reference's quantize_rows_int8, stored as u8 = q + 128 in
     au8[r * lda_bytes + k] (the padding up to lda_bytes: 128, a zero); sx[r] the row's scale."""
     for r in range(M):
-        amax = np.float32(0.0)
-        finite = True
+        # the largest |x| as the bits of a float32 without its sign: their order as integers is the
+        # floats' own, and an integer maximum vectorises where a float one with NaN rules does not
+        bits = x[r].view(np.int32)
+        top = np.int32(0)
         for k in range(K):
-            a = abs(x[r, k])
-            finite = finite and a <= np.float32(3.4028235e38)
-            amax = max(amax, a)
-        if not finite:
-            amax = np.float32(0.0)
+            top = max(top, bits[k] & np.int32(0x7FFFFFFF))
+        finite = top <= np.int32(0x7F7FFFFF)  # NaN and inf have every exponent bit set
+        amax = int32_bits_as_float32(top) if finite else np.float32(0.0)
         inv = np.float32(1.0) / amax * np.float32(127.0) if amax > np.float32(0.0) else np.float32(0.0)
         row = r * lda_bytes
         for k in range(K):
