@@ -93,7 +93,7 @@ def available(name):
     return all(importlib.util.find_spec(m) is not None for m in RIVALS[name])
 
 
-def compare(preset, rows, rounds, threads, rivals):
+def compare(preset, rows, rounds, threads, rivals, rival_threads):
     """({contender: tokens/s (all rows)}, {contender: its ready answer})."""
     from torch_contenders import Worker
 
@@ -111,7 +111,7 @@ def compare(preset, rows, rounds, threads, rivals):
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", name.split()[1], preset, str(threads),
                        str(rows)]
             else:
-                cmd = [sys.executable, os.path.join(HERE, "decode_contenders.py"), name, str(threads), inputs]
+                cmd = [sys.executable, os.path.join(HERE, "decode_contenders.py"), name, str(rival_threads), inputs]
             started.append(Worker(name, cmd))
         ready, times = {}, {}
         try:
@@ -138,10 +138,10 @@ def leading(a, b):
     return n
 
 
-def print_table(presets, rows, rounds, threads, rivals):
+def print_table(presets, rows, rounds, threads, rivals, rival_threads):
     how = "batch 1, greedy" if rows == 1 else f"{rows} sequences of one prompt, sampled (temperature 1, top-k 50)"
     print(f"decoding tokens/s, {how}, 128 new tokens after 16; median of {rounds} rounds taking turns; "
-          f"{threads} threads")
+          f"fastformer on {threads} threads, " + (f"the rivals on {rival_threads}" if rivals else "no rival"))
     names = [f"fastformer {fmt}" for fmt in FORMATS] + rivals
     short = {n: n.replace("fastformer ", "").replace("ctranslate2 ", "ct2 ").replace("transformers", "hf")
              for n in names}
@@ -150,7 +150,7 @@ def print_table(presets, rows, rounds, threads, rivals):
           + f" {'int8/fp32':>10s} {'bf16/fp32':>10s}")
     checks = []
     for preset in presets:
-        r, ready = compare(preset, rows, rounds, threads, rivals)
+        r, ready = compare(preset, rows, rounds, threads, rivals, rival_threads)
         line = f"{preset:8s} " + " ".join(f"{r[n]:9.0f}" for n in names)
         line += "".join(f" {r['fastformer int8'] / r[n]:11.2f}x" for n in names if not n.startswith("fastformer"))
         fp32 = r["fastformer fp32"]
@@ -184,6 +184,8 @@ def main(argv=None):
     ap.add_argument("--rivals", nargs="*", default=list(RIVALS), choices=list(RIVALS),
                     help="rivals to run (default: every installed one)")
     ap.add_argument("--threads", type=int, default=None, help="threads of every contender (default: the cores)")
+    ap.add_argument("--rival-threads", type=int, default=None,
+                    help="threads of the rivals alone (default: --threads), e.g. a rival's fastest count here")
     args = ap.parse_args(argv)
     missing = [f for f in FORMATS if not format_runs_natively(f)]
     if missing:
@@ -193,10 +195,12 @@ def main(argv=None):
         if n not in rivals:
             print(f"{n}: left out, not installed (pip install {' '.join(RIVALS[n])})")
     threads = args.threads or num_threads()
-    print_table(args.presets, 1, args.rounds, threads, rivals)
+    rival_threads = args.rival_threads or threads
+    print_table(args.presets, 1, args.rounds, threads, rivals, rival_threads)
     if args.sampled:
         print()
-        print_table(args.presets, args.sampled, args.rounds, threads, [n for n in rivals if n == "transformers"])
+        print_table(args.presets, args.sampled, args.rounds, threads, [n for n in rivals if n == "transformers"],
+                    rival_threads)
 
 
 if __name__ == "__main__":
