@@ -325,27 +325,31 @@ def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, 
 # every part for itself ("prep"), from activations that no chunk of that stage writes.
 @inline
 def _affine(x, w, bias, y, c0, c1):
-    """y[:, c0:c1] = x (R, K) @ w[:, c0:c1] (w (K, N)) + bias[c0:c1], streaming w once for all R rows."""
+    """y[:, c0:c1] = x (R, K) @ w[:, c0:c1] (w (K, N)) + bias[c0:c1], streaming w once for all R rows.
+    The loops index slices from 0: an index that may be negative (c0 + j) keeps Numba's wraparound
+    test in the loop, which then does not vectorise (4-6x slower)."""
     R, K = x.shape
+    n = c1 - c0
     for r in range(R):
-        for n in range(c0, c1):
-            y[r, n] = bias[n]
+        yr, b = y[r, c0:c1], bias[c0:c1]
+        for j in range(n):
+            yr[j] = b[j]
     k = 0
     while k + 4 <= K:  # four rows of w a pass: y is loaded and stored a quarter as often
-        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        w0, w1, w2, w3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
         for r in range(R):
             x0, x1, x2, x3 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
-            yr = y[r]
-            for n in range(c0, c1):
-                yr[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n]
+            yr = y[r, c0:c1]
+            for j in range(n):
+                yr[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
         k += 4
     while k < K:
-        wk = w[k]
+        wk = w[k, c0:c1]
         for r in range(R):
             xk = x[r, k]
-            yr = y[r]
-            for n in range(c0, c1):
-                yr[n] += xk * wk[n]
+            yr = y[r, c0:c1]
+            for j in range(n):
+                yr[j] += xk * wk[j]
         k += 1
 
 
@@ -456,25 +460,27 @@ def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, sl
             else:
                 _cols(x, K, N, g0, g1, flat, offsets[slot_w], offsets[slot_b], words, scales, corrections,
                       qoff[slot_w], y, au8, aw, sx, acc_i, acc_f)
-            if finish_with == ARGMAX:
-                for r in range(x.shape[0]):
-                    best[r, c] = _first_max(y[r], g0 * GROUP_N, min(N, g1 * GROUP_N))
-            elif finish_with != PLAIN:
-                for r in range(x.shape[0]):
-                    for col in range(g0 * GROUP_N, min(N, g1 * GROUP_N)):
-                        if finish_with == GELU:
-                            y[r, col] = _gelu(y[r, col], False)
-                        else:
-                            res[r, col] += y[r, col]
+            c0, c1 = g0 * GROUP_N, min(N, g1 * GROUP_N)
+            for r in range(x.shape[0]):  # (slices indexed from 0, as in _affine)
+                yr = y[r, c0:c1]
+                if finish_with == ARGMAX:
+                    best[r, c] = c0 + _first_max(yr)
+                elif finish_with == GELU:
+                    for j in range(c1 - c0):
+                        yr[j] = _gelu(yr[j], False)
+                elif finish_with == RESIDUAL:
+                    rr = res[r, c0:c1]
+                    for j in range(c1 - c0):
+                        rr[j] += yr[j]
             finish(sync, s, parts)
         wait_stage(sync, s, n, parts)
 
 
 @inline
-def _first_max(y, c0, c1):
-    """np.argmax of y[c0:c1] (c0 < c1), counted from 0 of y: its first maximum, or its first NaN."""
-    b = c0
-    for j in range(c0, c1):
+def _first_max(y):
+    """np.argmax of y (not empty): its first maximum, or its first NaN."""
+    b = 0
+    for j in range(y.shape[0]):
         if np.isnan(y[j]):
             return j
         if y[j] > y[b]:
