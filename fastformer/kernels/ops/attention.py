@@ -41,7 +41,13 @@ from fastformer.kernels.checks import (
     quiet,
 )
 from fastformer.kernels.ops.attention_tiled import attention_tiled, attention_tiled_grads
-from fastformer.kernels.ops.gemm_bf16 import _pair, _pairs_along_row, require_bf16, round_to_bf16
+from fastformer.kernels.ops.gemm_bf16 import (
+    _pair,
+    _pairs_along_row,
+    _scaled_pairs_along_row,
+    require_bf16,
+    round_to_bf16,
+)
 from fastformer.kernels.ops.matmul import check_precision
 
 # Query rows from which the Numba backend runs attention on BLAS tiles (attention_tiled.py)
@@ -692,7 +698,7 @@ def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
         qw = np.empty((TILE_M, H2), np.uint32)  # ... paired along the channels
         sc = np.empty((TILE_M, Sp), np.float32)  # scores, then p
         pw = np.zeros((TILE_M, S2), np.uint32)  # p, pairs of keys
-        tmp = np.empty(max(Sp, hs), np.uint32)
+        tmp = np.empty(max(Sp, TILE_M * hs), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
         for i0 in range(0, T, TILE_M):
             rows = min(TILE_M, T - i0)
@@ -701,17 +707,14 @@ def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
             for r in range(rows):
                 for d in range(hs):
                     qs[r, d] = q[b, h, i0 + r, d] * scale
-            for r in range(TILE_M):
-                _pairs_along_row(qs[r], qw[r], tmp)
+            _pairs_along_row(qs.reshape(TILE_M * hs), qw.reshape(TILE_M * H2), tmp)  # hs even: pairs within rows
             for j0 in range(0, n, TILE_N):
                 bf16_tile_into(qw, 0, H2, 1, kw, j0, Sp, H2, sc, j0, Sp, zero, 0, False)
             for r in range(rows):
                 last = S - T + i0 + r + 1 if causal else S
                 mx, total = _softmax_row(sc[r], last, n, kpm, b, has_mask)
                 inv = F(1.0) / total if total != F(0.0) else F(0.0)
-                for j in range(n):
-                    sc[r, j] *= inv
-                _pairs_along_row(sc[r, :n], pw[r, :n2], tmp)
+                _scaled_pairs_along_row(sc[r, :n], inv, pw[r, :n2], tmp)  # p normalised, rounded, paired
                 lse[b, h, i0 + r] = mx + math.log(total) if total != F(0.0) else F(-np.inf)
             for c0 in range(0, hs, TILE_N):
                 bf16_tile(pw, 0, S2, 1, vw, c0, hs, n2, acc)
@@ -758,7 +761,7 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
         dsw = np.empty((QB, S2), np.uint32)  # ds, pairs of keys
         pt = np.empty((Q2, Sp), np.uint32)  # p and ds, pairs of rows
         dst = np.empty((Q2, Sp), np.uint32)
-        tmp = np.empty(max(Sp, hs), np.uint32)
+        tmp = np.empty(max(Sp, QB * hs), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
         for i0 in range(0, T, QB):
             rows = min(QB, T - i0)
@@ -772,8 +775,8 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
                     qr[r, d] = x
                     qs[r, d] = x * scale
                     g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
-                _pairs_along_row(qs[r], qsw[r], tmp)
-                _pairs_along_row(g[r], gw[r], tmp)
+            _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
+            _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
             _pack_row_pairs(qr, qt, hs)
             _pack_row_pairs(g, gt, hs)
             for t in range(tiles):
