@@ -170,6 +170,24 @@ def test_attention_in_bf16_is_within_bfloat16_error_of_float64(fast_ops, ref, ca
         assert 1e-5 < err < 2e-2, err
 
 
+@needs_bf16
+@pytest.mark.parametrize("causal,pad", [(True, "random"), (False, None), (True, "row")])
+def test_the_blas_tiles_round_as_the_reference(fast_ops, ref, tiled, causal, pad):
+    """Heads on the BLAS tiles (attention_tiled.py, here in blocks of 3) take the cache's precision:
+    their backward rounds the reference's operands (to float32 summation error, as above); their
+    forward rounds p before it is normalised, so it agrees to bfloat16 error only."""
+    q, k, v, kpm, dout = _case(np.random.default_rng(8), 2, 2, 11, 13, 8, pad)
+    with use_precision("bfloat16"):
+        out, cache = fast_ops.attention_forward(q, k, v, causal, kpm)
+        want, cache_ref = ref.attention_forward(q, k, v, causal, kpm)
+    grads = fast_ops.attention_backward(dout, cache_ref)  # float32 in force now: the cache's precision rules
+    grads_ref = ref.attention_backward(dout, cache_ref)
+    assert cache.precision == "bfloat16"
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-2 * np.abs(want).max())
+    for name, got, w, flips in zip(("dq", "dk", "dv"), grads, grads_ref, _bounds(q, k, v, dout, cache_ref)[1:]):
+        _check(name, got, w, _allowed(w, flips))
+
+
 def test_a_bf16_cache_is_refused_where_the_cpu_has_no_bf16(monkeypatch, fast_ops, ref):
     """The bfloat16 kernels are never compiled on a CPU without the instructions (LLVM would
     abort the process): a bfloat16 cache is refused in one line; float32 runs as before."""

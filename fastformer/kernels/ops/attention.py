@@ -5,8 +5,8 @@ ATTENTION_TILED_FROM query rows, in the tiled form of attention_tiled.py.
 
 A query with no key left to attend to gets a zero output and lse = -inf; one whose scores hold
 a NaN or +inf gets a NaN output and lse, NaN at the keys it may attend to and 0 at the others.
-The forward's cache keeps the inputs, the output and the row log-sum-exp only: the backward
-recomputes the probabilities.
+The forward's cache (AttentionCache) keeps the inputs, the output, the row log-sum-exp and the
+products' precision only: the backward recomputes the probabilities.
 
 Precision. In "bfloat16" (the products' precision in force at the forward, kept in the cache so
 that the backward multiplies alike) the operands of the six products are rounded to bfloat16 and
@@ -14,9 +14,12 @@ the products summed in float32, at these points: scores = r(q * scale) r(k)^T, o
 with p normalised; dv = r(p)^T r(dout), dp = r(dout) r(v)^T, dq = r(ds) r(k), dk = r(ds)^T r(q).
 The softmax, lse, D = rowsum(dout * out), ds = p * (dp - D) * scale and the masks stay float32.
 The reference rounds so (`_rounded`) and multiplies with NumPy; the Numba backend on the bfloat16
-register tiles, each operand packed once. Heads the register tiles do not take multiply in float32
-on the row kernels even then; on the BLAS tiles (attention_tiled.py) the forward rounds each key
-block's p before it is normalised, so that path agrees with the reference to bfloat16 error only.
+register tiles, each operand packed once, and matches it to float32 summation error (bar a value
+that the two compute a float32 step apart landing on either side of a bfloat16 rounding). Heads the
+register tiles do not take differ: below ATTENTION_TILED_FROM query rows the row kernels multiply
+in float32 even then, past it the BLAS tiles (attention_tiled.py) round as the reference but for
+the forward's p, rounded per key block before it is normalised; both agree with the reference to
+bfloat16 error only.
 
 Shapes: q (B, H, T, hs), k and v (B, H, S, hs), key_padding_mask (B, S) True at padding, qkv
 (B, T, 3C) with head h at columns h*hs:(h+1)*hs of each part, caches (B, H, Tmax, hs).
