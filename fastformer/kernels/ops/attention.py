@@ -641,6 +641,11 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
 # operand is packed once with its pairs along the axis its product sums over: the channels for
 # the scores and dp, the keys for p @ v and dq, the block's query rows for dv and dk. k and v are
 # packed per head, q and dout per block, p and ds as their rows are made.
+HEAD_TASKS = 64  # tasks the heads go in, each allocating its scratch once for all of its heads (at
+# the presets' lengths a head's products take microseconds, and scratch made anew per head was a
+# measurable part of the forward)
+
+
 @inline
 def _pack_channels(x, b, h, xt, xw):
     """xw (hs / 2, >= S) = x[b, h].T (x (B, H, S, hs), any strides) as words of channel pairs:
@@ -679,6 +684,12 @@ def _pack_row_pairs(x, xw, n):
             xw[ii, j] = _pair(x[2 * ii, j], x[2 * ii + 1, j])
 
 
+@inline
+def _head_range(task, tasks, BH):
+    """The heads (b * H + h) of task `task` of `tasks`."""
+    return range(task * BH // tasks, (task + 1) * BH // tasks)
+
+
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
         "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
@@ -691,39 +702,42 @@ def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
     Sp = (S + TILE_N - 1) // TILE_N * TILE_N
     H2, S2 = hs // 2, Sp // 2
     zero = np.zeros(TILE_N, np.float32)
-    for bh in prange(B * H):
-        b, h = bh // H, bh % H
+    tasks = min(B * H, HEAD_TASKS)
+    for task in prange(tasks):
         kw = np.zeros((H2, Sp), np.uint32)  # k[b, h].T, pairs of channels, zero past S
         vw = np.empty((S2, hs), np.uint32)  # v[b, h], pairs of keys, zero past S
-        _pack_channels(k, b, h, np.empty((hs, S), np.float32), kw)
-        _pack_keys(v, b, h, vw)
-        qs = np.zeros((TILE_M, hs), np.float32)  # q * scale of the block's rows, zero past T
+        kt = np.empty((hs, S), np.float32)
+        qs = np.zeros((TILE_M, hs), np.float32)  # q * scale of the block's rows
         qw = np.empty((TILE_M, H2), np.uint32)  # ... paired along the channels
         sc = np.empty((TILE_M, Sp), np.float32)  # scores, then p
         pw = np.zeros((TILE_M, S2), np.uint32)  # p, pairs of keys
         tmp = np.empty(max(Sp, TILE_M * hs), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
-        for i0 in range(0, T, TILE_M):
-            rows = min(TILE_M, T - i0)
-            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-            n2 = (n + 1) // 2
-            for r in range(rows):
-                for d in range(hs):
-                    qs[r, d] = q[b, h, i0 + r, d] * scale
-            _pairs_along_row(qs.reshape(TILE_M * hs), qw.reshape(TILE_M * H2), tmp)  # hs even: pairs within rows
-            for j0 in range(0, n, TILE_N):
-                bf16_tile_into(qw, 0, H2, 1, kw, j0, Sp, H2, sc, j0, Sp, zero, 0, False)
-            for r in range(rows):
-                last = S - T + i0 + r + 1 if causal else S
-                mx, total = _softmax_row(sc[r], last, n, kpm, b, has_mask)
-                inv = F(1.0) / total if total != F(0.0) else F(0.0)
-                _scaled_pairs_along_row(sc[r, :n], inv, pw[r, :n2], tmp)  # p normalised, rounded, paired
-                lse[b, h, i0 + r] = mx + math.log(total) if total != F(0.0) else F(-np.inf)
-            for c0 in range(0, hs, TILE_N):
-                bf16_tile(pw, 0, S2, 1, vw, c0, hs, n2, acc)
+        for bh in _head_range(task, tasks, B * H):
+            b, h = bh // H, bh % H
+            _pack_channels(k, b, h, kt, kw)
+            _pack_keys(v, b, h, vw)
+            for i0 in range(0, T, TILE_M):
+                rows = min(TILE_M, T - i0)  # the tile's rows past T: whatever, never written out
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                n2 = (n + 1) // 2
                 for r in range(rows):
-                    for c in range(TILE_N):
-                        out[b, h, i0 + r, c0 + c] = acc[r, c]
+                    for d in range(hs):
+                        qs[r, d] = q[b, h, i0 + r, d] * scale
+                _pairs_along_row(qs.reshape(TILE_M * hs), qw.reshape(TILE_M * H2), tmp)  # hs even: within rows
+                for j0 in range(0, n, TILE_N):
+                    bf16_tile_into(qw, 0, H2, 1, kw, j0, Sp, H2, sc, j0, Sp, zero, 0, False)
+                for r in range(rows):
+                    last = S - T + i0 + r + 1 if causal else S
+                    mx, total = _softmax_row(sc[r], last, n, kpm, b, has_mask)
+                    inv = F(1.0) / total if total != F(0.0) else F(0.0)
+                    _scaled_pairs_along_row(sc[r, :n], inv, pw[r, :n2], tmp)  # p normalised, rounded, paired
+                    lse[b, h, i0 + r] = mx + math.log(total) if total != F(0.0) else F(-np.inf)
+                for c0 in range(0, hs, TILE_N):
+                    bf16_tile(pw, 0, S2, 1, vw, c0, hs, n2, acc)
+                    for r in range(rows):
+                        for c in range(TILE_N):
+                            out[b, h, i0 + r, c0 + c] = acc[r, c]
 
 
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
@@ -741,17 +755,14 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
     H2, S2 = hs // 2, Sp // 2
     zero = np.zeros(TILE_N, np.float32)
     QB, Q2 = QUERY_BLOCK, QUERY_BLOCK // 2
-    for bh in prange(B * H):
-        b, h = bh // H, bh % H
-        kw = np.zeros((H2, Sp), np.uint32)  # k[b, h].T and v[b, h].T, pairs of channels
+    tasks = min(B * H, HEAD_TASKS)
+    for task in prange(tasks):
+        kw = np.zeros((H2, Sp), np.uint32)  # k[b, h].T and v[b, h].T, pairs of channels, zero past S
         vw = np.zeros((H2, Sp), np.uint32)
         kk = np.empty((S2, hs), np.uint32)  # k[b, h], pairs of keys
         xt = np.empty((hs, S), np.float32)
-        _pack_channels(k, b, h, xt, kw)
-        _pack_channels(v, b, h, xt, vw)
-        _pack_keys(k, b, h, kk)
-        dka = np.zeros((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
-        dva = np.zeros((Sp, hs), np.float32)
+        dka = np.empty((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
+        dva = np.empty((Sp, hs), np.float32)
         qr = np.empty((QB, hs), np.float32)  # the block's q, q * scale and dout; zero past T
         qs = np.empty((QB, hs), np.float32)
         g = np.empty((QB, hs), np.float32)
@@ -766,48 +777,55 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
         dst = np.empty((Q2, Sp), np.uint32)
         tmp = np.empty(max(Sp, QB * hs), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
-        for i0 in range(0, T, QB):
-            rows = min(QB, T - i0)
-            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-            nt = (n + TILE_N - 1) // TILE_N * TILE_N
-            n2 = (n + 1) // 2
-            tiles = (rows + TILE_M - 1) // TILE_M
-            for r in range(QB):
+        for bh in _head_range(task, tasks, B * H):
+            b, h = bh // H, bh % H
+            _pack_channels(k, b, h, xt, kw)
+            _pack_channels(v, b, h, xt, vw)
+            _pack_keys(k, b, h, kk)
+            dka[...] = 0.0
+            dva[...] = 0.0
+            for i0 in range(0, T, QB):
+                rows = min(QB, T - i0)
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                nt = (n + TILE_N - 1) // TILE_N * TILE_N
+                n2 = (n + 1) // 2
+                tiles = (rows + TILE_M - 1) // TILE_M
+                for r in range(QB):
+                    for d in range(hs):
+                        x = q[b, h, i0 + r, d] if r < rows else F(0.0)
+                        qr[r, d] = x
+                        qs[r, d] = x * scale
+                        g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+                _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
+                _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
+                _pack_row_pairs(qr, qt, hs)
+                _pack_row_pairs(g, gt, hs)
+                for t in range(tiles):
+                    for j0 in range(0, n, TILE_N):
+                        bf16_tile_into(qsw, t * TILE_M * H2, H2, 1, kw, j0, Sp, H2, p, t * TILE_M * Sp + j0, Sp,
+                                       zero, 0, False)
+                        bf16_tile_into(gw, t * TILE_M * H2, H2, 1, vw, j0, Sp, H2, ds, t * TILE_M * Sp + j0, Sp,
+                                       zero, 0, False)
+                for r in range(QB):
+                    last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
+                    _grad_row(p[r], ds[r], g[r], out, lse, b, h, i0 + r, last, nt, scale, kpm, has_mask)
+                    _pairs_along_row(ds[r, :nt], dsw[r, :nt // 2], tmp)
+                _pack_row_pairs(p, pt, nt)
+                _pack_row_pairs(ds, dst, nt)
+                for t in range(tiles):  # dq = ds k
+                    for c0 in range(0, hs, TILE_N):
+                        bf16_tile(dsw, t * TILE_M * S2, S2, 1, kk, c0, hs, n2, acc)
+                        for r in range(min(TILE_M, rows - t * TILE_M)):
+                            for c in range(TILE_N):
+                                dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
+                for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
+                    for c0 in range(0, hs, TILE_N):
+                        bf16_tile_into(pt, j0, 1, Sp, gt, c0, hs, Q2, dva, j0 * hs + c0, hs, zero, 0, True)
+                        bf16_tile_into(dst, j0, 1, Sp, qt, c0, hs, Q2, dka, j0 * hs + c0, hs, zero, 0, True)
+            for j in range(S):
                 for d in range(hs):
-                    x = q[b, h, i0 + r, d] if r < rows else F(0.0)
-                    qr[r, d] = x
-                    qs[r, d] = x * scale
-                    g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
-            _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
-            _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
-            _pack_row_pairs(qr, qt, hs)
-            _pack_row_pairs(g, gt, hs)
-            for t in range(tiles):
-                for j0 in range(0, n, TILE_N):
-                    bf16_tile_into(qsw, t * TILE_M * H2, H2, 1, kw, j0, Sp, H2, p, t * TILE_M * Sp + j0, Sp, zero, 0,
-                                   False)
-                    bf16_tile_into(gw, t * TILE_M * H2, H2, 1, vw, j0, Sp, H2, ds, t * TILE_M * Sp + j0, Sp, zero, 0,
-                                   False)
-            for r in range(QB):
-                last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
-                _grad_row(p[r], ds[r], g[r], out, lse, b, h, i0 + r, last, nt, scale, kpm, has_mask)
-                _pairs_along_row(ds[r, :nt], dsw[r, :nt // 2], tmp)
-            _pack_row_pairs(p, pt, nt)
-            _pack_row_pairs(ds, dst, nt)
-            for t in range(tiles):  # dq = ds k
-                for c0 in range(0, hs, TILE_N):
-                    bf16_tile(dsw, t * TILE_M * S2, S2, 1, kk, c0, hs, n2, acc)
-                    for r in range(min(TILE_M, rows - t * TILE_M)):
-                        for c in range(TILE_N):
-                            dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
-            for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
-                for c0 in range(0, hs, TILE_N):
-                    bf16_tile_into(pt, j0, 1, Sp, gt, c0, hs, Q2, dva, j0 * hs + c0, hs, zero, 0, True)
-                    bf16_tile_into(dst, j0, 1, Sp, qt, c0, hs, Q2, dka, j0 * hs + c0, hs, zero, 0, True)
-        for j in range(S):
-            for d in range(hs):
-                dk[b, h, j, d] = dka[j, d]
-                dv[b, h, j, d] = dva[j, d]
+                    dk[b, h, j, d] = dka[j, d]
+                    dv[b, h, j, d] = dva[j, d]
 
 
 def _tile_kernels(precision):
