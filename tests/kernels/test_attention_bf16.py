@@ -188,6 +188,33 @@ def test_the_blas_tiles_round_as_the_reference(fast_ops, ref, tiled, causal, pad
         _check(name, got, w, _allowed(w, flips))
 
 
+@needs_bf16
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_rules_hold_in_bf16(fast_ops, ref, causal):
+    """As in float32 (test_kernel_nan.py): a NaN query gives a NaN row and lse (and dq row) and
+    leaves the other rows' bits alone; a NaN or inf key that a query may not see has no say in
+    the forward."""
+    q, k, v, _, dout = _case(np.random.default_rng(6), 2, 2, 37, 37, 32, None)
+    kpm = np.zeros((2, 37), bool)
+    kpm[:, 0] = True
+    with use_precision("bfloat16"):
+        clean, _ = fast_ops.attention_forward(q, k, v, causal, kpm)
+        q[0, 1, 20, 3] = np.nan
+        k[:, :, 0] = np.nan  # padded for every query
+        k[:, :, 36] = np.inf  # seen by the last query only (when causal)
+        for ops in (ref, fast_ops):
+            out, cache = ops.attention_forward(q, k, v, causal, kpm)
+            assert np.isnan(out[0, 1, 20]).all() and np.isnan(cache.lse[0, 1, 20])
+            seen_inf = np.zeros(out.shape[:3], bool)
+            seen_inf[:, :, 36 if causal else slice(None)] = True
+            assert np.isnan(out[seen_inf]).all()
+            rest = ~seen_inf
+            rest[0, 1, 20] = False
+            if ops is fast_ops:
+                np.testing.assert_array_equal(out[rest], clean[rest])
+            assert np.isnan(ops.attention_backward(dout, cache)[0][0, 1, 20]).all()
+
+
 def test_a_bf16_cache_is_refused_where_the_cpu_has_no_bf16(monkeypatch, fast_ops, ref):
     """The bfloat16 kernels are never compiled on a CPU without the instructions (LLVM would
     abort the process): a bfloat16 cache is refused in one line; float32 runs as before."""
