@@ -529,6 +529,36 @@ def _strides(x):
     return x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
 
 
+@inline
+def _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g):
+    """qr, qs and g (QB, hs) = q, q * scale and dout of the block's rows i0 .. i0 + QB - 1 of head
+    (b, h), zero from its `rows` on (past T)."""
+    F = qr.dtype.type
+    for r in range(qr.shape[0]):
+        for d in range(qr.shape[1]):
+            x = q[b, h, i0 + r, d] if r < rows else F(0.0)
+            qr[r, d] = x
+            qs[r, d] = x * scale
+            g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+
+
+@inline
+def _store_tile_rows(acc, x, b, h, i0, rows, c0):
+    """x[b, h, i0 + r, c0:c0 + 32] = acc[r] for the tile's first `rows` rows."""
+    for r in range(rows):
+        for c in range(TILE_N):
+            x[b, h, i0 + r, c0 + c] = acc[r, c]
+
+
+@inline
+def _store_head(dka, dva, b, h, dk, dv):
+    """dk[b, h] and dv[b, h] from the sums (>= S, hs) a task kept for the head."""
+    for j in range(dk.shape[2]):
+        for d in range(dk.shape[3]):
+            dk[b, h, j, d] = dka[j, d]
+            dv[b, h, j, d] = dva[j, d]
+
+
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
         "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _attention_fwd_tiles(q, k, v, kpm, has_mask, causal, scale, out, lse):
@@ -581,7 +611,6 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
     task owns. k's channels must be adjacent."""
     B, H, T, hs = q.shape
     S = k.shape[2]
-    F = q.dtype.type
     Sp = (S + TILE_N - 1) // TILE_N * TILE_N
     kb, kh, kj = _strides(k)
     zero = np.zeros(TILE_N, np.float32)
@@ -605,12 +634,7 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
             n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
             nt = (n + TILE_N - 1) // TILE_N * TILE_N
             tiles = (rows + TILE_M - 1) // TILE_M
-            for r in range(QB):
-                for d in range(hs):
-                    x = q[b, h, i0 + r, d] if r < rows else F(0.0)
-                    qr[r, d] = x
-                    qs[r, d] = x * scale
-                    g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+            _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
             for t in range(tiles):
                 for j0 in range(0, n, TILE_N):
                     f32_tile_into(qs, t * TILE_M * hs, hs, 1, kt, j0, Sp, hs, p, t * TILE_M * Sp + j0, Sp, zero, 0,
@@ -623,17 +647,12 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
             for t in range(tiles):  # dq = ds k
                 for c0 in range(0, hs, TILE_N):
                     f32_tile(ds, t * TILE_M * Sp, Sp, 1, k, b * kb + h * kh + c0, kj, n, acc)
-                    for r in range(min(TILE_M, rows - t * TILE_M)):
-                        for c in range(TILE_N):
-                            dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
+                    _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
             for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
                 for c0 in range(0, hs, TILE_N):
                     f32_tile_into(p, j0, 1, Sp, g, c0, hs, QB, dva, j0 * hs + c0, hs, zero, 0, True)
                     f32_tile_into(ds, j0, 1, Sp, qr, c0, hs, QB, dka, j0 * hs + c0, hs, zero, 0, True)
-        for j in range(S):
-            for d in range(hs):
-                dk[b, h, j, d] = dka[j, d]
-                dv[b, h, j, d] = dva[j, d]
+        _store_head(dka, dva, b, h, dk, dv)
 
 
 # In bfloat16 the same blocks run on the bf16 tile, whose operands are words of two bfloat16
@@ -735,9 +754,7 @@ def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
                     lse[b, h, i0 + r] = mx + math.log(total) if total != F(0.0) else F(-np.inf)
                 for c0 in range(0, hs, TILE_N):
                     bf16_tile(pw, 0, S2, 1, vw, c0, hs, n2, acc)
-                    for r in range(rows):
-                        for c in range(TILE_N):
-                            out[b, h, i0 + r, c0 + c] = acc[r, c]
+                    _store_tile_rows(acc, out, b, h, i0, rows, c0)
 
 
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
@@ -750,7 +767,6 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
     the sum). Compiled only on a CPU with AVX-512 BF16."""
     B, H, T, hs = q.shape
     S = k.shape[2]
-    F = q.dtype.type
     Sp = (S + TILE_N - 1) // TILE_N * TILE_N
     H2, S2 = hs // 2, Sp // 2
     zero = np.zeros(TILE_N, np.float32)
@@ -790,12 +806,7 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
                 nt = (n + TILE_N - 1) // TILE_N * TILE_N
                 n2 = (n + 1) // 2
                 tiles = (rows + TILE_M - 1) // TILE_M
-                for r in range(QB):
-                    for d in range(hs):
-                        x = q[b, h, i0 + r, d] if r < rows else F(0.0)
-                        qr[r, d] = x
-                        qs[r, d] = x * scale
-                        g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+                _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
                 _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
                 _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
                 _pack_row_pairs(qr, qt, hs)
@@ -815,17 +826,12 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
                 for t in range(tiles):  # dq = ds k
                     for c0 in range(0, hs, TILE_N):
                         bf16_tile(dsw, t * TILE_M * S2, S2, 1, kk, c0, hs, n2, acc)
-                        for r in range(min(TILE_M, rows - t * TILE_M)):
-                            for c in range(TILE_N):
-                                dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
+                        _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
                 for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
                     for c0 in range(0, hs, TILE_N):
                         bf16_tile_into(pt, j0, 1, Sp, gt, c0, hs, Q2, dva, j0 * hs + c0, hs, zero, 0, True)
                         bf16_tile_into(dst, j0, 1, Sp, qt, c0, hs, Q2, dka, j0 * hs + c0, hs, zero, 0, True)
-            for j in range(S):
-                for d in range(hs):
-                    dk[b, h, j, d] = dka[j, d]
-                    dv[b, h, j, d] = dva[j, d]
+            _store_head(dka, dva, b, h, dk, dv)
 
 
 def _tile_kernels(precision):
