@@ -21,6 +21,12 @@ from fastformer.kernels.ops import gemm_bf16 as G
 needs_bf16 = pytest.mark.skipif(not G.cpu_has_bf16(), reason="this CPU has no AVX-512 BF16: the bfloat16 attention "
                                                              "kernels are not compiled here")
 TOL = 1e-5  # of the largest value: float32 summation error
+
+
+@pytest.fixture(autouse=True)
+def bf16_from_one_row(monkeypatch):
+    """bfloat16 products at every length here (ATTENTION_BF16_FROM): the tiles' edges at short ones."""
+    monkeypatch.setattr(A, "ATTENTION_BF16_FROM", 1)
 r = G.round_to_bf16
 
 
@@ -239,3 +245,18 @@ def test_the_cache_precision_is_checked(ops):
     _, cache64 = ops.attention_forward(*(x.astype(np.float64) for x in (q, k, v)), True)
     with pytest.raises(FastformerError, match="must be one of 'float64' for float64 arrays"):
         ops.attention_backward(dout.astype(np.float64), cache64._replace(precision="bfloat16"))
+
+
+@pytest.mark.parametrize("rows", [8, 64])
+def test_fewer_rows_than_attention_bf16_from_multiply_in_float32_on_both_backends(fast_ops, ref, monkeypatch, rows):
+    """Short sequences keep float32 products in bf16 precision (their packing costs what bf16
+    saves), the reference too: the two agree to float32 error."""
+    monkeypatch.setattr(A, "ATTENTION_BF16_FROM", 65)
+    q, k, v, _ = _case(np.random.default_rng(3), 1, 2, rows, rows, 32, False)
+    with use_precision("bfloat16"):
+        got, cache = fast_ops.attention_forward(q, k, v, causal=True)
+        want, cache_ref = ref.attention_forward(q, k, v, causal=True)
+    expected = "float32" if rows < 65 else "bfloat16"
+    assert cache.precision == cache_ref.precision == expected
+    if rows < 65:
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())

@@ -8,18 +8,18 @@ a NaN or +inf gets a NaN output and lse, NaN at the keys it may attend to and 0 
 The forward's cache (AttentionCache) keeps the inputs, the output, the row log-sum-exp and the
 products' precision only: the backward recomputes the probabilities.
 
-Precision. In "bfloat16" (the products' precision in force at the forward, kept in the cache so
-that the backward multiplies alike) the operands of the six products are rounded to bfloat16 and
-the products summed in float32, at these points: scores = r(q * scale) r(k)^T, out = r(p) r(v)
-with p normalised; dv = r(p)^T r(dout), dp = r(dout) r(v)^T, dq = r(ds) r(k), dk = r(ds)^T r(q).
-The softmax, lse, D = rowsum(dout * out), ds = p * (dp - D) * scale and the masks stay float32.
-The reference rounds so (`_rounded`) and multiplies with NumPy; the Numba backend on the bfloat16
-register tiles, each operand packed once, and matches it to float32 summation error (bar a value
-that the two compute a float32 step apart landing on either side of a bfloat16 rounding). Heads the
-register tiles do not take differ: below ATTENTION_TILED_FROM query rows the row kernels multiply
-in float32 even then, past it the BLAS tiles (attention_tiled.py) round as the reference but for
-the forward's p, rounded per key block before it is normalised; both agree with the reference to
-bfloat16 error only.
+Precision. In "bfloat16" (the products' precision in force at the forward, for ATTENTION_BF16_FROM
+query rows or more; kept in the cache so that the backward multiplies alike) the operands of the
+six products are rounded to bfloat16 and the products summed in float32, at these points: scores =
+r(q * scale) r(k)^T, out = r(p) r(v) with p normalised; dv = r(p)^T r(dout), dp = r(dout) r(v)^T,
+dq = r(ds) r(k), dk = r(ds)^T r(q). The softmax, lse, D = rowsum(dout * out), ds = p * (dp - D) *
+scale and the masks stay float32. The reference rounds so (`_rounded`) and multiplies with NumPy;
+the Numba backend on the bfloat16 register tiles, each operand packed once, and matches it to
+float32 summation error (bar a value that the two compute a float32 step apart landing on either
+side of a bfloat16 rounding). Heads the register tiles do not take run on the BLAS tiles
+(attention_tiled.py) from ATTENTION_TILED_FROM rows, which round as the reference but for the
+forward's p, rounded per key block before it is normalised: they agree with the reference to
+bfloat16 error only. Fewer rows multiply in the dtype's precision on both backends.
 
 Shapes: q (B, H, T, hs), k and v (B, H, S, hs), key_padding_mask (B, S) True at padding, qkv
 (B, T, 3C) with head h at columns h*hs:(h+1)*hs of each part, caches (B, H, Tmax, hs).
@@ -136,10 +136,19 @@ def qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale):
     return qkv, dims, _key_padding_mask(key_padding_mask, B, T), _attention_scale(scale, hs)
 
 
-def attention_precision(ops, dtype):
-    """The precision of an attention forward's products, as its cache keeps it: "bfloat16" when
-    that is in force for float32 arrays (matmul.check_precision), else the dtype's name."""
-    return check_precision(ops, None, dtype) or np.dtype(dtype).name
+# Query rows from which attention multiplies in bfloat16 when that precision is in force: below, its
+# products take a few microseconds a head and packing their operands costs what bf16 saves (medium,
+# 128 rows: 0.96x; 4096 rows: 1.41x, benchmarks/attention_bf16.py), so they stay float32 on both
+# backends.
+ATTENTION_BF16_FROM = 1024
+
+
+def attention_precision(ops, dtype, rows):
+    """The precision of the products of an attention forward over `rows` query rows, as its cache
+    keeps it: "bfloat16" when that is in force for float32 arrays (matmul.check_precision) and
+    rows >= ATTENTION_BF16_FROM, else the dtype's name."""
+    precision = check_precision(ops, None, dtype) if rows >= ATTENTION_BF16_FROM else None
+    return precision or np.dtype(dtype).name
 
 
 def attention_cache(cache, forward="attention_forward"):
@@ -208,7 +217,8 @@ def attention_forward(ops, q, k, v, causal=False, key_padding_mask=None, scale=N
     log-sum-exp (B, H, T) only -- the backward recomputes the probabilities.
     """
     q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
-    return _attention_forward(q, k, v, causal, key_padding_mask, scale, attention_precision(ops, q.dtype))
+    precision = attention_precision(ops, q.dtype, q.shape[2])
+    return _attention_forward(q, k, v, causal, key_padding_mask, scale, precision)
 
 
 def _rounded(x, precision):
@@ -277,7 +287,7 @@ def attention_qkv_forward(ops, qkv, n_heads, causal=True, key_padding_mask=None,
     """
     qkv, (B, T, C, hs), kpm, scale = qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale)
     q, k, v = (np.ascontiguousarray(a) for a in qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4))
-    out, cache = _attention_forward(q, k, v, causal, kpm, scale, attention_precision(ops, qkv.dtype))  # (B, H, T, hs)
+    out, cache = _attention_forward(q, k, v, causal, kpm, scale, attention_precision(ops, qkv.dtype, T))
     return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
 
 
@@ -853,7 +863,7 @@ def _on_tiles(q, *channels_adjacent):
 
 def attention_forward_numba(ops, q, k, v, causal=False, key_padding_mask=None, scale=None):
     q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
-    precision = attention_precision(ops, q.dtype)
+    precision = attention_precision(ops, q.dtype, q.shape[2])
     out = np.empty_like(q)  # (B, H, T, hs)
     lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out)
     return out, AttentionCache(q, k, v, out, lse, causal, key_padding_mask, scale, precision)
@@ -866,7 +876,7 @@ def attention_qkv_forward_numba(ops, qkv, n_heads, causal=True, key_padding_mask
     q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)
     out = np.empty((B, T, C), qkv.dtype)  # written head by head through a (B, H, T, hs) view
     out_heads = out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)
-    precision = attention_precision(ops, qkv.dtype)
+    precision = attention_precision(ops, qkv.dtype, T)
     lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out_heads)
     return out, AttentionCache(q, k, v, out_heads, lse, causal, key_padding_mask, scale, precision)
 
