@@ -204,6 +204,21 @@ def test_profile_step_rows_do_not_overlap(backend):
     assert 0 < gemms <= in_gemm_rows + rounding
 
 
+def test_attention_bf16_benchmark_runs():
+    """benchmarks/attention_bf16.py times both precisions of the register tiles (where the CPU
+    has AVX-512 BF16; elsewhere it says so and stops)."""
+    from fastformer.kernels.process import cpu_has_bf16
+
+    proc = subprocess.run([sys.executable, "benchmarks/attention_bf16.py", "--shapes", "1x2x40x32", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    if not cpu_has_bf16():
+        assert proc.returncode != 0 and "no AVX-512 BF16" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines()[2:4]] == ["float32", "bfloat16"]
+    assert "bf16 speed-up" in proc.stdout
+
+
 def _benchmark_module(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

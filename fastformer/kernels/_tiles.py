@@ -1,7 +1,8 @@
 """Register-blocked tile products, written in LLVM IR: an 8 x 32 tile of C = A @ B kept in 16
-zmm accumulators over the whole K, the bfloat16 GEMM's (ops/gemm_bf16.py) and the float32 one of
-the attention kernels (ops/attention.py); and few rows by a group of columns, the weight formats'
-products (ops/quantized.py: `make_group_tile`, "int8" on `vpdpbusd` too).
+zmm accumulators over the whole K, the bfloat16 GEMM's (ops/gemm_bf16.py) and the attention
+kernels' (ops/attention.py: float32, and bfloat16 in that precision); and few rows by a group of
+columns, the weight formats' products (ops/quantized.py: `make_group_tile`, "int8" on `vpdpbusd`
+too).
 
 Per step k of the sum: two 16-lane loads of B's row k (32 columns), and per row r of the tile one
 broadcast of A[r, k] and two products into the row's two accumulators. Both operands are read

@@ -139,11 +139,12 @@ def test_reference_linear_layer_in_bfloat16_rounds_its_inputs(ref):
 
 @needs_bf16
 def test_a_model_step_in_bfloat16_matches_the_reference(fast_ops, ref):
-    """Loss and every gradient of a small LM in bfloat16: Numba's kernel against the reference's
-    rounding, to float32 summation error; and both near the float32 step."""
+    """Loss and every gradient of a small LM in bfloat16: Numba's kernels (the GEMM, and the
+    attention's register tiles: heads of 32 channels) against the reference's rounding, to
+    float32 summation error; and both near the float32 step."""
     from fastformer import LMConfig, TransformerLM
 
-    cfg = LMConfig(vocab_size=50, max_seq_len=16, d_model=32, n_heads=2, d_ff=64, n_layers=2)
+    cfg = LMConfig(vocab_size=50, max_seq_len=16, d_model=64, n_heads=2, d_ff=64, n_layers=2)
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 50, size=(3, 16))
     results = {}
@@ -180,8 +181,9 @@ def test_numba_backend_without_the_cpu_feature_refuses_bfloat16(monkeypatch):
 
 @needs_bf16
 def test_tiled_attention_in_bfloat16_stays_near_float32(fast_ops, ref, tiled):
-    """The tiled attention's block products in bfloat16 (the row kernels and the reference have
-    none): within bfloat16's rounding of the float32 result, forward and backward."""
+    """The tiled attention's block products in bfloat16 (the row kernels, which take these heads
+    of 8 channels below ATTENTION_TILED_FROM, have none): within bfloat16's rounding of the
+    float32 result, forward and backward."""
     rng = np.random.default_rng(6)
     B, T, H, hs = 2, 11, 2, 8
     qkv = rng.standard_normal((B, T, 3 * H * hs)).astype(np.float32)

@@ -64,7 +64,8 @@ calls = {
     "embedding negative id": lambda ops: ops.embedding_backward(
         np.ones((2, 4), f32), (np.array([-7, 1]), (5, 4), np.dtype("float32")), dweight=np.zeros((5, 4), f32)),
     "layernorm mean": lambda ops: ops.layernorm_backward(x, (x, w, np.zeros(1, f32), np.ones(2, f32))),
-    "attention lse": lambda ops: ops.attention_backward(q, (q, q, q, q, np.zeros((1, 2, 1), f32), True, None, 1.0)),
+    "attention lse": lambda ops: ops.attention_backward(q, (q, q, q, q, np.zeros((1, 2, 1), f32), True, None, 1.0,
+                                                                   "float32")),
     "gelu bias": lambda ops: ops.gelu_backward(x, (x, np.zeros(1, f32), "tanh", True)),
     "cross-entropy targets": lambda ops: ops.cross_entropy_backward(
         1.0, (x, np.array([0]), np.array([True]), np.zeros(2, f32), 1)),

@@ -293,7 +293,8 @@ def test_attention_tiled_property(ref, B, H, T, extra, hs, causal, pad, seed, dt
     saved, tiled.ATTENTION_BLOCK = tiled.ATTENTION_BLOCK, 4
     try:
         out = np.empty_like(q)
-        lse = tiled.attention_tiled(ref, q, k, v, causal, kpm, cache[-1], out, steps=tiled.NUMPY_STEPS)
+        lse = tiled.attention_tiled(ref, q, k, v, causal, kpm, cache.scale, cache.precision, out,
+                                    steps=tiled.NUMPY_STEPS)
         grads = [np.empty_like(a) for a in (q, k, v)]
         tiled.attention_tiled_grads(ref, dout, (*cache[:4], lse, *cache[5:]), *grads, steps=tiled.NUMPY_STEPS)
     finally:

@@ -3,7 +3,9 @@
 import numpy as np
 
 from fastformer.kernels import _jit as K
+from fastformer.kernels import use_precision
 from fastformer.kernels.ops import activations, attention, embedding, layernorm
+from fastformer.kernels.process import cpu_has_bf16
 
 SIZED_CALLERS = (activations, attention, embedding, layernorm)  # the op modules that call K.sized
 
@@ -23,20 +25,25 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
     emb = rng.normal(size=(7, 32)).astype(np.float32)
 
     def run():
-        return [ops.layernorm_forward(x, w, b)[0], ops.residual_layernorm_forward(x, x, w, b)[0][1],
+        outs = [ops.layernorm_forward(x, w, b)[0], ops.residual_layernorm_forward(x, x, w, b)[0][1],
                 ops.gelu_forward(x, b)[0], ops.gelu_forward(x, b, approximate="none")[0],
                 ops.attention_forward(q, q, q, True, kpm)[0], ops.attention_forward(q32, q32, q32, True, kpm)[0],
                 ops.embedding_forward(emb, ids)[0],
                 ops.relu_forward(x, b)[0]]
+        if cpu_has_bf16():  # the register tiles in bfloat16
+            with use_precision("bfloat16"):
+                outs.append(ops.attention_forward(q32, q32, q32, True, kpm)[0])
+        return outs
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
-                              "_attention_fwd", "_attention_fwd_tiles", "_relu_fwd", "_cross_entropy_fwd_inplace",
-                              "_gemm", "_gemm_gelu", "_pack_rows", "_pack_cols", "_pack_a_rows", "_pack_both",
-                              "_sample_rows"}
+                              "_attention_fwd", "_attention_fwd_tiles", "_attention_fwd_bf16", "_relu_fwd",
+                              "_cross_entropy_fwd_inplace", "_gemm", "_gemm_gelu", "_pack_rows", "_pack_cols",
+                              "_pack_a_rows", "_pack_both", "_sample_rows"}
     # not among the float32 calls below: the fused LM head's threads call K.serial themselves; the bf16
-    # GEMM and its packers pick through K.sized with their own threshold; sampling has its own test
+    # GEMM and its packers pick through K.sized with their own threshold; sampling has its own test;
+    # the bfloat16 attention is not compiled on a CPU without the instructions
     direct = {"_cross_entropy_fwd_inplace", "_gemm", "_gemm_gelu", "_pack_rows", "_pack_cols", "_pack_a_rows",
-              "_pack_both", "_sample_rows"}
+              "_pack_both", "_sample_rows"} | (set() if cpu_has_bf16() else {"_attention_fwd_bf16"})
     picked = []  # the kernel of each call: the two runs must really take different paths
     sized = K.sized
     for module in SIZED_CALLERS:

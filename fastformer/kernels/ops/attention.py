@@ -5,20 +5,34 @@ ATTENTION_TILED_FROM query rows, in the tiled form of attention_tiled.py.
 
 A query with no key left to attend to gets a zero output and lse = -inf; one whose scores hold
 a NaN or +inf gets a NaN output and lse, NaN at the keys it may attend to and 0 at the others.
-The forward's cache keeps the inputs, the output and the row log-sum-exp only: the backward
-recomputes the probabilities.
+The forward's cache (AttentionCache) keeps the inputs, the output, the row log-sum-exp and the
+products' precision only: the backward recomputes the probabilities.
+
+Precision. In "bfloat16" (the products' precision in force at the forward, for ATTENTION_BF16_FROM
+query rows or more; kept in the cache so that the backward multiplies alike) the operands of the
+six products are rounded to bfloat16 and the products summed in float32, at these points: scores =
+r(q * scale) r(k)^T, out = r(p) r(v) with p normalised; dv = r(p)^T r(dout), dp = r(dout) r(v)^T,
+dq = r(ds) r(k), dk = r(ds)^T r(q). The softmax, lse, D = rowsum(dout * out), ds = p * (dp - D) *
+scale and the masks stay float32. The reference rounds so (`_rounded`) and multiplies with NumPy;
+the Numba backend on the bfloat16 register tiles, each operand packed once, and matches it to
+float32 summation error (bar a value that the two compute a float32 step apart landing on either
+side of a bfloat16 rounding). Heads the register tiles do not take run on the BLAS tiles
+(attention_tiled.py) from ATTENTION_TILED_FROM rows, which round as the reference but for the
+forward's p, rounded per key block before it is normalised: they agree with the reference to
+bfloat16 error only. Fewer rows multiply in the dtype's precision on both backends.
 
 Shapes: q (B, H, T, hs), k and v (B, H, S, hs), key_padding_mask (B, S) True at padding, qkv
 (B, T, 3C) with head h at columns h*hs:(h+1)*hs of each part, caches (B, H, Tmax, hs).
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.kernels._jit import exp, exp_row, inline, kernel, prange, row_max, sized
-from fastformer.kernels._tiles import TILE_M, TILE_N, f32_tile, f32_tile_into, tiles_run
+from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into, f32_tile, f32_tile_into, tiles_run
 from fastformer.kernels.checks import (
     as_float_array,
     cache_array,
@@ -30,6 +44,14 @@ from fastformer.kernels.checks import (
     quiet,
 )
 from fastformer.kernels.ops.attention_tiled import attention_tiled, attention_tiled_grads
+from fastformer.kernels.ops.gemm_bf16 import (
+    _pair,
+    _pairs_along_row,
+    _scaled_pairs_along_row,
+    require_bf16,
+    round_to_bf16,
+)
+from fastformer.kernels.ops.matmul import check_precision
 
 # Query rows from which the Numba backend runs attention on BLAS tiles (attention_tiled.py)
 # instead of the row kernels: the crossover measured by benchmarks/attention_crossover.py. Heads
@@ -37,6 +59,19 @@ from fastformer.kernels.ops.attention_tiled import attention_tiled, attention_ti
 # a training step of `small` ran 1.25-1.36x faster on them than on the BLAS tiles at T = 1024 to
 # 4096 in float32, 1.10-1.20x in bf16.
 ATTENTION_TILED_FROM = 1024
+
+
+class AttentionCache(NamedTuple):
+    """What an attention forward keeps for its backward."""
+    q: np.ndarray  # (B, H, T, hs)
+    k: np.ndarray  # (B, H, S, hs)
+    v: np.ndarray  # (B, H, S, hs)
+    out: np.ndarray  # (B, H, T, hs)
+    lse: np.ndarray  # (B, H, T): the row log-sum-exp of the scores, -inf where no key is left
+    causal: bool
+    key_padding_mask: Optional[np.ndarray]  # (B, S) bool, True at padding
+    scale: float
+    precision: str  # of the products: the dtype's name, or "bfloat16" (fixed at the forward)
 
 
 # ------------------------------------------------------------------- checks
@@ -101,12 +136,27 @@ def qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale):
     return qkv, dims, _key_padding_mask(key_padding_mask, B, T), _attention_scale(scale, hs)
 
 
+# Query rows from which attention multiplies in bfloat16 when that precision is in force: below, its
+# products take a few microseconds a head and packing their operands costs what bf16 saves (medium,
+# 128 rows: 0.96x; 4096 rows: 1.41x, benchmarks/attention_bf16.py), so they stay float32 on both
+# backends.
+ATTENTION_BF16_FROM = 1024
+
+
+def attention_precision(ops, dtype, rows):
+    """The precision of the products of an attention forward over `rows` query rows, as its cache
+    keeps it: "bfloat16" when that is in force for float32 arrays (matmul.check_precision) and
+    rows >= ATTENTION_BF16_FROM, else the dtype's name."""
+    precision = check_precision(ops, None, dtype) if rows >= ATTENTION_BF16_FROM else None
+    return precision or np.dtype(dtype).name
+
+
 def attention_cache(cache, forward="attention_forward"):
-    """The cache (q, k, v, out, lse, causal, key_padding_mask, scale) of an attention forward,
-    as check_attention_inputs accepts its inputs, with out (B, H, T, hs) and lse (B, H, T);
-    the arrays keep their strides. attention_qkv_forward's (self-attention) also needs S = T."""
-    q, k, v, out, lse, causal, key_padding_mask, scale = cache_fields(
-        cache, forward, "q k v out lse causal key_padding_mask scale")
+    """The AttentionCache of an attention forward, as check_attention_inputs accepts its inputs,
+    with out (B, H, T, hs) and lse (B, H, T); the arrays keep their strides.
+    attention_qkv_forward's (self-attention) also needs S = T."""
+    q, k, v, out, lse, causal, key_padding_mask, scale, precision = cache_fields(
+        cache, forward, " ".join(AttentionCache._fields))
     q = cache_root(q, "q", forward, ndim=4)
     k, v = (cache_root(a, name, forward, ndim=4) for a, name in ((k, "k"), (v, "v")))
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -116,10 +166,14 @@ def attention_cache(cache, forward="attention_forward"):
     if forward == "attention_qkv_forward" and k.shape != q.shape:
         raise FastformerError(f"q, k and v in the cache of {forward} must have one shape, got q {q.shape}, "
                               f"k {k.shape}")
+    allowed = (q.dtype.name, "bfloat16") if q.dtype == np.float32 else (q.dtype.name,)
+    if precision not in allowed:
+        raise FastformerError(f"precision in the cache of {forward} must be one of {', '.join(map(repr, allowed))} "
+                              f"for {q.dtype} arrays, got {precision!r}")
     out = cache_array(out, "out", forward, q.shape, q.dtype)
     lse = kernel_array(cache_array(lse, "lse", forward, q.shape[:3], q.dtype))
     kpm = None if key_padding_mask is None else kernel_array(key_padding_mask)
-    return q, k, v, out, lse, bool(causal), kpm, scale
+    return AttentionCache(q, k, v, out, lse, bool(causal), kpm, scale, precision)
 
 
 def attention_grad_inputs(dout, cache):
@@ -163,20 +217,30 @@ def attention_forward(ops, q, k, v, causal=False, key_padding_mask=None, scale=N
     log-sum-exp (B, H, T) only -- the backward recomputes the probabilities.
     """
     q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
-    return _attention_forward(q, k, v, causal, key_padding_mask, scale)
+    precision = attention_precision(ops, q.dtype, q.shape[2])
+    return _attention_forward(q, k, v, causal, key_padding_mask, scale, precision)
 
 
-def _attention_forward(q, k, v, causal, key_padding_mask, scale):
+def _rounded(x, precision):
+    """An operand of a product in `precision`: x rounded to bfloat16 in "bfloat16", else x."""
+    return round_to_bf16(x) if precision == "bfloat16" else x
+
+
+def _attention_forward(q, k, v, causal, key_padding_mask, scale, precision):
     """attention_forward on checked C-contiguous inputs."""
-    p, lse = _attention_probs(q, k, causal, key_padding_mask, scale, lse=None)
-    out = p @ v  # (B, H, T, hs)
-    return out, (q, k, v, out, lse, causal, key_padding_mask, scale)
+    p, lse = _attention_probs(q, k, causal, key_padding_mask, scale, precision, lse=None)
+    out = _rounded(p, precision) @ _rounded(v, precision)  # (B, H, T, hs)
+    return out, AttentionCache(q, k, v, out, lse, causal, key_padding_mask, scale, precision)
 
 
-def _attention_probs(q, k, causal, key_padding_mask, scale, lse):
+def _attention_probs(q, k, causal, key_padding_mask, scale, precision, lse):
     """Probabilities (B, H, T, S) and the row log-sum-exp; recomputed from `lse` if given."""
     T, S = q.shape[2], k.shape[2]
-    s = (q @ k.transpose(0, 1, 3, 2)) * q.dtype.type(scale)  # (B, H, T, S)
+    scale = q.dtype.type(scale)
+    if precision == "bfloat16":  # the kernel's operand: q * scale, rounded
+        s = round_to_bf16(q * scale) @ round_to_bf16(k).transpose(0, 1, 3, 2)  # (B, H, T, S)
+    else:
+        s = (q @ k.transpose(0, 1, 3, 2)) * scale
     allowed = attention_allowed(T, S, causal, key_padding_mask)
     if allowed is not None:
         s = np.where(allowed, s, -np.inf)
@@ -200,14 +264,16 @@ def attention_backward(ops, dout, cache):
 
 def _attention_grads_reference(dout, cache):
     """(dq, dk, dv) of attention for a checked dout (B, H, T, hs)."""
-    q, k, v, out, lse, causal, key_padding_mask, scale = cache
-    p, _ = _attention_probs(q, k, causal, key_padding_mask, scale, lse=lse)
-    dv = p.transpose(0, 1, 3, 2) @ dout
-    dp = dout @ v.transpose(0, 1, 3, 2)
+    q, k, v, out, lse, causal, key_padding_mask, scale, precision = cache
+    p, _ = _attention_probs(q, k, causal, key_padding_mask, scale, precision, lse=lse)
+    pr, gr, vr = (_rounded(x, precision) for x in (p, dout, v))  # the products' operands
+    dv = pr.transpose(0, 1, 3, 2) @ gr
+    dp = gr @ vr.transpose(0, 1, 3, 2)
     D = (dout * out).sum(axis=-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
     ds = p * (dp - D) * q.dtype.type(scale)
-    dq = ds @ k
-    dk = ds.transpose(0, 1, 3, 2) @ q
+    dsr, kr, qr = (_rounded(x, precision) for x in (ds, k, q))
+    dq = dsr @ kr
+    dk = dsr.transpose(0, 1, 3, 2) @ qr
     return dq, dk, dv
 
 
@@ -221,7 +287,7 @@ def attention_qkv_forward(ops, qkv, n_heads, causal=True, key_padding_mask=None,
     """
     qkv, (B, T, C, hs), kpm, scale = qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale)
     q, k, v = (np.ascontiguousarray(a) for a in qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4))
-    out, cache = _attention_forward(q, k, v, causal, kpm, scale)  # q, k, v each (B, H, T, hs)
+    out, cache = _attention_forward(q, k, v, causal, kpm, scale, attention_precision(ops, qkv.dtype, T))
     return out.transpose(0, 2, 1, 3).reshape(B, T, C), cache
 
 
@@ -473,6 +539,36 @@ def _strides(x):
     return x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
 
 
+@inline
+def _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g):
+    """qr, qs and g (QB, hs) = q, q * scale and dout of the block's rows i0 .. i0 + QB - 1 of head
+    (b, h), zero from its `rows` on (past T)."""
+    F = qr.dtype.type
+    for r in range(qr.shape[0]):
+        for d in range(qr.shape[1]):
+            x = q[b, h, i0 + r, d] if r < rows else F(0.0)
+            qr[r, d] = x
+            qs[r, d] = x * scale
+            g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+
+
+@inline
+def _store_tile_rows(acc, x, b, h, i0, rows, c0):
+    """x[b, h, i0 + r, c0:c0 + 32] = acc[r] for the tile's first `rows` rows."""
+    for r in range(rows):
+        for c in range(TILE_N):
+            x[b, h, i0 + r, c0 + c] = acc[r, c]
+
+
+@inline
+def _store_head(dka, dva, b, h, dk, dv):
+    """dk[b, h] and dv[b, h] from the sums (>= S, hs) a task kept for the head."""
+    for j in range(dk.shape[2]):
+        for d in range(dk.shape[3]):
+            dk[b, h, j, d] = dka[j, d]
+            dv[b, h, j, d] = dva[j, d]
+
+
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
         "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _attention_fwd_tiles(q, k, v, kpm, has_mask, causal, scale, out, lse):
@@ -525,7 +621,6 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
     task owns. k's channels must be adjacent."""
     B, H, T, hs = q.shape
     S = k.shape[2]
-    F = q.dtype.type
     Sp = (S + TILE_N - 1) // TILE_N * TILE_N
     kb, kh, kj = _strides(k)
     zero = np.zeros(TILE_N, np.float32)
@@ -549,12 +644,7 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
             n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
             nt = (n + TILE_N - 1) // TILE_N * TILE_N
             tiles = (rows + TILE_M - 1) // TILE_M
-            for r in range(QB):
-                for d in range(hs):
-                    x = q[b, h, i0 + r, d] if r < rows else F(0.0)
-                    qr[r, d] = x
-                    qs[r, d] = x * scale
-                    g[r, d] = dout[b, h, i0 + r, d] if r < rows else F(0.0)
+            _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
             for t in range(tiles):
                 for j0 in range(0, n, TILE_N):
                     f32_tile_into(qs, t * TILE_M * hs, hs, 1, kt, j0, Sp, hs, p, t * TILE_M * Sp + j0, Sp, zero, 0,
@@ -567,17 +657,200 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
             for t in range(tiles):  # dq = ds k
                 for c0 in range(0, hs, TILE_N):
                     f32_tile(ds, t * TILE_M * Sp, Sp, 1, k, b * kb + h * kh + c0, kj, n, acc)
-                    for r in range(min(TILE_M, rows - t * TILE_M)):
-                        for c in range(TILE_N):
-                            dq[b, h, i0 + t * TILE_M + r, c0 + c] = acc[r, c]
+                    _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
             for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
                 for c0 in range(0, hs, TILE_N):
                     f32_tile_into(p, j0, 1, Sp, g, c0, hs, QB, dva, j0 * hs + c0, hs, zero, 0, True)
                     f32_tile_into(ds, j0, 1, Sp, qr, c0, hs, QB, dka, j0 * hs + c0, hs, zero, 0, True)
-        for j in range(S):
-            for d in range(hs):
-                dk[b, h, j, d] = dka[j, d]
-                dv[b, h, j, d] = dva[j, d]
+        _store_head(dka, dva, b, h, dk, dv)
+
+
+# In bfloat16 the same blocks run on the bf16 tile, whose operands are words of two bfloat16
+# values along the sum of their product (gemm_bf16.py's layout; round to nearest even). So each
+# operand is packed once with its pairs along the axis its product sums over: the channels for
+# the scores and dp, the keys for p @ v and dq, the block's query rows for dv and dk. k and v are
+# packed per head, q and dout per block, p and ds as their rows are made.
+HEAD_TASKS = 64  # tasks the heads go in, each allocating its scratch once for all of its heads (at
+# the presets' lengths a head's products take microseconds, and scratch made anew per head was a
+# measurable part of the forward)
+
+
+@inline
+def _pack_channels(x, b, h, xt, xw):
+    """xw (hs / 2, >= S) = x[b, h].T (x (B, H, S, hs), any strides) as words of channel pairs:
+    xw[dd, j] = (x[b, h, j, 2dd], x[b, h, j, 2dd + 1]); columns past S are left as they are. Through
+    xt (hs, >= S) float32 scratch: the transposing copy, then pairs of its rows in loops over keys
+    that vectorise (pairing a row's neighbours would write xw a column at a time)."""
+    S = x.shape[2]
+    _load_transposed(x, b, h, xt)
+    _pack_row_pairs(xt, xw, S)
+
+
+@inline
+def _pack_keys(x, b, h, xw):
+    """xw (>= S / 2, hs) = x[b, h] as words of key pairs: xw[jj, c] = (x[b, h, 2jj, c],
+    x[b, h, 2jj + 1, c]), zero past S."""
+    S, hs = x.shape[2], x.shape[3]
+    F = x.dtype.type
+    for jj in range(xw.shape[0]):
+        j = 2 * jj
+        if j + 1 < S:
+            for c in range(hs):
+                xw[jj, c] = _pair(x[b, h, j, c], x[b, h, j + 1, c])
+        elif j < S:
+            for c in range(hs):
+                xw[jj, c] = _pair(x[b, h, j, c], F(0.0))
+        else:
+            for c in range(hs):
+                xw[jj, c] = 0
+
+
+@inline
+def _pack_row_pairs(x, xw, n):
+    """xw[ii, j] = (x[2ii, j], x[2ii + 1, j]) for j < n: pairs down the rows of x (2 * rows, >= n)."""
+    for ii in range(xw.shape[0]):
+        for j in range(n):
+            xw[ii, j] = _pair(x[2 * ii, j], x[2 * ii + 1, j])
+
+
+@inline
+def _head_range(task, tasks, BH):
+    """The heads (b * H + h) of task `task` of `tasks`."""
+    return range(task * BH // tasks, (task + 1) * BH // tasks)
+
+
+@kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
+        "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
+def _attention_fwd_bf16(q, k, v, kpm, has_mask, causal, scale, out, lse):
+    """`_attention_fwd_tiles` on the bfloat16 tile: scores = r(q * scale) r(k)^T, the float32
+    softmax of each row, then its p normalised, rounded and paired along the keys as it is
+    made, and out = r(p) r(v). Compiled only on a CPU with AVX-512 BF16."""
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    F = q.dtype.type
+    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
+    H2, S2 = hs // 2, Sp // 2
+    zero = np.zeros(TILE_N, np.float32)
+    tasks = min(B * H, HEAD_TASKS)
+    for task in prange(tasks):
+        kw = np.zeros((H2, Sp), np.uint32)  # k[b, h].T, pairs of channels, zero past S
+        vw = np.empty((S2, hs), np.uint32)  # v[b, h], pairs of keys, zero past S
+        kt = np.empty((hs, S), np.float32)
+        qs = np.zeros((TILE_M, hs), np.float32)  # q * scale of the block's rows
+        qw = np.empty((TILE_M, H2), np.uint32)  # ... paired along the channels
+        sc = np.empty((TILE_M, Sp), np.float32)  # scores, then p
+        pw = np.zeros((TILE_M, S2), np.uint32)  # p, pairs of keys
+        tmp = np.empty(max(Sp, TILE_M * hs), np.uint32)
+        acc = np.empty((TILE_M, TILE_N), np.float32)
+        for bh in _head_range(task, tasks, B * H):
+            b, h = bh // H, bh % H
+            _pack_channels(k, b, h, kt, kw)
+            _pack_keys(v, b, h, vw)
+            for i0 in range(0, T, TILE_M):
+                rows = min(TILE_M, T - i0)  # the tile's rows past T: whatever, never written out
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                n2 = (n + 1) // 2
+                for r in range(rows):
+                    for d in range(hs):
+                        qs[r, d] = q[b, h, i0 + r, d] * scale
+                _pairs_along_row(qs.reshape(TILE_M * hs), qw.reshape(TILE_M * H2), tmp)  # hs even: within rows
+                for j0 in range(0, n, TILE_N):
+                    bf16_tile_into(qw, 0, H2, 1, kw, j0, Sp, H2, sc, j0, Sp, zero, 0, False)
+                for r in range(rows):
+                    last = S - T + i0 + r + 1 if causal else S
+                    mx, total = _softmax_row(sc[r], last, n, kpm, b, has_mask)
+                    inv = F(1.0) / total if total != F(0.0) else F(0.0)
+                    _scaled_pairs_along_row(sc[r, :n], inv, pw[r, :n2], tmp)  # p normalised, rounded, paired
+                    lse[b, h, i0 + r] = mx + math.log(total) if total != F(0.0) else F(-np.inf)
+                for c0 in range(0, hs, TILE_N):
+                    bf16_tile(pw, 0, S2, 1, vw, c0, hs, n2, acc)
+                    _store_tile_rows(acc, out, b, h, i0, rows, c0)
+
+
+@kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
+        "readonly(boolean)[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])",
+        floats=("float32",))
+def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
+    """`_attention_bwd_tiles` on the bfloat16 tile: s = r(q * scale) r(k)^T, dp = r(dout) r(v)^T,
+    p and ds per row in float32 as the row kernel makes them, then dq = r(ds) r(k), and
+    dv += r(p)^T r(dout), dk += r(ds)^T r(q) summed over the block's rows (pairs of rows along
+    the sum). Compiled only on a CPU with AVX-512 BF16."""
+    B, H, T, hs = q.shape
+    S = k.shape[2]
+    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
+    H2, S2 = hs // 2, Sp // 2
+    zero = np.zeros(TILE_N, np.float32)
+    QB, Q2 = QUERY_BLOCK, QUERY_BLOCK // 2
+    tasks = min(B * H, HEAD_TASKS)
+    for task in prange(tasks):
+        kw = np.zeros((H2, Sp), np.uint32)  # k[b, h].T and v[b, h].T, pairs of channels, zero past S
+        vw = np.zeros((H2, Sp), np.uint32)
+        kk = np.empty((S2, hs), np.uint32)  # k[b, h], pairs of keys
+        xt = np.empty((hs, S), np.float32)
+        dka = np.empty((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
+        dva = np.empty((Sp, hs), np.float32)
+        qr = np.empty((QB, hs), np.float32)  # the block's q, q * scale and dout; zero past T
+        qs = np.empty((QB, hs), np.float32)
+        g = np.empty((QB, hs), np.float32)
+        qsw = np.empty((QB, H2), np.uint32)  # q * scale and dout, pairs of channels
+        gw = np.empty((QB, H2), np.uint32)
+        qt = np.empty((Q2, hs), np.uint32)  # q and dout, pairs of rows
+        gt = np.empty((Q2, hs), np.uint32)
+        p = np.empty((QB, Sp), np.float32)  # scores, then p
+        ds = np.empty((QB, Sp), np.float32)  # dp, then ds
+        dsw = np.empty((QB, S2), np.uint32)  # ds, pairs of keys
+        pt = np.empty((Q2, Sp), np.uint32)  # p and ds, pairs of rows
+        dst = np.empty((Q2, Sp), np.uint32)
+        tmp = np.empty(max(Sp, QB * hs), np.uint32)
+        acc = np.empty((TILE_M, TILE_N), np.float32)
+        for bh in _head_range(task, tasks, B * H):
+            b, h = bh // H, bh % H
+            _pack_channels(k, b, h, xt, kw)
+            _pack_channels(v, b, h, xt, vw)
+            _pack_keys(k, b, h, kk)
+            dka[...] = 0.0
+            dva[...] = 0.0
+            for i0 in range(0, T, QB):
+                rows = min(QB, T - i0)
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                nt = (n + TILE_N - 1) // TILE_N * TILE_N
+                n2 = (n + 1) // 2
+                tiles = (rows + TILE_M - 1) // TILE_M
+                _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
+                _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
+                _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
+                _pack_row_pairs(qr, qt, hs)
+                _pack_row_pairs(g, gt, hs)
+                for t in range(tiles):
+                    for j0 in range(0, n, TILE_N):
+                        bf16_tile_into(qsw, t * TILE_M * H2, H2, 1, kw, j0, Sp, H2, p, t * TILE_M * Sp + j0, Sp,
+                                       zero, 0, False)
+                        bf16_tile_into(gw, t * TILE_M * H2, H2, 1, vw, j0, Sp, H2, ds, t * TILE_M * Sp + j0, Sp,
+                                       zero, 0, False)
+                for r in range(QB):
+                    last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
+                    _grad_row(p[r], ds[r], g[r], out, lse, b, h, i0 + r, last, nt, scale, kpm, has_mask)
+                    _pairs_along_row(ds[r, :nt], dsw[r, :nt // 2], tmp)
+                _pack_row_pairs(p, pt, nt)
+                _pack_row_pairs(ds, dst, nt)
+                for t in range(tiles):  # dq = ds k
+                    for c0 in range(0, hs, TILE_N):
+                        bf16_tile(dsw, t * TILE_M * S2, S2, 1, kk, c0, hs, n2, acc)
+                        _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
+                for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
+                    for c0 in range(0, hs, TILE_N):
+                        bf16_tile_into(pt, j0, 1, Sp, gt, c0, hs, Q2, dva, j0 * hs + c0, hs, zero, 0, True)
+                        bf16_tile_into(dst, j0, 1, Sp, qt, c0, hs, Q2, dka, j0 * hs + c0, hs, zero, 0, True)
+            _store_head(dka, dva, b, h, dk, dv)
+
+
+def _tile_kernels(precision):
+    """(forward, backward) on the register tiles of `precision`; bfloat16's only where the CPU
+    has AVX-512 BF16 (refused in one line elsewhere: LLVM would abort the process)."""
+    if precision == "bfloat16":
+        require_bf16()
+        return _attention_fwd_bf16, _attention_bwd_bf16
+    return _attention_fwd_tiles, _attention_bwd_tiles
 
 
 def _on_tiles(q, *channels_adjacent):
@@ -590,9 +863,10 @@ def _on_tiles(q, *channels_adjacent):
 
 def attention_forward_numba(ops, q, k, v, causal=False, key_padding_mask=None, scale=None):
     q, k, v, key_padding_mask, scale = attention_inputs(q, k, v, causal, key_padding_mask, scale)
+    precision = attention_precision(ops, q.dtype, q.shape[2])
     out = np.empty_like(q)  # (B, H, T, hs)
-    lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, out)
-    return out, (q, k, v, out, lse, causal, key_padding_mask, scale)
+    lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out)
+    return out, AttentionCache(q, k, v, out, lse, causal, key_padding_mask, scale, precision)
 
 
 def attention_qkv_forward_numba(ops, qkv, n_heads, causal=True, key_padding_mask=None, scale=None):
@@ -602,22 +876,24 @@ def attention_qkv_forward_numba(ops, qkv, n_heads, causal=True, key_padding_mask
     q, k, v = qkv.reshape(B, T, 3, n_heads, hs).transpose(2, 0, 3, 1, 4)
     out = np.empty((B, T, C), qkv.dtype)  # written head by head through a (B, H, T, hs) view
     out_heads = out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)
-    lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, out_heads)
-    return out, (q, k, v, out_heads, lse, causal, key_padding_mask, scale)
+    precision = attention_precision(ops, qkv.dtype, T)
+    lse = _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out_heads)
+    return out, AttentionCache(q, k, v, out_heads, lse, causal, key_padding_mask, scale, precision)
 
 
-def _attention(ops, q, k, v, causal, key_padding_mask, scale, out):
-    """Run the forward kernel into `out` (B, H, T, hs); returns lse (B, H, T)."""
+def _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out):
+    """Run the forward kernel into `out` (B, H, T, hs), its products in `precision` where it has
+    any in that precision (the row kernels multiply in the dtype's); returns lse (B, H, T)."""
     B, H, T, hs = q.shape
     if q.size == 0 or k.shape[2] == 0:
         out[...] = 0.0
         return np.full((B, H, T), -np.inf, q.dtype)
     tiles = _on_tiles(q, v)
     if T >= ATTENTION_TILED_FROM and not tiles:
-        return attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, out)
+        return attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, precision, out)
     lse = np.empty((B, H, T), q.dtype)
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, k.shape[2]), bool)
-    kernel = _attention_fwd_tiles if tiles else _attention_fwd
+    kernel = _tile_kernels(precision)[0] if tiles else _attention_fwd
     sized(kernel, q.size + k.size)(q, k, v, np.ascontiguousarray(kpm), key_padding_mask is not None,
                                    bool(causal), q.dtype.type(scale), out, lse)
     return lse
@@ -643,7 +919,7 @@ def attention_qkv_backward_numba(ops, dout, cache):
 def _attention_grads(ops, dout, cache, dq, dk, dv):
     """Run the backward kernel, writing every entry of dq, dk, dv (any strides); the cache as
     attention_cache returns it."""
-    q, k, v, out, lse, causal, key_padding_mask, scale = cache
+    q, k, v, out, lse, causal, key_padding_mask, scale, precision = cache
     if q.size == 0 or k.shape[2] == 0:
         dq[...] = 0.0
         dk[...] = 0.0
@@ -654,6 +930,6 @@ def _attention_grads(ops, dout, cache, dq, dk, dv):
         return attention_tiled_grads(ops, dout, cache, dq, dk, dv)
     B, S = q.shape[0], k.shape[2]
     kpm = key_padding_mask if key_padding_mask is not None else np.zeros((B, S), bool)
-    kernel = _attention_bwd_tiles if tiles else _attention_bwd
+    kernel = _tile_kernels(precision)[1] if tiles else _attention_bwd
     kernel(q, k, v, out, dout, lse, np.ascontiguousarray(kpm), key_padding_mask is not None, bool(causal),
            q.dtype.type(scale), dq, dk, dv)

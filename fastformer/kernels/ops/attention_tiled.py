@@ -48,20 +48,22 @@ def _keys_allowed(shape, row0, c0, mask):
     return allowed if mask is None else allowed & ~mask[c0:c0 + n][None, :]
 
 
-def attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, out, steps=None):
+def attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, precision, out, steps=None):
     """Attention of checked q (B, H, T, hs), k, v (B, H, S, hs), any strides with unit
-    last stride, written into out (B, H, T, hs); returns lse (B, H, T). Same masks and lse
-    convention as `attention_forward`."""
+    last stride, written into out (B, H, T, hs), its products in `precision` (as ops.matmul takes
+    it); returns lse (B, H, T). Same masks and lse convention as `attention_forward`. In
+    "bfloat16" the operands are those of attention.py's reference but for p, rounded before it is
+    normalised, relative to the running max of the row (see attention.py)."""
     B, H, T, hs = q.shape
     lse = np.empty((B, H, T), q.dtype)
     masks = _padding_rows(key_padding_mask, B)
     steps = steps or NUMBA_STEPS
-    run_tasks([(_tiled_head, (ops, steps, q[b, h], k[b, h], v[b, h], masks[b], causal, scale, out[b, h], lse[b, h]))
-               for b in range(B) for h in range(H)])
+    run_tasks([(_tiled_head, (ops, steps, q[b, h], k[b, h], v[b, h], masks[b], causal, scale, precision, out[b, h],
+                              lse[b, h])) for b in range(B) for h in range(H)])
     return lse
 
 
-def _tiled_head(ops, steps, q, k, v, mask, causal, scale, out, lse):
+def _tiled_head(ops, steps, q, k, v, mask, causal, scale, precision, out, lse):
     """One head of `attention_tiled`: q (T, hs), k, v (S, hs), mask (S,) or None -> out, lse."""
     (T, hs), S = q.shape, k.shape[0]
     off, dt, block = S - T, q.dtype, ATTENTION_BLOCK  # query i is at key position i + off
@@ -76,25 +78,25 @@ def _tiled_head(ops, steps, q, k, v, mask, causal, scale, out, lse):
         end = min(S, r0 + R + off) if causal else S  # the keys the block's last row sees
         for c0 in range(0, end, block):
             n = min(end, c0 + block) - c0
-            sc = ops.matmul(qs, k[c0:c0 + n].T, out=scores[:R * n].reshape(R, n))  # (R, n)
+            sc = ops.matmul(qs, k[c0:c0 + n].T, out=scores[:R * n].reshape(R, n), precision=precision)  # (R, n)
             steps.softmax_block(sc, m, total, acc, r0 + off if causal else S, c0, mask)
-            acc += ops.matmul(sc, v[c0:c0 + n], out=pv[:R * hs].reshape(R, hs))  # p @ v
+            acc += ops.matmul(sc, v[c0:c0 + n], out=pv[:R * hs].reshape(R, hs), precision=precision)  # p @ v
         _flash_finish(acc, m, total, out[r0:r0 + R], lse[r0:r0 + R])
 
 
 def attention_tiled_grads(ops, dout, cache, dq, dk, dv, steps=None):
     """(dq, dk, dv) of `attention_tiled` for dout (B, H, T, hs), written into dq, dk, dv
-    (any strides with unit last stride)."""
-    q, k, v, out, lse, causal, key_padding_mask, scale = cache
+    (any strides with unit last stride), its products in the cache's precision."""
+    q, k, v, out, lse, causal, key_padding_mask, scale, precision = cache
     B, H = q.shape[:2]
     masks = _padding_rows(key_padding_mask, B)
     steps = steps or NUMBA_STEPS
     run_tasks([(_tiled_head_grads, (ops, steps, q[b, h], k[b, h], v[b, h], out[b, h], lse[b, h], dout[b, h],
-                                          masks[b], causal, scale, dq[b, h], dk[b, h], dv[b, h]))
+                                          masks[b], causal, scale, precision, dq[b, h], dk[b, h], dv[b, h]))
                for b in range(B) for h in range(H)])
 
 
-def _tiled_head_grads(ops, steps, q, k, v, out, lse, dout, mask, causal, scale, dq, dk, dv):
+def _tiled_head_grads(ops, steps, q, k, v, out, lse, dout, mask, causal, scale, precision, dq, dk, dv):
     """One head of `attention_tiled_grads`: (T, hs) and (S, hs) arrays, mask (S,) or None."""
     # forward: p = softmax(q k^T * scale + mask); out = p v
     #   dv = p^T dout;  dp = dout v^T;  ds = p * (dp - D) * scale, D = rowsum(dout * out)
@@ -112,13 +114,14 @@ def _tiled_head_grads(ops, steps, q, k, v, out, lse, dout, mask, causal, scale, 
         first = max(0, c0 - off) // block * block if causal else 0  # earlier rows see none of these keys
         for r0 in range(first, T, block):
             R = min(T, r0 + block) - r0
-            p = ops.matmul(q[r0:r0 + R] * dt.type(scale), kj.T, out=p_buf[:R * n].reshape(R, n))  # scores
+            p = ops.matmul(q[r0:r0 + R] * dt.type(scale), kj.T, out=p_buf[:R * n].reshape(R, n),
+                           precision=precision)  # scores
             steps.probs_block(p, lse[r0:r0 + R], r0 + off if causal else S, c0, mask)
-            dvj += ops.matmul(p.T, dout[r0:r0 + R], out=part[:n * hs].reshape(n, hs))
-            ds = ops.matmul(dout[r0:r0 + R], vj.T, out=dp_buf[:R * n].reshape(R, n))  # dp (R, n)
+            dvj += ops.matmul(p.T, dout[r0:r0 + R], out=part[:n * hs].reshape(n, hs), precision=precision)
+            ds = ops.matmul(dout[r0:r0 + R], vj.T, out=dp_buf[:R * n].reshape(R, n), precision=precision)  # dp
             steps.dscores_block(p, ds, D[r0:r0 + R], dt.type(scale))  # now ds
-            dq[r0:r0 + R] += ops.matmul(ds, kj, out=part[:R * hs].reshape(R, hs))
-            dkj += ops.matmul(ds.T, q[r0:r0 + R], out=part[:n * hs].reshape(n, hs))
+            dq[r0:r0 + R] += ops.matmul(ds, kj, out=part[:R * hs].reshape(R, hs), precision=precision)
+            dkj += ops.matmul(ds.T, q[r0:r0 + R], out=part[:n * hs].reshape(n, hs), precision=precision)
 
 
 # ------------------------------------------------------- NumPy block steps

@@ -114,9 +114,15 @@ def _pairs_along_row(x, out, tmp):
     tmp (an even number >= K of uint32, a row's scratch): each value rounded in place in a
     contiguous loop, then two neighbours joined as one 64-bit word. Both loops vectorise, where
     reading x two by two would not."""
+    _scaled_pairs_along_row(x, np.float32(1.0), out, tmp)
+
+
+@inline
+def _scaled_pairs_along_row(x, scale, out, tmp):
+    """`_pairs_along_row` of x * scale (float32), the product made as the value is rounded."""
     K = x.shape[0]
     for i in range(K):
-        tmp[i] = _round32(x[i])
+        tmp[i] = _round32(x[i] * scale)
     if K % 2:
         tmp[K] = 0
     both = tmp.view(np.uint64)
