@@ -252,7 +252,7 @@ def test_fewer_rows_than_attention_bf16_from_multiply_in_float32_on_both_backend
     """Short sequences keep float32 products in bf16 precision (their packing costs what bf16
     saves), the reference too: the two agree to float32 error."""
     monkeypatch.setattr(A, "ATTENTION_BF16_FROM", 65)
-    q, k, v, _ = _case(np.random.default_rng(3), 1, 2, rows, rows, 32, False)
+    q, k, v, _, _ = _case(np.random.default_rng(3), 1, 2, rows, rows, 32, None)
     with use_precision("bfloat16"):
         got, cache = fast_ops.attention_forward(q, k, v, causal=True)
         want, cache_ref = ref.attention_forward(q, k, v, causal=True)

@@ -30,7 +30,8 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
                 ops.attention_forward(q, q, q, True, kpm)[0], ops.attention_forward(q32, q32, q32, True, kpm)[0],
                 ops.embedding_forward(emb, ids)[0],
                 ops.relu_forward(x, b)[0]]
-        if cpu_has_bf16():  # the register tiles in bfloat16
+        if cpu_has_bf16():  # the register tiles in bfloat16, at 5 rows too
+            monkeypatch.setattr(attention, "ATTENTION_BF16_FROM", 1)
             with use_precision("bfloat16"):
                 outs.append(ops.attention_forward(q32, q32, q32, True, kpm)[0])
         return outs
