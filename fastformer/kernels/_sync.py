@@ -12,7 +12,8 @@ share through atomics in an int64 array, `sync`, STAGE_WORDS words a stage:
 A thread first runs its own chunks (`chunk_at`: part p owns the p-th share, so each core keeps
 reading the same weights, which then stay in its cache), then takes whatever the others have not
 claimed yet, from the far end, and waits until every chunk of the stage is finished before the
-next stage reads what it wrote. A chunk is run by whoever claims it, so the call finishes
+next stage reads what it wrote: it spins, then yields its core, so that a part the scheduler has put
+on the same core (or preempted) gets to finish its chunk. A chunk is run by whoever claims it, so the call finishes
 whatever the threads do: one that starts late, or never gets a core, only finds less work; run one
 after the other, the first part does everything and the others nothing. The bits of the result
 do not depend on who ran what.
@@ -79,8 +80,37 @@ if numba is not None:
             return context.get_dummy_value()
 
         return types.void(), codegen
+
+    _LINUX_X86_64 = _X86 and platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+    if _LINUX_X86_64:
+        from llvmlite import binding
+
+        binding.initialize_native_asmparser()  # LLVM parses the inline `syscall` below
+
+    @intrinsic
+    def cpu_yield(typingctx):
+        """sched_yield(2) on x86-64 Linux, as the system call itself (a libc address would keep the
+        kernels out of Numba's disk cache): the core goes to another runnable thread, if any, such
+        as the part being waited for when the scheduler has put both on one core. Elsewhere, the
+        `pause` hint."""
+        def codegen(context, builder, signature, args):
+            if _LINUX_X86_64:
+                call = ir.InlineAsm(ir.FunctionType(_I64, [_I64]), "syscall", "={rax},{rax},~{rcx},~{r11},~{memory}",
+                                    side_effect=True)
+                builder.call(call, [ir.Constant(_I64, 24)])  # __NR_sched_yield
+            else:
+                name = "llvm.x86.sse2.pause"
+                if _X86:
+                    fn = builder.module.globals.get(name) or ir.Function(builder.module,
+                                                                         ir.FunctionType(ir.VoidType(), []), name)
+                    builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
 else:
-    atomic_add = atomic_load = spin_pause = None
+    atomic_add = atomic_load = spin_pause = cpu_yield = None
+
+SPINS_BEFORE_YIELD = 1000  # pauses (some microseconds) a waiting part spins before it yields its core
 
 
 @inline
@@ -132,5 +162,10 @@ def finish(sync, s, parts):
 def wait_stage(sync, s, n, parts):
     """Wait until the n chunks of stage s are finished."""
     if parts > 1:
+        spins = 0
         while atomic_load(sync, s * STAGE_WORDS) < n:
-            spin_pause()
+            if spins < SPINS_BEFORE_YIELD:
+                spin_pause()
+                spins += 1
+            else:  # the chunk's part may not be running: both parts on one core, or preempted
+                cpu_yield()
