@@ -67,21 +67,25 @@ if numba is not None:
         return sig, codegen
 
     _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    _LINUX_X86_64 = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+
+    def _pause(builder):
+        """The IR of the `pause` hint of a spin-wait loop on x86 (nothing elsewhere)."""
+        if _X86:
+            name = "llvm.x86.sse2.pause"
+            fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                                 name)
+            builder.call(fn, [])
 
     @intrinsic
     def spin_pause(typingctx):
         """The `pause` hint of a spin-wait loop on x86 (nothing elsewhere)."""
         def codegen(context, builder, signature, args):
-            if _X86:
-                name = "llvm.x86.sse2.pause"
-                fn = builder.module.globals.get(name) or ir.Function(builder.module,
-                                                                     ir.FunctionType(ir.VoidType(), []), name)
-                builder.call(fn, [])
+            _pause(builder)
             return context.get_dummy_value()
 
         return types.void(), codegen
 
-    _LINUX_X86_64 = _X86 and platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
     if _LINUX_X86_64:
         from llvmlite import binding
 
@@ -99,11 +103,7 @@ if numba is not None:
                                     side_effect=True)
                 builder.call(call, [ir.Constant(_I64, 24)])  # __NR_sched_yield
             else:
-                name = "llvm.x86.sse2.pause"
-                if _X86:
-                    fn = builder.module.globals.get(name) or ir.Function(builder.module,
-                                                                         ir.FunctionType(ir.VoidType(), []), name)
-                    builder.call(fn, [])
+                _pause(builder)
             return context.get_dummy_value()
 
         return types.void(), codegen

@@ -437,17 +437,18 @@ DECODE_SPLIT_ROWS = 16  # rows from which a step runs as two halves side by side
 PLAIN, GELU, RESIDUAL, ARGMAX = 0, 1, 2, 3
 
 
-def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, slot_b, head, flat, offsets, words,
-                         scales, corrections, qoff, y, finish_with, res, best, au8, aw, sx, acc_i, acc_f):
+def _product_stage_loops(sync, s, parts, part, stream, ln, eps, x, K, N, slot_w, slot_b, head, flat, offsets, words,
+                         scales, corrections, qoff, y, finish_with, best, au8, aw, sx, acc_i, acc_f):
     """Stage s: y = x (R, K) @ the matrix of slot_w (+ the bias of slot_b; the head's logits when
-    `head`), its columns in chunks of groups, each then finished as `finish_with` says. With
-    ln >= 0, x is first made the layernorm of src by the weight and bias in slots ln, ln + 1."""
+    `head`), its columns in chunks of groups, each then finished as `finish_with` says (RESIDUAL:
+    added into the residual stream (R, C)). With ln >= 0, x is first made the layernorm of the
+    stream by the weight and bias in slots ln, ln + 1."""
     G = (N + GROUP_N - 1) // GROUP_N
     n = stage_chunks(G, parts)
     if stage_open(sync, s, n, parts):
         if ln >= 0:
             for r in range(x.shape[0]):
-                normalize_row(src[r], _vector(flat, offsets, ln, K), _vector(flat, offsets, ln + 1, K), eps, x[r])
+                normalize_row(stream[r], _vector(flat, offsets, ln, K), _vector(flat, offsets, ln + 1, K), eps, x[r])
         _prep(x, K, au8, aw, sx)
         for j in range(n):
             c = chunk_at(j, n, part, parts)
@@ -469,7 +470,7 @@ def _product_stage_loops(sync, s, parts, part, src, ln, eps, x, K, N, slot_w, sl
                     for j in range(c1 - c0):
                         yr[j] = _gelu(yr[j], False)
                 elif finish_with == RESIDUAL:
-                    rr = res[r, c0:c1]
+                    rr = stream[r, c0:c1]
                     for j in range(c1 - c0):
                         rr[j] += yr[j]
             finish(sync, s, parts)
@@ -583,17 +584,17 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
     for layer in range(L):
         w = layer * LAYER_SLOTS
         _product_stage(sync, s, parts, part, x, w + LN1_W, eps, h, C, 3 * C, w + QKV_W, w + QKV_B, False, flat, offsets,
-                       words, scales, corrections, qoff, qkv, PLAIN, x, best, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, qkv, PLAIN, best, au8, aw, sx, acc_i, acc_f)
         _attention_stage(sync, s + 1, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p)
         _product_stage(sync, s + 2, parts, part, x, -1, eps, a, C, C, w + ATTN_W, w + ATTN_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, x, best, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, o, RESIDUAL, best, au8, aw, sx, acc_i, acc_f)
         _product_stage(sync, s + 3, parts, part, x, w + LN2_W, eps, h, C, d_ff, w + FC_W, w + FC_B, False, flat,
-                       offsets, words, scales, corrections, qoff, f, GELU, x, best, au8, aw, sx, acc_i, acc_f)
+                       offsets, words, scales, corrections, qoff, f, GELU, best, au8, aw, sx, acc_i, acc_f)
         _product_stage(sync, s + 4, parts, part, x, -1, eps, f, d_ff, C, w + MLP_W, w + MLP_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, x, best, au8, aw, sx, acc_i, acc_f)
+                       words, scales, corrections, qoff, o, RESIDUAL, best, au8, aw, sx, acc_i, acc_f)
         s += 5
     _product_stage(sync, s, parts, part, x, g + LNF_W, eps, h, C, V, g + HEAD, g + HEAD, True, flat, offsets, words,
-                   scales, corrections, qoff, logits, ARGMAX if best.shape[1] else PLAIN, x, best, au8, aw, sx,
+                   scales, corrections, qoff, logits, ARGMAX if best.shape[1] else PLAIN, best, au8, aw, sx,
                    acc_i, acc_f)
     return s + 1
 
