@@ -219,6 +219,19 @@ def test_attention_bf16_benchmark_runs():
     assert "bf16 speed-up" in proc.stdout
 
 
+def test_decode_crossover_times_prompts_both_ways():
+    """benchmarks/decode_crossover.py --prompt: a row for each format, length and row count, each
+    naming the faster path (the figures behind models.lm.FUSED_PROMPT_MAX_TOKENS)."""
+    pytest.importorskip("numba")
+    proc = subprocess.run([sys.executable, "benchmarks/decode_crossover.py", "--preset", "tiny", "--prompt", "--rows",
+                           "1", "2", "--tokens", "3", "--weights", "fp32", "--rounds", "1", "--steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[:3] for r in rows] == [["fp32", "1", "3"], ["fp32", "2", "3"]]
+    assert all(r[5] in ("fused", "composed") and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+
+
 def _benchmark_module(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -189,19 +189,20 @@ def time_calls(fn, n):
     return times, out
 
 
-def generation_model(preset, seed=0):
-    """The preset LM with a context long enough for the generation benchmark (prompt + new)."""
+def generation_model(preset, seed=0, context=GEN_PROMPT + GEN_NEW):
+    """The preset LM with a context long enough for the generation benchmark (prompt + new), or
+    for `context` positions."""
     cfg = preset_config(preset)
-    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, GEN_PROMPT + GEN_NEW))
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, context))
     return TransformerLM(cfg, seed=seed)
 
 
 GEN_TOP_K = 50  # sampled generation (rows > 1): temperature 1 and transformers' default top-k
 
 
-def generation_prompt(cfg, seed=0, rows=1):
-    """The generation benchmark's prompts: (rows, GEN_PROMPT) random ids, int64."""
-    return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(check_int("rows", rows), GEN_PROMPT))
+def generation_prompt(cfg, seed=0, rows=1, length=GEN_PROMPT):
+    """The generation benchmark's prompts: (rows, length) random ids, int64."""
+    return seeds.bench_stream(seed).integers(0, cfg.vocab_size, size=(check_int("rows", rows), length))
 
 
 def make_generate(preset, backend=None, seed=0, new_tokens=GEN_NEW, rows=1, weights="fp32"):

@@ -234,7 +234,7 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
         real = mask.astype(bool)
         seen[np.nonzero(real)[0], ids[real]] = True
     state = model.init_state(B, use_cache=use_cache)
-    logits = model.step(ids, state, attention_mask=mask, validate=False)[:, -1]  # (B, V): the prompt
+    logits = model.step(ids, state, attention_mask=mask, validate=False, last=True)[:, -1]  # (B, V): the prompt
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
                              seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit,
                              lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id))

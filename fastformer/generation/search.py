@@ -41,7 +41,8 @@ def search_step(model, state, first_mask=None, id_limit=None):
         tokens = tokens[:, None] if tokens.ndim == 1 else tokens
         first = calls["n"] == 0
         calls["n"] += 1
-        logits = model.step(tokens, state, attention_mask=first_mask if first else None, validate=first)[:, -1]
+        logits = model.step(tokens, state, attention_mask=first_mask if first else None, validate=first,
+                            last=True)[:, -1]
         if id_limit is not None and id_limit < logits.shape[-1]:
             logits = np.array(logits)
             logits[:, id_limit:] = -np.inf

@@ -62,6 +62,7 @@ class NumpyOps:
     adamw_update = adamw.adamw_update
     gpt2_decode_step = gpt2_decode.gpt2_decode_step
     gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy
+    gpt2_decode_prompt = gpt2_decode.gpt2_decode_prompt
     quantize_weight = quantized.quantize_weight
     linear_quantized = quantized.linear_quantized
     require_weight_format = quantized.require_weight_format
@@ -108,6 +109,7 @@ class NumbaOps(NumpyOps):
     adamw_update = adamw.adamw_update_numba
     gpt2_decode_step = gpt2_decode.gpt2_decode_step_numba
     gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy_numba
+    gpt2_decode_prompt = gpt2_decode.gpt2_decode_prompt_numba
     linear_quantized = quantized.linear_quantized_numba
     require_weight_format = quantized.require_weight_format_numba
     sample_ids = sampling.sample_ids_numba

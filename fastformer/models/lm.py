@@ -40,6 +40,11 @@ from fastformer.nn.params import FlatModel
 # ops.gpt2_decode_step; more rows take the composed forward, whose GEMMs use every BLAS thread
 # (the crossover measured by benchmarks/decode_crossover.py).
 FUSED_DECODE_MAX_ROWS = 32
+# Prompt tokens (rows x positions) up to which a prompt whose last logits alone are wanted runs the
+# fused ops.gpt2_decode_prompt, by weight format (benchmarks/decode_crossover.py --prompt). Medium,
+# one row: fp32 1.8 against 3.5 ms at 16 tokens, 5.6 against 7.4 at 64, 15.8 against 12.4 at 128;
+# int8 and bf16 still 1.3x and 2.9x faster than the composed forward at 128 tokens and at 16 x 16.
+FUSED_PROMPT_MAX_TOKENS = {"fp32": 64, "bf16": 256, "int8": 256}
 
 
 def _positions(mask, start):
@@ -189,13 +194,14 @@ class TransformerLM(FlatModel):
         state.use_cache = bool(use_cache)
         return state
 
-    def step(self, tokens, state, attention_mask=None, validate=True):
+    def step(self, tokens, state, attention_mask=None, validate=True, last=False):
         """Feed tokens (B, T) -- a prompt, or the tokens just chosen -- to the sequences of
         `state` and return their logits (B, T, V). `attention_mask` (like tokens, 1 = token,
         0 = left padding) is for a first, padded prompt; positions count real tokens only, so
         a row decodes the same alone or in a batch. Once the context window is full, the last
         max_seq_len tokens are run again as a window (nanoGPT's crop). `validate=False` is for
-        callers that made the ids themselves (a search's chosen tokens)."""
+        callers that made the ids themselves (a search's chosen tokens). `last`: only the last
+        position's logits are wanted (B, 1, V), which lets a short prompt run in one fused call."""
         if validate:
             tokens = check_ids("tokens", tokens, self.config.vocab_size, ndim=(2,), shapes="(B, T)")
             if tokens.shape[0] != state.batch_size or tokens.shape[1] < 1:
@@ -205,9 +211,10 @@ class TransformerLM(FlatModel):
         else:
             kpm = None if attention_mask is None else np.asarray(attention_mask) == 0
         B, T = tokens.shape
-        path = self.decode_path(B, T, state)
+        path = self.decode_path(B, T, state, last)
         if path in ("uncached", "window"):
-            return self._window_step(tokens, kpm, state)
+            logits = self._window_step(tokens, kpm, state)
+            return logits[:, -1:] if last else logits
         real = None if kpm is None else ~kpm
         positions = (state.next_position[:, None] + np.arange(T)) if kpm is None else \
             _positions(real, state.next_position)
@@ -216,7 +223,10 @@ class TransformerLM(FlatModel):
         state.padding[:, n:n + T] = False if kpm is None else kpm
         if path == "composed":
             h, _ = self._forward(tokens, kpm, train=False, positions=positions, cache=state)
-            logits = self.head.forward(self.params, h, weights=self.quantized)
+            logits = self.head.forward(self.params, h[:, -1:] if last else h, weights=self.quantized)
+        elif path == "prompt":
+            logits = get_ops().gpt2_decode_prompt(self.packed_weights(), tokens, positions, state.k, state.v,
+                                                  state.padding, n)[:, None]
         else:  # "fused"
             logits = get_ops().gpt2_decode_step(self.packed_weights(), tokens[:, 0], positions[:, 0], state.k,
                                                 state.v, state.padding, n)[:, None]
@@ -244,17 +254,22 @@ class TransformerLM(FlatModel):
         state.next_position += m
         return tokens, nan
 
-    def decode_path(self, B, T, state):
-        """How `step` runs T new tokens in each of B rows over `state` -- the one decision:
+    def decode_path(self, B, T, state, last=False):
+        """How `step` runs T new tokens in each of B rows over `state` (`last`: only the last
+        position's logits are wanted) -- the one decision:
 
             "uncached"  the state keeps no cache (init_state(use_cache=False)): every step runs a
                         plain forward over the window, the reference for the cached paths
             "window"    the tokens would pass the context window: the last max_seq_len tokens
                         run again as one window from position 0, filling the cache anew
-            "composed"  a prompt (T > 1), sinusoidal positions (the fused kernel reads learned
-                        rows, wpe, from the flat buffer) or more than FUSED_DECODE_MAX_ROWS rows:
-                        the blocks' forward over the cache, whose matrix products batch over the
-                        tokens on every BLAS thread
+            "prompt"    a short prompt (T > 1, B * T up to FUSED_PROMPT_MAX_TOKENS of the weight
+                        format) of which only the last logits are wanted, learned positions, few
+                        rows: the whole model in one gpt2_decode_prompt call, each weight streamed
+                        once for all the tokens
+            "composed"  a longer prompt, all of a prompt's logits, sinusoidal positions (the fused
+                        kernels read learned rows, wpe, from the flat buffer) or more than
+                        FUSED_DECODE_MAX_ROWS rows: the blocks' forward over the cache, whose
+                        matrix products batch over the tokens on every BLAS thread
             "fused"     one token a row, learned positions, few rows: the whole model in one
                         gpt2_decode_step call, since at small batches the per-call cost dominates
         """
@@ -262,8 +277,10 @@ class TransformerLM(FlatModel):
             return "uncached"
         if state.length + T > self.config.max_seq_len:
             return "window"
-        if T > 1 or self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
+        if self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
             return "composed"
+        if T > 1:
+            return "prompt" if last and B * T <= FUSED_PROMPT_MAX_TOKENS[self.weight_format] else "composed"
         return "fused"
 
     def _window_step(self, tokens, kpm, state):

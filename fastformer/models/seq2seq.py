@@ -239,9 +239,10 @@ class Seq2SeqTransformer(FlatModel):
         state.source = np.arange(N) // repeat
         return state
 
-    def step(self, tokens, state, attention_mask=None, validate=True):
+    def step(self, tokens, state, attention_mask=None, validate=True, last=False):
         """Feed the next target tokens (N, T) (usually T = 1; the first is <bos>) at positions
-        [state.length, state.length + T) and return their logits (N, T, V)."""
+        [state.length, state.length + T) and return their logits (N, T, V); with `last`, those
+        of the last position alone (N, 1, V)."""
         if attention_mask is not None:
             raise FastformerError("attention_mask does not apply to target tokens: the decoder is fed no padding")
         if validate:
@@ -259,4 +260,4 @@ class Seq2SeqTransformer(FlatModel):
         state.tokens[:, n:n + T] = tokens
         state.length += T
         state.next_position += T
-        return self.head.forward(self.params, h, weights=self.quantized)  # (N, T, V)
+        return self.head.forward(self.params, h[:, -1:] if last else h, weights=self.quantized)  # (N, T or 1, V)

@@ -143,6 +143,19 @@ def _greedy(ops, rng, dt):
     return args, call
 
 
+def _prompt(ops, rng, dt):
+    """gpt2_decode_prompt from _decode's inputs: a few positions a row from `start`."""
+    args, _ = _decode(ops, rng, dt)
+    Tmax, B, start = args["k_cache"].shape[3], args["ids"].shape[0], args["start"]
+    T = int(rng.integers(1, Tmax - start + 1))
+    V = int(args["weights"].vocab_size)
+    args.update(ids=rng.integers(0, V, (B, T)), positions=start + np.arange(T) + np.zeros((B, 1), np.int64))
+
+    def call(ops, a):
+        return ops.gpt2_decode_prompt(**a), a["k_cache"], a["v_cache"]
+    return args, call
+
+
 def _sample(ops, rng, dt):
     d = _dims(rng, N=(1, 4), V=(1, 9))
     N, V = d["N"], d["V"]
@@ -279,7 +292,8 @@ def _resolve_numpy():
 FORWARDS = {  # kernel -> builder(ops, rng, dt) -> (args, call(ops, args))
     "softmax_forward": _softmax, "layernorm_forward": _layernorm, "residual_layernorm_forward": _residual,
     "attention_forward": _attention, "attention_qkv_forward": _qkv, "attention_cached": _cached,
-    "gpt2_decode_step": _decode, "gpt2_decode_greedy": _greedy, "sample_ids": _sample,
+    "gpt2_decode_step": _decode, "gpt2_decode_greedy": _greedy, "gpt2_decode_prompt": _prompt,
+    "sample_ids": _sample,
     "cross_entropy_forward": _ce, "cross_entropy_forward(out)": _ce_out,
     "gelu_forward": lambda *a: _activation("gelu", *a), "relu_forward": lambda *a: _activation("relu", *a),
     "embedding_forward": _embedding, "adamw_update": _adamw, "linear_cross_entropy_forward": _head,

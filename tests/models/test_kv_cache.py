@@ -311,11 +311,13 @@ def test_decode_layout_names_every_parameter_for_the_kernel_slots(tied):
 
 
 def test_decode_path_names_each_way_a_step_runs():
-    from fastformer.models.lm import FUSED_DECODE_MAX_ROWS
+    from fastformer.models.lm import FUSED_DECODE_MAX_ROWS, FUSED_PROMPT_MAX_TOKENS
 
     m = TransformerLM(CFG, seed=0)
     state = m.init_state(2)
-    assert m.decode_path(2, 5, state) == "composed"  # a prompt
+    assert m.decode_path(2, 5, state) == "composed"  # a prompt, every position's logits
+    assert m.decode_path(2, 5, state, last=True) == "prompt"  # only the last's
+    assert m.decode_path(FUSED_PROMPT_MAX_TOKENS["fp32"] // 5 + 1, 5, state, last=True) == "composed"  # too many
     m.step(np.ones((2, 5), np.int64), state)
     assert m.decode_path(2, 1, state) == "fused"
     assert m.decode_path(FUSED_DECODE_MAX_ROWS + 1, 1, state) == "composed"
@@ -516,3 +518,111 @@ def test_gpt2_decode_greedy_in_two_parts_makes_the_one_part_bits(fast_ops, weigh
             got = greedy(2, run, eos_id)
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(a, b)
+
+
+def _prompt_model(weights, dtype=np.float32):
+    """A model whose products span several groups of columns (chunks for two parts to share)."""
+    cfg = dataclasses.replace(CFG, d_model=128, n_heads=4, d_ff=512, vocab_size=300, max_seq_len=40,
+                              tie_embeddings=False)
+    m = TransformerLM(cfg, seed=6, dtype=dtype)
+    m.flat.data[:] = np.random.default_rng(6).normal(0, 0.5, m.flat.size)
+    return m.quantize(weights) if weights != "fp32" else m
+
+
+def _prompt_case(m, ops, start=3, T=6):
+    """ops.gpt2_decode_prompt of three rows (one left-padded) after `start` tokens already in the
+    cache: (logits, k cache, v cache)."""
+    rng = np.random.default_rng(7)
+    state = m.init_state(3)
+    if start:
+        m.step(rng.integers(0, 300, (3, start)), state)
+    mask = np.ones((3, T), np.int64)
+    mask[1, :2] = 0
+    ids = rng.integers(0, 300, (3, T))
+    positions = state.next_position[:, None] + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    state.padding[:, start:start + T] = mask == 0
+    logits = ops.gpt2_decode_prompt(m.packed_weights(), ids, positions, state.k, state.v, state.padding, start)
+    return logits, state.k, state.v
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpt2_decode_prompt_matches_reference(fast_ops, ref, weights, dtype):
+    """A prompt in one kernel call: the reference's last logits and every position's keys and
+    values (the reference runs the prompt as one step per position)."""
+    from fastformer.kernels.ops import quantized
+
+    if weights != "fp32" and (dtype == np.float64 or not quantized.format_runs_natively(weights)):
+        pytest.skip(f"{weights} weights: float32 models on a CPU that runs them natively")
+    m = _prompt_model(weights, dtype)
+    (a, ka, va), (b, kb, vb) = _prompt_case(m, fast_ops), _prompt_case(m, ref)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    np.testing.assert_allclose(ka, kb, rtol=tol, atol=tol)
+    np.testing.assert_allclose(va, vb, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_gpt2_decode_prompt_in_two_parts_makes_the_one_part_bits(fast_ops, weights, monkeypatch):
+    """As for the greedy steps: two parts, side by side or one after the other in either order,
+    give the one-part logits and caches bit for bit."""
+    from fastformer.kernels import tasks
+    from fastformer.kernels.ops import gpt2_decode, quantized
+
+    if weights != "fp32" and not quantized.format_runs_natively(weights):
+        pytest.skip(f"{weights} weights: a CPU that runs them natively")
+    if not gpt2_decode.tiles_run():
+        pytest.skip("the parts synchronise through compiled atomics")
+    m = _prompt_model(weights)
+
+    def prompt(parts, run_together=tasks.run_together):
+        monkeypatch.setattr(gpt2_decode, "greedy_parts", lambda *a: parts)
+        monkeypatch.setattr(gpt2_decode, "run_together", run_together)
+        return _prompt_case(m, fast_ops, start=0, T=9)
+
+    want = prompt(1)
+    for run in (tasks.run_together, _split_order(lambda n: range(n)), _split_order(lambda n: reversed(range(n)))):
+        for a, b in zip(prompt(2, run), want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_prompt_whose_last_logits_alone_are_wanted_runs_fused_alike(model, monkeypatch):
+    """step(last=True) runs a short prompt in one fused call (learned positions): the composed
+    forward's last logits and cache, and the same steps after it."""
+    from fastformer.kernels import get_ops
+
+    ops_type, calls = type(get_ops()), []
+    prompt_op = ops_type.gpt2_decode_prompt
+    monkeypatch.setattr(ops_type, "gpt2_decode_prompt", lambda *a: calls.append(1) or prompt_op(*a))
+    ids = np.random.default_rng(8).integers(0, 50, size=(3, 7))
+    mask = np.ones((3, 7), np.int64)
+    mask[2, :3] = 0
+    s1, s2 = model.init_state(3), model.init_state(3)
+    last = model.step(ids, s1, attention_mask=mask, last=True)
+    full = model.step(ids, s2, attention_mask=mask)
+    assert len(calls) == (model.config.positions == "learned")
+    assert last.shape == (3, 1, 50)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-4, atol=1e-5)
+    for k1, k2 in ((s1.k, s2.k), (s1.v, s2.v)):  # the real positions' keys and values: rows 0, 1 and 2 from 3
+        np.testing.assert_allclose(k1[:, :2, :, :7], k2[:, :2, :, :7], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(k1[:, 2, :, 3:7], k2[:, 2, :, 3:7], rtol=1e-4, atol=1e-5)
+    assert s1.length == s2.length == 7 and s1.next_position.tolist() == s2.next_position.tolist() == [7, 7, 4]
+    nxt = np.array([[1], [2], [3]])
+    np.testing.assert_allclose(model.step(nxt, s1), model.step(nxt, s2), rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_decode_prompt_refuses_what_does_not_fit(ops):
+    m = TransformerLM(CFG, seed=0)
+    state = m.init_state(2)
+    w = m.packed_weights()
+    ids = np.ones((2, 5), np.int64)
+    with pytest.raises(ValueError, match="a prompt of 5 tokens from cache position 20 passes the 24 positions"):
+        ops.gpt2_decode_prompt(w, ids, ids + 19, state.k, state.v, state.padding, 20)
+    with pytest.raises(ValueError, match=r"ids and positions must have shape \(B, T\)"):
+        ops.gpt2_decode_prompt(w, ids[:1], ids[:1], state.k, state.v, state.padding, 0)
+    with pytest.raises(ValueError, match=r"ids and positions must have shape \(B, T\)"):
+        ops.gpt2_decode_prompt(w, ids[:, :0], ids[:, :0], state.k, state.v, state.padding, 0)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 50\)"):
+        ops.gpt2_decode_prompt(w, ids * 50, ids, state.k, state.v, state.padding, 0)
+    with pytest.raises(ValueError, match=r"positions in \[0, 24\), got .* positions from 0 to 24"):
+        ops.gpt2_decode_prompt(w, ids, np.array([[0, 1, 2, 3, 24]] * 2), state.k, state.v, state.padding, 0)

@@ -315,6 +315,36 @@ def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, 
     return tokens, False
 
 
+def check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps):
+    """Validate gpt2_decode_prompt's inputs: gpt2_decode_step's checks, for ids and positions
+    (B, T) whose T positions from `start` fit the cache. Returns those of check_gpt2_decode, ids
+    and positions (B, T) int64."""
+    ids, positions = as_int_array(ids, "ids"), as_int_array(positions, "positions")
+    B = k_cache.shape[1] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 5 else -1
+    if ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < 1 or positions.shape != ids.shape:
+        raise FastformerError(f"ids and positions must have shape (B, T) with B = the cache's rows and T >= 1, got "
+                              f"{ids.shape} and {positions.shape}")
+    checked = check_gpt2_decode(weights, ids[:, 0], positions[:, 0], k_cache, v_cache, padding, start, eps)
+    V, Tmax, T = int(weights.vocab_size), k_cache.shape[3], ids.shape[1]
+    if B and (ids.min() < 0 or ids.max() >= V or positions.min() < 0 or positions.max() >= Tmax):
+        raise FastformerError(f"ids must lie in [0, {V}) and positions in [0, {Tmax}), got ids from {ids.min()} to "
+                              f"{ids.max()} and positions from {positions.min()} to {positions.max()}")
+    if start + T > Tmax:
+        raise FastformerError(f"a prompt of {T} tokens from cache position {start} passes the {Tmax} positions of "
+                              f"the cache: give at most {Tmax - start} tokens")
+    return (*checked, np.array(ids), np.array(positions))
+
+
+def gpt2_decode_prompt(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+    """A prompt of T tokens a row, ids and positions (B, T), as gpt2_decode_step at start, start + 1,
+    ..., start + T - 1: every position's keys and values go into the caches (padding must already
+    mark the padded ones), and the logits (B, V) of the last are returned."""
+    ids, positions = check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps)[-2:]
+    for i in range(ids.shape[1]):
+        logits = ops.gpt2_decode_step(weights, ids[:, i], positions[:, i], k_cache, v_cache, padding, start + i, eps)
+    return logits
+
+
 # -------------------------------------------------------------------- Numba
 # A step is a chain of stages (_sync.py): the embedding; per layer the fused q, k, v product, the
 # heads' attention over the cache, the output projection (+ the residual), the MLP's hidden layer
@@ -489,65 +519,78 @@ def _first_max(y):
     return b
 
 
-_product_stage = inline(_product_stage_loops)  # the float32 kernel's; _format_kernels makes each format's
+_product_stage = function(_product_stage_loops)  # the float32 kernel's; _format_kernels makes each format's
 
 
 @inline
-def _attention_stage(sync, s, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p):
-    """Stage s: each row's heads (the chunks' units) over the cache, the new key and value
-    stored at t first; a (R, C) the heads' outputs."""
+def _attend(q, kh, vh, n, padding, row, p, ah, scale):
+    """ah (hs,) = one head's query q (hs,) over the first n keys and values of kh, vh (Tmax, hs),
+    those padding[row] marks left out; p (Tmax,) scratch for its scores."""
+    F = ah.dtype.type
+    hs = q.shape[0]
+    j = 0
+    while j + 4 <= n:  # four keys a pass: four sums side by side, not one chain of reductions
+        s0, s1, s2, s3 = F(0.0), F(0.0), F(0.0), F(0.0)
+        for d in range(hs):
+            s0 += q[d] * kh[j, d]
+            s1 += q[d] * kh[j + 1, d]
+            s2 += q[d] * kh[j + 2, d]
+            s3 += q[d] * kh[j + 3, d]
+        p[j], p[j + 1], p[j + 2], p[j + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+        j += 4
+    while j < n:
+        s0 = F(0.0)
+        for d in range(hs):
+            s0 += q[d] * kh[j, d]
+        p[j] = s0 * scale
+        j += 1
+    _, total = _softmax_row(p, n, n, padding, row, True)
+    ah[:] = F(0.0)
+    if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
+        return
+    j = 0
+    while j + 4 <= n:  # four keys a pass: ah is loaded and stored a quarter as often
+        p0, p1, p2, p3 = p[j], p[j + 1], p[j + 2], p[j + 3]
+        v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]
+        for d in range(hs):
+            ah[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+        j += 4
+    while j < n:
+        for d in range(hs):
+            ah[d] += p[j] * vh[j, d]
+        j += 1
+    inv = F(1.0) / total
+    for d in range(hs):
+        ah[d] *= inv
+
+
+@inline
+def _attention_stage(sync, s, parts, part, layer, qkv, kc, vc, padding, t, r0, T, a, p):
+    """Stage s: each row's heads (the chunks' units) over the cache. Row b's T new tokens are rows
+    b * T .. b * T + T - 1 of qkv and of a (B * T, C), the heads' outputs: their keys and values
+    are stored at t .. t + T - 1 first, then each query sees the keys up to its own."""
     L, _, H, _, hs = kc.shape
-    R, C = a.shape
-    F = a.dtype.type
-    scale = F(1.0 / math.sqrt(hs))
-    n = stage_chunks(R * H, parts)
+    C = a.shape[1]
+    B = a.shape[0] // T
+    scale = a.dtype.type(1.0 / math.sqrt(hs))
+    n = stage_chunks(B * H, parts)
     for j in range(n):
         c = chunk_at(j, n, part, parts)
         if not claim(sync, s, c, parts):
             continue
-        u0, u1 = chunk_span(c, n, R * H)
+        u0, u1 = chunk_span(c, n, B * H)
         for u in range(u0, u1):
-            r, hd = u // H, u % H
-            kh, vh = kc[layer, r0 + r, hd], vc[layer, r0 + r, hd]
-            for d in range(hs):
-                kh[t, d] = qkv[r, C + hd * hs + d]
-                vh[t, d] = qkv[r, 2 * C + hd * hs + d]
-            q = qkv[r, hd * hs:(hd + 1) * hs]
-            j2 = 0
-            while j2 + 4 <= t + 1:  # four keys a pass: four sums side by side, not one chain of reductions
-                s0, s1, s2, s3 = F(0.0), F(0.0), F(0.0), F(0.0)
+            b, hd = u // H, u % H
+            kh, vh = kc[layer, r0 + b, hd], vc[layer, r0 + b, hd]
+            for i in range(T):
+                r = b * T + i
                 for d in range(hs):
-                    s0 += q[d] * kh[j2, d]
-                    s1 += q[d] * kh[j2 + 1, d]
-                    s2 += q[d] * kh[j2 + 2, d]
-                    s3 += q[d] * kh[j2 + 3, d]
-                p[j2], p[j2 + 1], p[j2 + 2], p[j2 + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-                j2 += 4
-            while j2 < t + 1:
-                s0 = F(0.0)
-                for d in range(hs):
-                    s0 += q[d] * kh[j2, d]
-                p[j2] = s0 * scale
-                j2 += 1
-            _, total = _softmax_row(p, t + 1, t + 1, padding, r, True)
-            ah = a[r, hd * hs:(hd + 1) * hs]
-            ah[:] = F(0.0)
-            if total == F(0.0):  # every key is padding: the output is 0, as in attention_forward
-                continue
-            j2 = 0
-            while j2 + 4 <= t + 1:  # four keys a pass: ah is loaded and stored a quarter as often
-                p0, p1, p2, p3 = p[j2], p[j2 + 1], p[j2 + 2], p[j2 + 3]
-                v0, v1, v2, v3 = vh[j2], vh[j2 + 1], vh[j2 + 2], vh[j2 + 3]
-                for d in range(hs):
-                    ah[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-                j2 += 4
-            while j2 < t + 1:
-                for d in range(hs):
-                    ah[d] += p[j2] * vh[j2, d]
-                j2 += 1
-            inv = F(1.0) / total
-            for d in range(hs):
-                ah[d] *= inv
+                    kh[t + i, d] = qkv[r, C + hd * hs + d]
+                    vh[t + i, d] = qkv[r, 2 * C + hd * hs + d]
+            for i in range(T):
+                r = b * T + i
+                _attend(qkv[r, hd * hs:(hd + 1) * hs], kh, vh, t + i + 1, padding, b, p, a[r, hd * hs:(hd + 1) * hs],
+                        scale)
         finish(sync, s, parts)
     wait_stage(sync, s, n, parts)
 
@@ -565,15 +608,19 @@ def _embed(flat, offsets, ids, positions, x, L, V, Tmax):
 
 def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
                        qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, embed, sync, s, part, parts):
-    """The step of the rows ids (R,) whose caches are rows r0 .. r0 + R - 1 of kc and vc (padding,
-    positions and logits: the R rows themselves), as stages s, s + 1, ... of `sync`; returns the
-    stage after its last. x (R, C), qkv (R, 3C), a (R, C), f (R, F): the activations every part
-    reads; h, o (R, C), p (Tmax,) and the quantised rows (au8, aw, sx, acc_i, acc_f): this part's.
-    `embed`: x is first made the rows' embeddings (else it holds them already). With best (R, m)
-    of m >= MAX_CHUNKS columns, each chunk c of the head writes its columns' argmax of each row to
-    best[:, c]; with m == 0, not."""
+    """The step of the B rows of logits (B, V), whose caches are rows r0 .. r0 + B - 1 of kc and vc
+    (padding: the B rows themselves), as stages s, s + 1, ... of `sync`; returns the stage after
+    its last. Each row feeds T = R / B tokens at t .. t + T - 1: ids and positions (R,), row b's
+    at b * T .. b * T + T - 1 (T > 1: a prompt, whose last position alone reaches the head).
+    x (R, C), qkv (R, 3C), a (R, C), f (R, F): the activations every part reads; h, o (R, C),
+    p (Tmax,) and the quantised rows (au8, aw, sx, acc_i, acc_f): this part's. `embed`: x is first
+    made the tokens' embeddings (else it holds them already). With best (B, m) of m >= MAX_CHUNKS
+    columns, each chunk c of the head writes its columns' argmax of each row to best[:, c]; with
+    m == 0, not."""
     L, _, H, _, hs = kc.shape
     C, V = H * hs, logits.shape[1]
+    B = logits.shape[0]
+    T = ids.shape[0] // B
     g = L * LAYER_SLOTS  # the model-wide slots follow the layers'
     if embed:
         if claim(sync, s, 0, parts):  # the embedding: one chunk
@@ -581,25 +628,37 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
             finish(sync, s, parts)
         wait_stage(sync, s, 1, parts)
         s += 1
+    # the product stage is a function of its own (half the compile time of inlining it six times),
+    # called with runtime values throughout: a literal constant would compile a copy of its own
+    no_ln, head, body = np.int64(-1), np.bool_(True), np.bool_(False)
+    plain, gelu, residual = np.int64(PLAIN), np.int64(GELU), np.int64(RESIDUAL)
     for layer in range(L):
         w = layer * LAYER_SLOTS
-        _product_stage(sync, s, parts, part, x, w + LN1_W, eps, h, C, 3 * C, w + QKV_W, w + QKV_B, False, flat, offsets,
-                       words, scales, corrections, qoff, qkv, PLAIN, best, au8, aw, sx, acc_i, acc_f)
-        _attention_stage(sync, s + 1, parts, part, layer, qkv, kc, vc, padding, t, r0, a, p)
-        _product_stage(sync, s + 2, parts, part, x, -1, eps, a, C, C, w + ATTN_W, w + ATTN_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, best, au8, aw, sx, acc_i, acc_f)
-        _product_stage(sync, s + 3, parts, part, x, w + LN2_W, eps, h, C, d_ff, w + FC_W, w + FC_B, False, flat,
-                       offsets, words, scales, corrections, qoff, f, GELU, best, au8, aw, sx, acc_i, acc_f)
-        _product_stage(sync, s + 4, parts, part, x, -1, eps, f, d_ff, C, w + MLP_W, w + MLP_B, False, flat, offsets,
-                       words, scales, corrections, qoff, o, RESIDUAL, best, au8, aw, sx, acc_i, acc_f)
+        _product_stage(sync, s, parts, part, x, w + LN1_W, eps, h, C, 3 * C, w + QKV_W, w + QKV_B, body, flat, offsets,
+                       words, scales, corrections, qoff, qkv, plain, best, au8, aw, sx, acc_i, acc_f)
+        _attention_stage(sync, s + 1, parts, part, layer, qkv, kc, vc, padding, t, r0, T, a, p)
+        _product_stage(sync, s + 2, parts, part, x, no_ln, eps, a, C, C, w + ATTN_W, w + ATTN_B, body, flat, offsets,
+                       words, scales, corrections, qoff, o, residual, best, au8, aw, sx, acc_i, acc_f)
+        _product_stage(sync, s + 3, parts, part, x, w + LN2_W, eps, h, C, d_ff, w + FC_W, w + FC_B, body, flat,
+                       offsets, words, scales, corrections, qoff, f, gelu, best, au8, aw, sx, acc_i, acc_f)
+        _product_stage(sync, s + 4, parts, part, x, no_ln, eps, f, d_ff, C, w + MLP_W, w + MLP_B, body, flat, offsets,
+                       words, scales, corrections, qoff, o, residual, best, au8, aw, sx, acc_i, acc_f)
         s += 5
-    _product_stage(sync, s, parts, part, x, g + LNF_W, eps, h, C, V, g + HEAD, g + HEAD, True, flat, offsets, words,
-                   scales, corrections, qoff, logits, ARGMAX if best.shape[1] else PLAIN, best, au8, aw, sx,
-                   acc_i, acc_f)
+    last, hl = x, h
+    if T > 1:  # each row's last position, copied by every part for itself (x is final: the stages have waited)
+        last, hl = np.empty((B, C), x.dtype), np.empty((B, C), x.dtype)
+        for b in range(B):
+            last[b] = x[b * T + T - 1]
+    _product_stage(sync, s, parts, part, last, g + LNF_W, eps, hl, C, V, g + HEAD, g + HEAD, head, flat, offsets,
+                   words, scales, corrections, qoff, logits, np.int64(ARGMAX if best.shape[1] else PLAIN), best, au8,
+                   aw, sx, acc_i, acc_f)
     return s + 1
 
 
-_step_loops = _gpt2_decode_loops  # the kernels' step: _format_kernels gives each format's copy its own
+# the kernels' step: _format_kernels gives each format's copy its own. Both kernels call it with the
+# same argument types (np.int64(0), np.bool_(True): a literal constant would be a type of its own),
+# so that it compiles once for both: it is most of their compile time.
+_step_loops = _gpt2_decode_loops
 
 
 @inline
@@ -611,7 +670,7 @@ def _scratch(R, C, d_ff, Tmax, dtype):
             np.empty(TILE_ROWS * GROUP_N, np.float32))
 
 
-_DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], readonly(int64)[::1], "
+_DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1], "
                "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, F[:, ::1], "
                "readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], readonly(int64)[:, ::1], int64, "
                "F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[::1], int64, int64)")
@@ -619,11 +678,12 @@ _DECODE_SIG = ("void(R[::1], readonly(int64)[::1], int64, readonly(int64)[::1], 
 
 def _gpt2_decode_kernel(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales,
                         corrections, qoff, r0, x, qkv, a, f, sync, part, parts):
-    """One step (`_step_loops`) as part `part` of `parts`."""
+    """One step (`_step_loops`) as part `part` of `parts`: one token a row of logits, or a prompt of
+    ids.size / B tokens a row (gpt2_decode_prompt)."""
     h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(ids.shape[0], x.shape[1], d_ff, kc.shape[3], flat.dtype)
     _step_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, eps, logits, words, scales, corrections,
-                qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, np.zeros((0, 0), np.int64), True, sync, 0,
-                part, parts)
+                qoff, r0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, np.zeros((0, 0), np.int64), np.bool_(True),
+                sync, np.int64(0), part, parts)
 
 
 _GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1], "
@@ -645,10 +705,10 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
     L, V = kc.shape[0], logits.shape[1]
     h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(B, x.shape[1], d_ff, kc.shape[3], flat.dtype)
     chunks = stage_chunks((V + GROUP_N - 1) // GROUP_N, parts)  # of the head
-    s = 0
+    s = np.int64(0)
     for i in range(n):
         s = _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
-                        qoff, 0, x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, i == 0, sync, s,
+                        qoff, np.int64(0), x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, i == 0, sync, s,
                         part, parts)
         if claim(sync, s, 0, parts):  # every row's choice, and the next step's embedding: one chunk
             nan = False
@@ -700,7 +760,7 @@ def _format_kernels(suffix, floats, **products):
         c.__module__ = fn.__module__
         return c
 
-    stage = inline(copy(_product_stage_loops, **products))
+    stage = function(copy(_product_stage_loops, **products))
     loops = function(copy(_gpt2_decode_loops, _product_stage=stage))
     step = kernel(_DECODE_SIG, parallel=False, floats=floats)(copy(_gpt2_decode_kernel, _step_loops=loops))
     greedy = kernel(_GREEDY_SIG, parallel=False, floats=floats)(copy(_gpt2_greedy_kernel, _step_loops=loops))
@@ -782,6 +842,28 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     return tokens[:, :abs(made)], made < 0
 
 
+def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
+    """As the reference, in one kernel call: every product streams its weights once for all the
+    prompt's tokens, and the head runs on each row's last position alone."""
+    flat, offsets, _, _, padding, _, ids, positions = check_prompt(weights, ids, positions, k_cache, v_cache,
+                                                                   padding, start, eps)
+    fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
+    if not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32):
+        return gpt2_decode_prompt(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
+    (B, T), L = ids.shape, k_cache.shape[0]
+    C, d_ff = k_cache.shape[2] * k_cache.shape[4], int(weights.d_ff)
+    logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
+    run = _KERNELS[fmt][0]
+    parts = greedy_parts(weights, k_cache, T)
+    sync = np.zeros(sync_words(greedy_stages(L, 1)), np.int64) if parts > 1 else _NO_SYNC
+    if parts > 1:
+        run.dispatcher or run.jit()  # made here, not by two threads at once
+    run_together(run, (flat, offsets, d_ff, ids.reshape(-1), positions.reshape(-1), k_cache, v_cache, padding,
+                       int(start), flat.dtype.type(eps), logits, words, scales, corrections, qoff, 0,
+                       *_activations(B * T, C, d_ff, flat.dtype), sync), parts)
+    return logits
+
+
 # Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
 # the waits between stages cost more than half a token saves. Measured on 32-token calls, the
 # fastest of 30 each way: medium int8 (4.2 MB) 79 -> 54 us a token, small fp32 (3.7 MB) 62 -> 46,
@@ -799,5 +881,5 @@ def greedy_parts(weights, k_cache, n_steps):
     L, _, H, _, hs = k_cache.shape
     C, F, V = H * hs, int(weights.d_ff), int(weights.vocab_size)
     fmt = None if weights.quant is None else weights.quant.format
-    size = _WEIGHT_BYTES.get(fmt, np.dtype(weights.flat.dtype).itemsize)
+    size = _WEIGHT_BYTES.get(fmt, np.asarray(weights.flat).dtype.itemsize)
     return 2 if (L * (4 * C * C + 2 * C * F) + V * C) * size >= GREEDY_SPLIT_BYTES else 1
