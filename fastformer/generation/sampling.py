@@ -121,13 +121,13 @@ def check_id_limit(id_limit, vocab_size):
 
 
 # A model's several-step greedy call (greedy_steps) makes at most GREEDY_CHUNK tokens, and as many as
-# take about GREEDY_SECONDS by the last call's pace: a fast model's tokens arrive in chunks, a slow
-# one's stream (and stop at Ctrl-C) as they come.
+# take about GREEDY_SECONDS by the last call's pace (the first call's: the prompt's time): a fast
+# model's tokens arrive in chunks, a slow one's stream (and stop at Ctrl-C) as they come.
 GREEDY_CHUNK, GREEDY_SECONDS = 32, 0.02
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None):
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None):
     """Yield the next ids (N,) of every row for up to `n_steps` steps.
 
     `logits` (N, V) are the first step's (what the prompt or <bos> gave); `step(ids (N,))`
@@ -138,8 +138,12 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     `greedy_steps(ids (N,), n, done)`, when given, feeds ids and makes up to n plain greedy
     tokens in one call, keeping `done` as this loop does: (tokens (N, m), whether the last
     column's choice was NaN), or None where it does not run (the fused kernel's loop,
-    TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own, and the
-    chunks grow from one token to what GREEDY_SECONDS allows.
+    TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own, and each
+    chunk makes as many as GREEDY_SECONDS allow at the last one's pace. `pace`: seconds a token
+    takes at most, for the first chunk (the prompt's time: a token costs no more than the prompt
+    that ran the whole model before it, though a long prompt composed on every BLAS thread can run
+    faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
+    the first chunk is one token.
     """
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
@@ -149,15 +153,14 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     plain_greedy = temperature == 0 and repetition_penalty is None and (id_limit is None or id_limit >= V)
     nxt = None
     i = 0  # tokens yielded
-    chunk = 1  # of greedy_steps' next call
+    chunk = 1 if pace is None else _chunk(pace)  # of greedy_steps' next call
     while i < n_steps:
         if i and plain_greedy and greedy_steps is not None:
             began = time.perf_counter()
             made = greedy_steps(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
             if made is not None and made[0].shape[1]:
                 tokens, nan = made
-                pace = (time.perf_counter() - began) / tokens.shape[1]  # seconds a token
-                chunk = max(1, min(GREEDY_CHUNK, int(GREEDY_SECONDS / max(pace, 1e-9))))
+                chunk = _chunk((time.perf_counter() - began) / tokens.shape[1])
                 for c in range(tokens.shape[1]):
                     if nan and c == tokens.shape[1] - 1:
                         _refuse_nan(i + 1)
@@ -194,6 +197,11 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
             return
 
 
+def _chunk(pace):
+    """Tokens a greedy_steps call makes at `pace` seconds a token."""
+    return max(1, min(GREEDY_CHUNK, int(GREEDY_SECONDS / max(pace, 1e-9))))
+
+
 def _refuse_nan(token):
     # finite weights can still overflow on some text: stop, not pick garbage
     raise FastformerError(f"the model's logits became NaN at new token {token}: it overflows on this text; use an "
@@ -205,7 +213,7 @@ def lm_step_fn(model, state):
     model's decoding state; the ids are the model's own choices, so they are not checked again."""
     def step(ids):
         ids = ids[:, None] if ids.ndim == 1 else ids
-        return model.step(ids, state, validate=False)[:, -1]
+        return model.step(ids, state, validate=False, last=True)[:, -1]
     return step
 
 
@@ -234,10 +242,12 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
         real = mask.astype(bool)
         seen[np.nonzero(real)[0], ids[real]] = True
     state = model.init_state(B, use_cache=use_cache)
+    began = time.perf_counter()
     logits = model.step(ids, state, attention_mask=mask, validate=False, last=True)[:, -1]  # (B, V): the prompt
     yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
                              seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit,
-                             lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id))
+                             lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id),
+                             pace=time.perf_counter() - began)
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):

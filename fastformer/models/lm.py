@@ -10,7 +10,9 @@ blocks of fastformer.nn.
 The residual adds are fused with the layernorm that reads them (`Stack`, pre-LN). Weights are
 stored (in, out) as in Hugging Face's GPT-2 (Conv1D), so state dicts interchange as they are.
 Decoding keeps a KVCache; one new token per row runs the whole model in one fused kernel
-(`gpt2_decode_step`), whose packed layout this module names (`decode_layout`). The kernel reads
+(`gpt2_decode_step`), and so do several greedy steps (`gpt2_decode_greedy`) and a short prompt whose
+last logits alone are wanted (`gpt2_decode_prompt`), whose packed layout this module names
+(`decode_layout`). The kernels read
 learned positions (wpe) from the flat buffer, so a sinusoidal model decodes through the composed
 forward instead: the same logits, more calls per token.
 """
@@ -213,8 +215,7 @@ class TransformerLM(FlatModel):
         B, T = tokens.shape
         path = self.decode_path(B, T, state, last)
         if path in ("uncached", "window"):
-            logits = self._window_step(tokens, kpm, state)
-            return logits[:, -1:] if last else logits
+            return self._window_step(tokens, kpm, state, last)
         real = None if kpm is None else ~kpm
         positions = (state.next_position[:, None] + np.arange(T)) if kpm is None else \
             _positions(real, state.next_position)
@@ -283,22 +284,23 @@ class TransformerLM(FlatModel):
             return "prompt" if last and B * T <= FUSED_PROMPT_MAX_TOKENS[self.weight_format] else "composed"
         return "fused"
 
-    def _window_step(self, tokens, kpm, state):
+    def _window_step(self, tokens, kpm, state, last=False):
         """The new tokens after the cached ones, cropped to the last max_seq_len, run as one
-        window from position 0 (the cache is filled anew with it)."""
+        window from position 0 (the cache is filled anew with it); `last` as in `step`."""
         Tmax, n = self.config.max_seq_len, state.length
         ids = np.concatenate([state.tokens[:, :n], tokens], axis=1)[:, -Tmax:]
         pad = np.concatenate([state.padding[:, :n], np.zeros(tokens.shape, bool) if kpm is None else kpm],
                              axis=1)[:, -Tmax:]
         state.reset()
         if state.use_cache:
-            return self.step(ids, state, attention_mask=~pad, validate=False)[:, -tokens.shape[1]:]
+            logits = self.step(ids, state, attention_mask=~pad, validate=False, last=last)
+            return logits if last else logits[:, -tokens.shape[1]:]
         # no cache: the tokens are kept as history only, and the window runs a plain forward
         T = ids.shape[1]
         state.tokens[:, :T], state.padding[:, :T], state.length = ids, pad, T
         positions = _positions(~pad, np.zeros(ids.shape[0], np.int64))
         h, _ = self._forward(ids, pad if pad.any() else None, train=False, positions=positions)
-        return self.head.forward(self.params, h[:, -tokens.shape[1]:], weights=self.quantized)
+        return self.head.forward(self.params, h[:, -1:] if last else h[:, -tokens.shape[1]:], weights=self.quantized)
 
     def decoding_matrices(self):
         return {**self.stack.matrices(self.params), **self.head.matrices(self.params)}

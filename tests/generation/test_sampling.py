@@ -151,6 +151,22 @@ def test_greedy_steps_chunks_are_yielded_one_by_one_and_a_nan_among_them_is_refu
         next(gen)
 
 
+@pytest.mark.parametrize("pace, first", [(1e-6, 6), (10.0, 1)])
+def test_the_first_greedy_chunk_is_sized_by_the_pace_given(pace, first):
+    """A token costs no more than the prompt before it: `pace` (the prompt's seconds) sizes the
+    first chunk, up to the tokens left (6 after the prompt's), down to one token."""
+    from fastformer.generation.sampling import sample_tokens
+
+    calls = []
+
+    def greedy_steps(ids, n, done):
+        calls.append(n)
+        return np.full((1, n), 2), False
+
+    got = list(sample_tokens(None, np.array([[0.0, 1.0, 0.0]]), 7, greedy_steps=greedy_steps, pace=pace))
+    assert len(got) == 7 and calls[0] == first and sum(calls) == 6
+
+
 def test_an_empty_greedy_chunk_falls_back_to_the_step():
     from fastformer.generation.sampling import sample_tokens
 

@@ -84,6 +84,10 @@ def test_decode_step_matches_forward_logits():
     np.testing.assert_allclose(np.concatenate([first] + rest, axis=1), full, atol=1e-12)
     with pytest.raises(ValueError, match="cache room left"):
         model.step(tgt[:, :2], state)
+    state = model.init_state(src, mask)
+    last = model.step(tgt[:, :3], state, last=True)  # the prefix's last position alone
+    assert last.shape == (5, 1, full.shape[2]) and state.length == 3
+    np.testing.assert_allclose(last[:, 0], full[:, 2], atol=1e-12)
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])

@@ -149,7 +149,9 @@ def _prompt(ops, rng, dt):
     Tmax, B, start = args["k_cache"].shape[3], args["ids"].shape[0], args["start"]
     T = int(rng.integers(1, Tmax - start + 1))
     V = int(args["weights"].vocab_size)
-    args.update(ids=rng.integers(0, V, (B, T)), positions=start + np.arange(T) + np.zeros((B, 1), np.int64))
+    args["padding"][:, start:start + T] = rng.random((B, T)) < 0.3  # padded prompt positions too
+    positions = np.minimum(rng.integers(0, 2, (B, T)).cumsum(axis=1) + rng.integers(0, start + 1, (B, 1)), Tmax - 1)
+    args.update(ids=rng.integers(0, V, (B, T)), positions=positions)
 
     def call(ops, a):
         return ops.gpt2_decode_prompt(**a), a["k_cache"], a["v_cache"]

@@ -317,7 +317,9 @@ def test_decode_path_names_each_way_a_step_runs():
     state = m.init_state(2)
     assert m.decode_path(2, 5, state) == "composed"  # a prompt, every position's logits
     assert m.decode_path(2, 5, state, last=True) == "prompt"  # only the last's
-    assert m.decode_path(FUSED_PROMPT_MAX_TOKENS["fp32"] // 5 + 1, 5, state, last=True) == "composed"  # too many
+    limit = FUSED_PROMPT_MAX_TOKENS["fp32"]
+    assert m.decode_path(limit // 4, 4, state, last=True) == "prompt"  # at the limit
+    assert m.decode_path(limit // 4 + 1, 4, state, last=True) == "composed"  # past it
     m.step(np.ones((2, 5), np.int64), state)
     assert m.decode_path(2, 1, state) == "fused"
     assert m.decode_path(FUSED_DECODE_MAX_ROWS + 1, 1, state) == "composed"
@@ -547,7 +549,8 @@ def _prompt_case(m, ops, start=3, T=6):
 
 @pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gpt2_decode_prompt_matches_reference(fast_ops, ref, weights, dtype):
+@pytest.mark.parametrize("start", [0, 3])  # 0: the padded row's first queries see no key at all
+def test_gpt2_decode_prompt_matches_reference(fast_ops, ref, weights, dtype, start):
     """A prompt in one kernel call: the reference's last logits and every position's keys and
     values (the reference runs the prompt as one step per position)."""
     from fastformer.kernels.ops import quantized
@@ -555,7 +558,7 @@ def test_gpt2_decode_prompt_matches_reference(fast_ops, ref, weights, dtype):
     if weights != "fp32" and (dtype == np.float64 or not quantized.format_runs_natively(weights)):
         pytest.skip(f"{weights} weights: float32 models on a CPU that runs them natively")
     m = _prompt_model(weights, dtype)
-    (a, ka, va), (b, kb, vb) = _prompt_case(m, fast_ops), _prompt_case(m, ref)
+    (a, ka, va), (b, kb, vb) = _prompt_case(m, fast_ops, start), _prompt_case(m, ref, start)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
     np.testing.assert_allclose(ka, kb, rtol=tol, atol=tol)
@@ -609,6 +612,25 @@ def test_a_prompt_whose_last_logits_alone_are_wanted_runs_fused_alike(model, mon
     assert s1.length == s2.length == 7 and s1.next_position.tolist() == s2.next_position.tolist() == [7, 7, 4]
     nxt = np.array([[1], [2], [3]])
     np.testing.assert_allclose(model.step(nxt, s1), model.step(nxt, s2), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    out = model.generate(ids[:1], 4)  # generate asks for the prompt's last logits alone
+    assert len(calls) == (model.config.positions == "learned")
+    np.testing.assert_array_equal(out, model.generate(ids[:1], 4, use_cache=False))
+
+
+def test_last_logits_past_the_context_window_are_the_windows_last(model):
+    """step(last=True) on the window path: the last column of the full step's logits."""
+    ids = np.random.default_rng(9).integers(0, 50, size=(2, 20))
+    s1, s2 = model.init_state(2), model.init_state(2)
+    model.step(ids, s1), model.step(ids, s2)
+    more = ids[:, :6]  # 20 + 6 > 24: the window runs
+    assert model.decode_path(2, 6, s1, last=True) == "window"
+    np.testing.assert_allclose(model.step(more, s1, last=True), model.step(more, s2)[:, -1:], rtol=1e-5, atol=1e-6)
+    uncached = model.init_state(2, use_cache=False)
+    model.step(ids, uncached)
+    window = np.concatenate([ids, more], axis=1)[:, -CFG.max_seq_len:]
+    np.testing.assert_allclose(model.step(more, uncached, last=True)[:, 0], model.forward(window)[:, -1], rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_gpt2_decode_prompt_refuses_what_does_not_fit(ops):

@@ -132,9 +132,8 @@ def _offsets_inside(offsets_bytes, dims, flat_size):
     return bool(offsets.min() >= 0 and (offsets + gpt2_param_shapes(*dims)[1]).max() <= flat_size)
 
 
-def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps):
-    """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
-    Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), padding, shapes)."""
+def _check_packed(weights, k_cache, v_cache):
+    """Validate the weights and caches of the decoding ops: returns (flat, offsets int64, shapes, dims)."""
     if not all(hasattr(weights, f) for f in ("flat", "offsets", "vocab_size", "d_ff")):
         raise FastformerError(f"weights must be a PackedGPT2 (flat, offsets, vocab_size, d_ff), got "
                               f"{type(weights).__name__}")
@@ -159,6 +158,14 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
         raise FastformerError(f"weights.offsets must hold {len(shapes)} offsets of parameters that lie inside "
                               f"weights.flat ({flat.size} values) for L={L}, C={H * hs}, F={d_ff}, "
                               f"V={V}, Tmax={Tmax}")
+    return flat, offsets, shapes, dims
+
+
+def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps):
+    """Validate gpt2_decode_step's inputs (the Numba kernel reads them unchecked).
+    Returns (flat, offsets int64, ids int64 (B,), positions int64 (B,), padding, shapes)."""
+    flat, offsets, shapes, dims = _check_packed(weights, k_cache, v_cache)
+    B, Tmax, V = k_cache.shape[1], k_cache.shape[3], int(weights.vocab_size)
     ids = np.array(as_int_array(ids, "ids"))  # (B,) copies, writeable whatever they were
     positions = np.array(as_int_array(positions, "positions"))
     if ids.shape != (B,) or positions.shape != (B,):
@@ -319,16 +326,17 @@ def check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps)
     """Validate gpt2_decode_prompt's inputs: gpt2_decode_step's checks, for ids and positions
     (B, T) whose T positions from `start` fit the cache. Returns those of check_gpt2_decode, ids
     and positions (B, T) int64."""
+    _check_packed(weights, k_cache, v_cache)
+    B, Tmax, V = k_cache.shape[1], k_cache.shape[3], int(weights.vocab_size)
     ids, positions = as_int_array(ids, "ids"), as_int_array(positions, "positions")
-    B = k_cache.shape[1] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 5 else -1
     if ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < 1 or positions.shape != ids.shape:
-        raise FastformerError(f"ids and positions must have shape (B, T) with B = the cache's rows and T >= 1, got "
-                              f"{ids.shape} and {positions.shape}")
-    checked = check_gpt2_decode(weights, ids[:, 0], positions[:, 0], k_cache, v_cache, padding, start, eps)
-    V, Tmax, T = int(weights.vocab_size), k_cache.shape[3], ids.shape[1]
+        raise FastformerError(f"ids and positions must have shape (B, T) = ({B}, T) with T >= 1 (B: the cache's "
+                              f"rows), got {ids.shape} and {positions.shape}")
+    T = ids.shape[1]
     if B and (ids.min() < 0 or ids.max() >= V or positions.min() < 0 or positions.max() >= Tmax):
         raise FastformerError(f"ids must lie in [0, {V}) and positions in [0, {Tmax}), got ids from {ids.min()} to "
                               f"{ids.max()} and positions from {positions.min()} to {positions.max()}")
+    checked = check_gpt2_decode(weights, ids[:, 0], positions[:, 0], k_cache, v_cache, padding, start, eps)
     if start + T > Tmax:
         raise FastformerError(f"a prompt of {T} tokens from cache position {start} passes the {Tmax} positions of "
                               f"the cache: give at most {Tmax - start} tokens")
@@ -745,9 +753,15 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
     return n
 
 
+def step_stages(L):
+    """The stages of one step (or prompt) of an L-layer model: the embedding, five a layer, the head."""
+    return 5 * L + 2
+
+
 def greedy_stages(L, n_steps):
-    """The stages of n_steps greedy steps of an L-layer model (the length of their `sync`)."""
-    return n_steps * (5 * L + 2) + 1
+    """The stages of n_steps greedy steps of an L-layer model (the length of their `sync`): each
+    step's but the first embedding, and one choice after each."""
+    return n_steps * step_stages(L) + 1
 
 
 def _format_kernels(suffix, floats, **products):
@@ -855,7 +869,7 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
     run = _KERNELS[fmt][0]
     parts = greedy_parts(weights, k_cache, T)
-    sync = np.zeros(sync_words(greedy_stages(L, 1)), np.int64) if parts > 1 else _NO_SYNC
+    sync = np.zeros(sync_words(step_stages(L)), np.int64) if parts > 1 else _NO_SYNC
     if parts > 1:
         run.dispatcher or run.jit()  # made here, not by two threads at once
     run_together(run, (flat, offsets, d_ff, ids.reshape(-1), positions.reshape(-1), k_cache, v_cache, padding,
@@ -873,9 +887,11 @@ _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
 
 def greedy_parts(weights, k_cache, n_steps):
-    """How many threads share a gpt2_decode_greedy call: two when the task pool has them, the
-    tiles run (compiled code) and each step streams at least GREEDY_SPLIT_BYTES of weights, for
-    more than one step (the pool's hand-off, tens of microseconds, is paid once a call)."""
+    """How many threads share a gpt2_decode_greedy call of n_steps steps (or a gpt2_decode_prompt
+    call of n_steps tokens a row): two when the task pool has them, the tiles run (compiled code)
+    and each step streams at least GREEDY_SPLIT_BYTES of weights, for more than one step or
+    token (the pool's hand-off, tens of microseconds, is paid once a call). A prompt's tokens are
+    more arithmetic per byte than a step's, so the threshold measured on steps is on the safe side."""
     if n_steps < 2 or task_threads() < 2 or not tiles_run():
         return 1
     L, _, H, _, hs = k_cache.shape
