@@ -75,12 +75,13 @@ if numba is not None:
             return lanes, lambda acc, a, b: builder.call(fn, [acc, a, b])
         return lanes, lambda acc, a, b: builder.call(fn, [a, b, acc])
 
-    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None):
+    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None, brs=None):
         """The IR of the loop over k: returns the rows x vectors accumulators (row r, columns
         16h .. 16h + 15 at r * vectors + h) once it is done, the builder then in the block after
         it. Row r's k-th A element (word) at A[r * ars + k * aks], B's k-th row of 16 * vectors at
-        B[k * bks]. `start`: each vector's first value (shared by the rows), zeros by default. One
-        loop whose phi nodes carry the accumulators ("int8": vpdpbusd, as quantized.py uses it)."""
+        B[k * bks] (at B[r * brs + k * bks] for row r, with `brs`: each row its own B). `start`:
+        each vector's first value (shared by the rows), zeros by default. One loop whose phi
+        nodes carry the accumulators ("int8": vpdpbusd, as quantized.py uses it)."""
         lanes, product = _product(builder, kind)
         acc_type = sums_type(kind)
         start = start or [ir.Constant(acc_type, None)] * vectors
@@ -99,15 +100,19 @@ if numba is not None:
         builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
         builder.position_at_end(body)
         b_at = builder.mul(k, bks)
-        b = [builder.load(vector_at(builder, B, builder.add(b_at, ir.Constant(_I64, 16 * h)), lanes), align=4)
-             for h in range(vectors)]
+
+        def b_row(at):
+            return [builder.load(vector_at(builder, B, builder.add(at, ir.Constant(_I64, 16 * h)), lanes), align=4)
+                    for h in range(vectors)]
+        b = None if brs is not None else b_row(b_at)
         a_at = builder.mul(k, aks)
         new = []
         for r in range(rows):
             word = builder.load(builder.gep(row_at[r], [a_at]))
             one = builder.insert_element(ir.Constant(lanes, None), word, ir.Constant(ir.IntType(32), 0))
             both = builder.shuffle_vector(one, ir.Constant(lanes, None), ir.Constant(_I32x16, [0] * 16))
-            new += [product(acc[r * vectors + h], both, b[h]) for h in range(vectors)]
+            br = b if brs is None else b_row(builder.add(b_at, builder.mul(ir.Constant(_I64, r), brs)))
+            new += [product(acc[r * vectors + h], both, br[h]) for h in range(vectors)]
         latch = builder.block
         k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
         for a, n in zip(acc, new):
@@ -202,5 +207,34 @@ if numba is not None:
 
     bf16_tile, bf16_tile_into = _make_tile("bf16"), _make_tile_into("bf16")
     f32_tile, f32_tile_into = _make_tile("f32"), _make_tile_into("f32")
+    def _make_weighted_rows(vectors, chains=4):
+        def weighted(typingctx, p, n, v, ldv, acc):
+            """acc (chains, 16 * vectors) = the sums over k < n // chains of p[chains k + c] times
+            v's row chains k + c (rows ldv apart), for c < chains: the rows' weighted sum in
+            `chains` independent chains of products (one chain waits on each product's latency),
+            which the caller adds up; rows past chains * (n // chains) are the caller's."""
+            i = types.int64
+            sig = types.void(p, i, v, i, acc)
+
+            def codegen(context, builder, signature, args):
+                p_arr, n, v_arr, ldv, acc_arr = args
+                A = pointer(context, builder, signature.args[0], p_arr, ir.Constant(_I64, 0))
+                B = pointer(context, builder, signature.args[2], v_arr, ir.Constant(_I64, 0))
+                C = pointer(context, builder, signature.args[4], acc_arr, ir.Constant(_I64, 0))
+                step = ir.Constant(_I64, chains)
+                sums = tile_sums(builder, "f32", A, ir.Constant(_I64, 1), step, B, builder.mul(ldv, step),
+                                 builder.sdiv(n, step), rows=chains, vectors=vectors, brs=ldv)
+                for h, a in enumerate(sums):
+                    builder.store(a, vector_at(builder, C, ir.Constant(_I64, 16 * h), _F32x16), align=4)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        weighted.__name__ = weighted.__qualname__ = f"f32_weighted_rows{chains}x{vectors}"
+        return intrinsic(weighted)
+
+    # decoding's p @ v for a head size of 32 or 64: a weighted sum of a head's value rows
+    weighted_rows32, weighted_rows64 = _make_weighted_rows(2), _make_weighted_rows(4)
 else:
     bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = None
+    weighted_rows32 = weighted_rows64 = None
