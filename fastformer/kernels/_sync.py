@@ -21,7 +21,7 @@ do not depend on who ran what.
 With parts == 1 no atomic is touched. Without Numba this module defines nothing.
 """
 
-from fastformer.kernels._jit import inline, numba
+from fastformer.kernels._jit import inline, kernel, numba
 
 STAGE_WORDS = 32  # int64 words of a stage in `sync`: its finished count and up to MAX_CHUNKS claims
 MAX_CHUNKS = STAGE_WORDS - 1
@@ -113,6 +113,21 @@ else:
 SPINS_BEFORE_YIELD = 1000  # pauses (some microseconds) a waiting part spins before it yields its core
 
 
+def _spin_until_changed(word, seen, spins):
+    """word[0] once it differs from `seen`, or after `spins` pauses: a thread waiting for its next
+    call spins in compiled code, without the GIL, and its core stays awake (tasks.run_together).
+    As wait_stage, it yields its core between pauses after the first SPINS_BEFORE_YIELD, to a
+    thread the scheduler has put on the same core (the caller, between its calls)."""
+    for i in range(spins):
+        now = atomic_load(word, 0)
+        if now != seen:
+            return now
+        spin_pause()
+        if i >= SPINS_BEFORE_YIELD:
+            cpu_yield()
+    return atomic_load(word, 0)
+
+
 @inline
 def stage_chunks(items, parts):
     """How many chunks a stage of `items` units (groups of columns, heads) is cut into."""
@@ -169,3 +184,7 @@ def wait_stage(sync, s, n, parts):
                 spins += 1
             else:  # the chunk's part may not be running: both parts on one core, or preempted
                 cpu_yield()
+
+
+spin_until_changed = kernel("int64(int64[::1], int64, int64)", parallel=False, floats=("float32",))(
+    _spin_until_changed) if numba is not None else None

@@ -70,3 +70,74 @@ def test_run_together_waits_for_every_part_when_the_first_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="part 0"):
         tasks.run_together(part_fn, (), 2)
     assert finished == [1]
+
+
+def _partner_or_skip(monkeypatch):
+    monkeypatch.setattr(tasks, "task_threads", lambda: 2)
+    partner = tasks._get_partner()
+    if partner is None:
+        pytest.skip("the partner thread spins in compiled code: Numba")
+    return partner
+
+
+def test_two_parts_run_on_the_partner_which_keeps_its_own_core(monkeypatch):
+    """Part 1 runs on the partner thread; during the call the caller keeps off the partner's core,
+    and its own CPUs are as they were after it."""
+    import os
+
+    partner = _partner_or_skip(monkeypatch)
+    seen = {}
+
+    def part_fn(part, parts):
+        seen[part] = threading.current_thread().name, (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
+                                                       else None)
+        return part
+
+    before = tasks._cpus()
+    assert tasks.run_together(part_fn, (), 2) == 0
+    assert seen[1][0] == "fastformer-partner" and seen[0][0] == threading.current_thread().name
+    assert tasks._cpus() == before
+    if partner.cpu is not None:
+        assert seen[1][1] == {partner.cpu} and partner.cpu not in seen[0][1] and seen[0][1] <= before
+
+
+def test_the_partners_error_is_raised_after_the_callers_part(monkeypatch):
+    _partner_or_skip(monkeypatch)
+    finished = []
+
+    def part_fn(part, parts):
+        if part == 1:
+            raise ValueError("part 1")
+        threading.Event().wait(0.02)
+        finished.append(part)
+
+    with pytest.raises(ValueError, match="part 1"):
+        tasks.run_together(part_fn, (), 2)
+    assert finished == [0]
+    assert tasks.run_together(lambda part, parts: part + 7, (), 2) == 7  # and it serves the next call
+
+
+def test_a_sleeping_partner_is_woken_and_a_busy_one_leaves_the_call_to_the_pool(monkeypatch):
+    """Past WARM_SPINS the partner sleeps until the next call wakes it; while one caller has it,
+    another thread's call runs its part 1 on the pool."""
+    _partner_or_skip(monkeypatch)
+    monkeypatch.setattr(tasks, "WARM_SPINS", 10)
+    tasks.run_together(lambda part, parts: None, (), 2)
+    threading.Event().wait(0.05)  # the partner has stopped spinning and sleeps
+    names = []
+    tasks.run_together(lambda part, parts: names.append(threading.current_thread().name), (), 2)
+    assert "fastformer-partner" in names
+    inside, release, names = threading.Event(), threading.Event(), []
+
+    def holder(part, parts):
+        if part == 0:
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=tasks.run_together, args=(holder, (), 2))
+    t.start()
+    assert inside.wait(5)
+    tasks.run_together(lambda part, parts: names.append(threading.current_thread().name), (), 2)
+    release.set()
+    t.join(5)
+    assert threading.current_thread().name in names and any(n.startswith("fastformer-tasks") for n in names)

@@ -920,10 +920,13 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 
 
 # Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
-# the waits between stages cost more than half a token saves. Measured on 32-token calls, the
-# fastest of 30 each way: medium int8 (4.2 MB) 79 -> 54 us a token, small fp32 (3.7 MB) 62 -> 46,
-# small bf16 (1.8 MB) 32 -> 36, small int8 (0.9 MB) and tiny slower still.
-GREEDY_SPLIT_BYTES = 2 << 20
+# the waits between stages and the partner's start cost more than half a token saves. Measured on
+# 32-token calls back to back, median of 20-30 each way, with the partner thread on its own core
+# (tasks.run_together): medium int8 (4.2 MB) 84 -> 67 us a token, small fp32 (3.7 MB) 59 -> 46,
+# small bf16 (1.8 MB) 33 -> 26, tiny fp32 (1.4 MB) 30 -> 23, small int8 (0.9 MB) 23 -> 19, tiny
+# bf16 (0.7 MB) 19 -> 17; tiny int8 (0.36 MB) 14.0 -> 13.4, less than the 0.1 ms a sleeping
+# partner takes to start after an idle pause.
+GREEDY_SPLIT_BYTES = 512 << 10
 _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
 
