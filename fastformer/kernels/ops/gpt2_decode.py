@@ -920,13 +920,14 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 
 
 # Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
-# the waits between stages and the partner's start cost more than half a token saves. Measured on
-# 32-token calls back to back, median of 20-30 each way, with the partner thread on its own core
-# (tasks.run_together): medium int8 (4.2 MB) 84 -> 67 us a token, small fp32 (3.7 MB) 59 -> 46,
-# small bf16 (1.8 MB) 33 -> 26, tiny fp32 (1.4 MB) 30 -> 23, small int8 (0.9 MB) 23 -> 19, tiny
-# bf16 (0.7 MB) 19 -> 17; tiny int8 (0.36 MB) 14.0 -> 13.4, less than the 0.1 ms a sleeping
-# partner takes to start after an idle pause.
-GREEDY_SPLIT_BYTES = 512 << 10
+# the waits between stages and the partner's start cost more than half a token saves. Back to back
+# (32-token calls, median of 20-30 each way, the partner on its own core: tasks.run_together) two
+# parts already pay from 0.7 MB: medium int8 (4.2 MB) 84 -> 67 us a token, small fp32 (3.7 MB)
+# 59 -> 46, small bf16 (1.8 MB) 33 -> 26, tiny fp32 (1.4 MB) 30 -> 23, small int8 (0.9 MB) 23 -> 19,
+# tiny bf16 (0.7 MB) 19 -> 17. But a generation after an idle pause (benchmarks/compare_decode.py,
+# 128 tokens) gained only from medium and small fp32: tiny fp32 19,089-25,020 tokens/s on two parts
+# against 22,418-22,961 on one, small bf16 19,234 against 21,177; the partner, asleep, starts late.
+GREEDY_SPLIT_BYTES = 2 << 20
 _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
 
