@@ -59,14 +59,20 @@ def main():
             finally:
                 lm.FUSED_DECODE_MAX_ROWS = saved
 
-        run(True), run(False)  # compile, warm up
-        times = {True: [], False: []}
-        for _ in range(args.rounds):
-            for fused in (True, False):
-                times[fused] += run(fused)
-        us = {k: 1e6 * float(np.median(v)) for k, v in times.items()}
+        us = {k: 1e6 * v for k, v in alternate(run, args.rounds).items()}
         print(f"{R:4d} {us[True]:10.0f} {us[False]:10.0f}   {'fused' if us[True] <= us[False] else 'composed'}",
               flush=True)
+
+
+def alternate(run, rounds):
+    """{fused: median seconds} of run(fused) (a list of times) for both paths, after a warm-up
+    call of each, taking turns for `rounds` rounds."""
+    run(True), run(False)  # compile, warm up
+    times = {True: [], False: []}
+    for _ in range(rounds):
+        for fused in (True, False):
+            times[fused] += run(fused)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def prompts(args):
@@ -95,12 +101,7 @@ def prompts(args):
                     finally:
                         lm.FUSED_PROMPT_MAX_TOKENS.update(saved)
 
-                run(True), run(False)  # compile, warm up
-                times = {True: [], False: []}
-                for _ in range(args.rounds):
-                    for fused in (True, False):
-                        times[fused] += run(fused)
-                ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+                ms = {k: 1e3 * v for k, v in alternate(run, args.rounds).items()}
                 print(f"{fmt:>7s} {R:4d} {T:5d} {ms[True]:9.2f} {ms[False]:9.2f}   "
                       f"{'fused' if ms[True] <= ms[False] else 'composed'}", flush=True)
 

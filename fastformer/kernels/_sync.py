@@ -3,7 +3,7 @@
 At batch 1 a decoding step is a chain of small matrix products, each needing the one before:
 a thread pool's hand-off (tens of microseconds) per product would cost more than the product.
 Instead every thread runs the same loops over the same stages -- `parts` copies of one kernel,
-started together (tasks.run_together) -- and a stage's work is cut into chunks that the threads
+started together (run_together, below) -- and a stage's work is cut into chunks that the threads
 share through atomics in an int64 array, `sync`, STAGE_WORDS words a stage:
 
     sync[s * STAGE_WORDS]          how many of stage s's chunks are finished
@@ -21,6 +21,12 @@ do not depend on who ran what.
 With parts == 1 no atomic is touched. Without Numba this module defines nothing.
 """
 
+import os
+import threading
+
+import numpy as np
+
+from fastformer.kernels import tasks
 from fastformer.kernels._jit import inline, kernel, numba
 
 STAGE_WORDS = 32  # int64 words of a stage in `sync`: its finished count and up to MAX_CHUNKS claims
@@ -115,7 +121,7 @@ SPINS_BEFORE_YIELD = 1000  # pauses (some microseconds) a waiting part spins bef
 
 def _spin_until_changed(word, seen, spins):
     """word[0] once it differs from `seen`, or after `spins` pauses: a thread waiting for its next
-    call spins in compiled code, without the GIL, and its core stays awake (tasks.run_together).
+    call spins in compiled code, without the GIL, and its core stays awake (run_together).
     As wait_stage, it yields its core between pauses after the first SPINS_BEFORE_YIELD, to a
     thread the scheduler has put on the same core (the caller, between its calls)."""
     for i in range(spins):
@@ -188,3 +194,185 @@ def wait_stage(sync, s, n, parts):
 
 spin_until_changed = kernel("int64(int64[::1], int64, int64)", parallel=False, floats=("float32",))(
     _spin_until_changed) if numba is not None else None
+
+
+# ------------------------------------------------------------ the parts' threads
+# Pauses the partner of run_together spins after a call, awake, for the next one: about 3 ms here
+# (1,000 pauses of 28 ns, then each with a yield of the core, 0.38 us). A sleeping pool thread took
+# 57 us to start a task back to back and 130-140 us after an idle pause (a submitted no-op, timed);
+# a spinning one starts at once.
+WARM_SPINS = 8_000
+
+
+class _Finished:
+    """The partner's side of one call: set when its part has returned, with what it raised."""
+    def __init__(self):
+        self.event, self.error = threading.Event(), None
+
+
+def _cpus():
+    """The CPUs the calling thread may run on (None where the system does not say)."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+
+
+def _set_cpus(cpus):
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _siblings(cpu):
+    """The CPUs that share `cpu`'s core (hyperthreads), itself included."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list", encoding="ascii") as f:
+            spans = f.read().strip().split(",")
+        return {c for span in spans for lo, _, hi in [span.partition("-")] for c in range(int(lo), int(hi or lo) + 1)}
+    except (OSError, ValueError):
+        return {cpu}
+
+
+class _Partner:
+    """The thread that runs part 1 of two-part calls (run_together), on a core of its own: the
+    last CPU this process may use, when the process uses as many threads as it has CPUs (the
+    default; with fewer, nothing is pinned). During a call the caller keeps off that core.
+    Unpinned, the two threads ended up on one core in most generations after an idle pause (read
+    from /proc/self/task/*/stat): each wakes the other through the GIL, and Linux wakes a thread on
+    its waker's core; medium int8, 128 tokens, after 0.2 s: 14.0 ms on two parts unpinned against
+    13.3 on one, 10.8 pinned. After each part it spins for the next call in compiled code
+    (spin_until_changed: no GIL held, its core kept awake) for WARM_SPINS pauses, then
+    sleeps until one is posted: the calls of one generation, milliseconds apart, find it awake."""
+    def __init__(self, threads):
+        cpus = _cpus()
+        pin = cpus is not None and len(cpus) > 1 and len(cpus) == threads
+        self.cpu = max(cpus) if pin else None  # the partner's own CPU
+        self.core = _siblings(self.cpu) if pin else set()  # and its hyperthreads
+        self.pid = os.getpid()
+        self.word = np.zeros(8, np.int64)  # word[0]: calls posted, word[1]: the last call whose part ended
+        self.cond = threading.Condition()
+        self.work = None
+        self.sleeps = 0  # times it has stopped spinning and slept
+        self.busy = threading.Lock()  # one caller at a time; another takes the pool
+        self.thread = threading.Thread(target=self._loop, name="fastformer-partner", daemon=True)
+        self.thread.start()
+
+    def post(self, fn, args):
+        """Hand part 1 of a call to the partner: returns (its ticket, its _Finished)."""
+        finished = _Finished()
+        with self.cond:
+            self.work = fn, args, finished
+            self.word[0] += 1
+            ticket = int(self.word[0])
+            self.cond.notify()
+        return ticket, finished
+
+    def _loop(self):
+        tasks._here.inside = True
+        if self.cpu is not None:
+            _set_cpus({self.cpu})
+        taken = 0
+        while True:
+            if spin_until_changed(self.word, taken, WARM_SPINS) == taken:  # nothing new: sleep
+                with self.cond:
+                    self.sleeps += 1
+                    self.cond.wait_for(lambda: self.word[0] != taken)
+            with self.cond:
+                fn, args, finished = self.work
+                taken = int(self.word[0])
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller, which raises it
+                finished.error = e
+            finally:
+                self.word[1] = taken  # what the caller spins on
+                finished.event.set()
+
+    def wait(self, ticket, finished):
+        """Wait for the part of call `ticket`: spinning (the part ends about when the caller's does),
+        so that the caller never sleeps on the partner: woken by it, the scheduler would move the
+        caller onto the partner's core, and the two parts would share one core from then on."""
+        if spin_until_changed(self.word[1:2], ticket - 1, WARM_SPINS) != ticket:
+            while not finished.event.wait(0.5):
+                if not self.thread.is_alive():
+                    raise RuntimeError("the partner thread of two-part kernel calls has died")
+
+
+_partner = None
+_partner_made = threading.Lock()
+
+
+def _get_partner():
+    """The partner thread, started at the first two-part call; None without compiled Numba."""
+    global _partner
+    if spin_until_changed is None or numba.config.DISABLE_JIT:
+        return None
+    fresh = _partner is not None and _partner.pid == os.getpid() and _partner.thread.is_alive()
+    if not fresh:  # (a forked child has no partner thread)
+        with _partner_made:
+            if not (_partner is not None and _partner.pid == os.getpid() and _partner.thread.is_alive()):
+                spin_until_changed.dispatcher or spin_until_changed.jit()  # made before the thread runs it
+                _partner = _Partner(tasks.task_threads())
+    return _partner
+
+
+def _with_partner(partner, fn, args, parts):
+    """run_together's two parts, the second on the partner (whose `busy` lock the caller holds)."""
+    mine = _cpus() if partner.cpu is not None else None
+    away = None
+    if mine is not None and partner.cpu in mine:
+        away = (mine - partner.core) or (mine - {partner.cpu})
+        if not away:  # the caller may only run where the partner does: one part after the other
+            return [fn(*args, part, parts) for part in range(parts)][0]
+        _set_cpus(away)  # off the partner's core for the call
+    try:
+        ticket, finished = partner.post(fn, (*args, 1, parts))
+        try:
+            result = fn(*args, 0, parts)
+        except BaseException:  # the caller's error first, once the partner's part is done
+            _wait_through_interrupts(partner, ticket, finished)
+            raise
+        if _wait_through_interrupts(partner, ticket, finished):
+            raise KeyboardInterrupt
+        if finished.error is not None:
+            raise finished.error
+        return result
+    finally:
+        if away:
+            _set_cpus(mine)
+
+
+def _wait_through_interrupts(partner, ticket, finished):
+    """partner.wait, to the end whatever interrupts it (the partner's part may still be writing
+    the call's arrays); returns whether a KeyboardInterrupt came meanwhile."""
+    interrupted = False
+    while True:
+        try:
+            partner.wait(ticket, finished)
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+
+
+def run_together(fn, args, parts):
+    """Run fn(*args, part, parts) for part = 0 .. parts - 1 at once, part 0 on the calling thread
+    and the others on the partner thread (two parts) or the pool; returns part 0's result. For
+    the parts of one kernel call that share its work as they go (_sync.py): each part must be able
+    to finish alone, since another thread may start late, or after the caller's part is done."""
+    if parts > tasks.task_threads() or tasks.in_task():  # one after the other
+        return [fn(*args, part, parts) for part in range(parts)][0]
+    partner = _get_partner() if parts == 2 else None
+    if partner is not None and partner.busy.acquire(blocking=False):  # else another thread has it: the pool
+        try:
+            return _with_partner(partner, fn, args, parts)
+        finally:
+            partner.busy.release()
+    pool = tasks._executor(tasks.task_threads())
+    others = [pool.submit(tasks._run, fn, (*args, part, parts)) for part in range(1, parts)]
+    try:
+        return fn(*args, 0, parts)
+    finally:
+        for f in others:
+            f.result()

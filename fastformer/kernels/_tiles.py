@@ -55,6 +55,11 @@ if numba is not None:
         """base + offset (elements) as a pointer to a vector of `lanes`' type."""
         return builder.bitcast(builder.gep(base, [offset]), lanes.as_pointer())
 
+    def store_vectors(builder, C, vectors, lanes):
+        """Store the vectors one after the other from C (16 lanes each): a tile's sums into acc."""
+        for n, v in enumerate(vectors):
+            builder.store(v, vector_at(builder, C, ir.Constant(_I64, 16 * n), lanes), align=4)
+
     def sums_type(kind):
         """The accumulators' vector type: 16 int32 sums for "int8", 16 float32 ones otherwise."""
         return _I32x16 if kind == "int8" else _F32x16
@@ -132,8 +137,7 @@ if numba is not None:
                 A = pointer(context, builder, signature.args[0], a_arr, a_off)
                 B = pointer(context, builder, signature.args[4], b_arr, b_off)
                 C = pointer(context, builder, signature.args[8], acc_arr, ir.Constant(_I64, 0))
-                for n, a in enumerate(tile_sums(builder, kind, A, ars, aks, B, bks, kp)):
-                    builder.store(a, vector_at(builder, C, ir.Constant(_I64, 16 * n), _F32x16), align=4)
+                store_vectors(builder, C, tile_sums(builder, kind, A, ars, aks, B, bks, kp), _F32x16)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -194,10 +198,9 @@ if numba is not None:
                     first = pointer(context, builder, signature.args[6], init_arr, i_off)
                     start = [builder.load(vector_at(builder, first, ir.Constant(_I64, 16 * h), acc_type), align=4)
                              for h in range(vectors)]
-                sums = tile_sums(builder, kind, A, lda, ir.Constant(_I64, 1), B, ir.Constant(_I64, 16 * vectors),
-                                 kp, rows=rows, vectors=vectors, start=start)
-                for n, v in enumerate(sums):
-                    builder.store(v, vector_at(builder, C, ir.Constant(_I64, 16 * n), acc_type), align=4)
+                store_vectors(builder, C, tile_sums(builder, kind, A, lda, ir.Constant(_I64, 1), B,
+                                                    ir.Constant(_I64, 16 * vectors), kp, rows=rows, vectors=vectors,
+                                                    start=start), acc_type)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -207,6 +210,7 @@ if numba is not None:
 
     bf16_tile, bf16_tile_into = _make_tile("bf16"), _make_tile_into("bf16")
     f32_tile, f32_tile_into = _make_tile("f32"), _make_tile_into("f32")
+
     def _make_weighted_rows(vectors, chains=4):
         def weighted(typingctx, p, n, v, ldv, acc):
             """acc (chains, 16 * vectors) = the sums over k < n // chains of p[chains k + c] times
@@ -222,10 +226,9 @@ if numba is not None:
                 B = pointer(context, builder, signature.args[2], v_arr, ir.Constant(_I64, 0))
                 C = pointer(context, builder, signature.args[4], acc_arr, ir.Constant(_I64, 0))
                 step = ir.Constant(_I64, chains)
-                sums = tile_sums(builder, "f32", A, ir.Constant(_I64, 1), step, B, builder.mul(ldv, step),
-                                 builder.sdiv(n, step), rows=chains, vectors=vectors, brs=ldv)
-                for h, a in enumerate(sums):
-                    builder.store(a, vector_at(builder, C, ir.Constant(_I64, 16 * h), _F32x16), align=4)
+                store_vectors(builder, C, tile_sums(builder, "f32", A, ir.Constant(_I64, 1), step, B,
+                                                    builder.mul(ldv, step), builder.sdiv(n, step), rows=chains,
+                                                    vectors=vectors, brs=ldv), _F32x16)
                 return context.get_dummy_value()
 
             return sig, codegen

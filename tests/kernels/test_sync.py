@@ -1,4 +1,4 @@
-"""The chunk order of the parts that share a kernel call's stages (_sync.py), and tasks.run_together."""
+"""The chunk order of the parts that share a kernel call's stages (_sync.py), and _sync.run_together."""
 import threading
 
 import pytest
@@ -47,34 +47,42 @@ def test_run_together_runs_every_part_and_returns_the_first(monkeypatch):
         return 10 * x + part
 
     monkeypatch.setattr(tasks, "task_threads", lambda: 2)
-    assert tasks.run_together(part_fn, (4,), 2) == 40
+    assert _sync.run_together(part_fn, (4,), 2) == 40
     assert sorted(seen) == [(4, 0, 2), (4, 1, 2)]
-    assert len(threads) == 2 and threading.get_ident() in threads  # part 0 on the caller, part 1 on the pool
+    assert len(threads) == 2 and threading.get_ident() in threads  # part 0 on the caller, part 1 on the partner
     seen.clear()
     monkeypatch.setattr(tasks, "task_threads", lambda: 1)  # one thread: one part after the other
-    assert tasks.run_together(part_fn, (5,), 2) == 50
+    assert _sync.run_together(part_fn, (5,), 2) == 50
     assert seen == [(5, 0, 2), (5, 1, 2)]
 
 
-def test_run_together_waits_for_every_part_when_the_first_raises(monkeypatch):
-    """The pool's part may still be writing the call's arrays: it is waited for, then the error raised."""
+@pytest.mark.parametrize("failing, error", [(0, RuntimeError), (0, KeyboardInterrupt), (1, RuntimeError)])
+def test_run_together_waits_for_every_part_and_raises_the_failing_ones_error(monkeypatch, failing, error):
+    """The other part may still be writing the call's arrays: it is waited for, then the error of
+    the part that failed is raised (the caller's, or the partner's after the caller's part); the
+    partner is free again and the caller's CPUs are its own."""
     monkeypatch.setattr(tasks, "task_threads", lambda: 2)
+    before = _sync._cpus()
     finished = []
 
     def part_fn(part, parts):
-        if part == 0:
-            raise RuntimeError("part 0")
+        if part == failing:
+            raise error(f"part {part}")
         threading.Event().wait(0.05)
         finished.append(part)
 
-    with pytest.raises(RuntimeError, match="part 0"):
-        tasks.run_together(part_fn, (), 2)
-    assert finished == [1]
+    with pytest.raises(error):
+        _sync.run_together(part_fn, (), 2)
+    assert finished == [1 - failing]
+    partner = _sync._get_partner()
+    assert partner is None or not partner.busy.locked()
+    assert _sync._cpus() == before
+    assert _sync.run_together(lambda part, parts: part + 7, (), 2) == 7  # and the next call is served
 
 
 def _partner_or_skip(monkeypatch):
     monkeypatch.setattr(tasks, "task_threads", lambda: 2)
-    partner = tasks._get_partner()
+    partner = _sync._get_partner()
     if partner is None:
         pytest.skip("the partner thread spins in compiled code: Numba")
     return partner
@@ -93,40 +101,32 @@ def test_two_parts_run_on_the_partner_which_keeps_its_own_core(monkeypatch):
                                                        else None)
         return part
 
-    before = tasks._cpus()
-    assert tasks.run_together(part_fn, (), 2) == 0
+    before = _sync._cpus()
+    assert _sync.run_together(part_fn, (), 2) == 0
     assert seen[1][0] == "fastformer-partner" and seen[0][0] == threading.current_thread().name
-    assert tasks._cpus() == before
+    assert _sync._cpus() == before
     if partner.cpu is not None:
         assert seen[1][1] == {partner.cpu} and partner.cpu not in seen[0][1] and seen[0][1] <= before
-
-
-def test_the_partners_error_is_raised_after_the_callers_part(monkeypatch):
-    _partner_or_skip(monkeypatch)
-    finished = []
-
-    def part_fn(part, parts):
-        if part == 1:
-            raise ValueError("part 1")
-        threading.Event().wait(0.02)
-        finished.append(part)
-
-    with pytest.raises(ValueError, match="part 1"):
-        tasks.run_together(part_fn, (), 2)
-    assert finished == [0]
-    assert tasks.run_together(lambda part, parts: part + 7, (), 2) == 7  # and it serves the next call
 
 
 def test_a_sleeping_partner_is_woken_and_a_busy_one_leaves_the_call_to_the_pool(monkeypatch):
     """Past WARM_SPINS the partner sleeps until the next call wakes it; while one caller has it,
     another thread's call runs its part 1 on the pool."""
-    _partner_or_skip(monkeypatch)
-    monkeypatch.setattr(tasks, "WARM_SPINS", 10)
-    tasks.run_together(lambda part, parts: None, (), 2)
-    threading.Event().wait(0.05)  # the partner has stopped spinning and sleeps
+    partner = _partner_or_skip(monkeypatch)
+    monkeypatch.setattr(_sync, "WARM_SPINS", 10)
+    slept = partner.sleeps
+    _sync.run_together(lambda part, parts: None, (), 2)
+    for _ in range(100):  # it stops spinning and sleeps
+        if partner.sleeps > slept:
+            break
+        threading.Event().wait(0.01)
+    assert partner.sleeps > slept
     names = []
-    tasks.run_together(lambda part, parts: names.append(threading.current_thread().name), (), 2)
-    assert "fastformer-partner" in names
+    call = threading.Thread(target=_sync.run_together,
+                            args=(lambda part, parts: names.append(threading.current_thread().name), (), 2))
+    call.start()
+    call.join(10)  # a lost wake-up would hang here: fail instead
+    assert not call.is_alive() and "fastformer-partner" in names
     inside, release, names = threading.Event(), threading.Event(), []
 
     def holder(part, parts):
@@ -134,10 +134,10 @@ def test_a_sleeping_partner_is_woken_and_a_busy_one_leaves_the_call_to_the_pool(
             inside.set()
             release.wait(5)
 
-    t = threading.Thread(target=tasks.run_together, args=(holder, (), 2))
+    t = threading.Thread(target=_sync.run_together, args=(holder, (), 2))
     t.start()
     assert inside.wait(5)
-    tasks.run_together(lambda part, parts: names.append(threading.current_thread().name), (), 2)
+    _sync.run_together(lambda part, parts: names.append(threading.current_thread().name), (), 2)
     release.set()
     t.join(5)
     assert threading.current_thread().name in names and any(n.startswith("fastformer-tasks") for n in names)

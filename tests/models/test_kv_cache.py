@@ -485,7 +485,7 @@ def test_gpt2_decode_greedy_in_two_parts_makes_the_one_part_bits(fast_ops, weigh
     """Two parts sharing each stage's chunks (_sync.py) make the one-part call's tokens, done rows
     and cache bit for bit: run side by side, and one after the other in either order (the first
     then does every chunk, the second finds none left)."""
-    from fastformer.kernels import tasks
+    from fastformer.kernels import _sync
     from fastformer.kernels.ops import gpt2_decode, quantized
 
     if weights != "fp32" and not quantized.format_runs_natively(weights):
@@ -508,7 +508,7 @@ def test_gpt2_decode_greedy_in_two_parts_makes_the_one_part_bits(fast_ops, weigh
         done = np.array([False, True])
         tokens, nan = fast_ops.gpt2_decode_greedy(m.packed_weights(), np.array([3, 4]), np.array([0, 0]), state.k,
                                                   state.v, state.padding, 0, 24, eos, done)
-        monkeypatch.setattr(gpt2_decode, "run_together", tasks.run_together)
+        monkeypatch.setattr(gpt2_decode, "run_together", _sync.run_together)
         return tokens, nan, done, state.k, state.v
 
     one = greedy(1)
@@ -569,7 +569,7 @@ def test_gpt2_decode_prompt_matches_reference(fast_ops, ref, weights, dtype, sta
 def test_gpt2_decode_prompt_in_two_parts_makes_the_one_part_bits(fast_ops, weights, monkeypatch):
     """As for the greedy steps: two parts, side by side or one after the other in either order,
     give the one-part logits and caches bit for bit."""
-    from fastformer.kernels import tasks
+    from fastformer.kernels import _sync
     from fastformer.kernels.ops import gpt2_decode, quantized
 
     if weights != "fp32" and not quantized.format_runs_natively(weights):
@@ -578,13 +578,13 @@ def test_gpt2_decode_prompt_in_two_parts_makes_the_one_part_bits(fast_ops, weigh
         pytest.skip("the parts synchronise through compiled atomics")
     m = _prompt_model(weights)
 
-    def prompt(parts, run_together=tasks.run_together):
+    def prompt(parts, run_together=_sync.run_together):
         monkeypatch.setattr(gpt2_decode, "greedy_parts", lambda *a: parts)
         monkeypatch.setattr(gpt2_decode, "run_together", run_together)
         return _prompt_case(m, fast_ops, start=0, T=9)
 
     want = prompt(1)
-    for run in (tasks.run_together, _split_order(lambda n: range(n)), _split_order(lambda n: reversed(range(n)))):
+    for run in (_sync.run_together, _split_order(lambda n: range(n)), _split_order(lambda n: reversed(range(n)))):
         for a, b in zip(prompt(2, run), want):
             np.testing.assert_array_equal(a, b)
 

@@ -37,6 +37,7 @@ from fastformer.kernels._sync import (
     chunk_span,
     claim,
     finish,
+    run_together,
     stage_chunks,
     stage_open,
     sync_words,
@@ -59,7 +60,7 @@ from fastformer.kernels.ops.quantized import (
     require_format,
     words_per_row,
 )
-from fastformer.kernels.tasks import run_tasks, run_together, task_threads
+from fastformer.kernels.tasks import run_tasks, task_threads
 
 if numba is not None:
     from numba import types as nb_types
@@ -921,7 +922,7 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 
 # Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
 # the waits between stages and the partner's start cost more than half a token saves. Back to back
-# (32-token calls, median of 20-30 each way, the partner on its own core: tasks.run_together) two
+# (32-token calls, median of 20-30 each way, the partner on its own core: _sync.run_together) two
 # parts already pay from 0.7 MB: medium int8 (4.2 MB) 84 -> 67 us a token, small fp32 (3.7 MB)
 # 59 -> 46, small bf16 (1.8 MB) 33 -> 26, tiny fp32 (1.4 MB) 30 -> 23, small int8 (0.9 MB) 23 -> 19,
 # tiny bf16 (0.7 MB) 19 -> 17. But a generation after an idle pause (benchmarks/compare_decode.py,
@@ -935,7 +936,7 @@ def greedy_parts(weights, k_cache, n_steps):
     """How many threads share a gpt2_decode_greedy call of n_steps steps (or a gpt2_decode_prompt
     call of n_steps tokens a row): two when the task pool has them, the tiles run (compiled code)
     and each step streams at least GREEDY_SPLIT_BYTES of weights, for more than one step or
-    token (the pool's hand-off, tens of microseconds, is paid once a call). A prompt's tokens are
+    token (the hand-off to the partner thread is paid once a call). A prompt's tokens are
     more arithmetic per byte than a step's, so the threshold measured on steps is on the safe side."""
     if n_steps < 2 or task_threads() < 2 or not tiles_run():
         return 1
