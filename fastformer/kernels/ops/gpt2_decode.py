@@ -179,6 +179,14 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
     if B and (min(id_list) < 0 or max(id_list) >= V or min(pos_list) < 0 or max(pos_list) >= Tmax):
         raise FastformerError(f"ids must lie in [0, {V}) and positions in [0, {Tmax}), "
                               f"got ids {id_list} and positions {pos_list}")
+    return flat, offsets, ids, positions, _check_padding_start(weights, dims, B, padding, start, eps), shapes
+
+
+def _check_padding_start(weights, dims, B, padding, start, eps):
+    """The rest of the decoding ops' checks, once the weights and caches of B rows and dims
+    (L, C, F, V, Tmax) have passed (_check_packed): padding (B, Tmax) bool, start, eps and the
+    quantised buffers. Returns padding as the kernels take it."""
+    Tmax = dims[4]
     padding = np.asarray(padding)
     if padding.shape != (B, Tmax) or padding.dtype != bool:
         raise FastformerError(f"padding must be a bool array (B, Tmax) = {(B, Tmax)}, got {padding.dtype} "
@@ -189,7 +197,7 @@ def check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start,
     check_eps(eps)
     if weights.quant is not None:
         _check_quant(weights.quant, dims)
-    return flat, offsets, ids, positions, kernel_array(padding), shapes
+    return kernel_array(padding)
 
 
 def _slot_words(fmt, shape, head):
@@ -329,9 +337,9 @@ def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, 
 
 def check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps):
     """Validate gpt2_decode_prompt's inputs: gpt2_decode_step's checks, for ids and positions
-    (B, T) whose T positions from `start` fit the cache. Returns those of check_gpt2_decode, ids
-    and positions (B, T) int64."""
-    _check_packed(weights, k_cache, v_cache)
+    (B, T) whose T positions from `start` fit the cache. Returns what check_gpt2_decode does, with
+    ids and positions (B, T) int64."""
+    flat, offsets, shapes, dims = _check_packed(weights, k_cache, v_cache)
     B, Tmax, V = k_cache.shape[1], k_cache.shape[3], int(weights.vocab_size)
     ids, positions = as_int_array(ids, "ids"), as_int_array(positions, "positions")
     if ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < 1 or positions.shape != ids.shape:
@@ -341,18 +349,18 @@ def check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps)
     if B and (ids.min() < 0 or ids.max() >= V or positions.min() < 0 or positions.max() >= Tmax):
         raise FastformerError(f"ids must lie in [0, {V}) and positions in [0, {Tmax}), got ids from {ids.min()} to "
                               f"{ids.max()} and positions from {positions.min()} to {positions.max()}")
-    checked = check_gpt2_decode(weights, ids[:, 0], positions[:, 0], k_cache, v_cache, padding, start, eps)
+    padding = _check_padding_start(weights, dims, B, padding, start, eps)
     if start + T > Tmax:
         raise FastformerError(f"a prompt of {T} tokens from cache position {start} passes the {Tmax} positions of "
                               f"the cache: give at most {Tmax - start} tokens")
-    return (*checked, np.array(ids), np.array(positions))
+    return flat, offsets, np.array(ids), np.array(positions), padding, shapes
 
 
 def gpt2_decode_prompt(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
     """A prompt of T tokens a row, ids and positions (B, T), as gpt2_decode_step at start, start + 1,
     ..., start + T - 1: every position's keys and values go into the caches (padding must already
     mark the padded ones), and the logits (B, V) of the last are returned."""
-    ids, positions = check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps)[-2:]
+    _, _, ids, positions, _, _ = check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps)
     for i in range(ids.shape[1]):
         logits = ops.gpt2_decode_step(weights, ids[:, i], positions[:, i], k_cache, v_cache, padding, start + i, eps)
     return logits
@@ -901,8 +909,8 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
     """As the reference, in one kernel call: every product streams its weights once for all the
     prompt's tokens, and the head runs on each row's last position alone."""
-    flat, offsets, _, _, padding, _, ids, positions = check_prompt(weights, ids, positions, k_cache, v_cache,
-                                                                   padding, start, eps)
+    flat, offsets, ids, positions, padding, _ = check_prompt(weights, ids, positions, k_cache, v_cache, padding,
+                                                             start, eps)
     fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
     if not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32):
         return gpt2_decode_prompt(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps)
