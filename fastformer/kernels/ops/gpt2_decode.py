@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
-from fastformer.kernels._jit import function, inline, jit_writable, kernel, numba
+from fastformer.kernels._jit import compile_float64, function, inline, jit_writable, kernel, numba
 from fastformer.kernels._sync import (
     MAX_CHUNKS,
     chunk_at,
@@ -840,6 +840,15 @@ _NO_QUANT = (np.zeros(0, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.int
 _NO_SYNC = np.zeros(0, np.int64)
 
 
+def _made(run, dtype):
+    """Compile (or load) the kernel `run` for `dtype` here, before two threads call it at once: a
+    float64 call that finds no float64 signature compiles every kernel's (_jit.compile_float64),
+    and the second thread, finding that under way, would raise instead."""
+    if dtype == np.float64:
+        compile_float64()
+    run.dispatcher or run.jit()
+
+
 def _format_buffers(weights, offsets):
     """(format or None for float32, words, scales, corrections, qoffsets) of the kernels' arguments."""
     quant = weights.quant
@@ -868,7 +877,7 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
         # arithmetic outweighs that and the hand-off to the pool (medium: 1.35-1.8x at 16 rows,
         # slower below 8, measured by timing the step over rows both ways)
         halves = [(0, B // 2), (B // 2, B)]
-        run.dispatcher or run.jit()  # made here, not by two threads at once
+        _made(run, flat.dtype)
     run_tasks([(run, (flat, offsets, d_ff, ids[r0:r1], positions[r0:r1], k_cache, v_cache, padding[r0:r1],
                       int(start), flat.dtype.type(eps), logits[r0:r1], words, scales, corrections, qoff, r0,
                       *_activations(r1 - r0, C, d_ff, flat.dtype), _NO_SYNC, 0, 1))
@@ -898,7 +907,7 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     parts = greedy_parts(weights, k_cache, n_steps)
     sync = np.zeros(sync_words(greedy_stages(L, n_steps)), np.int64) if parts > 1 else _NO_SYNC
     if parts > 1:
-        run.dispatcher or run.jit()  # made here, not by two threads at once
+        _made(run, flat.dtype)
     made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
                               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
                               *_activations(B, C, d_ff, flat.dtype), np.zeros((B, MAX_CHUNKS), np.int64),
@@ -921,7 +930,7 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     parts = greedy_parts(weights, k_cache, T)
     sync = np.zeros(sync_words(step_stages(L)), np.int64) if parts > 1 else _NO_SYNC
     if parts > 1:
-        run.dispatcher or run.jit()  # made here, not by two threads at once
+        _made(run, flat.dtype)
     run_together(run, (flat, offsets, d_ff, ids.reshape(-1), positions.reshape(-1), k_cache, v_cache, padding,
                        int(start), flat.dtype.type(eps), logits, words, scales, corrections, qoff, 0,
                        *_activations(B * T, C, d_ff, flat.dtype), sync), parts)
