@@ -238,6 +238,40 @@ if numba is not None:
 
     # decoding's p @ v for a head size of 32 or 64: a weighted sum of a head's value rows
     weighted_rows32, weighted_rows64 = _make_weighted_rows(2), _make_weighted_rows(4)
+
+    @intrinsic
+    def scaled_copy(typingctx, src, s_off, dst, d_off, n, scale):
+        """dst[d_off:d_off + n] = src[s_off:s_off + n] * scale for float32 arrays, n a multiple of
+        16, in 16-lane vectors: a row of a strided view (its elements adjacent) into scratch, where
+        Numba's copy of an array of unknown layout goes a float at a time."""
+        i = types.int64
+        sig = types.void(src, i, dst, i, i, types.float32)
+
+        def codegen(context, builder, signature, args):
+            s_arr, s_off, d_arr, d_off, n, scale = args
+            S = pointer(context, builder, signature.args[0], s_arr, s_off)
+            D = pointer(context, builder, signature.args[2], d_arr, d_off)
+            factor = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32x16, None), scale,
+                                                                   ir.Constant(ir.IntType(32), 0)),
+                                            ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * 16))
+            entry = builder.block
+            head = builder.append_basic_block("copy.head")
+            body = builder.append_basic_block("copy.body")
+            done = builder.append_basic_block("copy.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            at = builder.phi(_I64)
+            at.add_incoming(ir.Constant(_I64, 0), entry)
+            builder.cbranch(builder.icmp_signed("<", at, n), body, done)
+            builder.position_at_end(body)
+            x = builder.load(vector_at(builder, S, at, _F32x16), align=4)
+            builder.store(builder.fmul(x, factor), vector_at(builder, D, at, _F32x16), align=4)
+            at.add_incoming(builder.add(at, ir.Constant(_I64, 16)), builder.block)
+            builder.branch(head)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
 else:
     bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = None
-    weighted_rows32 = weighted_rows64 = None
+    weighted_rows32 = weighted_rows64 = scaled_copy = None

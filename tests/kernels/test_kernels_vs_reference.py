@@ -240,6 +240,28 @@ def test_attention_on_register_tiles_past_the_blas_tiles_crossover(fast_ops, ref
     check_attention(fast_ops, ref, q, k, v, causal, kpm, np.float32)
 
 
+@pytest.mark.parametrize("B,H,T,causal,pad", [(16, 3, 40, True, None), (8, 5, 19, False, "random"),
+                                              (17, 2, 9, True, "random")])
+def test_attention_register_tiles_take_a_batch_rows_heads_in_units(fast_ops, ref, B, H, T, causal, pad):
+    """The float32 tiles stage several heads of one batch row per task (`_head_units`), the last
+    unit of a row cut short where its size does not divide H: every head of every row against the
+    reference, from separate arrays and from a fused QKV projection's strided views."""
+    from fastformer.kernels.ops import attention as A
+
+    G, U = A._head_units(B, H, T, 32)
+    assert G > 1 and (G * U > H) == (H == 5)  # units of several heads; (8, 5, 19) cuts its last one short
+    rng = np.random.default_rng(B * H + T)
+    q, k, v, kpm = _attention_case(rng, B, H, T, T, 32, causal, pad, np.float32)
+    check_attention(fast_ops, ref, q, k, v, causal, kpm, np.float32)
+    qkv = normal(rng, (B, T, 3 * H * 32), np.float32)
+    out, cache = fast_ops.attention_qkv_forward(qkv, H, causal, kpm)
+    out_ref, cache_ref = ref.attention_qkv_forward(qkv, H, causal, kpm)
+    close(out, out_ref, "attention", np.float32)
+    dout = normal(rng, out.shape, np.float32)
+    close(fast_ops.attention_qkv_backward(dout, cache), ref.attention_qkv_backward(dout, cache_ref), "attention",
+          np.float32)
+
+
 def test_attention_register_tiles_are_the_path_taken_and_read_strided_heads(fast_ops, ref, monkeypatch):
     """Guards the property above: hs = 32 float32 runs the tile kernels (and the fused QKV views,
     whose rows are 3C apart, are read in place), other shapes the row kernels."""

@@ -32,7 +32,16 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_bool, check_int
 from fastformer.kernels._jit import exp, exp_row, inline, kernel, prange, row_max, sized
-from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into, f32_tile, f32_tile_into, tiles_run
+from fastformer.kernels._tiles import (
+    TILE_M,
+    TILE_N,
+    bf16_tile,
+    bf16_tile_into,
+    f32_tile,
+    f32_tile_into,
+    scaled_copy,
+    tiles_run,
+)
 from fastformer.kernels.checks import (
     as_float_array,
     cache_array,
@@ -428,11 +437,19 @@ def _grad_row(pr, dsr, gr, out, lse, b, h, i, last, end, scale, kpm, has_mask):
     to `end`. last = 0 for a missing row or a query that attended to nothing (its output was a
     constant 0)."""
     F = pr.dtype.type
+    L = D = F(0.0)
     if last > 0:
         L = lse[b, h, i]
-        D = F(0.0)
         for d in range(gr.shape[0]):
             D += gr[d] * out[b, h, i, d]
+    _grad_row_of(pr, dsr, L, D, b, last, end, scale, kpm, has_mask)
+
+
+@inline
+def _grad_row_of(pr, dsr, L, D, b, last, end, scale, kpm, has_mask):
+    """`_grad_row` given the row's lse L and D = dout . out (read only when last > 0)."""
+    F = pr.dtype.type
+    if last > 0:
         for j in range(last):
             pj = exp(pr[j] - L)
             pr[j] = pj
@@ -533,10 +550,53 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
 QUERY_BLOCK = 32  # query rows of a backward block
 
 
+HEAD_TASKS = 64  # tasks the heads go in, each allocating its scratch once for all of its heads (at
+# the presets' lengths a head's products take microseconds, and scratch made anew per head was a
+# measurable part of the kernels)
+
+
 @inline
-def _strides(x):
-    """x's strides in elements (float32)."""
-    return x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
+def _head_range(task, tasks, BH):
+    """The heads (b * H + h) of task `task` of `tasks`."""
+    return range(task * BH // tasks, (task + 1) * BH // tasks)
+
+
+UNIT_FLOATS = 1 << 15  # of one operand of a float32 tile task's heads (128 KiB): a task takes
+# a batch row's heads together up to this size, one head past it
+
+
+@inline
+def _head_units(B, H, T, hs):
+    """(G, U): a float32 tile task (a unit) takes G adjacent heads of one batch row, U units a row.
+    All of a row's heads at once where they are small and the batch gives the threads enough units
+    (16 rows or more), fewer where there are fewer rows to share out."""
+    G = min(H, max(1, UNIT_FLOATS // max(T * hs, 1)))
+    if B < 16:
+        G = min(G, max(1, H * B // 16))
+    return G, (H + G - 1) // G
+
+
+@inline
+def _stage(x, b, h0, gn, scale, xs):
+    """xs[g, t] = x[b, h0 + g, t] * scale for g < gn and every row t (x's channels adjacent, a
+    multiple of 16), read row by row across the unit's heads. Rows of a fused QKV projection lie
+    3C floats apart with a batch row's heads side by side in them: read a head at a time, every
+    row is a cache miss that no prefetcher foresees (the tiles took 1.5-1.8x as long as on
+    contiguous heads at C = 256); read so, the unit's rows stream in order."""
+    sb, sh, st = x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
+    T, hs = x.shape[2], x.shape[3]
+    for t in range(T):
+        for g in range(gn):
+            scaled_copy(x, b * sb + (h0 + g) * sh + t * st, xs, (g * xs.shape[1] + t) * hs, hs, scale)
+
+
+@inline
+def _transpose_heads(xs, gn, n, xt):
+    """xt[g, :, t] = xs[g, t] for g < gn, t < n."""
+    for g in range(gn):
+        for t in range(n):
+            for d in range(xs.shape[2]):
+                xt[g, d, t] = xs[g, t, d]
 
 
 @inline
@@ -572,97 +632,132 @@ def _store_head(dka, dva, b, h, dk, dv):
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
         "F[:, :, :, :], F[:, :, ::1])", serial_twin=True, floats=("float32",))
 def _attention_fwd_tiles(q, k, v, kpm, has_mask, causal, scale, out, lse):
-    """`_attention_fwd` on register tiles, 8 query rows at a time: their scores against the keys
-    the block's last row sees (tiles of 32 keys), the softmax of each row, then p @ v tile by
-    tile of 32 channels straight from v's rows. v's channels must be adjacent."""
+    """`_attention_fwd` on register tiles, a unit of heads (`_head_units`) per task, staged first,
+    then 8 query rows at a time: their scores against the keys the block's last row sees (tiles
+    of 32 keys), the softmax of each row, then p @ v tile by tile of 32 channels."""
     B, H, T, hs = q.shape
     S = k.shape[2]
     F = q.dtype.type
     Sp = (S + TILE_N - 1) // TILE_N * TILE_N
-    vb, vh, vj = _strides(v)
+    Tp = (T + TILE_M - 1) // TILE_M * TILE_M
+    G, U = _head_units(B, H, max(T, S), hs)
     zero = np.zeros(TILE_N, np.float32)
-    for bh in prange(B * H):
-        b, h = bh // H, bh % H
-        kt = np.zeros((hs, Sp), np.float32)  # k[b, h].T, zero past S
-        _load_transposed(k, b, h, kt)
-        qs = np.empty((TILE_M, hs), np.float32)  # q * scale of the block's rows, zero past T
+    for unit in prange(B * U):
+        b, h0 = unit // U, unit % U * G
+        gn = min(G, H - h0)
+        qa = np.empty((G, Tp, hs), np.float32)  # q * scale, zero past T
+        kt = np.empty((G, hs, Sp), np.float32)  # k.T, zero past S
+        vc = np.empty((G, S, hs), np.float32)  # v, then k
+        qa[:, T:] = 0.0
+        kt[:, :, S:] = 0.0
+        _stage(k, b, h0, gn, F(1.0), vc)
+        _transpose_heads(vc, gn, S, kt)
+        _stage(q, b, h0, gn, scale, qa)
+        _stage(v, b, h0, gn, F(1.0), vc)
         sc = np.empty((TILE_M, Sp), np.float32)  # scores, then p
         acc = np.empty((TILE_M, TILE_N), np.float32)
         mx = np.empty(TILE_M, np.float32)
         total = np.empty(TILE_M, np.float32)
-        for i0 in range(0, T, TILE_M):
-            rows = min(TILE_M, T - i0)
-            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-            for r in range(TILE_M):
-                for d in range(hs):
-                    qs[r, d] = q[b, h, i0 + r, d] * scale if r < rows else F(0.0)
-            for j0 in range(0, n, TILE_N):
-                f32_tile_into(qs, 0, hs, 1, kt, j0, Sp, hs, sc, j0, Sp, zero, 0, False)
-            for r in range(rows):
-                last = S - T + i0 + r + 1 if causal else S
-                mx[r], total[r] = _softmax_row(sc[r], last, n, kpm, b, has_mask)
-            for c0 in range(0, hs, TILE_N):
-                f32_tile(sc, 0, Sp, 1, v, b * vb + h * vh + c0, vj, n, acc)
+        for g in range(gn):
+            h = h0 + g
+            for i0 in range(0, T, TILE_M):
+                rows = min(TILE_M, T - i0)
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                for j0 in range(0, n, TILE_N):
+                    f32_tile_into(qa, (g * Tp + i0) * hs, hs, 1, kt, g * hs * Sp + j0, Sp, hs, sc, j0, Sp, zero, 0,
+                                  False)
                 for r in range(rows):
-                    t = total[r]
-                    for c in range(TILE_N):
-                        out[b, h, i0 + r, c0 + c] = acc[r, c] / t if t != F(0.0) else F(0.0)
-            for r in range(rows):
-                lse[b, h, i0 + r] = mx[r] + math.log(total[r]) if total[r] != F(0.0) else F(-np.inf)
+                    last = S - T + i0 + r + 1 if causal else S
+                    mx[r], total[r] = _softmax_row(sc[r], last, n, kpm, b, has_mask)
+                for c0 in range(0, hs, TILE_N):
+                    f32_tile(sc, 0, Sp, 1, vc, g * S * hs + c0, hs, n, acc)
+                    for r in range(rows):
+                        t = total[r]
+                        for c in range(TILE_N):
+                            out[b, h, i0 + r, c0 + c] = acc[r, c] / t if t != F(0.0) else F(0.0)
+                for r in range(rows):
+                    lse[b, h, i0 + r] = mx[r] + math.log(total[r]) if total[r] != F(0.0) else F(-np.inf)
 
 
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], R[:, :, ::1], "
         "readonly(boolean)[:, ::1], boolean, boolean, F, F[:, :, :, :], F[:, :, :, :], F[:, :, :, :])",
         floats=("float32",))
 def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk, dv):
-    """`_attention_bwd` on register tiles, QUERY_BLOCK query rows at a time: scores s = q k^T and
-    dp = dout v^T as tiles, p and ds per row as the row kernel makes them, then dq = ds k, and
-    dk += ds^T q, dv += p^T dout summed over the block's rows in tiles of 8 keys into buffers the
-    task owns. k's channels must be adjacent."""
+    """`_attention_bwd` on register tiles, a unit of heads per task (staged first, as the forward
+    stages them), QUERY_BLOCK query rows at a time: scores s = q k^T and dp = dout v^T as tiles,
+    p and ds per row as the row kernel makes them, then dq = ds k, and dk += ds^T q, dv += p^T dout
+    summed over the block's rows in tiles of 8 keys into buffers the task owns."""
     B, H, T, hs = q.shape
     S = k.shape[2]
-    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
-    kb, kh, kj = _strides(k)
-    zero = np.zeros(TILE_N, np.float32)
+    F = q.dtype.type
     QB = QUERY_BLOCK
-    for bh in prange(B * H):
-        b, h = bh // H, bh % H
-        kt = np.zeros((hs, Sp), np.float32)
-        vt = np.zeros((hs, Sp), np.float32)
-        _load_transposed(k, b, h, kt)
-        _load_transposed(v, b, h, vt)
-        dka = np.zeros((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
-        dva = np.zeros((Sp, hs), np.float32)
-        qr = np.empty((QB, hs), np.float32)  # the block's q, q * scale and dout; zero past T
-        qs = np.empty((QB, hs), np.float32)
-        g = np.empty((QB, hs), np.float32)
+    Sp = (S + TILE_N - 1) // TILE_N * TILE_N
+    Tp = (T + QB - 1) // QB * QB
+    G, U = _head_units(B, H, max(T, S), hs)
+    zero = np.zeros(TILE_N, np.float32)
+    for unit in prange(B * U):
+        b, h0 = unit // U, unit % U * G
+        gn = min(G, H - h0)
+        qa = np.empty((G, Tp, hs), np.float32)  # q, q * scale and dout; zero past T
+        qsa = np.empty((G, Tp, hs), np.float32)
+        ga = np.empty((G, Tp, hs), np.float32)
+        Da = np.empty((G, T), np.float32)  # D = dout . out of each row
+        kt = np.empty((G, hs, Sp), np.float32)  # k.T and v.T, zero past S
+        vt = np.empty((G, hs, Sp), np.float32)
+        kc = np.empty((G, S, hs), np.float32)  # k
+        qa[:, T:] = 0.0
+        qsa[:, T:] = 0.0
+        ga[:, T:] = 0.0
+        kt[:, :, S:] = 0.0
+        vt[:, :, S:] = 0.0
+        _stage(dout, b, h0, gn, F(1.0), ga)
+        _stage(out, b, h0, gn, F(1.0), qsa)
+        for g in range(gn):
+            for t in range(T):
+                D = F(0.0)
+                for d in range(hs):
+                    D += ga[g, t, d] * qsa[g, t, d]
+                Da[g, t] = D
+        _stage(q, b, h0, gn, F(1.0), qa)
+        _stage(q, b, h0, gn, scale, qsa)
+        _stage(v, b, h0, gn, F(1.0), kc)
+        _transpose_heads(kc, gn, S, vt)
+        _stage(k, b, h0, gn, F(1.0), kc)
+        _transpose_heads(kc, gn, S, kt)
+        dka = np.empty((Sp, hs), np.float32)  # dk[b, h] and dv[b, h], summed over the blocks
+        dva = np.empty((Sp, hs), np.float32)
         p = np.empty((QB, Sp), np.float32)  # scores, then p
         ds = np.empty((QB, Sp), np.float32)  # dp, then ds
         acc = np.empty((TILE_M, TILE_N), np.float32)
-        for i0 in range(0, T, QB):
-            rows = min(QB, T - i0)
-            n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-            nt = (n + TILE_N - 1) // TILE_N * TILE_N
-            tiles = (rows + TILE_M - 1) // TILE_M
-            _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
-            for t in range(tiles):
-                for j0 in range(0, n, TILE_N):
-                    f32_tile_into(qs, t * TILE_M * hs, hs, 1, kt, j0, Sp, hs, p, t * TILE_M * Sp + j0, Sp, zero, 0,
-                                  False)
-                    f32_tile_into(g, t * TILE_M * hs, hs, 1, vt, j0, Sp, hs, ds, t * TILE_M * Sp + j0, Sp, zero, 0,
-                                  False)
-            for r in range(QB):
-                last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
-                _grad_row(p[r], ds[r], g[r], out, lse, b, h, i0 + r, last, nt, scale, kpm, has_mask)
-            for t in range(tiles):  # dq = ds k
-                for c0 in range(0, hs, TILE_N):
-                    f32_tile(ds, t * TILE_M * Sp, Sp, 1, k, b * kb + h * kh + c0, kj, n, acc)
-                    _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
-            for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
-                for c0 in range(0, hs, TILE_N):
-                    f32_tile_into(p, j0, 1, Sp, g, c0, hs, QB, dva, j0 * hs + c0, hs, zero, 0, True)
-                    f32_tile_into(ds, j0, 1, Sp, qr, c0, hs, QB, dka, j0 * hs + c0, hs, zero, 0, True)
-        _store_head(dka, dva, b, h, dk, dv)
+        for g in range(gn):
+            h = h0 + g
+            dka[...] = 0.0
+            dva[...] = 0.0
+            for i0 in range(0, T, QB):
+                rows = min(QB, T - i0)
+                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
+                nt = (n + TILE_N - 1) // TILE_N * TILE_N
+                tiles = (rows + TILE_M - 1) // TILE_M
+                at = (g * Tp + i0) * hs  # the block's first row in qa, qsa and ga
+                for t in range(tiles):
+                    for j0 in range(0, n, TILE_N):
+                        f32_tile_into(qsa, at + t * TILE_M * hs, hs, 1, kt, g * hs * Sp + j0, Sp, hs, p,
+                                      t * TILE_M * Sp + j0, Sp, zero, 0, False)
+                        f32_tile_into(ga, at + t * TILE_M * hs, hs, 1, vt, g * hs * Sp + j0, Sp, hs, ds,
+                                      t * TILE_M * Sp + j0, Sp, zero, 0, False)
+                for r in range(QB):
+                    last = _keys_seen(lse, b, h, i0 + r, r < rows, S, T, causal)
+                    L, D = (lse[b, h, i0 + r], Da[g, i0 + r]) if last > 0 else (F(0.0), F(0.0))
+                    _grad_row_of(p[r], ds[r], L, D, b, last, nt, scale, kpm, has_mask)
+                for t in range(tiles):  # dq = ds k
+                    for c0 in range(0, hs, TILE_N):
+                        f32_tile(ds, t * TILE_M * Sp, Sp, 1, kc, g * S * hs + c0, hs, n, acc)
+                        _store_tile_rows(acc, dq, b, h, i0 + t * TILE_M, min(TILE_M, rows - t * TILE_M), c0)
+                for j0 in range(0, n, TILE_M):  # dv += p^T dout, dk += ds^T q: 8 keys by 32 channels a tile
+                    for c0 in range(0, hs, TILE_N):
+                        f32_tile_into(p, j0, 1, Sp, ga, at + c0, hs, QB, dva, j0 * hs + c0, hs, zero, 0, True)
+                        f32_tile_into(ds, j0, 1, Sp, qa, at + c0, hs, QB, dka, j0 * hs + c0, hs, zero, 0, True)
+            _store_head(dka, dva, b, h, dk, dv)
 
 
 # In bfloat16 the same blocks run on the bf16 tile, whose operands are words of two bfloat16
@@ -670,11 +765,6 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
 # operand is packed once with its pairs along the axis its product sums over: the channels for
 # the scores and dp, the keys for p @ v and dq, the block's query rows for dv and dk. k and v are
 # packed per head, q and dout per block, p and ds as their rows are made.
-HEAD_TASKS = 64  # tasks the heads go in, each allocating its scratch once for all of its heads (at
-# the presets' lengths a head's products take microseconds, and scratch made anew per head was a
-# measurable part of the forward)
-
-
 @inline
 def _pack_channels(x, b, h, xt, xw):
     """xw (hs / 2, >= S) = x[b, h].T (x (B, H, S, hs), any strides) as words of channel pairs:
@@ -711,12 +801,6 @@ def _pack_row_pairs(x, xw, n):
     for ii in range(xw.shape[0]):
         for j in range(n):
             xw[ii, j] = _pair(x[2 * ii, j], x[2 * ii + 1, j])
-
-
-@inline
-def _head_range(task, tasks, BH):
-    """The heads (b * H + h) of task `task` of `tasks`."""
-    return range(task * BH // tasks, (task + 1) * BH // tasks)
 
 
 @kernel("void(R[:, :, :, :], R[:, :, :, :], R[:, :, :, :], readonly(boolean)[:, ::1], boolean, boolean, F, "
@@ -888,7 +972,7 @@ def _attention(ops, q, k, v, causal, key_padding_mask, scale, precision, out):
     if q.size == 0 or k.shape[2] == 0:
         out[...] = 0.0
         return np.full((B, H, T), -np.inf, q.dtype)
-    tiles = _on_tiles(q, v)
+    tiles = _on_tiles(q, k, v)
     if T >= ATTENTION_TILED_FROM and not tiles:
         return attention_tiled(ops, q, k, v, causal, key_padding_mask, scale, precision, out)
     lse = np.empty((B, H, T), q.dtype)
@@ -925,7 +1009,7 @@ def _attention_grads(ops, dout, cache, dq, dk, dv):
         dk[...] = 0.0
         dv[...] = 0.0
         return
-    tiles = _on_tiles(q, k)
+    tiles = _on_tiles(q, k, v, out, dout)
     if q.shape[2] >= ATTENTION_TILED_FROM and not tiles:
         return attention_tiled_grads(ops, dout, cache, dq, dk, dv)
     B, S = q.shape[0], k.shape[2]
