@@ -31,6 +31,9 @@ class NumpyOps:
 
     name = "numpy"
     matmul_precisions = {"float32": ("float32", "bfloat16"), "float64": ("float64",)}  # what `precision=` may ask
+    # whether gpt2_decode_prompt runs a prompt in one pass over the weights; the reference runs
+    # one gpt2_decode_step per position, slower than a model's forward over the whole prompt
+    prompt_in_one_pass = False
 
     linear_forward = matmul.linear_forward
     linear_backward = matmul.linear_backward
@@ -75,6 +78,7 @@ class NumbaOps(NumpyOps):
     already made) is the reference's."""
 
     name = "numba"
+    prompt_in_one_pass = True
 
     def __init__(self):
         if numba is None:

@@ -265,12 +265,14 @@ class TransformerLM(FlatModel):
                         run again as one window from position 0, filling the cache anew
             "prompt"    a short prompt (T > 1, B * T up to FUSED_PROMPT_MAX_TOKENS of the weight
                         format) of which only the last logits are wanted, learned positions, few
-                        rows: the whole model in one gpt2_decode_prompt call, each weight streamed
-                        once for all the tokens
+                        rows, on a backend whose gpt2_decode_prompt takes one pass
+                        (ops.prompt_in_one_pass): the whole model in one call, each weight
+                        streamed once for all the tokens
             "composed"  a longer prompt, all of a prompt's logits, sinusoidal positions (the fused
-                        kernels read learned rows, wpe, from the flat buffer) or more than
-                        FUSED_DECODE_MAX_ROWS rows: the blocks' forward over the cache, whose
-                        matrix products batch over the tokens on every BLAS thread
+                        kernels read learned rows, wpe, from the flat buffer), more than
+                        FUSED_DECODE_MAX_ROWS rows, or a prompt on the NumPy reference: the
+                        blocks' forward over the cache, whose matrix products batch over the
+                        tokens on every BLAS thread
             "fused"     one token a row, learned positions, few rows: the whole model in one
                         gpt2_decode_step call, since at small batches the per-call cost dominates
         """
@@ -281,7 +283,8 @@ class TransformerLM(FlatModel):
         if self.pos_table is not None or B > FUSED_DECODE_MAX_ROWS:
             return "composed"
         if T > 1:
-            return "prompt" if last and B * T <= FUSED_PROMPT_MAX_TOKENS[self.weight_format] else "composed"
+            one_pass = last and B * T <= FUSED_PROMPT_MAX_TOKENS[self.weight_format] and get_ops().prompt_in_one_pass
+            return "prompt" if one_pass else "composed"
         return "fused"
 
     def _window_step(self, tokens, kpm, state, last=False):

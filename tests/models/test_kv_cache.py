@@ -310,15 +310,20 @@ def test_decode_layout_names_every_parameter_for_the_kernel_slots(tied):
     assert [m.flat.offsets[n] for n in names] == offsets.tolist()
 
 
-def test_decode_path_names_each_way_a_step_runs():
+def test_decode_path_names_each_way_a_step_runs(backend):
+    from fastformer.kernels import get_ops
     from fastformer.models.lm import FUSED_DECODE_MAX_ROWS, FUSED_PROMPT_MAX_TOKENS
 
     m = TransformerLM(CFG, seed=0)
     state = m.init_state(2)
+    # a short prompt whose last logits alone are wanted: one pass where the backend has one (Numba),
+    # else the composed forward (the reference's prompt is a step per position)
+    short = "prompt" if get_ops().prompt_in_one_pass else "composed"
+    assert get_ops().prompt_in_one_pass == (backend == "numba")
     assert m.decode_path(2, 5, state) == "composed"  # a prompt, every position's logits
-    assert m.decode_path(2, 5, state, last=True) == "prompt"  # only the last's
+    assert m.decode_path(2, 5, state, last=True) == short  # only the last's
     limit = FUSED_PROMPT_MAX_TOKENS["fp32"]
-    assert m.decode_path(limit // 4, 4, state, last=True) == "prompt"  # at the limit
+    assert m.decode_path(limit // 4, 4, state, last=True) == short  # at the limit
     assert m.decode_path(limit // 4 + 1, 4, state, last=True) == "composed"  # past it
     m.step(np.ones((2, 5), np.int64), state)
     assert m.decode_path(2, 1, state) == "fused"
@@ -590,7 +595,7 @@ def test_gpt2_decode_prompt_in_two_parts_makes_the_one_part_bits(fast_ops, weigh
 
 
 def test_a_prompt_whose_last_logits_alone_are_wanted_runs_fused_alike(model, monkeypatch):
-    """step(last=True) runs a short prompt in one fused call (learned positions): the composed
+    """step(last=True) runs a short prompt in one fused call (learned positions, on Numba): the composed
     forward's last logits and cache, and the same steps after it."""
     from fastformer.kernels import get_ops
 
@@ -603,7 +608,8 @@ def test_a_prompt_whose_last_logits_alone_are_wanted_runs_fused_alike(model, mon
     s1, s2 = model.init_state(3), model.init_state(3)
     last = model.step(ids, s1, attention_mask=mask, last=True)
     full = model.step(ids, s2, attention_mask=mask)
-    assert len(calls) == (model.config.positions == "learned")
+    one_pass = model.config.positions == "learned" and get_ops().prompt_in_one_pass
+    assert len(calls) == one_pass
     assert last.shape == (3, 1, 50)
     np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-4, atol=1e-5)
     for k1, k2 in ((s1.k, s2.k), (s1.v, s2.v)):  # the real positions' keys and values: rows 0, 1 and 2 from 3
@@ -614,7 +620,7 @@ def test_a_prompt_whose_last_logits_alone_are_wanted_runs_fused_alike(model, mon
     np.testing.assert_allclose(model.step(nxt, s1), model.step(nxt, s2), rtol=1e-4, atol=1e-5)
     calls.clear()
     out = model.generate(ids[:1], 4)  # generate asks for the prompt's last logits alone
-    assert len(calls) == (model.config.positions == "learned")
+    assert len(calls) == one_pass
     np.testing.assert_array_equal(out, model.generate(ids[:1], 4, use_cache=False))
 
 
