@@ -161,6 +161,33 @@ def test_a_model_step_in_bfloat16_matches_the_reference(fast_ops, ref):
     assert l_ref != loss32 and abs(l_ref - loss32) < 1e-2 * loss32  # bfloat16 inputs: close, not equal
 
 
+def test_a_narrow_heads_bfloat16_chunks_keep_their_logits_in_l2():
+    """The fused LM head's default chunk rows: 8 MiB of logits (at least 256 rows), but in
+    bfloat16 with h of up to 128 columns 2 MiB (at least 64 rows)."""
+    from fastformer.kernels.ops.cross_entropy import head_chunk_rows
+
+    assert head_chunk_rows(4096, np.float32) == head_chunk_rows(4096, np.float32, 64, "float32") == 512
+    assert head_chunk_rows(4096, np.float32, 128, "bfloat16") == 128
+    assert head_chunk_rows(4096, np.float32, 129, "bfloat16") == 512
+    assert head_chunk_rows(50257, np.float32, 64, "bfloat16") == 64
+    assert head_chunk_rows(50257, np.float32, 768, "bfloat16") == 256
+
+
+@needs_bf16
+def test_the_fused_head_in_bfloat16_across_its_default_chunks_matches_the_reference(fast_ops, ref):
+    """300 rows at V = 4096 and C = 32: three default bfloat16 chunks of 128 rows, loss and both
+    gradients against the reference (which chunks alike and rounds as the kernel does)."""
+    rng = np.random.default_rng(6)
+    h, w = rng.standard_normal((300, 32)).astype(np.float32), rng.standard_normal((4096, 32)).astype(np.float32)
+    t = rng.integers(0, 4096, size=300)
+    with use_precision("bfloat16"):
+        loss, (dh, dw) = fast_ops.linear_cross_entropy_forward(h, w, t, grad=True)
+        loss_ref, (dh_ref, dw_ref) = ref.linear_cross_entropy_forward(h, w, t, grad=True)
+    assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref)
+    for got, want in ((dh, dh_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
 def test_precision_setting_is_checked():
     with pytest.raises(FastformerError, match="unknown precision 'fp16': valid values are float32, bfloat16"):
         fastformer.kernels.set_precision("fp16")

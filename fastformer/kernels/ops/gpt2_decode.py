@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from fastformer.errors import FastformerError, check_int, is_int
-from fastformer.kernels._jit import compile_float64, function, inline, jit_writable, kernel, numba
+from fastformer.kernels._jit import compile_float64, function, inline, jit_writable, kernel, numba, row_max
 from fastformer.kernels._sync import (
     MAX_CHUNKS,
     chunk_at,
@@ -530,14 +530,30 @@ def _product_stage_loops(sync, s, parts, part, stream, ln, eps, x, K, N, slot_w,
 
 @inline
 def _first_max(y):
-    """np.argmax of y (not empty): its first maximum, or its first NaN."""
-    b = 0
-    for j in range(y.shape[0]):
-        if np.isnan(y[j]):
+    """np.argmax of y (not empty): its first maximum, or its first NaN. Passes that vectorise --
+    whether there is a NaN, the largest value (row_max), then the first block of 64 holding it --
+    where one pass that compared and branched at every value took 2.5 us over 4096 logits."""
+    n = y.shape[0]
+    nans = 0
+    for j in range(n):
+        nans += y[j] != y[j]
+    if nans:
+        for j in range(n):
+            if np.isnan(y[j]):
+                return j
+    m = row_max(y, n)
+    j0 = 0
+    while j0 + 64 <= n:  # blocks of 64 until one holds m (a test per block, vectorised), then that block
+        hits = 0
+        for j in range(j0, j0 + 64):
+            hits += y[j] == m
+        if hits:
+            break
+        j0 += 64
+    for j in range(j0, n):
+        if y[j] == m:
             return j
-        if y[j] > y[b]:
-            b = j
-    return b
+    return 0
 
 
 _product_stage = function(_product_stage_loops)  # the float32 kernel's; _format_kernels makes each format's
