@@ -600,6 +600,15 @@ def _transpose_heads(xs, gn, n, xt):
 
 
 @inline
+def _query_block(i0, QB, T, S, causal):
+    """(rows, n, nt, tiles) of a backward block of QB query rows from row i0: its rows (fewer past
+    T), the keys its last row sees, those rounded up to tiles of 32, and its tiles of 8 rows."""
+    rows = min(QB, T - i0)
+    n = S - T + i0 + rows if causal else S
+    return rows, n, (n + TILE_N - 1) // TILE_N * TILE_N, (rows + TILE_M - 1) // TILE_M
+
+
+@inline
 def _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g):
     """qr, qs and g (QB, hs) = q, q * scale and dout of the block's rows i0 .. i0 + QB - 1 of head
     (b, h), zero from its `rows` on (past T)."""
@@ -734,10 +743,7 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
             dka[...] = 0.0
             dva[...] = 0.0
             for i0 in range(0, T, QB):
-                rows = min(QB, T - i0)
-                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-                nt = (n + TILE_N - 1) // TILE_N * TILE_N
-                tiles = (rows + TILE_M - 1) // TILE_M
+                rows, n, nt, tiles = _query_block(i0, QB, T, S, causal)
                 at = (g * Tp + i0) * hs  # the block's first row in qa, qsa and ga
                 for t in range(tiles):
                     for j0 in range(0, n, TILE_N):
@@ -895,11 +901,8 @@ def _attention_bwd_bf16(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, d
             dka[...] = 0.0
             dva[...] = 0.0
             for i0 in range(0, T, QB):
-                rows = min(QB, T - i0)
-                n = S - T + i0 + rows if causal else S  # the keys the block's last row sees
-                nt = (n + TILE_N - 1) // TILE_N * TILE_N
+                rows, n, nt, tiles = _query_block(i0, QB, T, S, causal)
                 n2 = (n + 1) // 2
-                tiles = (rows + TILE_M - 1) // TILE_M
                 _load_block(q, dout, b, h, i0, rows, scale, qr, qs, g)
                 _pairs_along_row(qs.reshape(QB * hs), qsw.reshape(QB * H2), tmp)  # hs even: pairs within rows
                 _pairs_along_row(g.reshape(QB * hs), gw.reshape(QB * H2), tmp)
