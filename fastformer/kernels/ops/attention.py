@@ -708,7 +708,7 @@ def _attention_bwd_tiles(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, 
         b, h0 = unit // U, unit % U * G
         gn = min(G, H - h0)
         qa = np.empty((G, Tp, hs), np.float32)  # q, q * scale and dout; zero past T
-        qsa = np.empty((G, Tp, hs), np.float32)
+        qsa = np.empty((G, Tp, hs), np.float32)  # (out first, for D)
         ga = np.empty((G, Tp, hs), np.float32)
         Da = np.empty((G, T), np.float32)  # D = dout . out of each row
         kt = np.empty((G, hs, Sp), np.float32)  # k.T and v.T, zero past S
