@@ -8,10 +8,10 @@ and packing both float32 inputs on every call; PyTorch's is `torch.matmul` on bf
 made beforehand (what autocast runs once its casts are done), so the comparison does not flatter
 fastformer. "ff packed" is fastformer's GEMM on operands packed beforehand (ops.pack for the right
 one, gemm_bf16.pack_a for the left), the like-for-like figure beside PyTorch's. Each figure is the
-GFLOP/s of the median of --repeats calls.
+GFLOP/s of the median of --repeats calls, and of --rounds such processes taking turns.
 
     python benchmarks/compare_gemm.py                        # every preset, 1 and 2 threads
-    python benchmarks/compare_gemm.py --presets medium --threads 2
+    python benchmarks/compare_gemm.py --presets medium --threads 2 --rounds 5
 """
 
 import argparse
@@ -90,17 +90,22 @@ def main():
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds in which the contenders' processes take turns; each figure is the median of "
+                         "its rounds (a shared machine's load moves between processes)")
     args = ap.parse_args()
     from fastformer.cli import bench
 
-    print("GFLOP/s, median of", args.repeats, "calls; fastformer bf16 includes rounding and packing both inputs")
+    print(f"GFLOP/s, median of {args.rounds} rounds taking turns, each the median of {args.repeats} calls; "
+          "fastformer bf16 includes rounding and packing both inputs")
     print(f"{'preset':7s} {'gemm':13s} {'M x K x N':>18s} {'thr':>3s} {'numpy f32':>9s} {'ff bf16':>8s} "
           f"{'ff packed':>9s} {'torch bf16':>10s}  {'ff/numpy':>8s} {'ff/torch':>8s} {'packed/torch':>12s}")
     contenders = ("numpy f32", "fastformer bf16", "ff packed", "torch bf16")
     for preset in args.presets:
         shapes = bench.gemm_shapes(preset)
         for threads in args.threads:
-            r = {c: run(c, shapes, threads, args.repeats) for c in contenders}
+            rounds = [{c: run(c, shapes, threads, args.repeats) for c in contenders} for _ in range(args.rounds)]
+            r = {c: {name: float(np.median([got[c][name] for got in rounds])) for name in shapes} for c in contenders}
             for name, (M, K, N) in shapes.items():
                 f32, mine, packed, torch = (r[c][name] for c in contenders)
                 print(f"{preset:7s} {name:13s} {f'{M} x {K} x {N}':>18s} {threads:3d} {f32:9.1f} {mine:8.1f} "
