@@ -304,18 +304,27 @@ _partner = None
 _partner_made = threading.Lock()
 
 
+def _alive(partner):
+    """Whether `partner` runs in this process (a forked child has no partner thread)."""
+    return partner is not None and partner.pid == os.getpid() and partner.thread.is_alive()
+
+
 def _get_partner():
     """The partner thread, started at the first two-part call; None without compiled Numba."""
     global _partner
     if spin_until_changed is None or numba.config.DISABLE_JIT:
         return None
-    fresh = _partner is not None and _partner.pid == os.getpid() and _partner.thread.is_alive()
-    if not fresh:  # (a forked child has no partner thread)
+    if not _alive(_partner):
         with _partner_made:
-            if not (_partner is not None and _partner.pid == os.getpid() and _partner.thread.is_alive()):
+            if not _alive(_partner):
                 spin_until_changed.dispatcher or spin_until_changed.jit()  # made before the thread runs it
                 _partner = _Partner(tasks.task_threads())
     return _partner
+
+
+def _in_turn(fn, args, parts):
+    """run_together's parts one after the other on the calling thread; part 0's result."""
+    return [fn(*args, part, parts) for part in range(parts)][0]
 
 
 def _with_partner(partner, fn, args, parts):
@@ -325,7 +334,7 @@ def _with_partner(partner, fn, args, parts):
     if mine is not None and partner.cpu in mine:
         away = (mine - partner.core) or (mine - {partner.cpu})
         if not away:  # the caller may only run where the partner does: one part after the other
-            return [fn(*args, part, parts) for part in range(parts)][0]
+            return _in_turn(fn, args, parts)
         _set_cpus(away)  # off the partner's core for the call
     try:
         ticket, finished = partner.post(fn, (*args, 1, parts))
@@ -362,7 +371,7 @@ def run_together(fn, args, parts):
     the parts of one kernel call that share its work as they go (_sync.py): each part must be able
     to finish alone, since another thread may start late, or after the caller's part is done."""
     if parts > tasks.task_threads() or tasks.in_task():  # one after the other
-        return [fn(*args, part, parts) for part in range(parts)][0]
+        return _in_turn(fn, args, parts)
     partner = _get_partner() if parts == 2 else None
     if partner is not None and partner.busy.acquire(blocking=False):  # else another thread has it: the pool
         try:

@@ -865,6 +865,15 @@ def _made(run, dtype):
     run.dispatcher or run.jit()
 
 
+def _sync_for(run, dtype, parts, stages):
+    """The `sync` array of a run_together call of `run` in `parts` parts over `stages` stages (the
+    kernel made first when two threads will call it); none for one part."""
+    if parts == 1:
+        return _NO_SYNC
+    _made(run, dtype)
+    return np.zeros(sync_words(stages), np.int64)
+
+
 def _format_buffers(weights, offsets):
     """(format or None for float32, words, scales, corrections, qoffsets) of the kernels' arguments."""
     quant = weights.quant
@@ -921,9 +930,7 @@ def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
     run = _KERNELS[fmt][1]
     parts = greedy_parts(weights, k_cache, n_steps)
-    sync = np.zeros(sync_words(greedy_stages(L, n_steps)), np.int64) if parts > 1 else _NO_SYNC
-    if parts > 1:
-        _made(run, flat.dtype)
+    sync = _sync_for(run, flat.dtype, parts, greedy_stages(L, n_steps))
     made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
                               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
                               *_activations(B, C, d_ff, flat.dtype), np.zeros((B, MAX_CHUNKS), np.int64),
@@ -944,9 +951,7 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
     logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
     run = _KERNELS[fmt][0]
     parts = greedy_parts(weights, k_cache, T)
-    sync = np.zeros(sync_words(step_stages(L)), np.int64) if parts > 1 else _NO_SYNC
-    if parts > 1:
-        _made(run, flat.dtype)
+    sync = _sync_for(run, flat.dtype, parts, step_stages(L))
     run_together(run, (flat, offsets, d_ff, ids.reshape(-1), positions.reshape(-1), k_cache, v_cache, padding,
                        int(start), flat.dtype.type(eps), logits, words, scales, corrections, qoff, 0,
                        *_activations(B * T, C, d_ff, flat.dtype), sync), parts)
