@@ -162,13 +162,21 @@ if numba is not None:
                 sums = tile_sums(builder, kind, A, ars, aks, B, bks, kp)
                 b = [builder.load(vector_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4)
                      for h in range(2)]
-                for r in range(TILE_M):
-                    row = builder.mul(ir.Constant(_I64, r), ldc)
-                    for h in range(2):
-                        at = vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
-                        v = builder.fadd(sums[2 * r + h], b[h])
-                        v = builder.select(flag, builder.fadd(builder.load(at, align=4), v), v)
-                        builder.store(v, at, align=4)
+
+                def store(old):
+                    for r in range(TILE_M):
+                        row = builder.mul(ir.Constant(_I64, r), ldc)
+                        for h in range(2):
+                            at = vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
+                            v = builder.fadd(sums[2 * r + h], b[h])
+                            builder.store(builder.fadd(builder.load(at, align=4), v) if old else v, at, align=4)
+
+                # a branch, not a select: a select would load the old c (and wait on it) for every tile
+                with builder.if_else(flag) as (adding, writing):
+                    with adding:
+                        store(True)
+                    with writing:
+                        store(False)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -207,6 +215,32 @@ if numba is not None:
 
         group_tile.__name__ = group_tile.__qualname__ = f"{kind}_group_tile{rows}x{vectors}"
         return intrinsic(group_tile)
+
+    @intrinsic
+    def prefetch_tile(typingctx, c, c_off, ldc):
+        """Ask for the cache lines of the 8 x 32 block of float32 c at c_off (rows ldc apart), for
+        writing (`prefetchw`): issued a tile ahead, the lines arrive while that tile multiplies,
+        where a tile's stores would otherwise wait on memory. A prefetch never faults."""
+        i = types.int64
+        sig = types.void(c, i, i)
+
+        def codegen(context, builder, signature, args):
+            c_arr, c_off, ldc = args
+            C = pointer(context, builder, signature.args[0], c_arr, c_off)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            name = "llvm.prefetch.p0"
+            fn = builder.module.globals.get(name) or ir.Function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
+            for r in range(TILE_M):
+                for h in range(2):
+                    at = builder.gep(C, [builder.add(builder.mul(ir.Constant(_I64, r), ldc),
+                                                     ir.Constant(_I64, 16 * h))])
+                    builder.call(fn, [builder.bitcast(at, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                                      ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     bf16_tile, bf16_tile_into = _make_tile("bf16"), _make_tile_into("bf16")
     f32_tile, f32_tile_into = _make_tile("f32"), _make_tile_into("f32")
@@ -273,5 +307,5 @@ if numba is not None:
 
         return sig, codegen
 else:
-    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = None
+    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = prefetch_tile = None
     weighted_rows32 = weighted_rows64 = scaled_copy = None
