@@ -74,8 +74,7 @@ class NumpyOps:
 
 class NumbaOps(NumpyOps):
     """The jitted, fused and parallel kernels; the same signatures and results. What is not
-    bound here (linear_forward, built on `matmul`; the backwards that return what the forward
-    already made) is the reference's."""
+    bound here (the backwards that return what the forward already made) is the reference's."""
 
     name = "numba"
     prompt_in_one_pass = True
@@ -86,6 +85,7 @@ class NumbaOps(NumpyOps):
         bf16 = ("bfloat16",) if gemm_bf16.cpu_has_bf16() else ()  # nothing of it is compiled otherwise
         self.matmul_precisions = {"float32": ("float32", *bf16), "float64": ("float64",)}
 
+    linear_forward = matmul.linear_forward_numba
     linear_backward = matmul.linear_backward_numba
     linear_gelu_forward = matmul.linear_gelu_forward_numba
     pack = matmul.pack_numba

@@ -264,6 +264,16 @@ def test_pack_a_and_b_makes_both_packers_words_and_the_column_sums(monkeypatch, 
     again_a, again_b = G.pack_a_and_b(d)  # without the sums: the same words
     np.testing.assert_array_equal(again_a.words, packed_a.words)
     np.testing.assert_array_equal(again_b.panels, packed_b.panels)
+    # as a linear layer's input: the words of pack_a(d) and of pack_a(d.T), d.T in panels of 16
+    rows, cols = G.pack_a_and_at(d)
+    want_t = G.pack_a(np.ascontiguousarray(d).T)
+    np.testing.assert_array_equal(rows.words, want_a.words)
+    assert rows[1:] == want_a[1:]
+    assert cols[1:] == (1, G.A_PANEL, N, M)
+    if want_t.k_apart == G.A_PANEL:  # pack_a reads d.T as rows where d has one row or column
+        np.testing.assert_array_equal(cols.words, want_t.words)
+    y = rng.standard_normal((M, 3)).astype(np.float32)
+    np.testing.assert_array_equal(G.matmul_bf16(cols, y), G.matmul_bf16(np.ascontiguousarray(d).T, y))
 
 
 @needs_bf16
@@ -287,16 +297,23 @@ def test_linear_backward_in_bfloat16_reads_dout_once(fast_ops, ref, N, Cin, Cout
     dout = _dout(rng, (N, Cout), layout)
     grads = {}
     for name, backward in (("fused", fast_ops.linear_backward),
+                           ("fused, x in the cache", fast_ops.linear_backward),
                            ("two packers", lambda *a: matmul.linear_backward(fast_ops, *a)),
                            ("reference", ref.linear_backward)):
         on = ref if name == "reference" else fast_ops
         _, cache = on.linear_forward(x, w, precision="bfloat16")
+        if name == "fused":  # the forward packed x^T for the weight gradient
+            assert isinstance(cache.x2, G.PackedA) and (cache.x2.M, cache.x2.K) == (Cin, N)
+        elif name != "reference":  # the reference's cache, x itself
+            cache = matmul.LinearCache(x, w, "bfloat16")
         dw, db = np.full((Cin, Cout), np.nan, np.float32), np.full(Cout, np.nan, np.float32) if with_bias else None
         dx = backward(dout, cache, dw, db)
         grads[name] = dx, dw, db
-    (dx, dw, db), (dx2, dw2, db2), (dx_ref, dw_ref, _) = grads["fused"], grads["two packers"], grads["reference"]
-    np.testing.assert_array_equal(dx, dx2)
-    np.testing.assert_array_equal(dw, dw2)
+    (dx, dw, db), (dx_ref, dw_ref, _) = grads["fused"], grads["reference"]
+    for other in ("fused, x in the cache", "two packers"):
+        dx2, dw2, db2 = grads[other]
+        np.testing.assert_array_equal(dx, dx2)
+        np.testing.assert_array_equal(dw, dw2)
     eps = np.finfo(np.float32).eps
     if with_bias:
         bound = max(N - 1, 1) * eps * np.abs(dout).sum(axis=0)

@@ -208,8 +208,9 @@ def _pack_a_rows(x, out):
 @kernel("void(R[:, ::1], uint32[:, :, ::1], uint32[:, ::1], float32[:, ::1])", serial_twin=True, floats=("float32",))
 def _pack_both(d, b_panels, a_rows, sums_part):
     """d (M, N) packed both ways: as A of d @ w into a_rows (>= M, N2), as `_pack_a_rows` does, and
-    as B of x.T @ d into b_panels (NP, M2, 32), as `_pack_rows` does; with sums_part (P, N), not
-    (P, 0), also the column sums of the p-th of P chunks of rows into sums_part[p], in float32.
+    pairs down its rows into b_panels (NP, M2, W), as `_pack_rows` does: with W = 32 the B of
+    x.T @ d, with W = 16 the A of d.T @ y; with sums_part (P, N), not (P, 0), also the column sums
+    of the p-th of P chunks of rows into sums_part[p], in float32.
 
     A block of 16 rows at a time: its rows packed along (and summed) one by one, then its 8 pairs
     of rows down into the panels. The second read of the block comes from the cache, so d is read
@@ -228,7 +229,10 @@ def _pack_both(d, b_panels, a_rows, sums_part):
                 if summed:
                     for n in range(N):
                         sums[n] += d[m, n]
-            _pairs_down(d, b_panels, c, TILE_N)
+            if b_panels.shape[2] == A_PANEL:
+                _pairs_down(d, b_panels, c, A_PANEL)
+            else:
+                _pairs_down(d, b_panels, c, TILE_N)
 
 
 # ------------------------------------------------------------------ the GEMM
@@ -349,19 +353,36 @@ def pack_a_and_b(d, sums=None):
     operands that a linear layer's backward makes of its output gradient: (the PackedA of d @ w,
     the PackedB of x.T @ d), the words `pack_a` and `pack_b` would make. With `sums` (N,) float32,
     d's column sums (the bias gradient) are written into it, summed in float32 over chunks of rows."""
+    a_rows, b_panels = _pack_twice(d, TILE_N, sums)
+    M, N = d.shape
+    return a_rows, PackedB(b_panels, M, N)
+
+
+def pack_a_and_at(x):
+    """x (M, K) float32 packed in one pass as the left operand of both of a linear layer's
+    products that read it: (the PackedA of x @ w, the PackedA of x.T @ dy, the weight gradient's),
+    the words `pack_a(x)` and `pack_a(x.T)` would make. The forward makes both while x is in
+    cache; the backward's weight gradient would otherwise read x from memory again."""
+    a_rows, panels = _pack_twice(x, A_PANEL)
+    M, K = x.shape
+    return a_rows, PackedA(panels.reshape(-1), 1, A_PANEL, K, M)
+
+
+def _pack_twice(d, lanes, sums=None):
+    """(the PackedA of d's rows, d's pairs down its rows in panels of `lanes`): `_pack_both`."""
     require_bf16()
     d = np.ascontiguousarray(d, dtype=np.float32)
     M, N = d.shape
     M2, N2, Mp = (M + 1) // 2, (N + 1) // 2, (M + A_PANEL - 1) // A_PANEL * A_PANEL
-    b_panels = np.empty(((N + TILE_N - 1) // TILE_N, M2, TILE_N), np.uint32)
+    panels = np.empty(((N + lanes - 1) // lanes, M2, lanes), np.uint32)
     a_rows = np.empty((Mp, N2), np.uint32)
     a_rows[M:] = 0  # the rows that pad A to its panels of 16
     parts = max(1, min((M2 + 7) // 8, ROW_CHUNKS))
     sums_part = np.empty((parts, N if sums is not None else 0), np.float32)
-    sized(_pack_both, d.size, PARALLEL_WORK)(d, b_panels, a_rows, sums_part)
+    sized(_pack_both, d.size, PARALLEL_WORK)(d, panels, a_rows, sums_part)
     if sums is not None:
         sums_part.sum(axis=0, out=sums)
-    return PackedA(a_rows.reshape(-1), N2, 1, M, N), PackedB(b_panels, M, N)
+    return PackedA(a_rows.reshape(-1), N2, 1, M, N), panels
 
 
 def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, approximate="tanh"):

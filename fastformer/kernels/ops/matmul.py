@@ -33,7 +33,7 @@ def current_precision():
 
 
 class LinearCache(NamedTuple):
-    x2: np.ndarray  # (N, Cin): the forward's input as rows
+    x2: object  # (N, Cin): the forward's input as rows; on the Numba backend in bfloat16 x2.T packed (PackedA)
     weight: np.ndarray  # (Cin, Cout)
     precision: Optional[str]
 
@@ -102,12 +102,17 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
     kept across steps). Returns (out (..., Cout), LinearCache)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
     N, Cout = x2.shape[0], weight.shape[1]
-    if out is not None and not (out.flags.c_contiguous and out.size == N * Cout):
-        raise FastformerError(f"out must be a C-contiguous array of {N * Cout} elements "
-                              f"{(*x.shape[:-1], Cout)}, got shape {out.shape}")
+    _check_out(out, x, N, Cout)
     precision = check_precision(ops, precision, x2.dtype) or x2.dtype.name  # fixed now, for the backward too
     y = ops.matmul(x2, weight, out=None if out is None else out.reshape(N, Cout), precision=precision, bias=bias)
     return y.reshape(*x.shape[:-1], Cout), LinearCache(x2, weight, precision)
+
+
+def _check_out(out, x, N, Cout):
+    """linear_forward's `out` for x of N rows: None, or C-contiguous with N * Cout elements."""
+    if out is not None and not (out.flags.c_contiguous and out.size == N * Cout):
+        raise FastformerError(f"out must be a C-contiguous array of {N * Cout} elements "
+                              f"{(*x.shape[:-1], Cout)}, got shape {out.shape}")
 
 
 @quiet
@@ -141,16 +146,33 @@ def matmul_numba(ops, a, b, out=None, precision=None, bias=None, accumulate=Fals
     return _finish(np.matmul(a, b, out=None if accumulate else out), out, bias, accumulate)
 
 
+def linear_forward_numba(ops, x, weight, bias=None, out=None, precision=None):
+    """As the reference. In bfloat16 x is packed in one pass as the left operand of this product
+    and, transposed, of the backward's dweight = x^T dout (`gemm_bf16.pack_a_and_at`), and the
+    cache keeps that packed x^T (half x's bytes) instead of x: the backward does not read x from
+    memory again."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
+    if check_precision(ops, precision, x2.dtype) != "bfloat16" or x2.size == 0 or weight.shape[1] == 0:
+        return linear_forward(ops, x, weight, bias, out, precision)
+    N, Cout = x2.shape[0], weight.shape[1]
+    _check_out(out, x, N, Cout)
+    x_as_a, x_t = gemm_bf16.pack_a_and_at(x2)
+    y = gemm_bf16.matmul_bf16(x_as_a, weight, out=None if out is None else out.reshape(N, Cout), bias=bias)
+    return y.reshape(*x.shape[:-1], Cout), LinearCache(x_t, weight, "bfloat16")
+
+
 def linear_backward_numba(ops, dout, cache, dweight, dbias=None):
     """As the reference. In bfloat16 dout is read once: one pass packs it as the right operand of
     dweight = x^T dout and the left one of dx = dout W^T, and sums its columns into dbias, where
-    the reference's way would read it three times (two packers and the sum)."""
+    the reference's way would read it three times (two packers and the sum). x^T comes packed
+    from the forward (`linear_forward_numba`), or is packed here from a cache that holds x."""
     x2, weight, precision = cache
+    packed = isinstance(x2, gemm_bf16.PackedA)  # x^T, packed by the forward (never empty)
     d2 = dout.reshape(-1, weight.shape[1])  # (N, Cout)
-    if check_precision(ops, precision, x2.dtype) != "bfloat16" or d2.size == 0:
+    if not packed and (check_precision(ops, precision, x2.dtype) != "bfloat16" or d2.size == 0):
         return linear_backward(ops, dout, cache, dweight, dbias)
     d_as_a, d_as_b = gemm_bf16.pack_a_and_b(d2, sums=dbias)
-    gemm_bf16.matmul_bf16(x2.T, d_as_b, out=dweight)  # dweight = x^T dout
+    gemm_bf16.matmul_bf16(x2 if packed else x2.T, d_as_b, out=dweight)  # dweight = x^T dout
     return gemm_bf16.matmul_bf16(d_as_a, weight.T).reshape(*dout.shape[:-1], weight.shape[0])  # dout W^T
 
 
@@ -165,10 +187,11 @@ def linear_gelu_forward_numba(ops, x, weight, bias=None, approximate="tanh", pre
         return linear_gelu_forward(ops, x, weight, bias, approximate, precision)
     _, bias = activations.gelu_inputs(np.empty((0, Cout), x2.dtype), bias, approximate)  # f's checks, before the GEMM
     u, g = np.empty((N, Cout), x2.dtype), np.empty((N, Cout), x2.dtype)
-    gemm_bf16.matmul_bf16(x2, weight, out=u, bias=bias, gelu_out=g, approximate=approximate)
+    x_as_a, x_t = gemm_bf16.pack_a_and_at(x2)  # as linear_forward_numba
+    gemm_bf16.matmul_bf16(x_as_a, weight, out=u, bias=bias, gelu_out=g, approximate=approximate)
     shape = (*x.shape[:-1], Cout)
     gelu = activations.GeluCache(u.reshape(shape), np.zeros(Cout, x2.dtype), approximate, bias is not None)
-    return g.reshape(shape), LinearGeluCache(LinearCache(x2, weight, "bfloat16"), gelu)
+    return g.reshape(shape), LinearGeluCache(LinearCache(x_t, weight, "bfloat16"), gelu)
 
 
 def pack_numba(ops, b, precision=None):
