@@ -321,15 +321,81 @@ else:
         return _exp_f32 if x == types.float32 else (lambda x: math.exp(x))
 
 
+def lanes_max(x, n):
+    """(max(x[0:c]), c) for the first c = n - n % 64 values of a contiguous float32 row in jitted
+    code, (-inf, 0) elsewhere: the part of `row_max` that 16-lane vectors take."""
+    return -np.inf, 0
+
+
+if numba is not None:
+    @intrinsic
+    def _max_of_lanes(typingctx, x, c):
+        """max(x[0:c]) of a contiguous float32 row, c a multiple of 64: four 16-lane running maxima,
+        each lane kept unless the new value is greater (an ordered compare: a NaN never is), then
+        folded the same way. LLVM does not vectorise the scalar form: without `nnan` a maximum is
+        not a reduction it may reorder."""
+        sig = types.float32(x, types.int64)
+
+        def codegen(context, builder, signature, args):
+            x_arr, c = args
+            base = context.make_array(signature.args[0])(context, builder, x_arr).data
+            f32 = ir.FloatType()
+            v16 = ir.VectorType(f32, 16)
+            i64 = ir.IntType(64)
+
+            def greater(a, b):
+                return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+            entry = builder.block
+            head = builder.append_basic_block("max.head")
+            body = builder.append_basic_block("max.body")
+            done = builder.append_basic_block("max.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            at = builder.phi(i64)
+            acc = [builder.phi(v16) for _ in range(4)]
+            at.add_incoming(ir.Constant(i64, 0), entry)
+            for a in acc:
+                a.add_incoming(ir.Constant(v16, [float("-inf")] * 16), entry)
+            builder.cbranch(builder.icmp_signed("<", at, c), body, done)
+            builder.position_at_end(body)
+            new = []
+            for k, a in enumerate(acc):
+                ptr = builder.bitcast(builder.gep(base, [builder.add(at, ir.Constant(i64, 16 * k))]), v16.as_pointer())
+                new.append(greater(builder.load(ptr, align=4), a))
+            at.add_incoming(builder.add(at, ir.Constant(i64, 64)), builder.block)
+            for a, v in zip(acc, new):
+                a.add_incoming(v, builder.block)
+            builder.branch(head)
+            builder.position_at_end(done)
+            m = greater(greater(acc[0], acc[1]), greater(acc[2], acc[3]))
+            out = builder.extract_element(m, ir.Constant(ir.IntType(32), 0))
+            for lane in range(1, 16):
+                out = greater(builder.extract_element(m, ir.Constant(ir.IntType(32), lane)), out)
+            return out
+
+        return sig, codegen
+
+    @overload(lanes_max, inline="always")
+    def _lanes_max_jit(x, n):
+        if isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float32 and x.layout == "C":
+            def in_lanes(x, n):
+                c = n // 64 * 64
+                return _max_of_lanes(x, c), c
+            return in_lanes
+        return lambda x, n: (-np.inf, 0)
+
+
 @inline
 def row_max(x, n):
-    """max(x[0:n]), -inf when n is 0: eight running maxima, so that eight comparisons are in
-    flight instead of one chain (four times faster here on a 4096-wide row, the vocabulary's).
-    A NaN is skipped like the plain loop from -inf skips it; the exp of x - max then makes it
-    NaN wherever it was."""
+    """max(x[0:n]), -inf when n is 0. A NaN is skipped like the plain loop from -inf skips it; the
+    exp of x - max then makes it NaN wherever it was. A contiguous float32 row goes 64 values a
+    step in 16-lane vectors (`lanes_max`); the rest, and other rows, in eight running maxima, so
+    that eight comparisons are in flight instead of one chain."""
     F = x.dtype.type
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = F(-np.inf)
-    c = 0
+    first, c = lanes_max(x, n)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = F(-np.inf)
+    m7 = F(first)
     while c + 8 <= n:
         m0, m1, m2, m3 = max(m0, x[c]), max(m1, x[c + 1]), max(m2, x[c + 2]), max(m3, x[c + 3])
         m4, m5, m6, m7 = max(m4, x[c + 4]), max(m5, x[c + 5]), max(m6, x[c + 6]), max(m7, x[c + 7])
