@@ -292,6 +292,33 @@ else:
     # a jitted function that kernels call rather than inline: a body too large to copy into its caller
     function = numba.njit(**_JIT_FLAGS)
 
+    def ir_loop(builder, name, end, step, carried, body):
+        """The IR of `for at in range(0, end, step)` carrying values from one pass to the next:
+        carried are their first values, body(at, values) makes the next ones (the builder in the
+        loop's body). Returns their last values, the builder in the block after the loop. Every
+        phi node heads its block, as LLVM's verifier wants."""
+        i64 = ir.IntType(64)
+        entry = builder.block
+        head = builder.append_basic_block(f"{name}.head")
+        inside = builder.append_basic_block(f"{name}.body")
+        done = builder.append_basic_block(f"{name}.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        at = builder.phi(i64)
+        values = [builder.phi(v.type) for v in carried]
+        at.add_incoming(ir.Constant(i64, 0), entry)
+        for phi, v in zip(values, carried):
+            phi.add_incoming(v, entry)
+        builder.cbranch(builder.icmp_signed("<", at, end), inside, done)
+        builder.position_at_end(inside)
+        new = body(at, values)
+        at.add_incoming(builder.add(at, ir.Constant(i64, step)), builder.block)
+        for phi, v in zip(values, new):
+            phi.add_incoming(v, builder.block)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return values
+
     @intrinsic
     def int32_bits_as_float32(typingctx, i):
         """Reinterpret the 32 bits of an int32 as a float32 (builds 2**k from its exponent bits)."""
@@ -346,28 +373,13 @@ if numba is not None:
             def greater(a, b):
                 return builder.select(builder.fcmp_ordered(">", a, b), a, b)
 
-            entry = builder.block
-            head = builder.append_basic_block("max.head")
-            body = builder.append_basic_block("max.body")
-            done = builder.append_basic_block("max.done")
-            builder.branch(head)
-            builder.position_at_end(head)
-            at = builder.phi(i64)
-            acc = [builder.phi(v16) for _ in range(4)]
-            at.add_incoming(ir.Constant(i64, 0), entry)
-            for a in acc:
-                a.add_incoming(ir.Constant(v16, [float("-inf")] * 16), entry)
-            builder.cbranch(builder.icmp_signed("<", at, c), body, done)
-            builder.position_at_end(body)
-            new = []
-            for k, a in enumerate(acc):
-                ptr = builder.bitcast(builder.gep(base, [builder.add(at, ir.Constant(i64, 16 * k))]), v16.as_pointer())
-                new.append(greater(builder.load(ptr, align=4), a))
-            at.add_incoming(builder.add(at, ir.Constant(i64, 64)), builder.block)
-            for a, v in zip(acc, new):
-                a.add_incoming(v, builder.block)
-            builder.branch(head)
-            builder.position_at_end(done)
+            def vector(at):
+                return builder.load(builder.bitcast(builder.gep(base, [at]), v16.as_pointer()), align=4)
+
+            def step(at, acc):
+                return [greater(vector(builder.add(at, ir.Constant(i64, 16 * k))), a) for k, a in enumerate(acc)]
+
+            acc = ir_loop(builder, "max", c, 64, [ir.Constant(v16, [float("-inf")] * 16)] * 4, step)
             m = greater(greater(acc[0], acc[1]), greater(acc[2], acc[3]))
             out = builder.extract_element(m, ir.Constant(ir.IntType(32), 0))
             for lane in range(1, 16):

@@ -41,6 +41,8 @@ if numba is not None:
     from numba import types
     from numba.extending import intrinsic
 
+    from fastformer.kernels._jit import ir_loop
+
     _F32 = ir.FloatType()
     _F32x16 = ir.VectorType(_F32, 16)
     _I32x16 = ir.VectorType(ir.IntType(32), 16)
@@ -288,21 +290,13 @@ if numba is not None:
             factor = builder.shuffle_vector(builder.insert_element(ir.Constant(_F32x16, None), scale,
                                                                    ir.Constant(ir.IntType(32), 0)),
                                             ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * 16))
-            entry = builder.block
-            head = builder.append_basic_block("copy.head")
-            body = builder.append_basic_block("copy.body")
-            done = builder.append_basic_block("copy.done")
-            builder.branch(head)
-            builder.position_at_end(head)
-            at = builder.phi(_I64)
-            at.add_incoming(ir.Constant(_I64, 0), entry)
-            builder.cbranch(builder.icmp_signed("<", at, n), body, done)
-            builder.position_at_end(body)
-            x = builder.load(vector_at(builder, S, at, _F32x16), align=4)
-            builder.store(builder.fmul(x, factor), vector_at(builder, D, at, _F32x16), align=4)
-            at.add_incoming(builder.add(at, ir.Constant(_I64, 16)), builder.block)
-            builder.branch(head)
-            builder.position_at_end(done)
+
+            def step(at, _):
+                x = builder.load(vector_at(builder, S, at, _F32x16), align=4)
+                builder.store(builder.fmul(x, factor), vector_at(builder, D, at, _F32x16), align=4)
+                return []
+
+            ir_loop(builder, "copy", n, 16, [], step)
             return context.get_dummy_value()
 
         return sig, codegen
