@@ -93,40 +93,25 @@ if numba is not None:
         acc_type = sums_type(kind)
         start = start or [ir.Constant(acc_type, None)] * vectors
         row_at = [builder.gep(A, [builder.mul(ir.Constant(_I64, r), ars)]) for r in range(rows)]
-        entry = builder.block
-        head = builder.append_basic_block("tile.head")
-        body = builder.append_basic_block("tile.body")
-        done = builder.append_basic_block("tile.done")
-        builder.branch(head)
-        builder.position_at_end(head)  # every phi first in its block
-        k = builder.phi(_I64)
-        acc = [builder.phi(acc_type) for _ in range(rows * vectors)]
-        k.add_incoming(ir.Constant(_I64, 0), entry)
-        for i, a in enumerate(acc):
-            a.add_incoming(start[i % vectors], entry)
-        builder.cbranch(builder.icmp_signed("<", k, kp), body, done)
-        builder.position_at_end(body)
-        b_at = builder.mul(k, bks)
 
         def b_row(at):
             return [builder.load(vector_at(builder, B, builder.add(at, ir.Constant(_I64, 16 * h)), lanes), align=4)
                     for h in range(vectors)]
-        b = None if brs is not None else b_row(b_at)
-        a_at = builder.mul(k, aks)
-        new = []
-        for r in range(rows):
-            word = builder.load(builder.gep(row_at[r], [a_at]))
-            one = builder.insert_element(ir.Constant(lanes, None), word, ir.Constant(ir.IntType(32), 0))
-            both = builder.shuffle_vector(one, ir.Constant(lanes, None), ir.Constant(_I32x16, [0] * 16))
-            br = b if brs is None else b_row(builder.add(b_at, builder.mul(ir.Constant(_I64, r), brs)))
-            new += [product(acc[r * vectors + h], both, br[h]) for h in range(vectors)]
-        latch = builder.block
-        k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), latch)
-        for a, n in zip(acc, new):
-            a.add_incoming(n, latch)
-        builder.branch(head)
-        builder.position_at_end(done)
-        return acc
+
+        def step(k, acc):
+            b_at = builder.mul(k, bks)
+            b = None if brs is not None else b_row(b_at)
+            a_at = builder.mul(k, aks)
+            new = []
+            for r in range(rows):
+                word = builder.load(builder.gep(row_at[r], [a_at]))
+                one = builder.insert_element(ir.Constant(lanes, None), word, ir.Constant(ir.IntType(32), 0))
+                both = builder.shuffle_vector(one, ir.Constant(lanes, None), ir.Constant(_I32x16, [0] * 16))
+                br = b if brs is None else b_row(builder.add(b_at, builder.mul(ir.Constant(_I64, r), brs)))
+                new += [product(acc[r * vectors + h], both, br[h]) for h in range(vectors)]
+            return new
+
+        return ir_loop(builder, "tile", kp, 1, [start[i % vectors] for i in range(rows * vectors)], step)
 
     def _make_tile(kind):
         def tile(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, acc):
