@@ -122,8 +122,10 @@ def check_id_limit(id_limit, vocab_size):
 
 # A model's several-step greedy call (greedy_steps) makes at most GREEDY_CHUNK tokens, and as many as
 # take about GREEDY_SECONDS by the last call's pace (the first call's: the prompt's time): a fast
-# model's tokens arrive in chunks, a slow one's stream (and stop at Ctrl-C) as they come.
-GREEDY_CHUNK, GREEDY_SECONDS = 32, 0.02
+# model's tokens arrive in chunks, a slow one's stream (and stop at Ctrl-C) as they come. Each call
+# costs 40-130 us of Python and hand-offs, so a fast model's chunk is bounded by the time alone (128
+# medium int8 tokens took five calls with chunks of 32, two now).
+GREEDY_CHUNK, GREEDY_SECONDS = 256, 0.02
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
@@ -145,6 +147,17 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
     the first chunk is one token.
     """
+    for block in sample_blocks(step, logits, n_steps, temperature, top_k, top_p, rng, eos_id, repetition_penalty,
+                               seen, id_limit, greedy_steps, pace):
+        for c in range(block.shape[1]):
+            yield block[:, c].copy()
+
+
+def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None):
+    """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps
+    chunk's whole, each other step alone. For `generate`, which keeps them all: a token
+    handed out alone cost about 1 us of Python, a twentieth of a tiny model's token."""
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
     done = np.zeros(N, dtype=bool)
@@ -160,13 +173,15 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
             made = greedy_steps(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
             if made is not None and made[0].shape[1]:
                 tokens, nan = made
-                chunk = _chunk((time.perf_counter() - began) / tokens.shape[1])
-                for c in range(tokens.shape[1]):
-                    if nan and c == tokens.shape[1] - 1:
-                        _refuse_nan(i + 1)
-                    nxt = tokens[:, c].copy()
-                    i += 1
-                    yield nxt
+                m = tokens.shape[1]
+                chunk = _chunk((time.perf_counter() - began) / m)
+                if nan:  # the tokens before the NaN's, then the refusal
+                    if m > 1:
+                        yield tokens[:, :m - 1]
+                    _refuse_nan(i + m)
+                nxt = tokens[:, m - 1].copy()
+                i += m
+                yield tokens
                 if eos_id is not None and done.all():
                     return
                 continue
@@ -192,7 +207,7 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
         if repetition_penalty is not None:  # only the penalty reads `seen`
             seen[rows, nxt] = True
         i += 1
-        yield nxt
+        yield nxt[:, None].copy()
         if eos_id is not None and done.all():
             return
 
@@ -224,13 +239,16 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     `id_limit`: choose only ids below it (a tokenizer with fewer ids than the model's embedding)."""
     ids, mask, _ = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_id_limit(id_limit, model.config.vocab_size)
-    yield from _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                             repetition_penalty, use_cache, id_limit)
+    for block in _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                                  repetition_penalty, use_cache, id_limit):
+        for c in range(block.shape[1]):
+            yield block[:, c].copy()
 
 
-def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
-                  use_cache, id_limit=None):
-    """`generate_tokens` for a prompt batch already made by `prompt_batch`."""
+def _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
+                     use_cache, id_limit=None):
+    """`generate_tokens`' ids in blocks (sample_blocks), for a prompt batch already made by
+    `prompt_batch`."""
     check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     check_seed_and_eos(seed, eos_id, model.config.vocab_size)
@@ -244,8 +262,9 @@ def _generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, s
     state = model.init_state(B, use_cache=use_cache)
     began = time.perf_counter()
     logits = model.step(ids, state, attention_mask=mask, validate=False, last=True)[:, -1]  # (B, V): the prompt
-    yield from sample_tokens(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
-                             seeds.sampling_stream(seed), eos_id, repetition_penalty, seen, id_limit,
+    yield from sample_blocks(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
+                             seeds.sampling_stream(seed) if temperature else None, eos_id, repetition_penalty,
+                             seen, id_limit,
                              lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id),
                              pace=time.perf_counter() - began)
 
@@ -280,9 +299,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     """
     ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_id_limit(id_limit, model.config.vocab_size)
-    steps = list(_generate_ids(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                               repetition_penalty, use_cache, id_limit))
-    new = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
+    blocks = list(_generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                                   repetition_penalty, use_cache, id_limit))
+    new = np.concatenate(blocks, axis=1) if blocks else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
     return finish(prompt_ids, ids, new, kind, eos_id)
 
 

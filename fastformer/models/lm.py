@@ -192,7 +192,7 @@ class TransformerLM(FlatModel):
         c = self.config
         check_decoding_memory(c, check_int("batch_size", batch_size))
         state = KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len,
-                        c.d_model // c.n_heads, self.flat.dtype)
+                        c.d_model // c.n_heads, self.flat.dtype, checked=True)
         state.use_cache = bool(use_cache)
         return state
 

@@ -230,7 +230,8 @@ class Seq2SeqTransformer(FlatModel):
             memory = np.repeat(memory, repeat, axis=0)  # (B * repeat, S, C)
             src_kpm = None if src_kpm is None else np.repeat(src_kpm, repeat, axis=0)
         N = memory.shape[0]
-        state = KVCache(c.n_decoder_layers, N, c.n_heads, max_len, c.d_model // c.n_heads, memory.dtype)
+        state = KVCache(c.n_decoder_layers, N, c.n_heads, max_len, c.d_model // c.n_heads, memory.dtype,
+                        checked=True)
         cross = [block.kv_forward(self.params, memory) for block, _ in self.decoder.sublayers
                  if isinstance(block, CrossAttention)]
         state.cross_k = np.stack([k for k, _, _ in cross])  # (L, N, H, S, hs)

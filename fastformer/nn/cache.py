@@ -18,17 +18,20 @@ reorder its rows (`reorder`) when a beam continues from another beam's row.
 import numpy as np
 
 from fastformer.errors import check_memory
-from fastformer.nn.params import aligned_zeros
+from fastformer.kernels.checks import aligned_zeros
 
 
 class KVCache:
     """Keys and values of every layer for B sequences of up to `max_len` positions."""
 
-    def __init__(self, n_layers, batch_size, n_heads, max_len, head_size, dtype=np.float32):
+    def __init__(self, n_layers, batch_size, n_heads, max_len, head_size, dtype=np.float32, checked=False):
+        """`checked`: the caller has checked the memory of decoding with it (a model's init_state,
+        check_decoding_memory), so it is not read from the system again."""
         shape = (n_layers, batch_size, n_heads, max_len, head_size)
-        check_memory(f"a key/value cache of {batch_size:,} rows x {max_len:,} positions",  # k, v; tokens
-                     2 * int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize + 9 * batch_size * max_len,
-                     "decode fewer rows or beams at once")
+        if not checked:
+            check_memory(f"a key/value cache of {batch_size:,} rows x {max_len:,} positions",  # k, v; tokens
+                         2 * int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+                         + 9 * batch_size * max_len, "decode fewer rows or beams at once")
         self.k = aligned_zeros(shape, dtype)  # (L, B, H, Tmax, hs)
         self.v = aligned_zeros(shape, dtype)
         self.padding = np.zeros((batch_size, max_len), dtype=bool)  # (B, Tmax)

@@ -14,7 +14,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError, check_bool, check_number
 from fastformer.kernels import get_ops
-from fastformer.nn.params import aligned_zeros
+from fastformer.kernels.checks import aligned_zeros
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")

@@ -8,7 +8,7 @@ from conftest import numerical_grad
 
 import fastformer
 from fastformer import LMConfig, TransformerLM
-from fastformer.nn.params import aligned_zeros
+from fastformer.kernels.checks import aligned_zeros
 
 TINY = dict(vocab_size=11, max_seq_len=8, d_model=8, n_heads=2, d_ff=12, n_layers=2)
 

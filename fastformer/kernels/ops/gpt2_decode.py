@@ -37,10 +37,10 @@ from fastformer.kernels._sync import (
     chunk_span,
     claim,
     finish,
+    new_sync,
     run_together,
     stage_chunks,
     stage_open,
-    sync_words,
     wait_stage,
 )
 from fastformer.kernels._tiles import tiles_run, weighted_rows32, weighted_rows64
@@ -871,7 +871,7 @@ def _sync_for(run, dtype, parts, stages):
     if parts == 1:
         return _NO_SYNC
     _made(run, dtype)
-    return np.zeros(sync_words(stages), np.int64)
+    return new_sync(stages, parts)
 
 
 def _format_buffers(weights, offsets):
