@@ -50,7 +50,8 @@ FEATURES = {"bf16": ("AVX-512 BF16", "avx512_bf16"), "int8": ("AVX-512 VNNI", "a
 PANEL_N, PANELS = 16, 8  # columns of one vector; vectors a group reads per step of k
 GROUP_N = PANEL_N * PANELS  # columns of a group: the kernel's tile, and N's padding
 K_PER_WORD = {"int8": 4, "bf16": 2}
-TILE_ROWS = 3  # rows a pass of the kernel multiplies: 3 x 8 accumulators + 3 broadcasts fit 32 registers
+TILE_ROWS = 2  # rows a pass of the kernel multiplies. Three (24 accumulators) should fit 32 registers, but LLVM
+# keeps the group's 8 vectors of B in registers too and spills: 1.5 G vpdpbusd/s against 3.2 for two rows
 INT8_OFFSET = 128  # u8 = q_x + 128
 INV_127 = np.float32(1.0 / 127.0)
 
@@ -285,13 +286,13 @@ def linear_quantized(ops, x, qw, bias=None, out=None):
 
 # -------------------------------------------------------------------- Numba
 if numba is not None:
-    # R rows (1 to 3) by a group of 8 vectors of 16 columns: kernels/_tiles.make_group_tile
+    # R rows (1 or 2) by a group of 8 vectors of 16 columns: kernels/_tiles.make_group_tile
     from fastformer.kernels._tiles import make_group_tile
 
-    _int8_tile1, _int8_tile2, _int8_tile3 = (make_group_tile("int8", r, PANELS) for r in (1, 2, 3))
-    _bf16_tile1, _bf16_tile2, _bf16_tile3 = (make_group_tile("bf16", r, PANELS) for r in (1, 2, 3))
+    _int8_tile1, _int8_tile2 = (make_group_tile("int8", r, PANELS) for r in (1, 2))
+    _bf16_tile1, _bf16_tile2 = (make_group_tile("bf16", r, PANELS) for r in (1, 2))
 else:
-    _int8_tile1 = _int8_tile2 = _int8_tile3 = _bf16_tile1 = _bf16_tile2 = _bf16_tile3 = None
+    _int8_tile1 = _int8_tile2 = _bf16_tile1 = _bf16_tile2 = None
 
 
 @inline
@@ -342,9 +343,7 @@ def int8_product(au8, lda, sx, M, words, w_off, kw, scale, correction, s_off, bi
         m0 = 0
         while m0 < M:
             R = min(TILE_ROWS, M - m0)
-            if R == 3:
-                _int8_tile3(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
-            elif R == 2:
+            if R == 2:
                 _int8_tile2(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
             else:
                 _int8_tile1(words, wg, kw, au8, m0 * lda, lda, correction, s_off + n0, acc)
@@ -373,9 +372,7 @@ def bf16_product(aw, lda, M, words, w_off, kw, bias, b_off, has_bias, y, N, g0, 
         m0 = 0
         while m0 < M:
             R = min(TILE_ROWS, M - m0)
-            if R == 3:
-                _bf16_tile3(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
-            elif R == 2:
+            if R == 2:
                 _bf16_tile2(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
             else:
                 _bf16_tile1(words, wg, kw, aw, m0 * lda, lda, acc, 0, acc)
