@@ -182,3 +182,29 @@ def test_an_empty_greedy_chunk_falls_back_to_the_step():
 
     got = [int(t[0]) for t in sample_tokens(step, logits, 3, greedy_steps=greedy_steps)]
     assert got == [1, 2, 2] and steps == [[1], [2]]
+
+
+def test_sample_blocks_hands_out_a_greedy_chunk_whole_and_the_tokens_before_a_nan():
+    """generate keeps blocks: a greedy_steps chunk is one block, a step's token a block of one
+    column; their columns are sample_tokens' tokens, and a NaN's chunk gives its tokens before
+    the NaN, then the refusal."""
+    from fastformer.generation.sampling import sample_blocks, sample_tokens
+
+    def make(nan_on_call):
+        calls = []
+
+        def greedy_steps(ids, n, done):
+            calls.append(n)
+            return np.arange(10, 10 + n)[None] % 3, len(calls) == nan_on_call
+        return greedy_steps
+
+    logits = np.array([[0.0, 1.0, 0.0]])
+    blocks = list(sample_blocks(None, logits, 7, greedy_steps=make(0), pace=1e-6))
+    assert [b.shape for b in blocks] == [(1, 1), (1, 6)]  # the prompt's token, then one chunk of the rest
+    tokens = list(sample_tokens(None, logits, 7, greedy_steps=make(0), pace=1e-6))
+    assert np.concatenate(blocks, axis=1)[0].tolist() == [int(t[0]) for t in tokens]
+    got = sample_blocks(None, logits, 7, greedy_steps=make(1), pace=1e-6)
+    assert next(got).tolist() == [[1]]
+    assert next(got).tolist() == [[1, 2, 0, 1, 2]]  # the chunk's first five of six
+    with pytest.raises(FastformerError, match="became NaN at new token 7"):
+        next(got)

@@ -11,7 +11,7 @@ from fastformer.kernels.ops import quantized as Q
 needs = {"int8": pytest.mark.skipif(not Q.cpu_has_vnni(), reason="no AVX-512 VNNI: the int8 kernel is not compiled"),
          "bf16": pytest.mark.skipif(not Q.cpu_has_bf16(), reason="no AVX-512 BF16: the bf16 kernel is not compiled")}
 PACKED = [pytest.param(f, marks=needs[f]) for f in ("int8", "bf16")]
-# rows across the 3-row tile, K across a word (4 or 2 k's), N across a panel (16) and a group (128)
+# rows across the 2-row tile, K across a word (4 or 2 k's), N across a panel (16) and a group (128)
 SHAPES = [(1, 1, 1), (1, 4, 16), (2, 5, 17), (3, 7, 127), (4, 8, 128), (5, 9, 129), (7, 64, 256), (16, 130, 300)]
 
 

@@ -1,6 +1,7 @@
 """The chunk order of the parts that share a kernel call's stages (_sync.py), and _sync.run_together."""
 import threading
 
+import numpy as np
 import pytest
 
 from fastformer.kernels import _sync, tasks
@@ -141,3 +142,13 @@ def test_a_sleeping_partner_is_woken_and_a_busy_one_leaves_the_call_to_the_pool(
     release.set()
     t.join(5)
     assert threading.current_thread().name in names and any(n.startswith("fastformer-tasks") for n in names)
+
+
+def test_a_stage_of_few_parts_is_one_cache_line_of_an_aligned_sync():
+    assert _sync._stage_words(1) == _sync._stage_words(2) == _sync._stage_words(3) == _sync.LINE_WORDS == 8
+    assert _sync._stage_words(4) == _sync.STAGE_WORDS  # 8 chunks and a count: more than a line
+    for parts in (2, 4):
+        sync = _sync.new_sync(5, parts)
+        assert sync.dtype == np.int64 and sync.size == 5 * _sync._stage_words(parts) and not sync.any()
+        assert sync.ctypes.data % 64 == 0
+    assert 1 + 3 * _sync.CHUNKS_PER_PART <= _sync.LINE_WORDS  # three parts' chunks and the count fit a line

@@ -128,3 +128,21 @@ def test_configs_in_budget_without_the_command_line():
     fixed = configs_in_budget(Seq2SeqConfig(), 1_000_000, 2_000_000, pinned={"n_decoder_layers"})
     assert fixed and all(c.n_decoder_layers == Seq2SeqConfig().n_decoder_layers for _, c in fixed)
     assert default_heads(768) == 12 and default_heads(100) == 2
+
+
+def test_a_reading_of_available_memory_is_reused_only_briefly_and_for_small_requests(monkeypatch):
+    from fastformer import errors
+
+    reads = []
+    monkeypatch.setattr(errors, "_read_available_memory", lambda: reads.append(1) or 8 << 30)
+    monkeypatch.setattr(errors, "_reading", (-float("inf"), None))
+    clock = [100.0]
+    monkeypatch.setattr(errors.time, "monotonic", lambda: clock[0])
+    assert available_memory() == 8 << 30 and len(reads) == 1
+    assert available_memory(1 << 20) == 8 << 30 and len(reads) == 1  # small, and under a second old
+    available_memory(2 << 30)  # a quarter of what was available: read again
+    assert len(reads) == 2
+    clock[0] += 2.0  # two seconds later: read again, however small
+    available_memory(1)
+    assert len(reads) == 3
+    assert check_memory("x", 1 << 20) == 1 << 20 and len(reads) == 3
