@@ -147,8 +147,13 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
     the first chunk is one token.
     """
-    for block in sample_blocks(step, logits, n_steps, temperature, top_k, top_p, rng, eos_id, repetition_penalty,
-                               seen, id_limit, greedy_steps, pace):
+    yield from _one_by_one(sample_blocks(step, logits, n_steps, temperature, top_k, top_p, rng, eos_id,
+                                         repetition_penalty, seen, id_limit, greedy_steps, pace))
+
+
+def _one_by_one(blocks):
+    """The ids (N,) of each step of blocks (N, m), each its own array."""
+    for block in blocks:
         for c in range(block.shape[1]):
             yield block[:, c].copy()
 
@@ -239,10 +244,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
     `id_limit`: choose only ids below it (a tokenizer with fewer ids than the model's embedding)."""
     ids, mask, _ = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_id_limit(id_limit, model.config.vocab_size)
-    for block in _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                                  repetition_penalty, use_cache, id_limit):
-        for c in range(block.shape[1]):
-            yield block[:, c].copy()
+    yield from _one_by_one(_generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed,
+                                            eos_id, repetition_penalty, use_cache, id_limit))
 
 
 def _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
