@@ -116,6 +116,26 @@ def test_packers_hold_the_rounded_values_in_pairs(transposed):
 
 
 @needs_bf16
+@pytest.mark.parametrize("M,K", [(1, 2), (17, 64), (300, 30), (129, 33), (77, 130)])
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_row_major_a_is_packed_in_pairs_along_its_rows(monkeypatch, M, K, threads):
+    """pack_a of a row-major A: row m's pairs (x[m, 2kk], x[m, 2kk + 1]) rounded to bf16, a zero
+    past an odd K, zero rows up to a multiple of 16; an even K is packed as one long row in passes
+    of FLAT_PAIRS (here across pass edges: 300 x 15 and 77 x 65 pairs), an odd K row by row."""
+    if threads == "parallel":
+        monkeypatch.setattr(G, "PACK_PARALLEL", 0)
+    a = np.random.default_rng(M + K).standard_normal((M, K)).astype(np.float32)
+    words, rows_apart, k_apart, m, k = G.pack_a(a)
+    K2, Mp = (K + 1) // 2, (M + 15) // 16 * 16
+    assert (rows_apart, k_apart, m, k) == (K2, 1, M, K) and words.shape == (Mp * K2,)
+    got = words.reshape(Mp, K2)
+    values = np.stack(((got & 0xFFFF).astype(np.uint32) << 16, got & np.uint32(0xFFFF0000)), axis=2)
+    values = values.view(np.float32).reshape(Mp, 2 * K2)
+    np.testing.assert_array_equal(values[:M, :K], G.round_to_bf16(a))
+    assert not values[M:].any() and not values[:, K:].any()
+
+
+@needs_bf16
 def test_nan_and_inf_propagate_as_in_the_reference():
     a = np.ones((9, 4), np.float32)
     b = np.ones((4, 33), np.float32)

@@ -42,6 +42,9 @@ from fastformer.kernels.process import cpu_has_bf16
 A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
+# elements from which a row-major A is packed on both threads: the packing streams memory, and
+# (4096, 64) took 39 us on one thread, 69-87 on two (starting them is most of it)
+PACK_PARALLEL = 1 << 20
 
 
 def require_bf16():
@@ -190,11 +193,25 @@ def _pack_cols(x, out):
                 out[p, kk, j] = row[kk]
 
 
+FLAT_PAIRS = 2048  # pairs a pass of the packer makes when an even K lets it read x as one long row
+
+
 @kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
 def _pack_a_rows(x, out):
-    """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero."""
+    """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero.
+    With K even no pair crosses a row, so x is packed as one long row in passes of FLAT_PAIRS:
+    a row at a time cost 35-40 ns of overhead a row at K = 64 (pack_a of (4096, 64) 115-163 us)."""
     M, K = x.shape
     Mp, K2 = out.shape
+    if K % 2 == 0:
+        flat, words = x.reshape(M * K), out.reshape(Mp * K2)
+        n = M * K2
+        for c in prange((n + FLAT_PAIRS - 1) // FLAT_PAIRS):
+            i0, i1 = c * FLAT_PAIRS, min(n, (c + 1) * FLAT_PAIRS)
+            _pairs_along_row(flat[2 * i0:2 * i1], words[i0:i1], np.empty(2 * FLAT_PAIRS, np.uint32))
+        for i in range(n, Mp * K2):
+            words[i] = 0
+        return
     for c in prange((Mp + A_PANEL - 1) // A_PANEL):
         tmp = np.empty(2 * K2, np.uint32)
         for m in range(c * A_PANEL, min(Mp, c * A_PANEL + A_PANEL)):
@@ -344,7 +361,7 @@ def pack_a(a):
         sized(_pack_rows, a.size, PARALLEL_WORK)(a.T, panels)
         return PackedA(panels.reshape(-1), 1, A_PANEL, M, K)
     words = np.empty((Mp, K2), np.uint32)
-    sized(_pack_a_rows, a.size, PARALLEL_WORK)(np.ascontiguousarray(a), words)
+    sized(_pack_a_rows, a.size, PACK_PARALLEL)(np.ascontiguousarray(a), words)
     return PackedA(words.reshape(-1), K2, 1, M, K)
 
 
