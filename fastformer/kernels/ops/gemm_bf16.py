@@ -41,9 +41,10 @@ from fastformer.kernels.process import cpu_has_bf16
 
 A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
-PARALLEL_WORK = 1 << 17  # elements packed (or flops / 64 multiplied) below which one thread runs them
-# elements from which a row-major A is packed on both threads: the packing streams memory, and
-# (4096, 64) took 39 us on one thread, 69-87 on two (starting them is most of it)
+PARALLEL_WORK = 1 << 17  # elements packed both ways (or flops / 64 multiplied) below which one thread runs them
+# elements from which an operand alone is packed on both threads: packing streams memory, and
+# starting the threads costs 30-50 us here. One thread against two, with a GEMM just before:
+# B of 16K-262K elements 8-75 us against 54-84, of 1M 239 against 179; A (4096, 64) 39 against 69-87
 PACK_PARALLEL = 1 << 20
 
 
@@ -345,9 +346,9 @@ def pack_b(b):
     K, N = b.shape
     panels = np.empty(((N + TILE_N - 1) // TILE_N, (K + 1) // 2, TILE_N), np.uint32)
     if b.T.flags.c_contiguous and not b.flags.c_contiguous:
-        sized(_pack_cols, b.size, PARALLEL_WORK)(b.T, panels)
+        sized(_pack_cols, b.size, PACK_PARALLEL)(b.T, panels)
     else:
-        sized(_pack_rows, b.size, PARALLEL_WORK)(np.ascontiguousarray(b), panels)
+        sized(_pack_rows, b.size, PACK_PARALLEL)(np.ascontiguousarray(b), panels)
     return PackedB(panels, K, N)
 
 
@@ -358,7 +359,7 @@ def pack_a(a):
     K2, Mp = (K + 1) // 2, (M + A_PANEL - 1) // A_PANEL * A_PANEL
     if a.T.flags.c_contiguous and not a.flags.c_contiguous:
         panels = np.empty((Mp // A_PANEL, K2, A_PANEL), np.uint32)
-        sized(_pack_rows, a.size, PARALLEL_WORK)(a.T, panels)
+        sized(_pack_rows, a.size, PACK_PARALLEL)(a.T, panels)
         return PackedA(panels.reshape(-1), 1, A_PANEL, M, K)
     words = np.empty((Mp, K2), np.uint32)
     sized(_pack_a_rows, a.size, PACK_PARALLEL)(np.ascontiguousarray(a), words)
