@@ -7,11 +7,12 @@ part), never when a module is imported; `fastformer info` reports them (`process
 Threads. Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, never at the
 same time (no BLAS call sits inside a `prange`), so each may use every core without the two
 competing: both get `num_threads()` threads, which is the number of cores this process may run
-on, or FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP with passive waiting
-(`_threading_layer_chosen`), else TBB, else "workqueue" (which two Python threads must not call at
-once), unless NUMBA_THREADING_LAYER says otherwise:
-OpenMP's default workers keep spinning after a parallel loop and steal the cores from the GEMM
-that follows it, and workqueue starts each parallel loop more slowly.
+on, or FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP, whose workers spin
+about 100 us after a parallel loop and then sleep (`_threading_layer_chosen`), else TBB, else
+"workqueue" (which two Python threads must not call at once), unless NUMBA_THREADING_LAYER says
+otherwise: OpenMP's default workers keep spinning for milliseconds and steal the cores from the
+GEMM that follows, workers that sleep at once take 46-75 us to wake for each parallel loop, and
+workqueue starts each parallel loop more slowly.
 
 Allocator (`keep_freed_memory`): glibc gives every large freed block back to the OS, so each
 training step's fresh activations and gradients page-fault again (a third of a `small` step
@@ -124,15 +125,19 @@ def _threading_layer_chosen():
     threads at once, workqueue may not (two threads in a parallel kernel abort the process), so
     it is taken only where neither loads. OpenMP stays first when another library (torch) has
     already loaded an OpenMP runtime: that is when a program is most likely to run threads of
-    its own. OpenMP's workers wait passively (OMP_WAIT_POLICY=passive, unless OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT is set).
+    its own. OpenMP's workers wait briefly (OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT=OMP_SPINS,
+    unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set).
 
-    Passive workers sleep as soon as a parallel loop ends, so the GEMM that follows has the
-    cores to itself. Measured here, alternating processes (`fastformer bench`, steps/s,
-    medians of 4): tiny 14.1 against 11.4 with workqueue; small and medium about 4% faster.
-    The runtime reads OMP_WAIT_POLICY once, when it loads at the thread start, so the variable
-    is set only for that moment: a runtime loaded earlier or later by another library keeps its
-    own policy.
+    Workers that spin for long after a parallel loop (OpenMP's default, some milliseconds) take
+    the cores from the BLAS GEMM that follows it: `fastformer bench`, tiny fp32, 14.1 steps/s
+    sleeping at once against 11.4 with workqueue, 9.3-10.6 with libgomp's default spin. Workers
+    that sleep at once cost 46-75 us to wake for every parallel loop, which a bf16 step pays at
+    each of its GEMMs (Numba's). libgomp's workers spin OMP_SPINS pauses (about
+    100 us here) and then sleep: back-to-back kernels find them awake (a two-thread launch in
+    1.5 us), and a BLAS GEMM after a Numba kernel loses at most that much of the second core.
+    The runtime reads both variables once, when it loads at the thread start, so they are set
+    only for that moment: a runtime loaded earlier or later by another library keeps its own
+    policy. (GOMP_SPINCOUNT is libgomp's; another OpenMP runtime keeps the passive policy.)
     """
     import numba
 
@@ -144,14 +149,19 @@ def _threading_layer_chosen():
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         yield
         return
-    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"] = "passive", str(OMP_SPINS)
     try:
         yield
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]
 
 
 THREADING_LAYERS = ("omp", "tbb", "workqueue")  # Numba's layers, the thread-safe ones first
+# pauses libgomp's idle workers spin before they sleep (_threading_layer_chosen). Alternating
+# processes, steps/s medians against sleeping at once: bf16 tiny 21.9 against 19.0, small 10.4
+# against 10.35, medium 2.6 both; fp32 tiny 13.9 against 13.6, small 6.33 against 6.23 (10,000
+# pauses: fp32 small 5.74 against 6.05)
+OMP_SPINS = 3000
 
 
 def apply_process_settings(n=None, numba_threads=True):
@@ -279,4 +289,7 @@ def process_info():
     info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     info["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")  # the user's; fastformer's is not kept
+    user = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    info["openmp_idle_workers"] = (f"as set: {user}" if user else
+                                   f"spin {OMP_SPINS} pauses (about 100 us), then sleep (libgomp)")
     return info

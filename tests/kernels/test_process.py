@@ -1,6 +1,7 @@
 """The process settings of process.py (threads, allocator, BLAS spin): the short OpenBLAS spin keeps BLAS working."""
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -58,24 +59,33 @@ def test_cpu_vector_isa_names_the_widest_extension(monkeypatch, tmp_path):
     assert process.cpu_vector_isa() is None
 
 
-@pytest.mark.parametrize("preset_env, preload, layer, policy", [
-    ({}, False, ("omp", "workqueue"), None),  # OpenMP where it loads; its passive policy not left in the environment
-    ({}, True, ("omp",), None),  # another library's OpenMP runtime is loaded: still OpenMP, which is thread-safe
-    ({"NUMBA_THREADING_LAYER": "workqueue"}, False, ("workqueue",), None),  # the user's choice stands
-    ({"OMP_WAIT_POLICY": "active"}, False, ("omp", "workqueue"), "active"),
+@pytest.mark.parametrize("preset_env, preload, layer, at_start", [
+    # OpenMP where it loads; its workers told to spin briefly, then sleep, while the runtime loads
+    ({}, False, ("omp", "workqueue"), ["passive", str(process.OMP_SPINS)]),
+    ({}, True, ("omp",), ["passive", str(process.OMP_SPINS)]),  # another library's runtime is loaded: still OpenMP
+    ({"NUMBA_THREADING_LAYER": "workqueue"}, False, ("workqueue",), [None, None]),  # the user's choice stands
+    ({"OMP_WAIT_POLICY": "active"}, False, ("omp", "workqueue"), ["active", None]),  # and the user's policy
+    ({"GOMP_SPINCOUNT": "0"}, False, ("omp", "workqueue"), [None, "0"]),
 ])
-def test_threading_layer_choice(preset_env, preload, layer, policy):
+def test_threading_layer_choice(preset_env, preload, layer, at_start):
     pytest.importorskip("numba")
     code = f"""
-import ctypes, os, numpy as np, numba
+import ctypes, json, os, numpy as np, numba
 if {preload}:
     ctypes.CDLL("libgomp.so.1")
 import fastformer
 from fastformer.kernels import process
 assert process.openmp_already_loaded() == {preload}
+seen, start = [], numba.set_num_threads
+def wait_settings():
+    return [os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")]
+def set_num_threads(n):  # what the runtime reads as it loads
+    seen.append(wait_settings())
+    return start(n)
+numba.set_num_threads = set_num_threads
 fastformer.set_backend("numba")
 fastformer.get_ops().softmax_forward(np.ones((512, 512), np.float32))  # a parallel launch
-print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
+print(json.dumps([numba.threading_layer(), seen[0], wait_settings()]))
 """
     if preload:
         try:
@@ -87,9 +97,11 @@ print(numba.threading_layer(), os.environ.get("OMP_WAIT_POLICY"))
     env.update(preset_env, FASTFORMER_BACKEND="numba")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    got_layer, got_policy = out.stdout.split()
+    got_layer, got_at_start, got_after = json.loads(out.stdout.splitlines()[-1])
     assert got_layer in layer
-    assert got_policy == str(policy)
+    assert got_at_start == at_start
+    # fastformer's settings are not left in the environment, the user's are
+    assert got_after == [preset_env.get("OMP_WAIT_POLICY"), preset_env.get("GOMP_SPINCOUNT")]
 
 
 def test_numpy_backend_applies_the_thread_count_to_blas_without_starting_numba():

@@ -42,10 +42,11 @@ from fastformer.kernels.process import cpu_has_bf16
 A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed both ways (or flops / 64 multiplied) below which one thread runs them
-# elements from which an operand alone is packed on both threads: packing streams memory, and
-# starting the threads costs 30-50 us here. One thread against two, with a GEMM just before:
-# B of 16K-262K elements 8-75 us against 54-84, of 1M 239 against 179; A (4096, 64) 39 against 69-87
-PACK_PARALLEL = 1 << 20
+# elements from which an operand alone is packed on both threads (whose start, right after a
+# GEMM, takes 1-2 us: process.OMP_SPINS). Two threads against one, a GEMM just before: B of 12K-16K
+# elements 4.0-4.4 us against 2.7-3.5, of 49K-65K 6.0-6.9 against 7.2-9.6, of 262K 54 against 78;
+# A (4096, 64) 20-27 against 38-39
+PACK_PARALLEL = 1 << 16
 
 
 def require_bf16():
