@@ -28,6 +28,14 @@ def test_round_to_bf16_ties_to_even_and_keeps_nan_and_inf():
                 .view(np.uint32) & 0xFFFF).any()
 
 
+def test_round_to_bf16_makes_subnormals_zeros_of_their_sign():
+    """As the CPU's conversion (vcvtne2ps2bf16) does; its products treat them as zero anyway."""
+    tiny = np.finfo(np.float32).tiny  # the smallest normal float32 stays
+    x = np.array([1e-39, -1e-39, np.nextafter(tiny, 0), -np.nextafter(tiny, 0), tiny, -tiny], np.float32)
+    got = G.round_to_bf16(x).view(np.uint32)
+    np.testing.assert_array_equal(got, np.array([0, 0x80000000, 0, 0x80000000, 0x00800000, 0x80800000], np.uint32))
+
+
 def test_round_to_bf16_agrees_with_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(1).standard_normal(10000).astype(np.float32) * 10.0 ** np.arange(-5, 5).repeat(1000)
@@ -113,6 +121,54 @@ def test_packers_hold_the_rounded_values_in_pairs(transposed):
     rows = pairs.view(np.float32).reshape(16, 6)
     np.testing.assert_array_equal(rows[:11, :5], G.round_to_bf16(a))
     assert not rows[11:].any() and not rows[:, 5].any()
+
+
+def _words_along_rows(x):
+    """The reference's words of x (rows, K): pairs along each row, rounded by round_to_bf16."""
+    r = G.round_to_bf16(x).view(np.uint32) >> np.uint32(16)
+    if r.shape[1] % 2:
+        r = np.pad(r, ((0, 0), (0, 1)))
+    return r[:, 0::2] | (r[:, 1::2] << np.uint32(16))
+
+
+SPECIAL = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-39, -1e-39, 1.1754942e-38, -1.1754942e-38,
+                    1.17549435e-38, 0.0, -0.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.4e38, -3.4e38], np.float32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("K", [6, 64, 70, 77])
+@pytest.mark.parametrize("packer", ["pack_a", "pack_a transposed", "pack_b", "pack_b transposed", "pack_a_and_b"])
+def test_packers_round_every_value_as_the_reference(packer, K):
+    """Every packer's words, in the CPU's conversion (32 values an instruction) and in the loops
+    of the rest, are the reference's bits: NaNs quieted (a signalling one too), infinities, ties
+    to even, overflow to infinity, subnormals to zeros of their sign."""
+    rng = np.random.default_rng(K)
+    M = 45
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    at = rng.choice(M * K, 4 * SPECIAL.size, replace=False)
+    x.reshape(-1)[at] = np.resize(SPECIAL, at.size)
+    x.reshape(-1)[at[0]] = np.uint32(0x7F800001).view(np.float32)  # a signalling NaN
+    K2 = (K + 1) // 2
+    if packer == "pack_a":
+        got = G.pack_a(x).words.reshape(-1, K2)[:M]
+        want = _words_along_rows(x)
+    elif packer == "pack_a transposed":  # A = x.T (K, M) from its rows' pairs down x, in panels of 16
+        M2 = (M + 1) // 2
+        got = G.pack_a(x.T).words
+        got = got.reshape(-1, M2, 16).transpose(0, 2, 1).reshape(-1, M2)[:K]
+        want = _words_along_rows(x.T)
+    elif packer == "pack_b":  # B = x (M, K): column n's pairs down the rows
+        got = G.pack_b(x).panels.transpose(0, 2, 1).reshape(-1, (M + 1) // 2)[:K]
+        want = _words_along_rows(x.T)
+    elif packer == "pack_b transposed":  # B = x.T (K, M): column m is row m of x
+        got = G.pack_b(x.T).panels.transpose(0, 2, 1).reshape(-1, K2)[:M]
+        want = _words_along_rows(x)
+    else:
+        a_rows, b = G.pack_a_and_b(x)
+        np.testing.assert_array_equal(b.panels.transpose(0, 2, 1).reshape(-1, (M + 1) // 2)[:K],
+                                      _words_along_rows(x.T))
+        got, want = a_rows.words.reshape(-1, K2)[:M], _words_along_rows(x)
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_bf16

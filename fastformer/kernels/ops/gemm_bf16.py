@@ -23,9 +23,12 @@ LLVM intrinsic written with llvmlite, compiled only when a product is asked for 
 has the instruction (`cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to
 emit it for a CPU without it.
 
-The reference (`matmul_bf16_reference`) rounds the inputs exactly so and multiplies them with
-NumPy in float32: the kernel matches it to float32 summation error. The instruction treats
-float32 subnormals as zero, which the reference does not.
+The packers round with the CPU's own conversion, `vcvtne2ps2bf16` (32 values an instruction),
+wherever 32 values lie side by side: nearest even, a NaN quieted, and a subnormal float32 made a
+zero of its sign (which the products would take it as anyway: `vdpbf16ps` treats subnormal
+inputs as zero). The reference (`matmul_bf16_reference`) rounds the inputs exactly so and
+multiplies them with NumPy in float32: the kernel matches it to float32 summation error, but
+for products whose float32 sums fall below the normal range, which the instruction flushes.
 """
 
 from typing import NamedTuple
@@ -59,11 +62,13 @@ def require_bf16():
 # ---------------------------------------------------------------- reference
 def round_to_bf16(x):
     """float32 x rounded to the nearest bfloat16 (ties to even), as float32 values whose low 16
-    bits are zero; a NaN stays a (quiet) NaN, infinities stay infinite."""
+    bits are zero; a NaN stays a (quiet) NaN, infinities stay infinite, a subnormal becomes a
+    zero of its sign (as `vcvtne2ps2bf16` rounds)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32)
     nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    rounded = np.where((u & np.uint32(0x7F800000)) == 0, u & np.uint32(0x80000000), rounded)
     return np.where(nan, u | np.uint32(0x00400000), rounded).astype(np.uint32).view(np.float32)
 
 
@@ -92,11 +97,12 @@ else:
 
 @inline
 def _round32(x):
-    """The bits of float32 x rounded to bfloat16 (ties to even; NaN quieted), in the high half of
-    a uint32 whose low half is zero. Both results are computed and one selected: no branch, so
-    the packers' loops vectorise."""
+    """The bits of float32 x rounded to bfloat16 as round_to_bf16 rounds (ties to even; NaN
+    quieted; a subnormal to a zero of its sign), in the high half of a uint32 whose low half is
+    zero. Every result is computed and one selected: no branch, so loops of it vectorise."""
     u = _float32_bits(x)
     rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    rounded = (u & np.uint32(0x80000000)) if (u & np.uint32(0x7F800000)) == np.uint32(0) else rounded
     quiet = (u & np.uint32(0xFFFF0000)) | np.uint32(0x400000)
     return quiet if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
@@ -113,18 +119,12 @@ def _pair(lo, hi):
     return _bf16(lo) | _round32(hi)
 
 
-@inline
-def _pairs_along_row(x, out, tmp):
-    """out[kk] = the pair (x[2kk], x[2kk + 1]) for a row x (K,) (a zero past an odd K), through
-    tmp (an even number >= K of uint32, a row's scratch): each value rounded in place in a
-    contiguous loop, then two neighbours joined as one 64-bit word. Both loops vectorise, where
-    reading x two by two would not."""
-    _scaled_pairs_along_row(x, np.float32(1.0), out, tmp)
-
-
-@inline
-def _scaled_pairs_along_row(x, scale, out, tmp):
-    """`_pairs_along_row` of x * scale (float32), the product made as the value is rounded."""
+def scaled_pairs_along_row(x, scale, out, tmp):
+    """out[kk] = the pair (x[2kk] * scale, x[2kk + 1] * scale) for a row x (K,) (a zero past an
+    odd K), through tmp (an even number >= K of uint32, a row's scratch): each value rounded in
+    place in a contiguous loop, then two neighbours joined as one 64-bit word. Both loops
+    vectorise, where reading x two by two would not. In jitted code a contiguous float32 row
+    goes 32 values an instruction (`_words_along`), tmp unused."""
     K = x.shape[0]
     for i in range(K):
         tmp[i] = _round32(x[i] * scale)
@@ -134,6 +134,132 @@ def _scaled_pairs_along_row(x, scale, out, tmp):
     for kk in range(out.shape[0]):
         w = both[kk]
         out[kk] = np.uint32(((w >> np.uint64(16)) & np.uint64(0xFFFF)) | ((w >> np.uint64(32)) & np.uint64(0xFFFF0000)))
+
+
+def pairs_across(x, lo, hi, out, at, n):
+    """out.flat[at + j] = the pair (x.flat[lo + j], x.flat[hi + j]) for j < n: two rows of a
+    C-contiguous float32 x into C-contiguous words. In jitted code 16 words an instruction
+    (`_words_across`) but the last n % 16."""
+    xf, of = x.reshape(-1), out.reshape(-1)
+    for j in range(n):
+        of[at + j] = _pair(xf[lo + j], xf[hi + j])
+
+
+_along_loops, _across_loops = inline(scaled_pairs_along_row), inline(pairs_across)
+
+
+@inline
+def _pairs_along_row(x, out, tmp):
+    """out[kk] = the pair (x[2kk], x[2kk + 1]) for a row x (K,): `scaled_pairs_along_row`."""
+    scaled_pairs_along_row(x, np.float32(1.0), out, tmp)
+
+
+_scaled_pairs_along_row = inline(scaled_pairs_along_row)
+
+
+if numba is not None:
+    from numba.extending import overload
+
+    from fastformer.kernels._jit import ir_loop
+    from fastformer.kernels._tiles import pointer, vector_at
+
+    _F32x16, _I32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(32), 16)
+    _I16x32, _I64 = ir.VectorType(ir.IntType(16), 32), ir.IntType(64)
+
+    def _convert(builder, lo, hi):
+        """32 bfloat16 values, lo's 16 then hi's (float32 vectors), rounded by `vcvtne2ps2bf16`
+        as round_to_bf16 rounds: <32 x i16> (LLVM 22 upgrades this form of its signature)."""
+        name = "llvm.x86.avx512bf16.cvtne2ps2bf16.512"
+        fn = builder.module.globals.get(name) or ir.Function(builder.module,
+                                                             ir.FunctionType(_I16x32, [_F32x16, _F32x16]), name)
+        return builder.call(fn, [hi, lo])
+
+    def _contiguous(*arrays):
+        return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+
+    @intrinsic
+    def _words_along(typingctx, src, s_off, dst, d_off, n, scale):
+        """dst[d_off + j] = the pair (src[s_off + 2j] * scale, src[s_off + 2j + 1] * scale) for
+        j < n, n a multiple of 16: 32 adjacent values, converted in one instruction, are 16 words
+        in memory order."""
+        if not (_contiguous(src, dst) and src.dtype == types.float32 and dst.dtype == types.uint32):
+            return None
+        sig = types.void(src, types.int64, dst, types.int64, types.int64, types.float32)
+
+        def codegen(context, builder, signature, args):
+            S = pointer(context, builder, signature.args[0], args[0], args[1])
+            D = pointer(context, builder, signature.args[2], args[2], args[3])
+            one = builder.insert_element(ir.Constant(_F32x16, None), args[5], ir.Constant(ir.IntType(32), 0))
+            factor = builder.shuffle_vector(one, ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * 16))
+
+            def step(at, _):
+                x = builder.mul(at, ir.Constant(_I64, 2))
+                lo = builder.fmul(builder.load(vector_at(builder, S, x, _F32x16), align=4), factor)
+                hi = builder.fmul(builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, 16)), _F32x16),
+                                               align=4), factor)
+                builder.store(builder.bitcast(_convert(builder, lo, hi), _I32x16), vector_at(builder, D, at, _I32x16),
+                              align=4)
+                return []
+
+            ir_loop(builder, "along", args[4], 16, [], step)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def _words_across(typingctx, src, lo_off, hi_off, dst, d_off, n):
+        """dst[d_off + j] = the pair (src[lo_off + j], src[hi_off + j]) for j < n, n a multiple of
+        16: 16 of each converted in one instruction, then interleaved."""
+        if not (_contiguous(src, dst) and src.dtype == types.float32 and dst.dtype == types.uint32):
+            return None
+        i = types.int64
+        sig = types.void(src, i, i, dst, i, i)
+        interleave = ir.Constant(ir.VectorType(ir.IntType(32), 32), [j // 2 + 16 * (j % 2) for j in range(32)])
+
+        def codegen(context, builder, signature, args):
+            L = pointer(context, builder, signature.args[0], args[0], args[1])
+            H = pointer(context, builder, signature.args[0], args[0], args[2])
+            D = pointer(context, builder, signature.args[3], args[3], args[4])
+
+            def step(at, _):
+                both = _convert(builder, builder.load(vector_at(builder, L, at, _F32x16), align=4),
+                                builder.load(vector_at(builder, H, at, _F32x16), align=4))
+                words = builder.shuffle_vector(both, ir.Constant(_I16x32, None), interleave)
+                builder.store(builder.bitcast(words, _I32x16), vector_at(builder, D, at, _I32x16), align=4)
+                return []
+
+            ir_loop(builder, "across", args[5], 16, [], step)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    # The conversion is compiled into a kernel only on the bf16 path, whose callers have checked
+    # the CPU (require_bf16); elsewhere, as under NUMBA_DISABLE_JIT, the loops above run.
+    @overload(scaled_pairs_along_row)
+    def _along_jit(x, scale, out, tmp):
+        if not (_contiguous(x, out) and x.ndim == out.ndim == 1 and x.dtype == types.float32):
+            return lambda x, scale, out, tmp: _along_loops(x, scale, out, tmp)
+
+        def in_vectors(x, scale, out, tmp):
+            K = x.shape[0]
+            n = K // 32 * 16
+            _words_along(x, 0, out, 0, n, scale)
+            for kk in range(n, out.shape[0]):
+                hi = x[2 * kk + 1] * scale if 2 * kk + 1 < K else np.float32(0.0)
+                out[kk] = _pair(x[2 * kk] * scale, hi)
+        return in_vectors
+
+    @overload(pairs_across)
+    def _across_jit(x, lo, hi, out, at, n):
+        if not (_contiguous(x, out) and x.dtype == types.float32):
+            return lambda x, lo, hi, out, at, n: _across_loops(x, lo, hi, out, at, n)
+
+        def in_vectors(x, lo, hi, out, at, n):
+            m = n // 16 * 16
+            _words_across(x, lo, hi, out, at, m)
+            if m < n:
+                _across_loops(x, lo + m, hi + m, out, at + m, n - m)
+        return in_vectors
 
 
 # B is packed in panels: out (NP, K2, W) holds, for panel p, pair kk and lane j, the two values
@@ -155,8 +281,7 @@ def _pairs_down(x, out, c, W):
         w = min(W, N - n0)
         for kk in range(k0, k1):
             if w == W and 2 * kk + 1 < K:
-                for j in range(W):
-                    out[p, kk, j] = _pair(x[2 * kk, n0 + j], x[2 * kk + 1, n0 + j])
+                pairs_across(x, 2 * kk * N + n0, (2 * kk + 1) * N + n0, out, (p * K2 + kk) * W, W)
             else:  # the last panel, or an odd K's last pair: zeros past x
                 for j in range(W):
                     lo = x[2 * kk, n0 + j] if j < w else F(0.0)
@@ -208,9 +333,13 @@ def _pack_a_rows(x, out):
     if K % 2 == 0:
         flat, words = x.reshape(M * K), out.reshape(Mp * K2)
         n = M * K2
-        for c in prange((n + FLAT_PAIRS - 1) // FLAT_PAIRS):
-            i0, i1 = c * FLAT_PAIRS, min(n, (c + 1) * FLAT_PAIRS)
-            _pairs_along_row(flat[2 * i0:2 * i1], words[i0:i1], np.empty(2 * FLAT_PAIRS, np.uint32))
+        passes = (n + FLAT_PAIRS - 1) // FLAT_PAIRS
+        P = max(1, min(passes, ROW_CHUNKS))
+        for part in prange(P):  # a scratch a part, not a pass: a pass takes well under a microsecond
+            tmp = np.empty(2 * FLAT_PAIRS, np.uint32)
+            for c in range(part * passes // P, (part + 1) * passes // P):
+                i0, i1 = c * FLAT_PAIRS, min(n, (c + 1) * FLAT_PAIRS)
+                _pairs_along_row(flat[2 * i0:2 * i1], words[i0:i1], tmp)
         for i in range(n, Mp * K2):
             words[i] = 0
         return
