@@ -67,6 +67,35 @@ def test_kernel_matches_the_reference(M, K, N, ta, tb):
 
 
 @needs_bf16
+@pytest.mark.parametrize("M,K,N", [(1, 2, 1), (63, 33, 40), (130, 64, 97), (200, 129, 33)])
+@pytest.mark.parametrize("layout", ["plain", "rows apart"])
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+def test_a_row_major_a_is_packed_by_the_tasks_that_multiply_it(monkeypatch, M, K, N, layout, threads):
+    """A row-major A is not packed whole: each task of the GEMM packs its 64 rows itself into the
+    words pack_a makes, so the bits are those of the product of pack_a's A, across the blocks' and
+    tiles' edges, with a bias and accumulation."""
+    if threads == "parallel":
+        monkeypatch.setattr(G, "PARALLEL_WORK", 0)
+    rng = np.random.default_rng(M + K + N)
+    a = rng.standard_normal((M, K + (3 if layout == "rows apart" else 0))).astype(np.float32)[:, :K]
+    b, bias, before = (rng.standard_normal(s).astype(np.float32) for s in ((K, N), (N,), (M, N)))
+    want = before.copy()
+    G.matmul_bf16(G.pack_a(a), b, out=want, bias=bias, accumulate=True)
+
+    def whole(a):
+        raise AssertionError("the GEMM packed A whole")
+
+    monkeypatch.setattr(G, "pack_a", whole)
+    got = before.copy()
+    G.matmul_bf16(a, b, out=got, bias=bias, accumulate=True)
+    np.testing.assert_array_equal(got, want)
+    reference = before + G.matmul_bf16_reference(a, b) + bias
+    bound = 4 * (K + 2) * np.finfo(np.float32).eps * (np.abs(before) + np.abs(G.round_to_bf16(a)) @
+                                                       np.abs(G.round_to_bf16(b)) + np.abs(bias))
+    assert (np.abs(got - reference) <= bound).all()
+
+
+@needs_bf16
 def test_bias_accumulate_read_only_and_packed_operands():
     rng = np.random.default_rng(2)
     a, b, bias = (rng.standard_normal(s).astype(np.float32) for s in ((40, 70), (70, 50), (50,)))

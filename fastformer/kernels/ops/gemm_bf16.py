@@ -11,7 +11,9 @@ holds k = 2kk and 2kk + 1 (low half first, as the instruction pairs them). B is 
 when it is a transposed view (the x.T of a weight gradient), in panels of 16 rows as B's, so
 that both packers read and write memory in order. Padding is zeros, so every tile is full and
 only its store is cut to C. The packers read any strides, so A @ B, A @ B.T and A.T @ B are all
-a packing away, and a packed operand can serve many products (`pack_b`). A linear layer's output
+a packing away, and a packed operand can serve many products (`pack_b`). A row-major A handed to
+`matmul_bf16` unpacked is packed by the GEMM's own tasks, each its 64 rows into a scratch that
+stays in its core's cache (`_gemm_rows`): A is read from memory once. A linear layer's output
 gradient is both the B of its weight gradient and the A of its input gradient: `pack_a_and_b`
 makes both (and the bias gradient, its column sums) in one pass over it.
 
@@ -385,9 +387,10 @@ def _pack_both(d, b_panels, a_rows, sums_part):
 
 # ------------------------------------------------------------------ the GEMM
 @inline
-def _gemm_task(ap, ars, aks, bp, c, M, N, bias, accumulate, rb, acc):
-    """Rows 64 rb .. 64 rb + 63 of c = A @ B + bias (or c += that), over every panel of B; acc is
-    an (8, 32) float32 scratch for the tiles that c cuts.
+def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
+    """Rows 64 rb .. 64 rb + 63 of c = A @ B + bias (or c += that), over every panel of B, ap
+    holding A's rows from a_row0 (a multiple of 16) on; acc is an (8, 32) float32 scratch for the
+    tiles that c cuts.
 
     A whole tile asks for the next one's lines of c before it multiplies (`prefetch_tile`):
     without that a tile's stores wait on memory, which cost 1.2x at K = 256 (a tile's whole
@@ -407,7 +410,7 @@ def _gemm_task(ap, ars, aks, bp, c, M, N, bias, accumulate, rb, acc):
         for t in range(t0, t1):
             m0 = t * TILE_M
             h = min(TILE_M, M - m0)
-            a_off = m0 // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
+            a_off = (m0 - a_row0) // A_PANEL * A_PANEL * K2 + m0 % A_PANEL * ars  # the tile's first row
             if direct and h == TILE_M and w == TILE_N:
                 if t + 1 < t1 and m0 + 2 * TILE_M <= M:  # the next tile: 8 rows down, or the next panel's first
                     prefetch_tile(c, (m0 + TILE_M) * ldc + n0, ldc)
@@ -435,7 +438,27 @@ def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
     64 rows side by side on the threads, each over every panel of B; a tile that c holds whole has
     its epilogue in registers (when c's columns are adjacent)."""
     for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
-        _gemm_task(ap, ars, aks, bp, c, M, N, bias, accumulate, rb, np.empty((TILE_M, TILE_N), np.float32))
+        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, accumulate, rb, np.empty((TILE_M, TILE_N), np.float32))
+
+
+@kernel("void(R[:, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)", serial_twin=True,
+        floats=("float32",))
+def _gemm_rows(a, bp, c, M, N, bias, accumulate):
+    """`_gemm` of a row-major A (M, K) that each task packs itself: its 64 rows into a scratch that
+    stays in its core's cache while it sweeps B's panels. A is read from memory once, where
+    packing all of it first writes its words to memory and reads them back."""
+    K2 = bp.shape[1]
+    for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
+        m0 = rb * BLOCK_M
+        words = np.empty((BLOCK_M, K2), np.uint32)
+        tmp = np.empty(2 * K2, np.uint32)
+        for r in range(BLOCK_M):
+            if m0 + r < M:
+                _pairs_along_row(a[m0 + r], words[r], tmp)
+            else:  # rows past M: read by the last tile, never stored
+                words[r] = 0
+        _gemm_task(words.reshape(BLOCK_M * K2), K2, 1, m0, bp, c, M, N, bias, accumulate, rb,
+                   np.empty((TILE_M, TILE_N), np.float32))
 
 
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, ::1], int64, int64, R[::1], F[:, ::1], boolean)",
@@ -445,7 +468,7 @@ def _gemm_gelu(ap, ars, aks, bp, c, M, N, bias, g, exact):
     task's rows once it has made them, while they are still in its core's cache (after its whole
     rows, not tile by tile: a GELU per tile slows the tiles' loop)."""
     for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
-        _gemm_task(ap, ars, aks, bp, c, M, N, bias, False, rb, np.empty((TILE_M, TILE_N), np.float32))
+        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, False, rb, np.empty((TILE_M, TILE_N), np.float32))
         for m in range(rb * BLOCK_M, min(M, rb * BLOCK_M + BLOCK_M)):
             for n in range(N):
                 g[m, n] = _gelu(c[m, n], exact)
@@ -562,9 +585,14 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
         if gelu_out is not None:
             gelu_out[...] = gelu_forward(None, out, None, approximate)[0]
         return out
-    words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     bias = np.zeros(N, np.float32) if bias is None else bias
     work = 2 * M * N * K // 64
+    if gelu_out is None and not isinstance(a, PackedA) and a.strides[1] == 4 and a.strides[0] % 4 == 0:
+        if not a.flags.c_contiguous:  # rows apart: a contiguous copy of the rows
+            a = np.ascontiguousarray(a)
+        sized(_gemm_rows, work, PARALLEL_WORK)(a, packed.panels, out, M, N, bias, accumulate)
+        return out
+    words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     if gelu_out is None:
         sized(_gemm, work, PARALLEL_WORK)(words, ars, aks, packed.panels, out, M, N, bias, accumulate)
     else:
