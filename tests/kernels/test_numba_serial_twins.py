@@ -38,13 +38,13 @@ def test_every_twin_matches_its_parallel_kernel(monkeypatch):
 
     assert set(K._SERIAL) == {"_layernorm_fwd", "_residual_layernorm_fwd", "_gelu_fwd", "_embedding_fwd",
                               "_attention_fwd", "_attention_fwd_tiles", "_attention_fwd_bf16", "_relu_fwd",
-                              "_cross_entropy_fwd_inplace", "_gemm", "_gemm_gelu", "_pack_rows", "_pack_cols",
-                              "_pack_a_rows", "_pack_both", "_sample_rows"}
+                              "_cross_entropy_fwd_inplace", "_gemm", "_gemm_rows", "_gemm_gelu", "_pack_rows",
+                              "_pack_cols", "_pack_a_rows", "_pack_both", "_sample_rows"}
     # not among the float32 calls below: the fused LM head's threads call K.serial themselves; the bf16
     # GEMM and its packers pick through K.sized with their own threshold; sampling has its own test;
     # the bfloat16 attention is not compiled on a CPU without the instructions
-    direct = {"_cross_entropy_fwd_inplace", "_gemm", "_gemm_gelu", "_pack_rows", "_pack_cols", "_pack_a_rows",
-              "_pack_both", "_sample_rows"} | (set() if cpu_has_bf16() else {"_attention_fwd_bf16"})
+    direct = {"_cross_entropy_fwd_inplace", "_gemm", "_gemm_rows", "_gemm_gelu", "_pack_rows", "_pack_cols",
+              "_pack_a_rows", "_pack_both", "_sample_rows"} | (set() if cpu_has_bf16() else {"_attention_fwd_bf16"})
     picked = []  # the kernel of each call: the two runs must really take different paths
     sized = K.sized
     for module in SIZED_CALLERS:

@@ -156,7 +156,10 @@ def _pairs_along_row(x, out, tmp):
     scaled_pairs_along_row(x, np.float32(1.0), out, tmp)
 
 
-_scaled_pairs_along_row = inline(scaled_pairs_along_row)
+@inline
+def _scaled_pairs_along_row(x, scale, out, tmp):
+    """`scaled_pairs_along_row`, for the kernels (in 16-lane vectors where it can)."""
+    scaled_pairs_along_row(x, scale, out, tmp)
 
 
 if numba is not None:
@@ -493,12 +496,17 @@ class PackedA(NamedTuple):
     K: int
 
 
+def _transposed(x):
+    """Whether x is the transpose of a C-contiguous array (and not C-contiguous itself)."""
+    return x.T.flags.c_contiguous and not x.flags.c_contiguous
+
+
 def pack_b(b):
     """B (K, N) float32, any strides (a transposed view included), packed into panels."""
     require_bf16()
     K, N = b.shape
     panels = np.empty(((N + TILE_N - 1) // TILE_N, (K + 1) // 2, TILE_N), np.uint32)
-    if b.T.flags.c_contiguous and not b.flags.c_contiguous:
+    if _transposed(b):
         sized(_pack_cols, b.size, PACK_PARALLEL)(b.T, panels)
     else:
         sized(_pack_rows, b.size, PACK_PARALLEL)(np.ascontiguousarray(b), panels)
@@ -510,7 +518,7 @@ def pack_a(a):
     by row (rows padded with zeros to a multiple of 16)."""
     M, K = a.shape
     K2, Mp = (K + 1) // 2, (M + A_PANEL - 1) // A_PANEL * A_PANEL
-    if a.T.flags.c_contiguous and not a.flags.c_contiguous:
+    if _transposed(a):
         panels = np.empty((Mp // A_PANEL, K2, A_PANEL), np.uint32)
         sized(_pack_rows, a.size, PACK_PARALLEL)(a.T, panels)
         return PackedA(panels.reshape(-1), 1, A_PANEL, M, K)
@@ -587,10 +595,8 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
         return out
     bias = np.zeros(N, np.float32) if bias is None else bias
     work = 2 * M * N * K // 64
-    if gelu_out is None and not isinstance(a, PackedA) and a.strides[1] == 4 and a.strides[0] % 4 == 0:
-        if not a.flags.c_contiguous:  # rows apart: a contiguous copy of the rows
-            a = np.ascontiguousarray(a)
-        sized(_gemm_rows, work, PARALLEL_WORK)(a, packed.panels, out, M, N, bias, accumulate)
+    if gelu_out is None and not isinstance(a, PackedA) and not _transposed(a):  # packed by the GEMM's tasks
+        sized(_gemm_rows, work, PARALLEL_WORK)(np.ascontiguousarray(a), packed.panels, out, M, N, bias, accumulate)
         return out
     words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     if gelu_out is None:
