@@ -328,6 +328,15 @@ def _pack_cols(x, out):
 FLAT_PAIRS = 2048  # pairs a pass of the packer makes when an even K lets it read x as one long row
 
 
+@inline
+def _long_row(flat, i0, i1, words, tmp):
+    """words[i - i0] = the pair (flat[2i], flat[2i + 1]) for i0 <= i < i1: rows of an even K read
+    as one long row, in passes of FLAT_PAIRS (tmp, >= 2 FLAT_PAIRS uint32, serves the loops' form)."""
+    for p0 in range(i0, i1, FLAT_PAIRS):
+        p1 = min(i1, p0 + FLAT_PAIRS)
+        _pairs_along_row(flat[2 * p0:2 * p1], words[p0 - i0:p1 - i0], tmp)
+
+
 @kernel("void(R[:, ::1], uint32[:, ::1])", serial_twin=True, floats=("float32",))
 def _pack_a_rows(x, out):
     """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero.
@@ -341,10 +350,8 @@ def _pack_a_rows(x, out):
         passes = (n + FLAT_PAIRS - 1) // FLAT_PAIRS
         P = max(1, min(passes, ROW_CHUNKS))
         for part in prange(P):  # a scratch a part, not a pass: a pass takes well under a microsecond
-            tmp = np.empty(2 * FLAT_PAIRS, np.uint32)
-            for c in range(part * passes // P, (part + 1) * passes // P):
-                i0, i1 = c * FLAT_PAIRS, min(n, (c + 1) * FLAT_PAIRS)
-                _pairs_along_row(flat[2 * i0:2 * i1], words[i0:i1], tmp)
+            i0, i1 = part * passes // P * FLAT_PAIRS, min(n, (part + 1) * passes // P * FLAT_PAIRS)
+            _long_row(flat, i0, i1, words[i0:i1], np.empty(2 * FLAT_PAIRS, np.uint32))
         for i in range(n, Mp * K2):
             words[i] = 0
         return
@@ -459,10 +466,7 @@ def _gemm_rows(a, bp, c, M, N, bias, accumulate):
         words = np.empty((BLOCK_M, K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
         if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row cost 6% at K = 64
-            w = words.reshape(BLOCK_M * K2)
-            for i0 in range(0, rows * K2, FLAT_PAIRS):
-                i1 = min(rows * K2, i0 + FLAT_PAIRS)
-                _pairs_along_row(flat[2 * (m0 * K2 + i0):2 * (m0 * K2 + i1)], w[i0:i1], tmp)
+            _long_row(flat, m0 * K2, (m0 + rows) * K2, words.reshape(BLOCK_M * K2), tmp)
         else:
             for r in range(rows):
                 _pairs_along_row(a[m0 + r], words[r], tmp)
