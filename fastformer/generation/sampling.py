@@ -129,7 +129,7 @@ GREEDY_CHUNK, GREEDY_SECONDS = 256, 0.02
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None):
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None):
     """Yield the next ids (N,) of every row for up to `n_steps` steps.
 
     `logits` (N, V) are the first step's (what the prompt or <bos> gave); `step(ids (N,))`
@@ -145,10 +145,13 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     takes at most, for the first chunk (the prompt's time: a token costs no more than the prompt
     that ran the whole model before it, though a long prompt composed on every BLAS thread can run
     faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
-    the first chunk is one token.
+    the first chunk is one token. `sampled_steps(ids, n, done)`, likewise, makes up to n tokens
+    drawn at temperature > 0 with top_k (no top_p, penalty or id_limit), taking their draws from
+    rng as this loop would: (tokens (N, m), None or the logits after them when no token can be
+    drawn from those), or None.
     """
     yield from _one_by_one(sample_blocks(step, logits, n_steps, temperature, top_k, top_p, rng, eos_id,
-                                         repetition_penalty, seen, id_limit, greedy_steps, pace))
+                                         repetition_penalty, seen, id_limit, greedy_steps, pace, sampled_steps))
 
 
 def _one_by_one(blocks):
@@ -159,39 +162,47 @@ def _one_by_one(blocks):
 
 
 def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None):
-    """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps
-    chunk's whole, each other step alone. For `generate`, which keeps them all: a token
-    handed out alone cost about 1 us of Python, a twentieth of a tiny model's token."""
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None):
+    """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps or
+    sampled_steps chunk's whole, each other step alone. For `generate`, which keeps them all: a
+    token handed out alone cost about 1 us of Python, a twentieth of a tiny model's token."""
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
     done = np.zeros(N, dtype=bool)
     rows = np.arange(N)
+    plain = repetition_penalty is None and (id_limit is None or id_limit >= V)
     # plain greedy: the argmax is the only pass over the logits (the NaN check reads the chosen ones)
-    plain_greedy = temperature == 0 and repetition_penalty is None and (id_limit is None or id_limit >= V)
+    plain_greedy = temperature == 0 and plain
+    # several steps a call: plain greedy, or plain draws without top-p
+    several = greedy_steps if plain_greedy else sampled_steps if plain and top_p is None else None
     nxt = None
+    stuck = None  # the logits a sampled_steps call stopped at: this loop refuses them
     i = 0  # tokens yielded
-    chunk = 1 if pace is None else _chunk(pace)  # of greedy_steps' next call
+    chunk = 1 if pace is None else _chunk(pace)  # of the next call of `several`
     while i < n_steps:
-        if i and plain_greedy and greedy_steps is not None:
+        if i and several is not None and stuck is None:
             began = time.perf_counter()
-            made = greedy_steps(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
-            if made is not None and made[0].shape[1]:
-                tokens, nan = made
+            made = several(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
+            if made is not None and (made[0].shape[1] or not plain_greedy):
+                tokens, last = made  # last: greedy, whether the last choice was NaN; sampled, the stuck logits
                 m = tokens.shape[1]
-                chunk = _chunk((time.perf_counter() - began) / m)
-                if nan:  # the tokens before the NaN's, then the refusal
+                ran = m + (not plain_greedy and last is not None)
+                chunk = _chunk((time.perf_counter() - began) / ran)
+                if plain_greedy and last:  # the tokens before the NaN's, then the refusal
                     if m > 1:
                         yield tokens[:, :m - 1]
                     _refuse_nan(i + m)
-                nxt = tokens[:, m - 1].copy()
-                i += m
-                yield tokens
+                if not plain_greedy:
+                    stuck = last
+                if m:
+                    nxt = tokens[:, m - 1].copy()
+                    i += m
+                    yield tokens
                 if eos_id is not None and done.all():
                     return
                 continue
         if i:
-            logits = step(nxt)
+            logits = step(nxt) if stuck is None else stuck
         if plain_greedy:
             nxt = np.argmax(logits, axis=-1).astype(np.int64, copy=False)  # (N,); a NaN row: its first NaN
             nan = np.isnan(logits[rows, nxt]).any()
@@ -265,11 +276,13 @@ def _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p
     state = model.init_state(B, use_cache=use_cache)
     began = time.perf_counter()
     logits = model.step(ids, state, attention_mask=mask, validate=False, last=True)[:, -1]  # (B, V): the prompt
-    yield from sample_blocks(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p,
-                             seeds.sampling_stream(seed) if temperature else None, eos_id, repetition_penalty,
-                             seen, id_limit,
+    rng = seeds.sampling_stream(seed) if temperature else None
+    yield from sample_blocks(lm_step_fn(model, state), logits, max_new_tokens, temperature, top_k, top_p, rng, eos_id,
+                             repetition_penalty, seen, id_limit,
                              lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id),
-                             pace=time.perf_counter() - began)
+                             pace=time.perf_counter() - began,
+                             sampled_steps=lambda ids, n, done: model.sampled_steps(ids, state, n, rng, temperature,
+                                                                                    top_k, done, eos_id))
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):

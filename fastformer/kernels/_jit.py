@@ -278,6 +278,13 @@ def exp(x):
     return math.exp(x)
 
 
+def exp_nonpositive64(x):
+    """exp(x) of a float64 x <= 0 (or -inf) in a kernel, within about 1 ulp of libm's (not its bits):
+    a polynomial that vectorises, where libm's exp is a scalar call (3.4 ns an element here). As
+    `exp`, this plain function runs without the JIT."""
+    return math.exp(x)
+
+
 if numba is None:
     def inline(fn):
         return fn
@@ -346,6 +353,44 @@ else:
     @overload(exp, inline="always")
     def _exp_overload(x):
         return _exp_f32 if x == types.float32 else (lambda x: math.exp(x))
+
+    @intrinsic
+    def int64_bits_as_float64(typingctx, i):
+        """Reinterpret the 64 bits of an int64 as a float64 (builds 2**k from its exponent bits)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+
+        return types.float64(types.int64), codegen
+
+    def _exp_f64(x):
+        # exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2 (ln 2 in two parts, the first
+        # exact times any k here); exp(r) by its Taylor series to r**13 (the remainder is below
+        # 1e-17 of it); 2**k as two factors, each a normal float64 down to the subnormal results.
+        # x below -746 (-inf too) gives 0.
+        xc = max(x, -746.0)
+        k = np.floor(xc * 1.4426950408889634 + 0.5)
+        r = (xc - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        ki = np.int64(k)
+        half = ki >> 1
+        return (p * int64_bits_as_float64((half + 1023) << 52)) * int64_bits_as_float64((ki - half + 1023) << 52)
+
+    @overload(exp_nonpositive64, inline="always")
+    def _exp_nonpositive64_overload(x):
+        return _exp_f64
 
 
 def lanes_max(x, n):

@@ -65,6 +65,7 @@ class NumpyOps:
     adamw_update = adamw.adamw_update
     gpt2_decode_step = gpt2_decode.gpt2_decode_step
     gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy
+    gpt2_decode_sampled = gpt2_decode.gpt2_decode_sampled
     gpt2_decode_prompt = gpt2_decode.gpt2_decode_prompt
     quantize_weight = quantized.quantize_weight
     linear_quantized = quantized.linear_quantized
@@ -113,6 +114,7 @@ class NumbaOps(NumpyOps):
     adamw_update = adamw.adamw_update_numba
     gpt2_decode_step = gpt2_decode.gpt2_decode_step_numba
     gpt2_decode_greedy = gpt2_decode.gpt2_decode_greedy_numba
+    gpt2_decode_sampled = gpt2_decode.gpt2_decode_sampled_numba
     gpt2_decode_prompt = gpt2_decode.gpt2_decode_prompt_numba
     linear_quantized = quantized.linear_quantized_numba
     require_weight_format = quantized.require_weight_format_numba

@@ -240,20 +240,41 @@ class TransformerLM(FlatModel):
         (ops.gpt2_decode_greedy), where the step would be "fused" and the window has room;
         rows in `done` (updated in place) get eos_id. Returns (tokens (B, m), whether the last
         column's choice was NaN), or None where this path does not run: the caller steps instead."""
+        def run(*cache, n):
+            tokens, nan = get_ops().gpt2_decode_greedy(*cache, n, eos_id, done)
+            return tokens, nan, tokens.shape[1]  # the NaN's step is among them
+        return self._fused_steps(ids, state, n, run)
+
+    def sampled_steps(self, ids, state, n, rng, temperature, top_k=None, done=None, eos_id=None):
+        """As greedy_steps, each token drawn from the logits at `temperature` (> 0) with top_k
+        (ops.gpt2_decode_sampled): the uniform draws of the m <= n steps are rng.random((m, B)),
+        the stream that m calls of rng.random(B) give. Returns (tokens (B, m), stuck): stuck None,
+        or the logits (B, V) after the last token, which cannot be drawn from (the caller refuses
+        them); None where this path does not run (no draw taken)."""
+        def run(*cache, n):
+            tokens, stuck = get_ops().gpt2_decode_sampled(*cache, rng.random((n, ids.shape[0])), temperature, top_k,
+                                                          eos_id, done)
+            return tokens, stuck, tokens.shape[1] + (stuck is not None)  # a stuck step was run too
+        return self._fused_steps(ids, state, n, run)
+
+    def _fused_steps(self, ids, state, n, run):
+        """run(weights, ids, positions, k, v, padding, start, n=n) over the state for up to n new
+        tokens -- (tokens (B, m), what else, the steps it ran) -- the state then advanced past the
+        tokens it fed; (tokens, what else), or None (nothing run) where the step would not be
+        "fused" or the window is full."""
         B = ids.shape[0]
         n = min(n, self.config.max_seq_len - state.length)
         if n < 1 or self.decode_path(B, 1, state) != "fused":
             return None
         start = state.length
         state.padding[:, start:start + n] = False  # the new tokens' positions
-        tokens, nan = get_ops().gpt2_decode_greedy(self.packed_weights(), ids, state.next_position, state.k, state.v,
-                                                   state.padding, start, n, eos_id, done)
-        m = tokens.shape[1]  # steps made: ids and every chosen token but the last were fed
-        state.tokens[:, start] = ids
-        state.tokens[:, start + 1:start + m] = tokens[:, :m - 1]
-        state.length += m
-        state.next_position += m
-        return tokens, nan
+        tokens, other, ran = run(self.packed_weights(), ids, state.next_position, state.k, state.v, state.padding,
+                                 start, n=n)
+        state.tokens[:, start] = ids  # each step ran fed ids, then the tokens chosen before it
+        state.tokens[:, start + 1:start + ran] = tokens[:, :ran - 1]
+        state.length += ran
+        state.next_position += ran
+        return tokens, other
 
     def decode_path(self, B, T, state, last=False):
         """How `step` runs T new tokens in each of B rows over `state` (`last`: only the last
@@ -375,5 +396,8 @@ class TransformerLM(FlatModel):
 
         config, state = read_hf(path, dtype)
         model = cls(config, seed=seed, dtype=dtype)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except FastformerError as e:  # e.g. a config.json whose n_inner was lost: 4 n_embd, not the weights' size
+            raise FastformerError(f"{path}: model.safetensors does not fit config.json: {e}") from None
         return model

@@ -95,3 +95,45 @@ def test_the_serial_and_the_parallel_kernel_agree(monkeypatch):
 def test_bad_input_is_refused_in_one_line(ops, call, message):
     with pytest.raises(FastformerError, match=message):
         call(ops)
+
+
+@pytest.mark.parametrize("V", [4096, 50257, 33])
+def test_wide_rows_with_ties_and_masks_draw_the_references_ids(V):
+    """Rows of a real vocabulary's width (not a multiple of the kernel's 16-id blocks): the k-th
+    largest found through the blocks' maxima, at every k from 1 past the number of blocks to V,
+    with ties across blocks and masked ids, draws the reference's ids."""
+    rng = np.random.default_rng(V)
+    logits = np.round(rng.standard_normal((3, V)) * 4).astype(np.float32)  # few values: ties everywhere
+    logits[0, rng.random(V) < 0.5] = -np.inf
+    logits[2, :V // 2] = logits[2].max()  # the largest logit in every block of the first half
+    u = np.array([0.0, 0.37, np.nextafter(1.0, 0.0)])
+    blocks = -(-V // sampling.BLOCK)
+    for k in (1, 2, 50, blocks - 1, blocks, blocks + 1, V - 1, V, None):
+        np.testing.assert_array_equal(NUMBA.sample_ids(logits, u, 0.8, k), REF.sample_ids(logits, u, 0.8, k),
+                                      err_msg=f"top_k {k}")
+
+
+def test_the_kernels_float64_exp_is_within_an_ulp_of_libms():
+    """exp_nonpositive64 (the draw's exp over the kept ids): within 1 ulp of libm's exp from 0 down
+    to the subnormal results, exactly 1 at 0 and exactly 0 at -inf."""
+    pytest.importorskip("numba")
+    import numba
+
+    from fastformer.kernels._jit import exp_nonpositive64
+
+    @numba.njit
+    def run(x, out):
+        for i in range(x.size):
+            out[i] = exp_nonpositive64(x[i])
+
+    rng = np.random.default_rng(0)
+    x = -np.concatenate([rng.random(100_000) * 708, np.linspace(0, 745, 20_001), rng.random(1000) * 1e-8,
+                         [0.0, np.inf, 1000.0, 746.0]])
+    got = np.empty_like(x)
+    run(x, got)
+    want = np.exp(x)
+    normal = want >= np.finfo(np.float64).tiny
+    ulps = np.abs(got - want)[normal] / np.spacing(want[normal])
+    assert ulps.max() <= 1.0, f"{ulps.max()} ulp at exp({x[normal][np.argmax(ulps)]})"
+    np.testing.assert_allclose(got[~normal], want[~normal], rtol=0, atol=2 * np.finfo(np.float64).smallest_subnormal)
+    assert got[-4:].tolist() == [1.0, 0.0, 0.0, 0.0]

@@ -29,7 +29,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int, is_int
+from fastformer.errors import FastformerError, check_int, check_number, is_int
 from fastformer.kernels._jit import compile_float64, function, inline, jit_writable, kernel, numba, row_max
 from fastformer.kernels._sync import (
     MAX_CHUNKS,
@@ -60,6 +60,7 @@ from fastformer.kernels.ops.quantized import (
     require_format,
     words_per_row,
 )
+from fastformer.kernels.ops.sampling import samplable, sample_row
 from fastformer.kernels.tasks import run_tasks, task_threads
 
 if numba is not None:
@@ -333,6 +334,48 @@ def gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, 
         if nan or (eos >= 0 and done.all()):
             return tokens[:, :i + 1], nan
     return tokens, False
+
+
+def check_sampled(u, temperature, top_k, B, V):
+    """(u (n, B) float64, temperature, top_k <= V) of gpt2_decode_sampled, checked."""
+    u = np.asarray(u)
+    if u.ndim != 2 or u.shape[1] != B or u.dtype.kind not in "fiu":
+        raise FastformerError(f"u must be a float array of one uniform draw per step and row, shape (steps, {B}), got "
+                              f"{describe(u)}")
+    u = np.ascontiguousarray(u, dtype=np.float64)
+    if not ((u >= 0) & (u < 1)).all():  # NaN fails both
+        raise FastformerError(f"u must hold uniform draws in [0, 1), got {float(u[~((u >= 0) & (u < 1))][0])}")
+    check_number("temperature", temperature, 0, low_open=True, finite=True)
+    top_k = V if top_k is None else min(check_int("top_k", top_k), V)
+    return u, float(temperature), top_k
+
+
+def gpt2_decode_sampled(ops, weights, ids, positions, k_cache, v_cache, padding, start, u, temperature, top_k=None,
+                        eos_id=None, done=None, eps=1e-5):
+    """Up to n sampled tokens per row, u (n, B) their uniform draws: gpt2_decode_step at start,
+    start + 1, ... as in gpt2_decode_greedy, each step's row r drawn by ops.sample_ids with
+    u[i, r], `temperature` and `top_k` (top-p is the caller's: it sorts) and fed back as the next
+    id; `eos_id` and `done` as in gpt2_decode_greedy. Returns (tokens (B, m) int64, stuck): stuck
+    is None, or the logits (B, V) of step m + 1 when some row of them cannot be drawn from (a NaN,
+    +inf, or every id -inf, which sample_ids refuses): the steps stop there, nothing chosen, and
+    the caller refuses them."""
+    _, _, ids, positions, _, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache, padding, start, eps)
+    u, temperature, top_k = check_sampled(u, temperature, top_k, ids.shape[0], int(weights.vocab_size))
+    n_steps, eos, done = check_greedy(ids, u.shape[0], eos_id, done, int(weights.vocab_size), positions, start,
+                                      k_cache.shape[3])
+    tokens = np.zeros((ids.shape[0], n_steps), np.int64)
+    for i in range(n_steps):
+        logits = ops.gpt2_decode_step(weights, ids, positions + i, k_cache, v_cache, padding, start + i, eps)
+        if not np.isfinite(logits.max(axis=1)).all():  # NaN (max keeps it), +inf, or a row all -inf
+            return tokens[:, :i], logits
+        nxt = ops.sample_ids(logits, u[i], temperature, top_k)
+        if eos >= 0:
+            nxt[done] = eos
+            done |= nxt == eos
+        tokens[:, i] = ids = nxt
+        if eos >= 0 and done.all():
+            return tokens[:, :i + 1], None
+    return tokens, None
 
 
 def check_prompt(weights, ids, positions, k_cache, v_cache, padding, start, eps):
@@ -764,21 +807,27 @@ _GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1
                "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, int64, boolean[::1], "
                "F[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], "
                "readonly(int64)[:, ::1], int64[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[:, ::1], "
-               "int64[:, ::1], int64[::1], int64, int64)")
+               "int64[:, ::1], readonly(float64)[:, ::1], float64, int64, int64[::1], int64, int64)")
 
 
 def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, eos, done, logits, words,
-                        scales, corrections, qoff, tokens, x, qkv, a, f, best, status, sync, part, parts):
-    """gpt2_decode_greedy's steps in one call, as part `part` of `parts`: each a `_step_loops` step
-    into logits (B, V) whose head chunks leave their argmax in best (B, MAX_CHUNKS), then one
-    chunk choosing every row's token and embedding it for the next step. tokens (B, n) receives
-    them, cur and pos (B,) the ids and positions fed (updated as the steps go), status (n, 2)
-    whether step i's choice was NaN and whether every row is then done; returns the steps made,
-    negated when the last one chose a NaN."""
+                        scales, corrections, qoff, tokens, x, qkv, a, f, best, status, u, temperature, top_k, sync,
+                        part, parts):
+    """gpt2_decode_greedy's (or gpt2_decode_sampled's) steps in one call, as part `part` of
+    `parts`: each a `_step_loops` step into logits (B, V), then one chunk choosing every row's
+    token and embedding it for the next step. Greedy (temperature 0): the head chunks leave their
+    argmax in best (B, MAX_CHUNKS), and the choice takes the largest of them; sampled: best is
+    (B, 0), and row r of step i draws with u[i, r] (sample_row, top_k <= V). tokens (B, n)
+    receives the ids, cur and pos (B,) the ids and positions fed (updated as the steps go),
+    status (n, 2) whether step i could not choose (greedy: a NaN chosen; sampled: a row that
+    cannot be drawn from, nothing chosen) and whether every row is then done; returns the steps
+    made, negated when the last one could not choose."""
     B, n = tokens.shape
     L, V = kc.shape[0], logits.shape[1]
     h, o, p, au8, aw, sx, acc_i, acc_f = _scratch(B, x.shape[1], d_ff, kc.shape[3], flat.dtype)
     chunks = stage_chunks((V + GROUP_N - 1) // GROUP_N, parts)  # of the head
+    sampled = temperature > 0.0
+    z, kept, heap = np.empty(V if sampled else 0), np.empty(V if sampled else 0, np.int64), np.empty(top_k)
     s = np.int64(0)
     for i in range(n):
         s = _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
@@ -787,16 +836,25 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
         if claim(sync, s, 0, parts):  # every row's choice, and the next step's embedding: one chunk
             nan = False
             all_done = True
+            stuck = False  # sampled: as sample_inputs, a row that cannot be drawn from stops the steps unchosen
+            if sampled:
+                for r in range(B):
+                    stuck = stuck or not samplable(logits[r])
             for r in range(B):
-                pick = best[r, 0]  # np.argmax over the chunks' own: the first maximum, or the first NaN
-                for c in range(chunks):
-                    b = best[r, c]
-                    if np.isnan(logits[r, b]):
-                        pick = b
-                        break
-                    if logits[r, b] > logits[r, pick]:
-                        pick = b
-                nan = nan or np.isnan(logits[r, pick])
+                if stuck:
+                    break
+                if sampled:
+                    pick = sample_row(logits[r], u[i, r], temperature, top_k, z, kept, heap)
+                else:
+                    pick = best[r, 0]  # np.argmax over the chunks' own: the first maximum, or the first NaN
+                    for c in range(chunks):
+                        b = best[r, c]
+                        if np.isnan(logits[r, b]):
+                            pick = b
+                            break
+                        if logits[r, b] > logits[r, pick]:
+                            pick = b
+                    nan = nan or np.isnan(logits[r, pick])
                 if eos >= 0:
                     if done[r]:
                         pick = eos
@@ -805,9 +863,9 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
                 tokens[r, i] = pick
                 cur[r] = pick
                 pos[r] += 1
-            status[i, 0] = 1 if nan else 0
-            status[i, 1] = 1 if eos >= 0 and all_done else 0
-            if i + 1 < n and not nan and status[i, 1] == 0:
+            status[i, 0] = 1 if nan or stuck else 0
+            status[i, 1] = 1 if eos >= 0 and all_done and not stuck else 0
+            if i + 1 < n and status[i, 0] == 0 and status[i, 1] == 0:
                 _embed(flat, offsets, cur, pos, x, L, V, kc.shape[3])
             finish(sync, s, parts)
         wait_stage(sync, s, 1, parts)
@@ -910,32 +968,67 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
     return logits
 
 
-def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id=None,
-                             done=None, eps=1e-5):
-    """As the reference, every step in one kernel call: at batch 1 the Python around a step costs
-    more than the step's arithmetic on the small presets. Rows that the step would split across
-    the task pool take the reference's loop over steps instead."""
+def _steps_numba(weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id, done, eps, u,
+                 temperature, top_k):
+    """The greedy kernel's call for gpt2_decode_greedy_numba (u None) and gpt2_decode_sampled_numba:
+    (tokens (B, n_steps), the kernel's return, the last step's logits), or None where the reference
+    runs instead: rows that the step would split across the task pool take its loop over steps."""
     flat, offsets, ids, positions, padding, _ = check_gpt2_decode(weights, ids, positions, k_cache, v_cache,
                                                                   padding, start, eps)
-    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done, int(weights.vocab_size), positions, start,
-                                      k_cache.shape[3])
+    B, V = ids.shape[0], int(weights.vocab_size)
+    if u is not None:
+        u, temperature, top_k = check_sampled(u, temperature, top_k, B, V)
+        n_steps = u.shape[0]
+    n_steps, eos, done = check_greedy(ids, n_steps, eos_id, done, V, positions, start, k_cache.shape[3])
     fmt, words, scales, corrections, qoff = _format_buffers(weights, offsets)
-    B = ids.shape[0]
     if (not jit_writable(k_cache, v_cache) or (fmt is not None and flat.dtype != np.float32)
             or (B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32) or n_steps == 0):
-        return gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id,
-                                  done, eps)
+        return None
     L, C, d_ff = k_cache.shape[0], k_cache.shape[2] * k_cache.shape[4], int(weights.d_ff)
     tokens = np.zeros((B, n_steps), np.int64)
-    logits = np.empty((B, int(weights.vocab_size)), flat.dtype)
+    logits = np.empty((B, V), flat.dtype)
     run = _KERNELS[fmt][1]
     parts = greedy_parts(weights, k_cache, n_steps)
     sync = _sync_for(run, flat.dtype, parts, greedy_stages(L, n_steps))
+    # greedy: the head's chunks keep their argmax (best), temperature 0; sampled: no argmax
+    best = np.zeros((B, MAX_CHUNKS if u is None else 0), np.int64)
+    draws = (_NO_DRAWS, 0.0, 0) if u is None else (u, temperature, top_k)
     made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
                               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
-                              *_activations(B, C, d_ff, flat.dtype), np.zeros((B, MAX_CHUNKS), np.int64),
-                              np.zeros((n_steps, 2), np.int64), sync), parts)
+                              *_activations(B, C, d_ff, flat.dtype), best, np.zeros((n_steps, 2), np.int64), *draws,
+                              sync), parts)
+    return tokens, made, logits
+
+
+_NO_DRAWS = np.zeros((0, 0))
+
+
+def gpt2_decode_greedy_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id=None,
+                             done=None, eps=1e-5):
+    """As the reference, every step in one kernel call: at batch 1 the Python around a step costs
+    more than the step's arithmetic on the small presets."""
+    ran = _steps_numba(weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id, done, eps,
+                       None, 0.0, 0)
+    if ran is None:
+        return gpt2_decode_greedy(ops, weights, ids, positions, k_cache, v_cache, padding, start, n_steps, eos_id,
+                                  done, eps)
+    tokens, made, _ = ran
     return tokens[:, :abs(made)], made < 0
+
+
+def gpt2_decode_sampled_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, u, temperature,
+                              top_k=None, eos_id=None, done=None, eps=1e-5):
+    """As the reference, every step and draw in one kernel call (the draws as sample_ids_numba's:
+    the same ids from the same logits)."""
+    ran = _steps_numba(weights, ids, positions, k_cache, v_cache, padding, start, 0, eos_id, done, eps, u,
+                       temperature, top_k)
+    if ran is None:
+        return gpt2_decode_sampled(ops, weights, ids, positions, k_cache, v_cache, padding, start, u, temperature,
+                                   top_k, eos_id, done, eps)
+    tokens, made, logits = ran
+    if made < 0:  # step -made could not draw: nothing of it was chosen
+        return tokens[:, :-made - 1], logits
+    return tokens[:, :made], None
 
 
 def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, padding, start, eps=1e-5):
