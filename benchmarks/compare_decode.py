@@ -10,8 +10,9 @@ Before anything is timed, the prompt's logits of transformers are checked agains
 each contender's greedy tokens are compared with fastformer's fp32 tokens (reported: CTranslate2
 float32 should make the same tokens).
 
-With --sampled N, N sequences of the one prompt sampled side by side (temperature 1, top-k 50) by
-fastformer in each format against generate(do_sample=True, num_return_sequences=N).
+With --sampled N (several Ns allowed), N sequences of the one prompt sampled side by side (temperature
+1, top-k 50; N = 1, a batch-1 sampled generation) by fastformer in each format against
+generate(do_sample=True, num_return_sequences=N).
 
 Every contender runs in its own process (benchmarks/decode_contenders.py for the rivals, which never
 import fastformer; fastformer's never imports torch), builds and warms up first, then they take
@@ -19,7 +20,7 @@ turns for --rounds rounds; each figure is the rate of the median call. A rival w
 installed is left out with a line saying so.
 
     python benchmarks/compare_decode.py                                  # tiny, small, medium
-    python benchmarks/compare_decode.py --presets medium --sampled 16
+    python benchmarks/compare_decode.py --presets medium --sampled 1 16
 """
 
 import argparse
@@ -42,14 +43,14 @@ PAUSE = 0.2  # seconds between two contenders' turns
 
 # --- fastformer's side: one weight format, in its own process ---
 
-def fastformer_call(fmt, preset, rows):
+def fastformer_call(fmt, preset, rows, sampled):
     """(generate function, {"tokens": its first row's new ids}), warmed up, on the current backend:
-    greedy for rows == 1, else `rows` copies of the prompt sampled side by side."""
+    greedy, or `rows` copies of the prompt sampled side by side."""
     from fastformer.cli import bench
 
     model = bench.generation_model(preset).quantize(fmt)
     prompt = np.repeat(bench.generation_prompt(model.config), rows, axis=0)  # (rows, P)
-    options = dict(temperature=0.0) if rows == 1 else dict(temperature=1.0, top_k=bench.GEN_TOP_K, seed=0)
+    options = dict(temperature=1.0, top_k=bench.GEN_TOP_K, seed=0) if sampled else dict(temperature=0.0)
 
     def fn():
         return model.generate(prompt, bench.GEN_NEW, **options)
@@ -57,7 +58,7 @@ def fastformer_call(fmt, preset, rows):
     return fn, {"tokens": fn()[0, prompt.shape[1]:].tolist()}
 
 
-def worker(fmt, preset, threads, rows):
+def worker(fmt, preset, threads, rows, sampled):
     from torch_contenders import serve
 
     import fastformer
@@ -65,12 +66,12 @@ def worker(fmt, preset, threads, rows):
 
     fastformer.set_backend("numba")
     apply_process_settings(threads)
-    serve(lambda: fastformer_call(fmt, preset, rows))
+    serve(lambda: fastformer_call(fmt, preset, rows, sampled))
 
 
 # --- the parent ---
 
-def write_inputs(preset, inputs, rows):
+def write_inputs(preset, inputs, rows, sampled):
     """fastformer's export of the preset's generation model, its prompt and logits, the spec."""
     from fastformer.cli import bench
     from fastformer.data.tokenizer import CharTokenizer
@@ -85,7 +86,7 @@ def write_inputs(preset, inputs, rows):
     np.save(os.path.join(inputs, "prompt.npy"), prompt)
     np.save(os.path.join(inputs, "logits.npy"), model.forward(prompt[0]))
     with open(os.path.join(inputs, "spec.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(new_tokens=bench.GEN_NEW, rows=rows, top_k=bench.GEN_TOP_K), f)
+        json.dump(dict(new_tokens=bench.GEN_NEW, rows=rows, sampled=sampled, top_k=bench.GEN_TOP_K), f)
 
 
 def available(name):
@@ -93,7 +94,7 @@ def available(name):
     return all(importlib.util.find_spec(m) is not None for m in RIVALS[name])
 
 
-def compare(preset, rows, rounds, threads, rivals, rival_threads):
+def compare(preset, rows, sampled, rounds, threads, rivals, rival_threads):
     """({contender: tokens/s (all rows)}, {contender: its ready answer})."""
     from torch_contenders import Worker
 
@@ -101,7 +102,7 @@ def compare(preset, rows, rounds, threads, rivals, rival_threads):
 
     names = [f"fastformer {fmt}" for fmt in FORMATS] + rivals
     with tempfile.TemporaryDirectory() as inputs:
-        write_inputs(preset, inputs, rows)
+        write_inputs(preset, inputs, rows, sampled)
         if any(n.startswith("ctranslate2") for n in names):
             subprocess.run([sys.executable, os.path.join(HERE, "decode_contenders.py"), "convert", inputs],
                            check=True, capture_output=True)
@@ -109,7 +110,7 @@ def compare(preset, rows, rounds, threads, rivals, rival_threads):
         for name in names:
             if name.startswith("fastformer"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", name.split()[1], preset, str(threads),
-                       str(rows)]
+                       str(rows), str(int(sampled))]
             else:
                 cmd = [sys.executable, os.path.join(HERE, "decode_contenders.py"), name, str(rival_threads), inputs]
             started.append(Worker(name, cmd))
@@ -138,8 +139,9 @@ def leading(a, b):
     return n
 
 
-def print_table(presets, rows, rounds, threads, rivals, rival_threads):
-    how = "batch 1, greedy" if rows == 1 else f"{rows} sequences of one prompt, sampled (temperature 1, top-k 50)"
+def print_table(presets, rows, sampled, rounds, threads, rivals, rival_threads):
+    how = (f"{'batch 1' if rows == 1 else f'{rows} sequences of one prompt'}, sampled (temperature 1, top-k 50)"
+           if sampled else "batch 1, greedy")
     print(f"decoding tokens/s, {how}, 128 new tokens after 16; median of {rounds} rounds taking turns; "
           f"fastformer on {threads} threads, " + (f"the rivals on {rival_threads}" if rivals else "no rival"))
     names = [f"fastformer {fmt}" for fmt in FORMATS] + rivals
@@ -150,7 +152,7 @@ def print_table(presets, rows, rounds, threads, rivals, rival_threads):
           + f" {'int8/fp32':>10s} {'bf16/fp32':>10s}")
     checks = []
     for preset in presets:
-        r, ready = compare(preset, rows, rounds, threads, rivals, rival_threads)
+        r, ready = compare(preset, rows, sampled, rounds, threads, rivals, rival_threads)
         line = f"{preset:8s} " + " ".join(f"{r[n]:9.0f}" for n in names)
         line += "".join(f" {r['fastformer int8'] / r[n]:11.2f}x" for n in names if not n.startswith("fastformer"))
         fp32 = r["fastformer fp32"]
@@ -160,7 +162,7 @@ def print_table(presets, rows, rounds, threads, rivals, rival_threads):
         if "transformers" in ready:
             checks.append(f"{preset}: transformers' prompt logits differ from fastformer's by at most "
                           f"{ready['transformers']['logits_diff']:.1e}")
-        if rows == 1:
+        if not sampled:
             for n in names[1:]:
                 k = leading(ref, ready[n]["tokens"])
                 checks.append(f"{preset}: {n} greedy tokens: " + ("identical to fastformer fp32's" if k == len(ref)
@@ -171,8 +173,8 @@ def print_table(presets, rows, rounds, threads, rivals, rival_threads):
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    if argv is None and len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), bool(int(sys.argv[6])))
     from fastformer.kernels.ops.quantized import format_runs_natively
     from fastformer.kernels.process import num_threads
     from fastformer.training.config import PRESETS
@@ -180,7 +182,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "medium"], choices=list(PRESETS))
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
-    ap.add_argument("--sampled", type=int, default=0, help="also N sampled sequences of one prompt (e.g. 16)")
+    ap.add_argument("--sampled", type=int, nargs="+", default=[],
+                    help="also N sampled sequences of one prompt, for each N given (1: batch 1; e.g. 1 16)")
     ap.add_argument("--rivals", nargs="*", default=list(RIVALS), choices=list(RIVALS),
                     help="rivals to run (default: every installed one)")
     ap.add_argument("--threads", type=int, default=None, help="threads of every contender (default: the cores)")
@@ -196,10 +199,10 @@ def main(argv=None):
             print(f"{n}: left out, not installed (pip install {' '.join(RIVALS[n])})")
     threads = args.threads or num_threads()
     rival_threads = args.rival_threads or threads
-    print_table(args.presets, 1, args.rounds, threads, rivals, rival_threads)
-    if args.sampled:
+    print_table(args.presets, 1, False, args.rounds, threads, rivals, rival_threads)
+    for n in args.sampled:
         print()
-        print_table(args.presets, args.sampled, args.rounds, threads, [n for n in rivals if n == "transformers"],
+        print_table(args.presets, n, True, args.rounds, threads, [r for r in rivals if r == "transformers"],
                     rival_threads)
 
 

@@ -3,7 +3,7 @@ each in a process of its own that never imports fastformer.
 
 The parent writes into a directory: fastformer's Hugging Face export of the model (hf/, with a
 tokenizer whose id i is one token string), the prompt (prompt.npy, (1, P) ids) and fastformer's
-logits of it (logits.npy), and spec.json (new_tokens, rows: 1 greedy, more: that many sampled
+logits of it (logits.npy), and spec.json (new_tokens, rows, sampled: greedy, or that many sampled
 sequences of the one prompt, top_k). `convert` turns hf/ into a CTranslate2 model (ct2/) with
 ctranslate2.converters.TransformersConverter, in a process of its own too (it imports torch and
 transformers, which the CTranslate2 contenders' processes do not).
@@ -31,7 +31,7 @@ def convert(inputs):
 
 def transformers_call(inputs, threads):
     """(generate function, {"logits_diff", "tokens"}): GPT2LMHeadModel.generate with the key/value
-    cache, greedy for one row, else `rows` sampled sequences of the prompt (num_return_sequences)."""
+    cache, greedy, or `rows` sampled sequences of the prompt (num_return_sequences)."""
     import torch
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
@@ -41,8 +41,8 @@ def transformers_call(inputs, threads):
     hf = GPT2LMHeadModel.from_pretrained(os.path.join(inputs, "hf"), local_files_only=True).eval()
     spec = read_spec(inputs)
     prompt = torch.from_numpy(np.load(os.path.join(inputs, "prompt.npy")))  # (1, P)
-    options = dict(do_sample=False) if spec["rows"] == 1 else \
-        dict(do_sample=True, temperature=1.0, top_k=spec["top_k"], num_return_sequences=spec["rows"])
+    options = dict(do_sample=True, temperature=1.0, top_k=spec["top_k"], num_return_sequences=spec["rows"]) \
+        if spec["sampled"] else dict(do_sample=False)
     with torch.inference_mode():
         diff = float(np.abs(hf(prompt).logits[0].numpy() - np.load(os.path.join(inputs, "logits.npy"))).max())
 

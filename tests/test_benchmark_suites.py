@@ -262,22 +262,25 @@ def _native_formats():
     return [f for f in ("fp32", "bf16", "int8") if format_runs_natively(f)]
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_compare_decode_fastformer_part_runs_on_tiny(rows):
+@pytest.mark.parametrize("rows, sampled", [(1, False), (1, True), (2, True)])
+def test_compare_decode_fastformer_part_runs_on_tiny(rows, sampled):
     """compare_decode's fastformer contender: 128 new tokens of the benchmark prompt in every format
-    the CPU runs, greedy for one row (the tokens reported), sampled copies of the prompt for more."""
+    the CPU runs, greedy (the tokens reported) or sampled copies of the prompt."""
     cd = _benchmark_module("compare_decode")
     from fastformer import use_backend
     from fastformer.cli import bench
 
     for fmt in _native_formats():
         with use_backend("numba"):
-            fn, ready = cd.fastformer_call(fmt, "tiny", rows)
+            fn, ready = cd.fastformer_call(fmt, "tiny", rows, sampled)
             out = fn()
         assert out.shape == (rows, bench.GEN_PROMPT + bench.GEN_NEW)
         assert len(ready["tokens"]) == bench.GEN_NEW
-        if rows == 1:
+        if not sampled:
             assert ready["tokens"] == out[0, bench.GEN_PROMPT:].tolist()  # greedy: every call the same
+        else:  # the seeded draws: every call the same too, and not the greedy tokens
+            assert ready["tokens"] == fn()[0, bench.GEN_PROMPT:].tolist()
+            assert ready["tokens"] != cd.fastformer_call(fmt, "tiny", 1, False)[1]["tokens"]
 
 
 def test_compare_decode_ctranslate2_makes_fastformers_greedy_tokens(tmp_path):
@@ -287,7 +290,7 @@ def test_compare_decode_ctranslate2_makes_fastformers_greedy_tokens(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
     cd = _benchmark_module("compare_decode")
-    cd.write_inputs("tiny", str(tmp_path), 1)
+    cd.write_inputs("tiny", str(tmp_path), 1, False)
     contenders = str(ROOT / "benchmarks" / "decode_contenders.py")
     subprocess.run([sys.executable, contenders, "convert", str(tmp_path)], check=True, capture_output=True,
                    timeout=300)
@@ -302,5 +305,5 @@ def test_compare_decode_ctranslate2_makes_fastformers_greedy_tokens(tmp_path):
     from fastformer import use_backend
 
     with use_backend("numba"):
-        _, mine = cd.fastformer_call("fp32", "tiny", 1)
+        _, mine = cd.fastformer_call("fp32", "tiny", 1, False)
     assert ready["ready"]["tokens"] == mine["tokens"]
