@@ -759,19 +759,20 @@ def test_gpt2_decode_sampled_in_two_parts_makes_the_one_part_bits(fast_ops, weig
         np.testing.assert_array_equal(got[2], want[2])
 
 
+@pytest.mark.parametrize("rows", [1, 2])  # one row draws in the choice's chunk, more in a stage of their own
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_gpt2_decode_sampled_stops_before_logits_it_cannot_draw_from(ops, bad):
+def test_gpt2_decode_sampled_stops_before_logits_it_cannot_draw_from(ops, bad, rows):
     """A step whose logits hold a NaN or +inf in any row stops the call unchosen: the tokens before
     it, and its logits for the caller to refuse."""
     m = TransformerLM(SAMPLED_CFG, seed=0)
     head = m.flat.offsets[m.decode_layout()[-1]]  # the head (C, V): its first weight feeds every row's logit 0
     m.flat.data[head:head + SAMPLED_CFG.d_model * SAMPLED_CFG.vocab_size] = 0.0
     m.flat.data[head] = bad  # NaN, or +inf times the first input (NaN where that is 0)
-    state = m.init_state(2)
+    state = m.init_state(rows)
     state.padding[:, :8] = False
-    tokens, stuck = ops.gpt2_decode_sampled(m.packed_weights(), np.array([1, 2]), np.array([0, 0]), state.k, state.v,
-                                            state.padding, 0, np.full((5, 2), 0.5), 1.0)
-    assert tokens.shape == (2, 0) and stuck.shape == (2, SAMPLED_CFG.vocab_size)
+    tokens, stuck = ops.gpt2_decode_sampled(m.packed_weights(), np.arange(1, rows + 1), np.zeros(rows, np.int64),
+                                            state.k, state.v, state.padding, 0, np.full((5, rows), 0.5), 1.0)
+    assert tokens.shape == (rows, 0) and stuck.shape == (rows, SAMPLED_CFG.vocab_size)
     assert not np.isfinite(stuck.max(axis=1)).all()
 
 
@@ -798,12 +799,13 @@ def test_gpt2_decode_sampled_refuses_bad_draws_and_options(ops):
 
 
 @pytest.mark.parametrize("top_k", [None, 7])
-def test_generate_through_sampled_steps_equals_step_by_step(backend, top_k, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_generate_through_sampled_steps_equals_step_by_step(backend, top_k, rows, monkeypatch):
     """Sampled generation in chunks of kernel steps draws the tokens of one step at a time with the
     same seed -- past the context window and with <eos> -- and leaves the cache the same."""
     cfg = dataclasses.replace(SAMPLED_CFG, max_seq_len=24)
     model = TransformerLM(cfg, seed=3)
-    prompt = np.array([[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]])
+    prompt = np.array([[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]])[:rows]
     init_state, sampled_steps = TransformerLM.init_state, TransformerLM.sampled_steps
     states, chunks = [], []
 
@@ -864,3 +866,21 @@ def test_logits_a_sampled_chunk_stops_at_are_refused_as_a_step_refuses_them(bad,
     assert [int(t[0]) for t in [next(gen), next(gen), next(gen)]][1:] == [1, 2]
     with pytest.raises(FastformerError, match=message):
         next(gen)
+
+
+def test_steps_of_several_rows_take_two_parts_whatever_the_weights():
+    """A model whose weights alone keep one part: two parts from GREEDY_SPLIT_ROWS rows, from two
+    rows when they sample, never for a single step."""
+    from fastformer.kernels.ops import gpt2_decode
+
+    if gpt2_decode.task_threads() < 2 or not gpt2_decode.tiles_run():
+        pytest.skip("two parts need two task threads and the compiled tiles")
+    m = TransformerLM(SAMPLED_CFG, seed=0)
+    w = m.packed_weights()
+
+    def parts(rows, sampled=False, n=8):
+        return gpt2_decode.greedy_parts(w, m.init_state(rows).k, n, sampled)
+
+    rows = gpt2_decode.GREEDY_SPLIT_ROWS
+    assert [parts(1), parts(rows - 1), parts(rows), parts(rows, n=1)] == [1, 1, 2, 1]
+    assert [parts(1, True), parts(2, True), parts(2, True, n=1)] == [1, 2, 1]

@@ -807,17 +807,19 @@ _GREEDY_SIG = ("int64(R[::1], readonly(int64)[::1], int64, int64[::1], int64[::1
                "F[:, :, :, :, ::1], F[:, :, :, :, ::1], readonly(boolean)[:, ::1], int64, F, int64, boolean[::1], "
                "F[:, ::1], readonly(uint32)[::1], readonly(float32)[::1], readonly(int32)[::1], "
                "readonly(int64)[:, ::1], int64[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], F[:, ::1], int64[:, ::1], "
-               "int64[:, ::1], readonly(float64)[:, ::1], float64, int64, int64[::1], int64, int64)")
+               "int64[:, ::1], readonly(float64)[:, ::1], float64, int64, int64[::1], int64[::1], int64, int64)")
 
 
 def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, eos, done, logits, words,
-                        scales, corrections, qoff, tokens, x, qkv, a, f, best, status, u, temperature, top_k, sync,
-                        part, parts):
+                        scales, corrections, qoff, tokens, x, qkv, a, f, best, status, u, temperature, top_k, drawn,
+                        sync, part, parts):
     """gpt2_decode_greedy's (or gpt2_decode_sampled's) steps in one call, as part `part` of
     `parts`: each a `_step_loops` step into logits (B, V), then one chunk choosing every row's
     token and embedding it for the next step. Greedy (temperature 0): the head chunks leave their
     argmax in best (B, MAX_CHUNKS), and the choice takes the largest of them; sampled: best is
-    (B, 0), and row r of step i draws with u[i, r] (sample_row, top_k <= V). tokens (B, n)
+    (B, 0), and row r of step i draws with u[i, r] (sample_row, top_k <= V): in the choice's chunk
+    for one row, else in a stage of their own whose chunks are rows, into drawn (B,) (-1: a row
+    that cannot be drawn from), so that the parts share the draws. tokens (B, n)
     receives the ids, cur and pos (B,) the ids and positions fed (updated as the steps go),
     status (n, 2) whether step i could not choose (greedy: a NaN chosen; sampled: a row that
     cannot be drawn from, nothing chosen) and whether every row is then done; returns the steps
@@ -828,22 +830,40 @@ def _gpt2_greedy_kernel(flat, offsets, d_ff, cur, pos, kc, vc, padding, t, eps, 
     chunks = stage_chunks((V + GROUP_N - 1) // GROUP_N, parts)  # of the head
     sampled = temperature > 0.0
     z, kept, heap = np.empty(V if sampled else 0), np.empty(V if sampled else 0, np.int64), np.empty(top_k)
+    rows_apart = sampled and B > 1  # the draws in a stage of their own
+    nd = stage_chunks(B, parts)
     s = np.int64(0)
     for i in range(n):
         s = _step_loops(flat, offsets, d_ff, cur, pos, kc, vc, padding, t + i, eps, logits, words, scales, corrections,
                         qoff, np.int64(0), x, qkv, a, f, h, o, p, au8, aw, sx, acc_i, acc_f, best, i == 0, sync, s,
                         part, parts)
+        if rows_apart:
+            for j in range(nd):
+                c = chunk_at(j, nd, part, parts)
+                if not claim(sync, s, c, parts):
+                    continue
+                r0, r1 = chunk_span(c, nd, B)
+                for r in range(r0, r1):
+                    drawn[r] = sample_row(logits[r], u[i, r], temperature, top_k, z, kept, heap) \
+                        if samplable(logits[r]) else -1
+                finish(sync, s, parts)
+            wait_stage(sync, s, nd, parts)
+            s += 1
         if claim(sync, s, 0, parts):  # every row's choice, and the next step's embedding: one chunk
             nan = False
             all_done = True
             stuck = False  # sampled: as sample_inputs, a row that cannot be drawn from stops the steps unchosen
-            if sampled:
-                for r in range(B):
+            for r in range(B):
+                if rows_apart:
+                    stuck = stuck or drawn[r] < 0
+                elif sampled:
                     stuck = stuck or not samplable(logits[r])
             for r in range(B):
                 if stuck:
                     break
-                if sampled:
+                if rows_apart:
+                    pick = drawn[r]
+                elif sampled:
                     pick = sample_row(logits[r], u[i, r], temperature, top_k, z, kept, heap)
                 else:
                     pick = best[r, 0]  # np.argmax over the chunks' own: the first maximum, or the first NaN
@@ -882,10 +902,11 @@ def step_stages(L):
     return 5 * L + 2
 
 
-def greedy_stages(L, n_steps):
+def greedy_stages(L, n_steps, draws=False):
     """The stages of n_steps greedy steps of an L-layer model (the length of their `sync`): each
-    step's but the first embedding, and one choice after each."""
-    return n_steps * step_stages(L) + 1
+    step's but the first embedding, and one choice after each (`draws`: sampled steps of several
+    rows, whose draws take a stage before each choice)."""
+    return n_steps * (step_stages(L) + draws) + 1
 
 
 def _format_kernels(suffix, floats, **products):
@@ -988,11 +1009,13 @@ def _steps_numba(weights, ids, positions, k_cache, v_cache, padding, start, n_st
     tokens = np.zeros((B, n_steps), np.int64)
     logits = np.empty((B, V), flat.dtype)
     run = _KERNELS[fmt][1]
-    parts = greedy_parts(weights, k_cache, n_steps)
-    sync = _sync_for(run, flat.dtype, parts, greedy_stages(L, n_steps))
+    parts = greedy_parts(weights, k_cache, n_steps, u is not None)
+    rows_apart = u is not None and B > 1  # the kernel's draws in a stage of their own
+    sync = _sync_for(run, flat.dtype, parts, greedy_stages(L, n_steps, rows_apart))
     # greedy: the head's chunks keep their argmax (best), temperature 0; sampled: no argmax
     best = np.zeros((B, MAX_CHUNKS if u is None else 0), np.int64)
     draws = (_NO_DRAWS, 0.0, 0) if u is None else (u, temperature, top_k)
+    draws += (np.zeros(B if rows_apart else 0, np.int64),)
     made = run_together(run, (flat, offsets, d_ff, ids, positions, k_cache, v_cache, padding, int(start),
                               flat.dtype.type(eps), eos, done, logits, words, scales, corrections, qoff, tokens,
                               *_activations(B, C, d_ff, flat.dtype), best, np.zeros((n_steps, 2), np.int64), *draws,
@@ -1059,18 +1082,27 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 # tiny bf16 (0.7 MB) 19 -> 17. But a generation after an idle pause (benchmarks/compare_decode.py,
 # 128 tokens) gained only from medium and small fp32: tiny fp32 19,089-25,020 tokens/s on two parts
 # against 22,418-22,961 on one, small bf16 19,234 against 21,177; the partner, asleep, starts late.
+# Rows side by side make a step's work grow while its weights stay: from GREEDY_SPLIT_ROWS rows (and
+# from 2 sampled rows, whose draws the parts share) steps take two parts whatever the weights. tiny
+# int8 (0.35 MB), us a step on one part -> two: greedy 2 rows 15.5 -> 15.5, 4 rows 25.2 -> 21.9,
+# 8 rows 43.9 -> 33.1; sampled (top-k 50) 2 rows 26.0 -> 21.1, 4 rows 46.6 -> 32.7, 8 rows 85.8 -> 55.5.
 GREEDY_SPLIT_BYTES = 2 << 20
+GREEDY_SPLIT_ROWS = 4
 _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
 
-def greedy_parts(weights, k_cache, n_steps):
-    """How many threads share a gpt2_decode_greedy call of n_steps steps (or a gpt2_decode_prompt
-    call of n_steps tokens a row): two when the task pool has them, the tiles run (compiled code)
-    and each step streams at least GREEDY_SPLIT_BYTES of weights, for more than one step or
-    token (the hand-off to the partner thread is paid once a call). A prompt's tokens are
-    more arithmetic per byte than a step's, so the threshold measured on steps is on the safe side."""
+def greedy_parts(weights, k_cache, n_steps, sampled=False):
+    """How many threads share a gpt2_decode_greedy (`sampled`: gpt2_decode_sampled) call of
+    n_steps steps over k_cache's rows (or a gpt2_decode_prompt call of n_steps tokens a row): two
+    when the task pool has them, the tiles run (compiled code) and each step streams at least
+    GREEDY_SPLIT_BYTES of weights, or steps GREEDY_SPLIT_ROWS rows (2 sampled ones), for more
+    than one step or token (the hand-off to the partner thread is paid once a call). A prompt's
+    tokens are more arithmetic per byte than a step's, so the threshold measured on steps is on
+    the safe side."""
     if n_steps < 2 or task_threads() < 2 or not tiles_run():
         return 1
+    if k_cache.shape[1] >= (2 if sampled else GREEDY_SPLIT_ROWS):
+        return 2
     L, _, H, _, hs = k_cache.shape
     C, F, V = H * hs, int(weights.d_ff), int(weights.vocab_size)
     fmt = None if weights.quant is None else weights.quant.format
