@@ -867,20 +867,3 @@ def test_logits_a_sampled_chunk_stops_at_are_refused_as_a_step_refuses_them(bad,
     with pytest.raises(FastformerError, match=message):
         next(gen)
 
-
-def test_steps_of_several_rows_take_two_parts_whatever_the_weights():
-    """A model whose weights alone keep one part: two parts from GREEDY_SPLIT_ROWS rows, from two
-    rows when they sample, never for a single step."""
-    from fastformer.kernels.ops import gpt2_decode
-
-    if gpt2_decode.task_threads() < 2 or not gpt2_decode.tiles_run():
-        pytest.skip("two parts need two task threads and the compiled tiles")
-    m = TransformerLM(SAMPLED_CFG, seed=0)
-    w = m.packed_weights()
-
-    def parts(rows, sampled=False, n=8):
-        return gpt2_decode.greedy_parts(w, m.init_state(rows).k, n, sampled)
-
-    rows = gpt2_decode.GREEDY_SPLIT_ROWS
-    assert [parts(1), parts(rows - 1), parts(rows), parts(rows, n=1)] == [1, 1, 2, 1]
-    assert [parts(1, True), parts(2, True), parts(2, True, n=1)] == [1, 2, 1]

@@ -1009,7 +1009,7 @@ def _steps_numba(weights, ids, positions, k_cache, v_cache, padding, start, n_st
     tokens = np.zeros((B, n_steps), np.int64)
     logits = np.empty((B, V), flat.dtype)
     run = _KERNELS[fmt][1]
-    parts = greedy_parts(weights, k_cache, n_steps, u is not None)
+    parts = greedy_parts(weights, k_cache, n_steps)
     rows_apart = u is not None and B > 1  # the kernel's draws in a stage of their own
     sync = _sync_for(run, flat.dtype, parts, greedy_stages(L, n_steps, rows_apart))
     # greedy: the head's chunks keep their argmax (best), temperature 0; sampled: no argmax
@@ -1082,27 +1082,21 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 # tiny bf16 (0.7 MB) 19 -> 17. But a generation after an idle pause (benchmarks/compare_decode.py,
 # 128 tokens) gained only from medium and small fp32: tiny fp32 19,089-25,020 tokens/s on two parts
 # against 22,418-22,961 on one, small bf16 19,234 against 21,177; the partner, asleep, starts late.
-# Rows side by side make a step's work grow while its weights stay: from GREEDY_SPLIT_ROWS rows (and
-# from 2 sampled rows, whose draws the parts share) steps take two parts whatever the weights. tiny
-# int8 (0.35 MB), us a step on one part -> two: greedy 2 rows 15.5 -> 15.5, 4 rows 25.2 -> 21.9,
-# 8 rows 43.9 -> 33.1; sampled (top-k 50) 2 rows 26.0 -> 21.1, 4 rows 46.6 -> 32.7, 8 rows 85.8 -> 55.5.
 GREEDY_SPLIT_BYTES = 2 << 20
-GREEDY_SPLIT_ROWS = 4
 _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
 
-def greedy_parts(weights, k_cache, n_steps, sampled=False):
-    """How many threads share a gpt2_decode_greedy (`sampled`: gpt2_decode_sampled) call of
-    n_steps steps over k_cache's rows (or a gpt2_decode_prompt call of n_steps tokens a row): two
-    when the task pool has them, the tiles run (compiled code) and each step streams at least
-    GREEDY_SPLIT_BYTES of weights, or steps GREEDY_SPLIT_ROWS rows (2 sampled ones), for more
-    than one step or token (the hand-off to the partner thread is paid once a call). A prompt's
-    tokens are more arithmetic per byte than a step's, so the threshold measured on steps is on
-    the safe side."""
+def greedy_parts(weights, k_cache, n_steps):
+    """How many threads share a gpt2_decode_greedy or gpt2_decode_sampled call of n_steps steps
+    (or a gpt2_decode_prompt call of n_steps tokens a row): two when the task pool has them, the
+    tiles run (compiled code) and each step streams at least GREEDY_SPLIT_BYTES of weights, for
+    more than one step or token (the hand-off to the partner thread is paid once a call). A
+    prompt's tokens are more arithmetic per byte than a step's, so the threshold measured on steps
+    is on the safe side. Rows side by side did not move the threshold: tiny int8 (0.35 MB) with
+    4-15 rows, greedy or sampled, ran 13-35% faster on two parts than one in some minutes and
+    0-60% slower in others (the partner's core shared with another tenant's work)."""
     if n_steps < 2 or task_threads() < 2 or not tiles_run():
         return 1
-    if k_cache.shape[1] >= (2 if sampled else GREEDY_SPLIT_ROWS):
-        return 2
     L, _, H, _, hs = k_cache.shape
     C, F, V = H * hs, int(weights.d_ff), int(weights.vocab_size)
     fmt = None if weights.quant is None else weights.quant.format
