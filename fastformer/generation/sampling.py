@@ -183,7 +183,7 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
         if i and several is not None and stuck is None:
             began = time.perf_counter()
             made = several(nxt, min(n_steps - i, chunk), None if eos_id is None else done)
-            if made is not None and (made[0].shape[1] or not plain_greedy):
+            if made is not None and (made[0].shape[1] or (not plain_greedy and made[1] is not None)):
                 tokens, last = made  # last: greedy, whether the last choice was NaN; sampled, the stuck logits
                 m = tokens.shape[1]
                 ran = m + (not plain_greedy and last is not None)
