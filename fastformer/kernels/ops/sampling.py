@@ -190,9 +190,10 @@ def sample_row(y, u, temperature, top_k, z, kept, heap):
     found on y itself, and z = y / temperature is taken for the kept ids alone. The first pass
     takes each block's largest logit: k blocks whose largest is at least a bound hold k logits at
     least that large, so no logit below it can be the k-th largest of the row, and the heap sees
-    the few blocks that reach it (2.9 us a row of 4,096 at k = 50, in one pass over every id).
-    The draw then walks the kept ids a block's sum at a time, and id by id in the block where
-    the sum passes u * total."""
+    the few blocks that reach it. The draw then walks the kept ids a block's sum at a time, and id
+    by id in the block where the sum passes u * total. A row of 4,096 ids that differ from the
+    last row's: 5.0 us at k = 50 and 6.9-7.5 with every id kept, against 12.2-12.7 and 20.0-20.9
+    with a heap fed every id and libm's exp."""
     V = y.shape[0]
     nb = (V + BLOCK - 1) // BLOCK
     for b in range(nb):  # z[:nb]: the blocks' largest logits
