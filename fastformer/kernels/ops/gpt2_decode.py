@@ -29,7 +29,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from fastformer.errors import FastformerError, check_int, check_number, is_int
+from fastformer.errors import FastformerError, check_int, is_int
 from fastformer.kernels._jit import compile_float64, function, inline, jit_writable, kernel, numba, row_max
 from fastformer.kernels._sync import (
     MAX_CHUNKS,
@@ -60,7 +60,7 @@ from fastformer.kernels.ops.quantized import (
     require_format,
     words_per_row,
 )
-from fastformer.kernels.ops.sampling import samplable, sample_row
+from fastformer.kernels.ops.sampling import check_sampling_options, samplable, sample_row, uniform_draws
 from fastformer.kernels.tasks import run_tasks, task_threads
 
 if numba is not None:
@@ -342,12 +342,9 @@ def check_sampled(u, temperature, top_k, B, V):
     if u.ndim != 2 or u.shape[1] != B or u.dtype.kind not in "fiu":
         raise FastformerError(f"u must be a float array of one uniform draw per step and row, shape (steps, {B}), got "
                               f"{describe(u)}")
-    u = np.ascontiguousarray(u, dtype=np.float64)
-    if not ((u >= 0) & (u < 1)).all():  # NaN fails both
-        raise FastformerError(f"u must hold uniform draws in [0, 1), got {float(u[~((u >= 0) & (u < 1))][0])}")
-    check_number("temperature", temperature, 0, low_open=True, finite=True)
-    top_k = V if top_k is None else min(check_int("top_k", top_k), V)
-    return u, float(temperature), top_k
+    u = uniform_draws(u)
+    check_sampling_options(temperature, top_k)
+    return u, float(temperature), V if top_k is None else min(int(top_k), V)
 
 
 def gpt2_decode_sampled(ops, weights, ids, positions, k_cache, v_cache, padding, start, u, temperature, top_k=None,

@@ -43,9 +43,7 @@ def sample_inputs(logits, u, temperature, top_k, top_p):
     if u.dtype.kind not in "fiu" or u.shape != logits.shape[:1]:
         raise FastformerError(f"u must be a float array of one uniform draw per row of logits, shape "
                               f"({logits.shape[0]},), got {describe(u)}")
-    u = u.astype(np.float64)
-    if not ((u >= 0) & (u < 1)).all():  # NaN fails both
-        raise FastformerError(f"u must hold uniform draws in [0, 1), got {float(u[~((u >= 0) & (u < 1))][0])}")
+    u = uniform_draws(u)
     top = logits.max(axis=1)  # NaN where a row holds one
     bad = ~np.isfinite(top)
     if bad.any():
@@ -53,12 +51,26 @@ def sample_inputs(logits, u, temperature, top_k, top_p):
         what = "a NaN" if np.isnan(top[n]) else "+inf" if top[n] > 0 else "-inf at every id"
         raise FastformerError(f"logits must be finite or -inf (a masked id) with one finite id a row at least, "
                               f"got {what} in row {n}")
+    check_sampling_options(temperature, top_k, top_p)
+    return kernel_array(logits), kernel_array(u)
+
+
+def uniform_draws(u):
+    """u (a float or integer array already of its shape) as float64, each draw checked to lie in
+    [0, 1)."""
+    u = np.ascontiguousarray(u, dtype=np.float64)
+    if not ((u >= 0) & (u < 1)).all():  # NaN fails both
+        raise FastformerError(f"u must hold uniform draws in [0, 1), got {float(u[~((u >= 0) & (u < 1))][0])}")
+    return u
+
+
+def check_sampling_options(temperature, top_k, top_p=None):
+    """A draw's options: temperature > 0 and finite, top_k an integer >= 1, top_p in (0, 1]."""
     check_number("temperature", temperature, 0, low_open=True, finite=True)
     if top_k is not None:
         check_int("top_k", top_k)
     if top_p is not None:
         check_number("top_p", top_p, 0, 1, low_open=True)
-    return kernel_array(logits), kernel_array(u)
 
 
 # ---------------------------------------------------------------- reference
