@@ -205,9 +205,9 @@ def format_bytes(n):
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
-# A reading of available memory is reused for a second by requests below an eighth of it: the
-# system's figures (/proc/meminfo) took 30-190 us to read, once a decoding state, where a generation
-# of 128 medium int8 tokens takes 9 ms. A larger request reads them again.
+# A reading of available memory is reused for a second by requests below an eighth of it: reading
+# the system's figures (/proc/meminfo) once a decoding state is a visible share of a short
+# generation's time. A larger request reads them again.
 _READING_FOR, _SMALL_SHARE = 1.0, 8
 _reading = (-float("inf"), None)  # (time.monotonic() of the last reading, its value)
 

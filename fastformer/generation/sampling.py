@@ -123,8 +123,8 @@ def check_id_limit(id_limit, vocab_size):
 # A model's several-step greedy call (greedy_steps) makes at most GREEDY_CHUNK tokens, and as many as
 # take about GREEDY_SECONDS by the last call's pace (the first call's: the prompt's time): a fast
 # model's tokens arrive in chunks, a slow one's stream (and stop at Ctrl-C) as they come. Each call
-# costs 40-130 us of Python and hand-offs, so a fast model's chunk is bounded by the time alone (128
-# medium int8 tokens took five calls with chunks of 32, two now).
+# pays a fixed cost of Python and hand-offs around the kernel, so a fast model's chunk is bounded by
+# the time alone: a small cap on its tokens would only add calls.
 GREEDY_CHUNK, GREEDY_SECONDS = 256, 0.02
 
 
@@ -165,7 +165,7 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
                   repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None):
     """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps or
     sampled_steps chunk's whole, each other step alone. For `generate`, which keeps them all: a
-    token handed out alone cost about 1 us of Python, a twentieth of a tiny model's token."""
+    token handed out alone costs Python time that counts beside a tiny model's token."""
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
     done = np.zeros(N, dtype=bool)

@@ -268,9 +268,9 @@ def rows(x):
 
 
 # ------------------------------------------------------------ vector math
-# libm's expf and tanhf are scalar calls that stop LLVM from vectorising a loop (tanhf costs
-# 14 ns an element here). For float32 the kernels use the polynomial below (Cephes' expf,
-# within 1 ulp), which vectorises, and build tanh from it; float64 keeps math.exp.
+# libm's expf and tanhf are scalar calls that stop LLVM from vectorising a loop (and tanhf is a
+# slow one). For float32 the kernels use the polynomial below (Cephes' expf, within 1 ulp), which
+# vectorises, and build tanh from it; float64 keeps math.exp.
 
 def exp(x):
     """exp(x) in a kernel; with NUMBA_DISABLE_JIT (or without Numba) this plain function runs,
@@ -280,8 +280,8 @@ def exp(x):
 
 def exp_nonpositive64(x):
     """exp(x) of a float64 x <= 0 (or -inf) in a kernel, within about 1 ulp of libm's (not its bits):
-    a polynomial that vectorises, where libm's exp is a scalar call (3.4 ns an element here). As
-    `exp`, this plain function runs without the JIT."""
+    a polynomial that vectorises, where libm's exp is a scalar call. As `exp`, this plain function
+    runs without the JIT."""
     return math.exp(x)
 
 

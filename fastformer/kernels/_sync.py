@@ -212,10 +212,10 @@ spin_until_changed = kernel("int64(int64[::1], int64, int64)", parallel=False, f
 
 
 # ------------------------------------------------------------ the parts' threads
-# Pauses the partner of run_together spins after a call, awake, for the next one: about 3 ms here
-# (1,000 pauses of 28 ns, then each with a yield of the core, 0.38 us). A sleeping pool thread took
-# 57 us to start a task back to back and 130-140 us after an idle pause (a submitted no-op, timed);
-# a spinning one starts at once.
+# Pauses the partner of run_together spins after a call, awake, for the next one: a few milliseconds
+# (SPINS_BEFORE_YIELD pauses, then each with a yield of the core), which covers the gaps between the
+# calls of one generation. A sleeping pool thread is slow to start a task, back to back and slower
+# after an idle pause (a submitted no-op, timed); a spinning one starts at once.
 WARM_SPINS = 8_000
 
 
@@ -256,10 +256,10 @@ class _Partner:
     default; with fewer, nothing is pinned). During a call the caller keeps off that core.
     Unpinned, the two threads ended up on one core in most generations after an idle pause (read
     from /proc/self/task/*/stat): each wakes the other through the GIL, and Linux wakes a thread on
-    its waker's core; medium int8, 128 tokens, after 0.2 s: 14.0 ms on two parts unpinned against
-    13.3 on one, 10.8 pinned. After each part it spins for the next call in compiled code
-    (spin_until_changed: no GIL held, its core kept awake) for WARM_SPINS pauses, then
-    sleeps until one is posted: the calls of one generation, milliseconds apart, find it awake."""
+    its waker's core, so two parts unpinned ran slower than one, and pinned, faster. After each
+    part it spins for the next call in compiled code (spin_until_changed: no GIL held, its core
+    kept awake) for WARM_SPINS pauses, then sleeps until one is posted: the calls of one
+    generation, milliseconds apart, find it awake."""
     def __init__(self, threads):
         cpus = _cpus()
         pin = cpus is not None and len(cpus) > 1 and len(cpus) == threads

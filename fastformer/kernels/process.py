@@ -8,15 +8,15 @@ Threads. Numba's parallel kernels and OpenBLAS's GEMMs run one after the other, 
 same time (no BLAS call sits inside a `prange`), so each may use every core without the two
 competing: both get `num_threads()` threads, which is the number of cores this process may run
 on, or FASTFORMER_NUM_THREADS when set. The Numba threading layer is OpenMP, whose workers spin
-about 100 us after a parallel loop and then sleep (`_threading_layer_chosen`), else TBB, else
+briefly after a parallel loop and then sleep (`_threading_layer_chosen`), else TBB, else
 "workqueue" (which two Python threads must not call at once), unless NUMBA_THREADING_LAYER says
 otherwise: OpenMP's default workers keep spinning for milliseconds and steal the cores from the
-GEMM that follows, workers that sleep at once take 46-75 us to wake for each parallel loop, and
+GEMM that follows, workers that sleep at once are slow to wake for each parallel loop, and
 workqueue starts each parallel loop more slowly.
 
 Allocator (`keep_freed_memory`): glibc gives every large freed block back to the OS, so each
-training step's fresh activations and gradients page-fault again (a third of a `small` step
-here); told to keep them, it reuses the memory.
+training step's fresh activations and gradients page-fault again, a large share of a step;
+told to keep them, it reuses the memory.
 
 BLAS spin (`shorten_blas_spin`): OpenBLAS's idle threads go to sleep soon after a call, so that
 they leave the cores to the Numba kernel that follows.
@@ -77,13 +77,12 @@ def shorten_blas_spin(log2_ticks=BLAS_SPIN_LOG2):
     default 2**28 (0.1 s). Returns True when applied.
 
     After each call the workers of a pthreads OpenBLAS keep spinning on their cores for that
-    long, and the Numba kernel that follows a GEMM runs its threads beside them: measured here,
-    the cross-entropy of a `tiny` step took 12.6 ms right after the LM-head GEMM and 6.9 ms with
-    the short spin; a whole step went from 93 to 82 ms (`small`: 175 to 159 ms), the GEMMs
-    themselves unchanged. This sets OPENBLAS_THREAD_TIMEOUT, makes OpenBLAS read its environment
-    again and stops its workers, which it starts again, with the new timeout, at its next call
-    (what it does after a fork). Skipped when OPENBLAS_THREAD_TIMEOUT is already set: set it
-    (4 to 30, OpenBLAS's log2 of the ticks) to choose another spin, 28 for OpenBLAS's own.
+    long, and the Numba kernel that follows a GEMM runs its threads beside them, on cores already
+    taken: the short spin gives them back, at no cost to the GEMMs themselves. This sets
+    OPENBLAS_THREAD_TIMEOUT, makes OpenBLAS read its environment again and stops its workers,
+    which it starts again, with the new timeout, at its next call (what it does after a fork).
+    Skipped when OPENBLAS_THREAD_TIMEOUT is already set: set it (4 to 30, OpenBLAS's log2 of the
+    ticks) to choose another spin, 28 for OpenBLAS's own.
     """
     if os.environ.get("OPENBLAS_THREAD_TIMEOUT", "").strip():
         return False
@@ -129,12 +128,11 @@ def _threading_layer_chosen():
     unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set).
 
     Workers that spin for long after a parallel loop (OpenMP's default, some milliseconds) take
-    the cores from the BLAS GEMM that follows it: `fastformer bench`, tiny fp32, 14.1 steps/s
-    sleeping at once against 11.4 with workqueue, 9.3-10.6 with libgomp's default spin. Workers
-    that sleep at once cost 46-75 us to wake for every parallel loop, which a bf16 step pays at
-    each of its GEMMs (Numba's). libgomp's workers spin OMP_SPINS pauses (about
-    100 us here) and then sleep: back-to-back kernels find them awake (a two-thread launch in
-    1.5 us), and a BLAS GEMM after a Numba kernel loses at most that much of the second core.
+    the cores from the BLAS GEMM that follows it, and workqueue starts each loop more slowly: both
+    cost steps/s in `fastformer bench`. Workers that sleep at once are slow to wake for every
+    parallel loop, which a bf16 step pays at each of its GEMMs (Numba's). libgomp's workers spin
+    OMP_SPINS pauses and then sleep: back-to-back kernels find them awake and start at once, and a
+    BLAS GEMM after a Numba kernel loses at most that short spin of the second core.
     The runtime reads both variables once, when it loads at the thread start, so they are set
     only for that moment: a runtime loaded earlier or later by another library keeps its own
     policy. (GOMP_SPINCOUNT is libgomp's; another OpenMP runtime keeps the passive policy.)
@@ -157,10 +155,10 @@ def _threading_layer_chosen():
 
 
 THREADING_LAYERS = ("omp", "tbb", "workqueue")  # Numba's layers, the thread-safe ones first
-# pauses libgomp's idle workers spin before they sleep (_threading_layer_chosen). Alternating
-# processes, steps/s medians against sleeping at once: bf16 tiny 21.9 against 19.0, small 10.4
-# against 10.35, medium 2.6 both; fp32 tiny 13.9 against 13.6, small 6.33 against 6.23 (10,000
-# pauses: fp32 small 5.74 against 6.05)
+# pauses libgomp's idle workers spin before they sleep (_threading_layer_chosen): long enough that
+# back-to-back kernels find them awake (tiny's bf16 step gains most), short enough to leave an fp32
+# step's BLAS GEMMs their cores (a longer spin slowed it). Chosen with `fastformer bench` in
+# alternating processes at several spin counts.
 OMP_SPINS = 3000
 
 

@@ -43,9 +43,9 @@ from fastformer.nn.params import FlatModel
 # (the crossover measured by benchmarks/decode_crossover.py).
 FUSED_DECODE_MAX_ROWS = 32
 # Prompt tokens (rows x positions) up to which a prompt whose last logits alone are wanted runs the
-# fused ops.gpt2_decode_prompt, by weight format (benchmarks/decode_crossover.py --prompt). Medium,
-# one row: fp32 1.8 against 3.5 ms at 16 tokens, 5.6 against 7.4 at 64, 15.8 against 12.4 at 128;
-# int8 and bf16 still 1.3x and 2.9x faster than the composed forward at 128 tokens and at 16 x 16.
+# fused ops.gpt2_decode_prompt, by weight format (benchmarks/decode_crossover.py --prompt measures
+# it): the fused prompt streams each weight once for all its tokens, and the composed forward
+# overtakes it at fewer tokens in fp32 than in int8 and bf16.
 FUSED_PROMPT_MAX_TOKENS = {"fp32": 64, "bf16": 256, "int8": 256}
 
 

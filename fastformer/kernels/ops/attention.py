@@ -65,8 +65,8 @@ from fastformer.kernels.ops.matmul import check_precision
 # Query rows from which the Numba backend runs attention on BLAS tiles (attention_tiled.py)
 # instead of the row kernels: the crossover measured by benchmarks/attention_crossover.py. Heads
 # that the register tiles take (`_on_tiles`: float32, 32k channels) stay on those at every length:
-# a training step of `small` ran 1.25-1.36x faster on them than on the BLAS tiles at T = 1024 to
-# 4096 in float32, 1.10-1.20x in bf16.
+# a training step of `small` ran faster on them than on the BLAS tiles at T = 1024 to 4096, in
+# float32 and in bf16.
 ATTENTION_TILED_FROM = 1024
 
 
@@ -146,9 +146,8 @@ def qkv_attention_inputs(qkv, n_heads, causal, key_padding_mask, scale):
 
 
 # Query rows from which attention multiplies in bfloat16 when that precision is in force: below, its
-# products take a few microseconds a head and packing their operands costs what bf16 saves (medium,
-# 128 rows: 0.96x; 4096 rows: 1.41x, benchmarks/attention_bf16.py), so they stay float32 on both
-# backends.
+# products are short and packing their operands costs what bf16 saves (benchmarks/attention_bf16.py
+# measures both sides), so they stay float32 on both backends.
 ATTENTION_BF16_FROM = 1024
 
 
@@ -371,15 +370,15 @@ def _attention_fwd(q, k, v, kpm, has_mask, causal, scale, out, lse):
     out = p @ v / sum(p), lse = max + log(sum(p)). q (B, H, T, hs), k and v (B, H, S, hs), any
     strides; writes out (B, H, T, hs) and lse (B, H, T).
 
-    Rows go in pairs that share every load of kt and vt (1.2-1.4x faster than a row at a time
-    at the tiny, small and medium presets); a pair runs over the keys its second row sees, with
+    Rows go in pairs that share every load of kt and vt (faster than a row at a time at the tiny,
+    small and medium presets); a pair runs over the keys its second row sees, with
     the first row's p zero past its own last key. A last odd row, as decoding's single new
     token, goes alone.
 
     This is the flash-attention forward with a single key block per row: one row of S scores is
     the only (S,)-sized scratch. An online softmax over smaller key blocks (running max and
-    rescaled sums) computed the same values but ran 3.4x slower here: LLVM stopped
-    vectorising the loops inside the block loop.
+    rescaled sums) computed the same values but ran slower: LLVM stopped vectorising the loops
+    inside the block loop.
     """
     B, H, T, hs = q.shape
     S = k.shape[2]
@@ -478,8 +477,8 @@ def _attention_bwd(q, k, v, out, dout, lse, kpm, has_mask, causal, scale, dq, dk
     """Gradients of one (batch, head) per task, two query rows at a time, from probabilities
     recomputed as p = exp(s - lse); dk and dv accumulate (transposed) in buffers the task owns.
 
-    The two rows of a pair share every load of kt, vt, dkt and dvt: 1.4x faster than a row at
-    a time at the tiny and small presets (a row needs 5 loads and 2 stores per 3 multiply-adds
+    The two rows of a pair share every load of kt, vt, dkt and dvt: faster than a row at a time
+    at the tiny and small presets (a row needs 5 loads and 2 stores per 3 multiply-adds
     over keys, a pair 7 and 2 per 6). The pair runs over the keys its second row sees; the
     first row's p and ds are 0 past its own last key, so those keys get exact zeros from it.
     """
@@ -581,8 +580,8 @@ def _stage(x, b, h0, gn, scale, xs):
     """xs[g, t] = x[b, h0 + g, t] * scale for g < gn and every row t (x's channels adjacent, a
     multiple of 16), read row by row across the unit's heads. Rows of a fused QKV projection lie
     3C floats apart with a batch row's heads side by side in them: read a head at a time, every
-    row is a cache miss that no prefetcher foresees (the tiles took 1.5-1.8x as long as on
-    contiguous heads at C = 256); read so, the unit's rows stream in order."""
+    row is a cache miss that no prefetcher foresees (the tiles ran slower than on contiguous
+    heads at C = 256); read so, the unit's rows stream in order."""
     sb, sh, st = x.strides[0] // 4, x.strides[1] // 4, x.strides[2] // 4
     T, hs = x.shape[2], x.shape[3]
     for t in range(T):

@@ -44,8 +44,8 @@ HEAD_CHUNK_BYTES = 8 << 20  # logits per chunk of the fused LM head, per thread:
 HEAD_CHUNK_MIN_ROWS = 256  # fewer rows make dweight's GEMM (K = rows) and its sum memory-bound
 # In bfloat16, where the products take half the time, a narrow model's chunk keeps its logits in L2
 # instead: each chunk then adds its (V, C) share into dweight once more, which costs less than the
-# logits' passes through L3 while C is small. Training steps, V = 4096, two threads, 8 alternations:
-# tiny (C = 64) 1.19x at 128 rows, small (128) 1.085x; medium (256) 0.97x at 128 or 256 rows.
+# logits' passes through L3 while C is small: training steps alternated both ways (V = 4096, two
+# threads) gained at tiny (C = 64) and small (128), not at medium (256).
 HEAD_CHUNK_BYTES_BF16 = 2 << 20
 HEAD_BF16_L2_WIDTH = 128  # the widest C (h's columns) that takes HEAD_CHUNK_BYTES_BF16
 HEAD_CHUNK_MIN_ROWS_BF16 = 64

@@ -47,10 +47,9 @@ from fastformer.kernels.process import cpu_has_bf16
 A_PANEL = 16  # rows of A per packed panel: two tiles
 BLOCK_M = 64  # rows of a task: its packed A stays in L2 while it sweeps B's panels
 PARALLEL_WORK = 1 << 17  # elements packed both ways (or flops / 64 multiplied) below which one thread runs them
-# elements from which an operand alone is packed on both threads (whose start, right after a
-# GEMM, takes 1-2 us: process.OMP_SPINS). Two threads against one, a GEMM just before: B of 12K-16K
-# elements 4.0-4.4 us against 2.7-3.5, of 49K-65K 6.0-6.9 against 7.2-9.6, of 262K 54 against 78;
-# A (4096, 64) 20-27 against 38-39
+# elements from which an operand alone is packed on both threads, whose start right after a GEMM is
+# short while the workers still spin (process.OMP_SPINS); both ways were timed, a GEMM just before,
+# on operands of 12K to 262K elements
 PACK_PARALLEL = 1 << 16
 
 
@@ -341,7 +340,7 @@ def _long_row(flat, i0, i1, words, tmp):
 def _pack_a_rows(x, out):
     """A = x (M, K) row by row: out[m, kk] = the pair (x[m, 2kk], x[m, 2kk + 1]); rows past M zero.
     With K even no pair crosses a row, so x is packed as one long row in passes of FLAT_PAIRS:
-    a row at a time cost 35-40 ns of overhead a row at K = 64 (pack_a of (4096, 64) 115-163 us)."""
+    a row at a time paid a call's overhead every row, which at small K was most of its time."""
     M, K = x.shape
     Mp, K2 = out.shape
     if K % 2 == 0:
@@ -403,8 +402,8 @@ def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
     tiles that c cuts.
 
     A whole tile asks for the next one's lines of c before it multiplies (`prefetch_tile`):
-    without that a tile's stores wait on memory, which cost 1.2x at K = 256 (a tile's whole
-    sum takes about 600 ns there). A in panels of 16 rows has its strides as constants, so the
+    without that a tile's stores wait on memory, which showed at K = 256, where a tile's whole sum
+    is short. A in panels of 16 rows has its strides as constants, so the
     tile's loop reads A's words at fixed offsets from one pointer, where a stride known only at
     run time chains eight address additions through each step of k."""
     NP, K2, _ = bp.shape
@@ -465,7 +464,7 @@ def _gemm_rows(a, bp, c, M, N, bias, accumulate):
         rows = min(BLOCK_M, M - m0)
         words = np.empty((BLOCK_M, K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
-        if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row cost 6% at K = 64
+        if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row weighs at small K
             _long_row(flat, m0 * K2, (m0 + rows) * K2, words.reshape(BLOCK_M * K2), tmp)
         else:
             for r in range(rows):

@@ -418,7 +418,7 @@ def gpt2_decode_prompt(ops, weights, ids, positions, k_cache, v_cache, padding, 
 def _affine(x, w, bias, y, c0, c1):
     """y[:, c0:c1] = x (R, K) @ w[:, c0:c1] (w (K, N)) + bias[c0:c1], streaming w once for all R rows.
     The loops index slices from 0: an index that may be negative (c0 + j) keeps Numba's wraparound
-    test in the loop, which then does not vectorise (4-6x slower)."""
+    test in the loop, which then does not vectorise."""
     R, K = x.shape
     n = c1 - c0
     for r in range(R):
@@ -572,7 +572,7 @@ def _product_stage_loops(sync, s, parts, part, stream, ln, eps, x, K, N, slot_w,
 def _first_max(y):
     """np.argmax of y (not empty): its first maximum, or its first NaN. Passes that vectorise --
     whether there is a NaN, the largest value (row_max), then the first block of 64 holding it --
-    where one pass that compared and branched at every value took 2.5 us over 4096 logits."""
+    where one pass that compared and branched at every value did not vectorise."""
     n = y.shape[0]
     nans = 0
     for j in range(n):
@@ -635,9 +635,8 @@ def _attend(q, kh, vh, n, padding, row, p, ah, scale, scratch):
 def weighted_rows(p, v, n, out, scratch):
     """out (hs,) = p[:n] @ v[:n], v (rows, hs) with adjacent columns: four rows a pass. In jitted
     float32 code, a head size of 32 or 64 takes four chains of register accumulators instead
-    (_tiles.weighted_rows32 and 64, into scratch (>= 4 hs,) float32): with out loaded and stored
-    every pass, p @ v took 11.4 us of a medium token at position 116 (32 heads of 116 keys), and
-    4.9 with one chain of accumulators, which waits on each product in turn."""
+    (_tiles.weighted_rows32 and 64, into scratch (>= 4 hs,) float32): out loaded and stored every
+    pass was slower, and so is one chain of accumulators, which waits on each product in turn."""
     F = out.dtype.type
     out[:] = F(0.0)
     j = 0
@@ -741,7 +740,7 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
             finish(sync, s, parts)
         wait_stage(sync, s, 1, parts)
         s += 1
-    # the product stage is a function of its own (half the compile time of inlining it six times),
+    # the product stage is a function of its own (inlined, each of its six calls compiled a copy),
     # called with runtime values throughout: a literal constant would compile a copy of its own
     no_ln, head, body = np.int64(-1), np.bool_(True), np.bool_(False)
     plain, gelu, residual = np.int64(PLAIN), np.int64(GELU), np.int64(RESIDUAL)
@@ -975,8 +974,8 @@ def gpt2_decode_step_numba(ops, weights, ids, positions, k_cache, v_cache, paddi
     halves = [(0, B)]
     if B >= DECODE_SPLIT_ROWS and task_threads() > 1 and flat.dtype == np.float32:
         # two halves of the rows side by side: each streams every weight, so it pays once the rows'
-        # arithmetic outweighs that and the hand-off to the pool (medium: 1.35-1.8x at 16 rows,
-        # slower below 8, measured by timing the step over rows both ways)
+        # arithmetic outweighs that and the hand-off to the pool (found by timing the step over rows
+        # both ways)
         halves = [(0, B // 2), (B // 2, B)]
         _made(run, flat.dtype)
     run_tasks([(run, (flat, offsets, d_ff, ids[r0:r1], positions[r0:r1], k_cache, v_cache, padding[r0:r1],
@@ -1073,12 +1072,9 @@ def gpt2_decode_prompt_numba(ops, weights, ids, positions, k_cache, v_cache, pad
 
 # Two threads share greedy steps (_sync.py) from this many bytes of weights a token streams: below,
 # the waits between stages and the partner's start cost more than half a token saves. Back to back
-# (32-token calls, median of 20-30 each way, the partner on its own core: _sync.run_together) two
-# parts already pay from 0.7 MB: medium int8 (4.2 MB) 84 -> 67 us a token, small fp32 (3.7 MB)
-# 59 -> 46, small bf16 (1.8 MB) 33 -> 26, tiny fp32 (1.4 MB) 30 -> 23, small int8 (0.9 MB) 23 -> 19,
-# tiny bf16 (0.7 MB) 19 -> 17. But a generation after an idle pause (benchmarks/compare_decode.py,
-# 128 tokens) gained only from medium and small fp32: tiny fp32 19,089-25,020 tokens/s on two parts
-# against 22,418-22,961 on one, small bf16 19,234 against 21,177; the partner, asleep, starts late.
+# (the partner awake on its own core: _sync.run_together) two parts pay for much smaller models, but
+# a generation after an idle pause (benchmarks/compare_decode.py) gains only from the larger ones:
+# the partner, asleep, starts late.
 GREEDY_SPLIT_BYTES = 2 << 20
 _WEIGHT_BYTES = {"int8": 1, "bf16": 2}
 
@@ -1090,8 +1086,8 @@ def greedy_parts(weights, k_cache, n_steps):
     more than one step or token (the hand-off to the partner thread is paid once a call). A
     prompt's tokens are more arithmetic per byte than a step's, so the threshold measured on steps
     is on the safe side. Rows side by side did not move the threshold: tiny int8 (0.35 MB) with
-    4-15 rows, greedy or sampled, ran 13-35% faster on two parts than one in some minutes and
-    0-60% slower in others (the partner's core shared with another tenant's work)."""
+    4-15 rows, greedy or sampled, ran faster on two parts than one in some minutes and slower in
+    others (the partner's core shared with another tenant's work)."""
     if n_steps < 2 or task_threads() < 2 or not tiles_run():
         return 1
     L, _, H, _, hs = k_cache.shape

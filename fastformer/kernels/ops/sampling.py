@@ -168,8 +168,8 @@ BISECTIONS = 24  # halvings of the range of the blocks' largest logits in _lower
 def _lower_bound(top, nb, k):
     """A value t such that at least k of top[:nb] (the blocks' largest logits) are >= t, near the
     k-th largest of them: -inf when fewer than k are finite. By bisection, each step a count that
-    vectorises: a heap of the k largest took 3.5 us at 256 blocks and k = 50, its every step a
-    branch that the values decide."""
+    vectorises, where a heap of the k largest was slow: its every step a branch that the values
+    decide."""
     if k > nb:
         return -np.inf
     lo, hi, finite = np.inf, -np.inf, 0
@@ -203,9 +203,8 @@ def sample_row(y, u, temperature, top_k, z, kept, heap):
     takes each block's largest logit: k blocks whose largest is at least a bound hold k logits at
     least that large, so no logit below it can be the k-th largest of the row, and the heap sees
     the few blocks that reach it. The draw then walks the kept ids a block's sum at a time, and id
-    by id in the block where the sum passes u * total. A row of 4,096 ids that differ from the
-    last row's: 5.0 us at k = 50 and 6.9-7.5 with every id kept, against 12.2-12.7 and 20.0-20.9
-    with a heap fed every id and libm's exp."""
+    by id in the block where the sum passes u * total. This replaces a heap fed every id, whose
+    steps branch on the values, and libm's exp, a scalar call that keeps a loop from vectorising."""
     V = y.shape[0]
     nb = (V + BLOCK - 1) // BLOCK
     for b in range(nb):  # z[:nb]: the blocks' largest logits
@@ -289,7 +288,7 @@ def sample_ids_numba(ops, logits, u, temperature, top_k=None, top_p=None):
         return sample_ids(ops, logits, u, temperature, top_k, top_p)
     V = logits.shape[1]
     ids = np.empty(logits.shape[0], np.int64)
-    # a row takes 4-7 us (V = 4,096, top-k 50 or every id) and starting the threads 20-40: rows side by side from 8
+    # a row costs a fraction of starting the threads: rows side by side from PARALLEL_ROWS
     sized(_sample_rows, logits.shape[0], small=PARALLEL_ROWS)(logits, u, float(temperature),
                                                              V if top_k is None else min(top_k, V), ids)
     return ids
