@@ -33,9 +33,10 @@ and fastformer/models/config.py: edit the comments there, then run `make docs`. 
 A run config is YAML with one mapping per section: `model` (the language model, when
 `data.task` is `text`) or `seq2seq` (the encoder-decoder, for every other task), `data` and
 `train`. A file may give only some keys: the others come from `--preset` (default `tiny`) for a
-language model, or from the defaults below for an encoder-decoder. On the command line, `--data`,
-`--tokenizer`, `--seed` and `--max-steps` set `data.path`, `data.tokenizer`, `train.seed` and
-`train.max_steps`; `--set section.key=value` sets anything, after them. An unknown key or a value
+language model, or from the defaults below for an encoder-decoder. On the command line, `--task`,
+`--data`, `--tokenizer`, `--seed`, `--max-steps` and `--precision` set `data.task`, `data.path`,
+`data.tokenizer`, `train.seed`, `train.max_steps` and `train.precision`; `--set section.key=value`
+sets anything, after them. An unknown key or a value
 of the wrong type fails before any work, naming the valid keys. The resolved config of a run is
 `RUN/config.yaml`.
 """
