@@ -464,7 +464,7 @@ def _gemm_rows(a, bp, c, M, N, bias, accumulate):
         rows = min(BLOCK_M, M - m0)
         words = np.empty((BLOCK_M, K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
-        if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row weighs at small K
+        if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row costs most at small K
             _long_row(flat, m0 * K2, (m0 + rows) * K2, words.reshape(BLOCK_M * K2), tmp)
         else:
             for r in range(rows):

@@ -740,7 +740,7 @@ def _gpt2_decode_loops(flat, offsets, d_ff, ids, positions, kc, vc, padding, t, 
             finish(sync, s, parts)
         wait_stage(sync, s, 1, parts)
         s += 1
-    # the product stage is a function of its own (inlined, each of its six calls compiled a copy),
+    # the product stage is a function of its own (inlined, each of its six calls would compile a copy),
     # called with runtime values throughout: a literal constant would compile a copy of its own
     no_ln, head, body = np.int64(-1), np.bool_(True), np.bool_(False)
     plain, gelu, residual = np.int64(PLAIN), np.int64(GELU), np.int64(RESIDUAL)
