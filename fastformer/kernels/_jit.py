@@ -292,8 +292,8 @@ if numba is None:
     def function(fn):
         return fn
 
-    def int32_bits_as_float32(i):
-        return np.int32(i).view(np.float32)
+    def bits_as_float(i):
+        return np.asarray(i).view(np.float32 if np.asarray(i).itemsize == 4 else np.float64)[()]
 else:
     inline = numba.njit(inline="always", **_JIT_FLAGS)
     # a jitted function that kernels call rather than inline: a body too large to copy into its caller
@@ -327,12 +327,18 @@ else:
         return values
 
     @intrinsic
-    def int32_bits_as_float32(typingctx, i):
-        """Reinterpret the 32 bits of an int32 as a float32 (builds 2**k from its exponent bits)."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
+    def bits_as_float(typingctx, i):
+        """Reinterpret the bits of an int32 as a float32, or of an int64 as a float64 (builds 2**k
+        from its exponent bits). Numba's integer arithmetic widens to int64: a float32's bits are
+        passed as np.int32(...)."""
+        if i not in (types.int32, types.int64):
+            return None
+        out, ty = (types.float32, ir.FloatType()) if i == types.int32 else (types.float64, ir.DoubleType())
 
-        return types.float32(types.int32), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ty)
+
+        return out(i), codegen
 
     def _exp_f32(x):
         # exp(x) = 2**k * exp(r) with k = round(x / ln 2), |r| <= ln(2) / 2. Exact 0 below -87.3
@@ -347,20 +353,12 @@ else:
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = p * (r * r) + r + np.float32(1.0)
-        y = p * int32_bits_as_float32((np.int32(k) + np.int32(127)) << 23)
+        y = p * bits_as_float(np.int32((np.int32(k) + np.int32(127)) << 23))
         return y * np.float32(x >= np.float32(-87.3))  # a select, not a branch: keeps loops vectorised
 
     @overload(exp, inline="always")
     def _exp_overload(x):
         return _exp_f32 if x == types.float32 else (lambda x: math.exp(x))
-
-    @intrinsic
-    def int64_bits_as_float64(typingctx, i):
-        """Reinterpret the 64 bits of an int64 as a float64 (builds 2**k from its exponent bits)."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-
-        return types.float64(types.int64), codegen
 
     def _exp_f64(x):
         # exp(x) = 2**k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2 (ln 2 in two parts, the first
@@ -386,7 +384,7 @@ else:
         p = p * r + 1.0
         ki = np.int64(k)
         half = ki >> 1
-        return (p * int64_bits_as_float64((half + 1023) << 52)) * int64_bits_as_float64((ki - half + 1023) << 52)
+        return (p * bits_as_float((half + 1023) << 52)) * bits_as_float((ki - half + 1023) << 52)
 
     @overload(exp_nonpositive64, inline="always")
     def _exp_nonpositive64_overload(x):

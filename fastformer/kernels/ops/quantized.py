@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastformer.errors import FastformerError, is_int
-from fastformer.kernels._jit import inline, int32_bits_as_float32, kernel, numba
+from fastformer.kernels._jit import bits_as_float, inline, kernel, numba
 from fastformer.kernels.checks import describe, kernel_array, quiet
 from fastformer.kernels.ops.gemm_bf16 import _bf16, _pair, round_to_bf16
 from fastformer.kernels.process import cpu_has_bf16, cpu_has_vnni
@@ -307,7 +307,7 @@ def quantize_rows_u8(x, M, K, au8, lda_bytes, sx):
         for k in range(K):
             top = max(top, bits[k] & np.int32(0x7FFFFFFF))
         finite = top <= np.int32(0x7F7FFFFF)  # NaN and inf have every exponent bit set
-        amax = int32_bits_as_float32(top) if finite else np.float32(0.0)
+        amax = bits_as_float(np.int32(top)) if finite else np.float32(0.0)
         inv = np.float32(1.0) / amax * np.float32(127.0) if amax > np.float32(0.0) else np.float32(0.0)
         row = r * lda_bytes
         for k in range(K):
