@@ -62,6 +62,16 @@ if numba is not None:
         for n, v in enumerate(vectors):
             builder.store(v, vector_at(builder, C, ir.Constant(_I64, 16 * n), lanes), align=4)
 
+    def prefetch(builder, at, write=False):
+        """The IR of a prefetch of the cache line at pointer `at` (into every level, for reading, or
+        for writing: `prefetchw`). A prefetch never faults, wherever it points."""
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        name = "llvm.prefetch.p0"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
+        builder.call(fn, [builder.bitcast(at, i8p), ir.Constant(i32, int(write)), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+
     def sums_type(kind):
         """The accumulators' vector type: 16 int32 sums for "int8", 16 float32 ones otherwise."""
         return _I32x16 if kind == "int8" else _F32x16
@@ -82,12 +92,13 @@ if numba is not None:
             return lanes, lambda acc, a, b: builder.call(fn, [acc, a, b])
         return lanes, lambda acc, a, b: builder.call(fn, [a, b, acc])
 
-    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None, brs=None):
+    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None, brs=None, ahead=0):
         """The IR of the loop over k: returns the rows x vectors accumulators (row r, columns
         16h .. 16h + 15 at r * vectors + h) once it is done, the builder then in the block after
         it. Row r's k-th A element (word) at A[r * ars + k * aks], B's k-th row of 16 * vectors at
         B[k * bks] (at B[r * brs + k * bks] for row r, with `brs`: each row its own B). `start`:
-        each vector's first value (shared by the rows), zeros by default. One loop whose phi
+        each vector's first value (shared by the rows), zeros by default. `ahead` > 0: each step
+        also prefetches the lines of B that many words past its row. One loop whose phi
         nodes carry the accumulators ("int8": vpdpbusd, as quantized.py uses it)."""
         lanes, product = _product(builder, kind)
         acc_type = sums_type(kind)
@@ -101,6 +112,8 @@ if numba is not None:
         def step(k, acc):
             b_at = builder.mul(k, bks)
             b = None if brs is not None else b_row(b_at)
+            for h in range(vectors if ahead else 0):  # a 16-word vector is one 64-byte line
+                prefetch(builder, builder.gep(B, [builder.add(b_at, ir.Constant(_I64, 16 * h + ahead))]))
             a_at = builder.mul(k, aks)
             new = []
             for r in range(rows):
@@ -171,12 +184,13 @@ if numba is not None:
         tile_into.__name__ = tile_into.__qualname__ = f"{kind}_tile_into"
         return intrinsic(tile_into)
 
-    def make_group_tile(kind, rows, vectors):
+    def make_group_tile(kind, rows, vectors, ahead=0):
         """An intrinsic tile(b, b_off, kp, a, a_off, lda, init, i_off, acc) for few rows: acc
         (rows * 16 * vectors,) = rows of A words a[a_off + r * lda + k] times the group of B words
         b[b_off + k * 16 * vectors ...] over k < kp (the packed weights of quantized.py), each
         row's sums started at init[i_off:] for "int8" (the column-sum correction), at zero for the
-        float kinds (init unread). Each vector of B is the memory operand of `rows` products."""
+        float kinds (init unread). Each vector of B is the memory operand of `rows` products;
+        `ahead` > 0: B's lines are prefetched that many words ahead of the step reading them."""
         def group_tile(typingctx, b, b_off, kp, a, a_off, lda, init, i_off, acc):
             i = types.int64
             sig = types.void(b, i, i, a, i, i, init, i, acc)
@@ -195,7 +209,7 @@ if numba is not None:
                              for h in range(vectors)]
                 store_vectors(builder, C, tile_sums(builder, kind, A, lda, ir.Constant(_I64, 1), B,
                                                     ir.Constant(_I64, 16 * vectors), kp, rows=rows, vectors=vectors,
-                                                    start=start), acc_type)
+                                                    start=start, ahead=ahead), acc_type)
                 return context.get_dummy_value()
 
             return sig, codegen
@@ -214,17 +228,31 @@ if numba is not None:
         def codegen(context, builder, signature, args):
             c_arr, c_off, ldc = args
             C = pointer(context, builder, signature.args[0], c_arr, c_off)
-            i8p = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            name = "llvm.prefetch.p0"
-            fn = builder.module.globals.get(name) or ir.Function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
             for r in range(TILE_M):
                 for h in range(2):
-                    at = builder.gep(C, [builder.add(builder.mul(ir.Constant(_I64, r), ldc),
-                                                     ir.Constant(_I64, 16 * h))])
-                    builder.call(fn, [builder.bitcast(at, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3),
-                                      ir.Constant(i32, 1)])
+                    prefetch(builder, builder.gep(C, [builder.add(builder.mul(ir.Constant(_I64, r), ldc),
+                                                                  ir.Constant(_I64, 16 * h))]), write=True)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def prefetch_span(typingctx, a, a_off, n):
+        """Ask for the cache lines of a[a_off:a_off + n], for reading: the start of a stream that
+        the next loop reads, while the caller does something else. A prefetch never faults."""
+        i = types.int64
+        sig = types.void(a, i, i)
+
+        def codegen(context, builder, signature, args):
+            a_arr, a_off, n = args
+            A = builder.bitcast(pointer(context, builder, signature.args[0], a_arr, a_off), ir.IntType(8).as_pointer())
+            size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+
+            def step(at, _):
+                prefetch(builder, builder.gep(A, [at]))
+                return []
+
+            ir_loop(builder, "prefetch", builder.mul(n, ir.Constant(_I64, size)), 64, [], step)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -286,5 +314,5 @@ if numba is not None:
 
         return sig, codegen
 else:
-    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = prefetch_tile = None
+    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = prefetch_tile = prefetch_span = None
     weighted_rows32 = weighted_rows64 = scaled_copy = None

@@ -43,13 +43,14 @@ from fastformer.kernels._sync import (
     stage_open,
     wait_stage,
 )
-from fastformer.kernels._tiles import tiles_run, weighted_rows32, weighted_rows64
+from fastformer.kernels._tiles import prefetch_span, tiles_run, weighted_rows32, weighted_rows64
 from fastformer.kernels.checks import FLOAT_DTYPES, aligned, as_int_array, check_eps, describe, kernel_array, quiet
 from fastformer.kernels.ops.activations import _gelu
 from fastformer.kernels.ops.attention import _softmax_row
 from fastformer.kernels.ops.layernorm import layernorm, normalize_row
 from fastformer.kernels.ops.quantized import (
     GROUP_N,
+    PREFETCH_WORDS,
     TILE_ROWS,
     QuantizedWeight,
     bf16_product,
@@ -461,7 +462,8 @@ def _vector(flat, offsets, slot, n):
 # The products of a step, one set per weight format: `_prep` readies a product's input rows x (R, K)
 # (int8: u8 rows and their scales in au8, sx; bf16: pairs of bfloat16 in aw), `_cols` writes the
 # columns of groups g0..g1 of y = x @ a matrix slot (+ its bias, when b_off >= 0), `_head_cols` those
-# of the logits. Each kernel is the loops below with one format's three.
+# of the logits, `_warm` asks for the first weights of group g0 (a packed slot's groups lie one after
+# the other, Kw words a column). Each kernel is the loops below with one format's four.
 @inline
 def _prep_fp32(x, K, au8, aw, sx):
     pass
@@ -475,6 +477,21 @@ def _prep_int8(x, K, au8, aw, sx):
 @inline
 def _prep_bf16(x, K, au8, aw, sx):
     pack_rows_bf16(x, x.shape[0], K, aw, (K + 1) // 2)
+
+
+@inline
+def _warm_fp32(words, qo, K, g0):
+    pass  # float32 (K, N) slots: a group's columns are strided rows, not one stream
+
+
+@inline
+def _warm_int8(words, qo, K, g0):
+    prefetch_span(words, qo[0] + g0 * ((K + 3) // 4) * GROUP_N, PREFETCH_WORDS)
+
+
+@inline
+def _warm_bf16(words, qo, K, g0):
+    prefetch_span(words, qo[0] + g0 * ((K + 1) // 2) * GROUP_N, PREFETCH_WORDS)
 
 
 @inline
@@ -521,7 +538,7 @@ def _head_cols_bf16(h, C, V, g0, g1, flat, w_off, words, scales, corrections, qo
 
 
 # the float32 kernel's; the others rebind them (_format_kernels)
-_prep, _cols, _head_cols = _prep_fp32, _cols_fp32, _head_cols_fp32
+_prep, _cols, _head_cols, _warm = _prep_fp32, _cols_fp32, _head_cols_fp32, _warm_fp32
 DECODE_SPLIT_ROWS = 16  # rows from which a step runs as two halves side by side on the task pool
 # what a product stage does to its columns after the product: nothing, GELU, add them into `res`, or
 # write each row's first maximum (or first NaN) among them into best[row, chunk]
@@ -537,6 +554,8 @@ def _product_stage_loops(sync, s, parts, part, stream, ln, eps, x, K, N, slot_w,
     G = (N + GROUP_N - 1) // GROUP_N
     n = stage_chunks(G, parts)
     if stage_open(sync, s, n, parts):
+        # this part's first chunk's weights start on their way from L3 while it makes its input rows
+        _warm(words, qoff[slot_w], K, chunk_span(chunk_at(0, n, part, parts), n, G)[0])
         if ln >= 0:
             for r in range(x.shape[0]):
                 normalize_row(stream[r], _vector(flat, offsets, ln, K), _vector(flat, offsets, ln + 1, K), eps, x[r])
@@ -906,9 +925,10 @@ def greedy_stages(L, n_steps, draws=False):
 
 
 def _format_kernels(suffix, floats, **products):
-    """The kernels above as kernels of their own, with `products` (`_prep`, `_cols`, `_head_cols`) of
-    one format in their product stages: (one step, greedy steps). Both call the step's loops as a function of their own:
-    inlined into the greedy loop they took longer to compile and ran no faster."""
+    """The kernels above as kernels of their own, with `products` (`_prep`, `_cols`, `_head_cols`,
+    `_warm`) of one format in their product stages: (one step, greedy steps). Both call the step's
+    loops as a function of their own: inlined into the greedy loop they took longer to compile and
+    ran no faster."""
     def copy(fn, **names):
         c = pytypes.FunctionType(fn.__code__, {**fn.__globals__, **names}, fn.__name__ + suffix)
         c.__qualname__ = fn.__qualname__ + suffix  # its own entry in the disk cache
@@ -924,9 +944,9 @@ def _format_kernels(suffix, floats, **products):
 
 _KERNELS = {None: _format_kernels("", ("float32", "float64")),
             "int8": _format_kernels("_int8", ("float32",), _prep=_prep_int8, _cols=_cols_int8,
-                                    _head_cols=_head_cols_int8),
+                                    _head_cols=_head_cols_int8, _warm=_warm_int8),
             "bf16": _format_kernels("_bf16", ("float32",), _prep=_prep_bf16, _cols=_cols_bf16,
-                                    _head_cols=_head_cols_bf16)}
+                                    _head_cols=_head_cols_bf16, _warm=_warm_bf16)}
 _NO_QUANT = (np.zeros(0, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.int32))
 _NO_SYNC = np.zeros(0, np.int64)
 

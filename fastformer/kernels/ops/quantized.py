@@ -52,6 +52,11 @@ GROUP_N = PANEL_N * PANELS  # columns of a group: the kernel's tile, and N's pad
 K_PER_WORD = {"int8": 4, "bf16": 2}
 TILE_ROWS = 2  # rows a pass of the kernel multiplies. Three (24 accumulators) should fit 32 registers, but LLVM
 # keeps the group's 8 vectors of B in registers too and spills: 1.5 G vpdpbusd/s against 3.2 for two rows
+# Words of a group's weights prefetched ahead of the step of k that reads them (2 KB: four steps), and
+# at the start of a decoding stage's chunk (gpt2_decode). A batch-1 product streams its weights from L3
+# once per token, faster than the hardware's prefetcher alone keeps them coming, and each stage's
+# stream starts cold; the distance was chosen by timing medium's decoding (docs/benchmarks.md).
+PREFETCH_WORDS = 512
 INT8_OFFSET = 128  # u8 = q_x + 128
 INV_127 = np.float32(1.0 / 127.0)
 
@@ -289,8 +294,8 @@ if numba is not None:
     # R rows (1 or 2) by a group of 8 vectors of 16 columns: kernels/_tiles.make_group_tile
     from fastformer.kernels._tiles import make_group_tile
 
-    _int8_tile1, _int8_tile2 = (make_group_tile("int8", r, PANELS) for r in (1, 2))
-    _bf16_tile1, _bf16_tile2 = (make_group_tile("bf16", r, PANELS) for r in (1, 2))
+    _int8_tile1, _int8_tile2 = (make_group_tile("int8", r, PANELS, PREFETCH_WORDS) for r in (1, 2))
+    _bf16_tile1, _bf16_tile2 = (make_group_tile("bf16", r, PANELS, PREFETCH_WORDS) for r in (1, 2))
 else:
     _int8_tile1 = _int8_tile2 = _bf16_tile1 = _bf16_tile2 = None
 
