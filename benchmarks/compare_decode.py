@@ -16,11 +16,15 @@ generate(do_sample=True, num_return_sequences=N).
 
 Every contender runs in its own process (benchmarks/decode_contenders.py for the rivals, which never
 import fastformer; fastformer's never imports torch), builds and warms up first, then they take
-turns for --rounds rounds; each figure is the rate of the median call. A rival whose library is not
-installed is left out with a line saying so.
+turns for --rounds rounds, each turn after a pause of PAUSE seconds (a rival's threads may spin that
+long after its calls); each figure is the rate of the median call. A call right after an idle pause
+runs slower on this kind of machine, the more the shorter it is (docs/benchmarks.md), so --warm W
+makes W untimed calls at the start of each turn: the timed one then runs as the calls of a
+sustained decoder do. A rival whose library is not installed is left out with a line saying so.
 
     python benchmarks/compare_decode.py                                  # tiny, small, medium
     python benchmarks/compare_decode.py --presets medium --sampled 1 16
+    python benchmarks/compare_decode.py --presets medium --warm 1        # each turn's call warm
 """
 
 import argparse
@@ -94,8 +98,9 @@ def available(name):
     return all(importlib.util.find_spec(m) is not None for m in RIVALS[name])
 
 
-def compare(preset, rows, sampled, rounds, threads, rivals, rival_threads):
-    """({contender: tokens/s (all rows)}, {contender: its ready answer})."""
+def compare(preset, rows, sampled, rounds, threads, rivals, rival_threads, warm=0):
+    """({contender: tokens/s (all rows)}, {contender: its ready answer}); `warm` untimed calls
+    start each turn."""
     from torch_contenders import Worker
 
     from fastformer.cli import bench
@@ -124,7 +129,7 @@ def compare(preset, rows, sampled, rounds, threads, rivals, rival_threads):
             for _ in range(rounds):
                 for c in started:
                     time.sleep(PAUSE)
-                    times[c.name] += c.times(1)["times"]
+                    times[c.name] += c.times(warm + 1)["times"][warm:]
         finally:
             for c in started:
                 c.close()
@@ -139,11 +144,12 @@ def leading(a, b):
     return n
 
 
-def print_table(presets, rows, sampled, rounds, threads, rivals, rival_threads):
+def print_table(presets, rows, sampled, rounds, threads, rivals, rival_threads, warm=0):
     how = (f"{'batch 1' if rows == 1 else f'{rows} sequences of one prompt'}, sampled (temperature 1, top-k 50)"
            if sampled else "batch 1, greedy")
-    print(f"decoding tokens/s, {how}, 128 new tokens after 16; median of {rounds} rounds taking turns; "
-          f"fastformer on {threads} threads, " + (f"the rivals on {rival_threads}" if rivals else "no rival"))
+    print(f"decoding tokens/s, {how}, 128 new tokens after 16; median of {rounds} rounds taking turns"
+          + (f", each turn's call after {warm} untimed" if warm else ", each call after a pause")
+          + f"; fastformer on {threads} threads, " + (f"the rivals on {rival_threads}" if rivals else "no rival"))
     names = [f"fastformer {fmt}" for fmt in FORMATS] + rivals
     short = {n: n.replace("fastformer ", "").replace("ctranslate2 ", "ct2 ").replace("transformers", "hf")
              for n in names}
@@ -152,7 +158,7 @@ def print_table(presets, rows, sampled, rounds, threads, rivals, rival_threads):
           + f" {'int8/fp32':>10s} {'bf16/fp32':>10s}")
     checks = []
     for preset in presets:
-        r, ready = compare(preset, rows, sampled, rounds, threads, rivals, rival_threads)
+        r, ready = compare(preset, rows, sampled, rounds, threads, rivals, rival_threads, warm)
         line = f"{preset:8s} " + " ".join(f"{r[n]:9.0f}" for n in names)
         line += "".join(f" {r['fastformer int8'] / r[n]:11.2f}x" for n in names if not n.startswith("fastformer"))
         fp32 = r["fastformer fp32"]
@@ -189,7 +195,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="threads of every contender (default: the cores)")
     ap.add_argument("--rival-threads", type=int, default=None,
                     help="threads of the rivals alone (default: --threads), e.g. a rival's fastest count here")
+    ap.add_argument("--warm", type=int, default=0,
+                    help="untimed calls at the start of each turn, after the pause (default 0)")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.warm < 0:
+        ap.error("--rounds must be at least 1 and --warm at least 0")
     missing = [f for f in FORMATS if not format_runs_natively(f)]
     if missing:
         raise SystemExit(f"compare_decode: this CPU does not run {', '.join(missing)} weights natively")
@@ -199,11 +209,11 @@ def main(argv=None):
             print(f"{n}: left out, not installed (pip install {' '.join(RIVALS[n])})")
     threads = args.threads or num_threads()
     rival_threads = args.rival_threads or threads
-    print_table(args.presets, 1, False, args.rounds, threads, rivals, rival_threads)
+    print_table(args.presets, 1, False, args.rounds, threads, rivals, rival_threads, args.warm)
     for n in args.sampled:
         print()
         print_table(args.presets, n, True, args.rounds, threads, [r for r in rivals if r == "transformers"],
-                    rival_threads)
+                    rival_threads, args.warm)
 
 
 if __name__ == "__main__":
