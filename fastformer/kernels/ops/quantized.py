@@ -42,7 +42,7 @@ import numpy as np
 from fastformer.errors import FastformerError, is_int
 from fastformer.kernels._jit import bits_as_float, inline, kernel, numba
 from fastformer.kernels.checks import describe, kernel_array, quiet
-from fastformer.kernels.ops.gemm_bf16 import _bf16, _pair, round_to_bf16
+from fastformer.kernels.ops.gemm_bf16 import _pairs_along_row, round_to_bf16
 from fastformer.kernels.process import cpu_has_bf16, cpu_has_vnni
 
 FORMATS = ("fp32", "bf16", "int8")
@@ -58,6 +58,7 @@ TILE_ROWS = 2  # rows a pass of the kernel multiplies. Three (24 accumulators) s
 # stream starts cold; the distance was chosen by timing medium's decoding (docs/benchmarks.md).
 PREFETCH_WORDS = 512
 INT8_OFFSET = 128  # u8 = q_x + 128
+_NO_WORDS = np.zeros(0, np.uint32)
 INV_127 = np.float32(1.0 / 127.0)
 
 
@@ -314,25 +315,26 @@ def quantize_rows_u8(x, M, K, au8, lda_bytes, sx):
         finite = top <= np.int32(0x7F7FFFFF)  # NaN and inf have every exponent bit set
         amax = bits_as_float(np.int32(top)) if finite else np.float32(0.0)
         inv = np.float32(1.0) / amax * np.float32(127.0) if amax > np.float32(0.0) else np.float32(0.0)
-        row = r * lda_bytes
-        for k in range(K):
-            t = np.rint(x[r, k] * inv) if finite else np.float32(0.0)
-            t = min(max(t, np.float32(-127.0)), np.float32(127.0))
-            au8[row + k] = np.uint8(np.int32(t) + INT8_OFFSET)
-        for k in range(K, lda_bytes):
-            au8[row + k] = np.uint8(INT8_OFFSET)
+        # the row's own slices, indexed from 0, and the test of `finite` outside the loop: an index
+        # that may be negative (row + k), or a branch inside, keeps the loop from vectorising
+        xr, dst = x[r], au8[r * lda_bytes:(r + 1) * lda_bytes]
+        if finite:
+            for k in range(K):
+                t = min(max(np.rint(xr[k] * inv), np.float32(-127.0)), np.float32(127.0))
+                dst[k] = np.uint8(np.int32(t) + INT8_OFFSET)
+        else:
+            dst[:K] = np.uint8(INT8_OFFSET)
+        dst[K:] = np.uint8(INT8_OFFSET)
         sx[r] = amax * INV_127 if finite else np.float32(np.nan)
 
 
 @inline
 def pack_rows_bf16(x, M, K, aw, lda):
-    """Rows x[:M, :K] as words of bfloat16 pairs: aw[r * lda + kk] = (x[r, 2kk], x[r, 2kk + 1])."""
+    """Rows x[:M, :K] (C-contiguous float32) as words of bfloat16 pairs: aw[r * lda + kk] =
+    (x[r, 2kk], x[r, 2kk + 1]), lda = (K + 1) // 2, 32 values an instruction (_pairs_along_row,
+    whose scratch a contiguous float32 row in jitted code does not use)."""
     for r in range(M):
-        row = r * lda
-        for kk in range(K // 2):
-            aw[row + kk] = _pair(x[r, 2 * kk], x[r, 2 * kk + 1])
-        if K % 2:
-            aw[row + K // 2] = _bf16(x[r, K - 1])
+        _pairs_along_row(x[r, :K], aw[r * lda:(r + 1) * lda], _NO_WORDS)
 
 
 @inline
