@@ -124,8 +124,10 @@ def check_id_limit(id_limit, vocab_size):
 # take about GREEDY_SECONDS by the last call's pace (the first call's: the prompt's time): a fast
 # model's tokens arrive in chunks, a slow one's stream (and stop at Ctrl-C) as they come. Each call
 # pays a fixed cost of Python and hand-offs around the kernel, so a fast model's chunk is bounded by
-# the time alone: a small cap on its tokens would only add calls.
-GREEDY_CHUNK, GREEDY_SECONDS = 256, 0.02
+# the time alone: a small cap on its tokens would only add calls. `generate`, which hands out nothing
+# before the end, bounds a call by GENERATE_SECONDS instead, about as long as a Ctrl-C may wait (a
+# kernel call runs to its end): a 128-token generation of the presets is then one call, not two.
+GREEDY_CHUNK, GREEDY_SECONDS, GENERATE_SECONDS = 256, 0.02, 0.25
 
 
 def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
@@ -141,7 +143,7 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     tokens in one call, keeping `done` as this loop does: (tokens (N, m), whether the last
     column's choice was NaN), or None where it does not run (the fused kernel's loop,
     TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own, and each
-    chunk makes as many as GREEDY_SECONDS allow at the last one's pace. `pace`: seconds a token
+    chunk makes as many as `seconds` (GREEDY_SECONDS) allow at the last one's pace. `pace`: seconds a token
     takes at most, for the first chunk (the prompt's time: a token costs no more than the prompt
     that ran the whole model before it, though a long prompt composed on every BLAS thread can run
     faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
@@ -162,7 +164,8 @@ def _one_by_one(blocks):
 
 
 def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None, rng=None, eos_id=None,
-                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None):
+                  repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None,
+                  seconds=GREEDY_SECONDS):
     """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps or
     sampled_steps chunk's whole, each other step alone. For `generate`, which keeps them all: a
     token handed out alone costs Python time that counts beside a tiny model's token."""
@@ -178,7 +181,7 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     nxt = None
     stuck = None  # the logits a sampled_steps call stopped at: this loop refuses them
     i = 0  # tokens yielded
-    chunk = 1 if pace is None else _chunk(pace)  # of the next call of `several`
+    chunk = 1 if pace is None else _chunk(pace, seconds)  # of the next call of `several`
     while i < n_steps:
         if i and several is not None and stuck is None:
             began = time.perf_counter()
@@ -187,7 +190,7 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
                 tokens, last = made  # last: greedy, whether the last choice was NaN; sampled, the stuck logits
                 m = tokens.shape[1]
                 ran = m + (not plain_greedy and last is not None)
-                chunk = _chunk((time.perf_counter() - began) / ran)
+                chunk = _chunk((time.perf_counter() - began) / ran, seconds)
                 if plain_greedy and last:  # the tokens before the NaN's, then the refusal
                     if m > 1:
                         yield tokens[:, :m - 1]
@@ -228,9 +231,9 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
             return
 
 
-def _chunk(pace):
-    """Tokens a greedy_steps call makes at `pace` seconds a token."""
-    return max(1, min(GREEDY_CHUNK, int(GREEDY_SECONDS / max(pace, 1e-9))))
+def _chunk(pace, seconds):
+    """Tokens a greedy_steps call makes at `pace` seconds a token, to last about `seconds`."""
+    return max(1, min(GREEDY_CHUNK, int(seconds / max(pace, 1e-9))))
 
 
 def _refuse_nan(token):
@@ -260,9 +263,9 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=No
 
 
 def _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id, repetition_penalty,
-                     use_cache, id_limit=None):
-    """`generate_tokens`' ids in blocks (sample_blocks), for a prompt batch already made by
-    `prompt_batch`."""
+                     use_cache, id_limit=None, seconds=GREEDY_SECONDS):
+    """`generate_tokens`' ids in blocks (sample_blocks, each call of several steps lasting about
+    `seconds`), for a prompt batch already made by `prompt_batch`."""
     check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     check_seed_and_eos(seed, eos_id, model.config.vocab_size)
@@ -282,7 +285,8 @@ def _generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p
                              lambda ids, n, done: model.greedy_steps(ids, state, n, done, eos_id),
                              pace=time.perf_counter() - began,
                              sampled_steps=lambda ids, n, done: model.sampled_steps(ids, state, n, rng, temperature,
-                                                                                    top_k, done, eos_id))
+                                                                                    top_k, done, eos_id),
+                             seconds=seconds)
 
 
 def finish(prompt_ids, ids, new, kind, eos_id):
@@ -316,7 +320,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     ids, mask, kind = prompt_batch(prompt_ids, attention_mask, model.config.vocab_size)
     check_id_limit(id_limit, model.config.vocab_size)
     blocks = list(_generate_blocks(model, ids, mask, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                                   repetition_penalty, use_cache, id_limit))
+                                   repetition_penalty, use_cache, id_limit, seconds=GENERATE_SECONDS))
     new = np.concatenate(blocks, axis=1) if blocks else np.zeros((ids.shape[0], 0), np.int64)  # (B, n)
     return finish(prompt_ids, ids, new, kind, eos_id)
 

@@ -167,6 +167,50 @@ def test_the_first_greedy_chunk_is_sized_by_the_pace_given(pace, first):
     assert len(got) == 7 and calls[0] == first and sum(calls) == 6
 
 
+@pytest.mark.parametrize("seconds, first", [(0.02, 2), (0.25, 25)])
+def test_a_greedy_chunk_lasts_about_the_seconds_given(seconds, first):
+    """At 0.01 s a token (the prompt's pace), a chunk of GREEDY_SECONDS makes 2 tokens, one of
+    GENERATE_SECONDS 25."""
+    from fastformer.generation.sampling import GENERATE_SECONDS, GREEDY_SECONDS, sample_blocks
+
+    assert (GREEDY_SECONDS, GENERATE_SECONDS) == (0.02, 0.25)
+    calls = []
+
+    def greedy_steps(ids, n, done):
+        calls.append(n)
+        return np.full((1, n), 2), False
+
+    blocks = list(sample_blocks(None, np.array([[0.0, 1.0, 0.0]]), 40, greedy_steps=greedy_steps, pace=0.01,
+                                seconds=seconds))
+    assert calls[0] == first and sum(b.shape[1] for b in blocks) == 40
+
+
+def test_generate_makes_a_short_generation_in_one_greedy_call(monkeypatch):
+    """generate hands out nothing before the end: the tokens after the prompt's first come from one
+    greedy_steps call (the fused kernel's), where the streaming generator's 20 ms chunks would
+    start with fewer."""
+    from fastformer import use_backend
+    from fastformer.generation.sampling import generate_tokens
+
+    m = TransformerLM(LMConfig(vocab_size=13, max_seq_len=64, d_model=16, n_heads=2, d_ff=32, n_layers=1), seed=3)
+    calls = []
+    greedy_steps = m.greedy_steps
+
+    def counted(ids, state, n, done=None, eos_id=None):
+        calls.append(n)
+        return greedy_steps(ids, state, n, done, eos_id)
+
+    monkeypatch.setattr(m, "greedy_steps", counted)
+    with use_backend("numba"):
+        m.generate(np.array([1, 2, 3]), 40, temperature=0.0)  # the kernels loaded: the prompt's pace is its own
+        calls.clear()
+        out = m.generate(np.array([1, 2, 3]), 40, temperature=0.0)
+        assert calls == [39]  # the first token is the prompt's argmax
+        calls.clear()
+        streamed = np.array([int(t[0]) for t in generate_tokens(m, np.array([1, 2, 3]), 40)])
+    assert np.array_equal(streamed, out[3:]) and calls[0] <= 39
+
+
 def test_an_empty_greedy_chunk_falls_back_to_the_step():
     from fastformer.generation.sampling import sample_tokens
 
