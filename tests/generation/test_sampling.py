@@ -185,12 +185,12 @@ def test_a_greedy_chunk_lasts_about_the_seconds_given(seconds, first):
     assert calls[0] == first and sum(b.shape[1] for b in blocks) == 40
 
 
-def test_generate_makes_a_short_generation_in_one_greedy_call(monkeypatch):
-    """generate hands out nothing before the end: the tokens after the prompt's first come from one
-    greedy_steps call (the fused kernel's), where the streaming generator's 20 ms chunks would
-    start with fewer."""
+def test_generate_sizes_its_greedy_calls_by_generate_seconds(monkeypatch):
+    """generate hands out nothing before the end: its greedy_steps calls (the fused kernel's) last
+    up to GENERATE_SECONDS at the prompt's pace, so a long bound makes the tokens after the
+    prompt's argmax one call and a tiny one a call a token, the same tokens either way."""
     from fastformer import use_backend
-    from fastformer.generation.sampling import generate_tokens
+    from fastformer.generation import sampling
 
     m = TransformerLM(LMConfig(vocab_size=13, max_seq_len=64, d_model=16, n_heads=2, d_ff=32, n_layers=1), seed=3)
     calls = []
@@ -201,14 +201,14 @@ def test_generate_makes_a_short_generation_in_one_greedy_call(monkeypatch):
         return greedy_steps(ids, state, n, done, eos_id)
 
     monkeypatch.setattr(m, "greedy_steps", counted)
+    out = {}
     with use_backend("numba"):
-        m.generate(np.array([1, 2, 3]), 40, temperature=0.0)  # the kernels loaded: the prompt's pace is its own
-        calls.clear()
-        out = m.generate(np.array([1, 2, 3]), 40, temperature=0.0)
-        assert calls == [39]  # the first token is the prompt's argmax
-        calls.clear()
-        streamed = np.array([int(t[0]) for t in generate_tokens(m, np.array([1, 2, 3]), 40)])
-    assert np.array_equal(streamed, out[3:]) and calls[0] <= 39
+        for seconds in (30.0, 1e-9):
+            monkeypatch.setattr(sampling, "GENERATE_SECONDS", seconds)
+            calls.clear()
+            out[seconds] = m.generate(np.array([1, 2, 3]), 40, temperature=0.0)
+            assert calls == ([39] if seconds > 1 else [1] * 39)  # the first token is the prompt's argmax
+    assert np.array_equal(out[30.0], out[1e-9])
 
 
 def test_an_empty_greedy_chunk_falls_back_to_the_step():
