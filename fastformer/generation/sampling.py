@@ -143,7 +143,7 @@ def sample_tokens(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
     tokens in one call, keeping `done` as this loop does: (tokens (N, m), whether the last
     column's choice was NaN), or None where it does not run (the fused kernel's loop,
     TransformerLM.greedy_steps); the tokens are yielded one by one, as the loop's own, and each
-    chunk makes as many as `seconds` (GREEDY_SECONDS) allow at the last one's pace. `pace`: seconds a token
+    chunk makes as many as GREEDY_SECONDS allow at the last one's pace. `pace`: seconds a token
     takes at most, for the first chunk (the prompt's time: a token costs no more than the prompt
     that ran the whole model before it, though a long prompt composed on every BLAS thread can run
     faster a token than one step; the chunk is then at most GREEDY_CHUNK tokens late); without it
@@ -167,8 +167,9 @@ def sample_blocks(step, logits, n_steps, temperature=0.0, top_k=None, top_p=None
                   repetition_penalty=None, seen=None, id_limit=None, greedy_steps=None, pace=None, sampled_steps=None,
                   seconds=GREEDY_SECONDS):
     """sample_tokens' loop, yielding the ids (N, m) of m >= 1 steps at once: a greedy_steps or
-    sampled_steps chunk's whole, each other step alone. For `generate`, which keeps them all: a
-    token handed out alone costs Python time that counts beside a tiny model's token."""
+    sampled_steps chunk's whole, each other step alone, each chunk as many steps as `seconds`
+    allow at the last one's pace. For `generate`, which keeps them all: a token handed out alone
+    costs Python time that counts beside a tiny model's token."""
     N, V = logits.shape
     seen = np.zeros((N, V), dtype=bool) if seen is None else seen
     done = np.zeros(N, dtype=bool)
