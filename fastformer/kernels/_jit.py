@@ -293,7 +293,8 @@ if numba is None:
         return fn
 
     def bits_as_float(i):
-        return np.asarray(i).view(np.float32 if np.asarray(i).itemsize == 4 else np.float64)[()]
+        bits = np.asarray(i)
+        return bits.view(np.float32 if bits.itemsize == 4 else np.float64)[()]
 else:
     inline = numba.njit(inline="always", **_JIT_FLAGS)
     # a jitted function that kernels call rather than inline: a body too large to copy into its caller
