@@ -8,7 +8,8 @@ and packing both float32 inputs on every call; PyTorch's is `torch.matmul` on bf
 made beforehand (what autocast runs once its casts are done), so the comparison does not flatter
 fastformer. "ff packed" is fastformer's GEMM on operands packed beforehand (ops.pack for the right
 one, gemm_bf16.pack_a for the left), the like-for-like figure beside PyTorch's. Each figure is the
-GFLOP/s of the median of --repeats calls, and of --rounds such processes taking turns.
+GFLOP/s of the median of --repeats calls (after WARMUP_SECONDS of untimed ones), and of --rounds
+such processes taking turns.
 
     python benchmarks/compare_gemm.py                        # every preset, 1 and 2 threads
     python benchmarks/compare_gemm.py --presets medium --threads 2 --rounds 5
@@ -26,8 +27,17 @@ import numpy as np
 HERE = os.path.abspath(__file__)
 
 
+WARMUP_SECONDS = 0.2  # of untimed calls before a shape's timed ones, in every contender's process
+
+
 def median_seconds(fn, repeats):
+    """The median time of `repeats` calls of fn, after WARMUP_SECONDS of untimed ones: a process's
+    first shape, timed after one call, ran about 10% slower than when timed after others (its
+    threads and the machine's caches still waking), and every contender's first is the same one."""
+    end = time.perf_counter() + WARMUP_SECONDS
     fn()
+    while time.perf_counter() < end:
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
