@@ -248,3 +248,10 @@ def test_a_refused_input_is_still_a_value_error(ops):
 def test_unknown_backend_is_a_fastformer_error():
     with pytest.raises(FastformerError, match="unknown fastformer backend 'cuda': valid values are auto, numpy, numba"):
         _resolve("cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "float32", np.dtype("<f8"), np.float16, np.int64, bool])
+def test_dtype_name_is_numpys_name_of_the_dtype(dtype):
+    from fastformer.kernels.checks import dtype_name
+
+    assert dtype_name(dtype) == np.dtype(dtype).name

@@ -49,6 +49,7 @@ from fastformer.kernels.checks import (
     cache_root,
     check_finite,
     check_grad,
+    dtype_name,
     kernel_array,
     quiet,
 )
@@ -156,7 +157,7 @@ def attention_precision(ops, dtype, rows):
     keeps it: "bfloat16" when that is in force for float32 arrays (matmul.check_precision) and
     rows >= ATTENTION_BF16_FROM, else the dtype's name."""
     precision = check_precision(ops, None, dtype) if rows >= ATTENTION_BF16_FROM else None
-    return precision or np.dtype(dtype).name
+    return precision or dtype_name(dtype)
 
 
 def attention_cache(cache, forward="attention_forward"):
@@ -174,7 +175,7 @@ def attention_cache(cache, forward="attention_forward"):
     if forward == "attention_qkv_forward" and k.shape != q.shape:
         raise FastformerError(f"q, k and v in the cache of {forward} must have one shape, got q {q.shape}, "
                               f"k {k.shape}")
-    allowed = (q.dtype.name, "bfloat16") if q.dtype == np.float32 else (q.dtype.name,)
+    allowed = (dtype_name(q.dtype), "bfloat16") if q.dtype == np.float32 else (dtype_name(q.dtype),)
     if precision not in allowed:
         raise FastformerError(f"precision in the cache of {forward} must be one of {', '.join(map(repr, allowed))} "
                               f"for {q.dtype} arrays, got {precision!r}")

@@ -10,7 +10,7 @@ key_padding_mask (B, >= start + Tn) True at padding.
 import numpy as np
 
 from fastformer.errors import FastformerError, is_int
-from fastformer.kernels.checks import as_float_array, describe, quiet
+from fastformer.kernels.checks import as_float_array, describe, dtype_name, quiet
 from fastformer.kernels.ops.attention import _attention, _attention_forward, _attention_scale, check_qkv
 
 
@@ -69,7 +69,7 @@ def attention_cached(ops, qkv, k_cache, v_cache, start, n_heads, key_padding_mas
                                                                   key_padding_mask, scale)
     q = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
     k, v = (np.ascontiguousarray(c[:, :, :end]) for c in (k_cache, v_cache))
-    out, _ = _attention_forward(np.ascontiguousarray(q), k, v, True, kpm, scale, q.dtype.name)
+    out, _ = _attention_forward(np.ascontiguousarray(q), k, v, True, kpm, scale, dtype_name(q.dtype))
     return out.transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
@@ -82,5 +82,6 @@ def attention_cached_numba(ops, qkv, k_cache, v_cache, start, n_heads, key_paddi
     q = write_kv_cache(qkv, k_cache, v_cache, start, n_heads)
     k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # strided views: the kernel reads the cache in place
     out = np.empty((B, T, C), qkv.dtype)
-    _attention(ops, q, k, v, True, kpm, scale, q.dtype.name, out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3))
+    _attention(ops, q, k, v, True, kpm, scale, dtype_name(q.dtype),
+               out.reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3))
     return out

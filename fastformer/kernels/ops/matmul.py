@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from fastformer.errors import FastformerError
-from fastformer.kernels.checks import quiet
+from fastformer.kernels.checks import dtype_name, quiet
 from fastformer.kernels.ops import activations, gemm_bf16
 
 _setting = {"precision": "float32"}  # of the products of float32 arrays: fastformer.kernels.set_precision
@@ -47,13 +47,14 @@ def check_precision(ops, precision, dtype):
     """The precision a product of `dtype` arrays runs in: None for the dtype's own (BLAS), else
     "bfloat16". `precision` None takes the process's setting for float32 arrays."""
     dtype = np.dtype(dtype)
+    name = dtype_name(dtype)
     if precision is None:
-        precision = _setting["precision"] if dtype == np.float32 else None
-    elif precision not in ops.matmul_precisions.get(dtype.name, ()):
-        offered = ops.matmul_precisions.get(dtype.name, ())
+        precision = _setting["precision"] if name == "float32" else None
+    elif precision not in ops.matmul_precisions.get(name, ()):
+        offered = ops.matmul_precisions.get(name, ())
         raise FastformerError(f"precision must be None or one of {', '.join(map(repr, offered))} for "
                               f"{dtype} arrays on the {ops.name} backend, got {precision!r}")
-    return None if precision == dtype.name else precision
+    return None if precision == name else precision
 
 
 def require_precision(ops, precision):
@@ -103,7 +104,7 @@ def linear_forward(ops, x, weight, bias=None, out=None, precision=None):
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin)
     N, Cout = x2.shape[0], weight.shape[1]
     _check_out(out, x, N, Cout)
-    precision = check_precision(ops, precision, x2.dtype) or x2.dtype.name  # fixed now, for the backward too
+    precision = check_precision(ops, precision, x2.dtype) or dtype_name(x2.dtype)  # fixed now, for the backward too
     y = ops.matmul(x2, weight, out=None if out is None else out.reshape(N, Cout), precision=precision, bias=bias)
     return y.reshape(*x.shape[:-1], Cout), LinearCache(x2, weight, precision)
 
