@@ -40,7 +40,7 @@ def quiet(fn):
 ALIGN = 64  # bytes: a cache line, and one AVX-512 register
 
 
-_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+_DTYPE_NAMES = {np.dtype(d): np.dtype(d).name for d in FLOAT_DTYPES}
 
 
 def dtype_name(dtype):

@@ -51,7 +51,8 @@ PANEL_N, PANELS = 16, 8  # columns of one vector; vectors a group reads per step
 GROUP_N = PANEL_N * PANELS  # columns of a group: the kernel's tile, and N's padding
 K_PER_WORD = {"int8": 4, "bf16": 2}
 TILE_ROWS = 2  # rows a pass of the kernel multiplies. Three (24 accumulators) should fit 32 registers, but LLVM
-# keeps the group's 8 vectors of B in registers too and spills, at half the products a second of two rows
+# keeps the group's 8 vectors of B in registers too and spills, at half the products a second of two rows.
+
 # Words of a group's weights prefetched ahead of the step of k that reads them (2 KB: four steps), and
 # at the start of a decoding stage's chunk (gpt2_decode). A batch-1 product streams its weights from L3
 # once per token, faster than the hardware's prefetcher alone keeps them coming, and each stage's
