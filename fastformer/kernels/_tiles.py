@@ -92,14 +92,17 @@ if numba is not None:
             return lanes, lambda acc, a, b: builder.call(fn, [acc, a, b])
         return lanes, lambda acc, a, b: builder.call(fn, [a, b, acc])
 
-    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None, brs=None, ahead=0):
+    def tile_sums(builder, kind, A, ars, aks, B, bks, kp, rows=TILE_M, vectors=2, start=None, brs=None, ahead=0,
+                  side=None):
         """The IR of the loop over k: returns the rows x vectors accumulators (row r, columns
         16h .. 16h + 15 at r * vectors + h) once it is done, the builder then in the block after
         it. Row r's k-th A element (word) at A[r * ars + k * aks], B's k-th row of 16 * vectors at
         B[k * bks] (at B[r * brs + k * bks] for row r, with `brs`: each row its own B). `start`:
         each vector's first value (shared by the rows), zeros by default. `ahead` > 0: each step
-        also prefetches the lines of B that many words past its row. One loop whose phi
-        nodes carry the accumulators ("int8": vpdpbusd, as quantized.py uses it)."""
+        also prefetches the lines of B that many words past its row. `side` (n, work): the first n
+        steps (n <= kp) also emit work(k), a job of another loop's interleaved with the products
+        (`bf16_tile_into_packing`). One loop whose phi nodes carry the accumulators ("int8":
+        vpdpbusd, as quantized.py uses it); with `side`, two, its first n steps and the rest."""
         lanes, product = _product(builder, kind)
         acc_type = sums_type(kind)
         start = start or [ir.Constant(acc_type, None)] * vectors
@@ -124,7 +127,18 @@ if numba is not None:
                 new += [product(acc[r * vectors + h], both, br[h]) for h in range(vectors)]
             return new
 
-        return ir_loop(builder, "tile", kp, 1, [start[i % vectors] for i in range(rows * vectors)], step)
+        first = [start[i % vectors] for i in range(rows * vectors)]
+        if side is None:
+            return ir_loop(builder, "tile", kp, 1, first, step)
+        n, work = side
+
+        def step_and_work(k, acc):
+            work(k)
+            return step(k, acc)
+
+        first = ir_loop(builder, "tile.side", n, 1, first, step_and_work)
+        return ir_loop(builder, "tile.rest", builder.sub(kp, n), 1, first,
+                       lambda k, acc: step(builder.add(k, n), acc))
 
     def _make_tile(kind):
         def tile(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, acc):
@@ -145,6 +159,27 @@ if numba is not None:
         tile.__name__ = tile.__qualname__ = f"{kind}_tile"
         return intrinsic(tile)
 
+    def finish_tile(builder, sums, C, ldc, bias, accumulate):
+        """The IR that stores a tile's sums into the 8 x 32 block of c at C (rows ldc apart):
+        sums + bias[:32], or c + (sums + bias[:32]) with `accumulate`."""
+        flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
+        b = [builder.load(vector_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4) for h in range(2)]
+
+        def store(old):
+            for r in range(TILE_M):
+                row = builder.mul(ir.Constant(_I64, r), ldc)
+                for h in range(2):
+                    at = vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
+                    v = builder.fadd(sums[2 * r + h], b[h])
+                    builder.store(builder.fadd(builder.load(at, align=4), v) if old else v, at, align=4)
+
+        # a branch, not a select: a select would load the old c (and wait on it) for every tile
+        with builder.if_else(flag) as (adding, writing):
+            with adding:
+                store(True)
+            with writing:
+                store(False)
+
     def _make_tile_into(kind):
         def tile_into(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, c, c_off, ldc, bias, n0, accumulate):
             """The 8 x 32 block of c at c_off (rows ldc apart, columns adjacent) = the tile's sums
@@ -158,31 +193,57 @@ if numba is not None:
                 B = pointer(context, builder, signature.args[4], b_arr, b_off)
                 C = pointer(context, builder, signature.args[8], c_arr, c_off)
                 bias = pointer(context, builder, signature.args[11], bias_arr, n0)
-                flag = builder.trunc(accumulate, ir.IntType(1)) if accumulate.type != ir.IntType(1) else accumulate
-                sums = tile_sums(builder, kind, A, ars, aks, B, bks, kp)
-                b = [builder.load(vector_at(builder, bias, ir.Constant(_I64, 16 * h), _F32x16), align=4)
-                     for h in range(2)]
-
-                def store(old):
-                    for r in range(TILE_M):
-                        row = builder.mul(ir.Constant(_I64, r), ldc)
-                        for h in range(2):
-                            at = vector_at(builder, C, builder.add(row, ir.Constant(_I64, 16 * h)), _F32x16)
-                            v = builder.fadd(sums[2 * r + h], b[h])
-                            builder.store(builder.fadd(builder.load(at, align=4), v) if old else v, at, align=4)
-
-                # a branch, not a select: a select would load the old c (and wait on it) for every tile
-                with builder.if_else(flag) as (adding, writing):
-                    with adding:
-                        store(True)
-                    with writing:
-                        store(False)
+                finish_tile(builder, tile_sums(builder, kind, A, ars, aks, B, bks, kp), C, ldc, bias, accumulate)
                 return context.get_dummy_value()
 
             return sig, codegen
 
         tile_into.__name__ = tile_into.__qualname__ = f"{kind}_tile_into"
         return intrinsic(tile_into)
+
+    def bf16_pairs(builder, lo, hi):
+        """32 bfloat16 values, lo's 16 then hi's (float32 vectors), rounded by `vcvtne2ps2bf16`
+        (nearest even, a NaN quieted, a subnormal a zero of its sign): <32 x i16>, LLVM 22's form
+        of the intrinsic's signature."""
+        name = "llvm.x86.avx512bf16.cvtne2ps2bf16.512"
+        i16x32 = ir.VectorType(ir.IntType(16), 32)
+        fn = builder.module.globals.get(name) or ir.Function(builder.module,
+                                                             ir.FunctionType(i16x32, [_F32x16, _F32x16]), name)
+        return builder.call(fn, [hi, lo])
+
+    @intrinsic
+    def bf16_tile_into_packing(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, c, c_off, ldc, bias, n0,
+                               accumulate, src, s_off, dst, d_off, n):
+        """`bf16_tile_into`, whose first n steps of k (n <= kp) also pack 32 float32 values of src
+        each: dst[d_off + 16j + i] = the pair (src[s_off + 32j + 2i], src[s_off + 32j + 2i + 1])
+        for i < 16, j < n. The conversion's instructions run on other ports than `vdpbf16ps`'s:
+        measured on this CPU, one of them beside 16 products costs nothing, so the next rows of A
+        are packed while this tile multiplies, where packing them apart stalls the products."""
+        i = types.int64
+        sig = types.void(ap, i, i, i, bp, i, i, i, c, i, i, bias, i, types.boolean, src, i, dst, i, i)
+
+        def codegen(context, builder, signature, args):
+            (a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate,
+             s_arr, s_off, d_arr, d_off, n) = args
+            A = pointer(context, builder, signature.args[0], a_arr, a_off)
+            B = pointer(context, builder, signature.args[4], b_arr, b_off)
+            C = pointer(context, builder, signature.args[8], c_arr, c_off)
+            bias = pointer(context, builder, signature.args[11], bias_arr, n0)
+            S = pointer(context, builder, signature.args[14], s_arr, s_off)
+            D = pointer(context, builder, signature.args[16], d_arr, d_off)
+
+            def pack(j):
+                x = builder.mul(j, ir.Constant(_I64, 32))
+                lo = builder.load(vector_at(builder, S, x, _F32x16), align=4)
+                hi = builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, 16)), _F32x16), align=4)
+                words = builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16)
+                builder.store(words, vector_at(builder, D, builder.mul(j, ir.Constant(_I64, 16)), _I32x16), align=4)
+
+            finish_tile(builder, tile_sums(builder, "bf16", A, ars, aks, B, bks, kp, side=(n, pack)), C, ldc, bias,
+                        accumulate)
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     def make_group_tile(kind, rows, vectors, ahead=0):
         """An intrinsic tile(b, b_off, kp, a, a_off, lda, init, i_off, acc) for few rows: acc
@@ -314,5 +375,6 @@ if numba is not None:
 
         return sig, codegen
 else:
-    bf16_tile = bf16_tile_into = f32_tile = f32_tile_into = make_group_tile = prefetch_tile = prefetch_span = None
+    bf16_tile = bf16_tile_into = bf16_tile_into_packing = f32_tile = f32_tile_into = make_group_tile = None
+    prefetch_tile = prefetch_span = None
     weighted_rows32 = weighted_rows64 = scaled_copy = None

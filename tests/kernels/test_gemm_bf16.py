@@ -97,6 +97,29 @@ def test_a_row_major_a_is_packed_by_the_tasks_that_multiply_it(monkeypatch, M, K
 
 
 @needs_bf16
+# (200, 64, 40): blocks packed alongside, the last (8 rows) apart, and half the tiles cut by N, so
+# that the packing left over runs after them; (256, 256, 64): every tile packs; K = 258 and
+# N = 160 are past ALONGSIDE_K and ALONGSIDE_N; K odd packs row by row
+@pytest.mark.parametrize("M,K,N,alongside", [(200, 64, 40, True), (256, 256, 64, True), (130, 258, 32, False),
+                                             (192, 64, 160, False), (150, 33, 64, False)])
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_each_part_of_the_gemm_packs_its_next_block_while_it_multiplies(M, K, N, alongside, parts):
+    """However the blocks fall to the parts, each part's words are those of pack_a: the product
+    has the bits of the product of pack_a's A, with a bias and accumulation."""
+    assert (K % 2 == 0 and K <= G.ALONGSIDE_K and N <= G.ALONGSIDE_N) == alongside
+    rng = np.random.default_rng(M + K + N + parts)
+    a, b, bias, before = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (N,), (M, N)))
+    want = before.copy()
+    G.matmul_bf16(G.pack_a(a), b, out=want, bias=bias, accumulate=True)
+    got = before.copy()
+    G._gemm_rows(a, G.pack_b(b).panels, got, M, N, bias, True, parts)
+    np.testing.assert_array_equal(got, want)
+    fresh = np.full((M, N), np.nan, np.float32)
+    G._gemm_rows(a, G.pack_b(b).panels, fresh, M, N, bias, False, parts)
+    np.testing.assert_array_equal(fresh, G.matmul_bf16(G.pack_a(a), b, bias=bias))
+
+
+@needs_bf16
 def test_bias_accumulate_read_only_and_packed_operands():
     rng = np.random.default_rng(2)
     a, b, bias = (rng.standard_normal(s).astype(np.float32) for s in ((40, 70), (70, 50), (50,)))

@@ -12,10 +12,13 @@ when it is a transposed view (the x.T of a weight gradient), in panels of 16 row
 that both packers read and write memory in order. Padding is zeros, so every tile is full and
 only its store is cut to C. The packers read any strides, so A @ B, A @ B.T and A.T @ B are all
 a packing away, and a packed operand can serve many products (`pack_b`). A row-major A handed to
-`matmul_bf16` unpacked is packed by the GEMM's own tasks, each its 64 rows into a scratch that
-stays in its core's cache (`_gemm_rows`): A is read from memory once. A linear layer's output
-gradient is both the B of its weight gradient and the A of its input gradient: `pack_a_and_b`
-makes both (and the bias gradient, its column sums) in one pass over it.
+`matmul_bf16` unpacked is packed by the GEMM's own threads, 64 rows at a time into a scratch that
+stays in the core's cache (`_gemm_rows`): A is read from memory once. Where packing is a large
+share of the work (short rows, few columns), a block's rows are packed while the tiles of the
+block before multiply, their conversions interleaved with the products (which leave the
+conversion's ports idle). A linear layer's output gradient is both the B of its weight gradient
+and the A of its input gradient: `pack_a_and_b` makes both (and the bias gradient, its column
+sums) in one pass over it.
 
 The micro-kernel (kernels/_tiles.py, "bf16") keeps an 8 x 32 tile of C in 16 zmm registers over
 the whole K: per pair of k, two loads of B and, per row, one broadcast word of A and two
@@ -39,7 +42,7 @@ import numpy as np
 
 from fastformer.errors import FastformerError
 from fastformer.kernels._jit import ROW_CHUNKS, inline, kernel, numba, prange, sized
-from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into, prefetch_tile
+from fastformer.kernels._tiles import TILE_M, TILE_N, bf16_tile, bf16_tile_into, bf16_tile_into_packing, prefetch_tile
 from fastformer.kernels.checks import describe
 from fastformer.kernels.ops.activations import _gelu, gelu_forward
 from fastformer.kernels.process import cpu_has_bf16
@@ -51,6 +54,13 @@ PARALLEL_WORK = 1 << 17  # elements packed both ways (or flops / 64 multiplied) 
 # short while the workers still spin (process.OMP_SPINS); both ways were timed, a GEMM just before,
 # on operands of 12K to 262K elements
 PACK_PARALLEL = 1 << 16
+# The largest K and N at which `_gemm_rows` packs a block's rows of A while the tiles of the block
+# before multiply. There, packing apart took a fifth of the GEMM's time (4096 x 256 @ 256 x 64, one
+# thread: 258 us with A packed beforehand, 324 packing apart, 294 alongside; 128 x 64: 175 and 150).
+# With more of B's panels the packing is a smaller share of the work, and the second scratch
+# crowds the panels in the cache: at N = 512 and 1024 alongside was 1-10% slower. With longer rows
+# the two scratches grow past L1: at K = 512 one thread was 2-8% slower, at 4096 25%.
+ALONGSIDE_K, ALONGSIDE_N = 256, 128
 
 
 def require_bf16():
@@ -165,18 +175,10 @@ if numba is not None:
     from numba.extending import overload
 
     from fastformer.kernels._jit import ir_loop
-    from fastformer.kernels._tiles import pointer, vector_at
+    from fastformer.kernels._tiles import bf16_pairs, pointer, vector_at
 
     _F32x16, _I32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(32), 16)
     _I16x32, _I64 = ir.VectorType(ir.IntType(16), 32), ir.IntType(64)
-
-    def _convert(builder, lo, hi):
-        """32 bfloat16 values, lo's 16 then hi's (float32 vectors), rounded by `vcvtne2ps2bf16`
-        as round_to_bf16 rounds: <32 x i16> (LLVM 22 upgrades this form of its signature)."""
-        name = "llvm.x86.avx512bf16.cvtne2ps2bf16.512"
-        fn = builder.module.globals.get(name) or ir.Function(builder.module,
-                                                             ir.FunctionType(_I16x32, [_F32x16, _F32x16]), name)
-        return builder.call(fn, [hi, lo])
 
     def _contiguous(*arrays):
         return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
@@ -201,7 +203,7 @@ if numba is not None:
                 lo = builder.fmul(builder.load(vector_at(builder, S, x, _F32x16), align=4), factor)
                 hi = builder.fmul(builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, 16)), _F32x16),
                                                align=4), factor)
-                builder.store(builder.bitcast(_convert(builder, lo, hi), _I32x16), vector_at(builder, D, at, _I32x16),
+                builder.store(builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16), vector_at(builder, D, at, _I32x16),
                               align=4)
                 return []
 
@@ -226,7 +228,7 @@ if numba is not None:
             D = pointer(context, builder, signature.args[3], args[3], args[4])
 
             def step(at, _):
-                both = _convert(builder, builder.load(vector_at(builder, L, at, _F32x16), align=4),
+                both = bf16_pairs(builder, builder.load(vector_at(builder, L, at, _F32x16), align=4),
                                 builder.load(vector_at(builder, H, at, _F32x16), align=4))
                 words = builder.shuffle_vector(both, ir.Constant(_I16x32, None), interleave)
                 builder.store(builder.bitcast(words, _I32x16), vector_at(builder, D, at, _I32x16), align=4)
@@ -396,10 +398,12 @@ def _pack_both(d, b_panels, a_rows, sums_part):
 
 # ------------------------------------------------------------------ the GEMM
 @inline
-def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
+def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc, src, s_off, dst, units):
     """Rows 64 rb .. 64 rb + 63 of c = A @ B + bias (or c += that), over every panel of B, ap
     holding A's rows from a_row0 (a multiple of 16) on; acc is an (8, 32) float32 scratch for the
-    tiles that c cuts.
+    tiles that c cuts. Meanwhile `units` times 32 float32 values of src from s_off are packed into
+    dst's words (16 each, from dst's first): the next task's rows of A, a few in each tile's
+    first steps of k (`bf16_tile_into_packing`), the rest after the tiles.
 
     A whole tile asks for the next one's lines of c before it multiplies (`prefetch_tile`):
     without that a tile's stores wait on memory, which showed at K = 256, where a tile's whole sum
@@ -412,6 +416,8 @@ def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
     direct = c.strides[1] == 4 and c.strides[0] % 4 == 0
     t0, t1 = rb * (BLOCK_M // TILE_M), min((M + TILE_M - 1) // TILE_M, (rb + 1) * (BLOCK_M // TILE_M))
     panels = ars == 1 and aks == A_PANEL
+    share = min(K2, (units + NP * (t1 - t0) - 1) // (NP * (t1 - t0)))  # units a tile packs
+    done = 0
     for p in range(NP):
         n0 = p * TILE_N
         w = min(TILE_N, N - n0)
@@ -425,7 +431,12 @@ def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
                     prefetch_tile(c, (m0 + TILE_M) * ldc + n0, ldc)
                 elif t + 1 == t1 and n0 + 2 * TILE_N <= N:
                     prefetch_tile(c, t0 * TILE_M * ldc + n0 + TILE_N, ldc)
-                if panels:
+                if done < units:
+                    n = min(share, units - done)
+                    bf16_tile_into_packing(ap, a_off, ars, aks, bp, b_off, TILE_N, K2, c, m0 * ldc + n0, ldc, bias,
+                                           n0, accumulate, src, s_off + 32 * done, dst, 16 * done, n)
+                    done += n
+                elif panels:
                     bf16_tile_into(ap, a_off, 1, A_PANEL, bp, b_off, TILE_N, K2, c, m0 * ldc + n0, ldc, bias, n0,
                                    accumulate)
                 else:
@@ -437,6 +448,12 @@ def _gemm_task(ap, ars, aks, a_row0, bp, c, M, N, bias, accumulate, rb, acc):
                 for j in range(w):
                     v = acc[r, j] + bias[n0 + j]
                     c[m0 + r, n0 + j] = c[m0 + r, n0 + j] + v if accumulate else F(v)
+    if done < units:
+        _words_along(src, s_off + 32 * done, dst, 16 * done, 16 * (units - done), np.float32(1.0))
+
+
+_NO_WORDS = np.zeros(0, np.uint32)
+_NO_FLOATS = np.zeros(0, np.float32)
 
 
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)",
@@ -447,31 +464,51 @@ def _gemm(ap, ars, aks, bp, c, M, N, bias, accumulate):
     64 rows side by side on the threads, each over every panel of B; a tile that c holds whole has
     its epilogue in registers (when c's columns are adjacent)."""
     for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
-        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, accumulate, rb, np.empty((TILE_M, TILE_N), np.float32))
+        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, accumulate, rb, np.empty((TILE_M, TILE_N), np.float32),
+                   _NO_FLOATS, 0, _NO_WORDS, 0)
 
 
-@kernel("void(R[:, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean)", serial_twin=True,
+@inline
+def _pack_block(a, flat, rb, words, tmp):
+    """words (BLOCK_M * K2,) = rows 64 rb .. 64 rb + 63 of a (M, K) packed row by row (rows past M zero)."""
+    M, K = a.shape
+    K2 = (K + 1) // 2
+    m0 = rb * BLOCK_M
+    rows = min(BLOCK_M, M - m0)
+    if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row costs most at small K
+        _long_row(flat, m0 * K2, (m0 + rows) * K2, words, tmp)
+    else:
+        for r in range(rows):
+            _pairs_along_row(a[m0 + r], words[r * K2:(r + 1) * K2], tmp)
+    words[rows * K2:] = 0  # rows past M: read by the last tile, never stored
+
+
+@kernel("void(R[:, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean, int64)", serial_twin=True,
         floats=("float32",))
-def _gemm_rows(a, bp, c, M, N, bias, accumulate):
-    """`_gemm` of a row-major A (M, K) that each task packs itself: its 64 rows into a scratch that
-    stays in its core's cache while it sweeps B's panels. A is read from memory once, where
-    packing all of it first writes its words to memory and reads them back."""
+def _gemm_rows(a, bp, c, M, N, bias, accumulate, parts):
+    """`_gemm` of a row-major A (M, K) that the GEMM packs itself, in `parts` (the threads), each
+    over its run of 64-row blocks, through two scratches that stay in the core's cache: the first
+    block packed on its own, and each next one while the tiles of the one before multiply (K
+    even, up to ALONGSIDE_K and ALONGSIDE_N), else after them. A is read from memory once."""
     K = a.shape[1]
     K2 = bp.shape[1]
     flat = a.reshape(M * K)
-    for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
-        m0 = rb * BLOCK_M
-        rows = min(BLOCK_M, M - m0)
-        words = np.empty((BLOCK_M, K2), np.uint32)
+    blocks = (M + BLOCK_M - 1) // BLOCK_M
+    P = max(1, min(blocks, parts))
+    for part in prange(P):
+        b0, b1 = part * blocks // P, (part + 1) * blocks // P
+        words = np.empty((2, BLOCK_M * K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
-        if K % 2 == 0:  # the rows as one long row, as _pack_a_rows packs them: a call a row costs most at small K
-            _long_row(flat, m0 * K2, (m0 + rows) * K2, words.reshape(BLOCK_M * K2), tmp)
-        else:
-            for r in range(rows):
-                _pairs_along_row(a[m0 + r], words[r], tmp)
-        words[rows:] = 0  # rows past M: read by the last tile, never stored
-        _gemm_task(words.reshape(BLOCK_M * K2), K2, 1, m0, bp, c, M, N, bias, accumulate, rb,
-                   np.empty((TILE_M, TILE_N), np.float32))
+        acc = np.empty((TILE_M, TILE_N), np.float32)
+        _pack_block(a, flat, b0, words[0], tmp)
+        for rb in range(b0, b1):
+            now, after = words[(rb - b0) % 2], words[(rb - b0 + 1) % 2]
+            alongside = (K % 2 == 0 and K <= ALONGSIDE_K and N <= ALONGSIDE_N and rb + 1 < b1
+                         and (rb + 2) * BLOCK_M <= M)  # the next block, whole, packed while this one multiplies
+            _gemm_task(now, K2, 1, rb * BLOCK_M, bp, c, M, N, bias, accumulate, rb, acc, flat,
+                       (rb + 1) * BLOCK_M * K, after, BLOCK_M * K // 32 if alongside else 0)
+            if rb + 1 < b1 and not alongside:
+                _pack_block(a, flat, rb + 1, after, tmp)
 
 
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, ::1], int64, int64, R[::1], F[:, ::1], boolean)",
@@ -481,7 +518,8 @@ def _gemm_gelu(ap, ars, aks, bp, c, M, N, bias, g, exact):
     task's rows once it has made them, while they are still in its core's cache (after its whole
     rows, not tile by tile: a GELU per tile slows the tiles' loop)."""
     for rb in prange((M + BLOCK_M - 1) // BLOCK_M):
-        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, False, rb, np.empty((TILE_M, TILE_N), np.float32))
+        _gemm_task(ap, ars, aks, 0, bp, c, M, N, bias, False, rb, np.empty((TILE_M, TILE_N), np.float32),
+                   _NO_FLOATS, 0, _NO_WORDS, 0)
         for m in range(rb * BLOCK_M, min(M, rb * BLOCK_M + BLOCK_M)):
             for n in range(N):
                 g[m, n] = _gelu(c[m, n], exact)
@@ -606,7 +644,8 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
     bias = np.zeros(N, np.float32) if bias is None else bias
     work = 2 * M * N * K // 64
     if gelu_out is None and not isinstance(a, PackedA) and not _transposed(a):  # packed by the GEMM's tasks
-        sized(_gemm_rows, work, PARALLEL_WORK)(np.ascontiguousarray(a), packed.panels, out, M, N, bias, accumulate)
+        sized(_gemm_rows, work, PARALLEL_WORK)(np.ascontiguousarray(a), packed.panels, out, M, N, bias, accumulate,
+                                               numba.get_num_threads())
         return out
     words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     if gelu_out is None:
