@@ -26,9 +26,9 @@ contender's timed calls.
     python benchmarks/compare_torch.py --presets tiny --rounds 1 --no-compile   # a quick look
 
 With `--baseline DIR` (another checkout of fastformer, e.g. `git worktree add DIR main`), that
-checkout's backends take their turns too, as "numba@base" and "numpy@base", each in its own process
-importing DIR's fastformer, and a last table gives this checkout's rates over the baseline's:
-before and after a change, measured side by side.
+checkout's backends take their turns too, as "numba@base" and "numpy@base" (and with --bf16
+"numba bf16@base"), each in its own process importing DIR's fastformer, and a last table gives
+this checkout's rates over the baseline's: before and after a change, measured side by side.
 """
 
 import argparse
@@ -172,14 +172,14 @@ def compare_training(preset, rounds, steps, numpy_steps, with_compile, threads, 
     """{contender: steps/s, or the error text of a torch.compile that failed}."""
     names = [n for n in TRAIN_CONTENDERS + (BF16_CONTENDERS if bf16 else ())
              if (with_compile or not n.startswith("torch.compile")) and (with_numpy or n != "numpy")]
-    names += [n + BASE for n in FASTFORMER if BASELINE and n in names]
+    names += [n + BASE for n in FASTFORMER + ("numba" + BF16,) if BASELINE and n in names]
     rates, first, failed = run_contenders("train", names, preset, threads, rounds,
                                           lambda name: numpy_steps if name.startswith("numpy") else steps, env,
                                           shape)
     for name in failed:
         if not name.startswith("torch.compile"):
             raise SystemExit(f"{preset}: {name} {failed[name]}")
-    for tol, group in ((1e-3, [n for n in first if not n.endswith(BF16)]), (1e-2, list(first))):
+    for tol, group in ((1e-3, [n for n in first if not n.removesuffix(BASE).endswith(BF16)]), (1e-2, list(first))):
         losses = [first[n] for n in group]  # bfloat16 products: the first losses agree to 1%, not 0.1%
         if max(losses) - min(losses) > tol * abs(first["torch eager"]):
             raise SystemExit(f"{preset}: the first losses disagree: {first}")
@@ -340,15 +340,16 @@ AGAINST_BASE = []  # (row label, {contender: rate}) of every table, for print_ag
 def print_against_baseline():
     """This checkout's rates over the --baseline checkout's, from the rounds above."""
     print(f"\nthis checkout against --baseline {BASELINE['dir']} (rates of the same rounds; >1 is faster)")
-    print(f"{'':20s} {'numba':>9s} {'numba@base':>10s} {'ratio':>7s}   {'numpy':>9s} {'numpy@base':>10s} {'ratio':>7s}")
+    names = ("numba", "numba" + BF16, "numpy")
+    print(f"{'':20s} " + "   ".join(f"{n:>10s} {n + BASE:>15s} {'ratio':>7s}" for n in names))
     for label, r in AGAINST_BASE:
         cells = []
-        for name in FASTFORMER[::-1]:
+        for name in names:
             mine, base = r.get(name), r.get(name + BASE)
             if isinstance(mine, float) and isinstance(base, float):
-                cells.append(f"{mine:9.2f} {base:10.2f} {mine / base:6.3f}x")
+                cells.append(f"{mine:10.2f} {base:15.2f} {mine / base:6.3f}x")
             else:
-                cells.append(f"{'-':>9s} {'-':>10s} {'-':>7s}")
+                cells.append(f"{'-':>10s} {'-':>15s} {'-':>7s}")
         print(f"{label:20s} " + "   ".join(cells))
 
 

@@ -18,7 +18,9 @@ element at A[a_off + r * ars + k * aks], B's k-th row of 32 at B[b_off + k * bks
 
 `tile` stores the tile's sums into an (8, 32) float32 array, for the tiles that C cuts; `tile_into`
 finishes a whole tile in registers: c[c_off + r * ldc + j] = sums (+ bias[n0 + j]) (+ the old c
-with `accumulate`), the sum rounded as c + (sums + bias). LLVM's verifier wants every phi node at
+with `accumulate`), the sum rounded as c + (sums + bias); `bf16_tile_into_packing` is "bf16"'s
+`tile_into` whose first steps of k also pack float32 values into bfloat16 pairs, the next rows of
+A that the GEMM multiplies after this block. LLVM's verifier wants every phi node at
 the top of its block, and Numba's disk cache works with these intrinsics because the kernels
 calling them are module-level functions.
 

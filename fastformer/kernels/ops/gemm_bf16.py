@@ -59,7 +59,8 @@ PACK_PARALLEL = 1 << 16
 # thread: 258 us with A packed beforehand, 324 packing apart, 294 alongside; 128 x 64: 175 and 150).
 # With more of B's panels the packing is a smaller share of the work, and the second scratch
 # crowds the panels in the cache: at N = 512 and 1024 alongside was 1-10% slower. With longer rows
-# the two scratches grow past L1: at K = 512 one thread was 2-8% slower, at 4096 25%.
+# the two scratches grow past L1: at K = 512 one thread was 2-8% slower, at 4096 25%. Elsewhere a
+# part packs each block into the one scratch, after the block before.
 ALONGSIDE_K, ALONGSIDE_N = 256, 128
 
 
@@ -497,18 +498,20 @@ def _gemm_rows(a, bp, c, M, N, bias, accumulate, parts):
     P = max(1, min(blocks, parts))
     for part in prange(P):
         b0, b1 = part * blocks // P, (part + 1) * blocks // P
-        words = np.empty((2, BLOCK_M * K2), np.uint32)
+        words = np.empty((2 if K <= ALONGSIDE_K and N <= ALONGSIDE_N else 1, BLOCK_M * K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
         _pack_block(a, flat, b0, words[0], tmp)
+        now = 0  # the scratch holding block rb's words
         for rb in range(b0, b1):
-            now, after = words[(rb - b0) % 2], words[(rb - b0 + 1) % 2]
             alongside = (K % 2 == 0 and K <= ALONGSIDE_K and N <= ALONGSIDE_N and rb + 1 < b1
                          and (rb + 2) * BLOCK_M <= M)  # the next block, whole, packed while this one multiplies
-            _gemm_task(now, K2, 1, rb * BLOCK_M, bp, c, M, N, bias, accumulate, rb, acc, flat,
-                       (rb + 1) * BLOCK_M * K, after, BLOCK_M * K // 32 if alongside else 0)
-            if rb + 1 < b1 and not alongside:
-                _pack_block(a, flat, rb + 1, after, tmp)
+            _gemm_task(words[now], K2, 1, rb * BLOCK_M, bp, c, M, N, bias, accumulate, rb, acc, flat,
+                       (rb + 1) * BLOCK_M * K, words[(1 - now) % words.shape[0]], BLOCK_M * K // 32 if alongside else 0)
+            if alongside:
+                now = 1 - now
+            elif rb + 1 < b1:  # into the same scratch, which stays in the cache (at K = 4096 two fill L2)
+                _pack_block(a, flat, rb + 1, words[now], tmp)
 
 
 @kernel("void(uint32[::1], int64, int64, uint32[:, :, ::1], F[:, ::1], int64, int64, R[::1], F[:, ::1], boolean)",
