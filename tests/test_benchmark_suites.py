@@ -135,18 +135,26 @@ def test_compare_torch_runs_every_contender_on_tiny():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("numba")
+    from fastformer.kernels.process import cpu_has_bf16
+
+    bf16 = cpu_has_bf16()  # then fastformer's bf16 training and torch's autocast take their turns too
     proc = subprocess.run([sys.executable, "benchmarks/compare_torch.py", "--presets", "tiny", "--rounds", "1",
-                           "--steps", "1", "--gen-rounds", "1", "--no-compile", "--baseline", ROOT],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+                           "--steps", "1", "--gen-rounds", "1", "--no-compile", "--baseline", ROOT]
+                          + (["--bf16"] if bf16 else []), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("tiny")]
-    # training, then generation: in the environment as set, and again without its OpenBLAS pin if it has one
+    # training, bf16 training, then generation: in the environment as set, and again without its
+    # OpenBLAS pin if it has one
     tables = 2 if any(k in os.environ for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")) else 1
-    assert len(rows) == 2 * tables and proc.stdout.count("=== ") == tables, proc.stdout[-3000:]
-    train, gen = rows[:2]
+    per_table = 3 if bf16 else 2
+    assert len(rows) == per_table * tables and proc.stdout.count("=== ") == tables, proc.stdout[-3000:]
+    train, gen = rows[0], rows[per_table - 1]
     # numpy, numba, eager as users run it, eager with fastformer's process settings; compile left out
     assert all(float(v) > 0 for v in train[1:5]) and train[5:7] == ["-", "-"]
     assert all(float(v) > 0 for v in gen[1:4])  # numpy, numba, transformers
+    if bf16:  # fastformer bf16, eager under autocast, compile left out
+        assert float(rows[1][1]) > 0 and float(rows[1][2]) > 0 and rows[1][3] == "-", rows[1]
     rss = proc.stdout.split("peak RSS (MB) of each contender's process:")[1].splitlines()[1]
     assert rss.split()[0] == "tiny" and "numba/torch eager" in rss, rss
     blas = proc.stdout.split("BLAS in each contender's process:")[1].splitlines()
@@ -155,10 +163,13 @@ def test_compare_torch_runs_every_contender_on_tiny():
     # --baseline: this checkout against itself, run as two more contenders each in their own process
     base = proc.stdout.split("this checkout against --baseline")[1].splitlines()[2:4]
     assert [line.split()[:2] for line in base] == [["train", "tiny"], ["generate", "tiny"]], base
-    # numba, numba bf16 (not run without --bf16), numpy: each rate, its baseline's and their ratio
-    cells = [line.split()[2:] for line in base]
-    assert all(len(c) == 9 and c[3:6] == ["-", "-", "-"] for c in cells), base
-    assert all(float(v.rstrip("x")) > 0 for c in cells for v in c[:3] + c[6:]), base
+    # numba, numba bf16 (trained only with --bf16), numpy: each rate, its baseline's and their ratio
+    train_cells, gen_cells = (line.split()[2:] for line in base)
+    assert len(train_cells) == len(gen_cells) == 9 and gen_cells[3:6] == ["-", "-", "-"], base
+    numeric = train_cells + gen_cells[:3] + gen_cells[6:] if bf16 else \
+        train_cells[:3] + train_cells[6:] + gen_cells[:3] + gen_cells[6:]
+    assert all(float(v.rstrip("x")) > 0 for v in numeric), base
+    assert bf16 or train_cells[3:6] == ["-", "-", "-"], base
 
 
 @pytest.mark.parametrize("part, contender, rows", [("train", "torch eager", None),

@@ -205,8 +205,8 @@ if numba is not None:
 
     def bf16_pairs(builder, lo, hi):
         """32 bfloat16 values, lo's 16 then hi's (float32 vectors), rounded by `vcvtne2ps2bf16`
-        (nearest even, a NaN quieted, a subnormal a zero of its sign): <32 x i16>, LLVM 22's form
-        of the intrinsic's signature."""
+        (nearest even, a NaN quieted, a subnormal a zero of its sign): <32 x i16> (LLVM 22
+        upgrades this form of the intrinsic's signature)."""
         name = "llvm.x86.avx512bf16.cvtne2ps2bf16.512"
         i16x32 = ir.VectorType(ir.IntType(16), 32)
         fn = builder.module.globals.get(name) or ir.Function(builder.module,
@@ -216,8 +216,8 @@ if numba is not None:
     @intrinsic
     def bf16_tile_into_packing(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, c, c_off, ldc, bias, n0,
                                accumulate, src, s_off, dst, d_off, n):
-        """`bf16_tile_into`, whose first n steps of k (n <= kp) also pack 32 float32 values of src
-        each: dst[d_off + 16j + i] = the pair (src[s_off + 32j + 2i], src[s_off + 32j + 2i + 1])
+        """`bf16_tile_into`, whose first n steps of k (n is taken as at most kp) also pack 32
+        float32 values of src each: dst[d_off + 16j + i] = the pair (src[s_off + 32j + 2i], src[s_off + 32j + 2i + 1])
         for i < 16, j < n. The conversion's instructions run on other ports than `vdpbf16ps`'s:
         measured on this CPU, one of them beside 16 products costs nothing, so the next rows of A
         are packed while this tile multiplies, where packing them apart stalls the products."""
@@ -241,6 +241,7 @@ if numba is not None:
                 words = builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16)
                 builder.store(words, vector_at(builder, D, builder.mul(j, ir.Constant(_I64, 16)), _I32x16), align=4)
 
+            n = builder.select(builder.icmp_signed("<", n, kp), n, kp)  # never past the tile's own steps
             finish_tile(builder, tile_sums(builder, "bf16", A, ars, aks, B, bks, kp, side=(n, pack)), C, ldc, bias,
                         accumulate)
             return context.get_dummy_value()

@@ -100,23 +100,60 @@ def test_a_row_major_a_is_packed_by_the_tasks_that_multiply_it(monkeypatch, M, K
 # (200, 64, 40): blocks packed alongside, the last (8 rows) apart, and half the tiles cut by N, so
 # that the packing left over runs after them; (256, 256, 64): every tile packs; K = 258 and
 # N = 160 are past ALONGSIDE_K and ALONGSIDE_N; K odd packs row by row
-@pytest.mark.parametrize("M,K,N,alongside", [(200, 64, 40, True), (256, 256, 64, True), (130, 258, 32, False),
-                                             (192, 64, 160, False), (150, 33, 64, False)])
+@pytest.mark.parametrize("M,K,N,alongside", [(200, 64, 40, True), (256, 256, 64, True), (192, 2, 32, True),
+                                             (200, 40, 64, True), (130, 258, 32, False), (192, 64, 160, False),
+                                             (150, 33, 64, False)])
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
-def test_each_part_of_the_gemm_packs_its_next_block_while_it_multiplies(M, K, N, alongside, parts):
+@pytest.mark.parametrize("out_layout", ["plain", "transposed"])
+def test_each_part_of_the_gemm_packs_its_next_block_while_it_multiplies(M, K, N, alongside, parts, out_layout):
     """However the blocks fall to the parts, each part's words are those of pack_a: the product
-    has the bits of the product of pack_a's A, with a bias and accumulation."""
+    has the bits of the product of pack_a's A, with a bias and accumulation. (192, 2, 32): a
+    tile packs in every step of its k; an output whose columns are not adjacent leaves all the
+    packing to after the tiles."""
     assert (K % 2 == 0 and K <= G.ALONGSIDE_K and N <= G.ALONGSIDE_N) == alongside
     rng = np.random.default_rng(M + K + N + parts)
     a, b, bias, before = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (K, N), (N,), (M, N)))
+
+    def out_like(x):
+        return x.copy() if out_layout == "plain" else np.asfortranarray(x)
+
     want = before.copy()
     G.matmul_bf16(G.pack_a(a), b, out=want, bias=bias, accumulate=True)
-    got = before.copy()
+    got = out_like(before)
     G._gemm_rows(a, G.pack_b(b).panels, got, M, N, bias, True, parts)
     np.testing.assert_array_equal(got, want)
-    fresh = np.full((M, N), np.nan, np.float32)
+    fresh = out_like(np.full((M, N), np.nan, np.float32))
     G._gemm_rows(a, G.pack_b(b).panels, fresh, M, N, bias, False, parts)
     np.testing.assert_array_equal(fresh, G.matmul_bf16(G.pack_a(a), b, bias=bias))
+
+
+@needs_bf16
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 40])
+def test_the_packing_tile_is_the_tile_and_the_packer(n):
+    """bf16_tile_into_packing's tile is bf16_tile_into's, bit for bit, and its first n steps of k
+    (at most the tile's 16) pack 32 values each into the words pack_a makes of them."""
+    numba = pytest.importorskip("numba")
+    from fastformer.kernels._tiles import bf16_tile_into, bf16_tile_into_packing
+
+    @numba.njit
+    def both(ap, bp, kp, c_plain, c_packing, bias, src, dst, n):
+        bf16_tile_into(ap, 0, kp, 1, bp, 0, 32, kp, c_plain, 0, 32, bias, 0, False)
+        bf16_tile_into_packing(ap, 0, kp, 1, bp, 0, 32, kp, c_packing, 0, 32, bias, 0, False, src, 32, dst, 0, n)
+
+    rng = np.random.default_rng(n)
+    K = 32  # kp = 16 steps of k
+    a, b, bias = rng.standard_normal((8, K)).astype(np.float32), rng.standard_normal((K, 32)).astype(np.float32), \
+        rng.standard_normal(32).astype(np.float32)
+    src = rng.standard_normal(32 * 50).astype(np.float32)
+    src[40] = np.nan
+    dst = np.zeros(16 * 50, np.uint32)
+    c_plain, c_packing = np.empty((8, 32), np.float32), np.empty((8, 32), np.float32)
+    both(G.pack_a(a).words, G.pack_b(b).panels.reshape(-1), K // 2, c_plain, c_packing, bias, src, dst, n)
+    np.testing.assert_array_equal(c_packing, c_plain)
+    np.testing.assert_array_equal(c_plain, G.matmul_bf16(G.pack_a(a), b, bias=bias))
+    done = min(n, K // 2)
+    np.testing.assert_array_equal(dst[:16 * done], G.pack_a(src[32:32 + 32 * done].reshape(1, -1)).words[:16 * done])
+    assert not dst[16 * done:].any()
 
 
 @needs_bf16

@@ -23,7 +23,8 @@ sums) in one pass over it.
 The micro-kernel (kernels/_tiles.py, "bf16") keeps an 8 x 32 tile of C in 16 zmm registers over
 the whole K: per pair of k, two loads of B and, per row, one broadcast word of A and two
 `vdpbf16ps`; a tile that C holds whole is finished in registers (bias, accumulation, store). The
-GEMM runs 64-row blocks side by side on the threads (`prange`), each over every panel. It is an
+GEMM runs 64-row blocks side by side on the threads, each over every panel (`_gemm`: a `prange`
+over the blocks; `_gemm_rows`: a run of blocks a thread, see above). It is an
 LLVM intrinsic written with llvmlite, compiled only when a product is asked for on a CPU that
 has the instruction (`cpu_has_bf16`): LLVM aborts the process, rather than raising, when told to
 emit it for a CPU without it.
@@ -487,10 +488,12 @@ def _pack_block(a, flat, rb, words, tmp):
 @kernel("void(R[:, ::1], uint32[:, :, ::1], F[:, :], int64, int64, R[::1], boolean, int64)", serial_twin=True,
         floats=("float32",))
 def _gemm_rows(a, bp, c, M, N, bias, accumulate, parts):
-    """`_gemm` of a row-major A (M, K) that the GEMM packs itself, in `parts` (the threads), each
-    over its run of 64-row blocks, through two scratches that stay in the core's cache: the first
-    block packed on its own, and each next one while the tiles of the one before multiply (K
-    even, up to ALONGSIDE_K and ALONGSIDE_N), else after them. A is read from memory once."""
+    """`_gemm` of a row-major A (M, K) that the GEMM packs itself, in `parts` (the threads; 1 for
+    the serial twin), each over its run of 64-row blocks, into scratch that stays in the core's
+    cache: a part's first block packed on its own, and each next one of its run, when whole, while
+    the tiles of the one before multiply, into a second scratch (K even, K <= ALONGSIDE_K and
+    N <= ALONGSIDE_N); otherwise after them, into the one scratch. So with no more blocks than
+    parts nothing is packed alongside. A is read from memory once."""
     K = a.shape[1]
     K2 = bp.shape[1]
     flat = a.reshape(M * K)
@@ -647,8 +650,9 @@ def matmul_bf16(a, b, out=None, bias=None, accumulate=False, gelu_out=None, appr
     bias = np.zeros(N, np.float32) if bias is None else bias
     work = 2 * M * N * K // 64
     if gelu_out is None and not isinstance(a, PackedA) and not _transposed(a):  # packed by the GEMM's tasks
-        sized(_gemm_rows, work, PARALLEL_WORK)(np.ascontiguousarray(a), packed.panels, out, M, N, bias, accumulate,
-                                               numba.get_num_threads())
+        gemm = sized(_gemm_rows, work, PARALLEL_WORK)
+        parts = numba.get_num_threads() if gemm is _gemm_rows else 1  # serial: one run, packed alongside throughout
+        gemm(np.ascontiguousarray(a), packed.panels, out, M, N, bias, accumulate, parts)
         return out
     words, ars, aks, _, _ = a if isinstance(a, PackedA) else pack_a(a)
     if gelu_out is None:
