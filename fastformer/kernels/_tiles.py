@@ -190,18 +190,23 @@ if numba is not None:
             sig = types.void(ap, i, i, i, bp, i, i, i, c, i, i, bias, i, types.boolean)
 
             def codegen(context, builder, signature, args):
-                a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args
-                A = pointer(context, builder, signature.args[0], a_arr, a_off)
-                B = pointer(context, builder, signature.args[4], b_arr, b_off)
-                C = pointer(context, builder, signature.args[8], c_arr, c_off)
-                bias = pointer(context, builder, signature.args[11], bias_arr, n0)
-                finish_tile(builder, tile_sums(builder, kind, A, ars, aks, B, bks, kp), C, ldc, bias, accumulate)
+                tile_into_ir(context, builder, signature, args, kind)
                 return context.get_dummy_value()
 
             return sig, codegen
 
         tile_into.__name__ = tile_into.__qualname__ = f"{kind}_tile_into"
         return intrinsic(tile_into)
+
+    def tile_into_ir(context, builder, signature, args, kind, side=None):
+        """The IR of a `tile_into` from its first 14 arguments (the tile's loop with `side`, as
+        tile_sums takes it)."""
+        a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate = args[:14]
+        A = pointer(context, builder, signature.args[0], a_arr, a_off)
+        B = pointer(context, builder, signature.args[4], b_arr, b_off)
+        C = pointer(context, builder, signature.args[8], c_arr, c_off)
+        bias = pointer(context, builder, signature.args[11], bias_arr, n0)
+        finish_tile(builder, tile_sums(builder, kind, A, ars, aks, B, bks, kp, side=side), C, ldc, bias, accumulate)
 
     def bf16_pairs(builder, lo, hi):
         """32 bfloat16 values, lo's 16 then hi's (float32 vectors), rounded by `vcvtne2ps2bf16`
@@ -212,6 +217,17 @@ if numba is not None:
         fn = builder.module.globals.get(name) or ir.Function(builder.module,
                                                              ir.FunctionType(i16x32, [_F32x16, _F32x16]), name)
         return builder.call(fn, [hi, lo])
+
+    def bf16_words(builder, S, D, at, factor=None):
+        """The IR that makes the 16 words D[at:at + 16] of float32 S[2 at:2 at + 32] (times the
+        16-lane `factor`, if given): adjacent values in pairs, in memory order."""
+        x = builder.mul(at, ir.Constant(_I64, 2))
+        lo, hi = (builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, h)), _F32x16), align=4)
+                  for h in (0, 16))
+        if factor is not None:
+            lo, hi = builder.fmul(lo, factor), builder.fmul(hi, factor)
+        builder.store(builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16), vector_at(builder, D, at, _I32x16),
+                      align=4)
 
     @intrinsic
     def bf16_tile_into_packing(typingctx, ap, a_off, ars, aks, bp, b_off, bks, kp, c, c_off, ldc, bias, n0,
@@ -225,25 +241,12 @@ if numba is not None:
         sig = types.void(ap, i, i, i, bp, i, i, i, c, i, i, bias, i, types.boolean, src, i, dst, i, i)
 
         def codegen(context, builder, signature, args):
-            (a_arr, a_off, ars, aks, b_arr, b_off, bks, kp, c_arr, c_off, ldc, bias_arr, n0, accumulate,
-             s_arr, s_off, d_arr, d_off, n) = args
-            A = pointer(context, builder, signature.args[0], a_arr, a_off)
-            B = pointer(context, builder, signature.args[4], b_arr, b_off)
-            C = pointer(context, builder, signature.args[8], c_arr, c_off)
-            bias = pointer(context, builder, signature.args[11], bias_arr, n0)
+            kp, (s_arr, s_off, d_arr, d_off, n) = args[7], args[14:]
             S = pointer(context, builder, signature.args[14], s_arr, s_off)
             D = pointer(context, builder, signature.args[16], d_arr, d_off)
-
-            def pack(j):
-                x = builder.mul(j, ir.Constant(_I64, 32))
-                lo = builder.load(vector_at(builder, S, x, _F32x16), align=4)
-                hi = builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, 16)), _F32x16), align=4)
-                words = builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16)
-                builder.store(words, vector_at(builder, D, builder.mul(j, ir.Constant(_I64, 16)), _I32x16), align=4)
-
             n = builder.select(builder.icmp_signed("<", n, kp), n, kp)  # never past the tile's own steps
-            finish_tile(builder, tile_sums(builder, "bf16", A, ars, aks, B, bks, kp, side=(n, pack)), C, ldc, bias,
-                        accumulate)
+            tile_into_ir(context, builder, signature, args, "bf16",
+                         side=(n, lambda j: bf16_words(builder, S, D, builder.mul(j, ir.Constant(_I64, 16)))))
             return context.get_dummy_value()
 
         return sig, codegen

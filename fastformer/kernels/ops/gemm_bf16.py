@@ -177,7 +177,7 @@ if numba is not None:
     from numba.extending import overload
 
     from fastformer.kernels._jit import ir_loop
-    from fastformer.kernels._tiles import bf16_pairs, pointer, vector_at
+    from fastformer.kernels._tiles import bf16_pairs, bf16_words, pointer, vector_at
 
     _F32x16, _I32x16 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(32), 16)
     _I16x32, _I64 = ir.VectorType(ir.IntType(16), 32), ir.IntType(64)
@@ -201,12 +201,7 @@ if numba is not None:
             factor = builder.shuffle_vector(one, ir.Constant(_F32x16, None), ir.Constant(_I32x16, [0] * 16))
 
             def step(at, _):
-                x = builder.mul(at, ir.Constant(_I64, 2))
-                lo = builder.fmul(builder.load(vector_at(builder, S, x, _F32x16), align=4), factor)
-                hi = builder.fmul(builder.load(vector_at(builder, S, builder.add(x, ir.Constant(_I64, 16)), _F32x16),
-                                               align=4), factor)
-                builder.store(builder.bitcast(bf16_pairs(builder, lo, hi), _I32x16), vector_at(builder, D, at, _I32x16),
-                              align=4)
+                bf16_words(builder, S, D, at, factor)
                 return []
 
             ir_loop(builder, "along", args[4], 16, [], step)
@@ -499,16 +494,16 @@ def _gemm_rows(a, bp, c, M, N, bias, accumulate, parts):
     flat = a.reshape(M * K)
     blocks = (M + BLOCK_M - 1) // BLOCK_M
     P = max(1, min(blocks, parts))
+    pairs_alongside = K % 2 == 0 and K <= ALONGSIDE_K and N <= ALONGSIDE_N  # a block packed while one multiplies
     for part in prange(P):
         b0, b1 = part * blocks // P, (part + 1) * blocks // P
-        words = np.empty((2 if K <= ALONGSIDE_K and N <= ALONGSIDE_N else 1, BLOCK_M * K2), np.uint32)
+        words = np.empty((2 if pairs_alongside else 1, BLOCK_M * K2), np.uint32)
         tmp = np.empty(2 * max(K2, FLAT_PAIRS), np.uint32)
         acc = np.empty((TILE_M, TILE_N), np.float32)
         _pack_block(a, flat, b0, words[0], tmp)
         now = 0  # the scratch holding block rb's words
         for rb in range(b0, b1):
-            alongside = (K % 2 == 0 and K <= ALONGSIDE_K and N <= ALONGSIDE_N and rb + 1 < b1
-                         and (rb + 2) * BLOCK_M <= M)  # the next block, whole, packed while this one multiplies
+            alongside = pairs_alongside and rb + 1 < b1 and (rb + 2) * BLOCK_M <= M  # the next block, whole
             _gemm_task(words[now], K2, 1, rb * BLOCK_M, bp, c, M, N, bias, accumulate, rb, acc, flat,
                        (rb + 1) * BLOCK_M * K, words[(1 - now) % words.shape[0]], BLOCK_M * K // 32 if alongside else 0)
             if alongside:
